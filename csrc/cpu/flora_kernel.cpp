@@ -1,0 +1,205 @@
+// CPU kernels of the flora ops: the readable path, kept for testing and for
+// CPU users. Math in float32 state with double accumulators; every reduction
+// sums fixed-size chunks and then the chunks in order, so results do not
+// depend on the number of threads.
+#include "flora/ops.h"
+#include "../common/random.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/PhiloxRNGEngine.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace flora {
+namespace {
+
+constexpr int64_t kChunk = 4096;  // elements per partial sum of 1-D reductions
+
+void fill_projection_cpu(const at::Tensor& out, int64_t seed, double scale) {
+  detail::check_projection_output(out, seed, scale);
+  float* data = out.data_ptr<float>();
+  const int64_t numel = out.numel();
+  const int64_t groups = (numel + 3) / 4;
+  at::parallel_for(0, groups, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      at::Philox4_32 words(static_cast<uint64_t>(seed), static_cast<uint64_t>(q), 0);
+      uint32_t w[4];
+      for (auto& x : w) x = words();
+      float z[4];
+      box_muller(w[0], w[1], scale, &z[0], &z[1]);
+      box_muller(w[2], w[3], scale, &z[2], &z[3]);
+      for (int64_t k = 0; k < 4 && 4 * q + k < numel; ++k) data[4 * q + k] = z[k];
+    }
+  });
+}
+
+// Sum of f(e) over e in [0, numel): chunk partials in parallel, then in order.
+template <typename F>
+double chunked_sum(int64_t numel, const F& f) {
+  const int64_t chunks = (numel + kChunk - 1) / kChunk;
+  std::vector<double> partial(chunks, 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      double s = 0.0;
+      const int64_t stop = std::min(numel, (c + 1) * kChunk);
+      for (int64_t e = c * kChunk; e < stop; ++e) s += f(e);
+      partial[c] = s;
+    }
+  });
+  double total = 0.0;
+  for (double s : partial) total += s;
+  return total;
+}
+
+// Fills unscaled (row and column normalised) update U of a factored parameter
+// and advances its row/col second-moment EMAs (FLORA.md step 3).
+void factored_update(const float* g, int64_t n, int64_t m, double beta2, double eps1,
+                     float* row, float* col, float* u) {
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      double s = 0.0;
+      for (int64_t j = 0; j < m; ++j) {
+        const double x = g[i * m + j];
+        s += x * x + eps1;
+      }
+      row[i] = static_cast<float>(beta2 * row[i] + (1.0 - beta2) * (s / m));
+    }
+  });
+  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
+    std::vector<double> acc(end - begin, 0.0);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = begin; j < end; ++j) {
+        const double x = g[i * m + j];
+        acc[j - begin] += x * x + eps1;
+      }
+    for (int64_t j = begin; j < end; ++j)
+      col[j] = static_cast<float>(beta2 * col[j] + (1.0 - beta2) * (acc[j - begin] / n));
+  });
+  double row_sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) row_sum += row[i];
+  const double row_mean = row_sum / n;
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const double a = 1.0 / std::sqrt(row[i] / row_mean);
+      for (int64_t j = 0; j < m; ++j)
+        u[i * m + j] = static_cast<float>(g[i * m + j] * a / std::sqrt(double(col[j])));
+    }
+  });
+}
+
+// Full (unfactored) second moment: S = beta2 S + (1 - beta2)(G^2 + eps1), U = G / sqrt(S).
+void full_update(const float* g, int64_t numel, double beta2, double eps1, float* s,
+                 float* u) {
+  at::parallel_for(0, numel, kChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      const double x = g[e];
+      s[e] = static_cast<float>(beta2 * s[e] + (1.0 - beta2) * (x * x + eps1));
+      u[e] = static_cast<float>(x / std::sqrt(double(s[e])));
+    }
+  });
+}
+
+// Compressed momentum (FLORA.md step 4): returns D, updates momentum in place.
+at::Tensor compressed_momentum_update(const at::Tensor& u, at::Tensor& momentum,
+                                      const ParamLayout& layout, const StepOptions& o) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(layout.rank));
+  const auto shape = layout.projection_shape();
+  const at::Device cpu(at::kCPU);
+  const at::Tensor p_now = projection(o.seed, shape[0], shape[1], scale, cpu);
+  const at::Tensor up = layout.left ? p_now.t().mm(momentum) : momentum.mm(p_now.t());
+  at::Tensor d = u * (1.0 - o.beta1) + up * o.beta1;
+
+  at::Tensor base = momentum;
+  at::Tensor p_down = p_now;
+  if (o.resample()) {
+    // down_new(up_now(M)) through the r x r product of the two bases.
+    p_down = projection(next_seed(o.seed), shape[0], shape[1], scale, cpu);
+    base = layout.left ? p_down.mm(p_now.t()).mm(momentum) : momentum.mm(p_now.t().mm(p_down));
+  }
+  const at::Tensor down_u = layout.left ? p_down.mm(u) : u.mm(p_down);
+  momentum.copy_(base * o.beta1 + down_u * (1.0 - o.beta1));
+  return d;
+}
+
+void step_cpu(const at::Tensor& param, const at::Tensor& grad,
+              const std::optional<at::Tensor>& row_second_moment,
+              const std::optional<at::Tensor>& col_second_moment,
+              const std::optional<at::Tensor>& second_moment,
+              const std::optional<at::Tensor>& momentum_opt, int64_t step, int64_t seed,
+              double lr, double beta1, double eps1, double eps2, double clip_threshold,
+              double decay_rate, double weight_decay, int64_t rank, int64_t kappa,
+              bool scale_parameter, bool relative_step, bool warmup_init,
+              bool factorize_second_moment) {
+  const StepOptions o = detail::options_from_schema(
+      step, seed, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank,
+      kappa, scale_parameter, relative_step, warmup_init, factorize_second_moment);
+  const ParamLayout layout = check_step_inputs(param, grad, row_second_moment,
+                                               col_second_moment, second_moment,
+                                               momentum_opt, o);
+  const int64_t numel = param.numel();
+  if (numel == 0) return;
+
+  const at::Tensor g = grad.to(at::kFloat).contiguous();
+  const bool in_place = param.scalar_type() == at::kFloat && param.is_contiguous();
+  at::Tensor p = in_place ? param : param.to(at::kFloat).contiguous();
+  const float* gp = g.data_ptr<float>();
+  float* pp = p.data_ptr<float>();
+
+  // Step 1: learning rate of this step, scaled by the parameter's RMS.
+  const double param_sq = chunked_sum(numel, [&](int64_t e) { return double(pp[e]) * pp[e]; });
+  double lr_t = o.base_lr();
+  if (o.scale_parameter) lr_t *= std::max(o.eps2, std::sqrt(param_sq / numel));
+  const double beta2 = o.beta2();
+
+  // Step 3: second moment and the normalised update U.
+  at::Tensor u = at::empty({numel}, g.options());
+  if (layout.factored) {
+    factored_update(gp, layout.rows, layout.cols, beta2, o.eps1,
+                    row_second_moment->data_ptr<float>(),
+                    col_second_moment->data_ptr<float>(), u.data_ptr<float>());
+  } else {
+    full_update(gp, numel, beta2, o.eps1, second_moment->data_ptr<float>(),
+                u.data_ptr<float>());
+  }
+
+  // Step 4: momentum.
+  at::Tensor d = u;
+  if (layout.momentum == MomentumKind::kDense) {
+    at::Tensor m = momentum_opt->view({numel});
+    m.mul_(o.beta1).add_(u, 1.0 - o.beta1);  // D = (1 - beta1) U + beta1 M; M = D
+    d = m;
+  } else if (layout.momentum == MomentumKind::kCompressed) {
+    at::Tensor m = *momentum_opt;
+    d = compressed_momentum_update(u.view({layout.rows, layout.cols}), m, layout, o)
+            .contiguous()
+            .view({numel});
+  }
+
+  // Step 5: clip by RMS; step 6: decoupled weight decay, then the update.
+  const float* dp = d.data_ptr<float>();
+  const double d_sq = chunked_sum(numel, [&](int64_t e) { return double(dp[e]) * dp[e]; });
+  const double clip = std::max(1.0, std::sqrt(d_sq / numel) / o.clip_threshold);
+  const float decay = static_cast<float>(o.weight_decay * lr_t);
+  const float step_size = static_cast<float>(lr_t);
+  const float inv_clip = static_cast<float>(1.0 / clip);
+  at::parallel_for(0, numel, kChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      float x = pp[e];
+      if (decay != 0.0f) x -= decay * x;
+      pp[e] = x - step_size * (dp[e] * inv_clip);
+    }
+  });
+  if (!in_place) param.copy_(p.view(param.sizes()));
+}
+
+}  // namespace
+}  // namespace flora
+
+TORCH_LIBRARY_IMPL(flora, CPU, m) {
+  m.impl("step_", &flora::step_cpu);
+  m.impl("fill_projection_", &flora::fill_projection_cpu);
+}

@@ -1,0 +1,92 @@
+// flora_ext ops: the shape rules and the entry points shared by the CPU and
+// CUDA kernels, the Python bindings and the C++ optimizer.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace flora {
+
+enum class MomentumKind : int { kNone = 0, kDense = 1, kCompressed = 2 };
+
+// Which state a parameter gets (FLORA.md, "Which state a parameter gets").
+// The one implementation of the rule: the Python optimizer asks for it too.
+struct ParamLayout {
+  bool factored = false;  // row/col second moment instead of a full one
+  MomentumKind momentum = MomentumKind::kNone;
+  bool left = false;      // compressed: n < m, P is r x n, momentum r x m
+  int64_t rows = 0;       // n (2-D only)
+  int64_t cols = 0;       // m (2-D only)
+  int64_t rank = 0;       // r when compressed, else 0
+
+  std::vector<int64_t> momentum_shape(at::IntArrayRef param_shape) const;
+  // Shape of the projection P: r x n (left) or m x r (right).
+  std::vector<int64_t> projection_shape() const;
+};
+
+ParamLayout param_layout(at::IntArrayRef shape, int64_t rank, double beta1,
+                         bool factorize_second_moment);
+
+const char* momentum_kind_name(MomentumKind kind);
+
+// Hyper-parameters of one step; the op schema spells them out one by one.
+struct StepOptions {
+  int64_t step = 1;  // t, already incremented
+  int64_t seed = 0;  // current projection seed (compressed momentum)
+  double lr = 0.0;   // ignored with relative_step
+  double beta1 = 0.0;
+  double eps1 = 1e-30;
+  double eps2 = 1e-3;
+  double clip_threshold = 1.0;
+  double decay_rate = -0.8;
+  double weight_decay = 0.0;
+  int64_t rank = 0;
+  int64_t kappa = 1000;
+  bool scale_parameter = true;
+  bool relative_step = false;
+  bool warmup_init = false;
+  bool factorize_second_moment = true;
+
+  double beta2() const;      // 1 - t^decay_rate
+  double base_lr() const;    // lr, or the relative step size
+  bool resample() const { return step % kappa == 0; }
+};
+
+// Validates everything before a kernel writes anything; throws c10::Error
+// naming the argument. Returns the layout the state tensors were checked against.
+ParamLayout check_step_inputs(const at::Tensor& param, const at::Tensor& grad,
+                              const std::optional<at::Tensor>& row_second_moment,
+                              const std::optional<at::Tensor>& col_second_moment,
+                              const std::optional<at::Tensor>& second_moment,
+                              const std::optional<at::Tensor>& momentum,
+                              const StepOptions& options);
+
+// One Flora step of one parameter, in place on param and state
+// (torch.ops.flora.step_; dispatches to the CPU or CUDA kernel).
+void step_(at::Tensor& param, const at::Tensor& grad,
+           const std::optional<at::Tensor>& row_second_moment,
+           const std::optional<at::Tensor>& col_second_moment,
+           const std::optional<at::Tensor>& second_moment,
+           const std::optional<at::Tensor>& momentum, const StepOptions& options);
+
+// A new float32 projection of the given shape on the given device, entries
+// N(0, 1) * scale (torch.ops.flora.fill_projection_ on a fresh tensor).
+at::Tensor projection(int64_t seed, int64_t rows, int64_t cols, double scale,
+                      at::Device device);
+
+namespace detail {
+// Used by the backend kernels, which take the op's flat argument list.
+StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double beta1,
+                                double eps1, double eps2, double clip_threshold,
+                                double decay_rate, double weight_decay, int64_t rank,
+                                int64_t kappa, bool scale_parameter, bool relative_step,
+                                bool warmup_init, bool factorize_second_moment);
+void check_projection_output(const at::Tensor& out, int64_t seed, double scale);
+}  // namespace detail
+
+}  // namespace flora

@@ -1,0 +1,249 @@
+// Op schemas of the `flora` namespace, the shape rules and the argument
+// checks that every backend runs before it writes anything.
+#include "flora/ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace flora {
+
+std::vector<int64_t> ParamLayout::momentum_shape(at::IntArrayRef param_shape) const {
+  switch (momentum) {
+    case MomentumKind::kNone:
+      return {};
+    case MomentumKind::kDense:
+      return param_shape.vec();
+    case MomentumKind::kCompressed:
+      return left ? std::vector<int64_t>{rank, cols} : std::vector<int64_t>{rows, rank};
+  }
+  return {};
+}
+
+std::vector<int64_t> ParamLayout::projection_shape() const {
+  TORCH_CHECK(momentum == MomentumKind::kCompressed,
+              "flora: only compressed momentum has a projection");
+  return left ? std::vector<int64_t>{rank, rows} : std::vector<int64_t>{cols, rank};
+}
+
+ParamLayout param_layout(at::IntArrayRef shape, int64_t rank, double beta1,
+                         bool factorize_second_moment) {
+  ParamLayout layout;
+  layout.factored = factorize_second_moment && shape.size() == 2;
+  if (layout.factored) {
+    layout.rows = shape[0];
+    layout.cols = shape[1];
+  }
+  if (!(beta1 > 0.0)) {
+    layout.momentum = MomentumKind::kNone;
+    return layout;
+  }
+  const int64_t shorter = std::min(layout.rows, layout.cols);
+  const int64_t longer = std::max(layout.rows, layout.cols);
+  // The aspect-ratio limit keeps embeddings and output heads dense (FLORA.md).
+  const bool compressible = layout.factored && rank > 0 && shorter >= rank &&
+                            longer <= 4 * shorter;
+  if (compressible) {
+    layout.momentum = MomentumKind::kCompressed;
+    layout.left = layout.rows < layout.cols;
+    layout.rank = rank;
+  } else {
+    layout.momentum = MomentumKind::kDense;
+  }
+  return layout;
+}
+
+const char* momentum_kind_name(MomentumKind kind) {
+  switch (kind) {
+    case MomentumKind::kNone: return "none";
+    case MomentumKind::kDense: return "dense";
+    case MomentumKind::kCompressed: return "compressed";
+  }
+  return "?";
+}
+
+double StepOptions::beta2() const {
+  return 1.0 - std::pow(static_cast<double>(step), decay_rate);
+}
+
+double StepOptions::base_lr() const {
+  if (!relative_step) return lr;
+  const double t = static_cast<double>(step);
+  const double cap = warmup_init ? 1e-6 * t : 1e-2;
+  return std::min(cap, 1.0 / std::sqrt(t));
+}
+
+namespace {
+
+bool is_supported_param_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_state_tensor(const std::optional<at::Tensor>& state, const char* name,
+                        bool expected, at::IntArrayRef expected_shape,
+                        const at::Tensor& param, const ParamLayout& layout) {
+  const bool present = state.has_value() && state->defined();
+  TORCH_CHECK(present == expected, "flora: ", name, " must be ",
+              expected ? "given" : "None", " for a parameter of shape ", param.sizes(),
+              " (factored=", layout.factored, ", momentum=",
+              momentum_kind_name(layout.momentum), ")");
+  if (!present) return;
+  const at::Tensor& t = *state;
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "flora: ", name,
+              " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == param.device(), "flora: ", name, " must be on ",
+              param.device(), " like its parameter, got ", t.device());
+  TORCH_CHECK(t.sizes() == expected_shape, "flora: ", name, " must have shape ",
+              expected_shape, " for a parameter of shape ", param.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "flora: ", name, " must be contiguous");
+  TORCH_CHECK(!t.is_same(param), "flora: ", name, " must not alias the parameter");
+}
+
+}  // namespace
+
+ParamLayout check_step_inputs(const at::Tensor& param, const at::Tensor& grad,
+                              const std::optional<at::Tensor>& row_second_moment,
+                              const std::optional<at::Tensor>& col_second_moment,
+                              const std::optional<at::Tensor>& second_moment,
+                              const std::optional<at::Tensor>& momentum,
+                              const StepOptions& o) {
+  TORCH_CHECK(param.defined(), "flora: param must be a defined tensor");
+  TORCH_CHECK(param.layout() == at::kStrided, "flora: param must be dense (strided), got ",
+              param.layout());
+  TORCH_CHECK(is_supported_param_dtype(param.scalar_type()),
+              "flora: param must be float32, float16 or bfloat16, got ",
+              param.scalar_type());
+  TORCH_CHECK(grad.defined(), "flora: grad must be a defined tensor");
+  TORCH_CHECK(grad.layout() == at::kStrided,
+              "flora: sparse gradients are not supported (grad layout ", grad.layout(), ")");
+  TORCH_CHECK(!grad.is_complex(), "flora: complex gradients are not supported, got ",
+              grad.scalar_type());
+  TORCH_CHECK(grad.scalar_type() == param.scalar_type(), "flora: grad must have dtype ",
+              param.scalar_type(), " like its parameter, got ", grad.scalar_type());
+  TORCH_CHECK(grad.sizes() == param.sizes(), "flora: grad must have shape ", param.sizes(),
+              " like its parameter, got ", grad.sizes());
+  TORCH_CHECK(grad.device() == param.device(), "flora: grad must be on ", param.device(),
+              " like its parameter, got ", grad.device());
+
+  TORCH_CHECK(o.step >= 1, "flora: step must be >= 1, got ", o.step);
+  TORCH_CHECK(o.seed >= 0, "flora: seed must be >= 0, got ", o.seed);
+  TORCH_CHECK(o.rank >= 0, "flora: rank must be >= 0, got ", o.rank);
+  TORCH_CHECK(o.kappa >= 1, "flora: kappa must be >= 1, got ", o.kappa);
+  TORCH_CHECK(std::isfinite(o.lr) && o.lr >= 0.0, "flora: lr must be finite and >= 0, got ",
+              o.lr);
+  TORCH_CHECK(o.beta1 >= 0.0 && o.beta1 < 1.0, "flora: beta1 must be in [0, 1), got ",
+              o.beta1);
+  TORCH_CHECK(std::isfinite(o.eps1) && o.eps1 >= 0.0,
+              "flora: eps1 must be finite and >= 0, got ", o.eps1);
+  TORCH_CHECK(std::isfinite(o.eps2) && o.eps2 >= 0.0,
+              "flora: eps2 must be finite and >= 0, got ", o.eps2);
+  TORCH_CHECK(std::isfinite(o.clip_threshold) && o.clip_threshold > 0.0,
+              "flora: clip_threshold must be finite and > 0, got ", o.clip_threshold);
+  TORCH_CHECK(std::isfinite(o.decay_rate) && o.decay_rate <= 0.0,
+              "flora: decay_rate must be finite and <= 0, got ", o.decay_rate);
+  TORCH_CHECK(std::isfinite(o.weight_decay) && o.weight_decay >= 0.0,
+              "flora: weight_decay must be finite and >= 0, got ", o.weight_decay);
+  TORCH_CHECK(!o.warmup_init || o.relative_step,
+              "flora: warmup_init requires relative_step=True");
+
+  const ParamLayout layout =
+      param_layout(param.sizes(), o.rank, o.beta1, o.factorize_second_moment);
+  std::vector<int64_t> no_shape;
+  std::vector<int64_t> row_shape{layout.rows}, col_shape{layout.cols};
+  check_state_tensor(row_second_moment, "row_second_moment", layout.factored, row_shape,
+                     param, layout);
+  check_state_tensor(col_second_moment, "col_second_moment", layout.factored, col_shape,
+                     param, layout);
+  check_state_tensor(second_moment, "second_moment", !layout.factored, param.sizes(), param,
+                     layout);
+  const std::vector<int64_t> m_shape = layout.momentum_shape(param.sizes());
+  check_state_tensor(momentum, "momentum", layout.momentum != MomentumKind::kNone, m_shape,
+                     param, layout);
+  return layout;
+}
+
+namespace detail {
+
+StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double beta1,
+                                double eps1, double eps2, double clip_threshold,
+                                double decay_rate, double weight_decay, int64_t rank,
+                                int64_t kappa, bool scale_parameter, bool relative_step,
+                                bool warmup_init, bool factorize_second_moment) {
+  StepOptions o;
+  o.step = step;
+  o.seed = seed;
+  o.lr = lr;
+  o.beta1 = beta1;
+  o.eps1 = eps1;
+  o.eps2 = eps2;
+  o.clip_threshold = clip_threshold;
+  o.decay_rate = decay_rate;
+  o.weight_decay = weight_decay;
+  o.rank = rank;
+  o.kappa = kappa;
+  o.scale_parameter = scale_parameter;
+  o.relative_step = relative_step;
+  o.warmup_init = warmup_init;
+  o.factorize_second_moment = factorize_second_moment;
+  return o;
+}
+
+void check_projection_output(const at::Tensor& out, int64_t seed, double scale) {
+  TORCH_CHECK(out.defined(), "flora: out must be a defined tensor");
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "flora: out must be float32, got ",
+              out.scalar_type());
+  TORCH_CHECK(out.is_contiguous(), "flora: out must be contiguous");
+  TORCH_CHECK(seed >= 0, "flora: seed must be >= 0, got ", seed);
+  TORCH_CHECK(std::isfinite(scale), "flora: scale must be finite, got ", scale);
+}
+
+}  // namespace detail
+
+void step_(at::Tensor& param, const at::Tensor& grad,
+           const std::optional<at::Tensor>& row_second_moment,
+           const std::optional<at::Tensor>& col_second_moment,
+           const std::optional<at::Tensor>& second_moment,
+           const std::optional<at::Tensor>& momentum, const StepOptions& o) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("flora::step_", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&,
+                                   const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&,
+                                   const std::optional<at::Tensor>&, int64_t, int64_t,
+                                   double, double, double, double, double, double, double,
+                                   int64_t, int64_t, bool, bool, bool, bool)>();
+  op.call(param, grad, row_second_moment, col_second_moment, second_moment, momentum,
+          o.step, o.seed, o.lr, o.beta1, o.eps1, o.eps2, o.clip_threshold, o.decay_rate,
+          o.weight_decay, o.rank, o.kappa, o.scale_parameter, o.relative_step,
+          o.warmup_init, o.factorize_second_moment);
+}
+
+at::Tensor projection(int64_t seed, int64_t rows, int64_t cols, double scale,
+                      at::Device device) {
+  TORCH_CHECK(rows >= 0 && cols >= 0, "flora: projection shape must be non-negative, got (",
+              rows, ", ", cols, ")");
+  at::Tensor out = at::empty({rows, cols}, at::TensorOptions().dtype(at::kFloat).device(device));
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("flora::fill_projection_", "")
+                       .typed<void(const at::Tensor&, int64_t, double)>();
+  op.call(out, seed, scale);
+  return out;
+}
+
+}  // namespace flora
+
+TORCH_LIBRARY(flora, m) {
+  m.def(
+      "step_(Tensor(a!) param, Tensor grad, Tensor(b!)? row_second_moment, "
+      "Tensor(c!)? col_second_moment, Tensor(d!)? second_moment, Tensor(e!)? momentum, *, "
+      "int step, int seed, float lr, float beta1, float eps1, float eps2, "
+      "float clip_threshold, float decay_rate, float weight_decay, int rank, int kappa, "
+      "bool scale_parameter, bool relative_step, bool warmup_init, "
+      "bool factorize_second_moment) -> ()");
+  m.def("fill_projection_(Tensor(a!) out, int seed, float scale) -> ()");
+}

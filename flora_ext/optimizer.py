@@ -1,0 +1,277 @@
+"""flora_ext.Flora: torch.optim front end of the flora ops (FLORA.md)."""
+from __future__ import annotations
+
+import math
+import numbers
+from collections import defaultdict
+from itertools import chain
+
+import torch
+
+from ._ops import next_seed, param_layout
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_SEED = 2**63 - 1
+_STATE_TENSORS = ("row_second_moment", "col_second_moment", "second_moment", "momentum")
+
+
+def _is_number(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x):
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_bool(group, name):
+    if not isinstance(group[name], bool):
+        raise TypeError(f"flora: {name} must be a bool, got {group[name]!r}")
+
+
+def _validate_group(group):
+    """Raises ValueError/TypeError naming the first invalid hyper-parameter."""
+    lr, relative_step = group["lr"], group["relative_step"]
+    for name in ("scale_parameter", "relative_step", "warmup_init", "factorize_second_moment"):
+        _check_bool(group, name)
+    if lr is not None:
+        if isinstance(lr, torch.Tensor):
+            raise TypeError("flora: lr must be a Python float, not a tensor")
+        if not _is_number(lr) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"flora: lr must be a finite float >= 0, got {lr!r}")
+        if relative_step:
+            raise ValueError("flora: lr and relative_step=True are exclusive: relative_step "
+                             "computes the step size itself; pass lr=None or relative_step=False")
+    elif not relative_step:
+        raise ValueError("flora: lr is required unless relative_step=True")
+    if group["warmup_init"] and not relative_step:
+        raise ValueError("flora: warmup_init=True requires relative_step=True")
+    rank = group["rank"]
+    if rank is not None and (not _is_int(rank) or rank < 0):
+        raise ValueError(f"flora: rank must be None or an int >= 0, got {rank!r}")
+    kappa = group["kappa"]
+    if not _is_int(kappa) or kappa < 1:
+        raise ValueError(f"flora: kappa must be an int >= 1, got {kappa!r}")
+    eps = group["eps"]
+    if (not isinstance(eps, (tuple, list)) or len(eps) != 2
+            or not all(_is_number(e) and math.isfinite(e) and e >= 0 for e in eps)):
+        raise ValueError(f"flora: eps must be a pair (eps1, eps2) of finite floats >= 0, "
+                         f"got {eps!r}")
+    clip = group["clip_threshold"]
+    if not _is_number(clip) or not math.isfinite(clip) or clip <= 0:
+        raise ValueError(f"flora: clip_threshold must be a finite float > 0, got {clip!r}")
+    decay = group["decay_rate"]
+    if not _is_number(decay) or not math.isfinite(decay) or decay > 0:
+        raise ValueError(f"flora: decay_rate must be a finite float <= 0, got {decay!r}")
+    beta1 = group["beta1"]
+    if beta1 is not None and (not _is_number(beta1) or not 0.0 <= beta1 < 1.0):
+        raise ValueError(f"flora: beta1 must be None or a float in [0, 1), got {beta1!r}")
+    wd = group["weight_decay"]
+    if not _is_number(wd) or not math.isfinite(wd) or wd < 0:
+        raise ValueError(f"flora: weight_decay must be a finite float >= 0, got {wd!r}")
+    seed = group["seed"]
+    if not _is_int(seed) or not 0 <= seed <= _MAX_SEED // 2:
+        raise ValueError(f"flora: seed must be an int in [0, 2**62], got {seed!r}")
+
+
+def _layout(p, group):
+    return param_layout(p.shape, group["rank"], group["beta1"], group["factorize_second_moment"])
+
+
+def _expected_state_shapes(p, group):
+    """The tensors (name -> shape) a parameter's state holds, and whether it has a seed."""
+    layout = _layout(p, group)
+    shapes = {}
+    if layout["factored"]:
+        shapes["row_second_moment"] = (p.shape[0],)
+        shapes["col_second_moment"] = (p.shape[1],)
+    else:
+        shapes["second_moment"] = tuple(p.shape)
+    if layout["momentum"] != "none":
+        shapes["momentum"] = tuple(layout["momentum_shape"])
+    return shapes, layout["momentum"] == "compressed"
+
+
+class Flora(torch.optim.Optimizer):
+    """Adafactor whose first moment is kept compressed by a resampled random projection.
+
+    Constructor and defaults follow flora-opt's ``Flora``, so replacing
+    ``flora_opt.Flora(...)`` by ``flora_ext.Flora(...)`` is the whole migration.
+    See README.md for the arguments and FLORA.md for the math.
+    """
+
+    def __init__(self, params, lr=None, rank=None, kappa=1000, eps=(1e-30, 1e-3),
+                 clip_threshold=1.0, decay_rate=-0.8, beta1=None, weight_decay=0.0,
+                 scale_parameter=True, relative_step=False, warmup_init=False,
+                 factorize_second_moment=True, seed=0, quantization=False):
+        if quantization:
+            raise NotImplementedError(
+                "flora: quantization=True (8-bit optimizer states) is not implemented yet; "
+                "use quantization=False")
+        defaults = dict(lr=lr, rank=rank, kappa=kappa, eps=tuple(eps) if isinstance(eps, list) else eps,
+                        clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
+                        weight_decay=weight_decay, scale_parameter=scale_parameter,
+                        relative_step=relative_step, warmup_init=warmup_init,
+                        factorize_second_moment=factorize_second_moment, seed=seed)
+        _validate_group(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _validate_group(group)
+            for p in group["params"]:
+                if p.dtype not in _SUPPORTED_DTYPES:
+                    raise TypeError(f"flora: parameters must be float32, float16 or bfloat16, "
+                                    f"got a parameter of dtype {p.dtype}")
+                if p.layout != torch.strided:
+                    raise TypeError(f"flora: parameters must be dense tensors, got {p.layout}")
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def _param_number(self, param):
+        """1-based position of ``param`` over all groups: its seed offset (FLORA.md)."""
+        for number, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups), 1):
+            if p is param:
+                return number
+        raise KeyError("flora: parameter not in this optimizer")
+
+    def _check_grad(self, p):
+        grad = p.grad
+        if grad.is_sparse or grad.layout != torch.strided:
+            raise TypeError(f"flora: sparse gradients are not supported (parameter of shape "
+                            f"{tuple(p.shape)} has a {grad.layout} gradient)")
+        if grad.is_complex():
+            raise TypeError(f"flora: complex gradients are not supported, got {grad.dtype}")
+        if grad.dtype != p.dtype:
+            raise TypeError(f"flora: grad dtype {grad.dtype} differs from its parameter's "
+                            f"{p.dtype}")
+        if grad.shape != p.shape:
+            raise ValueError(f"flora: grad shape {tuple(grad.shape)} differs from its "
+                             f"parameter's {tuple(p.shape)}")
+        if grad.device != p.device:
+            raise ValueError(f"flora: grad is on {grad.device} but its parameter is on "
+                             f"{p.device}")
+
+    def _init_state(self, p, group, state):
+        shapes, compressed = _expected_state_shapes(p, group)
+        state["step"] = 0
+        for name, shape in shapes.items():
+            state[name] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        if compressed:
+            state["seed"] = group["seed"] + self._param_number(p)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One Flora step for every parameter with a gradient; returns closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Check everything first, so that a bad input changes nothing.
+        pending = []
+        for group in self.param_groups:
+            _validate_group(group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._check_grad(p)
+                state = self.state[p]
+                if state:
+                    self._check_state(p, group, state)
+                pending.append((group, p))
+        for group, p in pending:
+            state = self.state[p]
+            if not state:
+                self._init_state(p, group, state)
+            step = state["step"] + 1
+            eps1, eps2 = group["eps"]
+            torch.ops.flora.step_(
+                p, p.grad, state.get("row_second_moment"), state.get("col_second_moment"),
+                state.get("second_moment"), state.get("momentum"),
+                step=step, seed=state.get("seed", 0), lr=float(group["lr"] or 0.0),
+                beta1=float(group["beta1"] or 0.0), eps1=float(eps1), eps2=float(eps2),
+                clip_threshold=float(group["clip_threshold"]),
+                decay_rate=float(group["decay_rate"]),
+                weight_decay=float(group["weight_decay"]), rank=int(group["rank"] or 0),
+                kappa=int(group["kappa"]), scale_parameter=group["scale_parameter"],
+                relative_step=group["relative_step"], warmup_init=group["warmup_init"],
+                factorize_second_moment=group["factorize_second_moment"])
+            state["step"] = step
+            if "seed" in state and step % group["kappa"] == 0:
+                state["seed"] = next_seed(state["seed"])
+        return loss
+
+    def _check_state(self, p, group, state, where="state"):
+        """Raises ValueError when ``state`` does not fit ``p`` under ``group``."""
+        shapes, compressed = _expected_state_shapes(p, group)
+        expected_keys = {"step", *shapes, *(("seed",) if compressed else ())}
+        if set(state) != expected_keys:
+            raise ValueError(
+                f"flora: {where} of a parameter of shape {tuple(p.shape)} has keys "
+                f"{sorted(state)}, expected {sorted(expected_keys)} (rank={group['rank']}, "
+                f"beta1={group['beta1']}, factorize_second_moment="
+                f"{group['factorize_second_moment']})")
+        if not _is_int(state["step"]) or state["step"] < 0:
+            raise ValueError(f"flora: {where} step must be an int >= 0, got {state['step']!r}")
+        if compressed and (not _is_int(state["seed"]) or not 0 <= state["seed"] <= _MAX_SEED):
+            raise ValueError(f"flora: {where} seed must be an int in [0, 2**63), "
+                             f"got {state['seed']!r}")
+        for name, shape in shapes.items():
+            t = state[name]
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"flora: {where} {name} of a parameter of shape "
+                                 f"{tuple(p.shape)} must have shape {shape}, got {got}")
+            if not t.is_floating_point():
+                raise ValueError(f"flora: {where} {name} must be a float tensor, got {t.dtype}")
+
+    def load_state_dict(self, state_dict):
+        """Loads a state_dict after checking that it fits these parameters.
+
+        State tensors stay float32 (torch.optim's default would cast them to the
+        parameter dtype) and move to each parameter's device; nothing changes when
+        the check fails.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"flora: loaded state_dict has {len(saved_groups)} parameter "
+                             f"groups, this optimizer has {len(self.param_groups)}")
+        id_to_param, id_to_group = {}, {}
+        new_groups = []
+        for k, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"flora: loaded parameter group {k} has "
+                                 f"{len(saved['params'])} parameters, this optimizer's has "
+                                 f"{len(group['params'])}")
+            new_group = {**self.defaults, **{key: v for key, v in saved.items() if key != "params"},
+                         "params": group["params"]}
+            if isinstance(new_group.get("eps"), list):
+                new_group["eps"] = tuple(new_group["eps"])
+            _validate_group(new_group)
+            new_groups.append(new_group)
+            for saved_id, p in zip(saved["params"], group["params"]):
+                id_to_param[saved_id] = p
+                id_to_group[saved_id] = new_group
+        new_state = defaultdict(dict)
+        for saved_id, saved_state in state_dict["state"].items():
+            if saved_id not in id_to_param:
+                raise ValueError(f"flora: loaded state refers to parameter {saved_id!r}, "
+                                 f"which no loaded parameter group lists")
+            p, group = id_to_param[saved_id], id_to_group[saved_id]
+            state = dict(saved_state)
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = int(state["step"].item())
+            self._check_state(p, group, state, where=f"loaded state of parameter {saved_id}")
+            new_state[p] = {key: (v.to(device=p.device, dtype=torch.float32, copy=True)
+                                  if isinstance(v, torch.Tensor) else v)
+                            for key, v in state.items()}
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
+
+
+def state_bytes(optimizer) -> int:
+    """Total bytes of the tensors held in ``optimizer.state``."""
+    return sum(t.numel() * t.element_size()
+               for state in optimizer.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor))
