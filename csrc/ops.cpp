@@ -235,7 +235,32 @@ at::Tensor projection(int64_t seed, int64_t rows, int64_t cols, double scale,
   return out;
 }
 
+namespace {
+
+// Sparse gradients dispatch to the Sparse keys, where no kernel could run: the
+// checks name the problem instead of the dispatcher's "could not run" message.
+void step_sparse(const at::Tensor& param, const at::Tensor& grad,
+                 const std::optional<at::Tensor>& row_second_moment,
+                 const std::optional<at::Tensor>& col_second_moment,
+                 const std::optional<at::Tensor>& second_moment,
+                 const std::optional<at::Tensor>& momentum, int64_t step, int64_t seed,
+                 double lr, double beta1, double eps1, double eps2, double clip_threshold,
+                 double decay_rate, double weight_decay, int64_t rank, int64_t kappa,
+                 bool scale_parameter, bool relative_step, bool warmup_init,
+                 bool factorize_second_moment) {
+  check_step_inputs(param, grad, row_second_moment, col_second_moment, second_moment, momentum,
+                    detail::options_from_schema(step, seed, lr, beta1, eps1, eps2,
+                                                clip_threshold, decay_rate, weight_decay,
+                                                rank, kappa, scale_parameter, relative_step,
+                                                warmup_init, factorize_second_moment));
+  TORCH_CHECK(false, "flora: sparse tensors are not supported");
+}
+
+}  // namespace
 }  // namespace flora
+
+TORCH_LIBRARY_IMPL(flora, SparseCPU, m) { m.impl("step_", &flora::step_sparse); }
+TORCH_LIBRARY_IMPL(flora, SparseCUDA, m) { m.impl("step_", &flora::step_sparse); }
 
 TORCH_LIBRARY(flora, m) {
   m.def(
