@@ -1,0 +1,215 @@
+"""The flora ops themselves: projection generator, op schemas, argument checks."""
+import math
+import struct
+
+import pytest
+import torch
+
+import flora_ext
+from conftest import DEVICES
+
+# --- Philox4x32-10 and Box-Muller written out from their definitions ---------
+_MASK = 0xFFFFFFFF
+
+
+def _mulhilo(a, b):
+    prod = a * b
+    return prod >> 32, prod & _MASK
+
+
+def philox4x32_10(counter, key):
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(0xD2511F53, c0)
+        hi1, lo1 = _mulhilo(0xCD9E8D57, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK, (k1 + 0xBB67AE85) & _MASK
+    return c0, c1, c2, c3
+
+
+def _to_f32(x):
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def python_projection(seed, rows, cols, rank):
+    scale = 1.0 / math.sqrt(rank)
+    out = []
+    for q in range((rows * cols + 3) // 4):
+        w = philox4x32_10((0, 0, q & _MASK, q >> 32), (seed & _MASK, seed >> 32))
+        for a, b in ((w[0], w[1]), (w[2], w[3])):
+            u1 = a * 2.0**-32 + 2.0**-33
+            u2 = b * 2.0**-32 + 2.0**-33
+            radius = scale * math.sqrt(-2.0 * math.log(u1))
+            out += [_to_f32(radius * math.sin(2 * math.pi * u2)),
+                    _to_f32(radius * math.cos(2 * math.pi * u2))]
+    return torch.tensor(out[: rows * cols], dtype=torch.float32).view(rows, cols)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**40 + 7, 2**63 - 1])
+def test_projection_is_philox_box_muller(seed):
+    ours = flora_ext.projection(seed, 6, 7, rank=3)
+    expected = python_projection(seed, 6, 7, rank=3)
+    ulp = torch.finfo(torch.float32).eps * expected.abs()
+    assert ((ours - expected).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_projection_statistics(device):
+    rank, rows, cols = 64, 256, 512
+    n = rows * cols
+    p = flora_ext.projection(7, rows, cols, rank=rank, device=device).double().cpu()
+    sigma2 = 1.0 / rank
+    # 5-sigma bounds of the sample mean and variance of n i.i.d. N(0, 1/r) draws
+    assert abs(p.mean().item()) < 5 * math.sqrt(sigma2 / n)
+    assert abs(p.var().item() / sigma2 - 1) < 5 * math.sqrt(2.0 / n)
+    inside = (p.abs() < math.sqrt(sigma2)).double().mean().item()
+    assert abs(inside - 0.682689) < 5 * math.sqrt(0.6827 * 0.3173 / n)
+    # E[P^T P] = I for the left projection (P is r x n)
+    gram = p.T @ p  # 512 x 512 from 256 draws per entry: diag ~ 256/64 = 4
+    assert abs(gram.diagonal().mean().item() / (rows / rank) - 1) < 0.05
+
+
+def test_projections_of_different_seeds_are_uncorrelated():
+    n = 128 * 256
+    a = flora_ext.projection(1, 128, 256, rank=16).flatten().double()
+    for seed in (2, flora_ext.next_seed(1), 2**62):
+        b = flora_ext.projection(seed, 128, 256, rank=16).flatten().double()
+        corr = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+        assert abs(corr) < 5 / math.sqrt(n)
+        assert not torch.equal(a, b)
+
+
+def test_projection_entries_depend_on_seed_and_index_only():
+    a = flora_ext.projection(5, 4, 8, rank=2)
+    b = flora_ext.projection(5, 2, 16, rank=2)
+    assert torch.equal(a.flatten(), b.flatten())
+    assert torch.equal(a, flora_ext.projection(5, 4, 8, rank=2))
+
+
+def test_next_seed_stays_in_int63_and_moves():
+    seen = set()
+    s = 0
+    for _ in range(1000):
+        s = flora_ext.next_seed(s)
+        assert 0 <= s < 2**63
+        seen.add(s)
+    assert len(seen) == 1000
+    assert flora_ext.next_seed(2**63 - 1) < 2**63
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(seed=-1), "seed"), (dict(rank=0), "rank"), (dict(rows=-1), "shape")])
+def test_projection_bad_arguments(kwargs, match):
+    args = dict(seed=1, rows=3, cols=4, rank=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        flora_ext.projection(**args)
+
+
+def test_fill_projection_rejects_non_float32():
+    with pytest.raises(RuntimeError, match="flora: out must be float32"):
+        torch.ops.flora.fill_projection_(torch.empty(3, 3, dtype=torch.float64), 1, 1.0)
+
+
+# --- step_ ------------------------------------------------------------------
+STEP_KWARGS = dict(step=1, seed=3, lr=1e-2, beta1=0.9, eps1=1e-30, eps2=1e-3,
+                   clip_threshold=1.0, decay_rate=-0.8, weight_decay=0.0, rank=4, kappa=1,
+                   scale_parameter=True, relative_step=False, warmup_init=False,
+                   factorize_second_moment=True)
+
+
+def step_args(layout, device="cpu", dtype=torch.float32):
+    """(args, kwargs) of a valid step_ call: compressed, dense or no momentum."""
+    gen = torch.Generator().manual_seed(0)
+    kwargs = dict(STEP_KWARGS)
+    if layout == "compressed":
+        p = torch.randn(16, 40, generator=gen)
+        state = [torch.rand(16) + 0.1, torch.rand(40) + 0.1, None, torch.randn(4, 40)]
+    elif layout == "factored-none":
+        p = torch.randn(16, 40, generator=gen)
+        state = [torch.rand(16) + 0.1, torch.rand(40) + 0.1, None, None]
+        kwargs["beta1"] = 0.0
+    else:  # full second moment, dense momentum
+        p = torch.randn(5, 3, 2, generator=gen)
+        state = [None, None, torch.rand(5, 3, 2) + 0.1, torch.randn(5, 3, 2)]
+    g = torch.randn(p.shape, generator=gen)
+    to = dict(device=device)
+    state = [s.to(**to) if s is not None else None for s in state]
+    return [p.to(dtype=dtype, **to), g.to(dtype=dtype, **to), *state], kwargs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["compressed", "factored-none", "full-dense"])
+def test_opcheck_step(layout, device):
+    args, kwargs = step_args(layout, device)
+    torch.library.opcheck(torch.ops.flora.step_.default, args, kwargs)
+    kwargs["step"] = 2
+    kwargs["kappa"] = 2  # with a basis transfer
+    torch.library.opcheck(torch.ops.flora.step_.default, args, kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_fill_projection(device):
+    torch.library.opcheck(torch.ops.flora.fill_projection_.default,
+                          (torch.empty(9, 5, device=device), 11, 0.25))
+
+
+def _bad(args_fn=None, **kw):
+    return (args_fn, kw)
+
+
+BAD_STEP_CALLS = {
+    "sparse grad": (lambda a: a.__setitem__(1, a[1].to_sparse()), {}, "sparse"),
+    "complex grad": (lambda a: a.__setitem__(1, torch.complex(a[1], a[1])), {}, "complex"),
+    "grad shape": (lambda a: a.__setitem__(1, a[1][:, :-1].contiguous()), {}, "grad must have shape"),
+    "grad dtype": (lambda a: a.__setitem__(1, a[1].double()), {}, "grad must have dtype"),
+    "param dtype": (lambda a: [a.__setitem__(0, a[0].double()), a.__setitem__(1, a[1].double())],
+                    {}, "param must be float32"),
+    "lr": (None, dict(lr=-1.0), "lr must be"),
+    "lr nan": (None, dict(lr=float("nan")), "lr must be"),
+    "rank": (None, dict(rank=-1), "rank must be"),
+    "kappa": (None, dict(kappa=0), "kappa must be"),
+    "beta1": (None, dict(beta1=1.0), "beta1 must be"),
+    "eps1": (None, dict(eps1=-1.0), "eps1 must be"),
+    "eps2": (None, dict(eps2=float("inf")), "eps2 must be"),
+    "clip": (None, dict(clip_threshold=0.0), "clip_threshold must be"),
+    "decay_rate": (None, dict(decay_rate=0.5), "decay_rate must be"),
+    "weight_decay": (None, dict(weight_decay=-1.0), "weight_decay must be"),
+    "step": (None, dict(step=0), "step must be"),
+    "seed": (None, dict(seed=-5), "seed must be"),
+    "warmup_init": (None, dict(warmup_init=True), "warmup_init requires"),
+    "row shape": (lambda a: a.__setitem__(2, torch.zeros(17)), {}, "row_second_moment must have shape"),
+    "row dtype": (lambda a: a.__setitem__(2, a[2].double()), {}, "row_second_moment must be float32"),
+    "col missing": (lambda a: a.__setitem__(3, None), {}, "col_second_moment must be given"),
+    "second moment extra": (lambda a: a.__setitem__(4, torch.zeros(16, 40)), {}, "second_moment must be None"),
+    "momentum missing": (lambda a: a.__setitem__(5, None), {}, "momentum must be given"),
+    "momentum shape": (lambda a: a.__setitem__(5, torch.zeros(8, 40)), {}, "momentum must have shape"),
+    "momentum for rank change": (None, dict(rank=2), "momentum must have shape"),
+    "momentum non-contiguous": (lambda a: a.__setitem__(5, torch.zeros(40, 4).t()), {}, "contiguous"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_STEP_CALLS))
+def test_step_rejects_bad_input_and_changes_nothing(name):
+    mutate, kw, match = BAD_STEP_CALLS[name]
+    args, kwargs = step_args("compressed")
+    if mutate:
+        mutate(args)
+    kwargs.update(kw)
+    before = [a.clone() if isinstance(a, torch.Tensor) and a.layout == torch.strided else a
+              for a in args]
+    with pytest.raises(RuntimeError, match="flora: " + ".*" + match.split()[0]):
+        torch.ops.flora.step_(*args, **kwargs)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.flora.step_(*args, **kwargs)
+    for a, b in zip(args, before):
+        if isinstance(a, torch.Tensor) and a.layout == torch.strided:
+            assert torch.equal(a, b)
+
+
+def test_step_of_empty_parameter_is_a_no_op():
+    p = torch.empty(0, 5)
+    torch.ops.flora.step_(p, torch.empty(0, 5), torch.zeros(0), torch.zeros(5), None, None,
+                          **{**STEP_KWARGS, "beta1": 0.0})
+    assert p.shape == (0, 5)

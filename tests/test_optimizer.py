@@ -1,0 +1,347 @@
+"""flora_ext.Flora as a torch.optim.Optimizer: API conventions, errors, resume."""
+import copy
+import io
+
+import pytest
+import torch
+
+import flora_ext
+from conftest import DEVICES
+
+BASE = dict(lr=1e-2)
+
+BAD_CONSTRUCTOR = [
+    (dict(lr=-1.0), ValueError, "lr must be"),
+    (dict(lr=float("nan")), ValueError, "lr must be"),
+    (dict(lr=None), ValueError, "lr is required unless relative_step"),
+    (dict(lr=1e-3, relative_step=True), ValueError, "exclusive"),
+    (dict(lr=1e-3, warmup_init=True), ValueError, "warmup_init=True requires relative_step"),
+    (dict(rank=-1), ValueError, "rank must be"),
+    (dict(rank=2.5), ValueError, "rank must be"),
+    (dict(kappa=0), ValueError, "kappa must be"),
+    (dict(kappa=1.5), ValueError, "kappa must be"),
+    (dict(beta1=1.0), ValueError, "beta1 must be"),
+    (dict(beta1=-0.1), ValueError, "beta1 must be"),
+    (dict(eps=1e-3), ValueError, "eps must be a pair"),
+    (dict(eps=(1e-30,)), ValueError, "eps must be a pair"),
+    (dict(eps=(-1.0, 1e-3)), ValueError, "eps must be a pair"),
+    (dict(eps=(float("nan"), 1e-3)), ValueError, "eps must be a pair"),
+    (dict(clip_threshold=0.0), ValueError, "clip_threshold must be"),
+    (dict(decay_rate=0.5), ValueError, "decay_rate must be"),
+    (dict(weight_decay=-0.1), ValueError, "weight_decay must be"),
+    (dict(seed=-1), ValueError, "seed must be"),
+    (dict(seed=2**63), ValueError, "seed must be"),
+    (dict(scale_parameter="yes"), TypeError, "scale_parameter must be a bool"),
+    (dict(lr=torch.tensor(0.1)), TypeError, "lr must be a Python float"),
+    (dict(quantization=True), NotImplementedError, "quantization=True"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,match", BAD_CONSTRUCTOR, ids=[m for _, _, m in BAD_CONSTRUCTOR])
+def test_constructor_rejects_bad_arguments(kwargs, exc, match):
+    args = dict(BASE)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        flora_ext.Flora([torch.nn.Parameter(torch.randn(3, 3))], **args)
+
+
+def test_constructor_rejects_unsupported_parameter_dtype():
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        flora_ext.Flora([torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], lr=1e-2)
+
+
+def test_bad_param_group_is_not_added():
+    opt = flora_ext.Flora([torch.nn.Parameter(torch.randn(3))], lr=1e-2)
+    with pytest.raises(ValueError, match="kappa"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))], "kappa": 0})
+    assert len(opt.param_groups) == 1
+
+
+def test_defaults_match_flora_opt():
+    opt = flora_ext.Flora([torch.nn.Parameter(torch.randn(3))], relative_step=True)
+    expected = dict(lr=None, rank=None, kappa=1000, eps=(1e-30, 1e-3), clip_threshold=1.0,
+                    decay_rate=-0.8, beta1=None, weight_decay=0.0, scale_parameter=True,
+                    relative_step=True, warmup_init=False, factorize_second_moment=True, seed=0)
+    assert opt.defaults == expected
+
+
+def test_param_groups_have_their_own_settings():
+    a, b, c = (torch.nn.Parameter(torch.randn(16, 40)) for _ in range(3))
+    opt = flora_ext.Flora([{"params": [a], "rank": 4}, {"params": [b], "rank": None},
+                           {"params": [c], "beta1": None}], lr=1e-2, beta1=0.9)
+    late = torch.nn.Parameter(torch.randn(16, 40))
+    opt.add_param_group({"params": [late], "rank": 8, "kappa": 2, "seed": 100})
+    for p in (a, b, c, late):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[a]["momentum"].shape == (4, 40) and opt.state[a]["seed"] == 1
+    assert opt.state[b]["momentum"].shape == (16, 40) and "seed" not in opt.state[b]
+    assert "momentum" not in opt.state[c]
+    assert opt.state[late]["momentum"].shape == (8, 40) and opt.state[late]["seed"] == 104
+    assert flora_ext.state_bytes(opt) == 4 * ((16 + 40) * 4 + 4 * 40 + 16 * 40 + 8 * 40)
+
+
+def test_seeds_are_base_plus_position_and_advance_every_kappa_steps():
+    ps = [torch.nn.Parameter(torch.randn(16, 40)) for _ in range(3)]
+    opt = flora_ext.Flora(ps, lr=1e-2, beta1=0.9, rank=4, kappa=3, seed=10)
+    for t in range(1, 7):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        if t == 1:
+            assert [opt.state[p]["seed"] for p in ps] == [11, 12, 13]
+    assert opt.state[ps[0]]["seed"] == flora_ext.next_seed(flora_ext.next_seed(11))
+
+
+def test_step_with_closure_returns_loss_and_keeps_gradients():
+    model = torch.nn.Linear(8, 4)
+    opt = flora_ext.Flora(model.parameters(), lr=1e-2, beta1=0.9, rank=2)
+    x = torch.randn(16, 8)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.item() > 0
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert all(g is not None for g in grads)
+    opt.step()  # the kept gradients step again
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_training_reduces_loss():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    opt = flora_ext.Flora(model.parameters(), lr=3e-2, beta1=0.9, rank=8, kappa=10)
+    x = torch.randn(256, 16)
+    y = x[:, :1] * x[:, 1:2]
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_lr_scheduler_controls_the_step():
+    p = torch.nn.Parameter(torch.randn(16, 40))
+    opt = flora_ext.Flora([p], lr=1e-2, beta1=0.9, rank=4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 if epoch == 0 else 0.0)
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    opt.step()
+    sched.step()
+    assert not torch.equal(p, before) and opt.param_groups[0]["lr"] == 0.0
+    after_first = p.detach().clone()
+    opt.step()
+    assert torch.equal(p, after_first) and opt.state[p]["step"] == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_parameters_keep_their_dtype_and_fp32_state(dtype):
+    p = torch.nn.Parameter(torch.randn(16, 40).to(dtype))
+    opt = flora_ext.Flora([p], lr=1e-2, beta1=0.9, rank=4)
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    opt.step()
+    assert p.dtype == dtype and not torch.equal(p, before)
+    assert all(t.dtype == torch.float32 for t in opt.state[p].values()
+               if isinstance(t, torch.Tensor))
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt.state[p]["momentum"].dtype == torch.float32
+
+
+def make_run(device, shapes=((16, 40), (40, 16), (37,), (8, 64)), dtype=torch.float32):
+    gen = torch.Generator().manual_seed(3)
+    params0 = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(dtype) for s in shapes] for _ in range(10)]
+    return params0, grads
+
+
+def new_opt(params0, device):
+    ps = [torch.nn.Parameter(p.clone().to(device)) for p in params0]
+    opt = flora_ext.Flora([{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.1}],
+                          lr=1e-2, beta1=0.9, rank=4, kappa=3)
+    return ps, opt
+
+
+def run_steps(ps, opt, grads):
+    for g in grads:
+        for p, gi in zip(ps, g):
+            p.grad = gi.to(p.device)
+        opt.step()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_from_state_dict_is_bitwise(device, dtype):
+    params0, grads = make_run(device, dtype=dtype)
+    ref, ref_opt = new_opt(params0, device)
+    run_steps(ref, ref_opt, grads)
+
+    ps, opt = new_opt(params0, device)
+    run_steps(ps, opt, grads[:4])
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    saved_params = [p.detach().clone() for p in ps]
+    del opt
+    resumed = [torch.nn.Parameter(p) for p in saved_params]
+    _, opt2 = new_opt(params0, device)
+    opt2 = flora_ext.Flora(opt2.param_groups[:0] or [{"params": resumed[:2]},
+                           {"params": resumed[2:], "weight_decay": 0.1}],
+                           lr=1e-2, beta1=0.9, rank=4, kappa=3)
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf, weights_only=True))
+    run_steps(resumed, opt2, grads[4:])
+    for a, b in zip(resumed, ref):
+        assert torch.equal(a, b)
+    for a, b in zip(resumed, ref):
+        for key, value in ref_opt.state[b].items():
+            other = opt2.state[a][key]
+            assert torch.equal(other, value) if isinstance(value, torch.Tensor) else other == value
+
+
+def test_loaded_state_does_not_alias_the_source():
+    params0, grads = make_run("cpu")
+    ps, opt = new_opt(params0, "cpu")
+    run_steps(ps, opt, grads[:2])
+    sd = opt.state_dict()
+    ps2, opt2 = new_opt(params0, "cpu")
+    opt2.load_state_dict(sd)
+    run_steps(ps2, opt2, grads[2:3])
+    assert not torch.equal(opt.state[ps[0]]["momentum"], opt2.state[ps2[0]]["momentum"])
+
+
+def _stepped(shapes, **kw):
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = flora_ext.Flora(ps, **{**dict(lr=1e-2, beta1=0.9, rank=4), **kw})
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize("source,match", [
+    (dict(shapes=[(40, 16)]), "must have shape"),        # transposed parameter
+    (dict(shapes=[(640,)]), "has keys"),                 # same numel, 1-D
+    (dict(shapes=[(16, 40), (3,)]), "has 2 parameters"),
+])
+def test_state_dict_of_another_layout_is_rejected_and_changes_nothing(source, match):
+    ps, opt = _stepped([(16, 40)])
+    _, other = _stepped(**source)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(other.state_dict())
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for key, value in before["state"][0].items():
+        assert torch.equal(after["state"][0][key], value) if isinstance(value, torch.Tensor) \
+            else after["state"][0][key] == value
+
+
+def test_loading_takes_the_saved_hyper_parameters_with_their_state():
+    ps, opt = _stepped([(16, 40)])
+    _, other = _stepped([(16, 40)], rank=8)
+    opt.load_state_dict(other.state_dict())
+    assert opt.param_groups[0]["rank"] == 8 and opt.state[ps[0]]["momentum"].shape == (8, 40)
+    ps[0].grad = torch.randn_like(ps[0])
+    opt.step()
+
+
+def test_corrupted_state_tensor_is_rejected():
+    _, opt = _stepped([(16, 40)])
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["momentum"] = torch.zeros(5, 40)
+    with pytest.raises(ValueError, match=r"momentum .* must have shape \(4, 40\)"):
+        opt.load_state_dict(sd)
+    sd["state"][0]["momentum"] = torch.zeros(4, 40)
+    sd["state"][0]["seed"] = -3
+    with pytest.raises(ValueError, match="seed must be"):
+        opt.load_state_dict(sd)
+
+
+def test_state_dict_with_other_group_count_is_rejected():
+    _, opt = _stepped([(16, 40)])
+    sd = opt.state_dict()
+    sd["param_groups"] = sd["param_groups"] * 2
+    with pytest.raises(ValueError, match="parameter groups"):
+        opt.load_state_dict(sd)
+
+
+def test_bad_gradient_rejects_the_whole_step():
+    a = torch.nn.Parameter(torch.randn(16, 40))
+    b = torch.nn.Parameter(torch.randn(10, 4))
+    opt = flora_ext.Flora([a, b], lr=1e-2, beta1=0.9, rank=4)
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    opt.step()
+    state_before = copy.deepcopy(opt.state_dict())
+    a_before = a.detach().clone()
+    b.grad = torch.randn_like(b).to_sparse()
+    with pytest.raises(TypeError, match="sparse gradients are not supported"):
+        opt.step()
+    assert torch.equal(a, a_before)
+    assert torch.equal(opt.state[a]["momentum"], state_before["state"][0]["momentum"])
+    assert opt.state[a]["step"] == 1
+
+
+def test_changed_group_setting_that_breaks_state_is_reported_before_any_write():
+    a = torch.nn.Parameter(torch.randn(16, 40))
+    opt = flora_ext.Flora([a], lr=1e-2, beta1=0.9, rank=4)
+    a.grad = torch.randn_like(a)
+    opt.step()
+    opt.param_groups[0]["rank"] = 8
+    before = a.detach().clone()
+    with pytest.raises(ValueError, match="momentum"):
+        opt.step()
+    assert torch.equal(a, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_scaler_skips_steps_with_inf_and_nan(device):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 16).to(device)
+    opt = flora_ext.Flora(model.parameters(), lr=1e-2, beta1=0.9, rank=4)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    x = torch.randn(4, 8, device=device)
+
+    def backward(poison=None):
+        opt.zero_grad()
+        scaler.scale(model(x).pow(2).mean()).backward()
+        if poison is not None:
+            model.weight.grad[0, 0] = poison
+
+    backward()
+    scaler.step(opt)
+    scaler.update()
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    for poison in (float("inf"), float("nan")):
+        scale = scaler.get_scale()
+        backward(poison)
+        scaler.step(opt)
+        scaler.update()
+        assert scaler.get_scale() < scale
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+        assert opt.state_dict()["state"][0]["step"] == state["state"][0]["step"] == 1
+        assert torch.equal(opt.state_dict()["state"][0]["momentum"], state["state"][0]["momentum"])
+    backward()
+    scaler.step(opt)
+    assert not torch.equal(model.weight, params[0])
+
+
+def test_compressed_state_is_a_fraction_of_adamw():
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(512, 256))
+    opt = flora_ext.Flora(model.parameters(), lr=1e-2, beta1=0.9, rank=16)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    numel = sum(p.numel() for p in model.parameters())
+    # rank-16 momentum of (256 x 512)-shaped weights: ~r/min(n, m) of a dense one
+    assert flora_ext.state_bytes(opt) < 0.1 * 8 * numel
