@@ -161,3 +161,13 @@ def test_cuda_opcheck():
     torch.library.opcheck(torch.ops.flora.step_.default, (p, g, *state), kwargs)
     out = torch.empty(8, 5, device="cuda")
     torch.library.opcheck(torch.ops.flora.fill_projection_.default, (out, 7, 0.5))
+
+
+def test_cuda_step_rejects_grad_on_another_device():
+    from test_ops import step_args
+    args, kwargs = step_args("compressed", device="cuda")
+    before = args[0].clone()
+    args[1] = args[1].cpu()
+    with pytest.raises(RuntimeError, match="flora: grad must be on cuda"):
+        torch.ops.flora.step_(*args, **kwargs)
+    assert torch.equal(args[0], before)
