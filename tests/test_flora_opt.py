@@ -16,7 +16,6 @@ import importlib
 import math
 import os
 import sys
-import types
 import zlib
 from dataclasses import dataclass, field
 
@@ -25,33 +24,17 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference as ref  # noqa: E402
+from flora_ext.testing import import_flora_opt  # noqa: E402
 
 STEPS = 20
 TOL_EXT = 1e-6
 TOL_REF = 1e-5
 
 
-def _stub_bitsandbytes():
-    def unavailable(*args, **kwargs):
-        raise RuntimeError("bitsandbytes stub: flora-opt's quantization=True is not available in tests")
-
-    bnb = types.ModuleType("bitsandbytes")
-    functional = types.ModuleType("bitsandbytes.functional")
-    functional.quantize_blockwise = unavailable
-    functional.dequantize_blockwise = unavailable
-    bnb.functional = functional
-    sys.modules["bitsandbytes"] = bnb
-    sys.modules["bitsandbytes.functional"] = functional
-
-
 def _import_flora_opt():
     try:
-        importlib.import_module("bitsandbytes.functional")
-    except Exception:
-        _stub_bitsandbytes()
-    try:
-        return importlib.import_module("flora_opt.optimizers.torch.flora"), None
-    except Exception as e:  # noqa: BLE001 - reported by the fixture
+        return import_flora_opt(), None
+    except Exception as e:  # noqa: BLE001 - reported by require_flora_opt
         return None, e
 
 

@@ -1,0 +1,161 @@
+"""Optimizer step time on LLaMA-shaped parameters: Flora against the optimizers it replaces.
+
+One process, one GPU. For each optimizer: median step time over --steps steps after
+--warmup steps (CUDA events around opt.step() alone), optimizer-state bytes per
+parameter, and the extra peak memory during a step (max_memory_allocated during the
+step minus memory_allocated before it). Gradients are random and fixed; they are
+re-attached before every step (flora-opt sets p.grad = None), outside the timed region.
+
+    python benchmarks/bench_step.py --out benchmarks/results/bench_step.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+
+import torch
+
+MODELS = {  # hidden, intermediate, layers, vocab (LLaMA family shapes of the Flora/GaLore papers)
+    "0.1b": (768, 2048, 12, 32000),
+    "0.35b": (1024, 2736, 24, 32000),
+    "1.35b": (2048, 5504, 24, 32000),
+}
+
+
+def llama_shapes(hidden, intermediate, layers, vocab):
+    shapes = [(vocab, hidden)]
+    for _ in range(layers):
+        shapes += [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
+        shapes += [(hidden,), (hidden,)]
+    shapes += [(hidden,), (vocab, hidden)]
+    return shapes
+
+
+def make_params(shapes, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda", generator=gen).mul_(0.02).to(dtype))
+              for s in shapes]
+    grads = [torch.randn(s, device="cuda", generator=gen).mul_(1e-3).to(dtype) for s in shapes]
+    return params, grads
+
+
+def optimizers(rank):
+    import flora_ext
+
+    def flora(**kw):
+        return lambda ps: flora_ext.Flora(ps, lr=1e-3, **kw)
+
+    table = {
+        "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+        "adamw_foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
+        "torch_adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
+        f"flora_r{rank}_b0.9": flora(rank=rank, beta1=0.9, kappa=1000),
+        f"flora_r{rank}_b0.9_resample": flora(rank=rank, beta1=0.9, kappa=1),
+        "flora_nomomentum": flora(beta1=None),
+    }
+    try:
+        from flora_ext.testing import import_flora_opt
+        FloraOpt = import_flora_opt().Flora
+        table[f"flora_opt_r{rank}_b0.9"] = lambda ps: FloraOpt(ps, lr=1e-3, rank=rank, beta1=0.9,
+                                                                kappa=1000)
+    except Exception as err:  # noqa: BLE001 - reported, the rest still runs
+        print(f"flora-opt not available: {err}", file=sys.stderr)
+    try:
+        from transformers.optimization import Adafactor as HFAdafactor
+        table["hf_adafactor_b0.9"] = lambda ps: HFAdafactor(ps, lr=1e-3, beta1=0.9,
+                                                             relative_step=False,
+                                                             scale_parameter=True)
+    except ImportError as err:
+        print(f"transformers not available: {err}", file=sys.stderr)
+    return table
+
+
+def measure(make_opt, params, grads, steps, warmup):
+    opt = make_opt(params)
+
+    def attach():
+        for p, g in zip(params, grads):
+            p.grad = g
+
+    for _ in range(warmup):
+        attach()
+        opt.step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        attach()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        opt.step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    attach()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    opt.step()
+    torch.cuda.synchronize()
+    extra_peak = torch.cuda.max_memory_allocated() - before
+    state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor))
+    del opt
+    torch.cuda.empty_cache()
+    return statistics.median(times), min(times), state, extra_peak
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="1.35b", choices=sorted(MODELS))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--rank", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--only", nargs="*", help="names of optimizers to run (default: all)")
+    ap.add_argument("--small-tensors", type=int, default=0,
+                    help="instead of a model: this many 64x64 tensors (launch overhead)")
+    ap.add_argument("--tf32", action="store_true",
+                    help="allow TF32 in cuBLAS (Flora's projection GEMMs use it then)")
+    ap.add_argument("--out", help="append a Markdown table to this file")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    dtype = getattr(torch, args.dtype)
+    if args.small_tensors:
+        shapes, label = [(64, 64)] * args.small_tensors, f"{args.small_tensors} tensors of 64x64"
+    else:
+        shapes, label = llama_shapes(*MODELS[args.model]), f"LLaMA {args.model} shapes"
+    params, grads = make_params(shapes, dtype)
+    numel = sum(p.numel() for p in params)
+    rows = []
+    for name, make_opt in optimizers(args.rank).items():
+        if args.only and name not in args.only:
+            continue
+        try:
+            med, best, state, extra = measure(make_opt, params, grads, args.steps, args.warmup)
+        except Exception as err:  # report, keep measuring the others
+            print(f"{name}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+            continue
+        rows.append((name, med, best, state / numel, extra / (numel * params[0].element_size())))
+        print(f"{name:32s} median {med:8.2f} ms  min {best:8.2f} ms  state {state / numel:6.3f} B/param"
+              f"  extra peak {100 * rows[-1][4]:6.2f}% of param bytes", flush=True)
+    base = next((r[1] for r in rows if r[0] == "adamw_fused"), None)
+    header = (f"\n### {label}, {args.dtype} params, rank {args.rank}, TF32 {'on' if args.tf32 else 'off'}\n\n"
+              f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+              f"{numel / 1e9:.3f}B parameters in {len(params)} tensors. Command: "
+              f"`python {' '.join(sys.argv)}`\n\n"
+              "| optimizer | median step (ms) | min (ms) | x fused AdamW | state bytes/param | extra peak (% of params) |\n"
+              "|---|---|---|---|---|---|\n")
+    table = header + "".join(
+        f"| {n} | {m:.2f} | {b:.2f} | {m / base:.2f} | {s:.3f} | {100 * e:.2f} |\n" if base else
+        f"| {n} | {m:.2f} | {b:.2f} | - | {s:.3f} | {100 * e:.2f} |\n" for n, m, b, s, e in rows)
+    print(table)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(table)
+
+
+if __name__ == "__main__":
+    main()
