@@ -1,6 +1,7 @@
 // Op schemas of the `flora` namespace, the shape rules and the argument
 // checks that every backend runs before it writes anything.
 #include "flora/ops.h"
+#include "common/random.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -8,6 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
+#include <tuple>
 
 namespace flora {
 
@@ -166,6 +169,57 @@ ParamLayout check_step_inputs(const at::Tensor& param, const at::Tensor& grad,
   return layout;
 }
 
+std::vector<GroupEntry> check_group_inputs(at::TensorList params, at::TensorList grads,
+                                           at::TensorList states, at::IntArrayRef steps,
+                                           at::IntArrayRef seeds,
+                                           const StepOptions& group_options) {
+  const size_t count = params.size();
+  const auto check_length = [&](size_t length, const char* name) {
+    TORCH_CHECK(length == count, "flora: ", name, " must have one entry per parameter (",
+                count, "), got ", length);
+  };
+  check_length(grads.size(), "grads");
+  check_length(steps.size(), "steps");
+  check_length(seeds.size(), "seeds");
+  std::vector<GroupEntry> entries(count);
+  size_t next_state = 0;
+  const auto take_state = [&](size_t k, const char* name) -> std::optional<at::Tensor> {
+    TORCH_CHECK(next_state < states.size(), "flora: states holds ", states.size(),
+                " tensors; parameter ", k, " needs its ", name, " after them");
+    return states[next_state++];
+  };
+  for (size_t k = 0; k < count; ++k) {
+    GroupEntry& entry = entries[k];
+    entry.options = group_options.for_parameter(steps[k], seeds[k]);
+    const ParamLayout layout = param_layout(params[k].sizes(), entry.options.rank,
+                                            entry.options.beta1,
+                                            entry.options.factorize_second_moment);
+    if (layout.factored) {
+      entry.state.row_second_moment = take_state(k, "row_second_moment");
+      entry.state.col_second_moment = take_state(k, "col_second_moment");
+    } else {
+      entry.state.second_moment = take_state(k, "second_moment");
+    }
+    if (layout.momentum != MomentumKind::kNone) entry.state.momentum = take_state(k, "momentum");
+    try {
+      entry.layout = check_step_inputs(params[k], grads[k], entry.state.row_second_moment,
+                                       entry.state.col_second_moment, entry.state.second_moment,
+                                       entry.state.momentum, entry.options);
+    } catch (c10::Error& err) {
+      err.add_context(c10::str("in parameter ", k, " of the group (shape ", params[k].sizes(),
+                               ")"));
+      throw;
+    }
+    TORCH_CHECK(params[k].device() == params[0].device(),
+                "flora: all parameters of one step_group_ call must be on one device; "
+                "parameter ", k, " is on ", params[k].device(), ", parameter 0 on ",
+                params[0].device());
+  }
+  TORCH_CHECK(next_state == states.size(), "flora: states holds ", states.size(),
+              " tensors, the parameters' layouts need ", next_state);
+  return entries;
+}
+
 namespace detail {
 
 StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double beta1,
@@ -235,7 +289,37 @@ at::Tensor projection(int64_t seed, int64_t rows, int64_t cols, double scale,
   return out;
 }
 
+bool cuda_compiled() {
+#ifdef FLORA_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
 namespace {
+
+// Host-side rules as ops without tensor arguments, so that Python asks the
+// library (torch.ops.flora.*) instead of restating them, and the library needs
+// no Python API: one .so serves Python and C++ programs alike.
+int64_t next_seed_op(int64_t seed) {
+  TORCH_CHECK(seed >= 0, "flora: seed must be >= 0, got ", seed);
+  return next_seed(seed);
+}
+
+std::tuple<bool, std::string, std::vector<int64_t>, bool, int64_t> param_layout_op(
+    at::IntArrayRef shape, int64_t rank, double beta1, bool factorize_second_moment) {
+  for (const int64_t size : shape) {
+    TORCH_CHECK(size >= 0, "flora: shape must have sizes >= 0, got ", shape);
+  }
+  TORCH_CHECK(rank >= 0, "flora: rank must be >= 0, got ", rank);
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, "flora: beta1 must be in [0, 1), got ", beta1);
+  const ParamLayout layout = param_layout(shape, rank, beta1, factorize_second_moment);
+  return {layout.factored, momentum_kind_name(layout.momentum), layout.momentum_shape(shape),
+          layout.left, layout.rank};
+}
+
+bool cuda_compiled_op() { return cuda_compiled(); }
 
 // Sparse gradients dispatch to the Sparse keys, where no kernel could run: the
 // checks name the problem instead of the dispatcher's "could not run" message.
@@ -256,11 +340,30 @@ void step_sparse(const at::Tensor& param, const at::Tensor& grad,
   TORCH_CHECK(false, "flora: sparse tensors are not supported");
 }
 
+void step_group_sparse(at::TensorList params, at::TensorList grads, at::TensorList states,
+                       at::IntArrayRef steps, at::IntArrayRef seeds, double lr, double beta1,
+                       double eps1, double eps2, double clip_threshold, double decay_rate,
+                       double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
+                       bool relative_step, bool warmup_init, bool factorize_second_moment) {
+  check_group_inputs(params, grads, states, steps, seeds,
+                     detail::options_from_schema(1, 0, lr, beta1, eps1, eps2, clip_threshold,
+                                                 decay_rate, weight_decay, rank, kappa,
+                                                 scale_parameter, relative_step, warmup_init,
+                                                 factorize_second_moment));
+  TORCH_CHECK(false, "flora: sparse tensors are not supported");
+}
+
 }  // namespace
 }  // namespace flora
 
-TORCH_LIBRARY_IMPL(flora, SparseCPU, m) { m.impl("step_", &flora::step_sparse); }
-TORCH_LIBRARY_IMPL(flora, SparseCUDA, m) { m.impl("step_", &flora::step_sparse); }
+TORCH_LIBRARY_IMPL(flora, SparseCPU, m) {
+  m.impl("step_", &flora::step_sparse);
+  m.impl("step_group_", &flora::step_group_sparse);
+}
+TORCH_LIBRARY_IMPL(flora, SparseCUDA, m) {
+  m.impl("step_", &flora::step_sparse);
+  m.impl("step_group_", &flora::step_group_sparse);
+}
 
 TORCH_LIBRARY(flora, m) {
   m.def(
@@ -270,5 +373,20 @@ TORCH_LIBRARY(flora, m) {
       "float clip_threshold, float decay_rate, float weight_decay, int rank, int kappa, "
       "bool scale_parameter, bool relative_step, bool warmup_init, "
       "bool factorize_second_moment) -> ()");
+  // Every parameter of a param group (on one device) in one call: the per-call
+  // overhead of Python and the dispatcher is paid once, not once a parameter.
+  m.def(
+      "step_group_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, int[] steps, "
+      "int[] seeds, *, float lr, float beta1, "
+      "float eps1, float eps2, float clip_threshold, float decay_rate, float weight_decay, "
+      "int rank, int kappa, bool scale_parameter, bool relative_step, bool warmup_init, "
+      "bool factorize_second_moment) -> ()");
   m.def("fill_projection_(Tensor(a!) out, int seed, float scale) -> ()");
+  // No tensor arguments: these run through their catch-all kernels on any device.
+  m.def("next_seed(int seed) -> int", &flora::next_seed_op);
+  m.def(
+      "param_layout(int[] shape, int rank, float beta1, bool factorize_second_moment) -> "
+      "(bool factored, str momentum, int[] momentum_shape, bool left, int rank)",
+      &flora::param_layout_op);
+  m.def("cuda_compiled() -> bool", &flora::cuda_compiled_op);
 }

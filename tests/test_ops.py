@@ -213,3 +213,53 @@ def test_step_of_empty_parameter_is_a_no_op():
     torch.ops.flora.step_(p, torch.empty(0, 5), torch.zeros(0), torch.zeros(5), None, None,
                           **{**STEP_KWARGS, "beta1": 0.0})
     assert p.shape == (0, 5)
+
+
+# --- step_group_ --------------------------------------------------------------
+GROUP_KWARGS = {k: v for k, v in STEP_KWARGS.items() if k not in ("step", "seed")}
+
+
+def group_args(device="cpu"):
+    """A step_group_ call over three layouts (beta1 0.9, rank 4), and the per-parameter
+    step_ arguments (param, grad, row, col, second moment, momentum) it stands for."""
+    per_param = [step_args(layout, device)[0] for layout in ("compressed", "full-dense")]
+    p = torch.randn(8, 64, device=device)  # aspect ratio 8: dense momentum
+    per_param.append([p, torch.randn_like(p), torch.rand(8, device=device) + 0.1,
+                      torch.rand(64, device=device) + 0.1, None, torch.randn_like(p)])
+    states = [t for args in per_param for t in args[2:] if t is not None]
+    group = [[a[0] for a in per_param], [a[1] for a in per_param], states, [1, 5, 3], [3, 0, 0]]
+    return group, per_param, dict(GROUP_KWARGS, kappa=5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_step_group_equals_one_step_per_parameter(device):
+    group, per_param, kwargs = group_args(device)
+    single = [[t.clone() if isinstance(t, torch.Tensor) else t for t in args] for args in per_param]
+    torch.ops.flora.step_group_(*group, **kwargs)
+    for k, args in enumerate(single):
+        torch.ops.flora.step_(*args, step=group[3][k], seed=group[4][k], **kwargs)
+        for grouped, alone in zip(per_param[k], args):
+            assert (grouped is None and alone is None) or torch.equal(grouped, alone)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_step_group(device):
+    group, _, kwargs = group_args(device)
+    torch.library.opcheck(torch.ops.flora.step_group_.default, group, kwargs)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: a[1].pop(), "grads must have one entry per parameter"),
+    (lambda a: a[3].pop(), "steps must have one entry per parameter"),
+    (lambda a: a[2].pop(), "parameter 2 needs its momentum"),
+    (lambda a: a[2].append(torch.zeros(3)), "states holds 9 tensors, the parameters. layouts need 8"),
+    (lambda a: a[2].__setitem__(6, torch.zeros(8, 63)), "in parameter 2 of the group"),
+    (lambda a: a[1].__setitem__(1, a[1][1].to_sparse()), "sparse"),
+])
+def test_step_group_rejects_bad_input_and_changes_nothing(mutate, match):
+    group, _, kwargs = group_args()
+    mutate(group)
+    before = [t.clone() for t in group[0]]
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.flora.step_group_(*group, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(group[0], before))

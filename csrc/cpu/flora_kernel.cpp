@@ -125,21 +125,13 @@ at::Tensor compressed_momentum_update(const at::Tensor& u, at::Tensor& momentum,
   return d;
 }
 
-void step_cpu(const at::Tensor& param, const at::Tensor& grad,
-              const std::optional<at::Tensor>& row_second_moment,
-              const std::optional<at::Tensor>& col_second_moment,
-              const std::optional<at::Tensor>& second_moment,
-              const std::optional<at::Tensor>& momentum_opt, int64_t step, int64_t seed,
-              double lr, double beta1, double eps1, double eps2, double clip_threshold,
-              double decay_rate, double weight_decay, int64_t rank, int64_t kappa,
-              bool scale_parameter, bool relative_step, bool warmup_init,
-              bool factorize_second_moment) {
-  const StepOptions o = detail::options_from_schema(
-      step, seed, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank,
-      kappa, scale_parameter, relative_step, warmup_init, factorize_second_moment);
-  const ParamLayout layout = check_step_inputs(param, grad, row_second_moment,
-                                               col_second_moment, second_moment,
-                                               momentum_opt, o);
+// One parameter whose inputs check_step_inputs has accepted.
+void run_step_cpu(const at::Tensor& param, const at::Tensor& grad,
+                  const std::optional<at::Tensor>& row_second_moment,
+                  const std::optional<at::Tensor>& col_second_moment,
+                  const std::optional<at::Tensor>& second_moment,
+                  const std::optional<at::Tensor>& momentum_opt, const StepOptions& o,
+                  const ParamLayout& layout) {
   const int64_t numel = param.numel();
   if (numel == 0) return;
 
@@ -196,10 +188,44 @@ void step_cpu(const at::Tensor& param, const at::Tensor& grad,
   if (!in_place) param.copy_(p.view(param.sizes()));
 }
 
+void step_cpu(const at::Tensor& param, const at::Tensor& grad,
+              const std::optional<at::Tensor>& row_second_moment,
+              const std::optional<at::Tensor>& col_second_moment,
+              const std::optional<at::Tensor>& second_moment,
+              const std::optional<at::Tensor>& momentum, int64_t step, int64_t seed, double lr,
+              double beta1, double eps1, double eps2, double clip_threshold, double decay_rate,
+              double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
+              bool relative_step, bool warmup_init, bool factorize_second_moment) {
+  const StepOptions o = detail::options_from_schema(
+      step, seed, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
+      scale_parameter, relative_step, warmup_init, factorize_second_moment);
+  const ParamLayout layout = check_step_inputs(param, grad, row_second_moment,
+                                               col_second_moment, second_moment, momentum, o);
+  run_step_cpu(param, grad, row_second_moment, col_second_moment, second_moment, momentum, o,
+               layout);
+}
+
+void step_group_cpu(at::TensorList params, at::TensorList grads,
+                    at::TensorList states, at::IntArrayRef steps, at::IntArrayRef seeds, double lr, double beta1,
+                    double eps1, double eps2, double clip_threshold, double decay_rate,
+                    double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
+                    bool relative_step, bool warmup_init, bool factorize_second_moment) {
+  const StepOptions group = detail::options_from_schema(
+      1, 0, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
+      scale_parameter, relative_step, warmup_init, factorize_second_moment);
+  const std::vector<GroupEntry> entries =
+      check_group_inputs(params, grads, states, steps, seeds, group);
+  for (size_t k = 0; k < params.size(); ++k)
+    run_step_cpu(params[k], grads[k], entries[k].state.row_second_moment,
+                 entries[k].state.col_second_moment, entries[k].state.second_moment,
+                 entries[k].state.momentum, entries[k].options, entries[k].layout);
+}
+
 }  // namespace
 }  // namespace flora
 
 TORCH_LIBRARY_IMPL(flora, CPU, m) {
   m.impl("step_", &flora::step_cpu);
+  m.impl("step_group_", &flora::step_group_cpu);
   m.impl("fill_projection_", &flora::fill_projection_cpu);
 }

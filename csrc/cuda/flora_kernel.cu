@@ -29,7 +29,6 @@ constexpr int64_t kMaxPassBlocks = 2048;
 // Momentum handling of the row pass.
 enum RowPassMode : int { kPassNoMomentum = 0, kPassDenseMomentum = 1, kPassWriteUpdate = 2 };
 // Where the apply kernel finds D.
-enum UpdateSource : int { kFromFactored = 0, kFromFull = 1, kFromBuffer = 2 };
 
 // scalars[] layout, written by the reduction kernels, read by the apply kernel.
 enum Scalar : int { kRowMean = 0, kStepSize = 1, kInvClip = 2, kDecay = 3, kNumScalars = 4 };
@@ -60,10 +59,10 @@ __device__ T block_sum(T v) {
   return v;
 }
 
-// U of a factored parameter (FLORA.md step 3); one formula for every kernel.
-__device__ inline float factored_u(float g, float row, float row_mean, float col) {
-  return g * (1.0f / sqrtf(row / row_mean)) * (1.0f / sqrtf(col));
-}
+// U of a factored parameter (FLORA.md step 3) is g * row_scale(i) * col_scale[j];
+// the factors are computed once a row / once a column, by these two formulas only.
+__device__ inline float row_scale(float row, float row_mean) { return 1.0f / sqrtf(row / row_mean); }
+__device__ inline float col_scale(float col) { return 1.0f / sqrtf(col); }
 
 __global__ void fill_projection_kernel(float* __restrict__ out, int64_t numel, uint64_t seed,
                                        double scale) {
@@ -121,13 +120,17 @@ __global__ void col_partial_kernel(const scalar_t* __restrict__ grad,
   partial[blockIdx.y * m + j] = s;
 }
 
+// Column EMA, and the column factor of U for the kernels that follow.
 __global__ void col_finalize_kernel(const float* __restrict__ partial, float* __restrict__ col,
-                                    int64_t chunks, int64_t n, int64_t m, double beta2) {
+                                    float* __restrict__ col_factor, int64_t chunks, int64_t n,
+                                    int64_t m, double beta2) {
   const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (j >= m) return;
   double s = 0.0;
   for (int64_t c = 0; c < chunks; ++c) s += partial[c * m + j];
-  col[j] = static_cast<float>(beta2 * col[j] + (1.0 - beta2) * (s / n));
+  const float c_new = static_cast<float>(beta2 * col[j] + (1.0 - beta2) * (s / n));
+  col[j] = c_new;
+  col_factor[j] = col_scale(c_new);
 }
 
 // Single block: mean of the row EMA and this step's learning rate (step 1).
@@ -153,7 +156,7 @@ __global__ void step_size_kernel(const float* __restrict__ row, int64_t n,
 template <typename scalar_t>
 __global__ void factored_pass_kernel(const scalar_t* __restrict__ grad,
                                      const float* __restrict__ row,
-                                     const float* __restrict__ col,
+                                     const float* __restrict__ col_factor,
                                      const float* __restrict__ scalars,
                                      float* __restrict__ momentum, float* __restrict__ out,
                                      float* __restrict__ d_sq_rows, int64_t n, int64_t m,
@@ -161,11 +164,11 @@ __global__ void factored_pass_kernel(const scalar_t* __restrict__ grad,
   const int64_t i = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (i >= n) return;
-  const float row_i = row[i], row_mean = scalars[kRowMean];
+  const float a = row_scale(row[i], scalars[kRowMean]);
   float d_sq = 0.f;
   for (int64_t j = lane; j < m; j += 32) {
     const int64_t e = i * m + j;
-    const float u = factored_u(static_cast<float>(grad[e]), row_i, row_mean, col[j]);
+    const float u = static_cast<float>(grad[e]) * a * col_factor[j];
     if (mode == kPassWriteUpdate) {
       out[e] = u;
       continue;
@@ -243,31 +246,43 @@ __global__ void clip_kernel(const float* __restrict__ d_sq_parts, int64_t parts,
   }
 }
 
+__device__ inline float updated_param(float x, float d, const float* scalars) {
+  const float decay = scalars[kDecay];
+  if (decay != 0.f) x -= decay * x;
+  return x - scalars[kStepSize] * (d * scalars[kInvClip]);
+}
+
 // Step 6: p = p - decay p - lr D / clip, written back once in the param dtype.
+// D from the full second moment (second_moment != nullptr) or from a buffer.
 template <typename scalar_t>
 __global__ void apply_kernel(scalar_t* __restrict__ param, const scalar_t* __restrict__ grad,
-                             const float* __restrict__ row, const float* __restrict__ col,
                              const float* __restrict__ second_moment,
                              const float* __restrict__ update,
-                             const float* __restrict__ scalars, int64_t numel, int64_t m,
-                             int source) {
-  const float step_size = scalars[kStepSize], inv_clip = scalars[kInvClip];
-  const float decay = scalars[kDecay], row_mean = scalars[kRowMean];
+                             const float* __restrict__ scalars, int64_t numel) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < numel;
        e += stride) {
-    float d;
-    if (source == kFromFactored) {
-      const int64_t i = e / m, j = e % m;
-      d = factored_u(static_cast<float>(grad[e]), row[i], row_mean, col[j]);
-    } else if (source == kFromFull) {
-      d = static_cast<float>(grad[e]) / sqrtf(second_moment[e]);
-    } else {
-      d = update[e];
-    }
-    float x = static_cast<float>(param[e]);
-    if (decay != 0.f) x -= decay * x;
-    param[e] = static_cast<scalar_t>(x - step_size * (d * inv_clip));
+    const float d = second_moment ? static_cast<float>(grad[e]) / sqrtf(second_moment[e])
+                                  : update[e];
+    param[e] = static_cast<scalar_t>(updated_param(static_cast<float>(param[e]), d, scalars));
+  }
+}
+
+// Step 6 for a factored parameter without momentum: D = U, one warp per row.
+template <typename scalar_t>
+__global__ void apply_factored_kernel(scalar_t* __restrict__ param,
+                                      const scalar_t* __restrict__ grad,
+                                      const float* __restrict__ row,
+                                      const float* __restrict__ col_factor,
+                                      const float* __restrict__ scalars, int64_t n, int64_t m) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (i >= n) return;
+  const float a = row_scale(row[i], scalars[kRowMean]);
+  for (int64_t j = lane; j < m; j += 32) {
+    const int64_t e = i * m + j;
+    const float d = static_cast<float>(grad[e]) * a * col_factor[j];
+    param[e] = static_cast<scalar_t>(updated_param(static_cast<float>(param[e]), d, scalars));
   }
 }
 
@@ -378,8 +393,7 @@ void step_cuda_typed(const at::Tensor& param, const at::Tensor& grad,
       layout.momentum == MomentumKind::kDense ? kPassDenseMomentum : kPassNoMomentum;
   const int64_t apply_blocks = std::min<int64_t>(blocks_for(numel, kThreads), 65536);
 
-  at::Tensor d_sq_parts, update;
-  int source;
+  at::Tensor d_sq_parts, update, col_factor;
   if (layout.factored) {
     const int64_t n = layout.rows, m = layout.cols;
     float* row = row_second_moment->data_ptr<float>();
@@ -396,8 +410,9 @@ void step_cuda_typed(const at::Tensor& param, const at::Tensor& grad,
         <<<dim3(blocks_for(m, kThreads), chunks), kThreads, 0, stream>>>(
             gp, col_parts.data_ptr<float>(), n, m, eps1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    col_factor = at::empty({m}, f32);
     col_finalize_kernel<<<blocks_for(m, kThreads), kThreads, 0, stream>>>(
-        col_parts.data_ptr<float>(), col, chunks, n, m, beta2);
+        col_parts.data_ptr<float>(), col, col_factor.data_ptr<float>(), chunks, n, m, beta2);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     step_size_kernel<<<1, 1024, 0, stream>>>(row, n, param_sq_rows.data_ptr<float>(), n, numel,
                                              o.base_lr(), o.scale_parameter, o.eps2, sc);
@@ -406,25 +421,20 @@ void step_cuda_typed(const at::Tensor& param, const at::Tensor& grad,
     if (layout.momentum == MomentumKind::kCompressed) {
       update = at::empty({n, m}, f32);
       factored_pass_kernel<scalar_t><<<row_blocks, kThreads, 0, stream>>>(
-          gp, row, col, sc, nullptr, update.data_ptr<float>(), nullptr, n, m, kPassWriteUpdate,
-          b1);
+          gp, row, col_factor.data_ptr<float>(), sc, nullptr, update.data_ptr<float>(), nullptr,
+          n, m, kPassWriteUpdate, b1);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::Tensor momentum = *momentum_opt;
       compressed_momentum_update(update, momentum, layout, o);
       row_sum_sq_kernel<<<row_blocks, kThreads, 0, stream>>>(
           update.data_ptr<float>(), d_sq_parts.data_ptr<float>(), n, m);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      source = kFromBuffer;
     } else {
       factored_pass_kernel<scalar_t><<<row_blocks, kThreads, 0, stream>>>(
-          gp, row, col, sc, mom, nullptr, d_sq_parts.data_ptr<float>(), n, m, pass_mode, b1);
+          gp, row, col_factor.data_ptr<float>(), sc, mom, nullptr, d_sq_parts.data_ptr<float>(),
+          n, m, pass_mode, b1);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (layout.momentum == MomentumKind::kDense) {
-        update = *momentum_opt;
-        source = kFromBuffer;
-      } else {
-        source = kFromFactored;
-      }
+      if (layout.momentum == MomentumKind::kDense) update = *momentum_opt;
     }
   } else {
     // Grid size depends on numel only, so the per-block partial sums (and the
@@ -441,41 +451,34 @@ void step_cuda_typed(const at::Tensor& param, const at::Tensor& grad,
                                              blocks, numel, o.base_lr(), o.scale_parameter,
                                              o.eps2, sc);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (layout.momentum == MomentumKind::kDense) {
-      update = *momentum_opt;
-      source = kFromBuffer;
-    } else {
-      source = kFromFull;
-    }
+    if (layout.momentum == MomentumKind::kDense) update = *momentum_opt;
   }
   clip_kernel<<<1, 1024, 0, stream>>>(d_sq_parts.data_ptr<float>(), d_sq_parts.numel(), numel,
                                       o.clip_threshold, o.weight_decay, sc);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  apply_kernel<scalar_t><<<apply_blocks, kThreads, 0, stream>>>(
-      pp, gp, layout.factored ? row_second_moment->data_ptr<float>() : nullptr,
-      layout.factored ? col_second_moment->data_ptr<float>() : nullptr,
-      layout.factored ? nullptr : second_moment->data_ptr<float>(),
-      update.defined() ? update.data_ptr<float>() : nullptr, sc, numel,
-      layout.factored ? layout.cols : 1, source);
+  if (update.defined() || !layout.factored) {
+    // D is in a buffer (momentum, or D after the projections) or comes from S.
+    apply_kernel<scalar_t><<<apply_blocks, kThreads, 0, stream>>>(
+        pp, gp, update.defined() ? nullptr : second_moment->data_ptr<float>(),
+        update.defined() ? update.data_ptr<float>() : nullptr, sc, numel);
+  } else {
+    apply_factored_kernel<scalar_t><<<blocks_for(layout.rows, kWarpsPerBlock), kThreads, 0,
+                                      stream>>>(pp, gp, row_second_moment->data_ptr<float>(),
+                                                col_factor.data_ptr<float>(), sc, layout.rows,
+                                                layout.cols);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (!in_place) param.copy_(p);
 }
 
-void step_cuda(const at::Tensor& param, const at::Tensor& grad,
-               const std::optional<at::Tensor>& row_second_moment,
-               const std::optional<at::Tensor>& col_second_moment,
-               const std::optional<at::Tensor>& second_moment,
-               const std::optional<at::Tensor>& momentum, int64_t step, int64_t seed, double lr,
-               double beta1, double eps1, double eps2, double clip_threshold, double decay_rate,
-               double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
-               bool relative_step, bool warmup_init, bool factorize_second_moment) {
-  const StepOptions o = detail::options_from_schema(
-      step, seed, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
-      scale_parameter, relative_step, warmup_init, factorize_second_moment);
-  const ParamLayout layout = check_step_inputs(param, grad, row_second_moment,
-                                               col_second_moment, second_moment, momentum, o);
+// One parameter whose inputs check_step_inputs has accepted.
+void run_step_cuda(const at::Tensor& param, const at::Tensor& grad,
+                   const std::optional<at::Tensor>& row_second_moment,
+                   const std::optional<at::Tensor>& col_second_moment,
+                   const std::optional<at::Tensor>& second_moment,
+                   const std::optional<at::Tensor>& momentum, const StepOptions& o,
+                   const ParamLayout& layout) {
   if (param.numel() == 0) return;
-  c10::cuda::CUDAGuard guard(param.device());
   switch (param.scalar_type()) {
     case at::kFloat:
       step_cuda_typed<float>(param, grad, row_second_moment, col_second_moment, second_moment,
@@ -494,10 +497,47 @@ void step_cuda(const at::Tensor& param, const at::Tensor& grad,
   }
 }
 
+void step_cuda(const at::Tensor& param, const at::Tensor& grad,
+               const std::optional<at::Tensor>& row_second_moment,
+               const std::optional<at::Tensor>& col_second_moment,
+               const std::optional<at::Tensor>& second_moment,
+               const std::optional<at::Tensor>& momentum, int64_t step, int64_t seed, double lr,
+               double beta1, double eps1, double eps2, double clip_threshold, double decay_rate,
+               double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
+               bool relative_step, bool warmup_init, bool factorize_second_moment) {
+  const StepOptions o = detail::options_from_schema(
+      step, seed, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
+      scale_parameter, relative_step, warmup_init, factorize_second_moment);
+  const ParamLayout layout = check_step_inputs(param, grad, row_second_moment,
+                                               col_second_moment, second_moment, momentum, o);
+  c10::cuda::CUDAGuard guard(param.device());
+  run_step_cuda(param, grad, row_second_moment, col_second_moment, second_moment, momentum, o,
+                layout);
+}
+
+void step_group_cuda(at::TensorList params, at::TensorList grads,
+                     at::TensorList states, at::IntArrayRef steps, at::IntArrayRef seeds, double lr, double beta1,
+                     double eps1, double eps2, double clip_threshold, double decay_rate,
+                     double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
+                     bool relative_step, bool warmup_init, bool factorize_second_moment) {
+  const StepOptions group = detail::options_from_schema(
+      1, 0, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
+      scale_parameter, relative_step, warmup_init, factorize_second_moment);
+  const std::vector<GroupEntry> entries =
+      check_group_inputs(params, grads, states, steps, seeds, group);
+  if (params.empty()) return;
+  c10::cuda::CUDAGuard guard(params[0].device());
+  for (size_t k = 0; k < params.size(); ++k)
+    run_step_cuda(params[k], grads[k], entries[k].state.row_second_moment,
+                 entries[k].state.col_second_moment, entries[k].state.second_moment,
+                 entries[k].state.momentum, entries[k].options, entries[k].layout);
+}
+
 }  // namespace
 }  // namespace flora
 
 TORCH_LIBRARY_IMPL(flora, CUDA, m) {
   m.impl("step_", &flora::step_cuda);
+  m.impl("step_group_", &flora::step_group_cuda);
   m.impl("fill_projection_", &flora::fill_projection_cuda);
 }

@@ -52,6 +52,12 @@ struct StepOptions {
   bool warmup_init = false;
   bool factorize_second_moment = true;
 
+  StepOptions for_parameter(int64_t param_step, int64_t param_seed) const {
+    StepOptions o = *this;
+    o.step = param_step;
+    o.seed = param_seed;
+    return o;
+  }
   double beta2() const;      // 1 - t^decay_rate
   double base_lr() const;    // lr, or the relative step size
   bool resample() const { return step % kappa == 0; }
@@ -66,6 +72,28 @@ ParamLayout check_step_inputs(const at::Tensor& param, const at::Tensor& grad,
                               const std::optional<at::Tensor>& momentum,
                               const StepOptions& options);
 
+// The state tensors of one parameter, as step_ takes them.
+struct ParamState {
+  std::optional<at::Tensor> row_second_moment, col_second_moment, second_moment, momentum;
+};
+
+// step_group_ takes every parameter's state tensors in one flat list, in
+// parameter order, each parameter's in the order row_second_moment,
+// col_second_moment (factored) or second_moment, then momentum (if any): the
+// layout rule says which a parameter has. (A flat list also keeps None out of
+// mutable tensor lists, which torch.compile's functionalization cannot handle.)
+// Checks the lengths and every parameter with check_step_inputs before any
+// kernel runs, so a bad entry anywhere changes nothing.
+struct GroupEntry {
+  ParamState state;
+  StepOptions options;
+  ParamLayout layout;
+};
+std::vector<GroupEntry> check_group_inputs(at::TensorList params, at::TensorList grads,
+                                           at::TensorList states, at::IntArrayRef steps,
+                                           at::IntArrayRef seeds,
+                                           const StepOptions& group_options);
+
 // One Flora step of one parameter, in place on param and state
 // (torch.ops.flora.step_; dispatches to the CPU or CUDA kernel).
 void step_(at::Tensor& param, const at::Tensor& grad,
@@ -78,6 +106,9 @@ void step_(at::Tensor& param, const at::Tensor& grad,
 // N(0, 1) * scale (torch.ops.flora.fill_projection_ on a fresh tensor).
 at::Tensor projection(int64_t seed, int64_t rows, int64_t cols, double scale,
                       at::Device device);
+
+// Whether this build of the library has the CUDA kernels (torch.ops.flora.cuda_compiled).
+bool cuda_compiled();
 
 namespace detail {
 // Used by the backend kernels, which take the op's flat argument list.
