@@ -1,7 +1,9 @@
 # flora_ext: set-up, build, demo and tests.
 #
 #   make demo    create .venv, build the extension in place, train the byte-level LM example
-#   make test    create .venv (+ test requirements), build, run pytest
+#   make test    create .venv (+ test requirements), build, cpp-test, wheel-test, run pytest
+#   make cpp-test    CMake build of the C++ library, ctest, examples/cpp (CPU)
+#   make wheel-test  build the wheel, install it into a fresh venv, smoke-test it
 #   make clean   remove build products (keeps .venv); make distclean also removes .venv
 #
 # Build settings are taken from the environment when set: CUDA_HOME, TORCH_CUDA_ARCH_LIST,
@@ -93,10 +95,28 @@ demo: build
 	$(PY) examples/python/train_charlm.py
 
 .PHONY: test
-test: build $(TEST_STAMP)
-	@rc=0; $(PY) -m pytest -q tests || rc=$$?; \
+test: build $(TEST_STAMP) cpp-test wheel-test
+	@rc=0; FLORA_CPP_TESTS=$(CPP_BUILD_DIR)/tests/cpp/flora_cpp_tests FLORA_REQUIRE_CPP_TESTS=1 \
+	  $(PY) -m pytest -q tests || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
+
+# ------------------------------------------------------------------ C++ (CMake) and wheel
+# cpp-test: libflora and its C++ tests built with CMake (CPU variant) against .venv's torch,
+# ctest, then examples/cpp built against the CMake install (tools/cpp_test.sh); pytest's
+# tests/test_cpp.py runs the same steps through its binary and through Python.
+# wheel-test: `pip wheel`, installed into a fresh venv with the same torch, smoke-tested there
+# with no compiler on PATH, examples/cpp built against it (tools/wheel_test.sh); it also checks
+# that torch $(WHEEL_MISMATCH_TORCH) is refused at import, when pip has that torch locally.
+CPP_BUILD_DIR        := build/cmake-cpu
+WHEEL_MISMATCH_TORCH ?= 2.13.0
+
+.PHONY: cpp-test wheel-test
+cpp-test: $(BASE_STAMP) | ccache
+	PYTHON=$(PY) FLORA_CMAKE_CUDA=OFF bash tools/cpp_test.sh $(CPP_BUILD_DIR)
+
+wheel-test: $(BASE_STAMP) | ccache
+	PYTHON=$(PY) MISMATCH_TORCH=$(WHEEL_MISMATCH_TORCH) bash tools/wheel_test.sh dist
 
 # --------------------------------------------------------------------------------- clean
 .PHONY: clean distclean

@@ -4,19 +4,15 @@ Hao, Cao, Mou, "Flora: Low-Rank Adapters Are Secretly Gradient Compressors", ICM
 """
 from __future__ import annotations
 
-import torch
+from . import _library
 
-try:
-    from . import _C  # noqa: F401
-except ImportError as err:  # a build made against another torch fails here
-    raise ImportError(
-        f"flora_ext: cannot load the compiled extension ({err}). It must be built "
-        f"against the installed torch {torch.__version__}: rebuild with "
-        "`pip install --no-build-isolation -e .` (or `make build`)."
-    ) from err
+_library.load()  # registers torch.ops.flora.*; raises ImportError on a torch mismatch
 
-from ._ops import next_seed, param_layout, projection  # noqa: E402
+from ._library import cmake_prefix_path, library_path  # noqa: E402
+from ._ops import cuda_compiled, next_seed, param_layout, projection  # noqa: E402
 from .optimizer import Flora, state_bytes  # noqa: E402
 
-__all__ = ["Flora", "projection", "next_seed", "param_layout", "state_bytes"]
-__version__ = "0.1.0"
+__all__ = ["Flora", "projection", "next_seed", "param_layout",
+           "state_bytes", "cuda_compiled", "cmake_prefix_path", "library_path"]
+__version__ = _library.build_info().version
+

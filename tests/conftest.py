@@ -11,7 +11,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 def pytest_sessionstart(session):
     # A GPU with a CPU-only build would silently test nothing of the CUDA kernels.
-    if HAS_CUDA and not flora_ext._C.cuda_compiled():
+    if HAS_CUDA and not flora_ext.cuda_compiled():
         raise pytest.UsageError("a GPU is present but flora_ext was built without CUDA kernels")
 
 

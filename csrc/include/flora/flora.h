@@ -1,0 +1,159 @@
+// flora::Flora, the Flora optimizer for LibTorch programs, shaped like torch::optim::AdamW:
+// options with chainable setters (FloraOptions), per-parameter state (FloraParamState),
+// param groups, step(closure), torch::save / torch::load of the optimizer.
+//
+// It runs the kernels that flora_ext.Flora runs in Python (torch.ops.flora.step_, through
+// flora::step_ in ops.h), so the same inputs and seeds give the same trajectory in both.
+// The math is in FLORA.md; the Python optimizer (flora_ext/optimizer.py) is the reference
+// for the conventions: per-parameter seeds, resampling, state layout, checks.
+//
+//   flora::Flora optimizer(model->parameters(),
+//                          flora::FloraOptions(1e-3).beta1(0.9).rank(32));
+//   ...
+//   optimizer.zero_grad();
+//   loss.backward();
+//   optimizer.step();
+//   torch::save(optimizer, "flora.pt");     // and torch::load(optimizer, "flora.pt")
+#pragma once
+
+#include "flora/ops.h"
+
+#include <torch/arg.h>
+#include <torch/optim/optimizer.h>
+#include <torch/optim/serialize.h>
+#include <torch/serialize/archive.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+namespace flora {
+
+// A chainable setter and a getter, as TORCH_ARG makes them, that also records that the option
+// was set: the options of a param group override only what they set, and the rest comes from
+// the optimizer's defaults, as with the dict of a param group in Python.
+#define FLORA_OPTION(T, name, bit)                                   \
+ public:                                                             \
+  inline FloraOptions& name(const T& new_##name) {                   \
+    this->name##_ = new_##name;                                      \
+    this->explicitly_set_ |= (uint32_t{1} << (bit));                 \
+    return *this;                                                    \
+  }                                                                  \
+  inline const T& name() const noexcept { return this->name##_; }    \
+                                                                     \
+ private:                                                            \
+  T name##_
+
+// Options of flora::Flora: the arguments of flora_ext.Flora, with the same names and defaults.
+// Python's None is std::nullopt for lr, and 0 for rank (no compression) and beta1 (no momentum),
+// which is what None means there. eps=(eps1, eps2) is split into eps1 and eps2.
+struct FloraOptions : public torch::optim::OptimizerCloneableOptions<FloraOptions> {
+  FloraOptions() = default;
+  // Like AdamWOptions(lr); FloraOptions(std::nullopt) leaves lr unset (relative_step).
+  FloraOptions(std::optional<double> lr);  // NOLINT(google-explicit-constructor)
+
+  // Step size; required unless relative_step, and exclusive with it.
+  FLORA_OPTION(std::optional<double>, lr, 0) = std::nullopt;
+  // Rank r of the momentum projection; 0 keeps the momentum dense.
+  FLORA_OPTION(int64_t, rank, 1) = 0;
+  // Resample the projection every kappa steps.
+  FLORA_OPTION(int64_t, kappa, 2) = 1000;
+  // Added to g^2 before averaging.
+  FLORA_OPTION(double, eps1, 3) = 1e-30;
+  // Floor of the parameter RMS that scale_parameter multiplies the step by.
+  FLORA_OPTION(double, eps2, 4) = 1e-3;
+  // The update is divided by max(1, RMS(update) / clip_threshold).
+  FLORA_OPTION(double, clip_threshold, 5) = 1.0;
+  // beta2_t = 1 - t^decay_rate.
+  FLORA_OPTION(double, decay_rate, 6) = -0.8;
+  // Momentum coefficient; 0 means no first moment at all.
+  FLORA_OPTION(double, beta1, 7) = 0.0;
+  // Decoupled weight decay, scaled by the effective step size.
+  FLORA_OPTION(double, weight_decay, 8) = 0.0;
+  FLORA_OPTION(bool, scale_parameter, 9) = true;
+  // lr_t = min(1e-2, 1/sqrt(t)), or min(1e-6 t, 1/sqrt(t)) with warmup_init.
+  FLORA_OPTION(bool, relative_step, 10) = false;
+  FLORA_OPTION(bool, warmup_init, 11) = false;
+  // Row and column second moments for 2-D parameters.
+  FLORA_OPTION(bool, factorize_second_moment, 12) = true;
+  // Base seed: parameter number i (1-based over all groups, in order) starts at seed + i.
+  FLORA_OPTION(int64_t, seed, 13) = 0;
+
+ public:
+  static constexpr int kNumOptions = 14;
+
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  friend bool operator==(const FloraOptions& lhs, const FloraOptions& rhs);
+  // For torch::optim::LRScheduler; an error while lr is unset (relative_step).
+  double get_lr() const override;
+  void set_lr(const double lr) override;
+
+  // Throws c10::Error naming the first invalid option, e.g. "flora: kappa must be >= 1, got 0".
+  void validate() const;
+  // Whether the setter of option `bit` (its position above) was called.
+  bool is_set(int bit) const { return (explicitly_set_ >> bit) & 1u; }
+  // These options, with those that `group` set explicitly taken from `group`.
+  FloraOptions merged_with(const FloraOptions& group) const;
+  // The hyper-parameters of the flora::step_ op for step t of a parameter.
+  StepOptions step_options(int64_t step, int64_t seed) const;
+
+ private:
+  uint32_t explicitly_set_ = 0;
+};
+
+#undef FLORA_OPTION
+
+// State of one parameter; which fields are defined follows flora::param_layout (FLORA.md,
+// "Which state a parameter gets"), as the state dict of flora_ext.Flora does. All tensors
+// are float32, on the parameter's device.
+struct FloraParamState : public torch::optim::OptimizerCloneableParamState<FloraParamState> {
+  TORCH_ARG(int64_t, step) = 0;
+  // Seed of the current projection; compressed momentum only.
+  TORCH_ARG(std::optional<int64_t>, seed) = std::nullopt;
+  TORCH_ARG(torch::Tensor, row_second_moment);  // (n,), factored
+  TORCH_ARG(torch::Tensor, col_second_moment);  // (m,), factored
+  TORCH_ARG(torch::Tensor, second_moment);      // like the parameter, not factored
+  TORCH_ARG(torch::Tensor, momentum);           // r x m, n x r or like the parameter
+
+ public:
+  void serialize(torch::serialize::InputArchive& archive) override;
+  void serialize(torch::serialize::OutputArchive& archive) const override;
+  friend bool operator==(const FloraParamState& lhs, const FloraParamState& rhs);
+};
+
+class Flora : public torch::optim::Optimizer {
+ public:
+  explicit Flora(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
+                 FloraOptions defaults = {});
+  explicit Flora(std::vector<torch::Tensor> params, FloraOptions defaults = {});
+
+  // One Flora step of every parameter that has a gradient; returns the closure's loss.
+  // Every gradient, option and state is checked before the first parameter is written, so
+  // a step that throws changes nothing. Gradients are kept (zero_grad() clears them).
+  torch::Tensor step(LossClosure closure = nullptr) override;
+  void save(torch::serialize::OutputArchive& archive) const override;
+  // Loads what save() wrote (torch::load(optimizer, path)); the state must fit these
+  // parameters under the loaded options, or it throws and this optimizer stays as it was.
+  // State tensors move to their parameter's device.
+  void load(torch::serialize::InputArchive& archive) override;
+
+  // Adds a param group; its FloraOptions, when given, override the options they set and take
+  // the rest from defaults(). Hides Optimizer::add_param_group, which is not virtual: call it
+  // on a flora::Flora, not through a torch::optim::Optimizer reference.
+  void add_param_group(const torch::optim::OptimizerParamGroup& param_group);
+
+  const FloraOptions& defaults_options() const;
+  // The options of param group `index`.
+  FloraOptions& group_options(size_t index);
+  const FloraOptions& group_options(size_t index) const;
+  // The state of `param`, or nullptr before its first step.
+  const FloraParamState* param_state(const torch::Tensor& param) const;
+
+ private:
+  // Checks what was just loaded against the parameters, moves it to their devices.
+  void adopt_loaded_state();
+};
+
+}  // namespace flora

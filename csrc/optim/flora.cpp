@@ -1,0 +1,422 @@
+// flora::Flora, the LibTorch optimizer: bookkeeping around the flora::step_ op, with the
+// conventions of flora_ext/optimizer.py (seeds, resampling, checks before any write).
+#include "flora/flora.h"
+
+#include "common/random.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/util/Exception.h>
+#include <torch/serialize/input-archive.h>
+#include <torch/serialize/output-archive.h>
+
+#include <cmath>
+#include <string>
+#include <unordered_set>
+#include <utility>
+
+namespace flora {
+namespace {
+
+// Largest base seed: seed + i and the seeds that follow stay in int63 (as in Python).
+constexpr int64_t kMaxBaseSeed = int64_t{1} << 62;
+
+std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+c10::IValue read_value(torch::serialize::InputArchive& archive, const char* key,
+                       const char* what) {
+  c10::IValue value;
+  TORCH_CHECK(archive.try_read(key, value), "flora: saved ", what, " have no '", key, "'");
+  return value;
+}
+
+// Checks `state` against the layout `options` give `param`, and that one step with `grad`
+// can run: flora::check_step_inputs, the checks the kernels run, plus the seed rule.
+void check_state(const at::Tensor& param, const at::Tensor& grad, const FloraOptions& options,
+                 const FloraParamState& state) {
+  const ParamLayout layout = param_layout(param.sizes(), options.rank(), options.beta1(),
+                                          options.factorize_second_moment());
+  const bool compressed = layout.momentum == MomentumKind::kCompressed;
+  TORCH_CHECK(state.step() >= 0, "flora: state step must be >= 0, got ", state.step());
+  TORCH_CHECK(state.seed().has_value() == compressed, "flora: the state of a parameter of shape ",
+              param.sizes(), compressed ? " needs a seed" : " must have no seed",
+              " (momentum=", momentum_kind_name(layout.momentum), ", rank=", options.rank(),
+              ", beta1=", options.beta1(), ")");
+  check_step_inputs(param, grad, defined_or_none(state.row_second_moment()),
+                    defined_or_none(state.col_second_moment()),
+                    defined_or_none(state.second_moment()), defined_or_none(state.momentum()),
+                    options.step_options(state.step() + 1, state.seed().value_or(0)));
+}
+
+// Zero state for `param`, parameter number `number` (1-based over all groups).
+std::unique_ptr<FloraParamState> initial_state(const at::Tensor& param,
+                                               const FloraOptions& options, int64_t number) {
+  const ParamLayout layout = param_layout(param.sizes(), options.rank(), options.beta1(),
+                                          options.factorize_second_moment());
+  const auto fp32 = at::TensorOptions().dtype(at::kFloat).device(param.device());
+  auto state = std::make_unique<FloraParamState>();
+  if (layout.factored) {
+    state->row_second_moment(at::zeros({layout.rows}, fp32));
+    state->col_second_moment(at::zeros({layout.cols}, fp32));
+  } else {
+    state->second_moment(at::zeros(param.sizes(), fp32));
+  }
+  if (layout.momentum != MomentumKind::kNone) {
+    state->momentum(at::zeros(layout.momentum_shape(param.sizes()), fp32));
+  }
+  if (layout.momentum == MomentumKind::kCompressed) {
+    state->seed(options.seed() + number);
+  }
+  return state;
+}
+
+bool is_supported_param_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------ FloraOptions
+
+FloraOptions::FloraOptions(std::optional<double> lr) {
+  if (lr.has_value()) this->lr(lr);
+}
+
+void FloraOptions::validate() const {
+  if (lr_.has_value()) {
+    TORCH_CHECK(std::isfinite(*lr_) && *lr_ >= 0.0, "flora: lr must be finite and >= 0, got ",
+                *lr_);
+    TORCH_CHECK(!relative_step_,
+                "flora: lr and relative_step=true are exclusive: relative_step computes the "
+                "step size itself; leave lr unset (std::nullopt) or set relative_step(false)");
+  } else {
+    TORCH_CHECK(relative_step_, "flora: lr is required unless relative_step=true");
+  }
+  TORCH_CHECK(!warmup_init_ || relative_step_,
+              "flora: warmup_init=true requires relative_step=true");
+  TORCH_CHECK(rank_ >= 0, "flora: rank must be >= 0, got ", rank_);
+  TORCH_CHECK(kappa_ >= 1, "flora: kappa must be >= 1, got ", kappa_);
+  TORCH_CHECK(std::isfinite(eps1_) && eps1_ >= 0.0, "flora: eps1 must be finite and >= 0, got ",
+              eps1_);
+  TORCH_CHECK(std::isfinite(eps2_) && eps2_ >= 0.0, "flora: eps2 must be finite and >= 0, got ",
+              eps2_);
+  TORCH_CHECK(std::isfinite(clip_threshold_) && clip_threshold_ > 0.0,
+              "flora: clip_threshold must be finite and > 0, got ", clip_threshold_);
+  TORCH_CHECK(std::isfinite(decay_rate_) && decay_rate_ <= 0.0,
+              "flora: decay_rate must be finite and <= 0, got ", decay_rate_);
+  TORCH_CHECK(beta1_ >= 0.0 && beta1_ < 1.0, "flora: beta1 must be in [0, 1), got ", beta1_);
+  TORCH_CHECK(std::isfinite(weight_decay_) && weight_decay_ >= 0.0,
+              "flora: weight_decay must be finite and >= 0, got ", weight_decay_);
+  TORCH_CHECK(seed_ >= 0 && seed_ <= kMaxBaseSeed, "flora: seed must be in [0, 2^62], got ",
+              seed_);
+}
+
+FloraOptions FloraOptions::merged_with(const FloraOptions& group) const {
+  FloraOptions out = *this;
+  // The order of the bits in flora.h.
+  if (group.is_set(0)) out.lr(group.lr());
+  if (group.is_set(1)) out.rank(group.rank());
+  if (group.is_set(2)) out.kappa(group.kappa());
+  if (group.is_set(3)) out.eps1(group.eps1());
+  if (group.is_set(4)) out.eps2(group.eps2());
+  if (group.is_set(5)) out.clip_threshold(group.clip_threshold());
+  if (group.is_set(6)) out.decay_rate(group.decay_rate());
+  if (group.is_set(7)) out.beta1(group.beta1());
+  if (group.is_set(8)) out.weight_decay(group.weight_decay());
+  if (group.is_set(9)) out.scale_parameter(group.scale_parameter());
+  if (group.is_set(10)) out.relative_step(group.relative_step());
+  if (group.is_set(11)) out.warmup_init(group.warmup_init());
+  if (group.is_set(12)) out.factorize_second_moment(group.factorize_second_moment());
+  if (group.is_set(13)) out.seed(group.seed());
+  static_assert(kNumOptions == 14, "merged_with must take every option");
+  return out;
+}
+
+StepOptions FloraOptions::step_options(int64_t step, int64_t seed) const {
+  StepOptions o;
+  o.step = step;
+  o.seed = seed;
+  o.lr = lr_.value_or(0.0);
+  o.beta1 = beta1_;
+  o.eps1 = eps1_;
+  o.eps2 = eps2_;
+  o.clip_threshold = clip_threshold_;
+  o.decay_rate = decay_rate_;
+  o.weight_decay = weight_decay_;
+  o.rank = rank_;
+  o.kappa = kappa_;
+  o.scale_parameter = scale_parameter_;
+  o.relative_step = relative_step_;
+  o.warmup_init = warmup_init_;
+  o.factorize_second_moment = factorize_second_moment_;
+  return o;
+}
+
+double FloraOptions::get_lr() const {
+  TORCH_CHECK(lr_.has_value(),
+              "flora: lr is unset in this param group (relative_step computes the step size)");
+  return *lr_;
+}
+
+void FloraOptions::set_lr(const double lr) { this->lr(lr); }
+
+bool operator==(const FloraOptions& a, const FloraOptions& b) {
+  return a.lr() == b.lr() && a.rank() == b.rank() && a.kappa() == b.kappa() &&
+         a.eps1() == b.eps1() && a.eps2() == b.eps2() &&
+         a.clip_threshold() == b.clip_threshold() && a.decay_rate() == b.decay_rate() &&
+         a.beta1() == b.beta1() && a.weight_decay() == b.weight_decay() &&
+         a.scale_parameter() == b.scale_parameter() && a.relative_step() == b.relative_step() &&
+         a.warmup_init() == b.warmup_init() &&
+         a.factorize_second_moment() == b.factorize_second_moment() && a.seed() == b.seed();
+}
+
+void FloraOptions::serialize(torch::serialize::OutputArchive& archive) const {
+  archive.write("lr", c10::IValue(lr_));  // None when unset, as Python saves lr=None
+  archive.write("rank", c10::IValue(rank_));
+  archive.write("kappa", c10::IValue(kappa_));
+  archive.write("eps1", c10::IValue(eps1_));
+  archive.write("eps2", c10::IValue(eps2_));
+  archive.write("clip_threshold", c10::IValue(clip_threshold_));
+  archive.write("decay_rate", c10::IValue(decay_rate_));
+  archive.write("beta1", c10::IValue(beta1_));
+  archive.write("weight_decay", c10::IValue(weight_decay_));
+  archive.write("scale_parameter", c10::IValue(scale_parameter_));
+  archive.write("relative_step", c10::IValue(relative_step_));
+  archive.write("warmup_init", c10::IValue(warmup_init_));
+  archive.write("factorize_second_moment", c10::IValue(factorize_second_moment_));
+  archive.write("seed", c10::IValue(seed_));
+}
+
+void FloraOptions::serialize(torch::serialize::InputArchive& archive) {
+  const char* what = "options";
+  const c10::IValue lr = read_value(archive, "lr", what);
+  TORCH_CHECK(lr.isNone() || lr.isDouble(), "flora: saved lr must be None or a float, got ",
+              lr.tagKind());
+  lr_ = lr.isNone() ? std::nullopt : std::optional<double>(lr.toDouble());
+  rank_ = read_value(archive, "rank", what).toInt();
+  kappa_ = read_value(archive, "kappa", what).toInt();
+  eps1_ = read_value(archive, "eps1", what).toDouble();
+  eps2_ = read_value(archive, "eps2", what).toDouble();
+  clip_threshold_ = read_value(archive, "clip_threshold", what).toDouble();
+  decay_rate_ = read_value(archive, "decay_rate", what).toDouble();
+  beta1_ = read_value(archive, "beta1", what).toDouble();
+  weight_decay_ = read_value(archive, "weight_decay", what).toDouble();
+  scale_parameter_ = read_value(archive, "scale_parameter", what).toBool();
+  relative_step_ = read_value(archive, "relative_step", what).toBool();
+  warmup_init_ = read_value(archive, "warmup_init", what).toBool();
+  factorize_second_moment_ = read_value(archive, "factorize_second_moment", what).toBool();
+  seed_ = read_value(archive, "seed", what).toInt();
+  explicitly_set_ = (uint32_t{1} << kNumOptions) - 1;  // a loaded group is complete
+}
+
+// --------------------------------------------------------------------------- FloraParamState
+
+void FloraParamState::serialize(torch::serialize::OutputArchive& archive) const {
+  archive.write("step", c10::IValue(step()));
+  // Absent fields are left out, as missing keys in the Python state dict.
+  if (seed().has_value()) archive.write("seed", c10::IValue(*seed()));
+  for (const auto& [key, tensor] :
+       {std::pair<const char*, const at::Tensor*>{"row_second_moment", &row_second_moment()},
+        {"col_second_moment", &col_second_moment()},
+        {"second_moment", &second_moment()},
+        {"momentum", &momentum()}}) {
+    if (tensor->defined()) archive.write(key, *tensor);
+  }
+}
+
+void FloraParamState::serialize(torch::serialize::InputArchive& archive) {
+  step(read_value(archive, "step", "state").toInt());
+  c10::IValue seed_value;
+  seed(archive.try_read("seed", seed_value) ? std::optional<int64_t>(seed_value.toInt())
+                                            : std::nullopt);
+  // A fresh tensor for each key: try_read writes into a defined tensor with set_().
+  const auto read_tensor = [&archive](const char* key) {
+    at::Tensor t;
+    return archive.try_read(key, t) ? t : at::Tensor();
+  };
+  row_second_moment(read_tensor("row_second_moment"));
+  col_second_moment(read_tensor("col_second_moment"));
+  second_moment(read_tensor("second_moment"));
+  momentum(read_tensor("momentum"));
+}
+
+bool operator==(const FloraParamState& a, const FloraParamState& b) {
+  auto same = [](const at::Tensor& x, const at::Tensor& y) {
+    if (x.defined() != y.defined()) return false;
+    return !x.defined() || (x.sizes() == y.sizes() && x.device() == y.device() && x.equal(y));
+  };
+  return a.step() == b.step() && a.seed() == b.seed() &&
+         same(a.row_second_moment(), b.row_second_moment()) &&
+         same(a.col_second_moment(), b.col_second_moment()) &&
+         same(a.second_moment(), b.second_moment()) && same(a.momentum(), b.momentum());
+}
+
+// ------------------------------------------------------------------------------------ Flora
+
+Flora::Flora(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
+             FloraOptions defaults)
+    : Optimizer(std::vector<torch::optim::OptimizerParamGroup>{},
+                std::make_unique<FloraOptions>(defaults)) {
+  defaults.validate();
+  for (const auto& group : param_groups) add_param_group(group);
+}
+
+Flora::Flora(std::vector<torch::Tensor> params, FloraOptions defaults)
+    : Flora(std::vector<torch::optim::OptimizerParamGroup>{
+                torch::optim::OptimizerParamGroup(std::move(params))},
+            std::move(defaults)) {}
+
+const FloraOptions& Flora::defaults_options() const {
+  return static_cast<const FloraOptions&>(defaults());
+}
+
+FloraOptions& Flora::group_options(size_t index) {
+  TORCH_CHECK(index < param_groups_.size(), "flora: no param group ", index, " (there are ",
+              param_groups_.size(), ")");
+  return static_cast<FloraOptions&>(param_groups_[index].options());
+}
+
+const FloraOptions& Flora::group_options(size_t index) const {
+  TORCH_CHECK(index < param_groups_.size(), "flora: no param group ", index, " (there are ",
+              param_groups_.size(), ")");
+  return static_cast<const FloraOptions&>(param_groups_[index].options());
+}
+
+const FloraParamState* Flora::param_state(const torch::Tensor& param) const {
+  const auto it = state_.find(param.unsafeGetTensorImpl());
+  return it == state_.end() ? nullptr : static_cast<const FloraParamState*>(it->second.get());
+}
+
+void Flora::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
+  FloraOptions options = defaults_options();
+  if (param_group.has_options()) {
+    const auto* group = dynamic_cast<const FloraOptions*>(&param_group.options());
+    TORCH_CHECK(group != nullptr,
+                "flora: the options of a param group must be flora::FloraOptions");
+    options = options.merged_with(*group);
+  }
+  options.validate();
+  std::unordered_set<const c10::TensorImpl*> seen;
+  for (const auto& group : param_groups_) {
+    for (const auto& p : group.params()) seen.insert(p.unsafeGetTensorImpl());
+  }
+  for (const auto& p : param_group.params()) {
+    TORCH_CHECK(p.defined(), "flora: parameters must be defined tensors");
+    TORCH_CHECK(is_supported_param_dtype(p.scalar_type()),
+                "flora: parameters must be float32, float16 or bfloat16, got a parameter of dtype ",
+                p.scalar_type());
+    TORCH_CHECK(p.layout() == at::kStrided, "flora: parameters must be dense tensors, got ",
+                p.layout());
+    TORCH_CHECK(seen.insert(p.unsafeGetTensorImpl()).second,
+                "flora: some parameters appear in more than one parameter group");
+  }
+  // torch's add_param_group gives the group a copy of the defaults (torch >= 2.10 ignores
+  // the options of a group of an optimizer it does not know), so set ours afterwards.
+  Optimizer::add_param_group(torch::optim::OptimizerParamGroup(param_group.params()));
+  param_groups_.back().set_options(std::make_unique<FloraOptions>(options));
+}
+
+torch::Tensor Flora::step(LossClosure closure) {
+  at::NoGradGuard no_grad;
+  torch::Tensor loss;
+  if (closure != nullptr) {
+    at::AutoGradMode enable_grad(true);
+    loss = closure();
+  }
+  struct Pending {
+    at::Tensor param;
+    const FloraOptions* options;
+    FloraParamState* state;
+    std::unique_ptr<FloraParamState> fresh;  // state made by this step, not yet stored
+  };
+  std::vector<Pending> pending;
+  int64_t number = 0;  // 1-based over all groups: the seed offset (FLORA.md)
+  for (auto& group : param_groups_) {
+    const auto& options = static_cast<const FloraOptions&>(group.options());
+    options.validate();  // options may have been changed since the group was added
+    for (const auto& p : group.params()) {
+      ++number;
+      if (!p.grad().defined()) continue;
+      Pending item{p, &options, nullptr, nullptr};
+      const auto it = state_.find(p.unsafeGetTensorImpl());
+      if (it == state_.end()) {
+        item.fresh = initial_state(p, options, number);
+        item.state = item.fresh.get();
+      } else {
+        item.state = static_cast<FloraParamState*>(it->second.get());
+      }
+      check_state(p, p.grad(), options, *item.state);
+      pending.push_back(std::move(item));
+    }
+  }
+  for (auto& item : pending) {
+    if (item.fresh) state_[item.param.unsafeGetTensorImpl()] = std::move(item.fresh);
+    FloraParamState& state = *item.state;
+    const int64_t t = state.step() + 1;
+    step_(item.param, item.param.grad(), defined_or_none(state.row_second_moment()),
+          defined_or_none(state.col_second_moment()), defined_or_none(state.second_moment()),
+          defined_or_none(state.momentum()),
+          item.options->step_options(t, state.seed().value_or(0)));
+    state.step(t);
+    if (state.seed().has_value() && t % item.options->kappa() == 0) {
+      state.seed(next_seed(*state.seed()));
+    }
+  }
+  return loss;
+}
+
+void Flora::save(torch::serialize::OutputArchive& archive) const {
+  torch::optim::serialize<FloraParamState, FloraOptions>(archive, *this);
+}
+
+void Flora::load(torch::serialize::InputArchive& archive) {
+  auto previous_state = std::move(state_);
+  state_ = {};
+  std::vector<std::unique_ptr<torch::optim::OptimizerOptions>> previous_options;
+  for (const auto& group : param_groups_) previous_options.push_back(group.options().clone());
+  try {
+    torch::optim::serialize<FloraParamState, FloraOptions>(archive, *this);
+    adopt_loaded_state();
+  } catch (...) {
+    state_ = std::move(previous_state);
+    for (size_t i = 0; i < param_groups_.size(); ++i) {
+      param_groups_[i].set_options(std::move(previous_options[i]));
+    }
+    throw;
+  }
+}
+
+void Flora::adopt_loaded_state() {
+  int64_t number = 0;
+  for (size_t g = 0; g < param_groups_.size(); ++g) {
+    const auto& options = static_cast<const FloraOptions&>(param_groups_[g].options());
+    try {
+      options.validate();
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, "flora: loaded options of param group ", g, " are invalid: ",
+                  e.what_without_backtrace());
+    }
+    for (const auto& p : param_groups_[g].params()) {
+      const auto it = state_.find(p.unsafeGetTensorImpl());
+      ++number;
+      if (it == state_.end()) continue;
+      auto& state = static_cast<FloraParamState&>(*it->second);
+      // float32 on the parameter's device, as flora_ext.Flora.load_state_dict does.
+      for (at::Tensor* t : {&state.row_second_moment(), &state.col_second_moment(),
+                            &state.second_moment(), &state.momentum()}) {
+        if (t->defined()) *t = t->to(p.device(), at::kFloat).contiguous();
+      }
+      try {
+        // The parameter stands in for its gradient: only the state is being checked.
+        check_state(p, p, options, state);
+      } catch (const c10::Error& e) {
+        TORCH_CHECK(false, "flora: the loaded state of parameter ", number,
+                    " (param group ", g, ") does not fit it: ", e.what_without_backtrace());
+      }
+    }
+  }
+}
+
+}  // namespace flora

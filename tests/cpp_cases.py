@@ -1,0 +1,62 @@
+"""Inputs and configurations shared by the C++ tests (tests/cpp/) and their Python side.
+
+tests/cpp/test_flora.cpp computes the same input formulas with the same torch ops (arange, sin,
+cos on float64, then a cast), so both languages start from bitwise the same tensors:
+
+    parameter k:           sin(i * (0.37 + 0.11 k)) / 2,             i = 0 .. numel-1
+    gradient k at step t:  cos(i * (0.91 + 0.07 k + 0.013 t)) * (1 + 0.1 t)
+
+k counts the parameters from 0 over all groups, t the steps from 1. The scenarios below are
+spelled out again in test_flora.cpp (run_trajectory); test_cpp.py checks that both run the same.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def initial_param(k, shape, dtype=torch.float32):
+    numel = math.prod(shape)
+    return (torch.arange(numel, dtype=torch.float64).mul(0.37 + 0.11 * k).sin().mul(0.5)
+            .reshape(shape).to(dtype))
+
+
+def gradient(k, t, shape, dtype=torch.float32):
+    numel = math.prod(shape)
+    return (torch.arange(numel, dtype=torch.float64).mul(0.91 + 0.07 * k + 0.013 * t).cos()
+            .mul(1.0 + 0.1 * t).reshape(shape).to(dtype))
+
+
+# Trajectory scenarios: (defaults, groups of (shapes with dtypes, group overrides), steps).
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+SCENARIOS = {
+    # compressed left and right, resampling every 3 (group 0) or 2 (group 1) steps, dense
+    # momentum for 1-D and for a shape outside the aspect-ratio limit, decay, a bf16 parameter
+    "compressed": dict(
+        defaults=dict(lr=1e-2, beta1=0.9, rank=4, kappa=3, seed=7),
+        groups=[([((16, 40), F32), ((40, 16), F32)], {}),
+                ([((37,), F32), ((8, 64), F32), ((12, 20), BF16)],
+                 dict(weight_decay=0.1, kappa=2))],
+        steps=7),
+    # relative step with warm-up, no momentum, unfactored second moment, other eps and clip
+    "relative_step": dict(
+        defaults=dict(lr=None, relative_step=True, warmup_init=True, scale_parameter=False,
+                      clip_threshold=0.5, decay_rate=-0.5, eps=(1e-20, 1e-2),
+                      factorize_second_moment=False, rank=2),
+        groups=[([((16, 40), F32), ((7,), F32)], {})],
+        steps=5),
+    # float16 parameters, resampling on every step
+    "half": dict(
+        defaults=dict(lr=5e-2, beta1=0.8, rank=8, kappa=1, seed=100),
+        groups=[([((24, 24), F16), ((10, 3), F16)], {})],
+        steps=4),
+}
+
+# The step checked against tests/reference.py (tests/cpp/reference_values.h).
+REFERENCE_CASE = dict(
+    hp=dict(lr=1e-1, beta1=0.9, rank=2, kappa=2, weight_decay=0.1),
+    seed=5,
+    shapes=[(4, 6), (5,), (6, 3)],
+    steps=3,
+)
