@@ -137,8 +137,8 @@ class Flora(torch.optim.Optimizer):
                 return number
         raise KeyError("flora: parameter not in this optimizer")
 
-    def _check_grad(self, p):
-        grad = p.grad
+    def _check_grad(self, p, grad=None):
+        grad = p.grad if grad is None else grad
         if grad.is_sparse or grad.layout != torch.strided:
             raise TypeError(f"flora: sparse gradients are not supported (parameter of shape "
                             f"{tuple(p.shape)} has a {grad.layout} gradient)")
@@ -162,18 +162,53 @@ class Flora(torch.optim.Optimizer):
         if compressed:
             state["seed"] = group["seed"] + self._param_number(p)
 
+    def _owning_accumulator(self):
+        """The live FloraAccumulator that steps some of these parameters in backward hooks."""
+        ref = getattr(self, "_accumulator", None)
+        accumulator = ref() if ref is not None else None
+        return accumulator if accumulator is not None and accumulator.active else None
+
+    def _group_of(self, param):
+        """The parameter group holding ``param`` (a cached lookup, rebuilt when groups change)."""
+        signature = tuple((id(g), len(g["params"])) for g in self.param_groups)
+        lookup = getattr(self, "_group_lookup", None)
+        if lookup is None or lookup[0] != signature:
+            lookup = (signature, {id(p): (p, g) for g in self.param_groups for p in g["params"]})
+            self._group_lookup = lookup
+        hit = lookup[1].get(id(param))
+        if hit is None or hit[0] is not param:
+            raise ValueError(f"flora: parameter of shape {tuple(param.shape)} is not in this "
+                             f"optimizer")
+        return hit[1]
+
     @torch.no_grad()
     def step(self, closure=None):
-        """One Flora step for every parameter with a gradient; returns closure's loss."""
+        """One Flora step for every parameter with a gradient; returns closure's loss.
+
+        Parameters managed by a FloraAccumulator are stepped in its backward hooks, not
+        here: for them this call only checks that the accumulation cycle is complete (see
+        flora_ext.accumulation) and raises when it is not or when it would step them twice.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        accumulator = self._owning_accumulator()
+        if accumulator is not None:
+            accumulator._check_cycle_complete("optimizer.step()")
         # Check everything first, so that a bad input changes nothing.
         pending = []
         for group in self.param_groups:
             _validate_group(group)
             for p in group["params"]:
+                if accumulator is not None and accumulator.manages(p):
+                    if p.grad is not None:
+                        raise RuntimeError(
+                            f"flora: optimizer.step() would step {accumulator.describe(p)} "
+                            f"twice: FloraAccumulator already steps it in its backward hook, "
+                            f"yet it has a .grad (set outside backward?). Set p.grad = None, "
+                            f"or call accumulator.remove() to step it with optimizer.step()")
+                    continue
                 if p.grad is None:
                     continue
                 self._check_grad(p)
@@ -181,27 +216,69 @@ class Flora(torch.optim.Optimizer):
                 if state:
                     self._check_state(p, group, state)
                 pending.append((group, p))
+        # One op call per (param group, device): the kernels are launched from C++.
+        batches = {}
         for group, p in pending:
             state = self.state[p]
             if not state:
                 self._init_state(p, group, state)
-            step = state["step"] + 1
-            eps1, eps2 = group["eps"]
-            torch.ops.flora.step_(
-                p, p.grad, state.get("row_second_moment"), state.get("col_second_moment"),
-                state.get("second_moment"), state.get("momentum"),
-                step=step, seed=state.get("seed", 0), lr=float(group["lr"] or 0.0),
-                beta1=float(group["beta1"] or 0.0), eps1=float(eps1), eps2=float(eps2),
-                clip_threshold=float(group["clip_threshold"]),
-                decay_rate=float(group["decay_rate"]),
-                weight_decay=float(group["weight_decay"]), rank=int(group["rank"] or 0),
-                kappa=int(group["kappa"]), scale_parameter=group["scale_parameter"],
-                relative_step=group["relative_step"], warmup_init=group["warmup_init"],
-                factorize_second_moment=group["factorize_second_moment"])
+            batches.setdefault((id(group), p.device), (group, []))[1].append(p)
+        for group, params in batches.values():
+            self._step_params(group, params, [p.grad for p in params])
+        return loss
+
+    @torch.no_grad()
+    def step_param(self, p, grad=None):
+        """One Flora step for the single parameter ``p`` with ``grad`` (default ``p.grad``).
+
+        The same kernels as step() (a one-parameter step_group_ call), for layer-wise
+        stepping: ``p``'s state and hyper-parameters are those of its group. Raises for a
+        parameter a FloraAccumulator owns (it steps that one itself).
+        """
+        accumulator = self._owning_accumulator()
+        if accumulator is not None and accumulator.manages(p):
+            raise RuntimeError(f"flora: step_param() would step {accumulator.describe(p)} "
+                               f"twice: FloraAccumulator steps it in its backward hook")
+        self._step_param(p, grad)
+
+    @torch.no_grad()
+    def _step_param(self, p, grad=None):
+        grad = p.grad if grad is None else grad
+        if grad is None:
+            raise ValueError(f"flora: step_param() needs a gradient: the parameter of shape "
+                             f"{tuple(p.shape)} has p.grad None and no grad was given")
+        group = self._group_of(p)
+        _validate_group(group)
+        self._check_grad(p, grad)
+        state = self.state[p]
+        if state:
+            self._check_state(p, group, state)
+        else:
+            self._init_state(p, group, state)
+        self._step_params(group, [p], [grad])
+
+    def _step_params(self, group, params, grads):
+        """The one op call behind step() and step_param(): params share group and device,
+        their state is checked and initialised."""
+        states = [self.state[p] for p in params]
+        steps = [state["step"] + 1 for state in states]
+        eps1, eps2 = group["eps"]
+        torch.ops.flora.step_group_(
+            params, grads,
+            [state[name] for state in states for name in _STATE_TENSORS if name in state],
+            steps, [state.get("seed", 0) for state in states],
+            lr=float(group["lr"] or 0.0), beta1=float(group["beta1"] or 0.0),
+            eps1=float(eps1), eps2=float(eps2),
+            clip_threshold=float(group["clip_threshold"]),
+            decay_rate=float(group["decay_rate"]),
+            weight_decay=float(group["weight_decay"]), rank=int(group["rank"] or 0),
+            kappa=int(group["kappa"]), scale_parameter=group["scale_parameter"],
+            relative_step=group["relative_step"], warmup_init=group["warmup_init"],
+            factorize_second_moment=group["factorize_second_moment"])
+        for state, step in zip(states, steps):
             state["step"] = step
             if "seed" in state and step % group["kappa"] == 0:
                 state["seed"] = next_seed(state["seed"])
-        return loss
 
     def _check_state(self, p, group, state, where="state"):
         """Raises ValueError when ``state`` does not fit ``p`` under ``group``."""

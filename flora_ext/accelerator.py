@@ -1,0 +1,86 @@
+"""flora_ext.FloraAccelerator: Hugging Face accelerate's Accelerator with Flora's compressed
+gradient accumulation and layer-wise steps (a drop-in for flora-opt's FloraAccelerator).
+
+Imported on first access of ``flora_ext.FloraAccelerator``; needs ``accelerate``.
+"""
+from __future__ import annotations
+
+try:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+except ImportError as err:  # pragma: no cover - exercised only without accelerate
+    raise ImportError("flora_ext.FloraAccelerator needs Hugging Face accelerate "
+                      "(pip install accelerate); the rest of flora_ext does not") from err
+
+from .accumulation import FloraAccumulator, _is_int
+from .optimizer import Flora
+
+
+class FloraAccelerator(Accelerator):
+    """An ``accelerate.Accelerator`` whose prepared Flora optimizers step in backward hooks.
+
+    Same use as flora-opt's::
+
+        accelerator = flora_ext.FloraAccelerator(accumulation_compression_rank=256,
+                                                 gradient_accumulation_steps=4)
+        model, opt = accelerator.prepare(model, flora_ext.Flora(model.parameters(), ...))
+        for batch in loader:
+            with accelerator.accumulate(model):
+                accelerator.backward(loss_fn(model, batch))
+                opt.step()          # steps nothing itself: checks the cycle at sync steps
+                opt.zero_grad()
+
+    ``prepare_optimizer`` attaches a FloraAccumulator to each Flora optimizer. Its cycles
+    end where accelerate's ``sync_gradients`` is True (every ``gradient_accumulation_steps``
+    micro-batches, and at the end of the data loader), so a short last window steps too.
+    Gradients are compressed with rank ``accumulation_compression_rank`` when it is set and
+    ``gradient_accumulation_steps > 1``; otherwise they are summed densely (with one step per
+    micro-batch, that is flora-opt's layer-wise mode). ``accelerator.backward`` divides the
+    loss by ``gradient_accumulation_steps``, so the step sees the mean gradient, as with a
+    plain Accelerator. The accumulation seeds are registered for ``save_state`` /
+    ``load_state``. One process only, and no fp16 GradScaler (bf16 or fp32): the steps
+    happen inside backward, before a scaler or DDP could act on the gradients.
+    """
+
+    def __init__(self, accumulation_compression_rank: int | None = None, *args, **kwargs):
+        if accumulation_compression_rank is not None and (
+                not _is_int(accumulation_compression_rank) or accumulation_compression_rank < 1):
+            raise ValueError(f"flora: accumulation_compression_rank must be None or an int >= "
+                             f"1, got {accumulation_compression_rank!r}")
+        super().__init__(*args, **kwargs)
+        self.accumulation_compression_rank = accumulation_compression_rank
+        self.flora_accumulators: list[FloraAccumulator] = []
+
+    @property
+    def accumulation_compression(self) -> bool:
+        """Whether prepared optimizers accumulate compressed gradients."""
+        return (self.accumulation_compression_rank is not None
+                and self.gradient_accumulation_steps > 1)
+
+    def prepare_optimizer(self, optimizer, device_placement=None):
+        if getattr(optimizer, "_is_accelerate_prepared", False):
+            return super().prepare_optimizer(optimizer, device_placement)
+        if not isinstance(optimizer, Flora):
+            raise TypeError(f"flora: FloraAccelerator prepares flora_ext.Flora optimizers, got "
+                            f"{type(optimizer).__name__}; use accelerate.Accelerator for others")
+        if self.distributed_type != DistributedType.NO or self.num_processes > 1:
+            raise NotImplementedError(
+                f"flora: FloraAccelerator runs in one process only (distributed type "
+                f"{self.distributed_type}): its hooks step on the local gradient, before a "
+                f"data-parallel reduction")
+        if self.scaler is not None:
+            raise ValueError("flora: FloraAccelerator cannot use fp16 mixed precision: the "
+                             "steps run inside backward, before the GradScaler could unscale "
+                             "the gradients and skip steps with inf/nan; use "
+                             "mixed_precision='bf16' or 'no'")
+        rank = self.accumulation_compression_rank if self.accumulation_compression else None
+        accumulator = FloraAccumulator(optimizer, rank=rank, _sync=self._flora_sync)
+        self.flora_accumulators.append(accumulator)
+        self.register_for_checkpointing(accumulator)
+        return super().prepare_optimizer(optimizer, device_placement)
+
+    def _flora_sync(self) -> bool:
+        return bool(self.sync_gradients)
+
+
+__all__ = ["FloraAccelerator"]

@@ -1,0 +1,420 @@
+"""Compressed gradient accumulation and layer-wise Flora steps in backward hooks.
+
+FLORA.md, "Compressed gradient accumulation". A FloraAccumulator registers a
+post-accumulate-grad hook on each parameter it manages. For every micro-batch the hook takes
+the parameter's fresh gradient G out of ``p.grad`` (which is left ``None``) and folds it into a
+per-parameter buffer; in the backward pass of the cycle's last micro-batch it forms the
+accumulated gradient and runs the Flora step for that parameter right there, layer by layer,
+so that at most one full-size gradient is alive at a time.
+
+- compressed (2-D parameter, ``rank < min(n, m)``, more than one micro-batch): the buffer is
+  C = sum of down_s(G) over the cycle's micro-batches but the last, in float32; the last
+  micro-batch's gradient is used as is: G~ = G_last + up_s(C) (unbiased, E[up(down(X))] = X).
+  P is r x n (left, n < m: down(X) = P X, up(C) = P^T C) or m x r (right: down(X) = X P,
+  up(C) = C P^T), drawn by flora_ext.projection, the momentum's Philox generator.
+- dense (everything else): the buffer is the plain sum of the gradients, summed exactly as
+  autograd sums into ``p.grad``, so the step sees bitwise the naive accumulation's gradient.
+
+The sum is what plain accumulation leaves in ``p.grad``: backpropagate ``loss / micro_batches``
+to get the mean over micro-batches, as with ``torch.optim``.
+"""
+from __future__ import annotations
+
+import numbers
+import threading
+import weakref
+from itertools import chain
+
+import torch
+
+from ._ops import next_seed, projection
+
+_MAX_SEED = 2**63 - 1
+# Accumulation seeds are next_seed(group seed + i) XOR this salt (i: the parameter's 1-based
+# number, as for the momentum seeds). The momentum seeds are seed + i and their next_seed
+# iterates, never salted, so the two families do not share a seed by construction.
+ACCUMULATION_SEED_SALT = 0x2F6B1D3A94C7E5B1
+
+# id(param) -> (weakref to param, weakref to the FloraAccumulator holding its hook).
+_HOOKED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _is_int(x):
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def initial_accumulation_seed(group_seed: int, number: int) -> int:
+    """Accumulation seed of parameter ``number`` (1-based, all groups in order) in its first
+    cycle; cycle c uses next_seed applied c times to it."""
+    return next_seed(int(group_seed) + int(number)) ^ ACCUMULATION_SEED_SALT
+
+
+def _gemm_dtype(dtype):
+    # bf16 GEMMs keep the full-size temporaries at 2 bytes an element (the accumulated C stays
+    # float32); fp16 goes through float32, where the projected sums cannot overflow.
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _projection(shape, seed, rank, device, dtype):
+    n, m = shape
+    left = n < m
+    P = projection(seed, rank, n, rank, device=device) if left else \
+        projection(seed, m, rank, rank, device=device)
+    return P.to(dtype), left
+
+
+def down_project(grad: torch.Tensor, seed: int, rank: int, out: torch.Tensor | None = None):
+    """``out + down_seed(grad)`` as a float32 r x m (n < m) or n x r matrix; in place into
+    ``out`` when given."""
+    dtype = _gemm_dtype(grad.dtype)
+    P, left = _projection(grad.shape, seed, rank, grad.device, dtype)
+    G = grad.to(dtype)
+    if dtype == torch.float32 and out is not None:
+        return out.addmm_(P, G) if left else out.addmm_(G, P)
+    product = torch.mm(P, G) if left else torch.mm(G, P)
+    if out is None:
+        return product.float()
+    return out.add_(product)
+
+
+def up_project_add_(target: torch.Tensor, compressed: torch.Tensor, seed: int, rank: int):
+    """``target += up_seed(compressed)`` in place, ``target`` n x m of any float dtype."""
+    dtype = _gemm_dtype(target.dtype)
+    P, left = _projection(target.shape, seed, rank, target.device, dtype)
+    C = compressed.to(dtype)
+    if dtype == target.dtype:
+        return target.addmm_(P.t(), C) if left else target.addmm_(C, P.t())
+    return target.add_(torch.mm(P.t(), C) if left else torch.mm(C, P.t()))
+
+
+class _Managed:
+    """Bookkeeping of one hooked parameter."""
+
+    __slots__ = ("param", "index", "number", "name", "seed", "buffer", "compressed", "count",
+                 "ordinal", "handle")
+
+    def __init__(self, param, index, name, seed):
+        self.param = param
+        self.index = index          # 0-based position in the optimizer: the state_dict key
+        self.name = name
+        self.seed = seed            # accumulation seed of the current cycle
+        self.buffer = None          # C (compressed) or the running sum (dense)
+        self.compressed = False     # decided at each cycle's first micro-batch
+        self.count = 0              # micro-batches received in the current cycle
+        self.ordinal = 0            # micro-batches received since creation or reset()
+        self.handle = None
+
+
+class FloraAccumulator:
+    """Gradient accumulation (optionally compressed) with Flora steps inside backward.
+
+    ``FloraAccumulator(opt, micro_batches=4, rank=256)`` hooks every parameter of the Flora
+    optimizer ``opt`` that requires grad. The training loop then only runs backward::
+
+        acc = flora_ext.FloraAccumulator(opt, micro_batches=4, rank=256)
+        for batch in batches:                       # one optimizer step per 4 batches
+            (loss_fn(model, batch) / 4).backward()  # the 4th backward steps every parameter
+
+    The accumulator counts backward passes: micro-batch ``micro_batches`` of each cycle steps
+    the parameters in their hooks (p.grad stays None throughout). ``opt.step()`` may still be
+    called once per cycle (e.g. for LR schedulers): for the hooked parameters it only checks
+    that the cycle is complete, and it steps any parameter the accumulator does not manage.
+    ``micro_batches=1`` (the default) is layer-wise stepping without accumulation.
+
+    Arguments:
+        optimizer: a flora_ext.Flora; the steps use its groups' hyper-parameters and state.
+        micro_batches: backward passes per optimizer step (int >= 1).
+        rank: rank of the accumulation projection, or None for dense accumulation. A 2-D
+            parameter with ``rank < min(n, m)`` is accumulated compressed when
+            micro_batches > 1; others are summed densely.
+        params: the parameters to hook (default: all of ``optimizer``'s that require grad).
+        model: optional, only to name parameters in error messages.
+
+    Every hooked parameter must receive a gradient in every backward pass; one that did not
+    is reported (RuntimeError naming it) at the next backward pass, at ``opt.step()`` and at
+    ``state_dict()``. The accumulation seeds live in this object's ``state_dict()``, not in
+    the optimizer's: save both. ``remove()`` (or leaving a ``with`` block) takes the hooks off.
+    """
+
+    def __init__(self, optimizer, micro_batches: int = 1, rank: int | None = None, *,
+                 params=None, model=None, _sync=None):
+        from .optimizer import Flora  # a cycle at import time otherwise
+
+        if not isinstance(optimizer, Flora):
+            raise TypeError(f"flora: FloraAccumulator needs a flora_ext.Flora optimizer, got "
+                            f"{type(optimizer).__name__}")
+        if _sync is None and (not _is_int(micro_batches) or micro_batches < 1):
+            raise ValueError(f"flora: micro_batches must be an int >= 1, got {micro_batches!r}")
+        if rank is not None and (not _is_int(rank) or rank < 1):
+            raise ValueError(f"flora: accumulation rank must be None (dense accumulation) or "
+                             f"an int >= 1, got {rank!r}")
+        self.optimizer = optimizer
+        self._micro_batches = None if _sync is not None else int(micro_batches)
+        self.rank = None if rank is None else int(rank)
+        self._sync = _sync
+        self._lock = threading.Lock()
+        self._names = {}
+        if model is not None:
+            self._names = {id(p): name for name, p in model.named_parameters()}
+        self.active = False
+
+        owned = getattr(optimizer, "_accumulator", None)
+        if owned is not None and owned() is not None and owned().active:
+            raise RuntimeError("flora: this optimizer already has a FloraAccumulator hooked to "
+                               "its parameters; call remove() on that one first")
+        positions = {}
+        for index, (p, group) in enumerate(
+                (p, g) for g in optimizer.param_groups for p in g["params"]):
+            positions[id(p)] = (index, p, group)
+        if params is None:
+            chosen = [p for _, p, _ in positions.values() if p.requires_grad]
+        else:
+            chosen = list(params)
+        entries, seen = [], set()
+        for p in chosen:
+            where = positions.get(id(p))
+            if where is None or where[1] is not p:
+                raise ValueError(f"flora: FloraAccumulator params must belong to the optimizer; "
+                                 f"{self._name(p)} does not")
+            index, _, group = where
+            if id(p) in seen:
+                raise ValueError(f"flora: {self._name(p, index)} is listed twice in params")
+            seen.add(id(p))
+            if not p.requires_grad:
+                raise ValueError(f"flora: {self._name(p, index)} does not require grad, so it "
+                                 f"never receives a gradient to accumulate")
+            hooked = _HOOKED.get(id(p))
+            if hooked is not None and hooked[0]() is p and hooked[1]() is not None \
+                    and hooked[1]().active:
+                raise RuntimeError(f"flora: {self._name(p, index)} already has the backward "
+                                   f"hook of another FloraAccumulator; a parameter can be "
+                                   f"stepped by one accumulator only (call remove() on the "
+                                   f"other first)")
+            entries.append(_Managed(p, index, self._name(p, index),
+                                    initial_accumulation_seed(group["seed"], index + 1)))
+        # All checks passed: hook.
+        self._entries = entries
+        self._by_id = {id(e.param): e for e in entries}
+        self._ordinal_counts = {0: len(entries)} if entries else {}
+        for e in entries:
+            e.handle = e.param.register_post_accumulate_grad_hook(self._hook_for(e))
+            _HOOKED[id(e.param)] = (weakref.ref(e.param), weakref.ref(self))
+        optimizer._accumulator = weakref.ref(self)
+        self.active = True
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def micro_batches(self) -> int | None:
+        """Backward passes per optimizer step (None when an external signal decides)."""
+        return self._micro_batches
+
+    @micro_batches.setter
+    def micro_batches(self, value):
+        if self._sync is not None:
+            raise RuntimeError("flora: this accumulator's cycles end on an external signal "
+                               "(FloraAccelerator's sync_gradients); micro_batches is not used")
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"flora: micro_batches must be an int >= 1, got {value!r}")
+        with self._lock:
+            pending = max((e.count for e in self._entries), default=0)
+            if pending:
+                raise RuntimeError(
+                    f"flora: cannot change micro_batches from {self._micro_batches} to {value} "
+                    f"in the middle of an accumulation cycle (after {pending} of "
+                    f"{self._micro_batches} micro-batches); change it between optimizer steps, "
+                    f"or call reset() to drop the pending micro-batches")
+            self._micro_batches = int(value)
+
+    @property
+    def params(self) -> list:
+        """The parameters this accumulator steps."""
+        return [e.param for e in self._entries]
+
+    def manages(self, p) -> bool:
+        """Whether ``p`` is stepped by this accumulator's hooks."""
+        e = self._by_id.get(id(p)) if self.active else None
+        return e is not None and e.param is p
+
+    def describe(self, p) -> str:
+        """How error messages name ``p``."""
+        e = self._by_id.get(id(p))
+        return e.name if e is not None and e.param is p else self._name(p)
+
+    def _name(self, p, index=None):
+        name = self._names.get(id(p))
+        if name is not None:
+            return f"parameter '{name}' (shape {tuple(p.shape)})"
+        where = f" {index}" if index is not None else ""
+        return f"optimizer parameter{where} (shape {tuple(p.shape)})"
+
+    @property
+    def pending_micro_batches(self) -> int:
+        """Micro-batches received in the current cycle (0 between optimizer steps)."""
+        return max((e.count for e in self._entries), default=0)
+
+    # ------------------------------------------------------------------ the hook
+    def _hook_for(self, entry):
+        def hook(param):
+            self._on_grad(entry)
+        return hook
+
+    def _compresses(self, p):
+        several = self._sync is not None or self._micro_batches > 1
+        return (self.rank is not None and several and p.dim() == 2
+                and self.rank < min(p.shape))
+
+    def _advance_ordinal(self, entry):
+        """Counts entry's micro-batch; raises first when another parameter fell behind."""
+        new = entry.ordinal + 1
+        lowest = min(self._ordinal_counts)
+        if new - lowest > 1:
+            behind = [e for e in self._entries if e.ordinal == lowest]
+            more = f" (and {len(behind) - 1} more)" if len(behind) > 1 else ""
+            raise RuntimeError(
+                f"flora: FloraAccumulator: {behind[0].name}{more} received no gradient in a "
+                f"backward pass (it has {lowest} micro-batches since the accumulator was "
+                f"created or reset, while {entry.name} is receiving its micro-batch {new}). "
+                f"Every parameter the accumulator steps must get a gradient in every backward "
+                f"pass: freeze unused parameters (requires_grad_(False)) or leave them out "
+                f"(params=...). A parameter used both inside and outside a reentrant "
+                f"torch.utils.checkpoint segment gets two gradients per backward: use "
+                f"use_reentrant=False. Call reset() to start a fresh cycle.")
+        counts = self._ordinal_counts
+        counts[entry.ordinal] -= 1
+        if not counts[entry.ordinal]:
+            del counts[entry.ordinal]
+        counts[new] = counts.get(new, 0) + 1
+        entry.ordinal = new
+
+    @torch.no_grad()
+    def _on_grad(self, entry):
+        p = entry.param
+        grad = p.grad
+        if grad is None or not self.active:
+            return
+        with self._lock:
+            self._advance_ordinal(entry)
+            if entry.count == 0:
+                entry.compressed = self._compresses(p)
+            entry.count += 1
+            last = self._sync() if self._sync is not None else \
+                entry.count >= self._micro_batches
+        p.grad = None
+        if not last:
+            if entry.compressed:
+                entry.buffer = down_project(grad, entry.seed, self.rank, out=entry.buffer)
+            elif entry.buffer is None:
+                entry.buffer = grad  # autograd handed p.grad over: ours to keep and add into
+            else:
+                entry.buffer.add_(grad)  # exactly autograd's p.grad += G
+            return
+        # The last micro-batch: its gradient plus the cycle's buffer, then the step.
+        buffer, entry.buffer = entry.buffer, None
+        if buffer is not None:
+            if entry.compressed:
+                up_project_add_(grad, buffer, entry.seed, self.rank)
+            else:
+                grad.add_(buffer)  # a + b == b + a: bitwise the naive accumulation's sum
+            del buffer
+        entry.count = 0
+        entry.seed = next_seed(entry.seed)
+        self.optimizer._step_param(p, grad)
+
+    # ------------------------------------------------------------------ cycle checks
+    def _check_cycle_complete(self, where):
+        with self._lock:
+            if not self._entries:
+                return
+            lowest, highest = min(self._ordinal_counts), max(self._ordinal_counts)
+            if lowest != highest:
+                behind = [e for e in self._entries if e.ordinal == lowest]
+                more = f" (and {len(behind) - 1} more)" if len(behind) > 1 else ""
+                raise RuntimeError(
+                    f"flora: {where}: {behind[0].name}{more} received no gradient in some "
+                    f"backward pass ({lowest} micro-batches since the accumulator was created "
+                    f"or reset, other parameters {highest}), so it was not stepped with the "
+                    f"rest. Every parameter FloraAccumulator steps must get a gradient in "
+                    f"every backward pass: freeze unused parameters (requires_grad_(False)) or "
+                    f"leave them out (params=...); call reset() to start a fresh cycle.")
+            pending = self._entries[0].count
+            if pending:
+                total = (f"{self._micro_batches}" if self._sync is None
+                         else "the (not yet signalled)")
+                raise RuntimeError(
+                    f"flora: {where} called after {pending} of {total} micro-batches of an "
+                    f"accumulation cycle: FloraAccumulator steps the parameters in the backward "
+                    f"pass of the cycle's last micro-batch, so this call would not step them "
+                    f"now. Call it once per micro_batches backward passes (or set "
+                    f"micro_batches to what the loop runs), or reset() to drop the pending "
+                    f"micro-batches.")
+
+    def reset(self):
+        """Drops the micro-batches of the current cycle (parameters already stepped stay
+        stepped) and starts a fresh cycle, e.g. after an error in backward."""
+        with self._lock:
+            for e in self._entries:
+                e.buffer = None
+                e.count = 0
+                e.ordinal = 0
+            self._ordinal_counts = {0: len(self._entries)} if self._entries else {}
+
+    def remove(self):
+        """Takes the hooks off; the optimizer's step() steps all parameters again."""
+        if not self.active:
+            return
+        self._check_cycle_complete("FloraAccumulator.remove()")
+        for e in self._entries:
+            e.handle.remove()
+            hooked = _HOOKED.get(id(e.param))
+            if hooked is not None and hooked[1]() is self:
+                del _HOOKED[id(e.param)]
+        owned = getattr(self.optimizer, "_accumulator", None)
+        if owned is not None and owned() is self:
+            self.optimizer._accumulator = None
+        self.active = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.reset()  # an error mid-cycle must not be masked by remove()'s check
+        self.remove()
+        return False
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """The accumulation seeds (by parameter position in the optimizer), with the
+        configuration for reference. Only between optimizer steps: the buffers of a cycle in
+        progress are not saved."""
+        self._check_cycle_complete("FloraAccumulator.state_dict()")
+        return {"micro_batches": self._micro_batches, "rank": self.rank,
+                "seeds": {e.index: e.seed for e in self._entries}}
+
+    def load_state_dict(self, state_dict: dict):
+        """Restores the accumulation seeds. micro_batches and rank stay as constructed."""
+        self._check_cycle_complete("FloraAccumulator.load_state_dict()")
+        seeds = state_dict.get("seeds") if isinstance(state_dict, dict) else None
+        if not isinstance(seeds, dict):
+            raise ValueError("flora: FloraAccumulator state_dict must have a 'seeds' dict")
+        seeds = {int(k): v for k, v in seeds.items()}
+        expected = {e.index for e in self._entries}
+        if set(seeds) != expected:
+            raise ValueError(f"flora: loaded FloraAccumulator state has seeds for parameter "
+                             f"positions {sorted(seeds)}, this accumulator manages "
+                             f"{sorted(expected)}")
+        for index, seed in seeds.items():
+            if not _is_int(seed) or not 0 <= seed <= _MAX_SEED:
+                raise ValueError(f"flora: loaded accumulation seed of parameter {index} must "
+                                 f"be an int in [0, 2**63), got {seed!r}")
+        for e in self._entries:
+            e.seed = int(seeds[e.index])
+
+    def __repr__(self):
+        k = "sync signal" if self._sync is not None else self._micro_batches
+        return (f"FloraAccumulator(micro_batches={k}, rank={self.rank}, "
+                f"params={len(self._entries)}, active={self.active})")
+
+
+__all__ = ["FloraAccumulator", "down_project", "up_project_add_", "initial_accumulation_seed",
+           "ACCUMULATION_SEED_SALT"]

@@ -1,0 +1,631 @@
+"""FloraAccumulator and FloraAccelerator: compressed accumulation, layer-wise steps (FLORA.md,
+"Compressed gradient accumulation"), their seeds, state_dict and errors."""
+import copy
+import io
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import flora_ext
+from conftest import DEVICES, rel_err
+from flora_ext.accumulation import (ACCUMULATION_SEED_SALT, down_project,
+                                    initial_accumulation_seed, up_project_add_)
+from reference import down, ext_projection, projection_matrix, up
+
+FLORA = dict(lr=1e-2, beta1=0.9, rank=4, kappa=2)
+
+
+def mlp(device="cpu", dtype=torch.float32):
+    # weights (40, 12) right-projected, (24, 40) and (6, 24) left-projected, plus biases
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 40), torch.nn.Tanh(), torch.nn.Linear(40, 24),
+                                torch.nn.Tanh(), torch.nn.Linear(24, 6))
+    return model.to(device=device, dtype=dtype)
+
+
+def batches(count, device="cpu", dtype=torch.float32):
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 12, generator=gen).to(device, dtype),
+             torch.randn(8, 6, generator=gen).to(device, dtype)) for _ in range(count)]
+
+
+def loss_of(model, batch, k):
+    x, y = batch
+    return (model(x) - y).float().pow(2).mean() / k
+
+
+def naive_steps(model, opt, data, k):
+    """torch's plain accumulation: k backward passes, then opt.step()."""
+    for c in range(len(data) // k):
+        for batch in data[c * k:(c + 1) * k]:
+            loss_of(model, batch, k).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def hooked_steps(model, data, k, check_freed=True):
+    """The accumulator's loop: backward only; p.grad must be None after every backward."""
+    for batch in data:
+        loss_of(model, batch, k).backward()
+        if check_freed:
+            assert all(p.grad is None for p in model.parameters())
+
+
+def assert_same(a_params, b_params, device):
+    for a, b in zip(a_params, b_params):
+        if device == "cpu":
+            assert torch.equal(a, b)
+        else:  # one-parameter and grouped launches might round differently on the GPU
+            torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- the estimator
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(16, 64), (64, 16)], ids=["left", "right"])
+def test_up_of_down_is_unbiased_and_converges_at_the_predicted_rate(device, shape):
+    # For P with i.i.d. N(0, 1/r) entries, E||up(down(G)) - G||^2 = (n + 1)/r ||G||^2 (n the
+    # projected dimension), so the mean of S draws has relative error sqrt((n + 1) / (r S)).
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(shape, generator=gen).to(device)
+    rank, n = 4, min(shape)
+    seed = initial_accumulation_seed(0, 1)
+    total = torch.zeros_like(G)
+    errors = {}
+    for s in range(1, 513):
+        estimate = torch.zeros_like(G)
+        up_project_add_(estimate, down_project(G, seed, rank), seed, rank)
+        total += estimate
+        seed = flora_ext.next_seed(seed)
+        if s in (8, 32, 128, 512):
+            errors[s] = rel_err(total / s, G)
+            predicted = math.sqrt((n + 1) / (rank * s))
+            assert 0.75 < errors[s] / predicted < 1.3, (s, errors[s], predicted)
+    # 64x the draws: 8x smaller error (1/sqrt(S))
+    assert 5.5 < errors[8] / errors[512] < 11.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(8, 40), (40, 8)], ids=["left", "right"])
+def test_accumulated_gradient_is_last_plus_up_of_the_compressed_sum(device, shape):
+    p = torch.nn.Parameter(torch.randn(shape, device=device))
+    opt = flora_ext.Flora([p], **FLORA)
+    acc = flora_ext.FloraAccumulator(opt, micro_batches=3, rank=4)
+    captured = []
+    opt._step_param = lambda param, grad: captured.append(grad.detach().clone())
+    gen = torch.Generator().manual_seed(2)
+    X = [torch.randn(shape, generator=gen).to(device) for _ in range(3)]
+    cycles = 128
+    for _ in range(cycles):
+        for x in X:
+            (p * x).sum().backward()  # the gradient is exactly x
+            assert p.grad is None
+    # cycle 0, in float64 from the reference's projection formulas
+    seed = initial_accumulation_seed(0, 1)
+    P = projection_matrix(ext_projection, seed, *shape, 4)
+    left = shape[0] < shape[1]
+    X64 = [x.cpu().double() for x in X]
+    expected = X64[2] + up(P, down(P, X64[0], left) + down(P, X64[1], left), left)
+    assert rel_err(captured[0].cpu(), expected) < 1e-5
+    # seeds advance per cycle: the mean converges to the sum at rate sqrt((n + 1)/(r S))
+    total = sum(X64)
+    compressed = (X64[0] + X64[1]).norm() / total.norm()
+    for s in (8, 32, 128):
+        mean = torch.stack(captured[:s]).cpu().double().mean(0)
+        predicted = math.sqrt((min(shape) + 1) / (4 * s)) * compressed
+        assert 0.7 < rel_err(mean, total) / predicted < 1.35
+    assert acc.state_dict()["seeds"][0] == _iterate(seed, cycles)
+
+
+def _iterate(seed, times):
+    for _ in range(times):
+        seed = flora_ext.next_seed(seed)
+    return seed
+
+
+# ---------------------------------------------------------------- equal to the plain loop
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,rank", [(1, None), (1, 4), (3, None), (3, 24)],
+                         ids=["layerwise", "layerwise-rank", "dense", "rank>=min-dim"])
+def test_dense_accumulation_and_layerwise_steps_equal_the_plain_loop(device, dtype, k, rank):
+    # rank 24 >= min(n, m) of every weight here: dense accumulation, exactly the naive sum
+    data = batches(3 * k, device, dtype)
+    model, hooked = mlp(device, dtype), mlp(device, dtype)
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    naive_steps(model, opt, data, k)
+    hooked_opt = flora_ext.Flora(hooked.parameters(), **FLORA)
+    flora_ext.FloraAccumulator(hooked_opt, micro_batches=k, rank=rank)
+    hooked_steps(hooked, data, k)
+    assert_same(hooked.parameters(), model.parameters(), device)
+    for p, q in zip(model.parameters(), hooked.parameters()):
+        assert opt.state[p]["step"] == hooked_opt.state[q]["step"] == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_compressed_and_dense_parameters(device):
+    data = batches(4, device)
+    model = mlp(device)
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    acc = flora_ext.FloraAccumulator(opt, micro_batches=2, rank=8)
+    before = [p.detach().clone() for p in model.parameters()]
+    hooked_steps(model, data[:1], 2)
+    # after one micro-batch: compressed buffers for (40, 12) and (24, 40), dense for the rest
+    buffers = [tuple(e.buffer.shape) for e in acc._entries]
+    assert buffers == [(40, 8), (40,), (8, 40), (24,), (6, 24), (6,)]
+    assert all(e.buffer.dtype == torch.float32 for e in acc._entries)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    hooked_steps(model, data[1:], 2)
+    assert all(e.buffer is None for e in acc._entries)
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(opt.state[p]["step"] == 2 for p in model.parameters())
+
+
+def test_compressed_accumulation_trains():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    opt = flora_ext.Flora(model.parameters(), lr=3e-2, beta1=0.9, rank=8, kappa=10)
+    flora_ext.FloraAccumulator(opt, micro_batches=4, rank=4)
+    x = torch.randn(256, 16)
+    y = x[:, :1] * x[:, 1:2]
+    losses = []
+    for _ in range(100):
+        for chunk in range(4):
+            xs, ys = x[chunk::4], y[chunk::4]
+            loss = torch.nn.functional.mse_loss(model(xs), ys) / 4
+            loss.backward()
+        with torch.no_grad():
+            losses.append(torch.nn.functional.mse_loss(model(x), y).item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# ---------------------------------------------------------------- seeds and state_dict
+
+
+def test_seeds_are_salted_apart_from_the_momentum_seeds_and_advance_per_cycle():
+    model = mlp()
+    opt = flora_ext.Flora([{"params": list(model.parameters())[:2]},
+                           {"params": list(model.parameters())[2:], "seed": 100}], **FLORA)
+    acc = flora_ext.FloraAccumulator(opt, micro_batches=2, rank=4)
+    group_seeds = [0, 0, 100, 100, 100, 100]
+    initial = [next_seed_xor(s + i + 1) for i, s in enumerate(group_seeds)]
+    assert list(acc.state_dict()["seeds"].values()) == initial
+    momentum = {_iterate(s + i + 1, t) for i, s in enumerate(group_seeds) for t in range(4)}
+    assert not momentum & set(initial)
+    hooked_steps(model, batches(6), 2)
+    assert list(acc.state_dict()["seeds"].values()) == [_iterate(s, 3) for s in initial]
+
+
+def next_seed_xor(x):
+    return flora_ext.next_seed(x) ^ ACCUMULATION_SEED_SALT
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_resume_from_state_dicts_is_bitwise(device):
+    data = batches(8, device)
+    ref = mlp(device)
+    ref_opt = flora_ext.Flora(ref.parameters(), **FLORA)
+    flora_ext.FloraAccumulator(ref_opt, micro_batches=2, rank=4)
+    hooked_steps(ref, data, 2)
+
+    first = mlp(device)
+    first_opt = flora_ext.Flora(first.parameters(), **FLORA)
+    first_acc = flora_ext.FloraAccumulator(first_opt, micro_batches=2, rank=4)
+    hooked_steps(first, data[:4], 2)
+    buf = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": first_opt.state_dict(),
+                "acc": first_acc.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+
+    def resumed(load_acc):
+        model = mlp(device)
+        model.load_state_dict(saved["model"])
+        opt = flora_ext.Flora(model.parameters(), **FLORA)
+        opt.load_state_dict(saved["opt"])
+        acc = flora_ext.FloraAccumulator(opt, micro_batches=2, rank=4)
+        if load_acc:
+            acc.load_state_dict(saved["acc"])
+        hooked_steps(model, data[4:], 2)
+        return model
+
+    assert_same(resumed(True).parameters(), ref.parameters(), device)
+    # without the accumulator's state the seeds restart: another (equally valid) run
+    assert not all(torch.equal(a, b) for a, b in zip(resumed(False).parameters(),
+                                                     ref.parameters()))
+
+
+def test_load_state_dict_rejects_bad_seeds_and_changes_nothing():
+    model = mlp()
+    acc = flora_ext.FloraAccumulator(flora_ext.Flora(model.parameters(), **FLORA), rank=4)
+    good = acc.state_dict()
+    with pytest.raises(ValueError, match=r"seeds for parameter positions \[0, 1\]"):
+        acc.load_state_dict({"seeds": {0: 1, 1: 2}})
+    with pytest.raises(ValueError, match="must be an int in"):
+        acc.load_state_dict({"seeds": {**good["seeds"], 3: -1}})
+    with pytest.raises(ValueError, match="'seeds' dict"):
+        acc.load_state_dict({})
+    assert acc.state_dict() == good
+
+
+# ---------------------------------------------------------------- checkpointing, bf16
+
+
+class Blocks(torch.nn.Module):
+    def __init__(self, mode):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Linear(12, 32)  # outside: checkpoint inputs require grad
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU()) for _ in range(3))
+        self.head = torch.nn.Linear(32, 6)
+        self.mode = mode
+
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h) if self.mode is None else checkpoint(block, h, use_reentrant=self.mode)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_gives_the_same_steps(device, reentrant):
+    data = batches(6, device)
+    results = []
+    for mode in (None, reentrant):
+        model = Blocks(mode).to(device)
+        opt = flora_ext.Flora(model.parameters(), **FLORA)
+        flora_ext.FloraAccumulator(opt, micro_batches=2, rank=4)
+        hooked_steps(model, data, 2)
+        results.append(list(model.parameters()))
+        assert all(opt.state[p]["step"] == 3 for p in model.parameters())
+    assert_same(results[1], results[0], device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_parameters_accumulate_compressed_close_to_fp32(device):
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        p = torch.nn.Parameter(torch.randn(32, 48).to(device, dtype))
+        opt = flora_ext.Flora([p], **FLORA)
+        flora_ext.FloraAccumulator(opt, micro_batches=3, rank=8)
+        captured = []
+        opt._step_param = lambda param, grad: captured.append(grad.detach().clone())
+        gen = torch.Generator().manual_seed(4)
+        for _ in range(3):
+            (p * torch.randn(32, 48, generator=gen).to(device, dtype)).sum().backward()
+        assert captured[0].dtype == dtype
+        grads[dtype] = captured[0].float()
+    assert rel_err(grads[torch.bfloat16], grads[torch.float32]) < 2e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_model_with_checkpointing_and_compression_trains(device):
+    model = Blocks(False).to(device, torch.bfloat16)
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    flora_ext.FloraAccumulator(opt, micro_batches=2, rank=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    hooked_steps(model, batches(4, device, torch.bfloat16), 2)
+    for p, b in zip(model.parameters(), before):
+        assert p.dtype == torch.bfloat16 and torch.isfinite(p).all() and not torch.equal(p, b)
+        assert opt.state[p]["step"] == 2
+
+
+# ---------------------------------------------------------------- working with opt.step()
+
+
+def test_optimizer_step_at_cycle_end_checks_and_steps_only_unmanaged_params():
+    model = mlp()
+    params = list(model.parameters())
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    acc = flora_ext.FloraAccumulator(opt, micro_batches=2, rank=4, params=params[:4])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for batch in batches(2):
+        loss_of(model, batch, 2).backward()
+    assert all(p.grad is None for p in params[:4])
+    assert all(p.grad is not None for p in params[4:])  # not managed: plain accumulation
+    managed = [p.detach().clone() for p in params[:4]]
+    unmanaged = [p.detach().clone() for p in params[4:]]
+    opt.step()
+    sched.step()
+    assert all(torch.equal(p, b) for p, b in zip(params[:4], managed))
+    assert all(not torch.equal(p, b) for p, b in zip(params[4:], unmanaged))
+    assert all(opt.state[p]["step"] == 1 for p in params)
+    assert opt.param_groups[0]["lr"] == FLORA["lr"] / 2
+    assert acc.params == params[:4]
+
+
+def test_remove_and_context_manager_give_the_stepping_back():
+    model = mlp()
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    with flora_ext.FloraAccumulator(opt, micro_batches=2, rank=4) as acc:
+        hooked_steps(model, batches(2), 2)
+    assert not acc.active
+    loss_of(model, batches(1)[0], 1).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    opt.step()
+    assert all(opt.state[p]["step"] == 2 for p in model.parameters())
+    flora_ext.FloraAccumulator(opt)  # a new one may hook the parameters again
+
+
+def test_micro_batches_can_change_between_steps():
+    model = mlp()
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    acc = flora_ext.FloraAccumulator(opt, micro_batches=2, rank=4)
+    data = batches(5)
+    hooked_steps(model, data[:2], 2)
+    acc.micro_batches = 3
+    hooked_steps(model, data[2:], 3)
+    assert all(opt.state[p]["step"] == 2 for p in model.parameters())
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(micro_batches=0), ValueError, "micro_batches must be an int >= 1"),
+    (dict(micro_batches=-2), ValueError, "micro_batches must be an int >= 1"),
+    (dict(micro_batches=2.0), ValueError, "micro_batches must be an int >= 1"),
+    (dict(micro_batches=True), ValueError, "micro_batches must be an int >= 1"),
+    (dict(rank=0), ValueError, "accumulation rank must be"),
+    (dict(rank=-1), ValueError, "accumulation rank must be"),
+    (dict(rank=2.5), ValueError, "accumulation rank must be"),
+])
+def test_bad_arguments_are_rejected(kwargs, exc, match):
+    opt = flora_ext.Flora(mlp().parameters(), **FLORA)
+    with pytest.raises(exc, match=match):
+        flora_ext.FloraAccumulator(opt, **kwargs)
+    flora_ext.FloraAccumulator(opt)  # nothing was hooked by the failed call
+
+
+def test_bad_optimizer_and_params_are_rejected():
+    model, other = mlp(), mlp()
+    with pytest.raises(TypeError, match="needs a flora_ext.Flora optimizer, got AdamW"):
+        flora_ext.FloraAccumulator(torch.optim.AdamW(model.parameters()))
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    with pytest.raises(ValueError, match=r"must belong to the optimizer; parameter '0.weight'"):
+        flora_ext.FloraAccumulator(opt, params=[other[0].weight], model=other)
+    with pytest.raises(ValueError, match="listed twice"):
+        flora_ext.FloraAccumulator(opt, params=[model[0].weight, model[0].weight])
+    model[0].bias.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"parameter '0.bias' .* does not require grad"):
+        flora_ext.FloraAccumulator(opt, params=[model[0].bias], model=model)
+    acc = flora_ext.FloraAccumulator(opt)  # frozen parameters are left out by default
+    assert all(p is not model[0].bias for p in acc.params) and len(acc.params) == 5
+
+
+def test_hooks_cannot_be_registered_twice():
+    model = mlp()
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    first = flora_ext.FloraAccumulator(opt, micro_batches=2, rank=4)
+    with pytest.raises(RuntimeError, match="already has a FloraAccumulator"):
+        flora_ext.FloraAccumulator(opt, micro_batches=2, rank=4)
+    second_opt = flora_ext.Flora(model[2].parameters(), **FLORA)
+    with pytest.raises(RuntimeError, match=r"parameter '2.weight' .* already has the backward "
+                                           r"hook of another FloraAccumulator"):
+        flora_ext.FloraAccumulator(second_opt, model=model)
+    hooked_steps(model, batches(2), 2)  # the failed constructors hooked nothing
+    assert all(opt.state[p]["step"] == 1 for p in model.parameters())
+    first.remove()
+    flora_ext.FloraAccumulator(second_opt, model=model)
+
+
+class WithUnused(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.used = torch.nn.Linear(12, 6)
+        self.unused = torch.nn.Linear(12, 6)
+        self.skip_unused_bias = False
+
+    def forward(self, x):
+        if self.skip_unused_bias:
+            return self.used(x) + x[:, :6] @ self.unused.weight[:, :6].t()
+        return self.used(x) + 0 * self.unused(x) if self.training else self.used(x)
+
+
+def test_parameter_without_grad_is_named_at_the_next_backward_and_at_step():
+    model = WithUnused().eval()  # eval: the 'unused' layer gets no gradient
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    acc = flora_ext.FloraAccumulator(opt, micro_batches=1, model=model)
+    data = batches(3)
+    loss_of(model, data[0], 1).backward()
+    with pytest.raises(RuntimeError, match=r"optimizer.step\(\): parameter 'unused.weight' "
+                                           r"\(shape \(6, 12\)\) \(and 1 more\) received no "
+                                           r"gradient"):
+        opt.step()
+    with pytest.raises(RuntimeError, match=r"parameter 'unused.weight' .* received no gradient "
+                                           r"in a backward pass"):
+        loss_of(model, data[1], 1).backward()
+    acc.reset()
+    model.train()
+    loss_of(model, data[2], 1).backward()
+    opt.step()
+
+
+def test_parameter_missing_the_last_micro_batch_is_named():
+    model = WithUnused().train()
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    flora_ext.FloraAccumulator(opt, micro_batches=2, rank=4, model=model)
+    data = batches(2)
+    loss_of(model, data[0], 2).backward()
+    model.skip_unused_bias = True  # unused.bias gets no gradient in the last micro-batch
+    loss_of(model, data[1], 2).backward()
+    with pytest.raises(RuntimeError, match=r"parameter 'unused.bias' .* received no gradient"):
+        opt.step()
+    assert opt.state[model.unused.weight]["step"] == 1
+    assert not opt.state[model.unused.bias]  # never stepped
+
+
+def test_changing_micro_batches_mid_cycle_is_an_error():
+    model = mlp()
+    acc = flora_ext.FloraAccumulator(flora_ext.Flora(model.parameters(), **FLORA),
+                                     micro_batches=4, rank=4)
+    hooked_steps(model, batches(1), 4)
+    with pytest.raises(RuntimeError, match=r"cannot change micro_batches from 4 to 2 in the "
+                                           r"middle of an accumulation cycle \(after 1 of 4"):
+        acc.micro_batches = 2
+    with pytest.raises(ValueError, match="micro_batches must be"):
+        acc.micro_batches = 0
+    assert acc.micro_batches == 4 and acc.pending_micro_batches == 1
+    acc.reset()
+    acc.micro_batches = 2
+    assert acc.pending_micro_batches == 0
+
+
+def test_optimizer_step_mid_cycle_or_twice_is_an_error():
+    model = mlp()
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    acc = flora_ext.FloraAccumulator(opt, micro_batches=2, rank=4, model=model)
+    data = batches(2)
+    hooked_steps(model, data[:1], 2)
+    with pytest.raises(RuntimeError, match=r"optimizer.step\(\) called after 1 of 2 "
+                                           r"micro-batches"):
+        opt.step()
+    with pytest.raises(RuntimeError, match=r"state_dict\(\) called after 1 of 2"):
+        acc.state_dict()
+    with pytest.raises(RuntimeError, match=r"remove\(\) called after 1 of 2"):
+        acc.remove()
+    hooked_steps(model, data[1:], 2)
+    opt.step()  # at the cycle's end: a check, no step
+    model[0].weight.grad = torch.ones_like(model[0].weight)
+    before = model[0].weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"would step parameter '0.weight' .* twice"):
+        opt.step()
+    with pytest.raises(RuntimeError, match=r"step_param\(\) would step parameter '0.weight'"):
+        opt.step_param(model[0].weight)
+    assert torch.equal(model[0].weight, before)
+
+
+def test_error_in_a_with_block_is_not_masked():
+    model = mlp()
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    with pytest.raises(KeyError, match="boom"):
+        with flora_ext.FloraAccumulator(opt, micro_batches=2, rank=4) as acc:
+            hooked_steps(model, batches(1), 2)
+            raise KeyError("boom")
+    assert not acc.active
+
+
+def test_step_param_is_one_step_of_one_parameter():
+    a, b = mlp(), mlp()
+    opt_a = flora_ext.Flora(a.parameters(), **FLORA)
+    opt_b = flora_ext.Flora(b.parameters(), **FLORA)
+    for model in (a, b):
+        loss_of(model, batches(1)[0], 1).backward()
+    opt_a.step()
+    for p in b.parameters():
+        opt_b.step_param(p)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(ValueError, match="not in this optimizer"):
+        opt_b.step_param(torch.nn.Parameter(torch.randn(3)), torch.randn(3))
+    b[0].bias.grad = None
+    with pytest.raises(ValueError, match="needs a gradient"):
+        opt_b.step_param(b[0].bias)
+
+
+# ---------------------------------------------------------------- FloraAccelerator
+
+
+def test_core_package_does_not_import_accelerate():
+    code = ("import sys, flora_ext; assert 'accelerate' not in sys.modules; "
+            "assert 'FloraAccumulator' in flora_ext.__all__")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture
+def accelerate_state():
+    pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def make_accelerator(**kwargs):
+    return flora_ext.FloraAccelerator(**{"cpu": not torch.cuda.is_available(), **kwargs})
+
+
+@pytest.mark.parametrize("rank,steps", [(4, 2), (None, 2), (4, 1)],
+                         ids=["compressed", "dense", "layerwise"])
+def test_flora_accelerator_equals_the_accumulator_loop(accelerate_state, rank, steps):
+    accelerator = make_accelerator(accumulation_compression_rank=rank,
+                                   gradient_accumulation_steps=steps)
+    device = accelerator.device
+    data = batches(6, device)
+    ref = mlp(device)
+    ref_opt = flora_ext.Flora(ref.parameters(), **FLORA)
+    flora_ext.FloraAccumulator(ref_opt, micro_batches=steps, rank=rank if steps > 1 else None)
+    hooked_steps(ref, data, steps)
+
+    model = mlp(device)
+    model, opt = accelerator.prepare(model, flora_ext.Flora(model.parameters(), **FLORA))
+    assert accelerator.accumulation_compression == (rank is not None and steps > 1)
+    for batch in data:
+        with accelerator.accumulate(model):
+            accelerator.backward(loss_of(model, batch, 1))
+            assert all(p.grad is None for p in model.parameters())
+            opt.step()
+            opt.zero_grad()
+    assert_same(model.parameters(), ref.parameters(), str(device.type))
+
+
+def test_flora_accelerator_steps_on_a_short_last_window(accelerate_state):
+    accelerator = make_accelerator(accumulation_compression_rank=4, gradient_accumulation_steps=2)
+    data = batches(5, accelerator.device)
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+    model = mlp(accelerator.device)
+    inner = flora_ext.Flora(model.parameters(), **FLORA)
+    model, opt, loader = accelerator.prepare(model, inner, loader)
+    for batch in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(loss_of(model, batch, 1))
+            opt.step()
+    assert all(inner.state[p]["step"] == 3 for p in model.parameters())  # 2 + 2 + 1
+    assert accelerator.flora_accumulators[0].state_dict()["seeds"]
+
+
+def test_flora_accelerator_saves_the_seeds(accelerate_state, tmp_path):
+    accelerator = make_accelerator(accumulation_compression_rank=4, gradient_accumulation_steps=2)
+    model = mlp(accelerator.device)
+    model, opt = accelerator.prepare(model, flora_ext.Flora(model.parameters(), **FLORA))
+    acc = accelerator.flora_accumulators[0]
+    for batch in batches(2, accelerator.device):
+        with accelerator.accumulate(model):
+            accelerator.backward(loss_of(model, batch, 1))
+    saved = copy.deepcopy(acc.state_dict())
+    accelerator.save_state(str(tmp_path))
+    acc.load_state_dict({"seeds": {k: 1 for k in saved["seeds"]}})
+    accelerator.load_state(str(tmp_path))
+    assert acc.state_dict() == saved
+
+
+@pytest.mark.parametrize("kwargs,make_opt,exc,match", [
+    (dict(accumulation_compression_rank=0), None, ValueError,
+     "accumulation_compression_rank must be"),
+    (dict(), lambda ps: torch.optim.AdamW(ps), TypeError,
+     "prepares flora_ext.Flora optimizers, got AdamW"),
+])
+def test_flora_accelerator_errors(accelerate_state, kwargs, make_opt, exc, match):
+    with pytest.raises(exc, match=match):
+        accelerator = make_accelerator(**kwargs)
+        model = mlp(accelerator.device)
+        accelerator.prepare(model, make_opt(model.parameters()))
+
+
+def test_flora_accelerator_rejects_fp16_grad_scaling(accelerate_state):
+    accelerator = make_accelerator(mixed_precision="fp16")
+    if accelerator.scaler is None:
+        pytest.skip("accelerate made no GradScaler for fp16 on this device")
+    model = mlp(accelerator.device)
+    with pytest.raises(ValueError, match="cannot use fp16 mixed precision"):
+        accelerator.prepare(model, flora_ext.Flora(model.parameters(), **FLORA))
