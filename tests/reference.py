@@ -47,6 +47,12 @@ def full_hp(**overrides):
     return hp
 
 
+def optimizer_kwargs(hp, seed=0):
+    """Constructor arguments of flora_ext.Flora (and flora-opt's Flora) for ``hp``:
+    the hyper-parameter names are the constructor's, plus the base seed."""
+    return dict(hp, seed=seed)
+
+
 # --------------------------------------------------------------------------- seeds
 
 

@@ -85,16 +85,6 @@ def make_hp(case, base):
     return ref.full_hp(**hp)
 
 
-def kwargs_of(hp, seed=0):
-    return dict(
-        lr=hp["lr"], rank=hp["rank"], kappa=hp["kappa"], eps=hp["eps"],
-        clip_threshold=hp["clip_threshold"], decay_rate=hp["decay_rate"], beta1=hp["beta1"],
-        weight_decay=hp["weight_decay"], scale_parameter=hp["scale_parameter"],
-        relative_step=hp["relative_step"], warmup_init=hp["warmup_init"],
-        factorize_second_moment=hp["factorize_second_moment"], seed=seed,
-    )
-
-
 def grads(shape, gen, steps):
     spread = torch.exp(torch.randn(shape, generator=gen))
     out = []
@@ -150,8 +140,8 @@ def test_extension_matches_flora_opt(case):
     init = torch.randn(case.shape, generator=gen) * case.init_scale
     p_ext = torch.nn.Parameter(init.clone())
     p_fo = torch.nn.Parameter(init.clone())
-    opt_ext = flora_ext.Flora([p_ext], **kwargs_of(hp))
-    opt_fo = fo.Flora([p_fo], **kwargs_of(hp))
+    opt_ext = flora_ext.Flora([p_ext], **ref.optimizer_kwargs(hp))
+    opt_fo = fo.Flora([p_fo], **ref.optimizer_kwargs(hp))
 
     for t, g in enumerate(grads(case.shape, gen, STEPS), start=1):
         p_ext.grad = g.clone()
@@ -212,7 +202,7 @@ def test_reference_matches_flora_opt(case):
     gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
     init = torch.randn(case.shape, generator=gen) * case.init_scale
     p_fo = torch.nn.Parameter(init.clone())
-    opt_fo = fo.Flora([p_fo], **kwargs_of(hp, base_seed))
+    opt_fo = fo.Flora([p_fo], **ref.optimizer_kwargs(hp, base_seed))
     p_ref = init.to(torch.float64)
     st_ref = ref.init_state(p_ref, hp, ref.param_seed(base_seed, 1))
     projection = flora_opt_projection(fo, lay["left"])

@@ -179,16 +179,6 @@ def compare_state(opt_state, ref_state, where):
         assert err <= TOL, f"{where}: {key} rel err {err:.3e} > {TOL:g}"
 
 
-def flora_kwargs(hp, seed):
-    return dict(
-        lr=hp["lr"], rank=hp["rank"], kappa=hp["kappa"], eps=hp["eps"],
-        clip_threshold=hp["clip_threshold"], decay_rate=hp["decay_rate"], beta1=hp["beta1"],
-        weight_decay=hp["weight_decay"], scale_parameter=hp["scale_parameter"],
-        relative_step=hp["relative_step"], warmup_init=hp["warmup_init"],
-        factorize_second_moment=hp["factorize_second_moment"], seed=seed,
-    )
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_cpu_kernel_matches_reference(case):
     hp = case_hp(case)
@@ -199,7 +189,7 @@ def test_cpu_kernel_matches_reference(case):
     p = torch.nn.Parameter((make_param(case.shape, torch.float32, gen) * case.init_scale).to(case.dtype))
     start = p.detach().clone()
     spread = torch.exp(torch.randn(case.shape, generator=gen))  # entries of different sizes
-    opt = flora_ext.Flora([p], **flora_kwargs(hp, case.seed))
+    opt = flora_ext.Flora([p], **ref.optimizer_kwargs(hp, case.seed))
 
     half = case.dtype in HALF_TOL
     ref_p = p.detach().to(torch.float64).clone()
@@ -254,7 +244,7 @@ def test_many_parameters_in_one_optimizer():
                                 "kappa": hp_b["kappa"], "beta1": hp_b["beta1"],
                                 "weight_decay": hp_b["weight_decay"],
                                 "clip_threshold": hp_b["clip_threshold"]}],
-        **{k: v for k, v in flora_kwargs(hp_a, base_seed).items()},
+        **{k: v for k, v in ref.optimizer_kwargs(hp_a, base_seed).items()},
     )
     everything = [(p, hp_a) for p in params_a] + [(p, hp_b) for p in params_b]
     refs = []
