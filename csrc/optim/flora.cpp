@@ -135,23 +135,10 @@ FloraOptions FloraOptions::merged_with(const FloraOptions& group) const {
 }
 
 StepOptions FloraOptions::step_options(int64_t step, int64_t seed) const {
-  StepOptions o;
-  o.step = step;
-  o.seed = seed;
-  o.lr = lr_.value_or(0.0);
-  o.beta1 = beta1_;
-  o.eps1 = eps1_;
-  o.eps2 = eps2_;
-  o.clip_threshold = clip_threshold_;
-  o.decay_rate = decay_rate_;
-  o.weight_decay = weight_decay_;
-  o.rank = rank_;
-  o.kappa = kappa_;
-  o.scale_parameter = scale_parameter_;
-  o.relative_step = relative_step_;
-  o.warmup_init = warmup_init_;
-  o.factorize_second_moment = factorize_second_moment_;
-  return o;
+  return detail::options_from_schema(step, seed, lr_.value_or(0.0), beta1_, eps1_, eps2_,
+                                     clip_threshold_, decay_rate_, weight_decay_, rank_, kappa_,
+                                     scale_parameter_, relative_step_, warmup_init_,
+                                     factorize_second_moment_);
 }
 
 double FloraOptions::get_lr() const {
