@@ -276,15 +276,34 @@ def _progress(total, initial, desc, enabled):
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
 
+def finished_log(run_dir):
+    """The log of the run in run_dir if it finished (which is then skipped), else None."""
+    log_path = run_dir / "log.json"
+    if not log_path.is_file():
+        return None
+    log = json.loads(log_path.read_text())
+    if not log.get("finished"):
+        return None
+    print(f"[skip] {run_dir.name}: finished (final val loss {log['final_val_loss']:.4f})")
+    return log
+
+
+def save_checkpoint(run_dir, checkpoint, log):
+    """Writes run_dir/ckpt.pt atomically (a killed run keeps its last one), then log.json."""
+    ckpt_path = run_dir / "ckpt.pt"
+    tmp = ckpt_path.with_suffix(".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, ckpt_path)
+    (run_dir / "log.json").write_text(json.dumps(log, indent=1))
+
+
 def train_run(cfg, seed, splits, args, run_dir):
     """Train one run (resuming from run_dir/ckpt.pt); returns its log dict."""
     run_dir = pathlib.Path(run_dir)
     log_path, ckpt_path = run_dir / "log.json", run_dir / "ckpt.pt"
-    if log_path.is_file():
-        log = json.loads(log_path.read_text())
-        if log.get("finished"):
-            print(f"[skip] {run_dir.name}: finished (final val loss {log['final_val_loss']:.4f})")
-            return log
+    finished = finished_log(run_dir)
+    if finished is not None:
+        return finished
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     d, n_layers, n_heads, context = model_dims(args)
@@ -323,12 +342,9 @@ def train_run(cfg, seed, splits, args, run_dir):
         print(f"[resume] {run_dir.name} at step {step}/{steps}")
 
     def save_ckpt():
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                    "step": step, "log": log}, tmp)
-        os.replace(tmp, ckpt_path)
-        log_path.write_text(json.dumps(log, indent=1))
+        save_checkpoint(run_dir, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                  "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                                  "step": step, "log": log}, log)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -454,12 +470,10 @@ def add_lora(model, rank, alpha):
 def finetune_run(mode, seed, tokens, init, args, run_dir):
     """One part-2 run; tokens = (finetune_train, finetune_eval) uint8 tensors."""
     run_dir = pathlib.Path(run_dir)
-    log_path, ckpt_path = run_dir / "log.json", run_dir / "ckpt.pt"
-    if log_path.is_file():
-        log = json.loads(log_path.read_text())
-        if log.get("finished"):
-            print(f"[skip] {run_dir.name}: finished (final val loss {log['final_val_loss']:.4f})")
-            return log
+    ckpt_path = run_dir / "ckpt.pt"
+    finished = finished_log(run_dir)
+    if finished is not None:
+        return finished
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
     dims = init["model"]
@@ -544,12 +558,10 @@ def finetune_run(mode, seed, tokens, init, args, run_dir):
                 log["final_val_loss"] = vl
                 log["tokens_per_s"] = updates * tokens_per_update / max(log["train_seconds"], 1e-9)
                 log["finished"] = True
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "accumulator": None if acc is None else acc.state_dict(),
-                        "generator": gen.get_state(), "update": update, "log": log}, tmp)
-            os.replace(tmp, ckpt_path)
-            log_path.write_text(json.dumps(log, indent=1))
+            save_checkpoint(run_dir, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "accumulator": None if acc is None else acc.state_dict(),
+                "generator": gen.get_state(), "update": update, "log": log}, log)
             t0 = time.perf_counter()
     if bar is not None:
         bar.close()
