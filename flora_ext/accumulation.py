@@ -263,15 +263,19 @@ class FloraAccumulator:
         return (self.rank is not None and several and p.dim() == 2
                 and self.rank < min(p.shape))
 
+    def _names_at(self, ordinal):
+        """'name (and N more)' for the parameters that have seen `ordinal` micro-batches."""
+        behind = [e for e in self._entries if e.ordinal == ordinal]
+        more = f" (and {len(behind) - 1} more)" if len(behind) > 1 else ""
+        return f"{behind[0].name}{more}"
+
     def _advance_ordinal(self, entry):
         """Counts entry's micro-batch; raises first when another parameter fell behind."""
         new = entry.ordinal + 1
         lowest = min(self._ordinal_counts)
         if new - lowest > 1:
-            behind = [e for e in self._entries if e.ordinal == lowest]
-            more = f" (and {len(behind) - 1} more)" if len(behind) > 1 else ""
             raise RuntimeError(
-                f"flora: FloraAccumulator: {behind[0].name}{more} received no gradient in a "
+                f"flora: FloraAccumulator: {self._names_at(lowest)} received no gradient in a "
                 f"backward pass (it has {lowest} micro-batches since the accumulator was "
                 f"created or reset, while {entry.name} is receiving its micro-batch {new}). "
                 f"Every parameter the accumulator steps must get a gradient in every backward "
@@ -327,10 +331,8 @@ class FloraAccumulator:
                 return
             lowest, highest = min(self._ordinal_counts), max(self._ordinal_counts)
             if lowest != highest:
-                behind = [e for e in self._entries if e.ordinal == lowest]
-                more = f" (and {len(behind) - 1} more)" if len(behind) > 1 else ""
                 raise RuntimeError(
-                    f"flora: {where}: {behind[0].name}{more} received no gradient in some "
+                    f"flora: {where}: {self._names_at(lowest)} received no gradient in some "
                     f"backward pass ({lowest} micro-batches since the accumulator was created "
                     f"or reset, other parameters {highest}), so it was not stepped with the "
                     f"rest. Every parameter FloraAccumulator steps must get a gradient in "
