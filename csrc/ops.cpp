@@ -152,6 +152,9 @@ ParamLayout check_step_inputs(const at::Tensor& param, const at::Tensor& grad,
               "flora: weight_decay must be finite and >= 0, got ", o.weight_decay);
   TORCH_CHECK(!o.warmup_init || o.relative_step,
               "flora: warmup_init requires relative_step=True");
+  TORCH_CHECK(!o.stochastic_rounding || param.scalar_type() != at::kHalf,
+              "flora: stochastic_rounding supports bfloat16 (and float32, where it does "
+              "nothing) parameters, got a float16 parameter of shape ", param.sizes());
 
   const ParamLayout layout =
       param_layout(param.sizes(), o.rank, o.beta1, o.factorize_second_moment);
@@ -226,7 +229,8 @@ StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double be
                                 double eps1, double eps2, double clip_threshold,
                                 double decay_rate, double weight_decay, int64_t rank,
                                 int64_t kappa, bool scale_parameter, bool relative_step,
-                                bool warmup_init, bool factorize_second_moment) {
+                                bool warmup_init, bool factorize_second_moment, bool tf32,
+                                bool stochastic_rounding) {
   StepOptions o;
   o.step = step;
   o.seed = seed;
@@ -243,7 +247,45 @@ StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double be
   o.relative_step = relative_step;
   o.warmup_init = warmup_init;
   o.factorize_second_moment = factorize_second_moment;
+  o.tf32 = tf32;
+  o.stochastic_rounding = stochastic_rounding;
   return o;
+}
+
+void run_step_op(GroupKernel kernel, const at::Tensor& param, const at::Tensor& grad,
+                 const std::optional<at::Tensor>& row_second_moment,
+                 const std::optional<at::Tensor>& col_second_moment,
+                 const std::optional<at::Tensor>& second_moment,
+                 const std::optional<at::Tensor>& momentum, int64_t step, int64_t seed,
+                 double lr, double beta1, double eps1, double eps2, double clip_threshold,
+                 double decay_rate, double weight_decay, int64_t rank, int64_t kappa,
+                 bool scale_parameter, bool relative_step, bool warmup_init,
+                 bool factorize_second_moment, bool tf32, bool stochastic_rounding) {
+  GroupEntry entry;
+  entry.options = options_from_schema(step, seed, lr, beta1, eps1, eps2, clip_threshold,
+                                      decay_rate, weight_decay, rank, kappa, scale_parameter,
+                                      relative_step, warmup_init, factorize_second_moment, tf32,
+                                      stochastic_rounding);
+  entry.state = ParamState{row_second_moment, col_second_moment, second_moment, momentum};
+  entry.layout = check_step_inputs(param, grad, row_second_moment, col_second_moment,
+                                   second_moment, momentum, entry.options);
+  kernel({param}, {grad}, {entry});
+}
+
+void run_step_group_op(GroupKernel kernel, at::TensorList params, at::TensorList grads,
+                       at::TensorList states, at::IntArrayRef steps, at::IntArrayRef seeds,
+                       double lr, double beta1, double eps1, double eps2,
+                       double clip_threshold, double decay_rate, double weight_decay,
+                       int64_t rank, int64_t kappa, bool scale_parameter, bool relative_step,
+                       bool warmup_init, bool factorize_second_moment, bool tf32,
+                       bool stochastic_rounding) {
+  const StepOptions group = options_from_schema(
+      1, 0, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
+      scale_parameter, relative_step, warmup_init, factorize_second_moment, tf32,
+      stochastic_rounding);
+  const std::vector<GroupEntry> entries =
+      check_group_inputs(params, grads, states, steps, seeds, group);
+  if (!params.empty()) kernel(params, grads, entries);
 }
 
 void check_projection_output(const at::Tensor& out, int64_t seed, double scale) {
@@ -270,11 +312,11 @@ void step_(at::Tensor& param, const at::Tensor& grad,
                                    const std::optional<at::Tensor>&,
                                    const std::optional<at::Tensor>&, int64_t, int64_t,
                                    double, double, double, double, double, double, double,
-                                   int64_t, int64_t, bool, bool, bool, bool)>();
+                                   int64_t, int64_t, bool, bool, bool, bool, bool, bool)>();
   op.call(param, grad, row_second_moment, col_second_moment, second_moment, momentum,
           o.step, o.seed, o.lr, o.beta1, o.eps1, o.eps2, o.clip_threshold, o.decay_rate,
           o.weight_decay, o.rank, o.kappa, o.scale_parameter, o.relative_step,
-          o.warmup_init, o.factorize_second_moment);
+          o.warmup_init, o.factorize_second_moment, o.tf32, o.stochastic_rounding);
 }
 
 at::Tensor projection(int64_t seed, int64_t rows, int64_t cols, double scale,
@@ -323,6 +365,10 @@ bool cuda_compiled_op() { return cuda_compiled(); }
 
 // Sparse gradients dispatch to the Sparse keys, where no kernel could run: the
 // checks name the problem instead of the dispatcher's "could not run" message.
+void reject_sparse(at::TensorList, at::TensorList, const std::vector<GroupEntry>&) {
+  TORCH_CHECK(false, "flora: sparse tensors are not supported");
+}
+
 void step_sparse(const at::Tensor& param, const at::Tensor& grad,
                  const std::optional<at::Tensor>& row_second_moment,
                  const std::optional<at::Tensor>& col_second_moment,
@@ -331,25 +377,25 @@ void step_sparse(const at::Tensor& param, const at::Tensor& grad,
                  double lr, double beta1, double eps1, double eps2, double clip_threshold,
                  double decay_rate, double weight_decay, int64_t rank, int64_t kappa,
                  bool scale_parameter, bool relative_step, bool warmup_init,
-                 bool factorize_second_moment) {
-  check_step_inputs(param, grad, row_second_moment, col_second_moment, second_moment, momentum,
-                    detail::options_from_schema(step, seed, lr, beta1, eps1, eps2,
-                                                clip_threshold, decay_rate, weight_decay,
-                                                rank, kappa, scale_parameter, relative_step,
-                                                warmup_init, factorize_second_moment));
-  TORCH_CHECK(false, "flora: sparse tensors are not supported");
+                 bool factorize_second_moment, bool tf32, bool stochastic_rounding) {
+  detail::run_step_op(&reject_sparse, param, grad, row_second_moment, col_second_moment,
+                      second_moment, momentum, step, seed, lr, beta1, eps1, eps2,
+                      clip_threshold, decay_rate, weight_decay, rank, kappa, scale_parameter,
+                      relative_step, warmup_init, factorize_second_moment, tf32,
+                      stochastic_rounding);
 }
 
 void step_group_sparse(at::TensorList params, at::TensorList grads, at::TensorList states,
                        at::IntArrayRef steps, at::IntArrayRef seeds, double lr, double beta1,
                        double eps1, double eps2, double clip_threshold, double decay_rate,
                        double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
-                       bool relative_step, bool warmup_init, bool factorize_second_moment) {
-  check_group_inputs(params, grads, states, steps, seeds,
-                     detail::options_from_schema(1, 0, lr, beta1, eps1, eps2, clip_threshold,
-                                                 decay_rate, weight_decay, rank, kappa,
-                                                 scale_parameter, relative_step, warmup_init,
-                                                 factorize_second_moment));
+                       bool relative_step, bool warmup_init, bool factorize_second_moment,
+                       bool tf32, bool stochastic_rounding) {
+  detail::run_step_group_op(&reject_sparse, params, grads, states, steps, seeds, lr, beta1,
+                            eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
+                            scale_parameter, relative_step, warmup_init,
+                            factorize_second_moment, tf32, stochastic_rounding);
+  // An empty list runs no kernel; a sparse call must still fail.
   TORCH_CHECK(false, "flora: sparse tensors are not supported");
 }
 
@@ -372,7 +418,7 @@ TORCH_LIBRARY(flora, m) {
       "int step, int seed, float lr, float beta1, float eps1, float eps2, "
       "float clip_threshold, float decay_rate, float weight_decay, int rank, int kappa, "
       "bool scale_parameter, bool relative_step, bool warmup_init, "
-      "bool factorize_second_moment) -> ()");
+      "bool factorize_second_moment, bool tf32=True, bool stochastic_rounding=False) -> ()");
   // Every parameter of a param group (on one device) in one call: the per-call
   // overhead of Python and the dispatcher is paid once, not once a parameter.
   m.def(
@@ -380,7 +426,7 @@ TORCH_LIBRARY(flora, m) {
       "int[] seeds, *, float lr, float beta1, "
       "float eps1, float eps2, float clip_threshold, float decay_rate, float weight_decay, "
       "int rank, int kappa, bool scale_parameter, bool relative_step, bool warmup_init, "
-      "bool factorize_second_moment) -> ()");
+      "bool factorize_second_moment, bool tf32=True, bool stochastic_rounding=False) -> ()");
   m.def("fill_projection_(Tensor(a!) out, int seed, float scale) -> ()");
   // No tensor arguments: these run through their catch-all kernels on any device.
   m.def("next_seed(int seed) -> int", &flora::next_seed_op);

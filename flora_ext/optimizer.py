@@ -31,7 +31,8 @@ def _check_bool(group, name):
 def _validate_group(group):
     """Raises ValueError/TypeError naming the first invalid hyper-parameter."""
     lr, relative_step = group["lr"], group["relative_step"]
-    for name in ("scale_parameter", "relative_step", "warmup_init", "factorize_second_moment"):
+    for name in ("scale_parameter", "relative_step", "warmup_init", "factorize_second_moment",
+                 "tf32", "stochastic_rounding"):
         _check_bool(group, name)
     if lr is not None:
         if isinstance(lr, torch.Tensor):
@@ -102,7 +103,8 @@ class Flora(torch.optim.Optimizer):
     def __init__(self, params, lr=None, rank=None, kappa=1000, eps=(1e-30, 1e-3),
                  clip_threshold=1.0, decay_rate=-0.8, beta1=None, weight_decay=0.0,
                  scale_parameter=True, relative_step=False, warmup_init=False,
-                 factorize_second_moment=True, seed=0, quantization=False):
+                 factorize_second_moment=True, seed=0, quantization=False, *, tf32=True,
+                 stochastic_rounding=False):
         if quantization:
             raise NotImplementedError(
                 "flora: quantization=True (8-bit optimizer states) is not implemented yet; "
@@ -111,7 +113,8 @@ class Flora(torch.optim.Optimizer):
                         clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
                         weight_decay=weight_decay, scale_parameter=scale_parameter,
                         relative_step=relative_step, warmup_init=warmup_init,
-                        factorize_second_moment=factorize_second_moment, seed=seed)
+                        factorize_second_moment=factorize_second_moment, seed=seed,
+                        tf32=tf32, stochastic_rounding=stochastic_rounding)
         _validate_group(defaults)
         super().__init__(params, defaults)
 
@@ -126,6 +129,10 @@ class Flora(torch.optim.Optimizer):
                                     f"got a parameter of dtype {p.dtype}")
                 if p.layout != torch.strided:
                     raise TypeError(f"flora: parameters must be dense tensors, got {p.layout}")
+                if group["stochastic_rounding"] and p.dtype == torch.float16:
+                    raise ValueError("flora: stochastic_rounding supports bfloat16 (and float32, "
+                                     "where it does nothing) parameters, got a float16 parameter "
+                                     f"of shape {tuple(p.shape)}")
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -274,7 +281,8 @@ class Flora(torch.optim.Optimizer):
             weight_decay=float(group["weight_decay"]), rank=int(group["rank"] or 0),
             kappa=int(group["kappa"]), scale_parameter=group["scale_parameter"],
             relative_step=group["relative_step"], warmup_init=group["warmup_init"],
-            factorize_second_moment=group["factorize_second_moment"])
+            factorize_second_moment=group["factorize_second_moment"], tf32=group["tf32"],
+            stochastic_rounding=group["stochastic_rounding"])
         for state, step in zip(states, steps):
             state["step"] = step
             if "seed" in state and step % group["kappa"] == 0:

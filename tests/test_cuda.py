@@ -32,7 +32,7 @@ def run(shape, hp, device, dtype=torch.float32, steps=15, seed=0):
     p0 = torch.randn(shape, generator=gen)
     grads = [torch.randn(shape, generator=gen) * (0.1 + t % 3) for t in range(steps)]
     p = torch.nn.Parameter(p0.to(device=device, dtype=dtype))
-    kw = dict(lr=1e-2, kappa=4)
+    kw = dict(lr=1e-2, kappa=4, tf32=False)  # exact fp32 GEMMs unless a test asks for TF32
     kw.update(hp)
     opt = flora_ext.Flora([p], **kw)
     for g in grads:
@@ -52,23 +52,15 @@ def assert_close_run(a, b, tol):
             assert value == sb[key], key
 
 
-@pytest.fixture
-def exact_fp32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
 @pytest.mark.parametrize("shape,hp", CASES, ids=[f"{s}-{h}" for s, h in CASES])
-def test_cuda_step_matches_cpu(shape, hp, exact_fp32):
+def test_cuda_step_matches_cpu(shape, hp):
     assert_close_run(run(shape, hp, "cuda"), run(shape, hp, "cpu"), 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,hp", [((16, 40), dict(beta1=0.9, rank=4)),
                                       ((37,), dict(beta1=0.9))])
-def test_cuda_half_params_match_cpu(shape, hp, dtype, exact_fp32):
+def test_cuda_half_params_match_cpu(shape, hp, dtype):
     # Both sides round the same fp32 result once per step; a rounding tie broken
     # differently moves one element by one ulp, hence the per-dtype tolerance.
     pc, sc = run(shape, hp, "cuda", dtype)
@@ -78,11 +70,22 @@ def test_cuda_half_params_match_cpu(shape, hp, dtype, exact_fp32):
     assert rel_err(pc.cpu(), pp) <= tol
 
 
-def test_cuda_step_with_tf32(exact_fp32):
+@pytest.mark.parametrize("shape", [(96, 200), (200, 96)])
+def test_cuda_step_with_tf32(shape):
     # TF32 GEMMs (10-bit mantissa) touch only the compressed momentum; tolerance 2e-3.
-    torch.backends.cuda.matmul.allow_tf32 = True
-    shape, hp = (96, 200), dict(beta1=0.9, rank=32)
+    hp = dict(beta1=0.9, rank=32, tf32=True)
     assert_close_run(run(shape, hp, "cuda"), run(shape, hp, "cpu"), 2e-3)
+
+
+def test_cuda_bf16_grads_with_tensor_core_projection():
+    # tf32=True with bf16 gradients: the down projection is a bf16 GEMM (P diag(a) rounded
+    # to bf16, 8-bit mantissa, fp32 accumulation); against the exact path the momentum
+    # moves by ~1e-2 at most and the parameters by less.
+    shape, hp = (96, 200), dict(beta1=0.9, rank=32)
+    pc, sc = run(shape, dict(hp, tf32=True), "cuda", torch.bfloat16)
+    pe, se = run(shape, dict(hp, tf32=False), "cuda", torch.bfloat16)
+    assert rel_err(sc["momentum"].cpu(), se["momentum"].cpu()) <= 2e-2
+    assert rel_err(pc.float().cpu(), pe.float().cpu()) <= 1e-2
 
 
 @pytest.mark.parametrize("shape,hp", CASES[:4] + CASES[8:10], ids=str)
@@ -104,7 +107,7 @@ def test_projection_same_on_cpu_and_cuda(shape):
         assert ((cpu - gpu).abs() <= 2 * ulp).all(), seed
 
 
-def test_resume_cpu_checkpoint_on_cuda(exact_fp32):
+def test_resume_cpu_checkpoint_on_cuda():
     gen = torch.Generator().manual_seed(1)
     shapes = [(16, 40), (40, 16), (37,)]
     params0 = [torch.randn(s, generator=gen) for s in shapes]
@@ -112,7 +115,7 @@ def test_resume_cpu_checkpoint_on_cuda(exact_fp32):
 
     def make(device, params=None):
         ps = [torch.nn.Parameter(p.clone().to(device)) for p in (params or params0)]
-        return ps, flora_ext.Flora(ps, lr=1e-2, beta1=0.9, rank=4, kappa=5)
+        return ps, flora_ext.Flora(ps, lr=1e-2, beta1=0.9, rank=4, kappa=5, tf32=False)
 
     def steps(ps, opt, gs):
         for g in gs:
@@ -133,7 +136,7 @@ def test_resume_cpu_checkpoint_on_cuda(exact_fp32):
         assert rel_err(a.detach().cpu(), b.detach()) <= 1e-5
 
 
-def test_params_on_two_devices_in_one_optimizer(exact_fp32):
+def test_params_on_two_devices_in_one_optimizer():
     a = torch.nn.Parameter(torch.randn(16, 40))
     b = torch.nn.Parameter(torch.randn(16, 40, device="cuda"))
     with torch.no_grad():
@@ -171,3 +174,95 @@ def test_cuda_step_rejects_grad_on_another_device():
     with pytest.raises(RuntimeError, match="flora: grad must be on cuda"):
         torch.ops.flora.step_(*args, **kwargs)
     assert torch.equal(args[0], before)
+
+
+# One group mixing every layout, dtype and alignment the batched kernels branch on.
+GROUP_SHAPES = [(64, 64), (16, 40), (40, 16), (33, 130), (7, 13), (257, 3), (5,),
+                (9000,), (3, 4, 5), (96, 200), (0, 4), (1, 1)]
+
+
+def run_group(device, batch_bytes, monkeypatch, steps=6, hp=None):
+    monkeypatch.setenv("FLORA_BATCH_BYTES", str(batch_bytes))
+    gen = torch.Generator().manual_seed(5)
+    params = []
+    for k, shape in enumerate(GROUP_SHAPES):
+        dtype = torch.bfloat16 if k % 4 == 3 else torch.float32
+        p0 = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        if k == 1:  # a transposed (non-contiguous) parameter
+            p0 = p0.t().contiguous().t()
+        if k == 2:  # storage offset by one element: no vector loads
+            p0 = torch.randn(p0.numel() + 1, generator=gen).to(device)[1:].view(shape)
+        params.append(torch.nn.Parameter(p0))
+    kw = dict(lr=1e-2, beta1=0.9, rank=4, kappa=3, tf32=False, weight_decay=0.01)
+    kw.update(hp or {})
+    opt = flora_ext.Flora(params, **kw)
+    grads = [[torch.randn(shape, generator=gen) for shape in GROUP_SHAPES] for _ in range(steps)]
+    for gs in grads:
+        for p, g in zip(params, gs):
+            p.grad = g.to(device=device, dtype=p.dtype)
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 4096, 1 << 30])
+@pytest.mark.parametrize("beta1", [0.9, None])
+def test_batched_group_matches_cpu(batch_bytes, beta1, monkeypatch):
+    cuda_ps, cuda_opt = run_group("cuda", batch_bytes, monkeypatch, hp=dict(beta1=beta1))
+    cpu_ps, cpu_opt = run_group("cpu", batch_bytes, monkeypatch, hp=dict(beta1=beta1))
+    for a, b in zip(cuda_ps, cpu_ps):
+        tol = 1e-2 if a.dtype == torch.bfloat16 else 1e-5
+        assert rel_err(a.detach().float().cpu(), b.detach().float()) <= tol, tuple(a.shape)
+        for key, value in cuda_opt.state[a].items():
+            if isinstance(value, torch.Tensor):
+                assert rel_err(value.cpu(), cpu_opt.state[b][key]) <= 1e-2, (tuple(a.shape), key)
+
+
+def test_batching_does_not_change_results(monkeypatch):
+    one, _ = run_group("cuda", 1 << 30, monkeypatch)
+    many, _ = run_group("cuda", 1, monkeypatch)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b), tuple(a.shape)
+
+
+def test_many_small_tensors_one_call():
+    params = [torch.nn.Parameter(torch.randn(64, 64, device="cuda")) for _ in range(300)]
+    ref = [torch.nn.Parameter(p.detach().cpu()) for p in params]
+    opt = flora_ext.Flora(params, lr=1e-2)
+    ref_opt = flora_ext.Flora(ref, lr=1e-2)
+    for _ in range(3):
+        for p, r in zip(params, ref):
+            r.grad = torch.randn(64, 64)
+            p.grad = r.grad.cuda()
+        opt.step()
+        ref_opt.step()
+    assert max(rel_err(p.detach().cpu(), r.detach()) for p, r in zip(params, ref)) <= 1e-5
+
+
+def stochastic_rounding_run(device, lr, stochastic_rounding, n=1 << 16):
+    # Every element gets the same fp32 result 1 - lr (D = 1 at step 1, RMS(p) = 1).
+    p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16, device=device))
+    opt = flora_ext.Flora([p], lr=lr, beta1=None, stochastic_rounding=stochastic_rounding)
+    p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    return p.detach().float()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_stochastic_rounding_is_unbiased(device):
+    for lr in (1e-3, 3e-3):
+        exact = 1.0 - lr
+        nearest = stochastic_rounding_run(device, lr, False)
+        stochastic = stochastic_rounding_run(device, lr, True)
+        # bf16 spacing below 1.0 is 2^-8: plain rounding is off by up to half of it (and
+        # at lr = 1e-3 rounds back to 1.0: the update stalls); stochastic rounding takes
+        # the two neighbours with the right odds, so the mean of 65536 draws is within a
+        # few standard errors (2^-8 * 0.5 / 256) of the exact value.
+        assert set(stochastic.unique().tolist()) <= {1.0, 1.0 - 2.0**-8}
+        assert abs(stochastic.mean().item() - exact) <= 4 * 2.0**-8 * 0.5 / 256
+        assert abs(nearest.mean().item() - exact) > 10 * abs(stochastic.mean().item() - exact)
+
+
+def test_stochastic_rounding_same_bits_on_cpu_and_cuda():
+    a = stochastic_rounding_run("cpu", 3e-3, True, n=1000)
+    b = stochastic_rounding_run("cuda", 3e-3, True, n=1000)
+    assert torch.equal(a, b.cpu())

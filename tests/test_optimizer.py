@@ -32,6 +32,8 @@ BAD_CONSTRUCTOR = [
     (dict(seed=-1), ValueError, "seed must be"),
     (dict(seed=2**63), ValueError, "seed must be"),
     (dict(scale_parameter="yes"), TypeError, "scale_parameter must be a bool"),
+    (dict(tf32=1), TypeError, "tf32 must be a bool"),
+    (dict(stochastic_rounding=None), TypeError, "stochastic_rounding must be a bool"),
     (dict(lr=torch.tensor(0.1)), TypeError, "lr must be a Python float"),
     (dict(quantization=True), NotImplementedError, "quantization=True"),
 ]
@@ -62,6 +64,8 @@ def test_defaults_match_flora_opt():
     expected = dict(lr=None, rank=None, kappa=1000, eps=(1e-30, 1e-3), clip_threshold=1.0,
                     decay_rate=-0.8, beta1=None, weight_decay=0.0, scale_parameter=True,
                     relative_step=True, warmup_init=False, factorize_second_moment=True, seed=0)
+    # ours on top: keyword-only, CUDA projection precision and bf16 rounding
+    expected.update(tf32=True, stochastic_rounding=False)
     assert opt.defaults == expected
 
 
@@ -345,3 +349,28 @@ def test_compressed_state_is_a_fraction_of_adamw():
     numel = sum(p.numel() for p in model.parameters())
     # rank-16 momentum of (256 x 512)-shaped weights: ~r/min(n, m) of a dense one
     assert flora_ext.state_bytes(opt) < 0.1 * 8 * numel
+
+
+def test_stochastic_rounding_rejects_float16_params():
+    p = torch.nn.Parameter(torch.randn(4, 4).half())
+    with pytest.raises(ValueError, match="stochastic_rounding supports bfloat16"):
+        flora_ext.Flora([p], lr=1e-2, stochastic_rounding=True)
+    # the op says the same to callers that bypass the class
+    from test_ops import step_args
+    args, kwargs = step_args("full-dense", dtype=torch.float16)
+    before = args[0].clone()
+    with pytest.raises(RuntimeError, match="stochastic_rounding supports bfloat16"):
+        torch.ops.flora.step_(*args, **kwargs, stochastic_rounding=True)
+    assert torch.equal(args[0], before)
+
+
+def test_stochastic_rounding_changes_nothing_for_float32():
+    results = []
+    for sr in (False, True):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 40).view(4, 10))
+        opt = flora_ext.Flora([p], lr=1e-2, beta1=0.9, stochastic_rounding=sr)
+        for k in range(3):
+            p.grad = torch.cos(torch.arange(40.0) * (k + 1)).view(4, 10)
+            opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(*results)

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define FLORA_HOST_DEVICE __host__ __device__
@@ -44,6 +45,30 @@ FLORA_HOST_DEVICE inline int64_t next_seed(int64_t seed) {
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
   z ^= z >> 31;
   return static_cast<int64_t>(z & kSeedMask);
+}
+
+// Key of the Philox stream whose word e % 4 of block e / 4 rounds element e of the
+// k-th parameter of a step_group_ call at step t stochastically. Mixed through
+// next_seed twice, so it does not coincide with the projection seeds nearby.
+FLORA_HOST_DEVICE inline uint64_t rounding_key(int64_t seed, int64_t step, int64_t index) {
+  const uint64_t mixed = static_cast<uint64_t>(next_seed(seed)) ^
+                         (static_cast<uint64_t>(step) * 0xD1B54A32D192ED03ULL) ^
+                         (static_cast<uint64_t>(index) * 0x9E3779B97F4A7C15ULL);
+  return static_cast<uint64_t>(next_seed(static_cast<int64_t>(mixed & kSeedMask)));
+}
+
+// bfloat16 bits of x rounded stochastically: up (away from zero) with probability
+// equal to the dropped fraction of the low 16 bits, so E[result] = x. `random`'s
+// low 16 bits are the uniform draw. Inf and NaN keep their class.
+FLORA_HOST_DEVICE inline uint16_t bfloat16_bits_stochastic(float x, uint32_t random) {
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof(bits));
+  if ((bits & 0x7F800000u) == 0x7F800000u) {
+    const bool nan = (bits & 0x007FFFFFu) != 0;
+    return static_cast<uint16_t>((bits >> 16) | (nan ? 0x0040u : 0u));
+  }
+  bits += random & 0xFFFFu;
+  return static_cast<uint16_t>(bits >> 16);
 }
 
 }  // namespace flora

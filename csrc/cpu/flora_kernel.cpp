@@ -125,13 +125,31 @@ at::Tensor compressed_momentum_update(const at::Tensor& u, at::Tensor& momentum,
   return d;
 }
 
-// One parameter whose inputs check_step_inputs has accepted.
-void run_step_cpu(const at::Tensor& param, const at::Tensor& grad,
-                  const std::optional<at::Tensor>& row_second_moment,
-                  const std::optional<at::Tensor>& col_second_moment,
-                  const std::optional<at::Tensor>& second_moment,
-                  const std::optional<at::Tensor>& momentum_opt, const StepOptions& o,
-                  const ParamLayout& layout) {
+// Writes the float32 result back into a half-precision parameter: round to
+// nearest, or stochastically (bfloat16) from the Philox stream of rounding_key.
+void write_back_rounded(const at::Tensor& param, const at::Tensor& result, uint64_t key) {
+  const float* x = result.data_ptr<float>();
+  at::BFloat16* out = param.data_ptr<at::BFloat16>();
+  const int64_t numel = param.numel();
+  at::parallel_for(0, (numel + 3) / 4, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      at::Philox4_32 words(key, static_cast<uint64_t>(q), 0);
+      for (int64_t k = 0; k < 4; ++k) {
+        const uint32_t w = words();
+        const int64_t e = 4 * q + k;
+        if (e < numel) out[e].x = bfloat16_bits_stochastic(x[e], w);
+      }
+    }
+  });
+}
+
+// One parameter whose inputs check_step_inputs has accepted; `index` is its place
+// in the call (it keys the stochastic rounding).
+void run_step_cpu(const at::Tensor& param, const at::Tensor& grad, const GroupEntry& entry,
+                  int64_t index) {
+  const StepOptions& o = entry.options;
+  const ParamLayout& layout = entry.layout;
+  const ParamState& state = entry.state;
   const int64_t numel = param.numel();
   if (numel == 0) return;
 
@@ -151,21 +169,21 @@ void run_step_cpu(const at::Tensor& param, const at::Tensor& grad,
   at::Tensor u = at::empty({numel}, g.options());
   if (layout.factored) {
     factored_update(gp, layout.rows, layout.cols, beta2, o.eps1,
-                    row_second_moment->data_ptr<float>(),
-                    col_second_moment->data_ptr<float>(), u.data_ptr<float>());
+                    state.row_second_moment->data_ptr<float>(),
+                    state.col_second_moment->data_ptr<float>(), u.data_ptr<float>());
   } else {
-    full_update(gp, numel, beta2, o.eps1, second_moment->data_ptr<float>(),
+    full_update(gp, numel, beta2, o.eps1, state.second_moment->data_ptr<float>(),
                 u.data_ptr<float>());
   }
 
   // Step 4: momentum.
   at::Tensor d = u;
   if (layout.momentum == MomentumKind::kDense) {
-    at::Tensor m = momentum_opt->view({numel});
+    at::Tensor m = state.momentum->view({numel});
     m.mul_(o.beta1).add_(u, 1.0 - o.beta1);  // D = (1 - beta1) U + beta1 M; M = D
     d = m;
   } else if (layout.momentum == MomentumKind::kCompressed) {
-    at::Tensor m = *momentum_opt;
+    at::Tensor m = *state.momentum;
     d = compressed_momentum_update(u.view({layout.rows, layout.cols}), m, layout, o)
             .contiguous()
             .view({numel});
@@ -185,7 +203,22 @@ void run_step_cpu(const at::Tensor& param, const at::Tensor& grad,
       pp[e] = x - step_size * (dp[e] * inv_clip);
     }
   });
-  if (!in_place) param.copy_(p.view(param.sizes()));
+  if (in_place) return;
+  if (o.stochastic_rounding && param.scalar_type() == at::kBFloat16 && param.is_contiguous()) {
+    write_back_rounded(param, p, rounding_key(o.seed, o.step, index));
+  } else if (o.stochastic_rounding && param.scalar_type() == at::kBFloat16) {
+    at::Tensor rounded = at::empty(param.sizes(), param.options());
+    write_back_rounded(rounded, p, rounding_key(o.seed, o.step, index));
+    param.copy_(rounded);
+  } else {
+    param.copy_(p.view(param.sizes()));
+  }
+}
+
+void run_group_cpu(at::TensorList params, at::TensorList grads,
+                   const std::vector<GroupEntry>& entries) {
+  for (size_t k = 0; k < params.size(); ++k)
+    run_step_cpu(params[k], grads[k], entries[k], static_cast<int64_t>(k));
 }
 
 void step_cpu(const at::Tensor& param, const at::Tensor& grad,
@@ -195,30 +228,25 @@ void step_cpu(const at::Tensor& param, const at::Tensor& grad,
               const std::optional<at::Tensor>& momentum, int64_t step, int64_t seed, double lr,
               double beta1, double eps1, double eps2, double clip_threshold, double decay_rate,
               double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
-              bool relative_step, bool warmup_init, bool factorize_second_moment) {
-  const StepOptions o = detail::options_from_schema(
-      step, seed, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
-      scale_parameter, relative_step, warmup_init, factorize_second_moment);
-  const ParamLayout layout = check_step_inputs(param, grad, row_second_moment,
-                                               col_second_moment, second_moment, momentum, o);
-  run_step_cpu(param, grad, row_second_moment, col_second_moment, second_moment, momentum, o,
-               layout);
+              bool relative_step, bool warmup_init, bool factorize_second_moment, bool tf32,
+              bool stochastic_rounding) {
+  detail::run_step_op(&run_group_cpu, param, grad, row_second_moment, col_second_moment,
+                      second_moment, momentum, step, seed, lr, beta1, eps1, eps2,
+                      clip_threshold, decay_rate, weight_decay, rank, kappa, scale_parameter,
+                      relative_step, warmup_init, factorize_second_moment, tf32,
+                      stochastic_rounding);
 }
 
-void step_group_cpu(at::TensorList params, at::TensorList grads,
-                    at::TensorList states, at::IntArrayRef steps, at::IntArrayRef seeds, double lr, double beta1,
+void step_group_cpu(at::TensorList params, at::TensorList grads, at::TensorList states,
+                    at::IntArrayRef steps, at::IntArrayRef seeds, double lr, double beta1,
                     double eps1, double eps2, double clip_threshold, double decay_rate,
                     double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
-                    bool relative_step, bool warmup_init, bool factorize_second_moment) {
-  const StepOptions group = detail::options_from_schema(
-      1, 0, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
-      scale_parameter, relative_step, warmup_init, factorize_second_moment);
-  const std::vector<GroupEntry> entries =
-      check_group_inputs(params, grads, states, steps, seeds, group);
-  for (size_t k = 0; k < params.size(); ++k)
-    run_step_cpu(params[k], grads[k], entries[k].state.row_second_moment,
-                 entries[k].state.col_second_moment, entries[k].state.second_moment,
-                 entries[k].state.momentum, entries[k].options, entries[k].layout);
+                    bool relative_step, bool warmup_init, bool factorize_second_moment,
+                    bool tf32, bool stochastic_rounding) {
+  detail::run_step_group_op(&run_group_cpu, params, grads, states, steps, seeds, lr, beta1,
+                            eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
+                            scale_parameter, relative_step, warmup_init,
+                            factorize_second_moment, tf32, stochastic_rounding);
 }
 
 }  // namespace

@@ -1,7 +1,20 @@
-// CUDA kernels of the flora ops. First version: one parameter per call, a few
-// row-wise kernels with deterministic (fixed-order) reductions, cuRAND Philox for
-// the projections and cuBLAS for the projection GEMMs. The fused multi-tensor
-// step is its own piece of work.
+// CUDA kernels of the flora ops.
+//
+// A step_group_ call steps its parameters in batches: consecutive parameters of
+// one dtype (FLORA_BATCH_BYTES of gradients and parameters, default 1 GiB; a
+// tensor with compressed momentum alone). Every pass over a batch is one launch
+// over all its tensors (a table of Task descriptors, tiles found by binary
+// search), so a model of many small tensors costs a handful of launches. Passes:
+//   stats    row/column sums of G^2 + eps1 and sum p^2 (factored), or the full
+//            second moment, dense momentum and their sums (unfactored)
+//   finalize row/col EMAs, column factors, per-256-row partial sums
+//   scalars  mean of the row EMA and the step size of each tensor
+//   (compressed momentum: projections regenerated with cuRAND Philox, cuBLAS GEMMs;
+//    down(U) = (P diag a) G diag b, so U is never materialised)
+//   rms      sum of D^2 of factored tensors (D needs the column factors)
+//   clip     the RMS clip factor of each tensor
+//   apply    p = p - decay p - lr D / clip, written once (stochastic rounding optional)
+// All reductions have a fixed order, so results do not depend on scheduling.
 #include "flora/ops.h"
 #include "../common/random.h"
 
@@ -11,39 +24,144 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <curand_kernel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
 
 namespace flora {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarpsPerBlock = kThreads / 32;
-constexpr int64_t kRowsPerColumnChunk = 32;
-constexpr int64_t kMaxPassBlocks = 2048;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTileRows = 64;                        // factored tile: 64 rows x 128 columns
+constexpr int kRowsPerWarp = kTileRows / kWarps;     // 8
+constexpr int kTileCols = 128;                       // 32 lanes x 4 columns
+constexpr int kFullVecsPerThread = 8;
+constexpr int64_t kFullTile = int64_t(kThreads) * 4 * kFullVecsPerThread;  // 8192 elements
+constexpr int kFinalizeWidth = 256;                  // rows or columns per finalize block
+constexpr int kChunksPerRowBlock = kFinalizeWidth / kTileRows;
 
-// Momentum handling of the row pass.
-enum RowPassMode : int { kPassNoMomentum = 0, kPassDenseMomentum = 1, kPassWriteUpdate = 2 };
-// Where the apply kernel finds D.
-
-// scalars[] layout, written by the reduction kernels, read by the apply kernel.
 enum Scalar : int { kRowMean = 0, kStepSize = 1, kInvClip = 2, kDecay = 3, kNumScalars = 4 };
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+enum TaskKind : int32_t { kFactored = 0, kFull = 1 };
 
-__device__ inline float warp_sum(float v) {
+// One parameter of a batch, as the kernels see it. Workspace pointers are
+// batch-local: batches run one after another on one stream and share it.
+struct Task {
+  void* param;
+  const void* grad;
+  float* row;            // factored: row EMA (n)
+  float* col;            // factored: column EMA (m)
+  float* second_moment;  // unfactored
+  float* momentum;       // dense momentum (numel), else nullptr
+  float* update;         // compressed: beta1 up(M) (n x m), else nullptr
+  float* row_part;       // n x ctiles: row sums of G^2 + eps1 over each tile
+  float* col_part;       // rchunks x m: column sums over each tile
+  float* col_factor;     // m: 1 / sqrt(col EMA)
+  double* row_block_sum; // ceil(n / 256): sums of the new row EMA
+  double* p2_block;      // ceil(n / 256): sums of p^2
+  float* tile_p2;        // tiles
+  float* tile_d2;        // tiles
+  float* scalars;        // kNumScalars
+  int64_t n, m;          // factored: rows, cols; unfactored: 1, numel
+  int64_t numel;
+  int64_t tile_begin;    // first tile of this task in the batch's grid
+  int64_t fblock_begin;  // first finalize block
+  int64_t tiles;
+  int32_t ctiles, rchunks;
+  int32_t kind, momentum_kind, vec;
+  double beta2, base_lr;
+  uint64_t rounding_key;
+};
+
+// Hyper-parameters shared by every tensor of a call.
+struct GroupArgs {
+  float eps1, beta1;
+  double eps2, clip_threshold, weight_decay;
+  int32_t scale_parameter, stochastic_rounding;
+};
+
+template <int DT> struct StorageOf { using type = uint16_t; };
+template <> struct StorageOf<kF32> { using type = float; };
+template <int DT> using Storage = typename StorageOf<DT>::type;
+
+template <int DT>
+__device__ __forceinline__ float to_float(Storage<DT> v) {
+  if constexpr (DT == kF32) return v;
+  else if constexpr (DT == kBF16) return __uint_as_float(static_cast<uint32_t>(v) << 16);
+  else return __half2float(__ushort_as_half(v));
+}
+
+template <int DT>
+__device__ __forceinline__ Storage<DT> from_float(float x) {
+  if constexpr (DT == kF32) return x;
+  else if constexpr (DT == kBF16) return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  else return __half_as_ushort(__float2half_rn(x));
+}
+
+// Four consecutive elements as floats; `valid` of them exist. One 16-byte (fp32)
+// or 8-byte (16-bit types) load when the task is aligned for it.
+template <int DT>
+__device__ __forceinline__ void load4(const Storage<DT>* ptr, bool vec, int valid, float v[4]) {
+  if (vec && valid == 4) {
+    if constexpr (DT == kF32) {
+      const float4 x = *reinterpret_cast<const float4*>(ptr);
+      v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+    } else {
+      const uint2 x = *reinterpret_cast<const uint2*>(ptr);
+      v[0] = to_float<DT>(static_cast<uint16_t>(x.x & 0xFFFFu));
+      v[1] = to_float<DT>(static_cast<uint16_t>(x.x >> 16));
+      v[2] = to_float<DT>(static_cast<uint16_t>(x.y & 0xFFFFu));
+      v[3] = to_float<DT>(static_cast<uint16_t>(x.y >> 16));
+    }
+    return;
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) v[c] = c < valid ? to_float<DT>(ptr[c]) : 0.f;
+}
+
+template <int DT>
+__device__ __forceinline__ void store4(Storage<DT>* ptr, bool vec, int valid,
+                                       const Storage<DT> v[4]) {
+  if (vec && valid == 4) {
+    if constexpr (DT == kF32) {
+      *reinterpret_cast<float4*>(ptr) = make_float4(v[0], v[1], v[2], v[3]);
+    } else {
+      uint2 x;
+      x.x = static_cast<uint32_t>(v[0]) | (static_cast<uint32_t>(v[1]) << 16);
+      x.y = static_cast<uint32_t>(v[2]) | (static_cast<uint32_t>(v[3]) << 16);
+      *reinterpret_cast<uint2*>(ptr) = x;
+    }
+    return;
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c)
+    if (c < valid) ptr[c] = v[c];
+}
+
+__device__ __forceinline__ void store4f(float* ptr, bool vec, int valid, const float v[4]) {
+  store4<kF32>(ptr, vec, valid, v);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
 
-__device__ inline double warp_sum(double v) {
+__device__ __forceinline__ double warp_sum(double v) {
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
 }
 
-// Sum over the block, valid in thread 0. blockDim.x must be a multiple of 32.
+// Sum over the block, valid in thread 0; every thread must call it.
 template <typename T>
 __device__ T block_sum(T v) {
   __shared__ T warp_totals[32];
@@ -52,7 +170,7 @@ __device__ T block_sum(T v) {
   if (lane == 0) warp_totals[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < blockDim.x / 32 ? warp_totals[lane] : T(0);
+    v = lane < static_cast<int>(blockDim.x / 32) ? warp_totals[lane] : T(0);
     v = warp_sum(v);
   }
   __syncthreads();
@@ -60,251 +178,490 @@ __device__ T block_sum(T v) {
 }
 
 // U of a factored parameter (FLORA.md step 3) is g * row_scale(i) * col_scale[j];
-// the factors are computed once a row / once a column, by these two formulas only.
-__device__ inline float row_scale(float row, float row_mean) { return 1.0f / sqrtf(row / row_mean); }
-__device__ inline float col_scale(float col) { return 1.0f / sqrtf(col); }
+// the factors come from these two formulas only.
+__device__ __forceinline__ float row_scale(float row, float row_mean) {
+  return 1.0f / sqrtf(row / row_mean);
+}
+__device__ __forceinline__ float col_scale(float col) { return 1.0f / sqrtf(col); }
+
+// The task whose range [begin, next begin) holds `index` (tasks sorted by begin).
+template <typename Begin>
+__device__ __forceinline__ const Task& find_task(const Task* tasks, int count, int64_t index,
+                                                 Begin begin) {
+  int lo = 0, hi = count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (begin(tasks[mid]) <= index) lo = mid;
+    else hi = mid - 1;
+  }
+  return tasks[lo];
+}
+
+__device__ __forceinline__ const Task& task_of_tile(const Task* tasks, int count) {
+  return find_task(tasks, count, blockIdx.x, [](const Task& t) { return t.tile_begin; });
+}
+
+__device__ __forceinline__ int valid_of(int64_t remaining) {
+  return remaining <= 0 ? 0 : remaining >= 4 ? 4 : static_cast<int>(remaining);
+}
+
+// Row i of tile row-chunk rc handled by warp w in round k; the 8 warps take
+// neighbouring rows in each round.
+__device__ __forceinline__ int64_t tile_row(int64_t rc, int k, int warp) {
+  return rc * kTileRows + k * kWarps + warp;
+}
+
+// ---- pass 1: statistics ----------------------------------------------------
+
+template <int DT>
+__device__ void factored_stats(const Task& t, int64_t local, const GroupArgs& a) {
+  using S = Storage<DT>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t rc = local / t.ctiles, ct = local % t.ctiles;
+  const int64_t n = t.n, m = t.m;
+  const int64_t c0 = ct * kTileCols + lane * 4;
+  const int valid = valid_of(m - c0);
+  const bool vec = t.vec;
+  const S* g = static_cast<const S*>(t.grad);
+  const S* p = static_cast<const S*>(t.param);
+  float gv[kRowsPerWarp][4], pv[kRowsPerWarp][4];
+#pragma unroll
+  for (int k = 0; k < kRowsPerWarp; ++k) {
+    const int64_t i = tile_row(rc, k, warp);
+    const int row_valid = i < n ? valid : 0;
+    load4<DT>(g + i * m + c0, vec, row_valid, gv[k]);
+    load4<DT>(p + i * m + c0, vec, row_valid, pv[k]);
+  }
+  float col_acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float p2 = 0.f;
+#pragma unroll
+  for (int k = 0; k < kRowsPerWarp; ++k) {
+    const int64_t i = tile_row(rc, k, warp);
+    const int row_valid = i < n ? valid : 0;
+    float row_acc = 0.f;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      if (c < row_valid) {
+        const float v = gv[k][c] * gv[k][c] + a.eps1;
+        row_acc += v;
+        col_acc[c] += v;
+        p2 += pv[k][c] * pv[k][c];
+      }
+    }
+    row_acc = warp_sum(row_acc);
+    if (lane == 0 && i < n) t.row_part[i * t.ctiles + ct] = row_acc;
+  }
+  __shared__ float col_sm[kWarps][kTileCols];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) col_sm[warp][lane * 4 + c] = col_acc[c];
+  __syncthreads();
+  if (threadIdx.x < kTileCols) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += col_sm[w][threadIdx.x];
+    const int64_t j = ct * kTileCols + threadIdx.x;
+    if (j < m) t.col_part[rc * m + j] = s;
+  }
+  p2 = block_sum(p2);
+  if (threadIdx.x == 0) t.tile_p2[local] = p2;
+}
+
+// Unfactored: S = beta2 S + (1 - beta2)(G^2 + eps1); D = G / sqrt(S), mixed with
+// dense momentum (which then stores D). Sums of p^2 and D^2 per tile.
+template <int DT>
+__device__ void full_stats(const Task& t, int64_t local, const GroupArgs& a) {
+  using S = Storage<DT>;
+  const S* g = static_cast<const S*>(t.grad);
+  const S* p = static_cast<const S*>(t.param);
+  const bool vec = t.vec;
+  const float b2 = static_cast<float>(t.beta2);
+  float p2 = 0.f, d2 = 0.f;
+#pragma unroll 2
+  for (int k = 0; k < kFullVecsPerThread; ++k) {
+    const int64_t e0 = local * kFullTile + (int64_t(k) * kThreads + threadIdx.x) * 4;
+    const int valid = valid_of(t.numel - e0);
+    if (valid == 0) continue;
+    float gv[4], pv[4], sv[4], mv[4];
+    load4<DT>(g + e0, vec, valid, gv);
+    load4<DT>(p + e0, vec, valid, pv);
+    load4<kF32>(t.second_moment + e0, vec, valid, sv);
+    if (t.momentum) load4<kF32>(t.momentum + e0, vec, valid, mv);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      if (c >= valid) continue;
+      sv[c] = b2 * sv[c] + (1.f - b2) * (gv[c] * gv[c] + a.eps1);
+      float d = gv[c] / sqrtf(sv[c]);
+      if (t.momentum) {
+        d = (1.f - a.beta1) * d + a.beta1 * mv[c];
+        mv[c] = d;
+      }
+      p2 += pv[c] * pv[c];
+      d2 += d * d;
+    }
+    store4f(t.second_moment + e0, vec, valid, sv);
+    if (t.momentum) store4f(t.momentum + e0, vec, valid, mv);
+  }
+  p2 = block_sum(p2);
+  d2 = block_sum(d2);
+  if (threadIdx.x == 0) {
+    t.tile_p2[local] = p2;
+    t.tile_d2[local] = d2;
+  }
+}
+
+template <int DT>
+__global__ void __launch_bounds__(kThreads)
+    stats_kernel(const Task* __restrict__ tasks, int count, GroupArgs a) {
+  const Task& t = task_of_tile(tasks, count);
+  const int64_t local = blockIdx.x - t.tile_begin;
+  if (t.kind == kFactored) factored_stats<DT>(t, local, a);
+  else full_stats<DT>(t, local, a);
+}
+
+// ---- pass 2: EMAs of factored tensors ---------------------------------------
+
+// Blocks [0, ceil(m/256)) of a task: column EMA and factor; the rest: row EMA of
+// 256 rows, with that row block's sums of the row EMA and of p^2.
+__global__ void __launch_bounds__(kFinalizeWidth)
+    finalize_kernel(const Task* __restrict__ tasks, int count) {
+  const Task& t = find_task(tasks, count, blockIdx.x,
+                            [](const Task& x) { return x.fblock_begin; });
+  const int64_t local = blockIdx.x - t.fblock_begin;
+  const int64_t col_blocks = (t.m + kFinalizeWidth - 1) / kFinalizeWidth;
+  const double b2 = t.beta2;
+  if (local < col_blocks) {
+    const int64_t j = local * kFinalizeWidth + threadIdx.x;
+    if (j < t.m) {
+      double s = 0.0;
+      for (int64_t rc = 0; rc < t.rchunks; ++rc) s += t.col_part[rc * t.m + j];
+      const float c = static_cast<float>(b2 * t.col[j] + (1.0 - b2) * (s / t.n));
+      t.col[j] = c;
+      t.col_factor[j] = col_scale(c);
+    }
+    return;
+  }
+  const int64_t rb = local - col_blocks;
+  const int64_t i = rb * kFinalizeWidth + threadIdx.x;
+  double row_value = 0.0;
+  if (i < t.n) {
+    double s = 0.0;
+    for (int64_t ct = 0; ct < t.ctiles; ++ct) s += t.row_part[i * t.ctiles + ct];
+    const float r = static_cast<float>(b2 * t.row[i] + (1.0 - b2) * (s / t.m));
+    t.row[i] = r;
+    row_value = r;
+  }
+  const int64_t first_tile = rb * kChunksPerRowBlock * t.ctiles;
+  const int64_t row_block_end = (rb + 1) * kChunksPerRowBlock * t.ctiles;
+  const int64_t last_tile = row_block_end < t.tiles ? row_block_end : t.tiles;
+  double p2 = 0.0;
+  for (int64_t k = first_tile + threadIdx.x; k < last_tile; k += blockDim.x) p2 += t.tile_p2[k];
+  row_value = block_sum(row_value);
+  p2 = block_sum(p2);
+  if (threadIdx.x == 0) {
+    t.row_block_sum[rb] = row_value;
+    t.p2_block[rb] = p2;
+  }
+}
+
+// One block per task: mean of the row EMA and this step's learning rate (step 1).
+__global__ void __launch_bounds__(kThreads)
+    scalars_kernel(const Task* __restrict__ tasks, GroupArgs a) {
+  const Task& t = tasks[blockIdx.x];
+  double rows = 0.0, p2 = 0.0;
+  if (t.kind == kFactored) {
+    const int64_t blocks = (t.n + kFinalizeWidth - 1) / kFinalizeWidth;
+    for (int64_t k = threadIdx.x; k < blocks; k += blockDim.x) {
+      rows += t.row_block_sum[k];
+      p2 += t.p2_block[k];
+    }
+  } else {
+    for (int64_t k = threadIdx.x; k < t.tiles; k += blockDim.x) p2 += t.tile_p2[k];
+  }
+  rows = block_sum(rows);
+  p2 = block_sum(p2);
+  if (threadIdx.x == 0) {
+    t.scalars[kRowMean] = t.kind == kFactored ? static_cast<float>(rows / t.n) : 1.0f;
+    double lr = t.base_lr;
+    if (a.scale_parameter) lr *= fmax(a.eps2, sqrt(p2 / t.numel));
+    t.scalars[kStepSize] = static_cast<float>(lr);
+  }
+}
+
+// ---- pass 3 and 5: D of factored tensors, and the parameter write -----------
+
+// D of element (i, j) of a factored tensor from u = g a_i b_j (FLORA.md step 4);
+// the rms pass advances dense momentum, the apply pass reads it back.
+template <bool kAdvanceMomentum>
+__device__ __forceinline__ float factored_d(const Task& t, const GroupArgs& a, float u,
+                                            int64_t e) {
+  switch (t.momentum_kind) {
+    case static_cast<int>(MomentumKind::kDense):
+      if (kAdvanceMomentum) {
+        const float d = (1.f - a.beta1) * u + a.beta1 * t.momentum[e];
+        t.momentum[e] = d;
+        return d;
+      }
+      return t.momentum[e];
+    case static_cast<int>(MomentumKind::kCompressed):
+      return (1.f - a.beta1) * u + t.update[e];
+    default:
+      return u;
+  }
+}
+
+template <int DT>
+__global__ void __launch_bounds__(kThreads)
+    rms_kernel(const Task* __restrict__ tasks, int count, GroupArgs a) {
+  using S = Storage<DT>;
+  const Task& t = task_of_tile(tasks, count);
+  if (t.kind != kFactored) return;  // unfactored D^2 came with the stats
+  const int64_t local = blockIdx.x - t.tile_begin;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t rc = local / t.ctiles, ct = local % t.ctiles;
+  const int64_t n = t.n, m = t.m;
+  const int64_t c0 = ct * kTileCols + lane * 4;
+  const int valid = valid_of(m - c0);
+  const S* g = static_cast<const S*>(t.grad);
+  const float row_mean = t.scalars[kRowMean];
+  float b[4];
+  load4<kF32>(t.col_factor + c0, false, valid, b);
+  float gv[kRowsPerWarp][4];
+#pragma unroll
+  for (int k = 0; k < kRowsPerWarp; ++k) {
+    const int64_t i = tile_row(rc, k, warp);
+    load4<DT>(g + i * m + c0, t.vec, i < n ? valid : 0, gv[k]);
+  }
+  float d2 = 0.f;
+#pragma unroll
+  for (int k = 0; k < kRowsPerWarp; ++k) {
+    const int64_t i = tile_row(rc, k, warp);
+    if (i >= n) continue;
+    const float ai = row_scale(t.row[i], row_mean);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      if (c >= valid) continue;
+      const float d = factored_d<true>(t, a, gv[k][c] * ai * b[c], i * m + c0 + c);
+      d2 += d * d;
+    }
+  }
+  d2 = block_sum(d2);
+  if (threadIdx.x == 0) t.tile_d2[local] = d2;
+}
+
+// One block per task: the RMS clip factor (step 5) and the weight-decay factor.
+__global__ void __launch_bounds__(kThreads)
+    clip_kernel(const Task* __restrict__ tasks, GroupArgs a) {
+  const Task& t = tasks[blockIdx.x];
+  double d2 = 0.0;
+  for (int64_t k = threadIdx.x; k < t.tiles; k += blockDim.x) d2 += t.tile_d2[k];
+  d2 = block_sum(d2);
+  if (threadIdx.x == 0) {
+    const double clip = fmax(1.0, sqrt(d2 / t.numel) / a.clip_threshold);
+    t.scalars[kInvClip] = static_cast<float>(1.0 / clip);
+    t.scalars[kDecay] = static_cast<float>(a.weight_decay * t.scalars[kStepSize]);
+  }
+}
+
+// Philox words for elements e0 .. e0 + 3 of the rounding stream of `key`.
+__device__ __forceinline__ void rounding_words(uint64_t key, int64_t e0, uint32_t w[4]) {
+  curandStatePhilox4_32_10_t state;
+  if (e0 % 4 == 0) {
+    curand_init(key, static_cast<unsigned long long>(e0 / 4), 0, &state);
+    const uint4 x = curand4(&state);
+    w[0] = x.x; w[1] = x.y; w[2] = x.z; w[3] = x.w;
+    return;
+  }
+  for (int c = 0; c < 4; ++c) {
+    const int64_t e = e0 + c;
+    curand_init(key, static_cast<unsigned long long>(e / 4), 0, &state);
+    const uint4 x = curand4(&state);
+    const uint32_t words[4] = {x.x, x.y, x.z, x.w};
+    w[c] = words[e % 4];
+  }
+}
+
+// p - decay p - lr D / clip for four elements starting at flat index e0, rounded
+// once into the parameter's dtype.
+template <int DT>
+__device__ __forceinline__ void write_params(const Task& t, const GroupArgs& a,
+                                             Storage<DT>* p, int64_t e0, int valid,
+                                             const float pv[4], const float d[4]) {
+  const float decay = t.scalars[kDecay], lr = t.scalars[kStepSize],
+              inv_clip = t.scalars[kInvClip];
+  float x[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    x[c] = pv[c];
+    if (decay != 0.f) x[c] -= decay * x[c];
+    x[c] = x[c] - lr * (d[c] * inv_clip);
+  }
+  Storage<DT> out[4];
+  if constexpr (DT == kBF16) {
+    if (a.stochastic_rounding) {
+      uint32_t w[4];
+      rounding_words(t.rounding_key, e0, w);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) out[c] = bfloat16_bits_stochastic(x[c], w[c]);
+      store4<DT>(p + e0, t.vec, valid, out);
+      return;
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) out[c] = from_float<DT>(x[c]);
+  store4<DT>(p + e0, t.vec, valid, out);
+}
+
+template <int DT>
+__global__ void __launch_bounds__(kThreads)
+    apply_kernel(const Task* __restrict__ tasks, int count, GroupArgs a) {
+  using S = Storage<DT>;
+  const Task& t = task_of_tile(tasks, count);
+  const int64_t local = blockIdx.x - t.tile_begin;
+  S* p = static_cast<S*>(t.param);
+  const S* g = static_cast<const S*>(t.grad);
+  const bool vec = t.vec;
+  if (t.kind == kFull) {
+#pragma unroll 2
+    for (int k = 0; k < kFullVecsPerThread; ++k) {
+      const int64_t e0 = local * kFullTile + (int64_t(k) * kThreads + threadIdx.x) * 4;
+      const int valid = valid_of(t.numel - e0);
+      if (valid == 0) continue;
+      float pv[4], d[4];
+      load4<DT>(p + e0, vec, valid, pv);
+      if (t.momentum) {
+        load4<kF32>(t.momentum + e0, vec, valid, d);
+      } else {
+        float gv[4], sv[4];
+        load4<DT>(g + e0, vec, valid, gv);
+        load4<kF32>(t.second_moment + e0, vec, valid, sv);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) d[c] = c < valid ? gv[c] / sqrtf(sv[c]) : 0.f;
+      }
+      write_params<DT>(t, a, p, e0, valid, pv, d);
+    }
+    return;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t rc = local / t.ctiles, ct = local % t.ctiles;
+  const int64_t n = t.n, m = t.m;
+  const int64_t c0 = ct * kTileCols + lane * 4;
+  const int valid = valid_of(m - c0);
+  const float row_mean = t.scalars[kRowMean];
+  float b[4];
+  load4<kF32>(t.col_factor + c0, false, valid, b);
+  float gv[kRowsPerWarp][4], pv[kRowsPerWarp][4];
+#pragma unroll
+  for (int k = 0; k < kRowsPerWarp; ++k) {
+    const int64_t i = tile_row(rc, k, warp);
+    const int row_valid = i < n ? valid : 0;
+    load4<DT>(g + i * m + c0, vec, row_valid, gv[k]);
+    load4<DT>(p + i * m + c0, vec, row_valid, pv[k]);
+  }
+#pragma unroll
+  for (int k = 0; k < kRowsPerWarp; ++k) {
+    const int64_t i = tile_row(rc, k, warp);
+    if (i >= n || valid == 0) continue;
+    const float ai = row_scale(t.row[i], row_mean);
+    float d[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      d[c] = c < valid ? factored_d<false>(t, a, gv[k][c] * ai * b[c], i * m + c0 + c) : 0.f;
+    write_params<DT>(t, a, p, i * m + c0, valid, pv[k], d);
+  }
+}
+
+// ---- projections -------------------------------------------------------------
+
+__device__ __forceinline__ void projection_values(uint64_t seed, int64_t q, double scale,
+                                                  float z[4]) {
+  curandStatePhilox4_32_10_t state;
+  curand_init(seed, static_cast<unsigned long long>(q), 0, &state);
+  const uint4 w = curand4(&state);
+  box_muller(w.x, w.y, scale, &z[0], &z[1]);
+  box_muller(w.z, w.w, scale, &z[2], &z[3]);
+}
 
 __global__ void fill_projection_kernel(float* __restrict__ out, int64_t numel, uint64_t seed,
                                        double scale) {
   const int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (4 * q >= numel) return;
-  curandStatePhilox4_32_10_t state;
-  curand_init(seed, static_cast<unsigned long long>(q), 0, &state);
-  const uint4 w = curand4(&state);
   float z[4];
-  box_muller(w.x, w.y, scale, &z[0], &z[1]);
-  box_muller(w.z, w.w, scale, &z[2], &z[3]);
+  projection_values(seed, q, scale, z);
 #pragma unroll
   for (int k = 0; k < 4; ++k)
     if (4 * q + k < numel) out[4 * q + k] = z[k];
 }
 
-// One warp per row: row EMA of mean(G^2 + eps1) and the row's sum of p^2.
-template <typename scalar_t>
-__global__ void row_stats_kernel(const scalar_t* __restrict__ grad,
-                                 const scalar_t* __restrict__ param, float* __restrict__ row,
-                                 float* __restrict__ param_sq_rows, int64_t n, int64_t m,
-                                 double beta2, float eps1) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (i >= n) return;
-  float g_sq = 0.f, p_sq = 0.f;
-  for (int64_t j = lane; j < m; j += 32) {
-    const float g = static_cast<float>(grad[i * m + j]);
-    const float p = static_cast<float>(param[i * m + j]);
-    g_sq += g * g + eps1;
-    p_sq += p * p;
-  }
-  g_sq = warp_sum(g_sq);
-  p_sq = warp_sum(p_sq);
-  if (lane == 0) {
-    row[i] = static_cast<float>(beta2 * row[i] + (1.0 - beta2) * (double(g_sq) / m));
-    param_sq_rows[i] = p_sq;
-  }
-}
-
-// Column sums of G^2 + eps1 over a chunk of rows, one thread per column.
-template <typename scalar_t>
-__global__ void col_partial_kernel(const scalar_t* __restrict__ grad,
-                                   float* __restrict__ partial, int64_t n, int64_t m,
-                                   float eps1) {
-  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (j >= m) return;
-  const int64_t first = blockIdx.y * kRowsPerColumnChunk;
-  const int64_t last = min(n, first + kRowsPerColumnChunk);
-  float s = 0.f;
-  for (int64_t i = first; i < last; ++i) {
-    const float g = static_cast<float>(grad[i * m + j]);
-    s += g * g + eps1;
-  }
-  partial[blockIdx.y * m + j] = s;
-}
-
-// Column EMA, and the column factor of U for the kernels that follow.
-__global__ void col_finalize_kernel(const float* __restrict__ partial, float* __restrict__ col,
-                                    float* __restrict__ col_factor, int64_t chunks, int64_t n,
-                                    int64_t m, double beta2) {
-  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (j >= m) return;
-  double s = 0.0;
-  for (int64_t c = 0; c < chunks; ++c) s += partial[c * m + j];
-  const float c_new = static_cast<float>(beta2 * col[j] + (1.0 - beta2) * (s / n));
-  col[j] = c_new;
-  col_factor[j] = col_scale(c_new);
-}
-
-// Single block: mean of the row EMA and this step's learning rate (step 1).
-__global__ void step_size_kernel(const float* __restrict__ row, int64_t n,
-                                 const float* __restrict__ param_sq_parts, int64_t parts,
-                                 int64_t numel, double base_lr, bool scale_parameter,
-                                 double eps2, float* __restrict__ scalars) {
-  double row_sum = 0.0, param_sq = 0.0;
-  for (int64_t k = threadIdx.x; k < n; k += blockDim.x) row_sum += row[k];
-  for (int64_t k = threadIdx.x; k < parts; k += blockDim.x) param_sq += param_sq_parts[k];
-  row_sum = block_sum(row_sum);
-  param_sq = block_sum(param_sq);
-  if (threadIdx.x == 0) {
-    scalars[kRowMean] = n > 0 ? static_cast<float>(row_sum / n) : 1.0f;
-    double lr = base_lr;
-    if (scale_parameter) lr *= fmax(eps2, sqrt(param_sq / numel));
-    scalars[kStepSize] = static_cast<float>(lr);
+// The projection P (rows x cols, fp32; skipped when plain is null) and P scaled
+// along the parameter's dimension, in the dtype of the down GEMM: left (P is
+// r x n) P[k, i] a_i; right (P is m x r) P[j, k] b_j.
+template <int DT>
+__global__ void projection_pair_kernel(float* __restrict__ plain,
+                                       Storage<DT>* __restrict__ scaled, int64_t rows,
+                                       int64_t cols, uint64_t seed, double scale, bool left,
+                                       const float* __restrict__ row,
+                                       const float* __restrict__ scalars,
+                                       const float* __restrict__ col_factor) {
+  const int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t numel = rows * cols;
+  if (4 * q >= numel) return;
+  float z[4];
+  projection_values(seed, q, scale, z);
+  const float row_mean = scalars[kRowMean];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const int64_t e = 4 * q + k;
+    if (e >= numel) break;
+    if (plain) plain[e] = z[k];
+    const float s = left ? row_scale(row[e % cols], row_mean) : col_factor[e / cols];
+    scaled[e] = from_float<DT>(z[k] * s);
   }
 }
 
-// One warp per row of a factored parameter: U, then the momentum mode's D and
-// the row's sum of D^2 (or U written out for the projection GEMMs).
-template <typename scalar_t>
-__global__ void factored_pass_kernel(const scalar_t* __restrict__ grad,
-                                     const float* __restrict__ row,
-                                     const float* __restrict__ col_factor,
-                                     const float* __restrict__ scalars,
-                                     float* __restrict__ momentum, float* __restrict__ out,
-                                     float* __restrict__ d_sq_rows, int64_t n, int64_t m,
-                                     int mode, float beta1) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (i >= n) return;
-  const float a = row_scale(row[i], scalars[kRowMean]);
-  float d_sq = 0.f;
-  for (int64_t j = lane; j < m; j += 32) {
-    const int64_t e = i * m + j;
-    const float u = static_cast<float>(grad[e]) * a * col_factor[j];
-    if (mode == kPassWriteUpdate) {
-      out[e] = u;
-      continue;
-    }
-    float d = u;
-    if (mode == kPassDenseMomentum) {
-      d = (1.f - beta1) * u + beta1 * momentum[e];
-      momentum[e] = d;
-    }
-    d_sq += d * d;
-  }
-  d_sq = warp_sum(d_sq);
-  if (lane == 0 && mode != kPassWriteUpdate) d_sq_rows[i] = d_sq;
-}
-
-// Full second moment: S update, D, and per-block sums of p^2 and D^2.
-template <typename scalar_t>
-__global__ void full_pass_kernel(const scalar_t* __restrict__ grad,
-                                 const scalar_t* __restrict__ param,
-                                 float* __restrict__ second_moment,
-                                 float* __restrict__ momentum,
-                                 float* __restrict__ param_sq_parts,
-                                 float* __restrict__ d_sq_parts, int64_t numel, float beta2,
-                                 float eps1, int mode, float beta1) {
-  float p_sq = 0.f, d_sq = 0.f;
+// New compressed momentum: M = beta1 M' + (1 - beta1) down(U), with down(U) the GEMM
+// result X scaled along the other dimension: left (r x m) X[k, j] b_j, right (n x r)
+// X[i, k] a_i.
+__global__ void momentum_mix_kernel(float* __restrict__ momentum,
+                                    const float* __restrict__ base,
+                                    const float* __restrict__ x, int64_t numel, int64_t cols,
+                                    bool left, const float* __restrict__ row,
+                                    const float* __restrict__ scalars,
+                                    const float* __restrict__ col_factor, float beta1) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const float row_mean = scalars[kRowMean];
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < numel;
        e += stride) {
-    const float g = static_cast<float>(grad[e]);
-    const float p = static_cast<float>(param[e]);
-    const float s = beta2 * second_moment[e] + (1.f - beta2) * (g * g + eps1);
-    second_moment[e] = s;
-    float d = g / sqrtf(s);
-    if (mode == kPassDenseMomentum) {
-      d = (1.f - beta1) * d + beta1 * momentum[e];
-      momentum[e] = d;
-    }
-    p_sq += p * p;
-    d_sq += d * d;
-  }
-  p_sq = block_sum(p_sq);
-  d_sq = block_sum(d_sq);
-  if (threadIdx.x == 0) {
-    param_sq_parts[blockIdx.x] = p_sq;
-    d_sq_parts[blockIdx.x] = d_sq;
+    const float s = left ? col_factor[e % cols] : row_scale(row[e / cols], row_mean);
+    momentum[e] = base[e] * beta1 + (x[e] * s) * (1.f - beta1);
   }
 }
 
-// One warp per row: sum of squares of a float matrix (D after the GEMMs).
-__global__ void row_sum_sq_kernel(const float* __restrict__ x, float* __restrict__ rows,
-                                  int64_t n, int64_t m) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (i >= n) return;
-  float s = 0.f;
-  for (int64_t j = lane; j < m; j += 32) {
-    const float v = x[i * m + j];
-    s += v * v;
-  }
-  s = warp_sum(s);
-  if (lane == 0) rows[i] = s;
-}
+// ---- host side -----------------------------------------------------------------
 
-// Single block: the RMS clip factor (step 5) and the weight-decay factor.
-__global__ void clip_kernel(const float* __restrict__ d_sq_parts, int64_t parts,
-                            int64_t numel, double clip_threshold, double weight_decay,
-                            float* __restrict__ scalars) {
-  double d_sq = 0.0;
-  for (int64_t k = threadIdx.x; k < parts; k += blockDim.x) d_sq += d_sq_parts[k];
-  d_sq = block_sum(d_sq);
-  if (threadIdx.x == 0) {
-    const double clip = fmax(1.0, sqrt(d_sq / numel) / clip_threshold);
-    scalars[kInvClip] = static_cast<float>(1.0 / clip);
-    scalars[kDecay] = static_cast<float>(weight_decay * scalars[kStepSize]);
-  }
-}
-
-__device__ inline float updated_param(float x, float d, const float* scalars) {
-  const float decay = scalars[kDecay];
-  if (decay != 0.f) x -= decay * x;
-  return x - scalars[kStepSize] * (d * scalars[kInvClip]);
-}
-
-// Step 6: p = p - decay p - lr D / clip, written back once in the param dtype.
-// D from the full second moment (second_moment != nullptr) or from a buffer.
-template <typename scalar_t>
-__global__ void apply_kernel(scalar_t* __restrict__ param, const scalar_t* __restrict__ grad,
-                             const float* __restrict__ second_moment,
-                             const float* __restrict__ update,
-                             const float* __restrict__ scalars, int64_t numel) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < numel;
-       e += stride) {
-    const float d = second_moment ? static_cast<float>(grad[e]) / sqrtf(second_moment[e])
-                                  : update[e];
-    param[e] = static_cast<scalar_t>(updated_param(static_cast<float>(param[e]), d, scalars));
-  }
-}
-
-// Step 6 for a factored parameter without momentum: D = U, one warp per row.
-template <typename scalar_t>
-__global__ void apply_factored_kernel(scalar_t* __restrict__ param,
-                                      const scalar_t* __restrict__ grad,
-                                      const float* __restrict__ row,
-                                      const float* __restrict__ col_factor,
-                                      const float* __restrict__ scalars, int64_t n, int64_t m) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (i >= n) return;
-  const float a = row_scale(row[i], scalars[kRowMean]);
-  for (int64_t j = lane; j < m; j += 32) {
-    const int64_t e = i * m + j;
-    const float d = static_cast<float>(grad[e]) * a * col_factor[j];
-    param[e] = static_cast<scalar_t>(updated_param(static_cast<float>(param[e]), d, scalars));
-  }
-}
-
-int64_t blocks_for(int64_t work, int64_t per_block) { return (work + per_block - 1) / per_block; }
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int as_int(int64_t v, const char* what) {
   TORCH_CHECK(v <= INT_MAX, "flora: ", what, " = ", v, " exceeds the cuBLAS int range");
   return static_cast<int>(v);
 }
 
-// Row-major C (M x N) = alpha op(A) op(B) + beta C, through cuBLAS's
-// column-major API as C^T = op(B)^T op(A)^T. TF32 only where torch allows it.
+cudaDataType_t cuda_type(int dt) {
+  return dt == kF32 ? CUDA_R_32F : dt == kBF16 ? CUDA_R_16BF : CUDA_R_16F;
+}
+
+// Row-major C (M x N, fp32) = alpha op(A) op(B) + beta C, through cuBLAS's
+// column-major API as C^T = op(B)^T op(A)^T. A and B share the type `ab`.
+// fp32 inputs run on TF32 tensor cores when tf32 is set; 16-bit inputs always
+// use the tensor cores with fp32 accumulation.
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-          const float* A, const float* B, float beta, float* C) {
+          const void* A, const void* B, int ab, float beta, float* C, bool tf32) {
   const int lda = as_int(trans_a ? M : K, "lda"), ldb = as_int(trans_b ? K : N, "ldb");
-  const cublasComputeType_t compute = at::globalContext().allowTF32CuBLAS()
-                                          ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                          : CUBLAS_COMPUTE_32F;
+  const cublasComputeType_t compute =
+      (ab == kF32 && tf32) ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
   TORCH_CUDABLAS_CHECK(cublasGemmEx(
       at::cuda::getCurrentCUDABlasHandle(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
       trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, as_int(N, "N"), as_int(M, "M"), as_int(K, "K"),
-      &alpha, B, CUDA_R_32F, ldb, A, CUDA_R_32F, lda, &beta, C, CUDA_R_32F,
+      &alpha, B, cuda_type(ab), ldb, A, cuda_type(ab), lda, &beta, C, CUDA_R_32F,
       as_int(N, "ldc"), compute, CUBLAS_GEMM_DEFAULT));
 }
 
@@ -313,187 +670,372 @@ void fill_projection_cuda(const at::Tensor& out, int64_t seed, double scale) {
   const int64_t numel = out.numel();
   if (numel == 0) return;
   c10::cuda::CUDAGuard guard(out.device());
-  const int64_t groups = blocks_for(numel, 4);
-  fill_projection_kernel<<<blocks_for(groups, kThreads), kThreads, 0,
+  const int64_t groups = ceil_div(numel, 4);
+  fill_projection_kernel<<<ceil_div(groups, kThreads), kThreads, 0,
                            at::cuda::getCurrentCUDAStream()>>>(
       out.data_ptr<float>(), numel, static_cast<uint64_t>(seed), scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Compressed momentum (FLORA.md step 4) given W = U (n x m): leaves D in W and
-// the new momentum in `momentum`, with one n x m buffer (W) in all.
-void compressed_momentum_update(at::Tensor& w, at::Tensor& momentum, const ParamLayout& layout,
-                                const StepOptions& o) {
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kF32;
+    case at::kBFloat16: return kBF16;
+    case at::kHalf: return kF16;
+    default: TORCH_CHECK(false, "flora: unsupported param dtype ", t);
+  }
+}
+
+// Bytes of gradients and parameters per batch. Measured on an H100 (LLaMA 1.35B
+// shapes): 32 MiB batches were no faster in L2 than 1 GiB ones and paid ~5 ms of
+// launch gaps a step, so the default batches everything that is not compressed.
+// Read on every call: a tuning knob, and tests force several batches with it.
+int64_t batch_bytes_limit() {
+  const char* env = std::getenv("FLORA_BATCH_BYTES");
+  const int64_t v = env ? std::atoll(env) : 0;
+  return v > 0 ? v : int64_t(1) << 30;
+}
+
+// A parameter of the call, ready for the kernels.
+struct Item {
+  size_t index;           // in the call
+  at::Tensor param;       // contiguous (a copy when the parameter is not)
+  at::Tensor grad;        // contiguous
+  const GroupEntry* entry;
+  int dtype;
+};
+
+// Bytes of fp32 workspace one task needs, and their layout (offsets in floats,
+// each rounded up to 16 bytes).
+struct WorkspacePlan {
+  int64_t row_part = 0, col_part = 0, col_factor = 0, row_block_sum = 0, p2_block = 0,
+          tile_p2 = 0, tile_d2 = 0, scalars = 0, update = 0, total = 0;
+};
+
+int64_t aligned(int64_t floats) { return ceil_div(floats, 4) * 4; }
+
+WorkspacePlan plan_workspace(const Task& t, int64_t base) {
+  WorkspacePlan w;
+  int64_t at = base;
+  const auto take = [&](int64_t floats) {
+    const int64_t start = at;
+    at += aligned(floats);
+    return start;
+  };
+  if (t.kind == kFactored) {
+    const int64_t row_blocks = ceil_div(t.n, kFinalizeWidth);
+    w.row_part = take(t.n * t.ctiles);
+    w.col_part = take(int64_t(t.rchunks) * t.m);
+    w.col_factor = take(t.m);
+    w.row_block_sum = take(2 * row_blocks);  // doubles
+    w.p2_block = take(2 * row_blocks);
+  }
+  w.tile_p2 = take(t.tiles);
+  w.tile_d2 = take(t.tiles);
+  w.scalars = take(kNumScalars);
+  if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) w.update = take(t.numel);
+  w.total = at - base;
+  return w;
+}
+
+bool aligned_to(const void* ptr, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+// The compressed-momentum work of one task between the scalars and rms passes
+// (FLORA.md step 4): fills `update` with beta1 up_s(M) (old M), then moves M to
+// beta1 M' + (1 - beta1) down(U), M' = M or its transfer to the next basis.
+void compressed_momentum(const Item& item, const Task& t, const at::Tensor& momentum) {
+  const GroupEntry& entry = *item.entry;
+  const StepOptions& o = entry.options;
+  const ParamLayout& layout = entry.layout;
   const int64_t n = layout.rows, m = layout.cols, r = layout.rank;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(r));
+  const bool left = layout.left;
   const auto shape = layout.projection_shape();
-  const at::Tensor p_now = projection(o.seed, shape[0], shape[1], scale, w.device());
-  at::Tensor next_momentum = at::empty_like(momentum);
-  const float b1 = static_cast<float>(o.beta1), one_minus_b1 = static_cast<float>(1.0 - o.beta1);
-  const float* mom = momentum.data_ptr<float>();
-  at::Tensor p_down = p_now;
-  if (o.resample()) {
-    // Transfer to the new basis: down_new(up_now(M)) via the r x r product of the bases.
-    p_down = projection(next_seed(o.seed), shape[0], shape[1], scale, w.device());
-    at::Tensor bases = at::empty({r, r}, w.options());
-    if (layout.left) {
-      gemm(false, true, r, r, n, 1.f, p_down.data_ptr<float>(), p_now.data_ptr<float>(), 0.f,
-           bases.data_ptr<float>());
-      gemm(false, false, r, m, r, 1.f, bases.data_ptr<float>(), mom, 0.f,
-           next_momentum.data_ptr<float>());
-    } else {
-      gemm(true, false, r, r, m, 1.f, p_now.data_ptr<float>(), p_down.data_ptr<float>(), 0.f,
-           bases.data_ptr<float>());
-      gemm(false, false, n, r, r, 1.f, mom, bases.data_ptr<float>(), 0.f,
-           next_momentum.data_ptr<float>());
-    }
-  } else {
-    next_momentum.copy_(momentum);
-  }
-  // M_next = beta1 M' + (1 - beta1) down(U)
-  if (layout.left) {
-    gemm(false, false, r, m, n, one_minus_b1, p_down.data_ptr<float>(), w.data_ptr<float>(), b1,
-         next_momentum.data_ptr<float>());
-  } else {
-    gemm(false, false, n, r, m, one_minus_b1, w.data_ptr<float>(), p_down.data_ptr<float>(), b1,
-         next_momentum.data_ptr<float>());
-  }
-  // D = (1 - beta1) U + beta1 up_now(M), with the momentum from before this step.
-  if (layout.left) {
-    gemm(true, false, n, m, r, b1, p_now.data_ptr<float>(), mom, one_minus_b1,
-         w.data_ptr<float>());
-  } else {
-    gemm(false, true, n, m, r, b1, mom, p_now.data_ptr<float>(), one_minus_b1,
-         w.data_ptr<float>());
-  }
-  momentum.copy_(next_momentum);
-}
-
-template <typename scalar_t>
-void step_cuda_typed(const at::Tensor& param, const at::Tensor& grad,
-                     const std::optional<at::Tensor>& row_second_moment,
-                     const std::optional<at::Tensor>& col_second_moment,
-                     const std::optional<at::Tensor>& second_moment,
-                     const std::optional<at::Tensor>& momentum_opt, const StepOptions& o,
-                     const ParamLayout& layout) {
-  const int64_t numel = param.numel();
+  const int64_t prow = shape[0], pcol = shape[1];
+  const double scale = 1.0 / std::sqrt(static_cast<double>(r));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const at::Tensor g = grad.contiguous();
-  const bool in_place = param.is_contiguous();
-  at::Tensor p = in_place ? param : param.contiguous();
-  const scalar_t* gp = g.data_ptr<scalar_t>();
-  scalar_t* pp = p.data_ptr<scalar_t>();
-  const auto f32 = param.options().dtype(at::kFloat);
-  at::Tensor scalars = at::empty({kNumScalars}, f32);
-  float* sc = scalars.data_ptr<float>();
-  const double beta2 = o.beta2();
-  const float eps1 = static_cast<float>(o.eps1), b1 = static_cast<float>(o.beta1);
-  float* mom = momentum_opt.has_value() ? momentum_opt->data_ptr<float>() : nullptr;
-  const int pass_mode =
-      layout.momentum == MomentumKind::kDense ? kPassDenseMomentum : kPassNoMomentum;
-  const int64_t apply_blocks = std::min<int64_t>(blocks_for(numel, kThreads), 65536);
+  const auto f32 = item.param.options().dtype(at::kFloat);
+  const bool resample = o.resample();
+  // The down GEMM reads G as it is: 16-bit gradients meet a 16-bit scaled P
+  // (tensor cores, fp32 accumulation) unless exact fp32 was asked for.
+  const bool exact_16bit = item.dtype != kF32 && !o.tf32;
+  const int down_type = exact_16bit ? kF32 : item.dtype;
+  const at::Tensor grad = exact_16bit ? item.grad.to(at::kFloat) : item.grad;
+  const at::ScalarType scaled_dtype = down_type == kF32 ? at::kFloat : item.grad.scalar_type();
 
-  at::Tensor d_sq_parts, update, col_factor;
-  if (layout.factored) {
-    const int64_t n = layout.rows, m = layout.cols;
-    float* row = row_second_moment->data_ptr<float>();
-    float* col = col_second_moment->data_ptr<float>();
-    at::Tensor param_sq_rows = at::empty({n}, f32);
-    const int64_t row_blocks = blocks_for(n, kWarpsPerBlock);
-    row_stats_kernel<scalar_t><<<row_blocks, kThreads, 0, stream>>>(
-        gp, pp, row, param_sq_rows.data_ptr<float>(), n, m, beta2, eps1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t chunks = blocks_for(n, kRowsPerColumnChunk);
-    TORCH_CHECK(chunks <= 65535, "flora: parameter has too many rows (", n, ") for this kernel");
-    at::Tensor col_parts = at::empty({chunks, m}, f32);
-    col_partial_kernel<scalar_t>
-        <<<dim3(blocks_for(m, kThreads), chunks), kThreads, 0, stream>>>(
-            gp, col_parts.data_ptr<float>(), n, m, eps1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    col_factor = at::empty({m}, f32);
-    col_finalize_kernel<<<blocks_for(m, kThreads), kThreads, 0, stream>>>(
-        col_parts.data_ptr<float>(), col, col_factor.data_ptr<float>(), chunks, n, m, beta2);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    step_size_kernel<<<1, 1024, 0, stream>>>(row, n, param_sq_rows.data_ptr<float>(), n, numel,
-                                             o.base_lr(), o.scale_parameter, o.eps2, sc);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    d_sq_parts = at::empty({n}, f32);
-    if (layout.momentum == MomentumKind::kCompressed) {
-      update = at::empty({n, m}, f32);
-      factored_pass_kernel<scalar_t><<<row_blocks, kThreads, 0, stream>>>(
-          gp, row, col_factor.data_ptr<float>(), sc, nullptr, update.data_ptr<float>(), nullptr,
-          n, m, kPassWriteUpdate, b1);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      at::Tensor momentum = *momentum_opt;
-      compressed_momentum_update(update, momentum, layout, o);
-      row_sum_sq_kernel<<<row_blocks, kThreads, 0, stream>>>(
-          update.data_ptr<float>(), d_sq_parts.data_ptr<float>(), n, m);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor p_now = at::empty({prow, pcol}, f32);
+  at::Tensor p_next = resample ? at::empty({prow, pcol}, f32) : at::Tensor();
+  at::Tensor scaled = at::empty({prow, pcol}, f32.dtype(scaled_dtype));
+  const int64_t groups = ceil_div(prow * pcol, 4);
+  const auto fill_pair = [&](float* plain, int64_t seed, bool with_scaled) {
+    const int blocks = static_cast<int>(ceil_div(groups, kThreads));
+    const uint64_t s = static_cast<uint64_t>(seed);
+    if (!with_scaled) {
+      fill_projection_kernel<<<blocks, kThreads, 0, stream>>>(plain, prow * pcol, s, scale);
+    } else if (down_type == kF32) {
+      projection_pair_kernel<kF32><<<blocks, kThreads, 0, stream>>>(
+          plain, scaled.data_ptr<float>(), prow, pcol, s, scale, left, t.row, t.scalars,
+          t.col_factor);
+    } else if (down_type == kBF16) {
+      projection_pair_kernel<kBF16><<<blocks, kThreads, 0, stream>>>(
+          plain, static_cast<uint16_t*>(scaled.data_ptr()), prow, pcol, s, scale, left, t.row,
+          t.scalars, t.col_factor);
     } else {
-      factored_pass_kernel<scalar_t><<<row_blocks, kThreads, 0, stream>>>(
-          gp, row, col_factor.data_ptr<float>(), sc, mom, nullptr, d_sq_parts.data_ptr<float>(),
-          n, m, pass_mode, b1);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (layout.momentum == MomentumKind::kDense) update = *momentum_opt;
+      projection_pair_kernel<kF16><<<blocks, kThreads, 0, stream>>>(
+          plain, static_cast<uint16_t*>(scaled.data_ptr()), prow, pcol, s, scale, left, t.row,
+          t.scalars, t.col_factor);
     }
-  } else {
-    // Grid size depends on numel only, so the per-block partial sums (and the
-    // result) are the same in every run.
-    const int64_t blocks = std::min(blocks_for(numel, kThreads), kMaxPassBlocks);
-    at::Tensor param_sq_parts = at::empty({blocks}, f32);
-    d_sq_parts = at::empty({blocks}, f32);
-    float* s = second_moment->data_ptr<float>();
-    full_pass_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        gp, pp, s, mom, param_sq_parts.data_ptr<float>(), d_sq_parts.data_ptr<float>(), numel,
-        static_cast<float>(beta2), eps1, pass_mode, b1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    step_size_kernel<<<1, 1024, 0, stream>>>(nullptr, 0, param_sq_parts.data_ptr<float>(),
-                                             blocks, numel, o.base_lr(), o.scale_parameter,
-                                             o.eps2, sc);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (layout.momentum == MomentumKind::kDense) update = *momentum_opt;
-  }
-  clip_kernel<<<1, 1024, 0, stream>>>(d_sq_parts.data_ptr<float>(), d_sq_parts.numel(), numel,
-                                      o.clip_threshold, o.weight_decay, sc);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (update.defined() || !layout.factored) {
-    // D is in a buffer (momentum, or D after the projections) or comes from S.
-    apply_kernel<scalar_t><<<apply_blocks, kThreads, 0, stream>>>(
-        pp, gp, update.defined() ? nullptr : second_moment->data_ptr<float>(),
-        update.defined() ? update.data_ptr<float>() : nullptr, sc, numel);
+  };
+  fill_pair(p_now.data_ptr<float>(), o.seed, !resample);
+  if (resample) fill_pair(p_next.data_ptr<float>(), next_seed(o.seed), true);
+
+  // X = (P diag a) G (left, r x m) or G (diag b P) (right, n x r).
+  at::Tensor x = at::empty(momentum.sizes(), f32);
+  if (left) {
+    gemm(false, false, r, m, n, 1.f, scaled.data_ptr(), grad.data_ptr(), down_type, 0.f,
+         x.data_ptr<float>(), o.tf32);
   } else {
-    apply_factored_kernel<scalar_t><<<blocks_for(layout.rows, kWarpsPerBlock), kThreads, 0,
-                                      stream>>>(pp, gp, row_second_moment->data_ptr<float>(),
-                                                col_factor.data_ptr<float>(), sc, layout.rows,
-                                                layout.cols);
+    gemm(false, false, n, r, m, 1.f, grad.data_ptr(), scaled.data_ptr(), down_type, 0.f,
+         x.data_ptr<float>(), o.tf32);
   }
+  // update = beta1 up_now(M): P^T M (left) or M P^T (right), from the old M.
+  const float b1 = static_cast<float>(o.beta1);
+  float* mom = momentum.data_ptr<float>();
+  if (left) {
+    gemm(true, false, n, m, r, b1, p_now.data_ptr<float>(), mom, kF32, 0.f, t.update, o.tf32);
+  } else {
+    gemm(false, true, n, m, r, b1, mom, p_now.data_ptr<float>(), kF32, 0.f, t.update, o.tf32);
+  }
+  // M' = down_next(up_now(M)) through the r x r product of the two bases.
+  at::Tensor base = momentum;
+  if (resample) {
+    at::Tensor bases = at::empty({r, r}, f32);
+    base = at::empty(momentum.sizes(), f32);
+    if (left) {
+      gemm(false, true, r, r, n, 1.f, p_next.data_ptr<float>(), p_now.data_ptr<float>(), kF32,
+           0.f, bases.data_ptr<float>(), o.tf32);
+      gemm(false, false, r, m, r, 1.f, bases.data_ptr<float>(), mom, kF32, 0.f,
+           base.data_ptr<float>(), o.tf32);
+    } else {
+      gemm(true, false, r, r, m, 1.f, p_now.data_ptr<float>(), p_next.data_ptr<float>(), kF32,
+           0.f, bases.data_ptr<float>(), o.tf32);
+      gemm(false, false, n, r, r, 1.f, mom, bases.data_ptr<float>(), kF32, 0.f,
+           base.data_ptr<float>(), o.tf32);
+    }
+  }
+  const int64_t numel = momentum.numel();
+  momentum_mix_kernel<<<static_cast<int>(std::min<int64_t>(ceil_div(numel, kThreads), 4096)),
+                        kThreads, 0, stream>>>(mom, base.data_ptr<float>(),
+                                               x.data_ptr<float>(), numel, left ? m : r, left,
+                                               t.row, t.scalars, t.col_factor, b1);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (!in_place) param.copy_(p);
 }
 
-// One parameter whose inputs check_step_inputs has accepted.
-void run_step_cuda(const at::Tensor& param, const at::Tensor& grad,
-                   const std::optional<at::Tensor>& row_second_moment,
-                   const std::optional<at::Tensor>& col_second_moment,
-                   const std::optional<at::Tensor>& second_moment,
-                   const std::optional<at::Tensor>& momentum, const StepOptions& o,
-                   const ParamLayout& layout) {
-  if (param.numel() == 0) return;
-  switch (param.scalar_type()) {
-    case at::kFloat:
-      step_cuda_typed<float>(param, grad, row_second_moment, col_second_moment, second_moment,
-                             momentum, o, layout);
-      break;
-    case at::kHalf:
-      step_cuda_typed<at::Half>(param, grad, row_second_moment, col_second_moment,
-                                second_moment, momentum, o, layout);
-      break;
-    case at::kBFloat16:
-      step_cuda_typed<at::BFloat16>(param, grad, row_second_moment, col_second_moment,
-                                    second_moment, momentum, o, layout);
-      break;
-    default:
-      TORCH_CHECK(false, "flora: unsupported param dtype ", param.scalar_type());
+// The passes over one batch; `between` runs the compressed-momentum work, which
+// needs the scalars and must come before the rms pass.
+template <int DT, typename Between>
+void launch_batch(const Task* device_tasks, int count, int64_t tiles, int64_t fblocks,
+                  bool any_factored, const GroupArgs& args, const Between& between) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const dim3 tile_grid(static_cast<unsigned>(tiles));
+  stats_kernel<DT><<<tile_grid, kThreads, 0, stream>>>(device_tasks, count, args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (any_factored) {
+    finalize_kernel<<<static_cast<unsigned>(fblocks), kFinalizeWidth, 0, stream>>>(
+        device_tasks, count);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  scalars_kernel<<<count, kThreads, 0, stream>>>(device_tasks, args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  between();
+  if (any_factored) {
+    rms_kernel<DT><<<tile_grid, kThreads, 0, stream>>>(device_tasks, count, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  clip_kernel<<<count, kThreads, 0, stream>>>(device_tasks, args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  apply_kernel<DT><<<tile_grid, kThreads, 0, stream>>>(device_tasks, count, args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Every parameter of a call whose inputs the checks accepted.
+void run_group_cuda(at::TensorList params, at::TensorList grads,
+                    const std::vector<GroupEntry>& entries) {
+  c10::cuda::CUDAGuard guard(params[0].device());
+  const StepOptions& group = entries[0].options;
+  GroupArgs args;
+  args.eps1 = static_cast<float>(group.eps1);
+  args.beta1 = static_cast<float>(group.beta1);
+  args.eps2 = group.eps2;
+  args.clip_threshold = group.clip_threshold;
+  args.weight_decay = group.weight_decay;
+  args.scale_parameter = group.scale_parameter;
+  args.stochastic_rounding = group.stochastic_rounding;
+
+  // Items in call order; empty parameters have nothing to do.
+  std::vector<Item> items;
+  items.reserve(params.size());
+  for (size_t k = 0; k < params.size(); ++k) {
+    if (params[k].numel() == 0) continue;
+    Item item;
+    item.index = k;
+    item.param = params[k].is_contiguous() ? params[k] : params[k].contiguous();
+    item.grad = grads[k].contiguous();
+    item.entry = &entries[k];
+    item.dtype = dtype_code(params[k].scalar_type());
+    items.push_back(std::move(item));
+  }
+  if (items.empty()) return;
+
+  // Tasks, batches, and each batch's workspace needs.
+  std::vector<Task> tasks(items.size());
+  std::vector<at::Tensor> momenta(items.size());
+  struct Batch {
+    int first = 0, count = 0;
+    int64_t tiles = 0, fblocks = 0, workspace = 0;
+    bool any_factored = false;
+  };
+  std::vector<Batch> batches;
+  const int64_t limit = batch_bytes_limit();
+  int64_t batch_bytes = 0;
+  bool batch_compressed = false;
+  for (size_t k = 0; k < items.size(); ++k) {
+    const Item& item = items[k];
+    const GroupEntry& e = *item.entry;
+    const ParamLayout& layout = e.layout;
+    Task& t = tasks[k];
+    t = Task{};
+    t.param = item.param.data_ptr();
+    t.grad = item.grad.data_ptr();
+    t.numel = item.param.numel();
+    t.momentum_kind = static_cast<int32_t>(layout.momentum);
+    t.beta2 = e.options.beta2();
+    t.base_lr = e.options.base_lr();
+    t.rounding_key = rounding_key(e.options.seed, e.options.step,
+                                  static_cast<int64_t>(item.index));
+    const int64_t elem = item.param.element_size();
+    bool vec = aligned_to(t.param, 4 * elem) && aligned_to(t.grad, 4 * elem);
+    if (layout.factored) {
+      t.kind = kFactored;
+      t.n = layout.rows;
+      t.m = layout.cols;
+      t.row = e.state.row_second_moment->data_ptr<float>();
+      t.col = e.state.col_second_moment->data_ptr<float>();
+      t.ctiles = static_cast<int32_t>(ceil_div(t.m, kTileCols));
+      t.rchunks = static_cast<int32_t>(ceil_div(t.n, kTileRows));
+      TORCH_CHECK(ceil_div(t.m, kTileCols) < INT_MAX && ceil_div(t.n, kTileRows) < INT_MAX,
+                  "flora: parameter of shape ", item.param.sizes(), " is too large");
+      t.tiles = int64_t(t.ctiles) * t.rchunks;
+      vec = vec && t.m % 4 == 0;
+      if (layout.momentum == MomentumKind::kDense) {
+        t.momentum = e.state.momentum->data_ptr<float>();
+        vec = vec && aligned_to(t.momentum, 16);
+      }
+      if (layout.momentum == MomentumKind::kCompressed) momenta[k] = *e.state.momentum;
+    } else {
+      t.kind = kFull;
+      t.n = 1;
+      t.m = t.numel;
+      t.second_moment = e.state.second_moment->data_ptr<float>();
+      t.tiles = ceil_div(t.numel, kFullTile);
+      vec = vec && aligned_to(t.second_moment, 16);
+      if (layout.momentum == MomentumKind::kDense) {
+        t.momentum = e.state.momentum->data_ptr<float>();
+        vec = vec && aligned_to(t.momentum, 16);
+      }
+    }
+    t.vec = vec;
+    const int64_t bytes = 2 * t.numel * elem;
+    // A compressed tensor gets a batch of its own: its n x m update buffer lives only
+    // as long as its batch, so at most one is allocated at a time.
+    const bool compressed = layout.momentum == MomentumKind::kCompressed;
+    const bool fits = !batches.empty() && !compressed && !batch_compressed &&
+                      items[batches.back().first].dtype == item.dtype &&
+                      batch_bytes + bytes <= limit;
+    if (!fits) {
+      batches.push_back(Batch{});
+      batches.back().first = static_cast<int>(k);
+      batch_bytes = 0;
+    }
+    batch_compressed = compressed;
+    Batch& b = batches.back();
+    batch_bytes += bytes;
+    t.tile_begin = b.tiles;
+    t.fblock_begin = b.fblocks;
+    b.tiles += t.tiles;
+    if (t.kind == kFactored) {
+      b.fblocks += ceil_div(t.m, kFinalizeWidth) + ceil_div(t.n, kFinalizeWidth);
+      b.any_factored = true;
+    }
+    b.count += 1;
+    // Workspace offsets are batch-local; pointers are filled in below.
+    const WorkspacePlan w = plan_workspace(t, b.workspace);
+    b.workspace += w.total;
+  }
+  int64_t workspace_floats = 0;
+  for (const Batch& b : batches) {
+    TORCH_CHECK(b.tiles < INT_MAX && b.fblocks < INT_MAX,
+                "flora: a batch of parameters needs more blocks than a grid holds");
+    workspace_floats = std::max(workspace_floats, b.workspace);
+  }
+  const auto f32 = items[0].param.options().dtype(at::kFloat);
+  at::Tensor workspace = at::empty({workspace_floats}, f32);
+  float* ws = workspace.data_ptr<float>();
+  for (const Batch& b : batches) {
+    int64_t base = 0;
+    for (int k = b.first; k < b.first + b.count; ++k) {
+      Task& t = tasks[k];
+      const WorkspacePlan w = plan_workspace(t, base);
+      base += w.total;
+      if (t.kind == kFactored) {
+        t.row_part = ws + w.row_part;
+        t.col_part = ws + w.col_part;
+        t.col_factor = ws + w.col_factor;
+        t.row_block_sum = reinterpret_cast<double*>(ws + w.row_block_sum);
+        t.p2_block = reinterpret_cast<double*>(ws + w.p2_block);
+      }
+      t.tile_p2 = ws + w.tile_p2;
+      t.tile_d2 = ws + w.tile_d2;
+      t.scalars = ws + w.scalars;
+      if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) t.update = ws + w.update;
+    }
+  }
+
+  // One host-to-device copy of every task descriptor (pinned, asynchronous).
+  const int64_t table_bytes = static_cast<int64_t>(tasks.size() * sizeof(Task));
+  at::Tensor host_table =
+      at::empty({table_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host_table.data_ptr(), tasks.data(), table_bytes);
+  const at::Tensor device_table =
+      host_table.to(items[0].param.device(), /*non_blocking=*/true);
+  const Task* table = reinterpret_cast<const Task*>(device_table.data_ptr());
+
+  for (const Batch& b : batches) {
+    const auto compressed_work = [&] {
+      for (int k = b.first; k < b.first + b.count; ++k)
+        if (tasks[k].momentum_kind == static_cast<int>(MomentumKind::kCompressed))
+          compressed_momentum(items[k], tasks[k], momenta[k]);
+    };
+    const Task* batch_table = table + b.first;
+    switch (items[b.first].dtype) {
+      case kF32:
+        launch_batch<kF32>(batch_table, b.count, b.tiles, b.fblocks, b.any_factored, args,
+                           compressed_work);
+        break;
+      case kBF16:
+        launch_batch<kBF16>(batch_table, b.count, b.tiles, b.fblocks, b.any_factored, args,
+                            compressed_work);
+        break;
+      default:
+        launch_batch<kF16>(batch_table, b.count, b.tiles, b.fblocks, b.any_factored, args,
+                           compressed_work);
+        break;
+    }
+  }
+  for (const Item& item : items) {
+    if (!item.param.is_same(params[item.index])) params[item.index].copy_(item.param);
   }
 }
 
@@ -504,33 +1046,25 @@ void step_cuda(const at::Tensor& param, const at::Tensor& grad,
                const std::optional<at::Tensor>& momentum, int64_t step, int64_t seed, double lr,
                double beta1, double eps1, double eps2, double clip_threshold, double decay_rate,
                double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
-               bool relative_step, bool warmup_init, bool factorize_second_moment) {
-  const StepOptions o = detail::options_from_schema(
-      step, seed, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
-      scale_parameter, relative_step, warmup_init, factorize_second_moment);
-  const ParamLayout layout = check_step_inputs(param, grad, row_second_moment,
-                                               col_second_moment, second_moment, momentum, o);
-  c10::cuda::CUDAGuard guard(param.device());
-  run_step_cuda(param, grad, row_second_moment, col_second_moment, second_moment, momentum, o,
-                layout);
+               bool relative_step, bool warmup_init, bool factorize_second_moment, bool tf32,
+               bool stochastic_rounding) {
+  detail::run_step_op(&run_group_cuda, param, grad, row_second_moment, col_second_moment,
+                      second_moment, momentum, step, seed, lr, beta1, eps1, eps2,
+                      clip_threshold, decay_rate, weight_decay, rank, kappa, scale_parameter,
+                      relative_step, warmup_init, factorize_second_moment, tf32,
+                      stochastic_rounding);
 }
 
-void step_group_cuda(at::TensorList params, at::TensorList grads,
-                     at::TensorList states, at::IntArrayRef steps, at::IntArrayRef seeds, double lr, double beta1,
+void step_group_cuda(at::TensorList params, at::TensorList grads, at::TensorList states,
+                     at::IntArrayRef steps, at::IntArrayRef seeds, double lr, double beta1,
                      double eps1, double eps2, double clip_threshold, double decay_rate,
                      double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
-                     bool relative_step, bool warmup_init, bool factorize_second_moment) {
-  const StepOptions group = detail::options_from_schema(
-      1, 0, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
-      scale_parameter, relative_step, warmup_init, factorize_second_moment);
-  const std::vector<GroupEntry> entries =
-      check_group_inputs(params, grads, states, steps, seeds, group);
-  if (params.empty()) return;
-  c10::cuda::CUDAGuard guard(params[0].device());
-  for (size_t k = 0; k < params.size(); ++k)
-    run_step_cuda(params[k], grads[k], entries[k].state.row_second_moment,
-                 entries[k].state.col_second_moment, entries[k].state.second_moment,
-                 entries[k].state.momentum, entries[k].options, entries[k].layout);
+                     bool relative_step, bool warmup_init, bool factorize_second_moment,
+                     bool tf32, bool stochastic_rounding) {
+  detail::run_step_group_op(&run_group_cuda, params, grads, states, steps, seeds, lr, beta1,
+                            eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
+                            scale_parameter, relative_step, warmup_init,
+                            factorize_second_moment, tf32, stochastic_rounding);
 }
 
 }  // namespace

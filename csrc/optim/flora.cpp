@@ -130,7 +130,9 @@ FloraOptions FloraOptions::merged_with(const FloraOptions& group) const {
   if (group.is_set(11)) out.warmup_init(group.warmup_init());
   if (group.is_set(12)) out.factorize_second_moment(group.factorize_second_moment());
   if (group.is_set(13)) out.seed(group.seed());
-  static_assert(kNumOptions == 14, "merged_with must take every option");
+  if (group.is_set(14)) out.tf32(group.tf32());
+  if (group.is_set(15)) out.stochastic_rounding(group.stochastic_rounding());
+  static_assert(kNumOptions == 16, "merged_with must take every option");
   return out;
 }
 
@@ -138,7 +140,7 @@ StepOptions FloraOptions::step_options(int64_t step, int64_t seed) const {
   return detail::options_from_schema(step, seed, lr_.value_or(0.0), beta1_, eps1_, eps2_,
                                      clip_threshold_, decay_rate_, weight_decay_, rank_, kappa_,
                                      scale_parameter_, relative_step_, warmup_init_,
-                                     factorize_second_moment_);
+                                     factorize_second_moment_, tf32_, stochastic_rounding_);
 }
 
 double FloraOptions::get_lr() const {
@@ -156,7 +158,8 @@ bool operator==(const FloraOptions& a, const FloraOptions& b) {
          a.beta1() == b.beta1() && a.weight_decay() == b.weight_decay() &&
          a.scale_parameter() == b.scale_parameter() && a.relative_step() == b.relative_step() &&
          a.warmup_init() == b.warmup_init() &&
-         a.factorize_second_moment() == b.factorize_second_moment() && a.seed() == b.seed();
+         a.factorize_second_moment() == b.factorize_second_moment() && a.seed() == b.seed() &&
+         a.tf32() == b.tf32() && a.stochastic_rounding() == b.stochastic_rounding();
 }
 
 void FloraOptions::serialize(torch::serialize::OutputArchive& archive) const {
@@ -174,6 +177,8 @@ void FloraOptions::serialize(torch::serialize::OutputArchive& archive) const {
   archive.write("warmup_init", c10::IValue(warmup_init_));
   archive.write("factorize_second_moment", c10::IValue(factorize_second_moment_));
   archive.write("seed", c10::IValue(seed_));
+  archive.write("tf32", c10::IValue(tf32_));
+  archive.write("stochastic_rounding", c10::IValue(stochastic_rounding_));
 }
 
 void FloraOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -195,6 +200,8 @@ void FloraOptions::serialize(torch::serialize::InputArchive& archive) {
   warmup_init_ = read_value(archive, "warmup_init", what).toBool();
   factorize_second_moment_ = read_value(archive, "factorize_second_moment", what).toBool();
   seed_ = read_value(archive, "seed", what).toInt();
+  tf32_ = read_value(archive, "tf32", what).toBool();
+  stochastic_rounding_ = read_value(archive, "stochastic_rounding", what).toBool();
   explicitly_set_ = (uint32_t{1} << kNumOptions) - 1;  // a loaded group is complete
 }
 

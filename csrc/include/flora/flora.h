@@ -79,9 +79,13 @@ struct FloraOptions : public torch::optim::OptimizerCloneableOptions<FloraOption
   FLORA_OPTION(bool, factorize_second_moment, 12) = true;
   // Base seed: parameter number i (1-based over all groups, in order) starts at seed + i.
   FLORA_OPTION(int64_t, seed, 13) = 0;
+  // CUDA: projection GEMMs on tensor cores (TF32); false keeps them exact fp32.
+  FLORA_OPTION(bool, tf32, 14) = true;
+  // bfloat16 parameters: unbiased stochastic rounding of the written value.
+  FLORA_OPTION(bool, stochastic_rounding, 15) = false;
 
  public:
-  static constexpr int kNumOptions = 14;
+  static constexpr int kNumOptions = 16;
 
   void serialize(torch::serialize::InputArchive& archive) override;
   void serialize(torch::serialize::OutputArchive& archive) const override;

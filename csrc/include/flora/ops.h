@@ -51,6 +51,12 @@ struct StepOptions {
   bool relative_step = false;
   bool warmup_init = false;
   bool factorize_second_moment = true;
+  // CUDA only: projection GEMMs on TF32 tensor cores (bf16/fp16 ones for such
+  // gradients); false keeps them exact fp32. The CPU path is always exact.
+  bool tf32 = true;
+  // Half-precision parameters: round the fp32 result to bfloat16 stochastically
+  // (unbiased) instead of to nearest. No effect on float32 parameters.
+  bool stochastic_rounding = false;
 
   StepOptions for_parameter(int64_t param_step, int64_t param_seed) const {
     StepOptions o = *this;
@@ -94,6 +100,11 @@ std::vector<GroupEntry> check_group_inputs(at::TensorList params, at::TensorList
                                            at::IntArrayRef seeds,
                                            const StepOptions& group_options);
 
+// What a backend implements: one step of every parameter of a call whose inputs
+// check_group_inputs (or check_step_inputs) accepted. entries[k] belongs to params[k].
+using GroupKernel = void (*)(at::TensorList params, at::TensorList grads,
+                             const std::vector<GroupEntry>& entries);
+
 // One Flora step of one parameter, in place on param and state
 // (torch.ops.flora.step_; dispatches to the CPU or CUDA kernel).
 void step_(at::Tensor& param, const at::Tensor& grad,
@@ -116,7 +127,26 @@ StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double be
                                 double eps1, double eps2, double clip_threshold,
                                 double decay_rate, double weight_decay, int64_t rank,
                                 int64_t kappa, bool scale_parameter, bool relative_step,
-                                bool warmup_init, bool factorize_second_moment);
+                                bool warmup_init, bool factorize_second_moment, bool tf32,
+                                bool stochastic_rounding);
+// The op entry points of every backend: options from the schema, the checks,
+// then the backend's kernel. The argument lists are the op schemas'.
+void run_step_op(GroupKernel kernel, const at::Tensor& param, const at::Tensor& grad,
+                 const std::optional<at::Tensor>& row_second_moment,
+                 const std::optional<at::Tensor>& col_second_moment,
+                 const std::optional<at::Tensor>& second_moment,
+                 const std::optional<at::Tensor>& momentum, int64_t step, int64_t seed,
+                 double lr, double beta1, double eps1, double eps2, double clip_threshold,
+                 double decay_rate, double weight_decay, int64_t rank, int64_t kappa,
+                 bool scale_parameter, bool relative_step, bool warmup_init,
+                 bool factorize_second_moment, bool tf32, bool stochastic_rounding);
+void run_step_group_op(GroupKernel kernel, at::TensorList params, at::TensorList grads,
+                       at::TensorList states, at::IntArrayRef steps, at::IntArrayRef seeds,
+                       double lr, double beta1, double eps1, double eps2,
+                       double clip_threshold, double decay_rate, double weight_decay,
+                       int64_t rank, int64_t kappa, bool scale_parameter, bool relative_step,
+                       bool warmup_init, bool factorize_second_moment, bool tf32,
+                       bool stochastic_rounding);
 void check_projection_output(const at::Tensor& out, int64_t seed, double scale);
 }  // namespace detail
 
