@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import sys
 
@@ -53,6 +54,7 @@ def optimizers(rank):
         "torch_adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
         f"flora_r{rank}_b0.9": flora(rank=rank, beta1=0.9, kappa=1000),
         f"flora_r{rank}_b0.9_resample": flora(rank=rank, beta1=0.9, kappa=1),
+        f"flora_r{rank}_b0.9_exact": flora(rank=rank, beta1=0.9, kappa=1000, tf32=False),
         "flora_nomomentum": flora(beta1=None),
     }
     try:
@@ -116,11 +118,8 @@ def main():
     ap.add_argument("--only", nargs="*", help="names of optimizers to run (default: all)")
     ap.add_argument("--small-tensors", type=int, default=0,
                     help="instead of a model: this many 64x64 tensors (launch overhead)")
-    ap.add_argument("--tf32", action="store_true",
-                    help="allow TF32 in cuBLAS (Flora's projection GEMMs use it then)")
     ap.add_argument("--out", help="append a Markdown table to this file")
     args = ap.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     dtype = getattr(torch, args.dtype)
     if args.small_tensors:
         shapes, label = [(64, 64)] * args.small_tensors, f"{args.small_tensors} tensors of 64x64"
@@ -141,10 +140,12 @@ def main():
         print(f"{name:32s} median {med:8.2f} ms  min {best:8.2f} ms  state {state / numel:6.3f} B/param"
               f"  extra peak {100 * rows[-1][4]:6.2f}% of param bytes", flush=True)
     base = next((r[1] for r in rows if r[0] == "adamw_fused"), None)
-    header = (f"\n### {label}, {args.dtype} params, rank {args.rank}, TF32 {'on' if args.tf32 else 'off'}\n\n"
+    header = (f"\n### {label}, {args.dtype} params, rank {args.rank}\n\n"
               f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-              f"{numel / 1e9:.3f}B parameters in {len(params)} tensors. Command: "
+              f"{numel / 1e9:.3f}B parameters in {len(params)} tensors. Flora's projection "
+              f"GEMMs use TF32 (its default) except in *_exact. "
+              f"FLORA_BATCH_BYTES={os.environ.get('FLORA_BATCH_BYTES', 'default')}. Command: "
               f"`python {' '.join(sys.argv)}`\n\n"
               "| optimizer | median step (ms) | min (ms) | x fused AdamW | state bytes/param | extra peak (% of params) |\n"
               "|---|---|---|---|---|---|\n")

@@ -1,0 +1,112 @@
+"""Per-kernel profile of one Flora step on LLaMA shapes: time and achieved bandwidth.
+
+torch.profiler records the CUDA kernels of --steps steps; for Flora's own passes the
+bytes each must move are computed from the parameter layouts (the floor of that pass:
+every tensor it reads or writes once), so achieved GB/s = bytes / time. cuBLAS and
+other kernels get their time only.
+
+    python benchmarks/profile_step.py --out benchmarks/results/profile_step.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_step import MODELS, llama_shapes, make_params  # noqa: E402
+
+
+def pass_bytes(params, opt):
+    """Bytes each of Flora's passes must move in one step, from the state layouts."""
+    from flora_ext import param_layout
+
+    group = opt.param_groups[0]
+    total = defaultdict(int)
+    for p in params:
+        e = p.element_size()
+        n = p.numel()
+        lay = param_layout(p.shape, group["rank"], group["beta1"], group["factorize_second_moment"])
+        mom = lay["momentum"]
+        if lay["factored"]:
+            total["stats"] += 2 * e * n                                   # read G, p
+            total["rms"] += e * n + {"dense": 8, "compressed": 4}.get(mom, 0) * n
+            total["apply"] += 3 * e * n + {"dense": 4, "compressed": 4}.get(mom, 0) * n
+        else:
+            total["stats"] += 2 * e * n + 8 * n + (8 * n if mom == "dense" else 0)
+            total["apply"] += 2 * e * n + (4 * n if mom == "dense" else e * n + 4 * n)
+    return total
+
+
+def short_name(kernel):
+    for key in ("stats_kernel", "finalize_kernel", "scalars_kernel", "rms_kernel", "clip_kernel",
+                "apply_kernel", "projection_pair_kernel", "fill_projection_kernel",
+                "momentum_mix_kernel"):
+        if key in kernel:
+            return key.replace("_kernel", "")
+    if "gemm" in kernel.lower() or "sm90" in kernel or "cutlass" in kernel.lower():
+        return "cublas gemm"
+    return kernel[:60]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="1.35b", choices=sorted(MODELS))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--rank", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    import flora_ext
+
+    dtype = getattr(torch, args.dtype)
+    params, grads = make_params(llama_shapes(*MODELS[args.model]), dtype)
+    report = (f"\n### Kernel profile, LLaMA {args.model} shapes, {args.dtype} params\n\n"
+              f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+              f"FLORA_BATCH_BYTES={os.environ.get('FLORA_BATCH_BYTES', 'default')}. "
+              f"Command: `python {' '.join(sys.argv)}`\n")
+    for label, kw in (("no momentum", dict(beta1=None)),
+                      (f"rank {args.rank}, beta1 0.9, TF32", dict(beta1=0.9, rank=args.rank))):
+        opt = flora_ext.Flora(params, lr=1e-3, **kw)
+        for _ in range(2):
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                opt.step()
+            torch.cuda.synchronize()
+        times, counts = defaultdict(float), defaultdict(int)
+        for evt in prof.events():
+            if evt.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            name = short_name(evt.name)
+            times[name] += evt.time_range.elapsed_us() / 1e3 / args.steps   # ms per step
+            counts[name] += 1
+        floor = pass_bytes(params, opt)
+        total = sum(times.values())
+        report += (f"\n{label}: kernel time {total:.2f} ms a step\n\n"
+                   "| kernel | ms / step | launches / step | bytes moved (floor) | GB/s |\n"
+                   "|---|---|---|---|---|\n")
+        for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
+            b = floor.get(name)
+            bw = f"{b / (ms * 1e-3) / 1e9:.0f}" if b and ms > 0 else "-"
+            report += (f"| {name} | {ms:.3f} | {counts[name] / args.steps:.0f} | "
+                       f"{f'{b / 1e9:.2f} GB' if b else '-'} | {bw} |\n")
+        del opt
+        torch.cuda.empty_cache()
+    print(report)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(report)
+
+
+if __name__ == "__main__":
+    main()
