@@ -63,9 +63,73 @@ def _projection(shape, seed, rank, device, dtype):
     return P.to(dtype), left
 
 
+# How this torch multiplies half-precision (bf16/fp16) CUDA matrices into a float32 result
+# (torch.mm/addmm's out_dtype): "addmm" (C += A B in place, the fp32 C read and written by the
+# GEMM itself), "mm" (a float32 product, then added), or "none" (older torch: a product in the
+# inputs' dtype, then added). Probed once per process on a tiny product, see _fp32_out_mode.
+_FP32_OUT_MODE = None
+
+
+def _fp32_out_mode(device):
+    global _FP32_OUT_MODE
+    if _FP32_OUT_MODE is not None:
+        return _FP32_OUT_MODE
+    # Small integers: every product and sum below is exact in float32 and in bf16/fp16 inputs,
+    # so an implementation that works gives exactly `expected`.
+    a = torch.arange(-3, 3, dtype=torch.float32, device=device).reshape(2, 3)
+    b = torch.arange(-5, 7, dtype=torch.float32, device=device).reshape(3, 4)
+    c = torch.full((2, 4), 0.5, dtype=torch.float32, device=device)
+    expected = c + a @ b
+    a16, b16 = a.to(torch.bfloat16), b.to(torch.bfloat16)
+    mode = "none"
+    try:
+        out = c.clone()
+        torch.addmm(out, a16, b16, out_dtype=torch.float32, out=out)
+        if out.dtype == torch.float32 and torch.equal(out, expected):
+            mode = "addmm"
+    except Exception:  # noqa: BLE001 - no out_dtype, or self must be 16-bit: try the next
+        pass
+    if mode == "none":
+        try:
+            out = torch.mm(a16, b16, out_dtype=torch.float32)
+            if out.dtype == torch.float32 and torch.equal(out + c, expected):
+                mode = "mm"
+        except Exception:  # noqa: BLE001 - a torch without out_dtype
+            pass
+    _FP32_OUT_MODE = mode
+    return mode
+
+
+def _down_project_cuda_half(grad, seed, rank, out):
+    """down_seed(grad) of a bf16/fp16 CUDA gradient: one tensor-core GEMM of the gradient as it
+    is with the projection rounded to its dtype, accumulated in float32 and written (added) in
+    float32 (C += P G or G P) without a full-size temporary."""
+    P, left = _projection(grad.shape, seed, rank, grad.device, grad.dtype)
+    a, b = (P, grad) if left else (grad, P)
+    mode = _fp32_out_mode(grad.device)
+    if mode == "addmm" and out is not None:
+        return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    if mode != "none":
+        product = torch.mm(a, b, out_dtype=torch.float32)
+    else:  # older torch: the r x m (n x r) product rounds to the inputs' dtype once
+        product = torch.mm(a, b).float()
+    return product if out is None else out.add_(product)
+
+
+def _cuda_half(t):
+    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
+
+
 def down_project(grad: torch.Tensor, seed: int, rank: int, out: torch.Tensor | None = None):
     """``out + down_seed(grad)`` as a float32 r x m (n < m) or n x r matrix; in place into
-    ``out`` when given."""
+    ``out`` when given.
+
+    bf16/fp16 gradients on CUDA: one tensor-core GEMM with the projection rounded to the
+    gradient's dtype, float32 accumulation and a float32 result added into ``out`` (no
+    full-size temporary). Elsewhere (the CPU, float32 gradients): bf16 GEMMs for bf16, float32
+    GEMMs otherwise (TF32 on CUDA when torch allows it)."""
+    if _cuda_half(grad):
+        return _down_project_cuda_half(grad, seed, rank, out)
     dtype = _gemm_dtype(grad.dtype)
     P, left = _projection(grad.shape, seed, rank, grad.device, dtype)
     G = grad.to(dtype)
@@ -78,13 +142,28 @@ def down_project(grad: torch.Tensor, seed: int, rank: int, out: torch.Tensor | N
 
 
 def up_project_add_(target: torch.Tensor, compressed: torch.Tensor, seed: int, rank: int):
-    """``target += up_seed(compressed)`` in place, ``target`` n x m of any float dtype."""
+    """``target += up_seed(compressed)`` in place, ``target`` n x m of any float dtype.
+
+    The projection is the one down_project used for a gradient of ``target``'s dtype and
+    device (on CUDA, rounded to bf16/fp16 for such targets), so that E[up(down(X))] = X holds
+    for the matrix actually used. bf16 and float32 targets: one GEMM (bf16 tensor cores with
+    float32 accumulation for bf16) that adds into ``target`` in place, no full-size
+    temporary. fp16 targets: float32 GEMMs (the projected sum could overflow fp16), on CUDA in
+    row blocks so that the float32 temporary is an eighth of ``target`` at most."""
     dtype = _gemm_dtype(target.dtype)
     P, left = _projection(target.shape, seed, rank, target.device, dtype)
     C = compressed.to(dtype)
     if dtype == target.dtype:
         return target.addmm_(P.t(), C) if left else target.addmm_(C, P.t())
-    return target.add_(torch.mm(P.t(), C) if left else torch.mm(C, P.t()))
+    if not _cuda_half(target):
+        return target.add_(torch.mm(P.t(), C) if left else torch.mm(C, P.t()))
+    P = P.to(target.dtype).to(dtype)  # the fp16-rounded P of the down projections
+    rows = target.shape[0]
+    block = max(1, -(-rows // 8))
+    for start in range(0, rows, block):
+        part = slice(start, start + block)
+        target[part].add_(torch.mm(P[:, part].t(), C) if left else torch.mm(C[part], P.t()))
+    return target
 
 
 class _Managed:
@@ -307,12 +386,16 @@ class FloraAccumulator:
         if not last:
             if entry.compressed:
                 entry.buffer = down_project(grad, entry.seed, self.rank, out=entry.buffer)
+                del grad  # the last reference: its memory goes back to the allocator now
             elif entry.buffer is None:
                 entry.buffer = grad  # autograd handed p.grad over: ours to keep and add into
             else:
                 entry.buffer.add_(grad)  # exactly autograd's p.grad += G
             return
-        # The last micro-batch: its gradient plus the cycle's buffer, then the step.
+        # The last micro-batch: its gradient plus the cycle's buffer, formed in the gradient's
+        # own memory (no full-size temporary for bf16 and float32 gradients, see
+        # up_project_add_), then the step, which is then the only thing here that takes a
+        # full-size float32 buffer (the compressed momentum's update, on CUDA).
         buffer, entry.buffer = entry.buffer, None
         if buffer is not None:
             if entry.compressed:

@@ -11,7 +11,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import flora_ext
-from conftest import DEVICES, rel_err
+from conftest import DEVICES, rel_err, requires_cuda
 from flora_ext.accumulation import (ACCUMULATION_SEED_SALT, down_project,
                                     initial_accumulation_seed, up_project_add_)
 from reference import down, ext_projection, projection_matrix, up
@@ -530,6 +530,98 @@ def test_step_param_is_one_step_of_one_parameter():
     b[0].bias.grad = None
     with pytest.raises(ValueError, match="needs a gradient"):
         opt_b.step_param(b[0].bias)
+
+
+# ---------------------------------------------------------------- CUDA: 16-bit GEMMs, memory
+
+
+def _extra_peak(fn):
+    """Bytes allocated at the peak of fn() beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = fn()
+    torch.cuda.synchronize()
+    return result, torch.cuda.max_memory_allocated() - before
+
+
+def _cuda_projection(seed, shape, rank, dtype):
+    """The P that the accumulator uses for a CUDA gradient of ``shape`` and ``dtype``."""
+    left = shape[0] < shape[1]
+    P = flora_ext.projection(seed, *((rank, shape[0]) if left else (shape[1], rank)), rank,
+                             device="cuda")
+    return (P if dtype == torch.float32 else P.to(dtype)).double().cpu(), left
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(512, 2048), (2048, 512)], ids=["left", "right"])
+def test_cuda_16bit_down_projection_is_float32_accurate_without_full_size_temporaries(dtype,
+                                                                                      shape):
+    # On CUDA a bf16/fp16 gradient is projected as it is, with P rounded to its dtype: a
+    # tensor-core GEMM with float32 accumulation, added into the float32 C. Given those
+    # operands the result is float32-accurate (the r x m product is not rounded to 16 bits).
+    from flora_ext import accumulation
+
+    rank, seed = 64, initial_accumulation_seed(0, 1)
+    gen = torch.Generator().manual_seed(0)
+    G = [torch.randn(shape, generator=gen).to("cuda", dtype) for _ in range(2)]
+    P, left = _cuda_projection(seed, shape, rank, dtype)
+    expected = sum(down(P, g.cpu().double(), left) for g in G)
+    # warm-up of both code paths (a first C, then adding into one): cuBLAS workspaces, probe
+    down_project(G[1], seed, rank, out=down_project(G[0], seed, rank))
+    C = down_project(G[0], seed, rank)
+    C, extra = _extra_peak(lambda: down_project(G[1], seed, rank, out=C))
+    assert C.dtype == torch.float32 and C.shape == expected.shape
+    # a torch without out_dtype GEMMs rounds each projected micro-batch to 16 bits once
+    exact = accumulation._fp32_out_mode(C.device) != "none"
+    assert rel_err(C.cpu(), expected) < (1e-5 if exact else 5e-3)
+    assert extra < G[1].numel() * 2  # a float32 copy of G would be numel * 4
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(512, 2048), (2048, 512)], ids=["left", "right"])
+def test_cuda_up_projection_adds_in_place_without_full_size_temporaries(dtype, shape):
+    rank, seed = 64, initial_accumulation_seed(0, 1)
+    gen = torch.Generator().manual_seed(1)
+    G = torch.randn(shape, generator=gen).to("cuda", dtype)
+    C = down_project(torch.randn(shape, generator=gen).to("cuda", dtype), seed, rank)
+    P, left = _cuda_projection(seed, shape, rank, dtype)
+    expected = G.cpu().double() + up(P, C.cpu().double(), left)
+    up_project_add_(G.clone(), C, seed, rank)  # warm-up
+    target = G.clone()
+    _, extra = _extra_peak(lambda: up_project_add_(target, C, seed, rank))
+    tol = {torch.float32: 2e-3, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert rel_err(target.cpu(), expected) < tol
+    # bf16, float32: in place (P and the r x m C in the GEMM's dtype on the side); fp16:
+    # float32 row blocks of an eighth of the target. A full float32 product: numel * 4.
+    assert extra < G.numel() * (1.25 if dtype == torch.float16 else 1.0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("momentum", [False, True], ids=["no-momentum", "compressed-momentum"])
+def test_cuda_bf16_last_micro_batch_takes_at_most_one_full_float32_buffer(momentum):
+    # Peak of the cycle's last backward beyond what is allocated before it (parameter, state,
+    # C): the bf16 gradient, G~ formed in it, and at most one n x m float32 buffer (the
+    # compressed momentum's update) in the step.
+    n, m = 2048, 1024
+    p = torch.nn.Parameter(torch.randn(n, m, device="cuda").mul_(0.02).bfloat16())
+    opt = flora_ext.Flora([p], lr=1e-3, **(dict(beta1=0.9, rank=64) if momentum else {}))
+    flora_ext.FloraAccumulator(opt, micro_batches=2, rank=64)
+    gen = torch.Generator().manual_seed(2)
+    X = [torch.randn(n, m, generator=gen).to("cuda", torch.bfloat16) for _ in range(2)]
+
+    def backward(x):
+        (p * x).sum().backward()  # the gradient is exactly x, in a fresh n x m buffer
+
+    for x in X:  # one cycle to create the state and warm up
+        backward(x)
+    backward(X[0])
+    _, extra = _extra_peak(lambda: backward(X[1]))
+    assert p.grad is None and opt.state[p]["step"] == 2
+    full_bf16, full_fp32 = n * m * 2, n * m * 4
+    assert extra < full_bf16 + (full_fp32 if momentum else 0) + full_fp32 // 2
 
 
 # ---------------------------------------------------------------- FloraAccelerator

@@ -1,0 +1,451 @@
+#!/usr/bin/env python3
+"""Peak memory and throughput of training a LLaMA-7B-shaped decoder (issue 6).
+
+The model is transformers' LlamaForCausalLM (hidden 4096, intermediate 11008, 32 layers,
+32 heads, vocabulary 32000: 6.74B parameters), built from a LlamaConfig with random weights
+directly on the GPU in bf16 (nothing is downloaded). Training: bf16 parameters, sequences of
+2048 random tokens, micro-batch 1, 4 micro-batches per optimizer step, activation
+checkpointing on every decoder layer (non-reentrant), SDPA attention. Configurations:
+
+  flora_accum  flora_ext.Flora + flora_ext.FloraAccumulator (compressed accumulation with
+               --rank, Flora steps in the backward hooks of the last micro-batch)
+  flora        flora_ext.Flora, plain accumulation into .grad, opt.step() after the last
+  adamw        torch.optim.AdamW(fused=True), plain accumulation
+  flora_opt    the authors' flora_opt.FloraAccelerator(accumulation_compression_rank=--rank)
+               with flora_opt.Flora (flora-opt 0.0.3; bitsandbytes stubbed when missing)
+
+Flora is used with its defaults (flora-opt's: no momentum) and --lr, unless --flora-beta1 /
+--flora-rank turn compressed momentum on. Each configuration runs in its own subprocess, so
+that peaks and allocator caches are isolated, under a shared --budget of wall time. Reported:
+torch.cuda.max_memory_allocated over all steps (warm-up included: the optimizer state is
+created in the first step), max_memory_reserved, the median step time over --steps timed
+steps after --warmup steps (wall clock between torch.cuda.synchronize() calls, the whole
+step: forward, backward, optimizer) and tokens/s = micro_batches * seq / median step time.
+A configuration that runs out of memory is reported as OOM and the others still run.
+
+    python benchmarks/bench_memory.py --out benchmarks/results/bench_memory.md
+    python benchmarks/bench_memory.py --tiny --device cpu --out /tmp/bench_memory.md   # smoke
+
+Needs transformers (and accelerate + flora-opt for flora_opt): requirements-bench.txt.
+The Markdown table goes to --out and the same results as JSON next to it (.json).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+# The source tree's flora_ext when it is built in place (python benchmarks/bench_memory.py puts
+# benchmarks/, not the repository root, on sys.path).
+_REPO = pathlib.Path(__file__).resolve().parent.parent
+if (_REPO / "flora_ext" / "libflora.so").exists():
+    sys.path.insert(0, str(_REPO))
+
+CONFIGS = ("flora_accum", "flora", "adamw", "flora_opt")
+DESCRIPTIONS = {
+    "flora_accum": "flora_ext.Flora + FloraAccumulator (rank {rank})",
+    "flora": "flora_ext.Flora, plain accumulation",
+    "adamw": "torch.optim.AdamW(fused=True), plain accumulation",
+    "flora_opt": "flora-opt FloraAccelerator (rank {rank}) + flora_opt.Flora",
+}
+# (hidden, intermediate, layers, heads, vocab, seq)
+MODEL_7B = (4096, 11008, 32, 32, 32000, 2048)
+MODEL_TINY = (64, 172, 2, 4, 512, 64)
+GIB = 2.0**30
+
+
+# ------------------------------------------------------------------------------- the child
+
+
+def build_model(shape, device, dtype):
+    """LlamaForCausalLM with random weights, created on ``device`` in ``dtype``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, intermediate, layers, heads, vocab, seq = shape
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=heads, max_position_embeddings=seq,
+                         tie_word_embeddings=False, use_cache=False)
+    try:  # transformers 4.36+ and 5.x: the attention implementation lives in the config
+        config._attn_implementation = "sdpa"
+    except Exception:  # noqa: BLE001 - an older or newer config: keep its default
+        pass
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are created in bf16, never in fp32 first
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    for p in model.parameters():  # in case a version created some parameter in fp32
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    model.train()
+    # transformers 5.x: activation_checkpointing_enable (gradient_checkpointing_enable is
+    # its deprecated alias there); 4.x: gradient_checkpointing_enable.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
+def state_bytes(opt):
+    import torch
+
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+               if isinstance(t, torch.Tensor))
+
+
+def make_trainer(name, model, args, device):
+    """(one optimizer step over args.micro_batches micro-batches, optimizer, notes)."""
+    import torch
+
+    k = args.micro_batches
+    params = [p for p in model.parameters() if p.requires_grad]
+    flora_kwargs = dict(lr=args.lr)
+    if args.flora_beta1 is not None:
+        flora_kwargs.update(beta1=args.flora_beta1, rank=args.flora_rank)
+
+    def forward(ids):
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    if name in ("flora_accum", "flora", "adamw"):
+        import flora_ext
+
+        if name == "adamw":
+            opt = torch.optim.AdamW(params, lr=args.lr, fused=True)
+        else:
+            opt = flora_ext.Flora(params, **flora_kwargs)
+        if name == "flora_accum":
+            flora_ext.FloraAccumulator(opt, micro_batches=k, rank=args.rank, model=model)
+
+        def step(batch):
+            losses = []
+            for ids in batch:
+                loss = forward(ids) / k
+                loss.backward()  # flora_accum: the last one steps every parameter in its hook
+                losses.append(loss.detach())
+            opt.step()  # flora_accum: only checks that the cycle is complete
+            opt.zero_grad(set_to_none=True)
+            return losses
+        return step, opt, {}
+
+    if name == "flora_opt":
+        from flora_ext.testing import import_flora_opt
+
+        flora_opt = import_flora_opt()
+        accelerator = flora_opt.FloraAccelerator(accumulation_compression_rank=args.rank,
+                                                 gradient_accumulation_steps=k,
+                                                 cpu=device.type == "cpu")
+        opt = flora_opt.Flora(params, **flora_kwargs)
+        model, opt = accelerator.prepare(model, opt)
+
+        def step(batch):
+            losses = []
+            for ids in batch:
+                with accelerator.accumulate(model):
+                    loss = forward(ids)
+                    accelerator.backward(loss)  # divides by gradient_accumulation_steps
+                    opt.step()
+                    opt.zero_grad()
+                losses.append(loss.detach() / k)
+            return losses
+        notes = {}
+        with contextlib.suppress(Exception):
+            from importlib.metadata import version
+            notes["flora_opt_version"] = version("flora-opt")
+        return step, opt, notes
+
+    raise ValueError(f"unknown configuration {name!r}")
+
+
+def run_child(args):
+    """Measures one configuration; writes its result dict as JSON to args.result."""
+    import torch
+
+    result = {"config": args.child, "status": "error"}
+    t_start = time.perf_counter()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    shape = MODEL_TINY if args.tiny else MODEL_7B
+    seq = args.seq or shape[5]
+
+    def mem(fn):
+        return fn(device) / GIB if cuda else None
+
+    def save():
+        result["wall_s"] = time.perf_counter() - t_start
+        if cuda:
+            result.setdefault("peak_allocated_gib", mem(torch.cuda.max_memory_allocated))
+            result.setdefault("peak_reserved_gib", mem(torch.cuda.max_memory_reserved))
+        pathlib.Path(args.result).write_text(json.dumps(result, indent=1))
+
+    try:
+        import flora_ext
+
+        result["versions"] = versions()
+        result["flora_ext_cuda_kernels"] = flora_ext.cuda_compiled()
+        t0 = time.perf_counter()
+        torch.manual_seed(0)  # the same initial weights for every configuration
+        model = build_model(shape, device, torch.bfloat16)
+        if cuda:
+            torch.cuda.synchronize(device)
+        result["init_s"] = time.perf_counter() - t0
+        result["params"] = sum(p.numel() for p in model.parameters())
+        result["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
+        result["after_init_gib"] = mem(torch.cuda.memory_allocated)
+        gen = torch.Generator().manual_seed(0)
+        batch = [torch.randint(0, shape[4], (1, seq), generator=gen).to(device)
+                 for _ in range(args.micro_batches)]
+        step, opt, notes = make_trainer(args.child, model, args, device)
+        result.update(notes)
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        times, losses = [], []
+        for i in range(args.warmup + args.steps):
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            step_losses = step(batch)
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+            losses.append(sum(l.item() for l in step_losses))
+            print(f"[{args.child}] step {i + 1}/{args.warmup + args.steps}: {times[-1]:.3f} s, "
+                  f"loss {losses[-1]:.4f}"
+                  + (f", peak {mem(torch.cuda.max_memory_allocated):.2f} GiB" if cuda else ""),
+                  flush=True)
+        steps_taken = [s.get("step") for s in getattr(opt, "optimizer", opt).state.values()]
+        steps_taken = [int(s) for s in steps_taken if s is not None]
+        result["optimizer_steps"] = (min(steps_taken), max(steps_taken)) if steps_taken else None
+        timed = times[args.warmup:]
+        median = statistics.median(timed)
+        result.update(
+            status="ok", step_times_s=times, median_step_s=median, min_step_s=min(timed),
+            tokens_per_s=args.micro_batches * seq / median, losses=losses,
+            optimizer_state_gib=state_bytes(getattr(opt, "optimizer", opt)) / GIB)
+    except torch.OutOfMemoryError as err:
+        result.update(status="OOM", error=str(err).splitlines()[0][:300])
+    except Exception as err:  # noqa: BLE001 - reported in the table, the others still run
+        oom = "out of memory" in str(err).lower()
+        result.update(status="OOM" if oom else "error",
+                      error=f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}")
+        traceback.print_exc()
+    save()
+    print(f"[{args.child}] {result['status']} in {result['wall_s']:.1f} s", flush=True)
+
+
+# ------------------------------------------------------------------------------ the parent
+
+
+def child_command(args, name, result_path):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--result", result_path,
+           "--device", args.device, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--micro-batches", str(args.micro_batches), "--rank", str(args.rank),
+           "--lr", repr(args.lr)]
+    if args.seq:
+        cmd += ["--seq", str(args.seq)]
+    if args.tiny:
+        cmd.append("--tiny")
+    if args.flora_beta1 is not None:
+        cmd += ["--flora-beta1", repr(args.flora_beta1), "--flora-rank", str(args.flora_rank)]
+    return cmd
+
+
+def run_config(args, name, deadline):
+    left = deadline - time.monotonic()
+    if left < args.min_config_s:
+        return {"config": name, "status": "skipped",
+                "error": f"time budget (--budget {args.budget:g} s) spent"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "result.json")
+        start = time.monotonic()
+        try:
+            proc = subprocess.run(child_command(args, name, path), timeout=left)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+        if os.path.exists(path):
+            result = json.loads(pathlib.Path(path).read_text())
+        else:
+            result = {"config": name}
+        if rc is None:
+            result.update(status="timeout", error=f"killed after {left:.0f} s (--budget)")
+        elif "status" not in result:
+            result.update(status="error", error=f"the subprocess exited with status {rc} "
+                                                f"without a result (killed?)")
+        result.setdefault("wall_s", time.monotonic() - start)
+        return result
+
+
+def versions():
+    """Device name and package versions, asked in the child: the parent never touches CUDA
+    (a CUDA context there would take GPU memory from the children)."""
+    import torch
+
+    info = {"torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["device_name"] = torch.cuda.get_device_name()
+        info["device_total_gib"] = torch.cuda.get_device_properties(0).total_memory / GIB
+    for module in ("transformers", "accelerate", "flora_ext"):
+        with contextlib.suppress(Exception):
+            info[module] = __import__(module).__version__
+    return info
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(meta, results):
+    shape = meta["model"]
+    lines = [
+        f"### {meta['title']}",
+        "",
+        f"{meta['device_name']}, torch {meta['torch']}, transformers "
+        f"{meta.get('transformers', '?')}, accelerate {meta.get('accelerate', '-')}, "
+        f"flora_ext {meta.get('flora_ext', '?')}; {meta['date']}. Command: `{meta['command']}`",
+        "",
+        f"LlamaForCausalLM, hidden {shape['hidden']}, intermediate {shape['intermediate']}, "
+        f"{shape['layers']} layers, {shape['heads']} heads, vocabulary {shape['vocab']} "
+        f"({fmt(meta.get('params'), ',')} parameters, random init, bf16), sequence "
+        f"{meta['seq']}, micro-batch 1, {meta['micro_batches']} micro-batches a step "
+        f"({meta['tokens_per_step']} tokens), activation checkpointing (non-reentrant), "
+        f"attention {meta.get('attn_implementation', '?')}. Flora: {meta['flora']}. "
+        f"Peak = torch.cuda.max_memory_allocated over {meta['warmup']} warm-up + "
+        f"{meta['steps']} timed steps; step time = median of the timed steps (whole step, "
+        f"CUDA-synchronised); weights = memory allocated after building the model.",
+        "",
+        "| config | what | peak allocated (GiB) | peak reserved (GiB) | weights (GiB) "
+        "| optimizer state (GiB) | median step (s) | tokens/s | x AdamW tokens/s | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    adamw = next((r for r in results if r["config"] == "adamw" and r["status"] == "ok"), None)
+    for r in results:
+        what = DESCRIPTIONS[r["config"]].format(rank=meta["rank"])
+        if r["status"] == "ok":
+            rel = (fmt(r["tokens_per_s"] / adamw["tokens_per_s"], ".2f") if adamw else "-")
+            lines.append(
+                f"| {r['config']} | {what} | {fmt(r.get('peak_allocated_gib'), '.2f')} | "
+                f"{fmt(r.get('peak_reserved_gib'), '.2f')} | {fmt(r.get('after_init_gib'), '.2f')} | "
+                f"{fmt(r.get('optimizer_state_gib'), '.2f')} | {r['median_step_s']:.3f} | "
+                f"{r['tokens_per_s']:,.0f} | {rel} | ok |")
+        else:
+            status = r["status"]
+            detail = r.get("error", "")
+            cell = "OOM" if status == "OOM" else "-"
+            lines.append(f"| {r['config']} | {what} | {cell} | {cell} | "
+                         f"{fmt(r.get('after_init_gib'), '.2f')} | - | {cell} | {cell} | - "
+                         f"| {status}{': ' + detail.replace('|', '/') if detail else ''} |")
+    lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def run_parent(args):
+    deadline = time.monotonic() + args.budget
+    configs = args.configs
+    for name in configs:
+        if name not in CONFIGS:
+            raise SystemExit(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
+    shape = MODEL_TINY if args.tiny else MODEL_7B
+    seq = args.seq or shape[5]
+    started = datetime.datetime.now(datetime.timezone.utc)
+    results = []
+    for name in configs:
+        print(f"== {name} ({deadline - time.monotonic():.0f} s of the budget left)", flush=True)
+        results.append(run_config(args, name, deadline))
+        r = results[-1]
+        print(f"== {name}: {r['status']}, peak {fmt(r.get('peak_allocated_gib'), '.2f')} GiB, "
+              f"median step {fmt(r.get('median_step_s'), '.3f')} s, "
+              f"{fmt(r.get('tokens_per_s'), ',.0f')} tokens/s, {r.get('wall_s', 0):.0f} s wall",
+              flush=True)
+    first_ok = next((r for r in results if r.get("params")), {})
+    import torch
+
+    meta = {"torch": torch.__version__, "python": platform.python_version(),
+            "device": args.device, "device_name": args.device}
+    meta.update(next((r["versions"] for r in results if r.get("versions")), {}))
+    if not args.device.startswith("cuda"):
+        meta["device_name"] = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    flora = "defaults (no momentum)" if args.flora_beta1 is None else \
+        f"beta1={args.flora_beta1}, momentum rank {args.flora_rank}"
+    meta.update(
+        title=("Tiny smoke-test model" if args.tiny else "LLaMA-7B shapes")
+        + f", accumulation rank {args.rank}",
+        date=f"{started:%Y-%m-%d %H:%M} UTC",
+        command="python " + " ".join(shlex.quote(a) for a in sys.argv),
+        model=dict(zip(("hidden", "intermediate", "layers", "heads", "vocab"), shape[:5])),
+        params=first_ok.get("params"), attn_implementation=first_ok.get("attn_implementation"),
+        seq=seq, micro_batches=args.micro_batches, tokens_per_step=seq * args.micro_batches,
+        rank=args.rank, lr=args.lr, flora=flora, steps=args.steps, warmup=args.warmup,
+        wall_s=args.budget - (deadline - time.monotonic()))
+    table = markdown(meta, results)
+    print(table)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("# Peak memory and throughput, LLaMA-7B shapes (benchmarks/bench_memory.py)"
+                   "\n\n" + table)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results},
+                                                   indent=1) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.json')} ({meta['wall_s']:.0f} s)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), metavar="NAME",
+                    help=f"configurations to run, in order (default: {' '.join(CONFIGS)})")
+    ap.add_argument("--steps", type=int, default=4, help="timed optimizer steps (default 4)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    ap.add_argument("--micro-batches", type=int, default=4, help="per optimizer step (4)")
+    ap.add_argument("--rank", type=int, default=None,
+                    help="accumulation rank of flora_accum and flora_opt (256; 8 with --tiny)")
+    ap.add_argument("--seq", type=int, default=None, help="sequence length (2048; 64 --tiny)")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--flora-beta1", type=float, default=None,
+                    help="turn Flora's momentum on (default: Flora's defaults, no momentum)")
+    ap.add_argument("--flora-rank", type=int, default=256,
+                    help="momentum rank with --flora-beta1 (256)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="a tiny LLaMA (hidden 64, 2 layers) that runs on the CPU, for testing")
+    ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    ap.add_argument("--out", default="benchmarks/results/bench_memory.md",
+                    help="Markdown output; the JSON goes next to it (default %(default)s)")
+    ap.add_argument("--budget", type=float, default=330.0,
+                    help="wall seconds for all configurations together; one still running "
+                         "then is killed and reported as timeout (default %(default)s)")
+    ap.add_argument("--min-config-s", type=float, default=30.0, help=argparse.SUPPRESS)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.rank is None:
+        args.rank = 8 if args.tiny else 256
+    if args.device is None:
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.steps < 1 or args.warmup < 0 or args.micro_batches < 1:
+        ap.error("--steps >= 1, --warmup >= 0 and --micro-batches >= 1")
+    if args.child:
+        run_child(args)
+    else:
+        run_parent(args)
+
+
+if __name__ == "__main__":
+    main()
