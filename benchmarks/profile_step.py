@@ -61,6 +61,8 @@ def main():
     ap.add_argument("--rank", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out")
+    ap.add_argument("--configs", nargs="*", default=["none", "compressed"],
+                    help="none (beta1=None) and/or compressed (rank --rank, beta1 0.9)")
     args = ap.parse_args()
     import flora_ext
 
@@ -71,8 +73,9 @@ def main():
               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
               f"FLORA_BATCH_BYTES={os.environ.get('FLORA_BATCH_BYTES', 'default')}. "
               f"Command: `python {' '.join(sys.argv)}`\n")
-    for label, kw in (("no momentum", dict(beta1=None)),
-                      (f"rank {args.rank}, beta1 0.9, TF32", dict(beta1=0.9, rank=args.rank))):
+    configs = {"none": ("no momentum", dict(beta1=None)),
+               "compressed": (f"rank {args.rank}, beta1 0.9, TF32", dict(beta1=0.9, rank=args.rank))}
+    for label, kw in (configs[c] for c in args.configs):
         opt = flora_ext.Flora(params, lr=1e-3, **kw)
         for _ in range(2):
             for p, g in zip(params, grads):

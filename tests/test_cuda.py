@@ -266,3 +266,15 @@ def test_stochastic_rounding_same_bits_on_cpu_and_cuda():
     a = stochastic_rounding_run("cpu", 3e-3, True, n=1000)
     b = stochastic_rounding_run("cuda", 3e-3, True, n=1000)
     assert torch.equal(a, b.cpu())
+
+
+def test_exact_projections_ignore_torch_tf32_flag():
+    # torch's allow_tf32 puts the shared cuBLAS handle in TF32 math mode; tf32=False must
+    # stay exact fp32 regardless (a training script may well have turned the flag on).
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        shape, hp = (96, 200), dict(beta1=0.9, rank=32)
+        assert_close_run(run(shape, hp, "cuda"), run(shape, hp, "cpu"), 1e-5)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

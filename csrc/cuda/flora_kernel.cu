@@ -656,13 +656,21 @@ cudaDataType_t cuda_type(int dt) {
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
           const void* A, const void* B, int ab, float beta, float* C, bool tf32) {
   const int lda = as_int(trans_a ? M : K, "lda"), ldb = as_int(trans_b ? K : N, "ldb");
-  const cublasComputeType_t compute =
-      (ab == kF32 && tf32) ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-  TORCH_CUDABLAS_CHECK(cublasGemmEx(
-      at::cuda::getCurrentCUDABlasHandle(), trans_b ? CUBLAS_OP_T : CUBLAS_OP_N,
-      trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, as_int(N, "N"), as_int(M, "M"), as_int(K, "K"),
-      &alpha, B, cuda_type(ab), ldb, A, cuda_type(ab), lda, &beta, C, CUDA_R_32F,
-      as_int(N, "ldc"), compute, CUBLAS_GEMM_DEFAULT));
+  const bool fast = ab == kF32 && tf32;
+  const cublasComputeType_t compute = fast ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  // torch sets the shared handle's math mode from allow_tf32, and TF32 math mode lets
+  // cuBLAS use TF32 even for CUBLAS_COMPUTE_32F: our option decides, not that flag.
+  const cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  cublasMath_t previous;
+  TORCH_CUDABLAS_CHECK(cublasGetMathMode(handle, &previous));
+  TORCH_CUDABLAS_CHECK(
+      cublasSetMathMode(handle, fast ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+  const cublasStatus_t status = cublasGemmEx(
+      handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+      as_int(N, "N"), as_int(M, "M"), as_int(K, "K"), &alpha, B, cuda_type(ab), ldb, A,
+      cuda_type(ab), lda, &beta, C, CUDA_R_32F, as_int(N, "ldc"), compute, CUBLAS_GEMM_DEFAULT);
+  TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, previous));
+  TORCH_CUDABLAS_CHECK(status);
 }
 
 void fill_projection_cuda(const at::Tensor& out, int64_t seed, double scale) {
