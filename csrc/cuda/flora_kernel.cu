@@ -43,9 +43,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTileRows = 64;                        // factored tile: 64 rows x 128 columns
 constexpr int kRowsPerWarp = kTileRows / kWarps;     // 8
-constexpr int kTileCols = 128;                       // 32 lanes x 4 columns
 constexpr int kFullVecsPerThread = 8;
-constexpr int64_t kFullTile = int64_t(kThreads) * 4 * kFullVecsPerThread;  // 8192 elements
 constexpr int kFinalizeWidth = 256;                  // rows or columns per finalize block
 constexpr int kChunksPerRowBlock = kFinalizeWidth / kTileRows;
 
@@ -107,48 +105,84 @@ __device__ __forceinline__ Storage<DT> from_float(float x) {
   else return __half_as_ushort(__float2half_rn(x));
 }
 
-// Four consecutive elements as floats; `valid` of them exist. One 16-byte (fp32)
-// or 8-byte (16-bit types) load when the task is aligned for it.
+// Every lane moves 16 bytes a row: 4 fp32 or 8 bf16/fp16 elements. A factored tile
+// is 64 rows x 32 lanes' columns; an unfactored one 256 threads x 8 such vectors.
+template <int DT> constexpr int kLane = DT == kF32 ? 4 : 8;
+template <int DT> constexpr int kTileColsOf = 32 * kLane<DT>;
 template <int DT>
-__device__ __forceinline__ void load4(const Storage<DT>* ptr, bool vec, int valid, float v[4]) {
-  if (vec && valid == 4) {
-    if constexpr (DT == kF32) {
-      const float4 x = *reinterpret_cast<const float4*>(ptr);
-      v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
-    } else {
-      const uint2 x = *reinterpret_cast<const uint2*>(ptr);
-      v[0] = to_float<DT>(static_cast<uint16_t>(x.x & 0xFFFFu));
-      v[1] = to_float<DT>(static_cast<uint16_t>(x.x >> 16));
-      v[2] = to_float<DT>(static_cast<uint16_t>(x.y & 0xFFFFu));
-      v[3] = to_float<DT>(static_cast<uint16_t>(x.y >> 16));
-    }
-    return;
-  }
+constexpr int64_t kFullTileOf = int64_t(kThreads) * kLane<DT> * kFullVecsPerThread;
+
+// A lane's 16 bytes of one row, kept as loaded and converted to floats where used,
+// so that eight rows of gradient and parameter in flight cost 64 registers in
+// every dtype. `valid` elements exist; missing ones read as 0.
+template <int DT>
+__device__ __forceinline__ uint4 load_pack(const Storage<DT>* ptr, bool vec, int valid) {
+  if (vec && valid == kLane<DT>) return *reinterpret_cast<const uint4*>(ptr);
+  uint32_t w[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
-  for (int c = 0; c < 4; ++c) v[c] = c < valid ? to_float<DT>(ptr[c]) : 0.f;
+  for (int c = 0; c < kLane<DT>; ++c) {
+    if (c >= valid) continue;
+    if constexpr (DT == kF32) w[c] = __float_as_uint(ptr[c]);
+    else w[c / 2] |= static_cast<uint32_t>(ptr[c]) << (16 * (c % 2));
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 template <int DT>
-__device__ __forceinline__ void store4(Storage<DT>* ptr, bool vec, int valid,
-                                       const Storage<DT> v[4]) {
-  if (vec && valid == 4) {
-    if constexpr (DT == kF32) {
-      *reinterpret_cast<float4*>(ptr) = make_float4(v[0], v[1], v[2], v[3]);
-    } else {
-      uint2 x;
-      x.x = static_cast<uint32_t>(v[0]) | (static_cast<uint32_t>(v[1]) << 16);
-      x.y = static_cast<uint32_t>(v[2]) | (static_cast<uint32_t>(v[3]) << 16);
-      *reinterpret_cast<uint2*>(ptr) = x;
+__device__ __forceinline__ void unpack(const uint4& r, float v[kLane<DT>]) {
+  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int c = 0; c < kLane<DT>; ++c) {
+    if constexpr (DT == kF32) v[c] = __uint_as_float(w[c]);
+    else v[c] = to_float<DT>(static_cast<uint16_t>((w[c / 2] >> (16 * (c % 2))) & 0xFFFFu));
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ void store_pack(Storage<DT>* ptr, bool vec, int valid,
+                                           const Storage<DT> v[kLane<DT>]) {
+  if (vec && valid == kLane<DT>) {
+    uint32_t w[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      if constexpr (DT == kF32) w[q] = __float_as_uint(v[q]);
+      else w[q] = static_cast<uint32_t>(v[2 * q]) | (static_cast<uint32_t>(v[2 * q + 1]) << 16);
     }
+    *reinterpret_cast<uint4*>(ptr) = make_uint4(w[0], w[1], w[2], w[3]);
     return;
   }
 #pragma unroll
-  for (int c = 0; c < 4; ++c)
+  for (int c = 0; c < kLane<DT>; ++c)
     if (c < valid) ptr[c] = v[c];
 }
 
-__device__ __forceinline__ void store4f(float* ptr, bool vec, int valid, const float v[4]) {
-  store4<kF32>(ptr, vec, valid, v);
+// L consecutive floats of a float32 state or workspace array (16-byte loads when aligned).
+template <int L>
+__device__ __forceinline__ void loadf(const float* ptr, bool vec, int valid, float v[L]) {
+  if (vec && valid == L) {
+#pragma unroll
+    for (int q = 0; q < L / 4; ++q) {
+      const float4 x = reinterpret_cast<const float4*>(ptr)[q];
+      v[4 * q] = x.x; v[4 * q + 1] = x.y; v[4 * q + 2] = x.z; v[4 * q + 3] = x.w;
+    }
+    return;
+  }
+#pragma unroll
+  for (int c = 0; c < L; ++c) v[c] = c < valid ? ptr[c] : 0.f;
+}
+
+template <int L>
+__device__ __forceinline__ void storef(float* ptr, bool vec, int valid, const float v[L]) {
+  if (vec && valid == L) {
+#pragma unroll
+    for (int q = 0; q < L / 4; ++q)
+      reinterpret_cast<float4*>(ptr)[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2],
+                                                      v[4 * q + 3]);
+    return;
+  }
+#pragma unroll
+  for (int c = 0; c < L; ++c)
+    if (c < valid) ptr[c] = v[c];
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -201,8 +235,9 @@ __device__ __forceinline__ const Task& task_of_tile(const Task* tasks, int count
   return find_task(tasks, count, blockIdx.x, [](const Task& t) { return t.tile_begin; });
 }
 
+template <int L>
 __device__ __forceinline__ int valid_of(int64_t remaining) {
-  return remaining <= 0 ? 0 : remaining >= 4 ? 4 : static_cast<int>(remaining);
+  return remaining <= 0 ? 0 : remaining >= L ? L : static_cast<int>(remaining);
 }
 
 // Row i of tile row-chunk rc handled by warp w in round k; the 8 warps take
@@ -216,50 +251,56 @@ __device__ __forceinline__ int64_t tile_row(int64_t rc, int k, int warp) {
 template <int DT>
 __device__ void factored_stats(const Task& t, int64_t local, const GroupArgs& a) {
   using S = Storage<DT>;
+  constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t rc = local / t.ctiles, ct = local % t.ctiles;
   const int64_t n = t.n, m = t.m;
-  const int64_t c0 = ct * kTileCols + lane * 4;
-  const int valid = valid_of(m - c0);
+  const int64_t c0 = ct * TC + lane * L;
+  const int valid = valid_of<L>(m - c0);
   const bool vec = t.vec;
   const S* g = static_cast<const S*>(t.grad);
   const S* p = static_cast<const S*>(t.param);
-  float gv[kRowsPerWarp][4], pv[kRowsPerWarp][4];
+  uint4 gr[kRowsPerWarp], pr[kRowsPerWarp];
 #pragma unroll
   for (int k = 0; k < kRowsPerWarp; ++k) {
     const int64_t i = tile_row(rc, k, warp);
     const int row_valid = i < n ? valid : 0;
-    load4<DT>(g + i * m + c0, vec, row_valid, gv[k]);
-    load4<DT>(p + i * m + c0, vec, row_valid, pv[k]);
+    gr[k] = load_pack<DT>(g + i * m + c0, vec, row_valid);
+    pr[k] = load_pack<DT>(p + i * m + c0, vec, row_valid);
   }
-  float col_acc[4] = {0.f, 0.f, 0.f, 0.f};
+  float col_acc[L];
+#pragma unroll
+  for (int c = 0; c < L; ++c) col_acc[c] = 0.f;
   float p2 = 0.f;
 #pragma unroll
   for (int k = 0; k < kRowsPerWarp; ++k) {
     const int64_t i = tile_row(rc, k, warp);
     const int row_valid = i < n ? valid : 0;
+    float gv[L], pv[L];
+    unpack<DT>(gr[k], gv);
+    unpack<DT>(pr[k], pv);
     float row_acc = 0.f;
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
+    for (int c = 0; c < L; ++c) {
       if (c < row_valid) {
-        const float v = gv[k][c] * gv[k][c] + a.eps1;
+        const float v = gv[c] * gv[c] + a.eps1;
         row_acc += v;
         col_acc[c] += v;
-        p2 += pv[k][c] * pv[k][c];
+        p2 += pv[c] * pv[c];
       }
     }
     row_acc = warp_sum(row_acc);
     if (lane == 0 && i < n) t.row_part[i * t.ctiles + ct] = row_acc;
   }
-  __shared__ float col_sm[kWarps][kTileCols];
+  __shared__ float col_sm[kWarps][TC];
 #pragma unroll
-  for (int c = 0; c < 4; ++c) col_sm[warp][lane * 4 + c] = col_acc[c];
+  for (int c = 0; c < L; ++c) col_sm[warp][lane * L + c] = col_acc[c];
   __syncthreads();
-  if (threadIdx.x < kTileCols) {
+  for (int c = threadIdx.x; c < TC; c += blockDim.x) {
     float s = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) s += col_sm[w][threadIdx.x];
-    const int64_t j = ct * kTileCols + threadIdx.x;
+    for (int w = 0; w < kWarps; ++w) s += col_sm[w][c];
+    const int64_t j = ct * TC + c;
     if (j < m) t.col_part[rc * m + j] = s;
   }
   p2 = block_sum(p2);
@@ -271,6 +312,7 @@ __device__ void factored_stats(const Task& t, int64_t local, const GroupArgs& a)
 template <int DT>
 __device__ void full_stats(const Task& t, int64_t local, const GroupArgs& a) {
   using S = Storage<DT>;
+  constexpr int L = kLane<DT>;
   const S* g = static_cast<const S*>(t.grad);
   const S* p = static_cast<const S*>(t.param);
   const bool vec = t.vec;
@@ -278,16 +320,16 @@ __device__ void full_stats(const Task& t, int64_t local, const GroupArgs& a) {
   float p2 = 0.f, d2 = 0.f;
 #pragma unroll 2
   for (int k = 0; k < kFullVecsPerThread; ++k) {
-    const int64_t e0 = local * kFullTile + (int64_t(k) * kThreads + threadIdx.x) * 4;
-    const int valid = valid_of(t.numel - e0);
+    const int64_t e0 = local * kFullTileOf<DT> + (int64_t(k) * kThreads + threadIdx.x) * L;
+    const int valid = valid_of<L>(t.numel - e0);
     if (valid == 0) continue;
-    float gv[4], pv[4], sv[4], mv[4];
-    load4<DT>(g + e0, vec, valid, gv);
-    load4<DT>(p + e0, vec, valid, pv);
-    load4<kF32>(t.second_moment + e0, vec, valid, sv);
-    if (t.momentum) load4<kF32>(t.momentum + e0, vec, valid, mv);
+    float gv[L], pv[L], sv[L], mv[L];
+    unpack<DT>(load_pack<DT>(g + e0, vec, valid), gv);
+    unpack<DT>(load_pack<DT>(p + e0, vec, valid), pv);
+    loadf<L>(t.second_moment + e0, vec, valid, sv);
+    if (t.momentum) loadf<L>(t.momentum + e0, vec, valid, mv);
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
+    for (int c = 0; c < L; ++c) {
       if (c >= valid) continue;
       sv[c] = b2 * sv[c] + (1.f - b2) * (gv[c] * gv[c] + a.eps1);
       float d = gv[c] / sqrtf(sv[c]);
@@ -298,8 +340,8 @@ __device__ void full_stats(const Task& t, int64_t local, const GroupArgs& a) {
       p2 += pv[c] * pv[c];
       d2 += d * d;
     }
-    store4f(t.second_moment + e0, vec, valid, sv);
-    if (t.momentum) store4f(t.momentum + e0, vec, valid, mv);
+    storef<L>(t.second_moment + e0, vec, valid, sv);
+    if (t.momentum) storef<L>(t.momentum + e0, vec, valid, mv);
   }
   p2 = block_sum(p2);
   d2 = block_sum(d2);
@@ -413,23 +455,24 @@ template <int DT>
 __global__ void __launch_bounds__(kThreads)
     rms_kernel(const Task* __restrict__ tasks, int count, GroupArgs a) {
   using S = Storage<DT>;
+  constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
   const Task& t = task_of_tile(tasks, count);
   if (t.kind != kFactored) return;  // unfactored D^2 came with the stats
   const int64_t local = blockIdx.x - t.tile_begin;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t rc = local / t.ctiles, ct = local % t.ctiles;
   const int64_t n = t.n, m = t.m;
-  const int64_t c0 = ct * kTileCols + lane * 4;
-  const int valid = valid_of(m - c0);
+  const int64_t c0 = ct * TC + lane * L;
+  const int valid = valid_of<L>(m - c0);
   const S* g = static_cast<const S*>(t.grad);
   const float row_mean = t.scalars[kRowMean];
-  float b[4];
-  load4<kF32>(t.col_factor + c0, false, valid, b);
-  float gv[kRowsPerWarp][4];
+  float b[L];
+  loadf<L>(t.col_factor + c0, false, valid, b);
+  uint4 gr[kRowsPerWarp];
 #pragma unroll
   for (int k = 0; k < kRowsPerWarp; ++k) {
     const int64_t i = tile_row(rc, k, warp);
-    load4<DT>(g + i * m + c0, t.vec, i < n ? valid : 0, gv[k]);
+    gr[k] = load_pack<DT>(g + i * m + c0, t.vec, i < n ? valid : 0);
   }
   float d2 = 0.f;
 #pragma unroll
@@ -437,10 +480,12 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t i = tile_row(rc, k, warp);
     if (i >= n) continue;
     const float ai = row_scale(t.row[i], row_mean);
+    float gv[L];
+    unpack<DT>(gr[k], gv);
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
+    for (int c = 0; c < L; ++c) {
       if (c >= valid) continue;
-      const float d = factored_d<true>(t, a, gv[k][c] * ai * b[c], i * m + c0 + c);
+      const float d = factored_d<true>(t, a, gv[c] * ai * b[c], i * m + c0 + c);
       d2 += d * d;
     }
   }
@@ -480,41 +525,46 @@ __device__ __forceinline__ void rounding_words(uint64_t key, int64_t e0, uint32_
   }
 }
 
-// p - decay p - lr D / clip for four elements starting at flat index e0, rounded
+// p - decay p - lr D / clip for the L elements starting at flat index e0, rounded
 // once into the parameter's dtype.
 template <int DT>
 __device__ __forceinline__ void write_params(const Task& t, const GroupArgs& a,
                                              Storage<DT>* p, int64_t e0, int valid,
-                                             const float pv[4], const float d[4]) {
+                                             const float pv[kLane<DT>], const float d[kLane<DT>]) {
+  constexpr int L = kLane<DT>;
   const float decay = t.scalars[kDecay], lr = t.scalars[kStepSize],
               inv_clip = t.scalars[kInvClip];
-  float x[4];
+  float x[L];
 #pragma unroll
-  for (int c = 0; c < 4; ++c) {
+  for (int c = 0; c < L; ++c) {
     x[c] = pv[c];
     if (decay != 0.f) x[c] -= decay * x[c];
     x[c] = x[c] - lr * (d[c] * inv_clip);
   }
-  Storage<DT> out[4];
+  Storage<DT> out[L];
   if constexpr (DT == kBF16) {
     if (a.stochastic_rounding) {
-      uint32_t w[4];
-      rounding_words(t.rounding_key, e0, w);
 #pragma unroll
-      for (int c = 0; c < 4; ++c) out[c] = bfloat16_bits_stochastic(x[c], w[c]);
-      store4<DT>(p + e0, t.vec, valid, out);
+      for (int q = 0; q < L / 4; ++q) {
+        uint32_t w[4];
+        rounding_words(t.rounding_key, e0 + 4 * q, w);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) out[4 * q + c] = bfloat16_bits_stochastic(x[4 * q + c], w[c]);
+      }
+      store_pack<DT>(p + e0, t.vec, valid, out);
       return;
     }
   }
 #pragma unroll
-  for (int c = 0; c < 4; ++c) out[c] = from_float<DT>(x[c]);
-  store4<DT>(p + e0, t.vec, valid, out);
+  for (int c = 0; c < L; ++c) out[c] = from_float<DT>(x[c]);
+  store_pack<DT>(p + e0, t.vec, valid, out);
 }
 
 template <int DT>
 __global__ void __launch_bounds__(kThreads)
     apply_kernel(const Task* __restrict__ tasks, int count, GroupArgs a) {
   using S = Storage<DT>;
+  constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
   const Task& t = task_of_tile(tasks, count);
   const int64_t local = blockIdx.x - t.tile_begin;
   S* p = static_cast<S*>(t.param);
@@ -523,19 +573,19 @@ __global__ void __launch_bounds__(kThreads)
   if (t.kind == kFull) {
 #pragma unroll 2
     for (int k = 0; k < kFullVecsPerThread; ++k) {
-      const int64_t e0 = local * kFullTile + (int64_t(k) * kThreads + threadIdx.x) * 4;
-      const int valid = valid_of(t.numel - e0);
+      const int64_t e0 = local * kFullTileOf<DT> + (int64_t(k) * kThreads + threadIdx.x) * L;
+      const int valid = valid_of<L>(t.numel - e0);
       if (valid == 0) continue;
-      float pv[4], d[4];
-      load4<DT>(p + e0, vec, valid, pv);
+      float pv[L], d[L];
+      unpack<DT>(load_pack<DT>(p + e0, vec, valid), pv);
       if (t.momentum) {
-        load4<kF32>(t.momentum + e0, vec, valid, d);
+        loadf<L>(t.momentum + e0, vec, valid, d);
       } else {
-        float gv[4], sv[4];
-        load4<DT>(g + e0, vec, valid, gv);
-        load4<kF32>(t.second_moment + e0, vec, valid, sv);
+        float gv[L], sv[L];
+        unpack<DT>(load_pack<DT>(g + e0, vec, valid), gv);
+        loadf<L>(t.second_moment + e0, vec, valid, sv);
 #pragma unroll
-        for (int c = 0; c < 4; ++c) d[c] = c < valid ? gv[c] / sqrtf(sv[c]) : 0.f;
+        for (int c = 0; c < L; ++c) d[c] = c < valid ? gv[c] / sqrtf(sv[c]) : 0.f;
       }
       write_params<DT>(t, a, p, e0, valid, pv, d);
     }
@@ -544,29 +594,31 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t rc = local / t.ctiles, ct = local % t.ctiles;
   const int64_t n = t.n, m = t.m;
-  const int64_t c0 = ct * kTileCols + lane * 4;
-  const int valid = valid_of(m - c0);
+  const int64_t c0 = ct * TC + lane * L;
+  const int valid = valid_of<L>(m - c0);
   const float row_mean = t.scalars[kRowMean];
-  float b[4];
-  load4<kF32>(t.col_factor + c0, false, valid, b);
-  float gv[kRowsPerWarp][4], pv[kRowsPerWarp][4];
+  float b[L];
+  loadf<L>(t.col_factor + c0, false, valid, b);
+  uint4 gr[kRowsPerWarp], pr[kRowsPerWarp];
 #pragma unroll
   for (int k = 0; k < kRowsPerWarp; ++k) {
     const int64_t i = tile_row(rc, k, warp);
     const int row_valid = i < n ? valid : 0;
-    load4<DT>(g + i * m + c0, vec, row_valid, gv[k]);
-    load4<DT>(p + i * m + c0, vec, row_valid, pv[k]);
+    gr[k] = load_pack<DT>(g + i * m + c0, vec, row_valid);
+    pr[k] = load_pack<DT>(p + i * m + c0, vec, row_valid);
   }
 #pragma unroll
   for (int k = 0; k < kRowsPerWarp; ++k) {
     const int64_t i = tile_row(rc, k, warp);
     if (i >= n || valid == 0) continue;
     const float ai = row_scale(t.row[i], row_mean);
-    float d[4];
+    float gv[L], pv[L], d[L];
+    unpack<DT>(gr[k], gv);
+    unpack<DT>(pr[k], pv);
 #pragma unroll
-    for (int c = 0; c < 4; ++c)
-      d[c] = c < valid ? factored_d<false>(t, a, gv[k][c] * ai * b[c], i * m + c0 + c) : 0.f;
-    write_params<DT>(t, a, p, i * m + c0, valid, pv[k], d);
+    for (int c = 0; c < L; ++c)
+      d[c] = c < valid ? factored_d<false>(t, a, gv[c] * ai * b[c], i * m + c0 + c) : 0.f;
+    write_params<DT>(t, a, p, i * m + c0, valid, pv, d);
   }
 }
 
@@ -924,19 +976,20 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
     t.rounding_key = rounding_key(e.options.seed, e.options.step,
                                   static_cast<int64_t>(item.index));
     const int64_t elem = item.param.element_size();
-    bool vec = aligned_to(t.param, 4 * elem) && aligned_to(t.grad, 4 * elem);
+    const int64_t lane_elems = item.dtype == kF32 ? kLane<kF32> : kLane<kBF16>;
+    bool vec = aligned_to(t.param, 16) && aligned_to(t.grad, 16);
     if (layout.factored) {
       t.kind = kFactored;
       t.n = layout.rows;
       t.m = layout.cols;
       t.row = e.state.row_second_moment->data_ptr<float>();
       t.col = e.state.col_second_moment->data_ptr<float>();
-      t.ctiles = static_cast<int32_t>(ceil_div(t.m, kTileCols));
+      t.ctiles = static_cast<int32_t>(ceil_div(t.m, 32 * lane_elems));
       t.rchunks = static_cast<int32_t>(ceil_div(t.n, kTileRows));
-      TORCH_CHECK(ceil_div(t.m, kTileCols) < INT_MAX && ceil_div(t.n, kTileRows) < INT_MAX,
+      TORCH_CHECK(ceil_div(t.m, 32 * lane_elems) < INT_MAX && ceil_div(t.n, kTileRows) < INT_MAX,
                   "flora: parameter of shape ", item.param.sizes(), " is too large");
       t.tiles = int64_t(t.ctiles) * t.rchunks;
-      vec = vec && t.m % 4 == 0;
+      vec = vec && t.m % lane_elems == 0;
       if (layout.momentum == MomentumKind::kDense) {
         t.momentum = e.state.momentum->data_ptr<float>();
         vec = vec && aligned_to(t.momentum, 16);
@@ -947,7 +1000,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
       t.n = 1;
       t.m = t.numel;
       t.second_moment = e.state.second_moment->data_ptr<float>();
-      t.tiles = ceil_div(t.numel, kFullTile);
+      t.tiles = ceil_div(t.numel, kThreads * lane_elems * kFullVecsPerThread);
       vec = vec && aligned_to(t.second_moment, 16);
       if (layout.momentum == MomentumKind::kDense) {
         t.momentum = e.state.momentum->data_ptr<float>();
