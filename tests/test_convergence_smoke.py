@@ -152,3 +152,118 @@ def test_part1_resume_after_interrupt_is_exact(tmp_path, monkeypatch):
     (resumed,) = convergence.main(argv("b"))
     assert resumed["val"] == whole["val"]
     assert resumed["final_test_loss"] == whole["final_test_loss"]
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_sweep_parallel_lr_choice_part2_best_and_report(tmp_path, capsys, restore_threads):
+    """The pipeline of tools/gpu_convergence.sh in small: an lr sweep in 2 worker processes,
+    part 1 at the chosen lr, part 2 from the best part-1 run, then the report."""
+    src = tmp_path / "src"
+    make_corpus(src)
+    ddir = data.prepare(src, tmp_path / "cache", [".txt"])
+    runs = tmp_path / "runs"
+    common = ["--data", str(ddir), "--model-size", "tiny", "--batch-size", "8",
+              "--eval-windows", "16", "--device", "cpu", "--no-progress", "--threads", "1"]
+    p1 = ["--part", "1", "--run-dir", str(runs / "part1"), "--steps", "20", "--eval-every", "10",
+          "--optimizers", "adamw,flora:rank=8:kappa=7"] + common
+    sweep = convergence.main(p1 + ["--lr-sweep", "--seeds", "0", "--jobs", "2"])
+    assert len(sweep) == 6 and all(lg["finished"] for lg in sweep)
+    assert [lg["optimizer"]["lr"] for lg in sweep[:3]] == convergence.LR_GRIDS["adamw"]
+    for lg in sweep:  # each run's output went to its own file; timing and clock are logged
+        assert (runs / "part1" / lg["run"] / "output.txt").is_file()
+        assert lg["steady_tokens_per_s"] > 0 and lg["clock"][-1][0] == 20
+    best = {name: min((lg for lg in sweep if lg["optimizer"]["name"] == name),
+                      key=lambda lg: lg["final_val_loss"])["optimizer"]["lr"]
+            for name in ("adamw", "flora")}
+    capsys.readouterr()
+    part1 = convergence.main(p1 + ["--lr-from", str(runs / "part1"), "--seeds", "0,1",
+                                   "--optimizers", "adamw,flora:rank=8:kappa=7,flora:rank=8:kappa=1000",
+                                   "--jobs", "2"])
+    assert [lg["optimizer"]["lr"] for lg in part1] == [best["adamw"]] * 2 + [best["flora"]] * 4
+    choice = json.loads((runs / "part1" / "lr_choice.json").read_text())
+    assert choice["adamw"]["lr"] == best["adamw"] and choice["adamw"]["match"] == "strict"
+    assert choice["flora:rank=8:kappa=1000"]["match"] == "name"  # takes flora's lr
+    seed0 = [lg for lg in part1 if lg["seed"] == 0 and lg["optimizer"]["kappa"] != 1000]
+    assert all(lg["run"] in {s["run"] for s in sweep} for lg in seed0)  # reused, not rerun
+
+    logs2 = convergence.main(["--part", "2", "--run-dir", str(runs / "part2"),
+                              "--init-from", f"best:{runs / 'part1'}", "--rank", "4",
+                              "--accum", "2", "--micro-batch-size", "4", "--steps", "4",
+                              "--eval-every", "2", "--seeds", "0,1", "--lr", "0.03"] + common)
+    best_run = min((lg for lg in part1 + sweep if lg["finished"]),
+                   key=lambda lg: lg["final_val_loss"])
+    assert all(lg["init_from"] == str(runs / "part1" / best_run["run"]) for lg in logs2)
+    assert all(lg["finished"] and lg["steady_tokens_per_s"] > 0 for lg in logs2)
+
+    import convergence_report
+
+    convergence_report.main([str(runs), "--out", str(tmp_path / "report")])
+    md = (tmp_path / "report" / "convergence.md").read_text()
+    assert "## Claim check" in md and "**Verdict:" in md
+    assert "learning-rate sweep" in md and "Part 2" in md
+    assert f"| AdamW (betas=(0.9, 0.95)) | **{best['adamw']:g}** |" in md
+
+
+def test_deadline_stops_and_resumes_exactly(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    make_corpus(src)
+    ddir = data.prepare(src, tmp_path / "cache", [".txt"])
+
+    def argv(run_dir):
+        return ["--data", str(ddir), "--run-dir", str(tmp_path / run_dir), "--optimizers",
+                "flora:rank=8:kappa=7:lr=0.1", "--model-size", "tiny", "--steps", "30",
+                "--batch-size", "4", "--eval-every", "10", "--ckpt-every", "100",
+                "--eval-windows", "8", "--device", "cpu", "--no-progress"]
+
+    (whole,) = convergence.main(argv("a"))
+    calls = [0]
+
+    def past(args):
+        calls[0] += 1
+        return calls[0] > 13  # the deadline passes during step 13
+    monkeypatch.setattr(convergence, "past_deadline", past)
+    (stopped,) = convergence.main(argv("b"))
+    assert not stopped["finished"] and stopped["stopped_early"] == "deadline"
+    assert stopped["val"][-1][0] == 13 * 4 * 32  # evaluated where it stopped
+    assert (tmp_path / "b" / stopped["run"] / "ckpt.pt").is_file()
+    # past the deadline, a new run is not even started
+    (skipped,) = convergence.main(argv("c"))
+    assert skipped.get("skipped") == "deadline" and not (tmp_path / "c").exists()
+    monkeypatch.undo()
+    (resumed,) = convergence.main(argv("b"))
+    assert resumed["finished"] and "stopped_early" not in resumed
+    assert resumed["final_test_loss"] == whole["final_test_loss"]
+    assert resumed["final_val_loss"] == whole["final_val_loss"]
+
+
+def test_galore_import_stubs_bitsandbytes(tmp_path, monkeypatch):
+    """galore-torch imports bitsandbytes (absent on the device) for its 8-bit AdamW only."""
+    pkg = tmp_path / "galore_torch"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "from bitsandbytes.optim.optimizer import Optimizer2State\n"
+        "class AdamW8bit(Optimizer2State):\n    pass\n"
+        "GaLoreAdamW = 'stand-in'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    keys = ("bitsandbytes", "bitsandbytes.optim", "bitsandbytes.optim.optimizer",
+            "bitsandbytes.functional", "galore_torch")
+    saved = {k: sys.modules.pop(k) for k in keys if k in sys.modules}
+    try:
+        from flora_ext.testing import import_flora_opt  # its bitsandbytes stub first
+
+        import_flora_opt()
+        galore = convergence.import_galore()
+        assert galore.GaLoreAdamW == "stand-in"
+        with pytest.raises(RuntimeError, match="bitsandbytes stub"):
+            galore.AdamW8bit([torch.zeros(1, requires_grad=True)])
+        assert hasattr(sys.modules["bitsandbytes"], "functional")  # flora-opt's stub kept
+    finally:
+        for k in keys:
+            sys.modules.pop(k, None)
+        sys.modules.update(saved)
