@@ -252,42 +252,6 @@ StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double be
   return o;
 }
 
-void run_step_op(GroupKernel kernel, const at::Tensor& param, const at::Tensor& grad,
-                 const std::optional<at::Tensor>& row_second_moment,
-                 const std::optional<at::Tensor>& col_second_moment,
-                 const std::optional<at::Tensor>& second_moment,
-                 const std::optional<at::Tensor>& momentum, int64_t step, int64_t seed,
-                 double lr, double beta1, double eps1, double eps2, double clip_threshold,
-                 double decay_rate, double weight_decay, int64_t rank, int64_t kappa,
-                 bool scale_parameter, bool relative_step, bool warmup_init,
-                 bool factorize_second_moment, bool tf32, bool stochastic_rounding) {
-  GroupEntry entry;
-  entry.options = options_from_schema(step, seed, lr, beta1, eps1, eps2, clip_threshold,
-                                      decay_rate, weight_decay, rank, kappa, scale_parameter,
-                                      relative_step, warmup_init, factorize_second_moment, tf32,
-                                      stochastic_rounding);
-  entry.state = ParamState{row_second_moment, col_second_moment, second_moment, momentum};
-  entry.layout = check_step_inputs(param, grad, row_second_moment, col_second_moment,
-                                   second_moment, momentum, entry.options);
-  kernel({param}, {grad}, {entry});
-}
-
-void run_step_group_op(GroupKernel kernel, at::TensorList params, at::TensorList grads,
-                       at::TensorList states, at::IntArrayRef steps, at::IntArrayRef seeds,
-                       double lr, double beta1, double eps1, double eps2,
-                       double clip_threshold, double decay_rate, double weight_decay,
-                       int64_t rank, int64_t kappa, bool scale_parameter, bool relative_step,
-                       bool warmup_init, bool factorize_second_moment, bool tf32,
-                       bool stochastic_rounding) {
-  const StepOptions group = options_from_schema(
-      1, 0, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
-      scale_parameter, relative_step, warmup_init, factorize_second_moment, tf32,
-      stochastic_rounding);
-  const std::vector<GroupEntry> entries =
-      check_group_inputs(params, grads, states, steps, seeds, group);
-  if (!params.empty()) kernel(params, grads, entries);
-}
-
 void check_projection_output(const at::Tensor& out, int64_t seed, double scale) {
   TORCH_CHECK(out.defined(), "flora: out must be a defined tensor");
   TORCH_CHECK(out.scalar_type() == at::kFloat, "flora: out must be float32, got ",
@@ -369,46 +333,16 @@ void reject_sparse(at::TensorList, at::TensorList, const std::vector<GroupEntry>
   TORCH_CHECK(false, "flora: sparse tensors are not supported");
 }
 
-void step_sparse(const at::Tensor& param, const at::Tensor& grad,
-                 const std::optional<at::Tensor>& row_second_moment,
-                 const std::optional<at::Tensor>& col_second_moment,
-                 const std::optional<at::Tensor>& second_moment,
-                 const std::optional<at::Tensor>& momentum, int64_t step, int64_t seed,
-                 double lr, double beta1, double eps1, double eps2, double clip_threshold,
-                 double decay_rate, double weight_decay, int64_t rank, int64_t kappa,
-                 bool scale_parameter, bool relative_step, bool warmup_init,
-                 bool factorize_second_moment, bool tf32, bool stochastic_rounding) {
-  detail::run_step_op(&reject_sparse, param, grad, row_second_moment, col_second_moment,
-                      second_moment, momentum, step, seed, lr, beta1, eps1, eps2,
-                      clip_threshold, decay_rate, weight_decay, rank, kappa, scale_parameter,
-                      relative_step, warmup_init, factorize_second_moment, tf32,
-                      stochastic_rounding);
-}
-
-void step_group_sparse(at::TensorList params, at::TensorList grads, at::TensorList states,
-                       at::IntArrayRef steps, at::IntArrayRef seeds, double lr, double beta1,
-                       double eps1, double eps2, double clip_threshold, double decay_rate,
-                       double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
-                       bool relative_step, bool warmup_init, bool factorize_second_moment,
-                       bool tf32, bool stochastic_rounding) {
-  detail::run_step_group_op(&reject_sparse, params, grads, states, steps, seeds, lr, beta1,
-                            eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
-                            scale_parameter, relative_step, warmup_init,
-                            factorize_second_moment, tf32, stochastic_rounding);
-  // An empty list runs no kernel; a sparse call must still fail.
-  TORCH_CHECK(false, "flora: sparse tensors are not supported");
-}
-
 }  // namespace
 }  // namespace flora
 
 TORCH_LIBRARY_IMPL(flora, SparseCPU, m) {
-  m.impl("step_", &flora::step_sparse);
-  m.impl("step_group_", &flora::step_group_sparse);
+  m.impl("step_", &flora::detail::step_op<&flora::reject_sparse>);
+  m.impl("step_group_", &flora::detail::step_group_op<&flora::reject_sparse>);
 }
 TORCH_LIBRARY_IMPL(flora, SparseCUDA, m) {
-  m.impl("step_", &flora::step_sparse);
-  m.impl("step_group_", &flora::step_group_sparse);
+  m.impl("step_", &flora::detail::step_op<&flora::reject_sparse>);
+  m.impl("step_group_", &flora::detail::step_group_op<&flora::reject_sparse>);
 }
 
 TORCH_LIBRARY(flora, m) {

@@ -204,15 +204,13 @@ void run_step_cpu(const at::Tensor& param, const at::Tensor& grad, const GroupEn
     }
   });
   if (in_place) return;
-  if (o.stochastic_rounding && param.scalar_type() == at::kBFloat16 && param.is_contiguous()) {
-    write_back_rounded(param, p, rounding_key(o.seed, o.step, index));
-  } else if (o.stochastic_rounding && param.scalar_type() == at::kBFloat16) {
-    at::Tensor rounded = at::empty(param.sizes(), param.options());
-    write_back_rounded(rounded, p, rounding_key(o.seed, o.step, index));
-    param.copy_(rounded);
-  } else {
+  if (!o.stochastic_rounding || param.scalar_type() != at::kBFloat16) {
     param.copy_(p.view(param.sizes()));
+    return;
   }
+  at::Tensor rounded = param.is_contiguous() ? param : at::empty(param.sizes(), param.options());
+  write_back_rounded(rounded, p, rounding_key(o.seed, o.step, index));
+  if (!rounded.is_same(param)) param.copy_(rounded);
 }
 
 void run_group_cpu(at::TensorList params, at::TensorList grads,
@@ -221,39 +219,11 @@ void run_group_cpu(at::TensorList params, at::TensorList grads,
     run_step_cpu(params[k], grads[k], entries[k], static_cast<int64_t>(k));
 }
 
-void step_cpu(const at::Tensor& param, const at::Tensor& grad,
-              const std::optional<at::Tensor>& row_second_moment,
-              const std::optional<at::Tensor>& col_second_moment,
-              const std::optional<at::Tensor>& second_moment,
-              const std::optional<at::Tensor>& momentum, int64_t step, int64_t seed, double lr,
-              double beta1, double eps1, double eps2, double clip_threshold, double decay_rate,
-              double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
-              bool relative_step, bool warmup_init, bool factorize_second_moment, bool tf32,
-              bool stochastic_rounding) {
-  detail::run_step_op(&run_group_cpu, param, grad, row_second_moment, col_second_moment,
-                      second_moment, momentum, step, seed, lr, beta1, eps1, eps2,
-                      clip_threshold, decay_rate, weight_decay, rank, kappa, scale_parameter,
-                      relative_step, warmup_init, factorize_second_moment, tf32,
-                      stochastic_rounding);
-}
-
-void step_group_cpu(at::TensorList params, at::TensorList grads, at::TensorList states,
-                    at::IntArrayRef steps, at::IntArrayRef seeds, double lr, double beta1,
-                    double eps1, double eps2, double clip_threshold, double decay_rate,
-                    double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
-                    bool relative_step, bool warmup_init, bool factorize_second_moment,
-                    bool tf32, bool stochastic_rounding) {
-  detail::run_step_group_op(&run_group_cpu, params, grads, states, steps, seeds, lr, beta1,
-                            eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
-                            scale_parameter, relative_step, warmup_init,
-                            factorize_second_moment, tf32, stochastic_rounding);
-}
-
 }  // namespace
 }  // namespace flora
 
 TORCH_LIBRARY_IMPL(flora, CPU, m) {
-  m.impl("step_", &flora::step_cpu);
-  m.impl("step_group_", &flora::step_group_cpu);
+  m.impl("step_", &flora::detail::step_op<&flora::run_group_cpu>);
+  m.impl("step_group_", &flora::detail::step_group_op<&flora::run_group_cpu>);
   m.impl("fill_projection_", &flora::fill_projection_cpu);
 }

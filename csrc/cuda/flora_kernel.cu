@@ -246,6 +246,19 @@ __device__ __forceinline__ int64_t tile_row(int64_t rc, int k, int warp) {
   return rc * kTileRows + k * kWarps + warp;
 }
 
+// The lane's columns c0 .. c0 + L - 1 of the warp's rows of row chunk rc of a factored
+// tensor x, as loaded (`valid` columns exist; rows past n read as 0).
+template <int DT>
+__device__ __forceinline__ void load_rows(const Storage<DT>* x, const Task& t, int64_t rc,
+                                          int warp, int64_t c0, int valid,
+                                          uint4 rows[kRowsPerWarp]) {
+#pragma unroll
+  for (int k = 0; k < kRowsPerWarp; ++k) {
+    const int64_t i = tile_row(rc, k, warp);
+    rows[k] = load_pack<DT>(x + i * t.m + c0, t.vec, i < t.n ? valid : 0);
+  }
+}
+
 // ---- pass 1: statistics ----------------------------------------------------
 
 template <int DT>
@@ -257,17 +270,11 @@ __device__ void factored_stats(const Task& t, int64_t local, const GroupArgs& a)
   const int64_t n = t.n, m = t.m;
   const int64_t c0 = ct * TC + lane * L;
   const int valid = valid_of<L>(m - c0);
-  const bool vec = t.vec;
   const S* g = static_cast<const S*>(t.grad);
   const S* p = static_cast<const S*>(t.param);
   uint4 gr[kRowsPerWarp], pr[kRowsPerWarp];
-#pragma unroll
-  for (int k = 0; k < kRowsPerWarp; ++k) {
-    const int64_t i = tile_row(rc, k, warp);
-    const int row_valid = i < n ? valid : 0;
-    gr[k] = load_pack<DT>(g + i * m + c0, vec, row_valid);
-    pr[k] = load_pack<DT>(p + i * m + c0, vec, row_valid);
-  }
+  load_rows<DT>(g, t, rc, warp, c0, valid, gr);
+  load_rows<DT>(p, t, rc, warp, c0, valid, pr);
   float col_acc[L];
 #pragma unroll
   for (int c = 0; c < L; ++c) col_acc[c] = 0.f;
@@ -469,11 +476,7 @@ __global__ void __launch_bounds__(kThreads)
   float b[L];
   loadf<L>(t.col_factor + c0, false, valid, b);
   uint4 gr[kRowsPerWarp];
-#pragma unroll
-  for (int k = 0; k < kRowsPerWarp; ++k) {
-    const int64_t i = tile_row(rc, k, warp);
-    gr[k] = load_pack<DT>(g + i * m + c0, t.vec, i < n ? valid : 0);
-  }
+  load_rows<DT>(g, t, rc, warp, c0, valid, gr);
   float d2 = 0.f;
 #pragma unroll
   for (int k = 0; k < kRowsPerWarp; ++k) {
@@ -600,13 +603,8 @@ __global__ void __launch_bounds__(kThreads)
   float b[L];
   loadf<L>(t.col_factor + c0, false, valid, b);
   uint4 gr[kRowsPerWarp], pr[kRowsPerWarp];
-#pragma unroll
-  for (int k = 0; k < kRowsPerWarp; ++k) {
-    const int64_t i = tile_row(rc, k, warp);
-    const int row_valid = i < n ? valid : 0;
-    gr[k] = load_pack<DT>(g + i * m + c0, vec, row_valid);
-    pr[k] = load_pack<DT>(p + i * m + c0, vec, row_valid);
-  }
+  load_rows<DT>(g, t, rc, warp, c0, valid, gr);
+  load_rows<DT>(p, t, rc, warp, c0, valid, pr);
 #pragma unroll
   for (int k = 0; k < kRowsPerWarp; ++k) {
     const int64_t i = tile_row(rc, k, warp);
@@ -951,7 +949,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
 
   // Tasks, batches, and each batch's workspace needs.
   std::vector<Task> tasks(items.size());
-  std::vector<at::Tensor> momenta(items.size());
+  std::vector<WorkspacePlan> plans(items.size());  // batch-local offsets
   struct Batch {
     int first = 0, count = 0;
     int64_t tiles = 0, fblocks = 0, workspace = 0;
@@ -990,11 +988,9 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
                   "flora: parameter of shape ", item.param.sizes(), " is too large");
       t.tiles = int64_t(t.ctiles) * t.rchunks;
       vec = vec && t.m % lane_elems == 0;
-      if (layout.momentum == MomentumKind::kDense) {
+      // Factored momentum is read element by element: no alignment needed.
+      if (layout.momentum == MomentumKind::kDense)
         t.momentum = e.state.momentum->data_ptr<float>();
-        vec = vec && aligned_to(t.momentum, 16);
-      }
-      if (layout.momentum == MomentumKind::kCompressed) momenta[k] = *e.state.momentum;
     } else {
       t.kind = kFull;
       t.n = 1;
@@ -1032,8 +1028,8 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
     }
     b.count += 1;
     // Workspace offsets are batch-local; pointers are filled in below.
-    const WorkspacePlan w = plan_workspace(t, b.workspace);
-    b.workspace += w.total;
+    plans[k] = plan_workspace(t, b.workspace);
+    b.workspace += plans[k].total;
   }
   int64_t workspace_floats = 0;
   for (const Batch& b : batches) {
@@ -1044,24 +1040,20 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   const auto f32 = items[0].param.options().dtype(at::kFloat);
   at::Tensor workspace = at::empty({workspace_floats}, f32);
   float* ws = workspace.data_ptr<float>();
-  for (const Batch& b : batches) {
-    int64_t base = 0;
-    for (int k = b.first; k < b.first + b.count; ++k) {
-      Task& t = tasks[k];
-      const WorkspacePlan w = plan_workspace(t, base);
-      base += w.total;
-      if (t.kind == kFactored) {
-        t.row_part = ws + w.row_part;
-        t.col_part = ws + w.col_part;
-        t.col_factor = ws + w.col_factor;
-        t.row_block_sum = reinterpret_cast<double*>(ws + w.row_block_sum);
-        t.p2_block = reinterpret_cast<double*>(ws + w.p2_block);
-      }
-      t.tile_p2 = ws + w.tile_p2;
-      t.tile_d2 = ws + w.tile_d2;
-      t.scalars = ws + w.scalars;
-      if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) t.update = ws + w.update;
+  for (size_t k = 0; k < tasks.size(); ++k) {
+    Task& t = tasks[k];
+    const WorkspacePlan& w = plans[k];
+    if (t.kind == kFactored) {
+      t.row_part = ws + w.row_part;
+      t.col_part = ws + w.col_part;
+      t.col_factor = ws + w.col_factor;
+      t.row_block_sum = reinterpret_cast<double*>(ws + w.row_block_sum);
+      t.p2_block = reinterpret_cast<double*>(ws + w.p2_block);
     }
+    t.tile_p2 = ws + w.tile_p2;
+    t.tile_d2 = ws + w.tile_d2;
+    t.scalars = ws + w.scalars;
+    if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) t.update = ws + w.update;
   }
 
   // One host-to-device copy of every task descriptor (pinned, asynchronous).
@@ -1077,7 +1069,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
     const auto compressed_work = [&] {
       for (int k = b.first; k < b.first + b.count; ++k)
         if (tasks[k].momentum_kind == static_cast<int>(MomentumKind::kCompressed))
-          compressed_momentum(items[k], tasks[k], momenta[k]);
+          compressed_momentum(items[k], tasks[k], *items[k].entry->state.momentum);
     };
     const Task* batch_table = table + b.first;
     switch (items[b.first].dtype) {
@@ -1100,39 +1092,11 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   }
 }
 
-void step_cuda(const at::Tensor& param, const at::Tensor& grad,
-               const std::optional<at::Tensor>& row_second_moment,
-               const std::optional<at::Tensor>& col_second_moment,
-               const std::optional<at::Tensor>& second_moment,
-               const std::optional<at::Tensor>& momentum, int64_t step, int64_t seed, double lr,
-               double beta1, double eps1, double eps2, double clip_threshold, double decay_rate,
-               double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
-               bool relative_step, bool warmup_init, bool factorize_second_moment, bool tf32,
-               bool stochastic_rounding) {
-  detail::run_step_op(&run_group_cuda, param, grad, row_second_moment, col_second_moment,
-                      second_moment, momentum, step, seed, lr, beta1, eps1, eps2,
-                      clip_threshold, decay_rate, weight_decay, rank, kappa, scale_parameter,
-                      relative_step, warmup_init, factorize_second_moment, tf32,
-                      stochastic_rounding);
-}
-
-void step_group_cuda(at::TensorList params, at::TensorList grads, at::TensorList states,
-                     at::IntArrayRef steps, at::IntArrayRef seeds, double lr, double beta1,
-                     double eps1, double eps2, double clip_threshold, double decay_rate,
-                     double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
-                     bool relative_step, bool warmup_init, bool factorize_second_moment,
-                     bool tf32, bool stochastic_rounding) {
-  detail::run_step_group_op(&run_group_cuda, params, grads, states, steps, seeds, lr, beta1,
-                            eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
-                            scale_parameter, relative_step, warmup_init,
-                            factorize_second_moment, tf32, stochastic_rounding);
-}
-
 }  // namespace
 }  // namespace flora
 
 TORCH_LIBRARY_IMPL(flora, CUDA, m) {
-  m.impl("step_", &flora::step_cuda);
-  m.impl("step_group_", &flora::step_group_cuda);
+  m.impl("step_", &flora::detail::step_op<&flora::run_group_cuda>);
+  m.impl("step_group_", &flora::detail::step_group_op<&flora::run_group_cuda>);
   m.impl("fill_projection_", &flora::fill_projection_cuda);
 }

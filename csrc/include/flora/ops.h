@@ -130,23 +130,46 @@ StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double be
                                 bool warmup_init, bool factorize_second_moment, bool tf32,
                                 bool stochastic_rounding);
 // The op entry points of every backend: options from the schema, the checks,
-// then the backend's kernel. The argument lists are the op schemas'.
-void run_step_op(GroupKernel kernel, const at::Tensor& param, const at::Tensor& grad,
-                 const std::optional<at::Tensor>& row_second_moment,
-                 const std::optional<at::Tensor>& col_second_moment,
-                 const std::optional<at::Tensor>& second_moment,
-                 const std::optional<at::Tensor>& momentum, int64_t step, int64_t seed,
-                 double lr, double beta1, double eps1, double eps2, double clip_threshold,
-                 double decay_rate, double weight_decay, int64_t rank, int64_t kappa,
-                 bool scale_parameter, bool relative_step, bool warmup_init,
-                 bool factorize_second_moment, bool tf32, bool stochastic_rounding);
-void run_step_group_op(GroupKernel kernel, at::TensorList params, at::TensorList grads,
-                       at::TensorList states, at::IntArrayRef steps, at::IntArrayRef seeds,
-                       double lr, double beta1, double eps1, double eps2,
-                       double clip_threshold, double decay_rate, double weight_decay,
-                       int64_t rank, int64_t kappa, bool scale_parameter, bool relative_step,
-                       bool warmup_init, bool factorize_second_moment, bool tf32,
-                       bool stochastic_rounding);
+// then the backend's kernel. The argument lists are the op schemas'; a backend
+// registers m.impl("step_", &detail::step_op<&its_group_kernel>) and likewise
+// step_group_op.
+template <GroupKernel kernel>
+void step_op(const at::Tensor& param, const at::Tensor& grad,
+             const std::optional<at::Tensor>& row_second_moment,
+             const std::optional<at::Tensor>& col_second_moment,
+             const std::optional<at::Tensor>& second_moment,
+             const std::optional<at::Tensor>& momentum, int64_t step, int64_t seed, double lr,
+             double beta1, double eps1, double eps2, double clip_threshold, double decay_rate,
+             double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
+             bool relative_step, bool warmup_init, bool factorize_second_moment, bool tf32,
+             bool stochastic_rounding) {
+  GroupEntry entry;
+  entry.options = options_from_schema(step, seed, lr, beta1, eps1, eps2, clip_threshold,
+                                      decay_rate, weight_decay, rank, kappa, scale_parameter,
+                                      relative_step, warmup_init, factorize_second_moment, tf32,
+                                      stochastic_rounding);
+  entry.state = ParamState{row_second_moment, col_second_moment, second_moment, momentum};
+  entry.layout = check_step_inputs(param, grad, row_second_moment, col_second_moment,
+                                   second_moment, momentum, entry.options);
+  kernel({param}, {grad}, {entry});
+}
+
+template <GroupKernel kernel>
+void step_group_op(at::TensorList params, at::TensorList grads, at::TensorList states,
+                   at::IntArrayRef steps, at::IntArrayRef seeds, double lr, double beta1,
+                   double eps1, double eps2, double clip_threshold, double decay_rate,
+                   double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
+                   bool relative_step, bool warmup_init, bool factorize_second_moment, bool tf32,
+                   bool stochastic_rounding) {
+  const StepOptions group = options_from_schema(
+      1, 0, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
+      scale_parameter, relative_step, warmup_init, factorize_second_moment, tf32,
+      stochastic_rounding);
+  const std::vector<GroupEntry> entries =
+      check_group_inputs(params, grads, states, steps, seeds, group);
+  if (!params.empty()) kernel(params, grads, entries);
+}
+
 void check_projection_output(const at::Tensor& out, int64_t seed, double scale);
 }  // namespace detail
 
