@@ -362,6 +362,47 @@ def deadline_skip(run_dir):
     return {"run": run_dir.name, "finished": False, "skipped": "deadline"}
 
 
+def result_without_training(run_dir, args):
+    """The log to return instead of training: the run finished before, or the deadline has
+    passed before it started; None when it should train (resuming if it has a checkpoint)."""
+    finished = finished_log(run_dir)
+    if finished is not None:
+        return finished
+    if past_deadline(args):
+        return deadline_skip(run_dir)
+    return None
+
+
+class RunDevice:
+    """The device side of a training run (part 1 and part 2 alike): bf16 autocast,
+    synchronisation, and the peak memory of training alone (reset after evaluations)."""
+
+    def __init__(self, args):
+        self.device = torch.device(args.device)
+        self.cuda = self.device.type == "cuda"
+        self.bf16 = args.amp == "bf16" or (args.amp == "auto" and self.cuda)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def reset_peak(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def record_peak(self, log):
+        if self.cuda:
+            log["peak_memory_bytes"] = max(torch.cuda.max_memory_allocated(self.device),
+                                           log["peak_memory_bytes"] or 0)
+
+    def name_in(self, log):
+        if self.cuda:
+            log["device_name"] = torch.cuda.get_device_name(self.device)
+
+
 def wait_barrier(args, run_dir):
     """With --barrier N: wait (at most --barrier-timeout s) until N runs under --run-dir have
     reached this point, so that runs timed together (calibration) share the GPU throughout."""
@@ -390,20 +431,15 @@ def train_run(cfg, seed, splits, args, run_dir):
     """
     run_dir = pathlib.Path(run_dir)
     ckpt_path = run_dir / "ckpt.pt"
-    finished = finished_log(run_dir)
-    if finished is not None:
-        return finished
-    if past_deadline(args):
-        return deadline_skip(run_dir)
+    done = result_without_training(run_dir, args)
+    if done is not None:
+        return done
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
+    rd = RunDevice(args)
+    device, autocast = rd.device, rd.autocast
     d, n_layers, n_heads, context = model_dims(args)
     tokens_per_step = args.batch_size * context
     steps = args.steps if args.steps else max(1, int(float(args.tokens) // tokens_per_step))
-    use_bf16 = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     torch.manual_seed(seed)
     model = GPT(d, n_layers, n_heads, context).to(device)
@@ -417,15 +453,14 @@ def train_run(cfg, seed, splits, args, run_dir):
         "model": {"size": args.model_size, "d_model": d, "n_layers": n_layers,
                   "n_heads": n_heads, "context": context,
                   "parameters": sum(p.numel() for p in model.parameters())},
-        "device": str(device), "bf16_autocast": use_bf16, "warmup": args.warmup,
+        "device": str(device), "bf16_autocast": rd.bf16, "warmup": args.warmup,
         "data": args.data, "torch": torch.__version__, "concurrent_jobs": args.jobs,
         "eval_windows": args.eval_windows,
         "val": [], "train_loss": [], "train_seconds": 0.0, "train_steps_timed": 0,
         "steady_seconds": 0.0, "steady_steps": 0,
         "optimizer_state_bytes": None, "peak_memory_bytes": None, "finished": False,
     }
-    if device.type == "cuda":
-        log["device_name"] = torch.cuda.get_device_name(device)
+    rd.name_in(log)
     step = 0
     if ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -442,27 +477,13 @@ def train_run(cfg, seed, splits, args, run_dir):
                                   "scheduler": sched.state_dict(), "generator": gen.get_state(),
                                   "step": step, "log": log}, log)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def record_peak():
-        # training peaks only: the statistics are reset after every evaluation
-        if device.type == "cuda":
-            log["peak_memory_bytes"] = max(torch.cuda.max_memory_allocated(device),
-                                           log["peak_memory_bytes"] or 0)
-
-    def reset_peak():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
     bar = _progress(steps, step, run_dir.name, args.progress)
     if step == 0:
         log["val"].append([0, evaluate(model, val_windows, args.eval_batch_size, device, autocast)])
     warm_step = min(TIMING_WARMUP, steps - 1)  # later steps count as steady state
     wait_barrier(args, run_dir)
-    sync()
-    reset_peak()
+    rd.sync()
+    rd.reset_peak()
     log.setdefault("clock", []).append([step, time.time()])
     t_seg, seg_start = time.perf_counter(), step
     while step < steps:
@@ -493,14 +514,14 @@ def train_run(cfg, seed, splits, args, run_dir):
         is_eval = step % args.eval_every == 0 or step == steps or stop
         is_ckpt = step % args.ckpt_every == 0 or step == steps or stop
         if is_eval or is_ckpt or step == warm_step:
-            sync()
+            rd.sync()
             seconds = time.perf_counter() - t_seg
             log["train_seconds"] += seconds
             log["train_steps_timed"] += step - seg_start
             if seg_start >= warm_step:
                 log["steady_seconds"] += seconds
                 log["steady_steps"] += step - seg_start
-            record_peak()
+            rd.record_peak(log)
             if is_eval:
                 vl = evaluate(model, val_windows, args.eval_batch_size, device, autocast)
                 log["val"].append([step * tokens_per_step, vl])
@@ -523,8 +544,8 @@ def train_run(cfg, seed, splits, args, run_dir):
                 save_ckpt()
             elif is_eval:
                 save_log(run_dir, log)
-            sync()
-            reset_peak()
+            rd.sync()
+            rd.reset_peak()
             t_seg, seg_start = time.perf_counter(), step
             if stop:
                 break
@@ -829,22 +850,17 @@ def finetune_run(mode, seed, tokens, init, args, run_dir):
     """One part-2 run; tokens = (finetune_train, finetune_eval) uint8 tensors."""
     run_dir = pathlib.Path(run_dir)
     ckpt_path = run_dir / "ckpt.pt"
-    finished = finished_log(run_dir)
-    if finished is not None:
-        return finished
-    if past_deadline(args):
-        return deadline_skip(run_dir)
+    done = result_without_training(run_dir, args)
+    if done is not None:
+        return done
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
+    rd = RunDevice(args)
+    device, autocast = rd.device, rd.autocast
     dims = init["model"]
     context = dims["context"]
     k = 1 if mode == "small_batch" else args.accum
     updates = args.steps * (args.accum if mode == "small_batch" else 1)
     mb = args.micro_batch_size
-    use_bf16 = args.amp == "bf16" or (args.amp == "auto" and device.type == "cuda")
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     torch.manual_seed(seed)
     model = GPT(dims["d_model"], dims["n_layers"], dims["n_heads"], context).to(device)
@@ -872,12 +888,11 @@ def finetune_run(mode, seed, tokens, init, args, run_dir):
            "lr": opt.param_groups[0]["lr"], "init_from": str(init.get("dir", args.init_from)),
            "init_val_loss": init.get("final_val_loss"), "model": dims,
            "trainable_parameters": sum(p.numel() for p in params), "device": str(device),
-           "bf16_autocast": use_bf16, "concurrent_jobs": args.jobs, "torch": torch.__version__,
+           "bf16_autocast": rd.bf16, "concurrent_jobs": args.jobs, "torch": torch.__version__,
            "eval_windows": args.eval_windows, "val": [], "train_seconds": 0.0,
            "steady_seconds": 0.0, "steady_updates": 0,
            "optimizer_state_bytes": None, "peak_memory_bytes": None, "finished": False}
-    if device.type == "cuda":
-        log["device_name"] = torch.cuda.get_device_name(device)
+    rd.name_in(log)
     update = 0
     if ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -890,10 +905,6 @@ def finetune_run(mode, seed, tokens, init, args, run_dir):
         log.pop("stopped_early", None)
         print(f"[resume] {run_dir.name} at update {update}/{updates}")
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     if update == 0:
         log["val"].append([0, evaluate(model, windows, args.eval_batch_size, device, autocast)])
     tokens_per_update = k * mb * context
@@ -901,11 +912,10 @@ def finetune_run(mode, seed, tokens, init, args, run_dir):
     warm = min(2 * (args.accum if mode == "small_batch" else 1), updates - 1)
     bar = _progress(updates, update, run_dir.name, args.progress)
     wait_barrier(args, run_dir)
-    sync()
+    rd.sync()
     clock_every = args.accum if mode == "small_batch" else 1
     log.setdefault("clock", []).append([update, time.time()])
-    if device.type == "cuda":  # training peaks only: reset after every evaluation
-        torch.cuda.reset_peak_memory_stats(device)
+    rd.reset_peak()  # training peaks only: reset after every evaluation
     t0, seg_start = time.perf_counter(), update
     while update < updates:
         for _ in range(k):
@@ -920,22 +930,20 @@ def finetune_run(mode, seed, tokens, init, args, run_dir):
         if log["optimizer_state_bytes"] is None:
             log["optimizer_state_bytes"] = optimizer_state_bytes(opt)
         if update % clock_every == 0:  # wall-clock points (tokens/s of a time window)
-            sync()
+            rd.sync()
             log["clock"].append([update, time.time()])
         if bar is not None:
             bar.update(1)
         stop = update < updates and past_deadline(args)
         is_eval = update % eval_every == 0 or update == updates or stop
         if is_eval or update == warm:
-            sync()
+            rd.sync()
             seconds = time.perf_counter() - t0
             log["train_seconds"] += seconds
             if seg_start >= warm:
                 log["steady_seconds"] += seconds
                 log["steady_updates"] += update - seg_start
-            if device.type == "cuda":
-                log["peak_memory_bytes"] = max(torch.cuda.max_memory_allocated(device),
-                                               log["peak_memory_bytes"] or 0)
+            rd.record_peak(log)
             log["tokens_per_s"] = update * tokens_per_update / max(log["train_seconds"], 1e-9)
             if log["steady_updates"]:
                 log["steady_tokens_per_s"] = (log["steady_updates"] * tokens_per_update
@@ -958,9 +966,8 @@ def finetune_run(mode, seed, tokens, init, args, run_dir):
             else:
                 save_log(run_dir, log)
         if is_eval or update == warm:
-            sync()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
+            rd.sync()
+            rd.reset_peak()
             t0, seg_start = time.perf_counter(), update
         if stop:
             break

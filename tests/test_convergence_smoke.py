@@ -125,7 +125,8 @@ def test_bad_arguments(tmp_path):
         convergence.main(["--part", "2", "--data", "x", "--run-dir", str(tmp_path)])
 
 
-def test_part1_resume_after_interrupt_is_exact(tmp_path, monkeypatch):
+def tiny_flora_run(tmp_path, ckpt_every):
+    """argv(run_dir) of a 30-step tiny Flora part-1 run on CPU over freshly prepared data."""
     src = tmp_path / "src"
     make_corpus(src)
     ddir = data.prepare(src, tmp_path / "cache", [".txt"])
@@ -133,9 +134,13 @@ def test_part1_resume_after_interrupt_is_exact(tmp_path, monkeypatch):
     def argv(run_dir):
         return ["--data", str(ddir), "--run-dir", str(tmp_path / run_dir), "--optimizers",
                 "flora:rank=8:kappa=7:lr=0.1", "--model-size", "tiny", "--steps", "30",
-                "--batch-size", "4", "--eval-every", "10", "--ckpt-every", "10",
+                "--batch-size", "4", "--eval-every", "10", "--ckpt-every", str(ckpt_every),
                 "--eval-windows", "8", "--device", "cpu", "--no-progress"]
+    return argv
 
+
+def test_part1_resume_after_interrupt_is_exact(tmp_path, monkeypatch):
+    argv = tiny_flora_run(tmp_path, ckpt_every=10)
     (whole,) = convergence.main(argv("a"))
     original, calls = convergence.sample_batch, [0]
 
@@ -211,16 +216,7 @@ def test_sweep_parallel_lr_choice_part2_best_and_report(tmp_path, capsys, restor
 
 
 def test_deadline_stops_and_resumes_exactly(tmp_path, monkeypatch):
-    src = tmp_path / "src"
-    make_corpus(src)
-    ddir = data.prepare(src, tmp_path / "cache", [".txt"])
-
-    def argv(run_dir):
-        return ["--data", str(ddir), "--run-dir", str(tmp_path / run_dir), "--optimizers",
-                "flora:rank=8:kappa=7:lr=0.1", "--model-size", "tiny", "--steps", "30",
-                "--batch-size", "4", "--eval-every", "10", "--ckpt-every", "100",
-                "--eval-windows", "8", "--device", "cpu", "--no-progress"]
-
+    argv = tiny_flora_run(tmp_path, ckpt_every=100)
     (whole,) = convergence.main(argv("a"))
     calls = [0]
 
