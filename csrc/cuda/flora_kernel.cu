@@ -3,8 +3,9 @@
 // A step_group_ call steps its parameters in batches: consecutive parameters of
 // one dtype (FLORA_BATCH_BYTES of gradients and parameters, default 1 GiB; a
 // tensor with compressed momentum alone). Every pass over a batch is one launch
-// over all its tensors (a table of Task descriptors, tiles found by binary
-// search), so a model of many small tensors costs a handful of launches. Passes:
+// over all its tensors (a table of Task descriptors; a block finds its task by a
+// search staged in shared memory), so a model of many small tensors costs a
+// handful of launches. Passes:
 //   stats    row/column sums of G^2 + eps1 and sum p^2 (factored), or the full
 //            second moment, dense momentum and their sums (unfactored)
 //   finalize row/col EMAs, column factors, per-256-row partial sums
@@ -30,6 +31,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <climits>
 #include <cmath>
 #include <cstdlib>
@@ -218,21 +220,52 @@ __device__ __forceinline__ float row_scale(float row, float row_mean) {
 }
 __device__ __forceinline__ float col_scale(float col) { return 1.0f / sqrtf(col); }
 
-// The task whose range [begin, next begin) holds `index` (tasks sorted by begin).
-template <typename Begin>
-__device__ __forceinline__ const Task& find_task(const Task* tasks, int count, int64_t index,
-                                                 Begin begin) {
-  int lo = 0, hi = count - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (begin(tasks[mid]) <= index) lo = mid;
-    else hi = mid - 1;
+// The tasks of a batch as the kernels see them, with the first tile and first
+// finalize block of each task in arrays of their own (ascending, from 0).
+struct TaskTable {
+  const Task* tasks;
+  const int64_t* tile_begins;
+  const int64_t* fblock_begins;
+  int count;
+};
+
+// The task k with begins[k] <= index < begins[k + 1]. A plain binary search over
+// global memory puts ~8 dependent loads at the head of every block, which kept
+// the streaming passes well below the bandwidth; instead every stride-th begin is
+// staged in shared memory by one coalesced load, searched there, and at most
+// log2(stride) steps remain in global memory (none up to 256 tasks). Every
+// thread of the block must call it.
+__device__ __forceinline__ int locate(const int64_t* __restrict__ begins, int count,
+                                      int64_t index) {
+  __shared__ int64_t staged[kThreads];
+  __shared__ int found;
+  const int stride = (count + kThreads - 1) / kThreads;
+  const int staged_count = (count + stride - 1) / stride;
+  if (static_cast<int>(threadIdx.x) < staged_count)
+    staged[threadIdx.x] = begins[threadIdx.x * stride];
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int lo = 0, hi = staged_count - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (staged[mid] <= index) lo = mid;
+      else hi = mid - 1;
+    }
+    lo *= stride;
+    hi = min(count, lo + stride) - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (begins[mid] <= index) lo = mid;
+      else hi = mid - 1;
+    }
+    found = lo;
   }
-  return tasks[lo];
+  __syncthreads();
+  return found;  // rewritten only after every thread passed the next call's first barrier
 }
 
-__device__ __forceinline__ const Task& task_of_tile(const Task* tasks, int count) {
-  return find_task(tasks, count, blockIdx.x, [](const Task& t) { return t.tile_begin; });
+__device__ __forceinline__ const Task& task_of_tile(const TaskTable& table, int64_t tile) {
+  return table.tasks[locate(table.tile_begins, table.count, tile)];
 }
 
 template <int L>
@@ -261,8 +294,22 @@ __device__ __forceinline__ void load_rows(const Storage<DT>* x, const Task& t, i
 
 // ---- pass 1: statistics ----------------------------------------------------
 
+// The gradient rows of tile `local` of a factored task that this thread handles.
 template <int DT>
-__device__ void factored_stats(const Task& t, int64_t local, const GroupArgs& a) {
+__device__ __forceinline__ void load_grad_tile(const Task& t, int64_t local,
+                                               uint4 gr[kRowsPerWarp]) {
+  constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t rc = local / t.ctiles, ct = local % t.ctiles;
+  const int64_t c0 = ct * TC + lane * L;
+  load_rows<DT>(static_cast<const Storage<DT>*>(t.grad), t, rc, warp, c0,
+                valid_of<L>(t.m - c0), gr);
+}
+
+// The passes over a factored tile take its gradient rows from the caller.
+template <int DT>
+__device__ __forceinline__ void factored_stats(const Task& t, int64_t local, const GroupArgs& a,
+                               const uint4 gr[kRowsPerWarp]) {
   using S = Storage<DT>;
   constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -270,10 +317,8 @@ __device__ void factored_stats(const Task& t, int64_t local, const GroupArgs& a)
   const int64_t n = t.n, m = t.m;
   const int64_t c0 = ct * TC + lane * L;
   const int valid = valid_of<L>(m - c0);
-  const S* g = static_cast<const S*>(t.grad);
   const S* p = static_cast<const S*>(t.param);
-  uint4 gr[kRowsPerWarp], pr[kRowsPerWarp];
-  load_rows<DT>(g, t, rc, warp, c0, valid, gr);
+  uint4 pr[kRowsPerWarp];
   load_rows<DT>(p, t, rc, warp, c0, valid, pr);
   float col_acc[L];
 #pragma unroll
@@ -317,7 +362,7 @@ __device__ void factored_stats(const Task& t, int64_t local, const GroupArgs& a)
 // Unfactored: S = beta2 S + (1 - beta2)(G^2 + eps1); D = G / sqrt(S), mixed with
 // dense momentum (which then stores D). Sums of p^2 and D^2 per tile.
 template <int DT>
-__device__ void full_stats(const Task& t, int64_t local, const GroupArgs& a) {
+__device__ __forceinline__ void full_stats(const Task& t, int64_t local, const GroupArgs& a) {
   using S = Storage<DT>;
   constexpr int L = kLane<DT>;
   const S* g = static_cast<const S*>(t.grad);
@@ -360,22 +405,25 @@ __device__ void full_stats(const Task& t, int64_t local, const GroupArgs& a) {
 
 template <int DT>
 __global__ void __launch_bounds__(kThreads)
-    stats_kernel(const Task* __restrict__ tasks, int count, GroupArgs a) {
-  const Task& t = task_of_tile(tasks, count);
+    stats_kernel(TaskTable table, GroupArgs a) {
+  const Task& t = task_of_tile(table, blockIdx.x);
   const int64_t local = blockIdx.x - t.tile_begin;
-  if (t.kind == kFactored) factored_stats<DT>(t, local, a);
-  else full_stats<DT>(t, local, a);
+  if (t.kind == kFactored) {
+    uint4 gr[kRowsPerWarp];
+    load_grad_tile<DT>(t, local, gr);
+    factored_stats<DT>(t, local, a, gr);
+  } else {
+    full_stats<DT>(t, local, a);
+  }
 }
 
 // ---- pass 2: EMAs of factored tensors ---------------------------------------
 
-// Blocks [0, ceil(m/256)) of a task: column EMA and factor; the rest: row EMA of
-// 256 rows, with that row block's sums of the row EMA and of p^2.
-__global__ void __launch_bounds__(kFinalizeWidth)
-    finalize_kernel(const Task* __restrict__ tasks, int count) {
-  const Task& t = find_task(tasks, count, blockIdx.x,
-                            [](const Task& x) { return x.fblock_begin; });
-  const int64_t local = blockIdx.x - t.fblock_begin;
+// Finalize blocks [0, ceil(m/256)) of a task: column EMA and factor; the rest: row
+// EMA of 256 rows, with that row block's sums of the row EMA and of p^2.
+__device__ __forceinline__ void finalize_block(const TaskTable& table, int64_t fblock) {
+  const Task& t = table.tasks[locate(table.fblock_begins, table.count, fblock)];
+  const int64_t local = fblock - t.fblock_begin;
   const int64_t col_blocks = (t.m + kFinalizeWidth - 1) / kFinalizeWidth;
   const double b2 = t.beta2;
   if (local < col_blocks) {
@@ -412,10 +460,13 @@ __global__ void __launch_bounds__(kFinalizeWidth)
   }
 }
 
+__global__ void __launch_bounds__(kFinalizeWidth)
+    finalize_kernel(TaskTable table) {
+  finalize_block(table, blockIdx.x);
+}
+
 // One block per task: mean of the row EMA and this step's learning rate (step 1).
-__global__ void __launch_bounds__(kThreads)
-    scalars_kernel(const Task* __restrict__ tasks, GroupArgs a) {
-  const Task& t = tasks[blockIdx.x];
+__device__ __forceinline__ void scalars_block(const Task& t, const GroupArgs& a) {
   double rows = 0.0, p2 = 0.0;
   if (t.kind == kFactored) {
     const int64_t blocks = (t.n + kFinalizeWidth - 1) / kFinalizeWidth;
@@ -434,6 +485,11 @@ __global__ void __launch_bounds__(kThreads)
     if (a.scale_parameter) lr *= fmax(a.eps2, sqrt(p2 / t.numel));
     t.scalars[kStepSize] = static_cast<float>(lr);
   }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    scalars_kernel(const Task* __restrict__ tasks, GroupArgs a) {
+  scalars_block(tasks[blockIdx.x], a);
 }
 
 // ---- pass 3 and 5: D of factored tensors, and the parameter write -----------
@@ -459,24 +515,17 @@ __device__ __forceinline__ float factored_d(const Task& t, const GroupArgs& a, f
 }
 
 template <int DT>
-__global__ void __launch_bounds__(kThreads)
-    rms_kernel(const Task* __restrict__ tasks, int count, GroupArgs a) {
-  using S = Storage<DT>;
+__device__ __forceinline__ void factored_rms(const Task& t, int64_t local, const GroupArgs& a,
+                             const uint4 gr[kRowsPerWarp]) {
   constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
-  const Task& t = task_of_tile(tasks, count);
-  if (t.kind != kFactored) return;  // unfactored D^2 came with the stats
-  const int64_t local = blockIdx.x - t.tile_begin;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t rc = local / t.ctiles, ct = local % t.ctiles;
   const int64_t n = t.n, m = t.m;
   const int64_t c0 = ct * TC + lane * L;
   const int valid = valid_of<L>(m - c0);
-  const S* g = static_cast<const S*>(t.grad);
   const float row_mean = t.scalars[kRowMean];
   float b[L];
   loadf<L>(t.col_factor + c0, false, valid, b);
-  uint4 gr[kRowsPerWarp];
-  load_rows<DT>(g, t, rc, warp, c0, valid, gr);
   float d2 = 0.f;
 #pragma unroll
   for (int k = 0; k < kRowsPerWarp; ++k) {
@@ -496,10 +545,21 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) t.tile_d2[local] = d2;
 }
 
+// At most 64 registers: four blocks an SM (80 unbounded gave three, and this
+// pass reads only G: more blocks in flight hide each block's head latency).
+template <int DT>
+__global__ void __launch_bounds__(kThreads, 4)
+    rms_kernel(TaskTable table, GroupArgs a) {
+  const Task& t = task_of_tile(table, blockIdx.x);
+  if (t.kind != kFactored) return;  // unfactored D^2 came with the stats
+  const int64_t local = blockIdx.x - t.tile_begin;
+  uint4 gr[kRowsPerWarp];
+  load_grad_tile<DT>(t, local, gr);
+  factored_rms<DT>(t, local, a, gr);
+}
+
 // One block per task: the RMS clip factor (step 5) and the weight-decay factor.
-__global__ void __launch_bounds__(kThreads)
-    clip_kernel(const Task* __restrict__ tasks, GroupArgs a) {
-  const Task& t = tasks[blockIdx.x];
+__device__ __forceinline__ void clip_block(const Task& t, const GroupArgs& a) {
   double d2 = 0.0;
   for (int64_t k = threadIdx.x; k < t.tiles; k += blockDim.x) d2 += t.tile_d2[k];
   d2 = block_sum(d2);
@@ -508,6 +568,11 @@ __global__ void __launch_bounds__(kThreads)
     t.scalars[kInvClip] = static_cast<float>(1.0 / clip);
     t.scalars[kDecay] = static_cast<float>(a.weight_decay * t.scalars[kStepSize]);
   }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    clip_kernel(const Task* __restrict__ tasks, GroupArgs a) {
+  clip_block(tasks[blockIdx.x], a);
 }
 
 // Philox words for elements e0 .. e0 + 3 of the rounding stream of `key`.
@@ -530,7 +595,7 @@ __device__ __forceinline__ void rounding_words(uint64_t key, int64_t e0, uint32_
 
 // p - decay p - lr D / clip for the L elements starting at flat index e0, rounded
 // once into the parameter's dtype.
-template <int DT>
+template <int DT, bool kRound>
 __device__ __forceinline__ void write_params(const Task& t, const GroupArgs& a,
                                              Storage<DT>* p, int64_t e0, int valid,
                                              const float pv[kLane<DT>], const float d[kLane<DT>]) {
@@ -545,55 +610,56 @@ __device__ __forceinline__ void write_params(const Task& t, const GroupArgs& a,
     x[c] = x[c] - lr * (d[c] * inv_clip);
   }
   Storage<DT> out[L];
-  if constexpr (DT == kBF16) {
-    if (a.stochastic_rounding) {
+  if constexpr (kRound) {
+    static_assert(DT == kBF16, "stochastic rounding writes bf16");
 #pragma unroll
-      for (int q = 0; q < L / 4; ++q) {
-        uint32_t w[4];
-        rounding_words(t.rounding_key, e0 + 4 * q, w);
+    for (int q = 0; q < L / 4; ++q) {
+      uint32_t w[4];
+      rounding_words(t.rounding_key, e0 + 4 * q, w);
 #pragma unroll
-        for (int c = 0; c < 4; ++c) out[4 * q + c] = bfloat16_bits_stochastic(x[4 * q + c], w[c]);
-      }
-      store_pack<DT>(p + e0, t.vec, valid, out);
-      return;
+      for (int c = 0; c < 4; ++c) out[4 * q + c] = bfloat16_bits_stochastic(x[4 * q + c], w[c]);
     }
+    store_pack<DT>(p + e0, t.vec, valid, out);
+    return;
   }
 #pragma unroll
   for (int c = 0; c < L; ++c) out[c] = from_float<DT>(x[c]);
   store_pack<DT>(p + e0, t.vec, valid, out);
 }
 
-template <int DT>
-__global__ void __launch_bounds__(kThreads)
-    apply_kernel(const Task* __restrict__ tasks, int count, GroupArgs a) {
+template <int DT, bool kRound>
+__device__ __forceinline__ void full_apply(const Task& t, int64_t local, const GroupArgs& a) {
   using S = Storage<DT>;
-  constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
-  const Task& t = task_of_tile(tasks, count);
-  const int64_t local = blockIdx.x - t.tile_begin;
+  constexpr int L = kLane<DT>;
   S* p = static_cast<S*>(t.param);
   const S* g = static_cast<const S*>(t.grad);
   const bool vec = t.vec;
-  if (t.kind == kFull) {
 #pragma unroll 2
-    for (int k = 0; k < kFullVecsPerThread; ++k) {
-      const int64_t e0 = local * kFullTileOf<DT> + (int64_t(k) * kThreads + threadIdx.x) * L;
-      const int valid = valid_of<L>(t.numel - e0);
-      if (valid == 0) continue;
-      float pv[L], d[L];
-      unpack<DT>(load_pack<DT>(p + e0, vec, valid), pv);
-      if (t.momentum) {
-        loadf<L>(t.momentum + e0, vec, valid, d);
-      } else {
-        float gv[L], sv[L];
-        unpack<DT>(load_pack<DT>(g + e0, vec, valid), gv);
-        loadf<L>(t.second_moment + e0, vec, valid, sv);
+  for (int k = 0; k < kFullVecsPerThread; ++k) {
+    const int64_t e0 = local * kFullTileOf<DT> + (int64_t(k) * kThreads + threadIdx.x) * L;
+    const int valid = valid_of<L>(t.numel - e0);
+    if (valid == 0) continue;
+    float pv[L], d[L];
+    unpack<DT>(load_pack<DT>(p + e0, vec, valid), pv);
+    if (t.momentum) {
+      loadf<L>(t.momentum + e0, vec, valid, d);
+    } else {
+      float gv[L], sv[L];
+      unpack<DT>(load_pack<DT>(g + e0, vec, valid), gv);
+      loadf<L>(t.second_moment + e0, vec, valid, sv);
 #pragma unroll
-        for (int c = 0; c < L; ++c) d[c] = c < valid ? gv[c] / sqrtf(sv[c]) : 0.f;
-      }
-      write_params<DT>(t, a, p, e0, valid, pv, d);
+      for (int c = 0; c < L; ++c) d[c] = c < valid ? gv[c] / sqrtf(sv[c]) : 0.f;
     }
-    return;
+    write_params<DT, kRound>(t, a, p, e0, valid, pv, d);
   }
+}
+
+template <int DT, bool kRound>
+__device__ __forceinline__ void factored_apply(const Task& t, int64_t local, const GroupArgs& a,
+                               const uint4 gr[kRowsPerWarp]) {
+  using S = Storage<DT>;
+  constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
+  S* p = static_cast<S*>(t.param);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t rc = local / t.ctiles, ct = local % t.ctiles;
   const int64_t n = t.n, m = t.m;
@@ -602,8 +668,7 @@ __global__ void __launch_bounds__(kThreads)
   const float row_mean = t.scalars[kRowMean];
   float b[L];
   loadf<L>(t.col_factor + c0, false, valid, b);
-  uint4 gr[kRowsPerWarp], pr[kRowsPerWarp];
-  load_rows<DT>(g, t, rc, warp, c0, valid, gr);
+  uint4 pr[kRowsPerWarp];
   load_rows<DT>(p, t, rc, warp, c0, valid, pr);
 #pragma unroll
   for (int k = 0; k < kRowsPerWarp; ++k) {
@@ -616,8 +681,25 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int c = 0; c < L; ++c)
       d[c] = c < valid ? factored_d<false>(t, a, gv[c] * ai * b[c], i * m + c0 + c) : 0.f;
-    write_params<DT>(t, a, p, i * m + c0, valid, pv, d);
+    write_params<DT, kRound>(t, a, p, i * m + c0, valid, pv, d);
   }
+}
+
+// At most 128 registers: two blocks an SM instead of one (150 registers unbounded).
+// Stochastic rounding (kRound) is a kernel of its own: its Philox code would
+// otherwise cost every bf16 step registers.
+template <int DT, bool kRound>
+__global__ void __launch_bounds__(kThreads, 2)
+    apply_kernel(TaskTable table, GroupArgs a) {
+  const Task& t = task_of_tile(table, blockIdx.x);
+  const int64_t local = blockIdx.x - t.tile_begin;
+  if (t.kind == kFull) {
+    full_apply<DT, kRound>(t, local, a);
+    return;
+  }
+  uint4 gr[kRowsPerWarp];
+  load_grad_tile<DT>(t, local, gr);
+  factored_apply<DT, kRound>(t, local, a, gr);
 }
 
 // ---- projections -------------------------------------------------------------
@@ -744,15 +826,23 @@ int dtype_code(at::ScalarType t) {
   }
 }
 
-// Bytes of gradients and parameters per batch. Measured on an H100 (LLaMA 1.35B
-// shapes): 32 MiB batches were no faster in L2 than 1 GiB ones and paid ~5 ms of
-// launch gaps a step, so the default batches everything that is not compressed.
-// Read on every call: a tuning knob, and tests force several batches with it.
-int64_t batch_bytes_limit() {
-  const char* env = std::getenv("FLORA_BATCH_BYTES");
-  const int64_t v = env ? std::atoll(env) : 0;
-  return v > 0 ? v : int64_t(1) << 30;
+// An integer tuning knob from the environment, read on every call (tests change
+// them between steps); a value that is not an integer >= min_value is an error.
+int64_t env_int(const char* name, int64_t fallback, int64_t min_value) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK(errno == 0 && *end == '\0' && v >= min_value, "flora: environment variable ",
+              name, " must be an integer >= ", min_value, ", got '", env, "'");
+  return v;
 }
+
+// Bytes of gradients and parameters per batch. Measured on an H100 (LLaMA 1.35B shapes):
+// 32 MiB batches were no faster in L2 than 1 GiB ones and paid ~5 ms of launch
+// gaps a step, so the default batches everything that is not compressed.
+int64_t batch_bytes_limit() { return env_int("FLORA_BATCH_BYTES", int64_t(1) << 30, 1); }
 
 // A parameter of the call, ready for the kernels.
 struct Item {
@@ -894,27 +984,34 @@ void compressed_momentum(const Item& item, const Task& t, const at::Tensor& mome
 // The passes over one batch; `between` runs the compressed-momentum work, which
 // needs the scalars and must come before the rms pass.
 template <int DT, typename Between>
-void launch_batch(const Task* device_tasks, int count, int64_t tiles, int64_t fblocks,
+void launch_batch(const TaskTable& table, int64_t tiles, int64_t fblocks,
                   bool any_factored, const GroupArgs& args, const Between& between) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const dim3 tile_grid(static_cast<unsigned>(tiles));
-  stats_kernel<DT><<<tile_grid, kThreads, 0, stream>>>(device_tasks, count, args);
+  stats_kernel<DT><<<tile_grid, kThreads, 0, stream>>>(table, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (any_factored) {
     finalize_kernel<<<static_cast<unsigned>(fblocks), kFinalizeWidth, 0, stream>>>(
-        device_tasks, count);
+        table);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  scalars_kernel<<<count, kThreads, 0, stream>>>(device_tasks, args);
+  scalars_kernel<<<table.count, kThreads, 0, stream>>>(table.tasks, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   between();
   if (any_factored) {
-    rms_kernel<DT><<<tile_grid, kThreads, 0, stream>>>(device_tasks, count, args);
+    rms_kernel<DT><<<tile_grid, kThreads, 0, stream>>>(table, args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  clip_kernel<<<count, kThreads, 0, stream>>>(device_tasks, args);
+  clip_kernel<<<table.count, kThreads, 0, stream>>>(table.tasks, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  apply_kernel<DT><<<tile_grid, kThreads, 0, stream>>>(device_tasks, count, args);
+  if constexpr (DT == kBF16) {
+    if (args.stochastic_rounding) {
+      apply_kernel<DT, true><<<tile_grid, kThreads, 0, stream>>>(table, args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  apply_kernel<DT, false><<<tile_grid, kThreads, 0, stream>>>(table, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -1004,7 +1101,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
       }
     }
     t.vec = vec;
-    const int64_t bytes = 2 * t.numel * elem;
+    const int64_t bytes = 2 * t.numel * elem;  // of gradient and parameter
     // A compressed tensor gets a batch of its own: its n x m update buffer lives only
     // as long as its batch, so at most one is allocated at a time.
     const bool compressed = layout.momentum == MomentumKind::kCompressed;
@@ -1056,14 +1153,26 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
     if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) t.update = ws + w.update;
   }
 
-  // One host-to-device copy of every task descriptor (pinned, asynchronous).
-  const int64_t table_bytes = static_cast<int64_t>(tasks.size() * sizeof(Task));
+  // One host-to-device copy (pinned, asynchronous) of every task descriptor, then
+  // of the tasks' first tiles and first finalize blocks.
+  static_assert(sizeof(Task) % sizeof(int64_t) == 0, "begins follow the tasks aligned");
+  const size_t count = tasks.size();
+  const int64_t table_bytes = static_cast<int64_t>(count * (sizeof(Task) + 2 * sizeof(int64_t)));
   at::Tensor host_table =
       at::empty({table_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host_table.data_ptr(), tasks.data(), table_bytes);
+  auto* host_bytes = static_cast<uint8_t*>(host_table.data_ptr());
+  std::memcpy(host_bytes, tasks.data(), count * sizeof(Task));
+  auto* host_begins = reinterpret_cast<int64_t*>(host_bytes + count * sizeof(Task));
+  for (size_t k = 0; k < count; ++k) {
+    host_begins[k] = tasks[k].tile_begin;
+    host_begins[count + k] = tasks[k].fblock_begin;
+  }
   const at::Tensor device_table =
       host_table.to(items[0].param.device(), /*non_blocking=*/true);
-  const Task* table = reinterpret_cast<const Task*>(device_table.data_ptr());
+  const auto* device_bytes = static_cast<const uint8_t*>(device_table.data_ptr());
+  const Task* device_tasks = reinterpret_cast<const Task*>(device_bytes);
+  const int64_t* device_begins =
+      reinterpret_cast<const int64_t*>(device_bytes + count * sizeof(Task));
 
   for (const Batch& b : batches) {
     const auto compressed_work = [&] {
@@ -1071,18 +1180,19 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
         if (tasks[k].momentum_kind == static_cast<int>(MomentumKind::kCompressed))
           compressed_momentum(items[k], tasks[k], *items[k].entry->state.momentum);
     };
-    const Task* batch_table = table + b.first;
+    const TaskTable table{device_tasks + b.first, device_begins + b.first,
+                          device_begins + count + b.first, b.count};
     switch (items[b.first].dtype) {
       case kF32:
-        launch_batch<kF32>(batch_table, b.count, b.tiles, b.fblocks, b.any_factored, args,
+        launch_batch<kF32>(table, b.tiles, b.fblocks, b.any_factored, args,
                            compressed_work);
         break;
       case kBF16:
-        launch_batch<kBF16>(batch_table, b.count, b.tiles, b.fblocks, b.any_factored, args,
+        launch_batch<kBF16>(table, b.tiles, b.fblocks, b.any_factored, args,
                             compressed_work);
         break;
       default:
-        launch_batch<kF16>(batch_table, b.count, b.tiles, b.fblocks, b.any_factored, args,
+        launch_batch<kF16>(table, b.tiles, b.fblocks, b.any_factored, args,
                            compressed_work);
         break;
     }
