@@ -224,6 +224,43 @@ def test_batching_does_not_change_results(monkeypatch):
         assert torch.equal(a, b), tuple(a.shape)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_tensors_match_cpu(dtype):
+    # 64 MB of gradient (2048 tiles), with 1-D and small tensors in the same launches.
+    shapes = [(4096, 4096 if dtype == torch.float32 else 8192), (4096,), (64, 96)]
+    gen = torch.Generator().manual_seed(3)
+    p0 = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(dtype) for s in shapes] for _ in range(3)]
+
+    def train(device):
+        params = [torch.nn.Parameter(p.to(device, copy=True)) for p in p0]
+        opt = flora_ext.Flora(params, lr=1e-2, beta1=None, weight_decay=0.01)
+        for gs in grads:
+            for p, g in zip(params, gs):
+                p.grad = g.to(device)
+            opt.step()
+        return params
+
+    for a, b, p in zip(train("cuda"), train("cpu"), p0):
+        assert not torch.equal(b, p), "the CPU run must have stepped"
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        assert rel_err(a.detach().float().cpu(), b.detach().float()) <= tol, tuple(a.shape)
+
+
+@pytest.mark.parametrize("value", ["1GiB", "0", "-5"])
+def test_bad_batch_bytes_is_a_clear_error(value, monkeypatch):
+    p = torch.nn.Parameter(torch.randn(32, 48, device="cuda"))
+    opt = flora_ext.Flora([p], lr=1e-2)
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    monkeypatch.setenv("FLORA_BATCH_BYTES", value)
+    with pytest.raises(RuntimeError, match=f"FLORA_BATCH_BYTES must be an integer >= 1, "
+                                           f"got '{value}'"):
+        opt.step()
+    assert torch.equal(p, before)
+    assert opt.state[p]["step"] == 0 and not opt.state[p]["row_second_moment"].any()
+
+
 def test_many_small_tensors_one_call():
     params = [torch.nn.Parameter(torch.randn(64, 64, device="cuda")) for _ in range(300)]
     ref = [torch.nn.Parameter(p.detach().cpu()) for p in params]
