@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections import defaultdict
-from itertools import chain
+from itertools import chain, repeat
+from operator import attrgetter, is_, itemgetter
 
 import torch
 
@@ -13,6 +15,15 @@ from ._ops import next_seed, param_layout
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_SEED = 2**63 - 1
 _STATE_TENSORS = ("row_second_moment", "col_second_moment", "second_moment", "momentum")
+_MAX_FLOAT = sys.float_info.max
+_GRAD = attrgetter("grad")
+# What a gradient must share with its parameter (whose layout is always strided).
+_META = attrgetter("layout", "dtype", "shape", "device")
+# The hyper-parameters but lr, and those of them that decide which state a parameter has.
+_HYPER = itemgetter("rank", "kappa", "eps", "clip_threshold", "decay_rate", "beta1",
+                    "weight_decay", "scale_parameter", "relative_step", "warmup_init",
+                    "factorize_second_moment", "seed", "tf32", "stochastic_rounding")
+_LAYOUT = itemgetter("rank", "beta1", "factorize_second_moment")
 
 
 def _is_number(x):
@@ -74,6 +85,36 @@ def _validate_group(group):
         raise ValueError(f"flora: seed must be an int in [0, 2**62], got {seed!r}")
 
 
+def _lr_ok(group):
+    """Whether lr passes _validate_group, for a group whose other settings do: a quick
+    check for the one setting that LR schedulers change on every step."""
+    lr = group["lr"]
+    if group["relative_step"]:
+        return lr is None
+    return type(lr) is float and 0.0 <= lr <= _MAX_FLOAT  # NaN and inf fail
+
+
+def _same(xs, ys):
+    """Whether two sequences hold the very same objects: no __eq__ (tensors compare
+    elementwise), and a replaced object never passes for an equal one."""
+    return len(xs) == len(ys) and all(map(is_, xs, ys))
+
+
+class _Plan:
+    """One group's checked step(), reused by the next step() of the group while nothing it
+    was checked against can have changed: the same hyper-parameters (lr aside: _lr_ok), the
+    same parameters with the same metadata, and state dicts holding the same keys and the
+    very objects (tensors, step and seed ints) that this plan's last step left there. The
+    checks compare identities, so any replacement, load_state_dict included, is re-checked.
+    """
+    __slots__ = ("group", "hyper", "layout", "params", "meta", "states", "keys", "values",
+                 "steps", "seeds", "batches")
+
+
+def _pick(xs, index):
+    return xs if index is None else [xs[i] for i in index]
+
+
 def _layout(p, group):
     return param_layout(p.shape, group["rank"], group["beta1"], group["factorize_second_moment"])
 
@@ -117,6 +158,13 @@ class Flora(torch.optim.Optimizer):
                         tf32=tf32, stochastic_rounding=stochastic_rounding)
         _validate_group(defaults)
         super().__init__(params, defaults)
+        # id(group) -> the _Plan of its last successful step(); a plan holds its group, so
+        # the id cannot be reused by another group while the plan is kept.
+        self._plans = {}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._plans = {}
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
@@ -203,36 +251,65 @@ class Flora(torch.optim.Optimizer):
         accumulator = self._owning_accumulator()
         if accumulator is not None:
             accumulator._check_cycle_complete("optimizer.step()")
-        # Check everything first, so that a bad input changes nothing.
-        pending = []
+        # Check everything first, so that a bad input changes nothing. What the last step
+        # checked and nothing has changed since (_Plan) is not checked again.
+        checked = []
         for group in self.param_groups:
-            _validate_group(group)
-            for p in group["params"]:
-                if accumulator is not None and accumulator.manages(p):
-                    if p.grad is not None:
-                        raise RuntimeError(
-                            f"flora: optimizer.step() would step {accumulator.describe(p)} "
-                            f"twice: FloraAccumulator already steps it in its backward hook, "
-                            f"yet it has a .grad (set outside backward?). Set p.grad = None, "
-                            f"or call accumulator.remove() to step it with optimizer.step()")
-                    continue
-                if p.grad is None:
-                    continue
-                self._check_grad(p)
-                state = self.state[p]
-                if state:
-                    self._check_state(p, group, state)
-                pending.append((group, p))
-        # One op call per (param group, device): the kernels are launched from C++.
-        batches = {}
-        for group, p in pending:
-            state = self.state[p]
-            if not state:
-                self._init_state(p, group, state)
-            batches.setdefault((id(group), p.device), (group, []))[1].append(p)
-        for group, params in batches.values():
-            self._step_params(group, params, [p.grad for p in params])
+            plan = self._plans.get(id(group))
+            if plan is None or not _same(_HYPER(group), plan.hyper) or not _lr_ok(group):
+                _validate_group(group)
+            params, grads = self._stepped(group, accumulator)
+            if not self._reusable(plan, group, params, grads):
+                plan = None
+                for p, grad in zip(params, grads):
+                    self._check_grad(p, grad)
+                    state = self.state[p]
+                    if state:
+                        self._check_state(p, group, state)
+            checked.append((group, params, grads, plan))
+        work = [(plan or self._new_plan(group, params), grads)
+                for group, params, grads, plan in checked]
+        for plan, grads in work:
+            # Kept only once the step succeeded: a failed op may have stepped a part.
+            self._plans.pop(id(plan.group), None)
+            self._run_plan(plan, grads)
+            self._plans[id(plan.group)] = plan
+        if len(self._plans) > len(self.param_groups):  # groups were removed
+            self._plans = {id(plan.group): plan for plan, _ in work}
         return loss
+
+    def _stepped(self, group, accumulator):
+        """The parameters of ``group`` that step() steps (those with a gradient, but the
+        accumulator's), and their gradients."""
+        params = group["params"]
+        grads = list(map(_GRAD, params))
+        if accumulator is None and not any(map(is_, grads, repeat(None))):
+            return params, grads
+        kept = []
+        for p, grad in zip(params, grads):
+            if accumulator is not None and accumulator.manages(p):
+                if grad is not None:
+                    raise RuntimeError(
+                        f"flora: optimizer.step() would step {accumulator.describe(p)} "
+                        f"twice: FloraAccumulator already steps it in its backward hook, "
+                        f"yet it has a .grad (set outside backward?). Set p.grad = None, "
+                        f"or call accumulator.remove() to step it with optimizer.step()")
+            elif grad is not None:
+                kept.append((p, grad))
+        return [p for p, _ in kept], [grad for _, grad in kept]
+
+    def _reusable(self, plan, group, params, grads):
+        """Whether ``plan`` still holds for these parameters and gradients: everything
+        _check_grad and _check_state would look at is as it was at the plan's last step."""
+        if (plan is None or not _same(_LAYOUT(group), plan.layout)
+                or not _same(params, plan.params)):
+            return False
+        meta = list(map(_META, params))
+        if meta != plan.meta or list(map(_META, grads)) != meta:
+            return False
+        states = list(map(self.state.__getitem__, params))
+        return (_same(states, plan.states) and list(chain.from_iterable(states)) == plan.keys
+                and _same(list(chain.from_iterable(map(dict.values, states))), plan.values))
 
     @torch.no_grad()
     def step_param(self, p, grad=None):
@@ -260,33 +337,61 @@ class Flora(torch.optim.Optimizer):
         state = self.state[p]
         if state:
             self._check_state(p, group, state)
-        else:
-            self._init_state(p, group, state)
-        self._step_params(group, [p], [grad])
+        self._run_plan(self._new_plan(group, [p]), [grad])
 
-    def _step_params(self, group, params, grads):
-        """The one op call behind step() and step_param(): params share group and device,
-        their state is checked and initialised."""
-        states = [self.state[p] for p in params]
-        steps = [state["step"] + 1 for state in states]
+    def _new_plan(self, group, params):
+        """The plan of stepping ``params`` of ``group``, checked; initialises missing state."""
+        for p in params:
+            state = self.state[p]
+            if not state:
+                self._init_state(p, group, state)
+        plan = _Plan()
+        plan.group, plan.layout, plan.params = group, _LAYOUT(group), list(params)
+        plan.meta = list(map(_META, params))
+        plan.states = states = [self.state[p] for p in params]
+        plan.keys = list(chain.from_iterable(states))
+        plan.steps = [state["step"] for state in states]
+        plan.seeds = [state.get("seed", 0) for state in states]
+        # One op call per device: the kernels are launched from C++. Each call takes its
+        # parameters' state tensors in one flat list (ops.h: step_group_).
+        by_device = {}
+        for k, p in enumerate(params):
+            by_device.setdefault(p.device, []).append(k)
+        plan.batches = [(None if len(by_device) == 1 else index,
+                         [states[k][name] for k in index for name in _STATE_TENSORS
+                          if name in states[k]],
+                         [k for k in index if "seed" in states[k]])
+                        for index in by_device.values()]
+        return plan
+
+    def _run_plan(self, plan, grads):
+        """The op calls of a checked plan, then the step counts and seeds they advance."""
+        group, states, seeds = plan.group, plan.states, plan.seeds
         eps1, eps2 = group["eps"]
-        torch.ops.flora.step_group_(
-            params, grads,
-            [state[name] for state in states for name in _STATE_TENSORS if name in state],
-            steps, [state.get("seed", 0) for state in states],
+        kappa = group["kappa"]
+        hyper_parameters = dict(
             lr=float(group["lr"] or 0.0), beta1=float(group["beta1"] or 0.0),
-            eps1=float(eps1), eps2=float(eps2),
-            clip_threshold=float(group["clip_threshold"]),
-            decay_rate=float(group["decay_rate"]),
-            weight_decay=float(group["weight_decay"]), rank=int(group["rank"] or 0),
-            kappa=int(group["kappa"]), scale_parameter=group["scale_parameter"],
-            relative_step=group["relative_step"], warmup_init=group["warmup_init"],
+            eps1=float(eps1), eps2=float(eps2), clip_threshold=float(group["clip_threshold"]),
+            decay_rate=float(group["decay_rate"]), weight_decay=float(group["weight_decay"]),
+            rank=int(group["rank"] or 0), kappa=int(kappa),
+            scale_parameter=group["scale_parameter"], relative_step=group["relative_step"],
+            warmup_init=group["warmup_init"],
             factorize_second_moment=group["factorize_second_moment"], tf32=group["tf32"],
             stochastic_rounding=group["stochastic_rounding"])
-        for state, step in zip(states, steps):
-            state["step"] = step
-            if "seed" in state and step % group["kappa"] == 0:
-                state["seed"] = next_seed(state["seed"])
+        steps = [step + 1 for step in plan.steps]
+        for index, flat_states, compressed in plan.batches:
+            torch.ops.flora.step_group_(_pick(plan.params, index), _pick(grads, index),
+                                        flat_states, _pick(steps, index), _pick(seeds, index),
+                                        **hyper_parameters)
+            for k in range(len(steps)) if index is None else index:
+                states[k]["step"] = steps[k]
+            for k in compressed:
+                if steps[k] % kappa == 0:
+                    seeds[k] = states[k]["seed"] = next_seed(seeds[k])
+        plan.steps = steps
+        # A list eps can change in place: then () that nothing matches, checked every step.
+        plan.hyper = () if isinstance(group["eps"], list) else _HYPER(group)
+        plan.values = list(chain.from_iterable(map(dict.values, states)))
 
     def _check_state(self, p, group, state, where="state"):
         """Raises ValueError when ``state`` does not fit ``p`` under ``group``."""

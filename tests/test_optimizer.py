@@ -374,3 +374,225 @@ def test_stochastic_rounding_changes_nothing_for_float32():
             opt.step()
         results.append(p.detach().clone())
     assert torch.equal(*results)
+
+
+# step() re-checks only what can have changed since its last successful step (a per-group
+# plan, compared by identity): these tests change each thing it compares after a step.
+
+def _assert_same_run(a_params, a_opt, b_params, b_opt):
+    for a, b in zip(a_params, b_params):
+        assert torch.equal(a, b)
+        assert a_opt.state[a].keys() == b_opt.state[b].keys()
+        for key, value in a_opt.state[a].items():
+            other = b_opt.state[b][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+def test_steps_that_skip_the_checks_equal_checked_steps():
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(16, 40), (40, 16), (37,), (8, 64), (24, 24)]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(12)]
+
+    def run(recheck_every_step):
+        ps = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = flora_ext.Flora([{"params": ps[:2]}, {"params": ps[2:4], "weight_decay": 0.1}],
+                              lr=1e-2, beta1=0.9, rank=4, kappa=2)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.7)
+        for t, g in enumerate(grads):
+            if t == 3:
+                opt.add_param_group({"params": [ps[4]], "rank": 8})
+            if t == 5:
+                opt.param_groups[1]["weight_decay"] = 0.2
+            if t == 7:
+                opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+            for k, (p, gk) in enumerate(zip(ps, g)):
+                p.grad = None if (t == 6 and k == 1) else gk.clone()
+            if recheck_every_step:
+                opt._plans.clear()
+            opt.step()
+            sched.step()
+        return ps, opt
+
+    cached, checked = run(False), run(True)
+    _assert_same_run(*cached, *checked)
+    assert cached[1].state[cached[0][4]]["step"] == 9
+
+
+def test_steady_state_steps_skip_the_per_parameter_checks(monkeypatch):
+    ps, opt = _stepped([(16, 40), (40, 16), (37,)])
+    calls = []
+    monkeypatch.setattr(opt, "_check_state", lambda *args, **kw: calls.append(args))
+    monkeypatch.setattr(opt, "_check_grad", lambda *args, **kw: calls.append(args))
+    for _ in range(3):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert not calls and all(opt.state[p]["step"] == 4 for p in ps)
+    opt.param_groups[0]["lr"] = 5e-3  # what LR schedulers do
+    opt.step()
+    assert not calls
+
+
+def test_lr_changed_after_a_step_takes_effect():
+    def run(second_lr):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(16, 40))
+        opt = flora_ext.Flora([p], lr=1e-2, beta1=0.9, rank=4)
+        after = []
+        for lr in (1e-2, second_lr):
+            opt.param_groups[0]["lr"] = lr
+            p.grad = torch.ones_like(p)
+            opt.step()
+            after.append(p.detach().clone())
+        return after
+
+    first, second = run(0.0)
+    assert torch.equal(first, second)
+    assert not torch.equal(run(1e-2)[1], run(3e-2)[1])
+
+
+def _snapshot(ps, opt):
+    return [p.detach().clone() for p in ps], copy.deepcopy(opt.state_dict())
+
+
+def _assert_unchanged(ps, opt, snapshot):
+    params, sd = snapshot
+    assert all(torch.equal(p, q) for p, q in zip(ps, params))
+    now = opt.state_dict()
+    for k, state in sd["state"].items():
+        for key, value in state.items():
+            other = now["state"][k].get(key)
+            assert torch.equal(other, value) if isinstance(value, torch.Tensor) else other == value
+
+
+@pytest.mark.parametrize("lr,exc,match", [
+    (-1.0, ValueError, "lr must be"), (float("nan"), ValueError, "lr must be"),
+    (float("inf"), ValueError, "lr must be"), (None, ValueError, "lr is required"),
+    (torch.tensor(0.1), TypeError, "lr must be a Python float"), ("0.1", ValueError, "lr must be"),
+])
+def test_invalid_lr_set_after_a_step_is_rejected(lr, exc, match):
+    ps, opt = _stepped([(16, 40), (37,)])
+    before = _snapshot(ps, opt)
+    opt.param_groups[0]["lr"] = lr
+    with pytest.raises(exc, match=match):
+        opt.step()
+    _assert_unchanged(ps, opt, before)
+    opt.param_groups[0]["lr"] = 1  # an int is a valid lr too
+    opt.step()
+    assert opt.state[ps[0]]["step"] == 2
+
+
+def test_lr_with_relative_step_set_after_a_step_is_rejected():
+    ps, opt = _stepped([(16, 40)], lr=None, relative_step=True)
+    opt.param_groups[0]["lr"] = 1e-3
+    with pytest.raises(ValueError, match="exclusive"):
+        opt.step()
+
+
+def test_hyper_parameter_edits_after_a_step_are_checked():
+    ps, opt = _stepped([(16, 40)])
+    group = opt.param_groups[0]
+    group["kappa"] = 0
+    with pytest.raises(ValueError, match="kappa must be"):
+        opt.step()
+    group["kappa"] = 1000
+    group["eps"] = [1e-30, 1e-3]
+    opt.step()
+    before = _snapshot(ps, opt)
+    group["eps"][0] = -1.0  # in place: the list is the same object
+    with pytest.raises(ValueError, match="eps must be a pair"):
+        opt.step()
+    _assert_unchanged(ps, opt, before)
+
+
+@pytest.mark.parametrize("name,shape", [("momentum", (5, 40)), ("row_second_moment", (15,)),
+                                        ("col_second_moment", (4, 40))])
+def test_state_tensor_replaced_after_a_step_is_checked(name, shape):
+    ps, opt = _stepped([(16, 40), (37,)])
+    before = _snapshot(ps, opt)
+    original, opt.state[ps[0]][name] = opt.state[ps[0]][name], torch.zeros(shape)
+    with pytest.raises(ValueError, match=f"{name} .* must have shape"):
+        opt.step()
+    opt.state[ps[0]][name] = original
+    _assert_unchanged(ps, opt, before)
+
+
+def test_state_tensor_replaced_after_a_step_is_the_one_stepped():
+    ps, opt = _stepped([(16, 40), (37,)])
+    old = opt.state[ps[0]]["momentum"]
+    old_value = old.clone()
+    new = torch.zeros_like(old)
+    opt.state[ps[0]]["momentum"] = new
+    opt.step()
+    assert torch.equal(old, old_value) and new.abs().sum() > 0
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda s: s.update(step=-1), "step must be an int"),
+    (lambda s: s.update(step=1.0), "step must be an int"),
+    (lambda s: s.update(seed=-3), "seed must be"),
+    (lambda s: s.update(extra=s.pop("seed")), "has keys"),
+    (lambda s: s.pop("momentum"), "has keys"),
+], ids=["negative-step", "float-step", "negative-seed", "renamed-key", "removed-key"])
+def test_state_edits_after_a_step_are_checked(edit, match):
+    ps, opt = _stepped([(16, 40), (37,)])
+    before = _snapshot(ps, opt)
+    edit(opt.state[ps[0]])
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, before[0]))
+    assert opt.state[ps[1]]["step"] == 1
+
+
+def test_state_reset_after_a_step_starts_over():
+    ps, opt = _stepped([(16, 40), (37,)])
+    opt.state[ps[0]] = {}
+    del opt.state[ps[1]]
+    opt.step()
+    assert opt.state[ps[0]]["step"] == opt.state[ps[1]]["step"] == 1
+
+
+def test_parameter_or_gradient_changed_after_a_step_is_checked():
+    ps, opt = _stepped([(16, 40), (37,)])
+    before = _snapshot(ps, opt)
+    ps[1].grad.data = ps[1].grad.data.double()  # in place: p.grad is the same tensor
+    with pytest.raises(TypeError, match="grad dtype"):
+        opt.step()
+    _assert_unchanged(ps, opt, before)
+    ps[1].grad = torch.randn_like(ps[1])
+    ps[0].data = torch.randn(12, 40)  # as Module surgery does
+    ps[0].grad = torch.randn(12, 40)
+    with pytest.raises(ValueError, match=r"row_second_moment .* must have shape \(12,\)"):
+        opt.step()
+    assert torch.equal(ps[1], before[0][1])
+
+
+def test_removed_group_drops_its_plan():
+    a, b = torch.nn.Parameter(torch.randn(16, 40)), torch.nn.Parameter(torch.randn(37))
+    opt = flora_ext.Flora([{"params": [a]}, {"params": [b]}], lr=1e-2, beta1=0.9, rank=4)
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    opt.step()
+    del opt.param_groups[1]
+    opt.step()
+    assert opt.state[a]["step"] == 2 and opt.state[b]["step"] == 1
+    assert len(opt._plans) == 1
+
+
+def test_state_dict_replaced_by_a_copy_after_a_step_is_the_one_stepped():
+    ps, opt = _stepped([(16, 40)])
+    old = opt.state[ps[0]]
+    opt.state[ps[0]] = dict(old)  # the very same values, in another dict
+    opt.step()
+    assert opt.state[ps[0]]["step"] == 2 and old["step"] == 1
+
+
+def test_copied_optimizer_steps_its_own_state():
+    ps, opt = _stepped([(16, 40)])
+    clone = copy.deepcopy(opt)
+    (q,) = clone.param_groups[0]["params"]
+    q.grad = torch.randn_like(q)
+    clone.step()  # steps the copy's parameter and state, not opt's
+    assert opt.state[ps[0]]["step"] == 1 and clone.state[q]["step"] == 2
+    opt.step()
+    assert opt.state[ps[0]]["step"] == 2
