@@ -294,22 +294,9 @@ __device__ __forceinline__ void load_rows(const Storage<DT>* x, const Task& t, i
 
 // ---- pass 1: statistics ----------------------------------------------------
 
-// The gradient rows of tile `local` of a factored task that this thread handles.
 template <int DT>
-__device__ __forceinline__ void load_grad_tile(const Task& t, int64_t local,
-                                               uint4 gr[kRowsPerWarp]) {
-  constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t rc = local / t.ctiles, ct = local % t.ctiles;
-  const int64_t c0 = ct * TC + lane * L;
-  load_rows<DT>(static_cast<const Storage<DT>*>(t.grad), t, rc, warp, c0,
-                valid_of<L>(t.m - c0), gr);
-}
-
-// The passes over a factored tile take its gradient rows from the caller.
-template <int DT>
-__device__ __forceinline__ void factored_stats(const Task& t, int64_t local, const GroupArgs& a,
-                               const uint4 gr[kRowsPerWarp]) {
+__device__ __forceinline__ void factored_stats(const Task& t, int64_t local,
+                                               const GroupArgs& a) {
   using S = Storage<DT>;
   constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -317,8 +304,10 @@ __device__ __forceinline__ void factored_stats(const Task& t, int64_t local, con
   const int64_t n = t.n, m = t.m;
   const int64_t c0 = ct * TC + lane * L;
   const int valid = valid_of<L>(m - c0);
+  const S* g = static_cast<const S*>(t.grad);
   const S* p = static_cast<const S*>(t.param);
-  uint4 pr[kRowsPerWarp];
+  uint4 gr[kRowsPerWarp], pr[kRowsPerWarp];
+  load_rows<DT>(g, t, rc, warp, c0, valid, gr);
   load_rows<DT>(p, t, rc, warp, c0, valid, pr);
   float col_acc[L];
 #pragma unroll
@@ -408,13 +397,8 @@ __global__ void __launch_bounds__(kThreads)
     stats_kernel(TaskTable table, GroupArgs a) {
   const Task& t = task_of_tile(table, blockIdx.x);
   const int64_t local = blockIdx.x - t.tile_begin;
-  if (t.kind == kFactored) {
-    uint4 gr[kRowsPerWarp];
-    load_grad_tile<DT>(t, local, gr);
-    factored_stats<DT>(t, local, a, gr);
-  } else {
-    full_stats<DT>(t, local, a);
-  }
+  if (t.kind == kFactored) factored_stats<DT>(t, local, a);
+  else full_stats<DT>(t, local, a);
 }
 
 // ---- pass 2: EMAs of factored tensors ---------------------------------------
@@ -515,8 +499,8 @@ __device__ __forceinline__ float factored_d(const Task& t, const GroupArgs& a, f
 }
 
 template <int DT>
-__device__ __forceinline__ void factored_rms(const Task& t, int64_t local, const GroupArgs& a,
-                             const uint4 gr[kRowsPerWarp]) {
+__device__ __forceinline__ void factored_rms(const Task& t, int64_t local,
+                                             const GroupArgs& a) {
   constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t rc = local / t.ctiles, ct = local % t.ctiles;
@@ -526,6 +510,8 @@ __device__ __forceinline__ void factored_rms(const Task& t, int64_t local, const
   const float row_mean = t.scalars[kRowMean];
   float b[L];
   loadf<L>(t.col_factor + c0, false, valid, b);
+  uint4 gr[kRowsPerWarp];
+  load_rows<DT>(static_cast<const Storage<DT>*>(t.grad), t, rc, warp, c0, valid, gr);
   float d2 = 0.f;
 #pragma unroll
   for (int k = 0; k < kRowsPerWarp; ++k) {
@@ -545,17 +531,15 @@ __device__ __forceinline__ void factored_rms(const Task& t, int64_t local, const
   if (threadIdx.x == 0) t.tile_d2[local] = d2;
 }
 
-// At most 64 registers: four blocks an SM (80 unbounded gave three, and this
-// pass reads only G: more blocks in flight hide each block's head latency).
+// At most 64 registers: four blocks an SM (80 unbounded gave three, and this pass
+// reads only G: more blocks in flight hide each block's head latency). Measured on
+// bf16 too: a bound of three blocks (80 registers) was slower (2.09 vs 1.91 ms).
 template <int DT>
 __global__ void __launch_bounds__(kThreads, 4)
     rms_kernel(TaskTable table, GroupArgs a) {
   const Task& t = task_of_tile(table, blockIdx.x);
   if (t.kind != kFactored) return;  // unfactored D^2 came with the stats
-  const int64_t local = blockIdx.x - t.tile_begin;
-  uint4 gr[kRowsPerWarp];
-  load_grad_tile<DT>(t, local, gr);
-  factored_rms<DT>(t, local, a, gr);
+  factored_rms<DT>(t, blockIdx.x - t.tile_begin, a);
 }
 
 // One block per task: the RMS clip factor (step 5) and the weight-decay factor.
@@ -655,8 +639,8 @@ __device__ __forceinline__ void full_apply(const Task& t, int64_t local, const G
 }
 
 template <int DT, bool kRound>
-__device__ __forceinline__ void factored_apply(const Task& t, int64_t local, const GroupArgs& a,
-                               const uint4 gr[kRowsPerWarp]) {
+__device__ __forceinline__ void factored_apply(const Task& t, int64_t local,
+                                               const GroupArgs& a) {
   using S = Storage<DT>;
   constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
   S* p = static_cast<S*>(t.param);
@@ -668,20 +652,33 @@ __device__ __forceinline__ void factored_apply(const Task& t, int64_t local, con
   const float row_mean = t.scalars[kRowMean];
   float b[L];
   loadf<L>(t.col_factor + c0, false, valid, b);
-  uint4 pr[kRowsPerWarp];
-  load_rows<DT>(p, t, rc, warp, c0, valid, pr);
+  const S* g = static_cast<const S*>(t.grad);
+  // Four rows of G and p in flight at a time, not eight: eight spilled out of the
+  // kernel's 128 registers (16-bit rows hold twice the elements), four do not.
+  constexpr int kGroup = kRowsPerWarp / 2;
 #pragma unroll
-  for (int k = 0; k < kRowsPerWarp; ++k) {
-    const int64_t i = tile_row(rc, k, warp);
-    if (i >= n || valid == 0) continue;
-    const float ai = row_scale(t.row[i], row_mean);
-    float gv[L], pv[L], d[L];
-    unpack<DT>(gr[k], gv);
-    unpack<DT>(pr[k], pv);
+  for (int k0 = 0; k0 < kRowsPerWarp; k0 += kGroup) {
+    uint4 gr[kGroup], pr[kGroup];
 #pragma unroll
-    for (int c = 0; c < L; ++c)
-      d[c] = c < valid ? factored_d<false>(t, a, gv[c] * ai * b[c], i * m + c0 + c) : 0.f;
-    write_params<DT, kRound>(t, a, p, i * m + c0, valid, pv, d);
+    for (int k = 0; k < kGroup; ++k) {
+      const int64_t i = tile_row(rc, k0 + k, warp);
+      const int row_valid = i < n ? valid : 0;
+      gr[k] = load_pack<DT>(g + i * m + c0, t.vec, row_valid);
+      pr[k] = load_pack<DT>(p + i * m + c0, t.vec, row_valid);
+    }
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) {
+      const int64_t i = tile_row(rc, k0 + k, warp);
+      if (i >= n || valid == 0) continue;
+      const float ai = row_scale(t.row[i], row_mean);
+      float gv[L], pv[L], d[L];
+      unpack<DT>(gr[k], gv);
+      unpack<DT>(pr[k], pv);
+#pragma unroll
+      for (int c = 0; c < L; ++c)
+        d[c] = c < valid ? factored_d<false>(t, a, gv[c] * ai * b[c], i * m + c0 + c) : 0.f;
+      write_params<DT, kRound>(t, a, p, i * m + c0, valid, pv, d);
+    }
   }
 }
 
@@ -697,9 +694,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     full_apply<DT, kRound>(t, local, a);
     return;
   }
-  uint4 gr[kRowsPerWarp];
-  load_grad_tile<DT>(t, local, gr);
-  factored_apply<DT, kRound>(t, local, a, gr);
+  factored_apply<DT, kRound>(t, local, a);
 }
 
 // ---- projections -------------------------------------------------------------
@@ -839,9 +834,9 @@ int64_t env_int(const char* name, int64_t fallback, int64_t min_value) {
   return v;
 }
 
-// Bytes of gradients and parameters per batch. Measured on an H100 (LLaMA 1.35B shapes):
-// 32 MiB batches were no faster in L2 than 1 GiB ones and paid ~5 ms of launch
-// gaps a step, so the default batches everything that is not compressed.
+// Bytes of gradients and parameters per batch. Measured on an H100 (LLaMA 1.35B
+// shapes): 32 MiB batches were no faster in L2 than 1 GiB ones and paid ~5 ms of
+// launch gaps a step, so the default batches everything that is not compressed.
 int64_t batch_bytes_limit() { return env_int("FLORA_BATCH_BYTES", int64_t(1) << 30, 1); }
 
 // A parameter of the call, ready for the kernels.
