@@ -25,6 +25,26 @@ MODELS = {  # hidden, intermediate, layers, vocab (LLaMA family shapes of the Fl
 }
 
 
+def measured_on():
+    """The device, torch version and UTC time a result table records."""
+    return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+
+
+def measured_by():
+    """The batching knob and the command line a result table records."""
+    return (f"FLORA_BATCH_BYTES={os.environ.get('FLORA_BATCH_BYTES', 'default')}. "
+            f"Command: `python {' '.join(sys.argv)}`")
+
+
+def report(text, out):
+    """Prints a Markdown result and appends it to ``out`` (if given)."""
+    print(text)
+    if out:
+        with open(out, "a") as f:
+            f.write(text)
+
+
 def llama_shapes(hidden, intermediate, layers, vocab):
     shapes = [(vocab, hidden)]
     for _ in range(layers):
@@ -141,21 +161,15 @@ def main():
               f"  extra peak {100 * rows[-1][4]:6.2f}% of param bytes", flush=True)
     base = next((r[1] for r in rows if r[0] == "adamw_fused"), None)
     header = (f"\n### {label}, {args.dtype} params, rank {args.rank}\n\n"
-              f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
-              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-              f"{numel / 1e9:.3f}B parameters in {len(params)} tensors. Flora's projection "
-              f"GEMMs use TF32 (its default) except in *_exact. "
-              f"FLORA_BATCH_BYTES={os.environ.get('FLORA_BATCH_BYTES', 'default')}. Command: "
-              f"`python {' '.join(sys.argv)}`\n\n"
+              f"{measured_on()}, {numel / 1e9:.3f}B parameters in {len(params)} tensors. "
+              f"Flora's projection GEMMs use TF32 (its default) except in *_exact. "
+              f"{measured_by()}\n\n"
               "| optimizer | median step (ms) | min (ms) | x fused AdamW | state bytes/param | extra peak (% of params) |\n"
               "|---|---|---|---|---|---|\n")
     table = header + "".join(
         f"| {n} | {m:.2f} | {b:.2f} | {m / base:.2f} | {s:.3f} | {100 * e:.2f} |\n" if base else
         f"| {n} | {m:.2f} | {b:.2f} | - | {s:.3f} | {100 * e:.2f} |\n" for n, m, b, s, e in rows)
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(table)
+    report(table, args.out)
 
 
 if __name__ == "__main__":

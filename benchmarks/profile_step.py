@@ -10,7 +10,6 @@ other kernels get their time only.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 from collections import defaultdict
@@ -19,7 +18,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import MODELS, llama_shapes, make_params  # noqa: E402
+from bench_step import (MODELS, llama_shapes, make_params, measured_by,  # noqa: E402
+                        measured_on, report)
 
 
 def pass_bytes(params, opt):
@@ -68,11 +68,8 @@ def main():
 
     dtype = getattr(torch, args.dtype)
     params, grads = make_params(llama_shapes(*MODELS[args.model]), dtype)
-    report = (f"\n### Kernel profile, LLaMA {args.model} shapes, {args.dtype} params\n\n"
-              f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
-              f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-              f"FLORA_BATCH_BYTES={os.environ.get('FLORA_BATCH_BYTES', 'default')}. "
-              f"Command: `python {' '.join(sys.argv)}`\n")
+    text = (f"\n### Kernel profile, LLaMA {args.model} shapes, {args.dtype} params\n\n"
+            f"{measured_on()}, {measured_by()}\n")
     configs = {"none": ("no momentum", dict(beta1=None)),
                "compressed": (f"rank {args.rank}, beta1 0.9, TF32", dict(beta1=0.9, rank=args.rank))}
     for label, kw in (configs[c] for c in args.configs):
@@ -95,20 +92,17 @@ def main():
             counts[name] += 1
         floor = pass_bytes(params, opt)
         total = sum(times.values())
-        report += (f"\n{label}: kernel time {total:.2f} ms a step\n\n"
+        text += (f"\n{label}: kernel time {total:.2f} ms a step\n\n"
                    "| kernel | ms / step | launches / step | bytes moved (floor) | GB/s |\n"
                    "|---|---|---|---|---|\n")
         for name, ms in sorted(times.items(), key=lambda kv: -kv[1]):
             b = floor.get(name)
             bw = f"{b / (ms * 1e-3) / 1e9:.0f}" if b and ms > 0 else "-"
-            report += (f"| {name} | {ms:.3f} | {counts[name] / args.steps:.0f} | "
+            text += (f"| {name} | {ms:.3f} | {counts[name] / args.steps:.0f} | "
                        f"{f'{b / 1e9:.2f} GB' if b else '-'} | {bw} |\n")
         del opt
         torch.cuda.empty_cache()
-    print(report)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(report)
+    report(text, args.out)
 
 
 if __name__ == "__main__":
