@@ -405,9 +405,10 @@ __global__ void __launch_bounds__(kThreads)
 
 // Finalize blocks [0, ceil(m/256)) of a task: column EMA and factor; the rest: row
 // EMA of 256 rows, with that row block's sums of the row EMA and of p^2.
-__device__ __forceinline__ void finalize_block(const TaskTable& table, int64_t fblock) {
-  const Task& t = table.tasks[locate(table.fblock_begins, table.count, fblock)];
-  const int64_t local = fblock - t.fblock_begin;
+__global__ void __launch_bounds__(kFinalizeWidth)
+    finalize_kernel(TaskTable table) {
+  const Task& t = table.tasks[locate(table.fblock_begins, table.count, blockIdx.x)];
+  const int64_t local = blockIdx.x - t.fblock_begin;
   const int64_t col_blocks = (t.m + kFinalizeWidth - 1) / kFinalizeWidth;
   const double b2 = t.beta2;
   if (local < col_blocks) {
@@ -444,13 +445,10 @@ __device__ __forceinline__ void finalize_block(const TaskTable& table, int64_t f
   }
 }
 
-__global__ void __launch_bounds__(kFinalizeWidth)
-    finalize_kernel(TaskTable table) {
-  finalize_block(table, blockIdx.x);
-}
-
 // One block per task: mean of the row EMA and this step's learning rate (step 1).
-__device__ __forceinline__ void scalars_block(const Task& t, const GroupArgs& a) {
+__global__ void __launch_bounds__(kThreads)
+    scalars_kernel(const Task* __restrict__ tasks, GroupArgs a) {
+  const Task& t = tasks[blockIdx.x];
   double rows = 0.0, p2 = 0.0;
   if (t.kind == kFactored) {
     const int64_t blocks = (t.n + kFinalizeWidth - 1) / kFinalizeWidth;
@@ -469,11 +467,6 @@ __device__ __forceinline__ void scalars_block(const Task& t, const GroupArgs& a)
     if (a.scale_parameter) lr *= fmax(a.eps2, sqrt(p2 / t.numel));
     t.scalars[kStepSize] = static_cast<float>(lr);
   }
-}
-
-__global__ void __launch_bounds__(kThreads)
-    scalars_kernel(const Task* __restrict__ tasks, GroupArgs a) {
-  scalars_block(tasks[blockIdx.x], a);
 }
 
 // ---- pass 3 and 5: D of factored tensors, and the parameter write -----------
@@ -498,9 +491,15 @@ __device__ __forceinline__ float factored_d(const Task& t, const GroupArgs& a, f
   }
 }
 
+// At most 64 registers: four blocks an SM (80 unbounded gave three, and this pass
+// reads only G: more blocks in flight hide each block's head latency). Measured on
+// bf16 too: a bound of three blocks (80 registers) was slower (2.09 vs 1.91 ms).
 template <int DT>
-__device__ __forceinline__ void factored_rms(const Task& t, int64_t local,
-                                             const GroupArgs& a) {
+__global__ void __launch_bounds__(kThreads, 4)
+    rms_kernel(TaskTable table, GroupArgs a) {
+  const Task& t = task_of_tile(table, blockIdx.x);
+  if (t.kind != kFactored) return;  // unfactored D^2 came with the stats
+  const int64_t local = blockIdx.x - t.tile_begin;
   constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t rc = local / t.ctiles, ct = local % t.ctiles;
@@ -531,19 +530,10 @@ __device__ __forceinline__ void factored_rms(const Task& t, int64_t local,
   if (threadIdx.x == 0) t.tile_d2[local] = d2;
 }
 
-// At most 64 registers: four blocks an SM (80 unbounded gave three, and this pass
-// reads only G: more blocks in flight hide each block's head latency). Measured on
-// bf16 too: a bound of three blocks (80 registers) was slower (2.09 vs 1.91 ms).
-template <int DT>
-__global__ void __launch_bounds__(kThreads, 4)
-    rms_kernel(TaskTable table, GroupArgs a) {
-  const Task& t = task_of_tile(table, blockIdx.x);
-  if (t.kind != kFactored) return;  // unfactored D^2 came with the stats
-  factored_rms<DT>(t, blockIdx.x - t.tile_begin, a);
-}
-
 // One block per task: the RMS clip factor (step 5) and the weight-decay factor.
-__device__ __forceinline__ void clip_block(const Task& t, const GroupArgs& a) {
+__global__ void __launch_bounds__(kThreads)
+    clip_kernel(const Task* __restrict__ tasks, GroupArgs a) {
+  const Task& t = tasks[blockIdx.x];
   double d2 = 0.0;
   for (int64_t k = threadIdx.x; k < t.tiles; k += blockDim.x) d2 += t.tile_d2[k];
   d2 = block_sum(d2);
@@ -552,11 +542,6 @@ __device__ __forceinline__ void clip_block(const Task& t, const GroupArgs& a) {
     t.scalars[kInvClip] = static_cast<float>(1.0 / clip);
     t.scalars[kDecay] = static_cast<float>(a.weight_decay * t.scalars[kStepSize]);
   }
-}
-
-__global__ void __launch_bounds__(kThreads)
-    clip_kernel(const Task* __restrict__ tasks, GroupArgs a) {
-  clip_block(tasks[blockIdx.x], a);
 }
 
 // Philox words for elements e0 .. e0 + 3 of the rounding stream of `key`.
