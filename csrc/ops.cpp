@@ -223,6 +223,35 @@ std::vector<GroupEntry> check_group_inputs(at::TensorList params, at::TensorList
   return entries;
 }
 
+void attach_param_norms(std::vector<GroupEntry>& entries, at::TensorList params,
+                        const std::optional<at::Tensor>& param_norms,
+                        at::IntArrayRef norms_known) {
+  const int64_t count = static_cast<int64_t>(params.size());
+  if (!param_norms.has_value() || !param_norms->defined()) {
+    TORCH_CHECK(norms_known.empty(), "flora: norms_known needs param_norms");
+    return;
+  }
+  const at::Tensor& norms = *param_norms;
+  TORCH_CHECK(norms.scalar_type() == at::kDouble && norms.dim() == 1 &&
+                  norms.numel() == count && norms.is_contiguous(),
+              "flora: param_norms must be a contiguous float64 vector with one entry per "
+              "parameter (", count, "), got ", norms.scalar_type(), " of shape ", norms.sizes());
+  TORCH_CHECK(count == 0 || norms.device() == params[0].device(),
+              "flora: param_norms must be on the parameters' device ", params[0].device(),
+              ", got ", norms.device());
+  TORCH_CHECK(norms_known.empty() || static_cast<int64_t>(norms_known.size()) == count,
+              "flora: norms_known must be empty or have one entry per parameter (", count,
+              "), got ", norms_known.size());
+  for (const int64_t known : norms_known)
+    TORCH_CHECK(known == 0 || known == 1, "flora: norms_known entries must be 0 or 1, got ",
+                known);
+  double* data = norms.data_ptr<double>();
+  for (int64_t k = 0; k < count; ++k) {
+    entries[k].param_sq = data + k;
+    entries[k].param_sq_known = !norms_known.empty() && norms_known[k] == 1;
+  }
+}
+
 namespace detail {
 
 StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double beta1,
@@ -360,7 +389,8 @@ TORCH_LIBRARY(flora, m) {
       "int[] seeds, *, float lr, float beta1, "
       "float eps1, float eps2, float clip_threshold, float decay_rate, float weight_decay, "
       "int rank, int kappa, bool scale_parameter, bool relative_step, bool warmup_init, "
-      "bool factorize_second_moment, bool tf32=True, bool stochastic_rounding=False) -> ()");
+      "bool factorize_second_moment, bool tf32=True, bool stochastic_rounding=False, "
+      "Tensor(c!)? param_norms=None, int[] norms_known=[]) -> ()");
   m.def("fill_projection_(Tensor(a!) out, int seed, float scale) -> ()");
   // No tensor arguments: these run through their catch-all kernels on any device.
   m.def("next_seed(int seed) -> int", &flora::next_seed_op);

@@ -108,7 +108,17 @@ class _Plan:
     checks compare identities, so any replacement, load_state_dict included, is re-checked.
     """
     __slots__ = ("group", "hyper", "layout", "params", "meta", "states", "keys", "values",
-                 "steps", "seeds", "batches")
+                 "steps", "seeds", "batches", "norms", "written")
+
+
+# What tells that a parameter is as a step left it: its version counter (every in-place
+# write through p or a view of it advances it) and its memory (``p.data = x`` does not).
+_VERSION = attrgetter("_version")
+_DATA_PTR = torch.Tensor.data_ptr
+
+
+def _written(params):
+    return list(map(_VERSION, params)), list(map(_DATA_PTR, params))
 
 
 def _pick(xs, index):
@@ -145,7 +155,7 @@ class Flora(torch.optim.Optimizer):
                  clip_threshold=1.0, decay_rate=-0.8, beta1=None, weight_decay=0.0,
                  scale_parameter=True, relative_step=False, warmup_init=False,
                  factorize_second_moment=True, seed=0, quantization=False, *, tf32=True,
-                 stochastic_rounding=False):
+                 stochastic_rounding=False, reuse_param_norms=True):
         if quantization:
             raise NotImplementedError(
                 "flora: quantization=True (8-bit optimizer states) is not implemented yet; "
@@ -157,6 +167,12 @@ class Flora(torch.optim.Optimizer):
                         factorize_second_moment=factorize_second_moment, seed=seed,
                         tf32=tf32, stochastic_rounding=stochastic_rounding)
         _validate_group(defaults)
+        if not isinstance(reuse_param_norms, bool):
+            raise TypeError(f"flora: reuse_param_norms must be a bool, got {reuse_param_norms!r}")
+        # CUDA steps keep sum(p^2) of the parameters they write and use it for the next
+        # step's RMS(p) unless p was written since (version counter, data pointer); off:
+        # RMS(p) is read from p every step (for code that writes p.data between steps).
+        self.reuse_param_norms = reuse_param_norms
         super().__init__(params, defaults)
         # id(group) -> the _Plan of its last successful step(); a plan holds its group, so
         # the id cannot be reused by another group while the plan is kept.
@@ -164,6 +180,7 @@ class Flora(torch.optim.Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("reuse_param_norms", True)
         self._plans = {}
 
     def add_param_group(self, param_group):
@@ -337,10 +354,12 @@ class Flora(torch.optim.Optimizer):
         state = self.state[p]
         if state:
             self._check_state(p, group, state)
-        self._run_plan(self._new_plan(group, [p]), [grad])
+        self._run_plan(self._new_plan(group, [p], norms=False), [grad])
 
-    def _new_plan(self, group, params):
-        """The plan of stepping ``params`` of ``group``, checked; initialises missing state."""
+    def _new_plan(self, group, params, norms=True):
+        """The plan of stepping ``params`` of ``group``, checked; initialises missing state.
+        With ``norms`` (and reuse_param_norms, scale_parameter, CUDA) each op call gets a
+        vector for the kernels to keep sum(p^2) in between steps."""
         for p in params:
             state = self.state[p]
             if not state:
@@ -362,6 +381,11 @@ class Flora(torch.optim.Optimizer):
                           if name in states[k]],
                          [k for k in index if "seed" in states[k]])
                         for index in by_device.values()]
+        keep = norms and self.reuse_param_norms and group["scale_parameter"]
+        plan.norms = [torch.zeros(len(index), dtype=torch.float64, device=device)
+                      if keep and device.type == "cuda" else None
+                      for device, index in by_device.items()]
+        plan.written = [None] * len(plan.batches)  # nothing is known before the first call
         return plan
 
     def _run_plan(self, plan, grads):
@@ -379,10 +403,29 @@ class Flora(torch.optim.Optimizer):
             factorize_second_moment=group["factorize_second_moment"], tf32=group["tf32"],
             stochastic_rounding=group["stochastic_rounding"])
         steps = [step + 1 for step in plan.steps]
-        for index, flat_states, compressed in plan.batches:
-            torch.ops.flora.step_group_(_pick(plan.params, index), _pick(grads, index),
-                                        flat_states, _pick(steps, index), _pick(seeds, index),
-                                        **hyper_parameters)
+        for b, (index, flat_states, compressed) in enumerate(plan.batches):
+            params = _pick(plan.params, index)
+            norms = plan.norms[b]
+            if norms is not None:
+                # Known: p is what the last call wrote (and left the sum of in norms).
+                last, now = plan.written[b], _written(params)
+                if last is None:
+                    known = []
+                elif last == now:
+                    known = [1] * len(params)
+                else:
+                    known = [int(v0 == v1 and d0 == d1)
+                             for v0, v1, d0, d1 in zip(last[0], now[0], last[1], now[1])]
+                plan.written[b] = None  # until this call has succeeded
+                torch.ops.flora.step_group_(params, _pick(grads, index), flat_states,
+                                            _pick(steps, index), _pick(seeds, index),
+                                            param_norms=norms, norms_known=known,
+                                            **hyper_parameters)
+                plan.written[b] = _written(params)
+            else:
+                torch.ops.flora.step_group_(params, _pick(grads, index), flat_states,
+                                            _pick(steps, index), _pick(seeds, index),
+                                            **hyper_parameters)
             for k in range(len(steps)) if index is None else index:
                 states[k]["step"] = steps[k]
             for k in compressed:

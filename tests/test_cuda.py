@@ -315,3 +315,126 @@ def test_exact_projections_ignore_torch_tf32_flag():
         assert_close_run(run(shape, hp, "cuda"), run(shape, hp, "cpu"), 1e-5)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# Factored tensors without momentum whose rows fit the row-stats stage (16-byte
+# aligned rows of >= 128 vectors): one stats pass computes the row EMA and sum D^2.
+# Shapes: a stage of several rows, one row a stage (5504 fp32 with p: 44 KB), the
+# largest row a block holds (8192 fp32), rows past the last full block, a row width
+# that is not a multiple of the vector (tile passes), 16-bit rows.
+ROW_CASES = [
+    ((64, 512), torch.float32, dict(scale_parameter=False)),
+    ((100, 2048), torch.float32, dict(weight_decay=0.1)),
+    ((130, 5504), torch.float32, dict(clip_threshold=0.05)),
+    ((3, 8192), torch.float32, dict()),
+    ((70, 1030), torch.float32, dict()),
+    ((65, 2048), torch.bfloat16, dict(clip_threshold=0.05)),
+    ((40, 4096), torch.float16, dict(relative_step=True, lr=None)),
+]
+
+
+def run_updates(shape, dtype, hp, device, steps=6, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    p0 = torch.randn(shape, generator=gen).to(dtype)
+    grads = [(torch.randn(shape, generator=gen) * (0.1 + t)).to(dtype) for t in range(steps)]
+    p = torch.nn.Parameter(p0.to(device, copy=True))
+    kw = dict(lr=1e-2, beta1=None)
+    kw.update(hp)
+    opt = flora_ext.Flora([p], **kw)
+    for g in grads:
+        p.grad = g.to(device)
+        opt.step()
+    # The summed updates, not p itself: a wrong clip or step size must show.
+    return (p.detach().cpu().double() - p0.double()), opt.state[p]
+
+
+@pytest.mark.parametrize("shape,dtype,hp", ROW_CASES, ids=str)
+def test_row_stats_match_cpu(shape, dtype, hp):
+    (dc, sc), (dp, sp) = run_updates(shape, dtype, hp, "cuda"), run_updates(shape, dtype, hp, "cpu")
+    assert dp.abs().max() > 0
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    assert rel_err(dc, dp) <= tol
+    for key in ("row_second_moment", "col_second_moment"):
+        assert rel_err(sc[key].cpu(), sp[key]) <= 1e-5, key
+
+
+def test_row_stats_and_tile_passes_agree(monkeypatch):
+    # FLORA_ROW_STATS=0 routes the same tensors through the stats + rms tile passes.
+    # The sums run in another order, so the two differ in rounding only; a clip
+    # threshold that binds makes sum D^2 matter.
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FLORA_ROW_STATS", flag)
+        runs[flag] = run_updates((130, 5504), torch.float32, dict(clip_threshold=0.05), "cuda")
+    (d0, s0), (d1, s1) = runs["0"], runs["1"]
+    assert not torch.equal(d0, d1), "FLORA_ROW_STATS=0 must take the tile passes"
+    assert rel_err(d1, d0) <= 1e-5
+    assert rel_err(s1["row_second_moment"], s0["row_second_moment"]) <= 1e-6
+
+
+@pytest.mark.parametrize("value", ["2", "yes", "-1"])
+def test_bad_row_stats_flag_is_a_clear_error(value, monkeypatch):
+    p = torch.nn.Parameter(torch.randn(32, 1024, device="cuda"))
+    opt = flora_ext.Flora([p], lr=1e-2)
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    monkeypatch.setenv("FLORA_ROW_STATS", value)
+    with pytest.raises(RuntimeError, match="FLORA_ROW_STATS must be"):
+        opt.step()
+    assert torch.equal(p, before)
+
+
+# sum(p^2) kept from the last CUDA step (reuse_param_norms): the same results as reading
+# p, on every layout, and a write to p between steps (version counter, or p.data swapped)
+# is seen.
+NORM_SHAPES = [(64, 2048), (30, 20), (37,), (3, 4, 5), (96, 200), (200, 96)]
+
+
+def train_norms(reuse, dtype=torch.float32, between=None, steps=5, **hp):
+    gen = torch.Generator().manual_seed(7)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to("cuda", dtype))
+              for s in NORM_SHAPES]
+    grads = [[torch.randn(s, generator=gen).to("cuda", dtype) for s in NORM_SHAPES]
+             for _ in range(steps)]
+    kw = dict(lr=1e-2, beta1=0.9, rank=8, weight_decay=0.1, reuse_param_norms=reuse)
+    kw.update(hp)
+    opt = flora_ext.Flora(params, **kw)
+    for t, gs in enumerate(grads):
+        for p, g in zip(params, gs):
+            p.grad = g
+        opt.step()
+        if between is not None:
+            between(t, params, opt)
+    return [p.detach().float().cpu() for p in params]
+
+
+@pytest.mark.parametrize("hp", [dict(), dict(beta1=None), dict(dtype=torch.bfloat16),
+                                dict(dtype=torch.bfloat16, stochastic_rounding=True)], ids=str)
+def test_reused_param_norms_match_reading_p(hp):
+    # The two sums of p^2 differ in order only; in bf16 that can move a rounding by one
+    # ulp (2^-8) of one element, ~7e-4 of the norm of the smallest tensor (37 elements).
+    tol = 2e-3 if "dtype" in hp else 1e-6
+    for a, b in zip(train_norms(True, **hp), train_norms(False, **hp)):
+        assert rel_err(a, b) <= tol
+
+
+@pytest.mark.parametrize("write", ["in_place", "data_swap", "load_state_dict"])
+def test_param_written_between_steps_is_seen(write):
+    def between(t, params, opt):
+        if t != 1:
+            return
+        with torch.no_grad():
+            if write == "in_place":
+                for p in params:
+                    p.mul_(3.0)
+            elif write == "data_swap":
+                for p in params:
+                    p.data = p.data * 3.0
+            else:
+                opt.load_state_dict(opt.state_dict())
+                for p in params:
+                    p.copy_(p * 3.0)
+
+    reused, read = train_norms(True, between=between), train_norms(False, between=between)
+    for a, b in zip(reused, read):
+        assert rel_err(a, b) <= 1e-6

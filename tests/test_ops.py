@@ -263,3 +263,29 @@ def test_step_group_rejects_bad_input_and_changes_nothing(mutate, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.flora.step_group_(*group, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(group[0], before))
+
+
+@pytest.mark.parametrize("norms,known,match", [
+    (lambda: torch.zeros(3), [], "param_norms must be a contiguous float64 vector with one "
+                                 "entry per parameter \\(3\\), got Float"),
+    (lambda: torch.zeros(2, dtype=torch.float64), [], "one entry per parameter \\(3\\)"),
+    (lambda: torch.zeros(6, dtype=torch.float64)[::2], [], "contiguous float64"),
+    (lambda: torch.zeros(3, dtype=torch.float64), [1, 0], "norms_known must be empty or have "
+                                                          "one entry per parameter \\(3\\), got 2"),
+    (lambda: torch.zeros(3, dtype=torch.float64), [1, 2, 0], "entries must be 0 or 1, got 2"),
+    (lambda: None, [1, 1, 1], "norms_known needs param_norms"),
+])
+def test_step_group_rejects_bad_param_norms(norms, known, match):
+    group, _, kwargs = group_args()
+    before = [t.clone() for t in group[0]]
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.flora.step_group_(*group, param_norms=norms(), norms_known=known, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(group[0], before))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_step_group_with_param_norms(device):
+    group, _, kwargs = group_args(device)
+    norms = torch.zeros(3, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.flora.step_group_.default, group,
+                          dict(kwargs, param_norms=norms, norms_known=[0, 0, 0]))

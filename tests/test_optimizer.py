@@ -596,3 +596,10 @@ def test_copied_optimizer_steps_its_own_state():
     assert opt.state[ps[0]]["step"] == 1 and clone.state[q]["step"] == 2
     opt.step()
     assert opt.state[ps[0]]["step"] == 2
+
+
+def test_reuse_param_norms_must_be_a_bool():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(TypeError, match="reuse_param_norms must be a bool, got 1"):
+        flora_ext.Flora([p], lr=1e-2, reuse_param_norms=1)
+    assert flora_ext.Flora([p], lr=1e-2, reuse_param_norms=False).reuse_param_norms is False

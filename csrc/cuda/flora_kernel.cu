@@ -1,19 +1,24 @@
 // CUDA kernels of the flora ops.
 //
 // A step_group_ call steps its parameters in batches: consecutive parameters of
-// one dtype (FLORA_BATCH_BYTES of gradients and parameters, default 1 GiB; a
+// one dtype (FLORA_BATCH_BYTES of gradients and parameters, default 4 GiB; a
 // tensor with compressed momentum alone). Every pass over a batch is one launch
 // over all its tensors (a table of Task descriptors; a block finds its task by a
 // search staged in shared memory), so a model of many small tensors costs a
 // handful of launches. Passes:
 //   stats    row/column sums of G^2 + eps1 and sum p^2 (factored), or the full
-//            second moment, dense momentum and their sums (unfactored)
+//            second moment, dense momentum and their sums (unfactored). Factored
+//            tensors without momentum take whole rows a block ("row stats"): the
+//            row EMA is final within the block, so the block also sums
+//            G^2 / row over its rows for every column, and sum D^2 follows in the
+//            finalize pass without reading G again (no rms pass for them).
 //   finalize row/col EMAs, column factors, per-256-row partial sums
-//   scalars  mean of the row EMA and the step size of each tensor
+//   scalars  mean of the row EMA, the step size of each tensor, and the clip
+//            factor of every tensor whose sum D^2 is already known
 //   (compressed momentum: projections regenerated with cuRAND Philox, cuBLAS GEMMs;
 //    down(U) = (P diag a) G diag b, so U is never materialised)
-//   rms      sum of D^2 of factored tensors (D needs the column factors)
-//   clip     the RMS clip factor of each tensor
+//   rms      sum of D^2 of the other factored tensors (D needs the column factors)
+//   clip     their RMS clip factor
 //   apply    p = p - decay p - lr D / clip, written once (stochastic rounding optional)
 // All reductions have a fixed order, so results do not depend on scheduling.
 #include "flora/ops.h"
@@ -48,6 +53,22 @@ constexpr int kRowsPerWarp = kTileRows / kWarps;     // 8
 constexpr int kFullVecsPerThread = 8;
 constexpr int kFinalizeWidth = 256;                  // rows or columns per finalize block
 constexpr int kChunksPerRowBlock = kFinalizeWidth / kTileRows;
+// Row stats leave many more column partials (a row of them every 16-128 rows): a
+// finalize block takes 32 columns, its eight warps a share of the partials each.
+constexpr int kRowStatsFinalizeCols = 32;
+// Row stats: each block takes about kRowBlockRows whole rows, staged through shared
+// memory kStageBytes at a time (two stages: the next one loads while this one is
+// summed); the rows of a stage are at most kMaxStageRows.
+constexpr int64_t kStageBytes = 32 * 1024;
+constexpr int kMaxStageRows = 32;
+// Rows a row-stats block takes: enough blocks in a launch that its last wave is a
+// small part of it (about kStatsBlocksTarget: 8 waves of two blocks on 132 SMs; 1.3
+// waves of 128-row blocks cost 1.5 ms a 1.35B step), yet each block's column sums
+// (two floats a column, the workspace) cover kMinRowBlockRows rows or more.
+constexpr int64_t kStatsBlocksTarget = 2048;
+constexpr int64_t kMinRowBlockRows = 16, kMaxRowBlockRows = 128;
+
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 enum Scalar : int { kRowMean = 0, kStepSize = 1, kInvClip = 2, kDecay = 3, kNumScalars = 4 };
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
@@ -71,13 +92,20 @@ struct Task {
   float* tile_p2;        // tiles
   float* tile_d2;        // tiles
   float* scalars;        // kNumScalars
+  float* w_part;         // row stats: rchunks x m, column sums of G^2 / row EMA
+  double* colblock_d2;   // row stats: ceil(m / 256) partial sums of D^2
+  double* param_sq;      // cached sum p^2 (step_group_'s param_norms), or nullptr
   int64_t n, m;          // factored: rows, cols; unfactored: 1, numel
   int64_t numel;
   int64_t tile_begin;    // first tile of this task in the batch's grid
   int64_t fblock_begin;  // first finalize block
+  int64_t sblock_begin;  // first stats block (row stats: one per rchunk; else tiles)
   int64_t tiles;
-  int32_t ctiles, rchunks;
+  int32_t ctiles, rchunks;  // row stats: rchunks = stats blocks of block_rows rows
   int32_t kind, momentum_kind, vec;
+  int32_t row_stats, needs_rms, stats_p;  // stats_p: the stats pass reads p
+  int32_t p2_known;                       // *param_sq is sum p^2 of p as it is
+  int32_t stage_rows, block_rows;
   double beta2, base_lr;
   uint64_t rounding_key;
 };
@@ -226,6 +254,7 @@ struct TaskTable {
   const Task* tasks;
   const int64_t* tile_begins;
   const int64_t* fblock_begins;
+  const int64_t* sblock_begins;
   int count;
 };
 
@@ -308,7 +337,7 @@ __device__ __forceinline__ void factored_stats(const Task& t, int64_t local,
   const S* p = static_cast<const S*>(t.param);
   uint4 gr[kRowsPerWarp], pr[kRowsPerWarp];
   load_rows<DT>(g, t, rc, warp, c0, valid, gr);
-  load_rows<DT>(p, t, rc, warp, c0, valid, pr);
+  load_rows<DT>(p, t, rc, warp, c0, t.stats_p ? valid : 0, pr);
   float col_acc[L];
 #pragma unroll
   for (int c = 0; c < L; ++c) col_acc[c] = 0.f;
@@ -348,6 +377,149 @@ __device__ __forceinline__ void factored_stats(const Task& t, int64_t local,
   if (threadIdx.x == 0) t.tile_p2[local] = p2;
 }
 
+// 16 bytes global -> shared without a register round trip (sm_80+), so the next
+// stage of a row-stats block loads while the current one is summed.
+__device__ __forceinline__ void copy16_async(uint4* smem, const uint4* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+#else
+  *smem = *gmem;
+#endif
+}
+__device__ __forceinline__ void copy_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+// Waits until at most one committed group is still in flight.
+__device__ __forceinline__ void copy_async_wait_all_but_one() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group 1;\n" ::);
+#endif
+}
+
+// Row stats of a factored tensor without momentum: block `local` takes rows
+// [local * block_rows, +block_rows), stage_rows at a time through shared memory
+// (G, then p when the step size needs sum p^2). Per stage: the rows' sums of
+// G^2 + eps1 (warp sums, then across warps), their new row EMAs, then for every
+// column the sums over the stage's rows of G^2 + eps1 and of G^2 / row, added to
+// per-thread accumulators in shared memory (each thread owns its columns: no
+// atomics, a fixed order). Shared memory: two stages, then the two accumulators.
+template <int DT>
+__device__ __forceinline__ void row_stats(const Task& t, int64_t local, const GroupArgs& a,
+                                          uint4* smem) {
+  constexpr int L = kLane<DT>;
+  constexpr int H = L / 4;  // float4s of one lane's accumulator
+  __shared__ float partial[kWarps][kMaxStageRows];
+  __shared__ float inv_row[kMaxStageRows];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int mv = static_cast<int>(t.m / L);  // 16-byte vectors a row
+  const int R = t.stage_rows;
+  const int64_t stage_vecs = int64_t(R) * mv * (t.stats_p ? 2 : 1);
+  const int64_t i_begin = local * t.block_rows;
+  const int64_t i_end = min(i_begin + t.block_rows, t.n);
+  const int stages = static_cast<int>((i_end - i_begin + R - 1) / R);
+  const uint4* g = static_cast<const uint4*>(t.grad);
+  const uint4* p = static_cast<const uint4*>(t.param);
+  float4* acc_sq = reinterpret_cast<float4*>(smem + 2 * stage_vecs);
+  float4* acc_w = acc_sq + int64_t(mv) * H;
+  for (int q = threadIdx.x; q < mv * H; q += kThreads) {
+    acc_sq[q] = make_float4(0.f, 0.f, 0.f, 0.f);
+    acc_w[q] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  const auto issue = [&](int s) {
+    uint4* dst = smem + (s & 1) * stage_vecs;
+    const int64_t r0 = i_begin + int64_t(s) * R;
+    const int rows = static_cast<int>(min(int64_t(R), i_end - r0));
+    for (int r = 0; r < rows; ++r) {
+      for (int c = threadIdx.x; c < mv; c += kThreads) {
+        copy16_async(dst + r * mv + c, g + (r0 + r) * mv + c);
+        if (t.stats_p) copy16_async(dst + (R + r) * mv + c, p + (r0 + r) * mv + c);
+      }
+    }
+    copy_async_commit();
+  };
+  issue(0);
+  double row_total = 0.0;  // new row EMAs of this block (thread r of each stage)
+  float p2 = 0.f;
+  for (int s = 0; s < stages; ++s) {
+    if (s + 1 < stages) issue(s + 1);
+    else copy_async_commit();  // an empty group keeps the wait below uniform
+    copy_async_wait_all_but_one();
+    __syncthreads();
+    const uint4* st = smem + (s & 1) * stage_vecs;
+    const int64_t r0 = i_begin + int64_t(s) * R;
+    const int rows = static_cast<int>(min(int64_t(R), i_end - r0));
+    for (int r = 0; r < rows; ++r) {
+      float sum = 0.f;
+      for (int c = threadIdx.x; c < mv; c += kThreads) {
+        float gv[L];
+        unpack<DT>(st[r * mv + c], gv);
+#pragma unroll
+        for (int e = 0; e < L; ++e) sum += gv[e] * gv[e] + a.eps1;
+        if (t.stats_p) {
+          float pv[L];
+          unpack<DT>(st[(R + r) * mv + c], pv);
+#pragma unroll
+          for (int e = 0; e < L; ++e) p2 += pv[e] * pv[e];
+        }
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) partial[warp][r] = sum;
+    }
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < rows) {
+      double total = 0.0;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) total += partial[w][threadIdx.x];
+      const int64_t i = r0 + threadIdx.x;
+      const float row = static_cast<float>(t.beta2 * t.row[i] + (1.0 - t.beta2) * (total / t.m));
+      t.row[i] = row;
+      inv_row[threadIdx.x] = 1.0f / row;
+      row_total += row;
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < mv; c += kThreads) {
+      float sq[L], wsum[L];
+#pragma unroll
+      for (int e = 0; e < L; ++e) sq[e] = wsum[e] = 0.f;
+      for (int r = 0; r < rows; ++r) {
+        float gv[L];
+        unpack<DT>(st[r * mv + c], gv);
+        const float ir = inv_row[r];
+#pragma unroll
+        for (int e = 0; e < L; ++e) {
+          const float g2 = gv[e] * gv[e];
+          sq[e] += g2 + a.eps1;
+          wsum[e] += g2 * ir;
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < H; ++h) {
+        float4& x = acc_sq[c * H + h];
+        float4& y = acc_w[c * H + h];
+        x.x += sq[4 * h]; x.y += sq[4 * h + 1]; x.z += sq[4 * h + 2]; x.w += sq[4 * h + 3];
+        y.x += wsum[4 * h]; y.y += wsum[4 * h + 1]; y.z += wsum[4 * h + 2];
+        y.w += wsum[4 * h + 3];
+      }
+    }
+    __syncthreads();  // the stage is free for the load issued next round
+  }
+  float4* col_out = reinterpret_cast<float4*>(t.col_part + local * t.m);
+  float4* w_out = reinterpret_cast<float4*>(t.w_part + local * t.m);
+  for (int q = threadIdx.x; q < mv * H; q += kThreads) {
+    col_out[q] = acc_sq[q];
+    w_out[q] = acc_w[q];
+  }
+  row_total = block_sum(row_total);
+  p2 = block_sum(p2);
+  if (threadIdx.x == 0) {
+    t.row_block_sum[local] = row_total;
+    t.p2_block[local] = p2;
+  }
+}
+
 // Unfactored: S = beta2 S + (1 - beta2)(G^2 + eps1); D = G / sqrt(S), mixed with
 // dense momentum (which then stores D). Sums of p^2 and D^2 per tile.
 template <int DT>
@@ -366,7 +538,7 @@ __device__ __forceinline__ void full_stats(const Task& t, int64_t local, const G
     if (valid == 0) continue;
     float gv[L], pv[L], sv[L], mv[L];
     unpack<DT>(load_pack<DT>(g + e0, vec, valid), gv);
-    unpack<DT>(load_pack<DT>(p + e0, vec, valid), pv);
+    unpack<DT>(load_pack<DT>(p + e0, vec, t.stats_p ? valid : 0), pv);
     loadf<L>(t.second_moment + e0, vec, valid, sv);
     if (t.momentum) loadf<L>(t.momentum + e0, vec, valid, mv);
 #pragma unroll
@@ -395,22 +567,59 @@ __device__ __forceinline__ void full_stats(const Task& t, int64_t local, const G
 template <int DT>
 __global__ void __launch_bounds__(kThreads)
     stats_kernel(TaskTable table, GroupArgs a) {
-  const Task& t = task_of_tile(table, blockIdx.x);
-  const int64_t local = blockIdx.x - t.tile_begin;
-  if (t.kind == kFactored) factored_stats<DT>(t, local, a);
+  extern __shared__ uint4 stage_smem[];
+  const Task& t = table.tasks[locate(table.sblock_begins, table.count, blockIdx.x)];
+  const int64_t local = blockIdx.x - t.sblock_begin;
+  if (t.row_stats) row_stats<DT>(t, local, a, stage_smem);
+  else if (t.kind == kFactored) factored_stats<DT>(t, local, a);
   else full_stats<DT>(t, local, a);
 }
 
 // ---- pass 2: EMAs of factored tensors ---------------------------------------
 
-// Finalize blocks [0, ceil(m/256)) of a task: column EMA and factor; the rest: row
-// EMA of 256 rows, with that row block's sums of the row EMA and of p^2.
+// Finalize blocks of a row-stats task: column EMA and factor of 32 columns, and
+// their part of sum D^2 = row_mean sum_j b_j^2 sum_i G^2 / row_i. Of other
+// factored tasks: blocks [0, ceil(m/256)) column EMA and factor; the rest row EMA
+// of 256 rows, with that row block's sums of the row EMA and of p^2.
 __global__ void __launch_bounds__(kFinalizeWidth)
     finalize_kernel(TaskTable table) {
   const Task& t = table.tasks[locate(table.fblock_begins, table.count, blockIdx.x)];
   const int64_t local = blockIdx.x - t.fblock_begin;
   const int64_t col_blocks = (t.m + kFinalizeWidth - 1) / kFinalizeWidth;
   const double b2 = t.beta2;
+  if (t.row_stats) {
+    __shared__ double sums[kWarps][kRowStatsFinalizeCols], wsums[kWarps][kRowStatsFinalizeCols];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int64_t j = local * kRowStatsFinalizeCols + lane;
+    double s = 0.0, w = 0.0;
+    if (j < t.m) {
+      for (int64_t rc = warp; rc < t.rchunks; rc += kWarps) {
+        s += t.col_part[rc * t.m + j];
+        w += t.w_part[rc * t.m + j];
+      }
+    }
+    sums[warp][lane] = s;
+    wsums[warp][lane] = w;
+    __syncthreads();
+    if (warp != 0) return;
+    double d2 = 0.0;
+    if (j < t.m) {
+      s = w = 0.0;
+#pragma unroll
+      for (int k = 0; k < kWarps; ++k) {
+        s += sums[k][lane];
+        w += wsums[k][lane];
+      }
+      const float c = static_cast<float>(b2 * t.col[j] + (1.0 - b2) * (s / t.n));
+      const float b = col_scale(c);
+      t.col[j] = c;
+      t.col_factor[j] = b;
+      d2 = w * b * b;
+    }
+    d2 = warp_sum(d2);
+    if (lane == 0) t.colblock_d2[local] = d2;
+    return;
+  }
   if (local < col_blocks) {
     const int64_t j = local * kFinalizeWidth + threadIdx.x;
     if (j < t.m) {
@@ -445,27 +654,47 @@ __global__ void __launch_bounds__(kFinalizeWidth)
   }
 }
 
-// One block per task: mean of the row EMA and this step's learning rate (step 1).
+// The clip factor (step 5) and the weight-decay factor, from sum D^2.
+__device__ __forceinline__ void set_clip(const Task& t, const GroupArgs& a, double d2) {
+  const double clip = fmax(1.0, sqrt(d2 / t.numel) / a.clip_threshold);
+  t.scalars[kInvClip] = static_cast<float>(1.0 / clip);
+  t.scalars[kDecay] = static_cast<float>(a.weight_decay * t.scalars[kStepSize]);
+}
+
+// One block per task: mean of the row EMA and this step's learning rate (step 1);
+// the clip factor too where sum D^2 is known (unfactored tensors, row stats).
 __global__ void __launch_bounds__(kThreads)
     scalars_kernel(const Task* __restrict__ tasks, GroupArgs a) {
   const Task& t = tasks[blockIdx.x];
-  double rows = 0.0, p2 = 0.0;
+  double rows = 0.0, p2 = 0.0, d2 = 0.0;
   if (t.kind == kFactored) {
-    const int64_t blocks = (t.n + kFinalizeWidth - 1) / kFinalizeWidth;
+    const int64_t blocks =
+        t.row_stats ? t.rchunks : (t.n + kFinalizeWidth - 1) / kFinalizeWidth;
     for (int64_t k = threadIdx.x; k < blocks; k += blockDim.x) {
       rows += t.row_block_sum[k];
       p2 += t.p2_block[k];
     }
+    if (t.row_stats) {
+      const int64_t col_blocks = ceil_div(t.m, kRowStatsFinalizeCols);
+      for (int64_t k = threadIdx.x; k < col_blocks; k += blockDim.x) d2 += t.colblock_d2[k];
+    }
   } else {
-    for (int64_t k = threadIdx.x; k < t.tiles; k += blockDim.x) p2 += t.tile_p2[k];
+    for (int64_t k = threadIdx.x; k < t.tiles; k += blockDim.x) {
+      p2 += t.tile_p2[k];
+      d2 += t.tile_d2[k];
+    }
   }
   rows = block_sum(rows);
   p2 = block_sum(p2);
+  d2 = block_sum(d2);
   if (threadIdx.x == 0) {
-    t.scalars[kRowMean] = t.kind == kFactored ? static_cast<float>(rows / t.n) : 1.0f;
+    if (t.p2_known) p2 = *t.param_sq;
+    const float row_mean = t.kind == kFactored ? static_cast<float>(rows / t.n) : 1.0f;
+    t.scalars[kRowMean] = row_mean;
     double lr = t.base_lr;
     if (a.scale_parameter) lr *= fmax(a.eps2, sqrt(p2 / t.numel));
     t.scalars[kStepSize] = static_cast<float>(lr);
+    if (!t.needs_rms) set_clip(t, a, t.row_stats ? d2 * row_mean : d2);
   }
 }
 
@@ -498,7 +727,7 @@ template <int DT>
 __global__ void __launch_bounds__(kThreads, 4)
     rms_kernel(TaskTable table, GroupArgs a) {
   const Task& t = task_of_tile(table, blockIdx.x);
-  if (t.kind != kFactored) return;  // unfactored D^2 came with the stats
+  if (!t.needs_rms) return;  // sum D^2 came with the stats
   const int64_t local = blockIdx.x - t.tile_begin;
   constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -530,18 +759,15 @@ __global__ void __launch_bounds__(kThreads, 4)
   if (threadIdx.x == 0) t.tile_d2[local] = d2;
 }
 
-// One block per task: the RMS clip factor (step 5) and the weight-decay factor.
+// One block per task whose sum D^2 the rms pass made: its clip factor.
 __global__ void __launch_bounds__(kThreads)
     clip_kernel(const Task* __restrict__ tasks, GroupArgs a) {
   const Task& t = tasks[blockIdx.x];
+  if (!t.needs_rms) return;
   double d2 = 0.0;
   for (int64_t k = threadIdx.x; k < t.tiles; k += blockDim.x) d2 += t.tile_d2[k];
   d2 = block_sum(d2);
-  if (threadIdx.x == 0) {
-    const double clip = fmax(1.0, sqrt(d2 / t.numel) / a.clip_threshold);
-    t.scalars[kInvClip] = static_cast<float>(1.0 / clip);
-    t.scalars[kDecay] = static_cast<float>(a.weight_decay * t.scalars[kStepSize]);
-  }
+  if (threadIdx.x == 0) set_clip(t, a, d2);
 }
 
 // Philox words for elements e0 .. e0 + 3 of the rounding stream of `key`.
@@ -567,7 +793,8 @@ __device__ __forceinline__ void rounding_words(uint64_t key, int64_t e0, uint32_
 template <int DT, bool kRound>
 __device__ __forceinline__ void write_params(const Task& t, const GroupArgs& a,
                                              Storage<DT>* p, int64_t e0, int valid,
-                                             const float pv[kLane<DT>], const float d[kLane<DT>]) {
+                                             const float pv[kLane<DT>], const float d[kLane<DT>],
+                                             float& p2) {
   constexpr int L = kLane<DT>;
   const float decay = t.scalars[kDecay], lr = t.scalars[kStepSize],
               inv_clip = t.scalars[kInvClip];
@@ -588,16 +815,22 @@ __device__ __forceinline__ void write_params(const Task& t, const GroupArgs& a,
 #pragma unroll
       for (int c = 0; c < 4; ++c) out[4 * q + c] = bfloat16_bits_stochastic(x[4 * q + c], w[c]);
     }
-    store_pack<DT>(p + e0, t.vec, valid, out);
-    return;
-  }
+  } else {
 #pragma unroll
-  for (int c = 0; c < L; ++c) out[c] = from_float<DT>(x[c]);
+    for (int c = 0; c < L; ++c) out[c] = from_float<DT>(x[c]);
+  }
   store_pack<DT>(p + e0, t.vec, valid, out);
+  // The next step's sum p^2 is that of the values stored now.
+#pragma unroll
+  for (int c = 0; c < L; ++c) {
+    const float v = to_float<DT>(out[c]);
+    if (c < valid) p2 += v * v;
+  }
 }
 
 template <int DT, bool kRound>
-__device__ __forceinline__ void full_apply(const Task& t, int64_t local, const GroupArgs& a) {
+__device__ __forceinline__ void full_apply(const Task& t, int64_t local, const GroupArgs& a,
+                                           float& p2) {
   using S = Storage<DT>;
   constexpr int L = kLane<DT>;
   S* p = static_cast<S*>(t.param);
@@ -619,13 +852,13 @@ __device__ __forceinline__ void full_apply(const Task& t, int64_t local, const G
 #pragma unroll
       for (int c = 0; c < L; ++c) d[c] = c < valid ? gv[c] / sqrtf(sv[c]) : 0.f;
     }
-    write_params<DT, kRound>(t, a, p, e0, valid, pv, d);
+    write_params<DT, kRound>(t, a, p, e0, valid, pv, d, p2);
   }
 }
 
 template <int DT, bool kRound>
 __device__ __forceinline__ void factored_apply(const Task& t, int64_t local,
-                                               const GroupArgs& a) {
+                                               const GroupArgs& a, float& p2) {
   using S = Storage<DT>;
   constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
   S* p = static_cast<S*>(t.param);
@@ -662,7 +895,7 @@ __device__ __forceinline__ void factored_apply(const Task& t, int64_t local,
 #pragma unroll
       for (int c = 0; c < L; ++c)
         d[c] = c < valid ? factored_d<false>(t, a, gv[c] * ai * b[c], i * m + c0 + c) : 0.f;
-      write_params<DT, kRound>(t, a, p, i * m + c0, valid, pv, d);
+      write_params<DT, kRound>(t, a, p, i * m + c0, valid, pv, d, p2);
     }
   }
 }
@@ -675,11 +908,26 @@ __global__ void __launch_bounds__(kThreads, 2)
     apply_kernel(TaskTable table, GroupArgs a) {
   const Task& t = task_of_tile(table, blockIdx.x);
   const int64_t local = blockIdx.x - t.tile_begin;
-  if (t.kind == kFull) {
-    full_apply<DT, kRound>(t, local, a);
-    return;
-  }
-  factored_apply<DT, kRound>(t, local, a);
+  float p2 = 0.f;
+  if (t.kind == kFull) full_apply<DT, kRound>(t, local, a, p2);
+  else factored_apply<DT, kRound>(t, local, a, p2);
+  if (t.param_sq == nullptr) return;
+  // Sum p^2 of what was written, for the next step; the norms pass adds the tiles'
+  // sums (tile_p2 is free again: the scalars pass has read it). A last-block
+  // reduction here instead (fence + atomic a block) cost 1.8 ms a 1.35B fp32 step.
+  p2 = block_sum(p2);
+  if (threadIdx.x == 0) t.tile_p2[local] = p2;
+}
+
+// One block per task with a norm cache: sum p^2 of the parameter just written.
+__global__ void __launch_bounds__(kThreads)
+    norms_kernel(const Task* __restrict__ tasks) {
+  const Task& t = tasks[blockIdx.x];
+  if (t.param_sq == nullptr) return;
+  double total = 0.0;
+  for (int64_t k = threadIdx.x; k < t.tiles; k += blockDim.x) total += t.tile_p2[k];
+  total = block_sum(total);
+  if (threadIdx.x == 0) *t.param_sq = total;
 }
 
 // ---- projections -------------------------------------------------------------
@@ -750,7 +998,6 @@ __global__ void momentum_mix_kernel(float* __restrict__ momentum,
 
 // ---- host side -----------------------------------------------------------------
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int as_int(int64_t v, const char* what) {
   TORCH_CHECK(v <= INT_MAX, "flora: ", what, " = ", v, " exceeds the cuBLAS int range");
@@ -821,8 +1068,54 @@ int64_t env_int(const char* name, int64_t fallback, int64_t min_value) {
 
 // Bytes of gradients and parameters per batch. Measured on an H100 (LLaMA 1.35B
 // shapes): 32 MiB batches were no faster in L2 than 1 GiB ones and paid ~5 ms of
-// launch gaps a step, so the default batches everything that is not compressed.
-int64_t batch_bytes_limit() { return env_int("FLORA_BATCH_BYTES", int64_t(1) << 30, 1); }
+// launch gaps a step; 4 GiB batches stepped fp32 in 9.1 ms against 10.3 ms at 1 GiB
+// (fewer launches, fewer partial last waves), so the default batches everything
+// that is not compressed. The workspace stays ~50 MB a batch (row stats).
+int64_t batch_bytes_limit() { return env_int("FLORA_BATCH_BYTES", int64_t(4) << 30, 1); }
+
+// Row stats (one stats pass, no rms pass) for factored tensors without momentum,
+// on unless FLORA_ROW_STATS=0 (kept for comparisons: the tile passes serve every
+// tensor too).
+bool row_stats_enabled() {
+  const int64_t v = env_int("FLORA_ROW_STATS", 1, 0);
+  TORCH_CHECK(v <= 1, "flora: environment variable FLORA_ROW_STATS must be 0 or 1, got '",
+              std::getenv("FLORA_ROW_STATS"), "'");
+  return v == 1;
+}
+
+// Dynamic shared memory a stats block may have on the current device, less room
+// for the kernel's static shared memory.
+int64_t stats_smem_limit() {
+  int device = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return std::max<int64_t>(0, optin - 8 * 1024);
+}
+
+// Sets up row stats for factored task t (no momentum, 16-byte aligned rows) when its
+// rows are wide enough to keep a block's threads busy and a stage plus the column
+// accumulators fit in shared memory; returns the shared memory a block needs, or 0
+// (tile passes).
+int64_t plan_row_stats(Task& t, int64_t elem, int64_t lane_elems, int64_t smem_limit) {
+  const int64_t mv = t.m / lane_elems;
+  if (!t.vec || t.m % lane_elems != 0 || mv < kThreads / 2 || mv > INT_MAX / 4) return 0;
+  const int64_t row_bytes = t.m * elem * (t.stats_p ? 2 : 1);
+  const int64_t rows = std::clamp<int64_t>(kStageBytes / row_bytes, 1, kMaxStageRows);
+  const int64_t smem = 2 * rows * row_bytes + 2 * t.m * int64_t(sizeof(float));
+  if (smem > smem_limit) return 0;
+  t.row_stats = 1;
+  t.stage_rows = static_cast<int32_t>(rows);
+  return smem;
+}
+
+// The rows of each row-stats block of a batch whose row-stats tasks have `rows`
+// rows in all (a whole number of stages).
+void set_block_rows(Task& t, int64_t rows) {
+  const int64_t wanted = std::clamp(ceil_div(rows, kStatsBlocksTarget), kMinRowBlockRows,
+                                    kMaxRowBlockRows);
+  t.block_rows = static_cast<int32_t>(ceil_div(wanted, t.stage_rows) * t.stage_rows);
+  t.rchunks = static_cast<int32_t>(ceil_div(t.n, t.block_rows));
+}
 
 // A parameter of the call, ready for the kernels.
 struct Item {
@@ -837,7 +1130,8 @@ struct Item {
 // each rounded up to 16 bytes).
 struct WorkspacePlan {
   int64_t row_part = 0, col_part = 0, col_factor = 0, row_block_sum = 0, p2_block = 0,
-          tile_p2 = 0, tile_d2 = 0, scalars = 0, update = 0, total = 0;
+          tile_p2 = 0, tile_d2 = 0, scalars = 0, update = 0, w_part = 0, colblock_d2 = 0,
+          total = 0;
 };
 
 int64_t aligned(int64_t floats) { return ceil_div(floats, 4) * 4; }
@@ -851,12 +1145,16 @@ WorkspacePlan plan_workspace(const Task& t, int64_t base) {
     return start;
   };
   if (t.kind == kFactored) {
-    const int64_t row_blocks = ceil_div(t.n, kFinalizeWidth);
-    w.row_part = take(t.n * t.ctiles);
+    const int64_t row_blocks = t.row_stats ? t.rchunks : ceil_div(t.n, kFinalizeWidth);
+    if (!t.row_stats) w.row_part = take(t.n * t.ctiles);
     w.col_part = take(int64_t(t.rchunks) * t.m);
     w.col_factor = take(t.m);
     w.row_block_sum = take(2 * row_blocks);  // doubles
     w.p2_block = take(2 * row_blocks);
+    if (t.row_stats) {
+      w.w_part = take(int64_t(t.rchunks) * t.m);
+      w.colblock_d2 = take(2 * ceil_div(t.m, kRowStatsFinalizeCols));
+    }
   }
   w.tile_p2 = take(t.tiles);
   w.tile_d2 = take(t.tiles);
@@ -963,14 +1261,33 @@ void compressed_momentum(const Item& item, const Task& t, const at::Tensor& mome
 
 // The passes over one batch; `between` runs the compressed-momentum work, which
 // needs the scalars and must come before the rms pass.
+// What the launches of one batch need besides its task table.
+struct BatchShape {
+  int64_t tiles = 0, fblocks = 0, sblocks = 0, smem = 0;
+  bool any_factored = false, any_rms = false, any_norms = false;
+};
+
+// Shared memory beyond 48 KiB must be allowed per kernel (and device) before a
+// launch asks for it; the call is cheap next to the launches it precedes.
+template <int DT>
+void allow_stats_smem(int64_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(stats_kernel<DT>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+}
+
 template <int DT, typename Between>
-void launch_batch(const TaskTable& table, int64_t tiles, int64_t fblocks,
-                  bool any_factored, const GroupArgs& args, const Between& between) {
+void launch_batch(const TaskTable& table, const BatchShape& b, const GroupArgs& args,
+                  const Between& between) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const dim3 tile_grid(static_cast<unsigned>(tiles));
-  stats_kernel<DT><<<tile_grid, kThreads, 0, stream>>>(table, args);
+  const dim3 tile_grid(static_cast<unsigned>(b.tiles));
+  allow_stats_smem<DT>(b.smem);
+  stats_kernel<DT><<<static_cast<unsigned>(b.sblocks), kThreads, b.smem, stream>>>(table,
+                                                                                    args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (any_factored) {
+  const int64_t fblocks = b.fblocks;
+  if (b.any_factored) {
     finalize_kernel<<<static_cast<unsigned>(fblocks), kFinalizeWidth, 0, stream>>>(
         table);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -978,21 +1295,28 @@ void launch_batch(const TaskTable& table, int64_t tiles, int64_t fblocks,
   scalars_kernel<<<table.count, kThreads, 0, stream>>>(table.tasks, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   between();
-  if (any_factored) {
+  if (b.any_rms) {
     rms_kernel<DT><<<tile_grid, kThreads, 0, stream>>>(table, args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    clip_kernel<<<table.count, kThreads, 0, stream>>>(table.tasks, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  clip_kernel<<<table.count, kThreads, 0, stream>>>(table.tasks, args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  bool rounded = false;
   if constexpr (DT == kBF16) {
     if (args.stochastic_rounding) {
       apply_kernel<DT, true><<<tile_grid, kThreads, 0, stream>>>(table, args);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
+      rounded = true;
     }
   }
-  apply_kernel<DT, false><<<tile_grid, kThreads, 0, stream>>>(table, args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!rounded) {
+    apply_kernel<DT, false><<<tile_grid, kThreads, 0, stream>>>(table, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (b.any_norms) {
+    norms_kernel<<<table.count, kThreads, 0, stream>>>(table.tasks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // Every parameter of a call whose inputs the checks accepted.
@@ -1027,13 +1351,15 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   // Tasks, batches, and each batch's workspace needs.
   std::vector<Task> tasks(items.size());
   std::vector<WorkspacePlan> plans(items.size());  // batch-local offsets
-  struct Batch {
+  std::vector<int64_t> stats_smem(items.size(), 0);  // dynamic shared memory, stats pass
+  struct Batch : BatchShape {
     int first = 0, count = 0;
-    int64_t tiles = 0, fblocks = 0, workspace = 0;
-    bool any_factored = false;
+    int64_t workspace = 0;
   };
   std::vector<Batch> batches;
   const int64_t limit = batch_bytes_limit();
+  const bool row_stats_on = row_stats_enabled();
+  const int64_t smem_limit = row_stats_on ? stats_smem_limit() : 0;
   int64_t batch_bytes = 0;
   bool batch_compressed = false;
   for (size_t k = 0; k < items.size(); ++k) {
@@ -1050,6 +1376,9 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
     t.base_lr = e.options.base_lr();
     t.rounding_key = rounding_key(e.options.seed, e.options.step,
                                   static_cast<int64_t>(item.index));
+    t.param_sq = e.param_sq;
+    t.p2_known = e.param_sq != nullptr && e.param_sq_known;
+    t.stats_p = args.scale_parameter && !t.p2_known;
     const int64_t elem = item.param.element_size();
     const int64_t lane_elems = item.dtype == kF32 ? kLane<kF32> : kLane<kBF16>;
     bool vec = aligned_to(t.param, 16) && aligned_to(t.grad, 16);
@@ -1068,6 +1397,10 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
       // Factored momentum is read element by element: no alignment needed.
       if (layout.momentum == MomentumKind::kDense)
         t.momentum = e.state.momentum->data_ptr<float>();
+      t.vec = vec;
+      if (row_stats_on && layout.momentum == MomentumKind::kNone)
+        stats_smem[k] = plan_row_stats(t, elem, lane_elems, smem_limit);
+      t.needs_rms = !t.row_stats;
     } else {
       t.kind = kFull;
       t.n = 1;
@@ -1094,23 +1427,38 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
       batch_bytes = 0;
     }
     batch_compressed = compressed;
-    Batch& b = batches.back();
+    batches.back().count += 1;
     batch_bytes += bytes;
-    t.tile_begin = b.tiles;
-    t.fblock_begin = b.fblocks;
-    b.tiles += t.tiles;
-    if (t.kind == kFactored) {
-      b.fblocks += ceil_div(t.m, kFinalizeWidth) + ceil_div(t.n, kFinalizeWidth);
-      b.any_factored = true;
+  }
+  // Grids and workspace of each batch.
+  for (Batch& b : batches) {
+    int64_t row_stats_rows = 0;
+    for (int k = b.first; k < b.first + b.count; ++k)
+      if (tasks[k].row_stats) row_stats_rows += tasks[k].n;
+    for (int k = b.first; k < b.first + b.count; ++k) {
+      Task& t = tasks[k];
+      if (t.row_stats) set_block_rows(t, row_stats_rows);
+      t.tile_begin = b.tiles;
+      t.fblock_begin = b.fblocks;
+      t.sblock_begin = b.sblocks;
+      b.tiles += t.tiles;
+      b.sblocks += t.row_stats ? t.rchunks : t.tiles;
+      b.smem = std::max(b.smem, stats_smem[k]);
+      b.any_norms = b.any_norms || t.param_sq != nullptr;
+      if (t.kind == kFactored) {
+        b.fblocks += t.row_stats ? ceil_div(t.m, kRowStatsFinalizeCols)
+                                 : ceil_div(t.m, kFinalizeWidth) + ceil_div(t.n, kFinalizeWidth);
+        b.any_factored = true;
+        b.any_rms = b.any_rms || t.needs_rms;
+      }
+      // Workspace offsets are batch-local; pointers are filled in below.
+      plans[k] = plan_workspace(t, b.workspace);
+      b.workspace += plans[k].total;
     }
-    b.count += 1;
-    // Workspace offsets are batch-local; pointers are filled in below.
-    plans[k] = plan_workspace(t, b.workspace);
-    b.workspace += plans[k].total;
   }
   int64_t workspace_floats = 0;
   for (const Batch& b : batches) {
-    TORCH_CHECK(b.tiles < INT_MAX && b.fblocks < INT_MAX,
+    TORCH_CHECK(b.tiles < INT_MAX && b.fblocks < INT_MAX && b.sblocks < INT_MAX,
                 "flora: a batch of parameters needs more blocks than a grid holds");
     workspace_floats = std::max(workspace_floats, b.workspace);
   }
@@ -1127,6 +1475,10 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
       t.row_block_sum = reinterpret_cast<double*>(ws + w.row_block_sum);
       t.p2_block = reinterpret_cast<double*>(ws + w.p2_block);
     }
+    if (t.row_stats) {
+      t.w_part = ws + w.w_part;
+      t.colblock_d2 = reinterpret_cast<double*>(ws + w.colblock_d2);
+    }
     t.tile_p2 = ws + w.tile_p2;
     t.tile_d2 = ws + w.tile_d2;
     t.scalars = ws + w.scalars;
@@ -1134,10 +1486,10 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   }
 
   // One host-to-device copy (pinned, asynchronous) of every task descriptor, then
-  // of the tasks' first tiles and first finalize blocks.
+  // of the tasks' first tiles, first finalize blocks and first stats blocks.
   static_assert(sizeof(Task) % sizeof(int64_t) == 0, "begins follow the tasks aligned");
   const size_t count = tasks.size();
-  const int64_t table_bytes = static_cast<int64_t>(count * (sizeof(Task) + 2 * sizeof(int64_t)));
+  const int64_t table_bytes = static_cast<int64_t>(count * (sizeof(Task) + 3 * sizeof(int64_t)));
   at::Tensor host_table =
       at::empty({table_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   auto* host_bytes = static_cast<uint8_t*>(host_table.data_ptr());
@@ -1146,6 +1498,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   for (size_t k = 0; k < count; ++k) {
     host_begins[k] = tasks[k].tile_begin;
     host_begins[count + k] = tasks[k].fblock_begin;
+    host_begins[2 * count + k] = tasks[k].sblock_begin;
   }
   const at::Tensor device_table =
       host_table.to(items[0].param.device(), /*non_blocking=*/true);
@@ -1161,19 +1514,17 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
           compressed_momentum(items[k], tasks[k], *items[k].entry->state.momentum);
     };
     const TaskTable table{device_tasks + b.first, device_begins + b.first,
-                          device_begins + count + b.first, b.count};
+                          device_begins + count + b.first, device_begins + 2 * count + b.first,
+                          b.count};
     switch (items[b.first].dtype) {
       case kF32:
-        launch_batch<kF32>(table, b.tiles, b.fblocks, b.any_factored, args,
-                           compressed_work);
+        launch_batch<kF32>(table, b, args, compressed_work);
         break;
       case kBF16:
-        launch_batch<kBF16>(table, b.tiles, b.fblocks, b.any_factored, args,
-                            compressed_work);
+        launch_batch<kBF16>(table, b, args, compressed_work);
         break;
       default:
-        launch_batch<kF16>(table, b.tiles, b.fblocks, b.any_factored, args,
-                           compressed_work);
+        launch_batch<kF16>(table, b, args, compressed_work);
         break;
     }
   }

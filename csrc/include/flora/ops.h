@@ -94,11 +94,23 @@ struct GroupEntry {
   ParamState state;
   StepOptions options;
   ParamLayout layout;
+  // step_group_'s param_norms: where this parameter's sum of p^2 is cached (null
+  // without a cache), and whether the entry holds the sum for p as it is now. A
+  // backend may read a known entry instead of p, and should leave the sum of the p
+  // it writes there.
+  double* param_sq = nullptr;
+  bool param_sq_known = false;
 };
 std::vector<GroupEntry> check_group_inputs(at::TensorList params, at::TensorList grads,
                                            at::TensorList states, at::IntArrayRef steps,
                                            at::IntArrayRef seeds,
                                            const StepOptions& group_options);
+
+// Checks step_group_'s param_norms (float64, one entry a parameter, on their
+// device) and norms_known (empty, or 0/1 a parameter) and points the entries at them.
+void attach_param_norms(std::vector<GroupEntry>& entries, at::TensorList params,
+                        const std::optional<at::Tensor>& param_norms,
+                        at::IntArrayRef norms_known);
 
 // What a backend implements: one step of every parameter of a call whose inputs
 // check_group_inputs (or check_step_inputs) accepted. entries[k] belongs to params[k].
@@ -160,13 +172,15 @@ void step_group_op(at::TensorList params, at::TensorList grads, at::TensorList s
                    double eps1, double eps2, double clip_threshold, double decay_rate,
                    double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
                    bool relative_step, bool warmup_init, bool factorize_second_moment, bool tf32,
-                   bool stochastic_rounding) {
+                   bool stochastic_rounding, const std::optional<at::Tensor>& param_norms,
+                   at::IntArrayRef norms_known) {
   const StepOptions group = options_from_schema(
       1, 0, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
       scale_parameter, relative_step, warmup_init, factorize_second_moment, tf32,
       stochastic_rounding);
-  const std::vector<GroupEntry> entries =
+  std::vector<GroupEntry> entries =
       check_group_inputs(params, grads, states, steps, seeds, group);
+  attach_param_norms(entries, params, param_norms, norms_known);
   if (!params.empty()) kernel(params, grads, entries);
 }
 
