@@ -76,6 +76,11 @@ def optimizers(rank):
         f"flora_r{rank}_b0.9_resample": flora(rank=rank, beta1=0.9, kappa=1),
         f"flora_r{rank}_b0.9_exact": flora(rank=rank, beta1=0.9, kappa=1000, tf32=False),
         "flora_nomomentum": flora(beta1=None),
+        # The same optimizer with a tuning knob changed for its steps (A/B in one process).
+        "flora_nomomentum_read_p": flora(beta1=None, reuse_param_norms=False),
+        "flora_nomomentum_tile_passes": (flora(beta1=None), {"FLORA_ROW_STATS": "0"}),
+        "flora_nomomentum_batch1g": (flora(beta1=None), {"FLORA_BATCH_BYTES": str(1 << 30)}),
+        "flora_nomomentum_batch256m": (flora(beta1=None), {"FLORA_BATCH_BYTES": str(256 << 20)}),
     }
     try:
         from flora_ext.testing import import_flora_opt
@@ -95,6 +100,18 @@ def optimizers(rank):
 
 
 def measure(make_opt, params, grads, steps, warmup):
+    if isinstance(make_opt, tuple):  # (factory, environment for its steps)
+        make_opt, env = make_opt
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return measure(make_opt, params, grads, steps, warmup)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
     opt = make_opt(params)
 
     def attach():
@@ -128,23 +145,9 @@ def measure(make_opt, params, grads, steps, warmup):
     return statistics.median(times), min(times), state, extra_peak
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="1.35b", choices=sorted(MODELS))
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--rank", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--only", nargs="*", help="names of optimizers to run (default: all)")
-    ap.add_argument("--small-tensors", type=int, default=0,
-                    help="instead of a model: this many 64x64 tensors (launch overhead)")
-    ap.add_argument("--out", help="append a Markdown table to this file")
-    args = ap.parse_args()
-    dtype = getattr(torch, args.dtype)
-    if args.small_tensors:
-        shapes, label = [(64, 64)] * args.small_tensors, f"{args.small_tensors} tensors of 64x64"
-    else:
-        shapes, label = llama_shapes(*MODELS[args.model]), f"LLaMA {args.model} shapes"
+def run_table(args, dtype_name, shapes, label):
+    """Measures every selected optimizer on one dtype; returns {name: median ms}."""
+    dtype = getattr(torch, dtype_name)
     params, grads = make_params(shapes, dtype)
     numel = sum(p.numel() for p in params)
     rows = []
@@ -159,9 +162,11 @@ def main():
         rows.append((name, med, best, state / numel, extra / (numel * params[0].element_size())))
         print(f"{name:32s} median {med:8.2f} ms  min {best:8.2f} ms  state {state / numel:6.3f} B/param"
               f"  extra peak {100 * rows[-1][4]:6.2f}% of param bytes", flush=True)
+    del params, grads
+    torch.cuda.empty_cache()
     base = next((r[1] for r in rows if r[0] == "adamw_fused"), None)
-    header = (f"\n### {label}, {args.dtype} params, rank {args.rank}\n\n"
-              f"{measured_on()}, {numel / 1e9:.3f}B parameters in {len(params)} tensors. "
+    header = (f"\n### {label}, {dtype_name} params, rank {args.rank}\n\n"
+              f"{measured_on()}, {numel / 1e9:.3f}B parameters in {len(shapes)} tensors. "
               f"Flora's projection GEMMs use TF32 (its default) except in *_exact. "
               f"{measured_by()}\n\n"
               "| optimizer | median step (ms) | min (ms) | x fused AdamW | state bytes/param | extra peak (% of params) |\n"
@@ -170,6 +175,34 @@ def main():
         f"| {n} | {m:.2f} | {b:.2f} | {m / base:.2f} | {s:.3f} | {100 * e:.2f} |\n" if base else
         f"| {n} | {m:.2f} | {b:.2f} | - | {s:.3f} | {100 * e:.2f} |\n" for n, m, b, s, e in rows)
     report(table, args.out)
+    return {n: m for n, m, *_ in rows}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="1.35b", choices=sorted(MODELS))
+    ap.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="one table each; with both, also the bf16/fp32 ratio of each optimizer")
+    ap.add_argument("--rank", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--only", nargs="*", help="names of optimizers to run (default: all)")
+    ap.add_argument("--small-tensors", type=int, default=0,
+                    help="instead of a model: this many 64x64 tensors (launch overhead)")
+    ap.add_argument("--out", help="append a Markdown table to this file")
+    args = ap.parse_args()
+    if args.small_tensors:
+        shapes, label = [(64, 64)] * args.small_tensors, f"{args.small_tensors} tensors of 64x64"
+    else:
+        shapes, label = llama_shapes(*MODELS[args.model]), f"LLaMA {args.model} shapes"
+    medians = {d: run_table(args, d, shapes, label) for d in args.dtype}
+    if {"float32", "bfloat16"} <= medians.keys():
+        both = [n for n in medians["float32"] if n in medians["bfloat16"]]
+        report(f"\n### bf16 / fp32 step time, {label} (the two tables above, one process)\n\n"
+               "| optimizer | fp32 (ms) | bf16 (ms) | bf16 / fp32 |\n|---|---|---|---|\n" +
+               "".join(f"| {n} | {medians['float32'][n]:.2f} | {medians['bfloat16'][n]:.2f} | "
+                       f"{medians['bfloat16'][n] / medians['float32'][n]:.2f} |\n" for n in both),
+               args.out)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,13 @@ from bench_step import (MODELS, llama_shapes, make_params, measured_by,  # noqa:
 
 
 def pass_bytes(params, opt):
-    """Bytes each of Flora's passes must move in one step, from the state layouts."""
+    """Bytes each of Flora's passes must move in a steady-state step, from the state
+    layouts: the stats pass reads p only without reuse_param_norms (sum p^2 is kept from
+    the last step), and factored tensors without momentum have no rms pass (row stats)."""
     from flora_ext import param_layout
 
     group = opt.param_groups[0]
+    p_read = 0 if opt.reuse_param_norms and group["scale_parameter"] else 1
     total = defaultdict(int)
     for p in params:
         e = p.element_size()
@@ -34,18 +37,19 @@ def pass_bytes(params, opt):
         lay = param_layout(p.shape, group["rank"], group["beta1"], group["factorize_second_moment"])
         mom = lay["momentum"]
         if lay["factored"]:
-            total["stats"] += 2 * e * n                                   # read G, p
-            total["rms"] += e * n + {"dense": 8, "compressed": 4}.get(mom, 0) * n
+            total["stats"] += (1 + p_read) * e * n                        # read G (and p)
+            if mom != "none":
+                total["rms"] += e * n + {"dense": 8, "compressed": 4}.get(mom, 0) * n
             total["apply"] += 3 * e * n + {"dense": 4, "compressed": 4}.get(mom, 0) * n
         else:
-            total["stats"] += 2 * e * n + 8 * n + (8 * n if mom == "dense" else 0)
+            total["stats"] += (1 + p_read) * e * n + 8 * n + (8 * n if mom == "dense" else 0)
             total["apply"] += 2 * e * n + (4 * n if mom == "dense" else e * n + 4 * n)
     return total
 
 
 def short_name(kernel):
-    for key in ("stats_kernel", "finalize_kernel", "scalars_kernel", "rms_kernel", "clip_kernel",
-                "apply_kernel", "projection_pair_kernel", "fill_projection_kernel",
+    for key in ("stats_kernel", "finalize_kernel", "scalars_kernel", "norms_kernel", "rms_kernel",
+                "clip_kernel", "apply_kernel", "projection_pair_kernel", "fill_projection_kernel",
                 "momentum_mix_kernel"):
         if key in kernel:
             return key.replace("_kernel", "")

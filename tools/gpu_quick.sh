@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A short GPU round for kernel work: build and test (tools/gpu_check.sh, pytest
 # arguments pass through), registers and stack of every kernel, step times of
-# fused AdamW and Flora without momentum, and their per-kernel profile; under $OUT.
+# fused AdamW and Flora without momentum (fp32 and bf16 in one process, with its
+# tuning knobs changed), and their per-kernel profile; under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/flora_out}
 mkdir -p "$OUT"
@@ -16,9 +17,13 @@ grep -v "projection\|momentum_mix" "$OUT/registers.txt"
 export PYTHONPATH=$PWD:/tmp/site
 B="python3 benchmarks/bench_step.py --steps 10 --out $OUT/bench.md"
 {
-  for dtype in float32 bfloat16; do $B --dtype $dtype --only adamw_fused flora_nomomentum; done
+  $B --dtype float32 bfloat16 --only adamw_fused flora_nomomentum flora_nomomentum_read_p \
+    flora_nomomentum_tile_passes flora_nomomentum_batch1g flora_nomomentum_batch256m \
+    flora_r256_b0.9
   $B --small-tensors 200 --only adamw_fused flora_nomomentum
-  python3 benchmarks/profile_step.py --configs none --steps 3 --out "$OUT/profile.md"
+  for dtype in float32 bfloat16; do
+    python3 benchmarks/profile_step.py --configs none --dtype $dtype --steps 3 --out "$OUT/profile.md"
+  done
 } > "$OUT/bench.log" 2>&1
 grep -h "^| [af]" "$OUT/bench.md" | cut -c1-110
 tar czf "$OUT/logs.tgz" -C "$OUT" --remove-files check.log build.log bench.log env.txt 2>/dev/null
