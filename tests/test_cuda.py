@@ -247,15 +247,21 @@ def test_large_tensors_match_cpu(dtype):
         assert rel_err(a.detach().float().cpu(), b.detach().float()) <= tol, tuple(a.shape)
 
 
-@pytest.mark.parametrize("value", ["1GiB", "0", "-5"])
-def test_bad_batch_bytes_is_a_clear_error(value, monkeypatch):
-    p = torch.nn.Parameter(torch.randn(32, 48, device="cuda"))
+# Tuning knobs from the environment: a bad value is a clear error before anything
+# runs (32 x 1024 would take row stats), and the step changes nothing.
+BAD_KNOBS = [("FLORA_BATCH_BYTES", v, f"FLORA_BATCH_BYTES must be an integer >= 1, got '{v}'")
+             for v in ("1GiB", "0", "-5")]
+BAD_KNOBS += [("FLORA_ROW_STATS", v, "FLORA_ROW_STATS must be") for v in ("2", "yes", "-1")]
+
+
+@pytest.mark.parametrize("name,value,match", BAD_KNOBS, ids=str)
+def test_bad_tuning_knob_is_a_clear_error(name, value, match, monkeypatch):
+    p = torch.nn.Parameter(torch.randn(32, 1024, device="cuda"))
     opt = flora_ext.Flora([p], lr=1e-2)
     p.grad = torch.randn_like(p)
     before = p.detach().clone()
-    monkeypatch.setenv("FLORA_BATCH_BYTES", value)
-    with pytest.raises(RuntimeError, match=f"FLORA_BATCH_BYTES must be an integer >= 1, "
-                                           f"got '{value}'"):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match=match):
         opt.step()
     assert torch.equal(p, before)
     assert opt.state[p]["step"] == 0 and not opt.state[p]["row_second_moment"].any()
@@ -370,18 +376,6 @@ def test_row_stats_and_tile_passes_agree(monkeypatch):
     assert not torch.equal(d0, d1), "FLORA_ROW_STATS=0 must take the tile passes"
     assert rel_err(d1, d0) <= 1e-5
     assert rel_err(s1["row_second_moment"], s0["row_second_moment"]) <= 1e-6
-
-
-@pytest.mark.parametrize("value", ["2", "yes", "-1"])
-def test_bad_row_stats_flag_is_a_clear_error(value, monkeypatch):
-    p = torch.nn.Parameter(torch.randn(32, 1024, device="cuda"))
-    opt = flora_ext.Flora([p], lr=1e-2)
-    p.grad = torch.randn_like(p)
-    before = p.detach().clone()
-    monkeypatch.setenv("FLORA_ROW_STATS", value)
-    with pytest.raises(RuntimeError, match="FLORA_ROW_STATS must be"):
-        opt.step()
-    assert torch.equal(p, before)
 
 
 # sum(p^2) kept from the last CUDA step (reuse_param_norms): the same results as reading
