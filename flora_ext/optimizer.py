@@ -276,23 +276,28 @@ class Flora(torch.optim.Optimizer):
             if plan is None or not _same(_HYPER(group), plan.hyper) or not _lr_ok(group):
                 _validate_group(group)
             params, grads = self._stepped(group, accumulator)
-            if not self._reusable(plan, group, params, grads):
-                plan = None
-                for p, grad in zip(params, grads):
-                    self._check_grad(p, grad)
-                    state = self.state[p]
-                    if state:
-                        self._check_state(p, group, state)
-            checked.append((group, params, grads, plan))
-        work = [(plan or self._new_plan(group, params), grads)
-                for group, params, grads, plan in checked]
-        for plan, grads in work:
+            # The first op call checks every tensor itself before it writes anything, so
+            # the first group's reused plan (one call: one device) leaves the per-tensor
+            # comparisons to it; a later group's call would come after a write.
+            trusted = not checked and plan is not None and len(plan.batches) == 1
+            if not self._reusable(plan, group, params, grads, compare_meta=not trusted):
+                plan, trusted = None, False
+                self._check_inputs(group, params, grads)
+            checked.append((group, params, grads, plan, trusted))
+        work = [(plan or self._new_plan(group, params), grads, trusted)
+                for group, params, grads, plan, trusted in checked]
+        for plan, grads, trusted in work:
             # Kept only once the step succeeded: a failed op may have stepped a part.
             self._plans.pop(id(plan.group), None)
-            self._run_plan(plan, grads)
+            try:
+                self._run_plan(plan, grads)
+            except RuntimeError:
+                if trusted:  # the op refused its inputs: the error Python would have raised
+                    self._check_inputs(plan.group, plan.params, grads, suppress_context=True)
+                raise
             self._plans[id(plan.group)] = plan
         if len(self._plans) > len(self.param_groups):  # groups were removed
-            self._plans = {id(plan.group): plan for plan, _ in work}
+            self._plans = {id(plan.group): plan for plan, _, _ in work}
         return loss
 
     def _stepped(self, group, accumulator):
@@ -315,15 +320,30 @@ class Flora(torch.optim.Optimizer):
                 kept.append((p, grad))
         return [p for p, _ in kept], [grad for _, grad in kept]
 
-    def _reusable(self, plan, group, params, grads):
+    def _check_inputs(self, group, params, grads, suppress_context=False):
+        """Raises TypeError/ValueError for the first gradient or state that does not fit."""
+        try:
+            for p, grad in zip(params, grads):
+                self._check_grad(p, grad)
+                state = self.state[p]
+                if state:
+                    self._check_state(p, group, state)
+        except (TypeError, ValueError) as err:
+            if suppress_context:
+                raise err from None
+            raise
+
+    def _reusable(self, plan, group, params, grads, compare_meta=True):
         """Whether ``plan`` still holds for these parameters and gradients: everything
-        _check_grad and _check_state would look at is as it was at the plan's last step."""
+        _check_grad and _check_state would look at is as it was at the plan's last step
+        (the parameters' and gradients' metadata only with ``compare_meta``)."""
         if (plan is None or not _same(_LAYOUT(group), plan.layout)
                 or not _same(params, plan.params)):
             return False
-        meta = list(map(_META, params))
-        if meta != plan.meta or list(map(_META, grads)) != meta:
-            return False
+        if compare_meta:
+            meta = list(map(_META, params))
+            if meta != plan.meta or list(map(_META, grads)) != meta:
+                return False  # (plan.meta is as the plan was made: stale only conservatively)
         states = list(map(self.state.__getitem__, params))
         return (_same(states, plan.states) and list(chain.from_iterable(states)) == plan.keys
                 and _same(list(chain.from_iterable(map(dict.values, states))), plan.values))
@@ -421,7 +441,8 @@ class Flora(torch.optim.Optimizer):
                                             _pick(steps, index), _pick(seeds, index),
                                             param_norms=norms, norms_known=known,
                                             **hyper_parameters)
-                plan.written[b] = _written(params)
+                # The op writes p in place without bumping its version: as read before.
+                plan.written[b] = now
             else:
                 torch.ops.flora.step_group_(params, _pick(grads, index), flat_states,
                                             _pick(steps, index), _pick(seeds, index),

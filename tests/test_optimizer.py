@@ -568,6 +568,35 @@ def test_parameter_or_gradient_changed_after_a_step_is_checked():
     assert torch.equal(ps[1], before[0][1])
 
 
+def test_bad_gradient_in_a_later_group_rejects_the_whole_step():
+    # The first group's op call checks its own tensors; a later group's are checked in
+    # Python before the first call writes anything.
+    a, b = torch.nn.Parameter(torch.randn(16, 40)), torch.nn.Parameter(torch.randn(10, 4))
+    opt = flora_ext.Flora([{"params": [a]}, {"params": [b]}], lr=1e-2, beta1=0.9, rank=4)
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    opt.step()
+    before = _snapshot([a, b], opt)
+    b.grad = torch.randn_like(b).to_sparse()
+    with pytest.raises(TypeError, match="sparse gradients"):
+        opt.step()
+    _assert_unchanged([a, b], opt, before)
+    b.grad = torch.randn_like(b)
+    a.grad.data = a.grad.data.double()  # in place: the first group's op call refuses it
+    with pytest.raises(TypeError, match="grad dtype"):
+        opt.step()
+    _assert_unchanged([a, b], opt, before)
+
+
+def test_state_made_non_contiguous_in_place_is_refused_and_changes_nothing():
+    ps, opt = _stepped([(16, 40), (37,)])
+    before = _snapshot(ps, opt)
+    col = opt.state[ps[0]]["col_second_moment"]
+    col.data = torch.stack([col.data, col.data], 1)[:, 0]  # same tensor, now strided
+    with pytest.raises(RuntimeError, match="col_second_moment must be contiguous"):
+        opt.step()
+    _assert_unchanged(ps, opt, before)
+
+
 def test_removed_group_drops_its_plan():
     a, b = torch.nn.Parameter(torch.randn(16, 40)), torch.nn.Parameter(torch.randn(37))
     opt = flora_ext.Flora([{"params": [a]}, {"params": [b]}], lr=1e-2, beta1=0.9, rank=4)
