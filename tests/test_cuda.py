@@ -224,6 +224,34 @@ def test_batching_does_not_change_results(monkeypatch):
         assert torch.equal(a, b), tuple(a.shape)
 
 
+def test_compressed_tensors_sharing_a_batch_match_cpu(monkeypatch):
+    # Next to a 200000-element tensor, the update buffers of all four compressed
+    # tensors fit the batch's share (1/40 of the parameter bytes): one batch, their
+    # workspace side by side, a resample (kappa 2) in the run. Batching them
+    # (default) and one batch a tensor (FLORA_BATCH_BYTES=1) must agree exactly.
+    shapes = [(200000,), (16, 40), (40, 16), (24, 24), (32, 20)]
+
+    def train(device, batch_bytes=None):
+        if batch_bytes is None:
+            monkeypatch.delenv("FLORA_BATCH_BYTES", raising=False)
+        else:
+            monkeypatch.setenv("FLORA_BATCH_BYTES", str(batch_bytes))
+        gen = torch.Generator().manual_seed(11)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+        opt = flora_ext.Flora(params, lr=1e-2, beta1=0.9, rank=4, kappa=2, tf32=False)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(device)
+            opt.step()
+        assert opt.state[params[1]]["momentum"].shape == (4, 40)
+        return params
+
+    shared, alone, cpu = train("cuda"), train("cuda", 1), train("cpu")
+    for a, b, c in zip(shared, alone, cpu):
+        assert torch.equal(a, b), tuple(a.shape)
+        assert rel_err(a.detach().cpu(), c.detach()) <= 1e-5, tuple(a.shape)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_tensors_match_cpu(dtype):
     # 64 MB of gradient (2048 tiles), with 1-D and small tensors in the same launches.
@@ -252,6 +280,7 @@ def test_large_tensors_match_cpu(dtype):
 BAD_KNOBS = [("FLORA_BATCH_BYTES", v, f"FLORA_BATCH_BYTES must be an integer >= 1, got '{v}'")
              for v in ("1GiB", "0", "-5")]
 BAD_KNOBS += [("FLORA_ROW_STATS", v, "FLORA_ROW_STATS must be") for v in ("2", "yes", "-1")]
+BAD_KNOBS += [("FLORA_STATS_STAGES", v, "FLORA_STATS_STAGES must be") for v in ("1", "5", "x")]
 
 
 @pytest.mark.parametrize("name,value,match", BAD_KNOBS, ids=str)
@@ -332,7 +361,8 @@ ROW_CASES = [
     ((64, 512), torch.float32, dict(scale_parameter=False)),
     ((100, 2048), torch.float32, dict(weight_decay=0.1)),
     ((130, 5504), torch.float32, dict(clip_threshold=0.05)),
-    ((3, 8192), torch.float32, dict()),
+    ((3, 8192), torch.float32, dict()),     # too wide for register accumulators
+    ((33, 8192), torch.bfloat16, dict()),   # the same in 16 bits
     ((70, 1030), torch.float32, dict()),
     ((65, 2048), torch.bfloat16, dict(clip_threshold=0.05)),
     ((40, 4096), torch.float16, dict(relative_step=True, lr=None)),
@@ -376,6 +406,20 @@ def test_row_stats_and_tile_passes_agree(monkeypatch):
     assert not torch.equal(d0, d1), "FLORA_ROW_STATS=0 must take the tile passes"
     assert rel_err(d1, d0) <= 1e-5
     assert rel_err(s1["row_second_moment"], s0["row_second_moment"]) <= 1e-6
+
+
+@pytest.mark.parametrize("shape,dtype", [((130, 5504), torch.float32),
+                                         ((65, 2048), torch.bfloat16),
+                                         ((3, 8192), torch.float32)], ids=str)
+def test_row_stats_ring_depth_changes_nothing(shape, dtype, monkeypatch):
+    # The ring only overlaps loads with sums: every column is summed in row order.
+    runs = []
+    for stages in ("2", "3", "4"):
+        monkeypatch.setenv("FLORA_STATS_STAGES", stages)
+        runs.append(run_updates(shape, dtype, dict(clip_threshold=0.05), "cuda"))
+    for d, s in runs[1:]:
+        assert torch.equal(d, runs[0][0])
+        assert torch.equal(s["col_second_moment"], runs[0][1]["col_second_moment"])
 
 
 # sum(p^2) kept from the last CUDA step (reuse_param_norms): the same results as reading

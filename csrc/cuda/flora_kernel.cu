@@ -56,9 +56,9 @@ constexpr int kChunksPerRowBlock = kFinalizeWidth / kTileRows;
 // Row stats leave many more column partials (a row of them every 16-128 rows): a
 // finalize block takes 32 columns, its eight warps a share of the partials each.
 constexpr int kRowStatsFinalizeCols = 32;
-// Row stats: each block takes about kRowBlockRows whole rows, staged through shared
-// memory kStageBytes at a time (two stages: the next one loads while this one is
-// summed); the rows of a stage are at most kMaxStageRows.
+// Row stats: each block takes whole rows, staged through shared memory kStageBytes
+// at a time (a ring of stages: the next ones load while one is summed); the rows of
+// a stage are at most kMaxStageRows.
 constexpr int64_t kStageBytes = 32 * 1024;
 constexpr int kMaxStageRows = 32;
 // Rows a row-stats block takes: enough blocks in a launch that its last wave is a
@@ -67,12 +67,18 @@ constexpr int kMaxStageRows = 32;
 // (two floats a column, the workspace) cover kMinRowBlockRows rows or more.
 constexpr int64_t kStatsBlocksTarget = 2048;
 constexpr int64_t kMinRowBlockRows = 16, kMaxRowBlockRows = 128;
+// Compressed tensors of a batch hold at most 1/kUpdateShare of the call's parameter
+// bytes in update buffers.
+constexpr int64_t kUpdateShare = 40;
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 enum Scalar : int { kRowMean = 0, kStepSize = 1, kInvClip = 2, kDecay = 3, kNumScalars = 4 };
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 enum TaskKind : int32_t { kFactored = 0, kFull = 1 };
+// Task::row_stats: the tile passes, or row stats with the column accumulators in shared
+// memory or in registers.
+enum RowStats : int32_t { kNoRowStats = 0, kRowStatsShared = 1, kRowStatsRegisters = 2 };
 
 // One parameter of a batch, as the kernels see it. Workspace pointers are
 // batch-local: batches run one after another on one stream and share it.
@@ -105,7 +111,7 @@ struct Task {
   int32_t kind, momentum_kind, vec;
   int32_t row_stats, needs_rms, stats_p;  // stats_p: the stats pass reads p
   int32_t p2_known;                       // *param_sq is sum p^2 of p as it is
-  int32_t stage_rows, block_rows;
+  int32_t stage_rows, block_rows, stages;  // row stats: a ring of `stages` buffers
   double beta2, base_lr;
   uint64_t rounding_key;
 };
@@ -392,73 +398,100 @@ __device__ __forceinline__ void copy_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
-// Waits until at most one committed group is still in flight.
-__device__ __forceinline__ void copy_async_wait_all_but_one() {
+// Waits until at most `pending` committed groups are still in flight (the
+// instruction takes an immediate: one case per ring depth).
+__device__ __forceinline__ void copy_async_wait(int pending) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group 1;\n" ::);
+  switch (pending) {
+    case 0: asm volatile("cp.async.wait_group 0;\n" ::); break;
+    case 1: asm volatile("cp.async.wait_group 1;\n" ::); break;
+    case 2: asm volatile("cp.async.wait_group 2;\n" ::); break;
+    default: asm volatile("cp.async.wait_group 3;\n" ::); break;
+  }
 #endif
 }
 
 // Row stats of a factored tensor without momentum: block `local` takes rows
-// [local * block_rows, +block_rows), stage_rows at a time through shared memory
-// (G, then p when the step size needs sum p^2). Per stage: the rows' sums of
+// [local * block_rows, +block_rows), stage_rows at a time through a ring of
+// t.stages buffers in shared memory (G, then p when the step size needs sum p^2),
+// the next stages loading while one is summed. Per stage: the rows' sums of
 // G^2 + eps1 (warp sums, then across warps), their new row EMAs, then for every
 // column the sums over the stage's rows of G^2 + eps1 and of G^2 / row, added to
-// per-thread accumulators in shared memory (each thread owns its columns: no
-// atomics, a fixed order). Shared memory: two stages, then the two accumulators.
-template <int DT>
+// accumulators of the thread that owns the column (no atomics, a fixed order):
+// registers for rows of up to kRegAccVecs vectors a thread (kRegAcc), else shared
+// memory after the ring.
+template <int DT> constexpr int kRegAccVecs = DT == kF32 ? 6 : 3;  // 6144 columns
+
+template <int DT, bool kRegAcc>
 __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const GroupArgs& a,
                                           uint4* smem) {
   constexpr int L = kLane<DT>;
   constexpr int H = L / 4;  // float4s of one lane's accumulator
+  constexpr int KV = kRegAcc ? kRegAccVecs<DT> : 1;
   __shared__ float partial[kWarps][kMaxStageRows];
   __shared__ float inv_row[kMaxStageRows];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int mv = static_cast<int>(t.m / L);  // 16-byte vectors a row
-  const int R = t.stage_rows;
-  const int64_t stage_vecs = int64_t(R) * mv * (t.stats_p ? 2 : 1);
+  const int R = t.stage_rows, S = t.stages;
+  const bool stats_p = t.stats_p;
+  const float eps1 = a.eps1;
+  const int64_t stage_vecs = int64_t(R) * mv * (stats_p ? 2 : 1);
   const int64_t i_begin = local * t.block_rows;
   const int64_t i_end = min(i_begin + t.block_rows, t.n);
   const int stages = static_cast<int>((i_end - i_begin + R - 1) / R);
   const uint4* g = static_cast<const uint4*>(t.grad);
   const uint4* p = static_cast<const uint4*>(t.param);
-  float4* acc_sq = reinterpret_cast<float4*>(smem + 2 * stage_vecs);
+  float* row_ema = t.row;
+  const double beta2 = t.beta2;
+  const double inv_m = 1.0 / t.m;
+  float reg_sq[KV][L], reg_w[KV][L];
+  float4* acc_sq = reinterpret_cast<float4*>(smem + S * stage_vecs);
   float4* acc_w = acc_sq + int64_t(mv) * H;
-  for (int q = threadIdx.x; q < mv * H; q += kThreads) {
-    acc_sq[q] = make_float4(0.f, 0.f, 0.f, 0.f);
-    acc_w[q] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if constexpr (kRegAcc) {
+#pragma unroll
+    for (int k = 0; k < KV; ++k)
+#pragma unroll
+      for (int e = 0; e < L; ++e) reg_sq[k][e] = reg_w[k][e] = 0.f;
+  } else {
+    for (int q = threadIdx.x; q < mv * H; q += kThreads) {
+      acc_sq[q] = make_float4(0.f, 0.f, 0.f, 0.f);
+      acc_w[q] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
   }
   const auto issue = [&](int s) {
-    uint4* dst = smem + (s & 1) * stage_vecs;
-    const int64_t r0 = i_begin + int64_t(s) * R;
-    const int rows = static_cast<int>(min(int64_t(R), i_end - r0));
-    for (int r = 0; r < rows; ++r) {
-      for (int c = threadIdx.x; c < mv; c += kThreads) {
-        copy16_async(dst + r * mv + c, g + (r0 + r) * mv + c);
-        if (t.stats_p) copy16_async(dst + (R + r) * mv + c, p + (r0 + r) * mv + c);
+    if (s < stages) {
+      uint4* dst = smem + (s % S) * stage_vecs;
+      const int64_t r0 = i_begin + int64_t(s) * R;
+      const int rows = static_cast<int>(min(int64_t(R), i_end - r0));
+      for (int r = 0; r < rows; ++r) {
+        for (int c = threadIdx.x; c < mv; c += kThreads) {
+          copy16_async(dst + r * mv + c, g + (r0 + r) * mv + c);
+          if (stats_p) copy16_async(dst + (R + r) * mv + c, p + (r0 + r) * mv + c);
+        }
       }
     }
-    copy_async_commit();
+    copy_async_commit();  // empty past the last stage: the waits stay uniform
   };
-  issue(0);
+  for (int s = 0; s + 1 < S; ++s) issue(s);
   double row_total = 0.0;  // new row EMAs of this block (thread r of each stage)
   float p2 = 0.f;
   for (int s = 0; s < stages; ++s) {
-    if (s + 1 < stages) issue(s + 1);
-    else copy_async_commit();  // an empty group keeps the wait below uniform
-    copy_async_wait_all_but_one();
-    __syncthreads();
-    const uint4* st = smem + (s & 1) * stage_vecs;
+    issue(s + S - 1);  // into the buffer the last round freed
     const int64_t r0 = i_begin + int64_t(s) * R;
     const int rows = static_cast<int>(min(int64_t(R), i_end - r0));
+    // The stage's old row EMAs, loaded now: their latency passes during the row sums.
+    const float old_row = static_cast<int>(threadIdx.x) < rows ? row_ema[r0 + threadIdx.x] : 0.f;
+    copy_async_wait(S - 1);
+    __syncthreads();
+    const uint4* st = smem + (s % S) * stage_vecs;
     for (int r = 0; r < rows; ++r) {
       float sum = 0.f;
       for (int c = threadIdx.x; c < mv; c += kThreads) {
         float gv[L];
         unpack<DT>(st[r * mv + c], gv);
 #pragma unroll
-        for (int e = 0; e < L; ++e) sum += gv[e] * gv[e] + a.eps1;
-        if (t.stats_p) {
+        for (int e = 0; e < L; ++e) sum += gv[e] * gv[e] + eps1;
+        if (stats_p) {
           float pv[L];
           unpack<DT>(st[(R + r) * mv + c], pv);
 #pragma unroll
@@ -474,43 +507,77 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) total += partial[w][threadIdx.x];
       const int64_t i = r0 + threadIdx.x;
-      const float row = static_cast<float>(t.beta2 * t.row[i] + (1.0 - t.beta2) * (total / t.m));
-      t.row[i] = row;
+      const float row = static_cast<float>(beta2 * old_row + (1.0 - beta2) * (total * inv_m));
+      row_ema[i] = row;
       inv_row[threadIdx.x] = 1.0f / row;
       row_total += row;
     }
     __syncthreads();
-    for (int c = threadIdx.x; c < mv; c += kThreads) {
-      float sq[L], wsum[L];
+    if constexpr (kRegAcc) {
 #pragma unroll
-      for (int e = 0; e < L; ++e) sq[e] = wsum[e] = 0.f;
-      for (int r = 0; r < rows; ++r) {
-        float gv[L];
-        unpack<DT>(st[r * mv + c], gv);
-        const float ir = inv_row[r];
+      for (int k = 0; k < KV; ++k) {
+        const int c = threadIdx.x + k * kThreads;
+        if (c >= mv) continue;
+        for (int r = 0; r < rows; ++r) {
+          float gv[L];
+          unpack<DT>(st[r * mv + c], gv);
+          const float ir = inv_row[r];
 #pragma unroll
-        for (int e = 0; e < L; ++e) {
-          const float g2 = gv[e] * gv[e];
-          sq[e] += g2 + a.eps1;
-          wsum[e] += g2 * ir;
+          for (int e = 0; e < L; ++e) {
+            const float g2 = gv[e] * gv[e];
+            reg_sq[k][e] += g2 + eps1;
+            reg_w[k][e] += g2 * ir;
+          }
         }
       }
+    } else {
+      for (int c = threadIdx.x; c < mv; c += kThreads) {
+        float sq[L], wsum[L];
 #pragma unroll
-      for (int h = 0; h < H; ++h) {
-        float4& x = acc_sq[c * H + h];
-        float4& y = acc_w[c * H + h];
-        x.x += sq[4 * h]; x.y += sq[4 * h + 1]; x.z += sq[4 * h + 2]; x.w += sq[4 * h + 3];
-        y.x += wsum[4 * h]; y.y += wsum[4 * h + 1]; y.z += wsum[4 * h + 2];
-        y.w += wsum[4 * h + 3];
+        for (int e = 0; e < L; ++e) sq[e] = wsum[e] = 0.f;
+        for (int r = 0; r < rows; ++r) {
+          float gv[L];
+          unpack<DT>(st[r * mv + c], gv);
+          const float ir = inv_row[r];
+#pragma unroll
+          for (int e = 0; e < L; ++e) {
+            const float g2 = gv[e] * gv[e];
+            sq[e] += g2 + eps1;
+            wsum[e] += g2 * ir;
+          }
+        }
+#pragma unroll
+        for (int h = 0; h < H; ++h) {
+          float4& x = acc_sq[c * H + h];
+          float4& y = acc_w[c * H + h];
+          x.x += sq[4 * h]; x.y += sq[4 * h + 1]; x.z += sq[4 * h + 2]; x.w += sq[4 * h + 3];
+          y.x += wsum[4 * h]; y.y += wsum[4 * h + 1]; y.z += wsum[4 * h + 2];
+          y.w += wsum[4 * h + 3];
+        }
       }
     }
     __syncthreads();  // the stage is free for the load issued next round
   }
   float4* col_out = reinterpret_cast<float4*>(t.col_part + local * t.m);
   float4* w_out = reinterpret_cast<float4*>(t.w_part + local * t.m);
-  for (int q = threadIdx.x; q < mv * H; q += kThreads) {
-    col_out[q] = acc_sq[q];
-    w_out[q] = acc_w[q];
+  if constexpr (kRegAcc) {
+#pragma unroll
+    for (int k = 0; k < KV; ++k) {
+      const int c = threadIdx.x + k * kThreads;
+      if (c >= mv) continue;
+#pragma unroll
+      for (int h = 0; h < H; ++h) {
+        col_out[c * H + h] = make_float4(reg_sq[k][4 * h], reg_sq[k][4 * h + 1],
+                                         reg_sq[k][4 * h + 2], reg_sq[k][4 * h + 3]);
+        w_out[c * H + h] = make_float4(reg_w[k][4 * h], reg_w[k][4 * h + 1],
+                                       reg_w[k][4 * h + 2], reg_w[k][4 * h + 3]);
+      }
+    }
+  } else {
+    for (int q = threadIdx.x; q < mv * H; q += kThreads) {
+      col_out[q] = acc_sq[q];
+      w_out[q] = acc_w[q];
+    }
   }
   row_total = block_sum(row_total);
   p2 = block_sum(p2);
@@ -570,7 +637,8 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ uint4 stage_smem[];
   const Task& t = table.tasks[locate(table.sblock_begins, table.count, blockIdx.x)];
   const int64_t local = blockIdx.x - t.sblock_begin;
-  if (t.row_stats) row_stats<DT>(t, local, a, stage_smem);
+  if (t.row_stats == kRowStatsRegisters) row_stats<DT, true>(t, local, a, stage_smem);
+  else if (t.row_stats) row_stats<DT, false>(t, local, a, stage_smem);
   else if (t.kind == kFactored) factored_stats<DT>(t, local, a);
   else full_stats<DT>(t, local, a);
 }
@@ -788,22 +856,39 @@ __device__ __forceinline__ void rounding_words(uint64_t key, int64_t e0, uint32_
   }
 }
 
+// What the apply pass reads of a task, copied to registers once a block: a store
+// to p could alias the task table as far as the compiler knows, so fields read
+// through the Task reference would be loaded again after every store.
+struct ApplyArgs {
+  float decay, lr, inv_clip, beta1;
+  bool vec;
+  uint64_t rounding_key;
+};
+
+__device__ __forceinline__ ApplyArgs apply_args(const Task& t, const GroupArgs& a) {
+  ApplyArgs s;
+  s.decay = t.scalars[kDecay];
+  s.lr = t.scalars[kStepSize];
+  s.inv_clip = t.scalars[kInvClip];
+  s.beta1 = a.beta1;
+  s.vec = t.vec;
+  s.rounding_key = t.rounding_key;
+  return s;
+}
+
 // p - decay p - lr D / clip for the L elements starting at flat index e0, rounded
 // once into the parameter's dtype.
 template <int DT, bool kRound>
-__device__ __forceinline__ void write_params(const Task& t, const GroupArgs& a,
-                                             Storage<DT>* p, int64_t e0, int valid,
-                                             const float pv[kLane<DT>], const float d[kLane<DT>],
-                                             float& p2) {
+__device__ __forceinline__ void write_params(const ApplyArgs& s, Storage<DT>* p, int64_t e0,
+                                             int valid, const float pv[kLane<DT>],
+                                             const float d[kLane<DT>], float& p2) {
   constexpr int L = kLane<DT>;
-  const float decay = t.scalars[kDecay], lr = t.scalars[kStepSize],
-              inv_clip = t.scalars[kInvClip];
   float x[L];
 #pragma unroll
   for (int c = 0; c < L; ++c) {
     x[c] = pv[c];
-    if (decay != 0.f) x[c] -= decay * x[c];
-    x[c] = x[c] - lr * (d[c] * inv_clip);
+    if (s.decay != 0.f) x[c] -= s.decay * x[c];
+    x[c] = x[c] - s.lr * (d[c] * s.inv_clip);
   }
   Storage<DT> out[L];
   if constexpr (kRound) {
@@ -811,7 +896,7 @@ __device__ __forceinline__ void write_params(const Task& t, const GroupArgs& a,
 #pragma unroll
     for (int q = 0; q < L / 4; ++q) {
       uint32_t w[4];
-      rounding_words(t.rounding_key, e0 + 4 * q, w);
+      rounding_words(s.rounding_key, e0 + 4 * q, w);
 #pragma unroll
       for (int c = 0; c < 4; ++c) out[4 * q + c] = bfloat16_bits_stochastic(x[4 * q + c], w[c]);
     }
@@ -819,7 +904,7 @@ __device__ __forceinline__ void write_params(const Task& t, const GroupArgs& a,
 #pragma unroll
     for (int c = 0; c < L; ++c) out[c] = from_float<DT>(x[c]);
   }
-  store_pack<DT>(p + e0, t.vec, valid, out);
+  store_pack<DT>(p + e0, s.vec, valid, out);
   // The next step's sum p^2 is that of the values stored now.
 #pragma unroll
   for (int c = 0; c < L; ++c) {
@@ -833,35 +918,45 @@ __device__ __forceinline__ void full_apply(const Task& t, int64_t local, const G
                                            float& p2) {
   using S = Storage<DT>;
   constexpr int L = kLane<DT>;
+  const ApplyArgs s = apply_args(t, a);
   S* p = static_cast<S*>(t.param);
   const S* g = static_cast<const S*>(t.grad);
-  const bool vec = t.vec;
+  const float* second_moment = t.second_moment;
+  const float* momentum = t.momentum;
+  const int64_t numel = t.numel;
+  const bool vec = s.vec;
 #pragma unroll 2
   for (int k = 0; k < kFullVecsPerThread; ++k) {
     const int64_t e0 = local * kFullTileOf<DT> + (int64_t(k) * kThreads + threadIdx.x) * L;
-    const int valid = valid_of<L>(t.numel - e0);
+    const int valid = valid_of<L>(numel - e0);
     if (valid == 0) continue;
     float pv[L], d[L];
     unpack<DT>(load_pack<DT>(p + e0, vec, valid), pv);
-    if (t.momentum) {
-      loadf<L>(t.momentum + e0, vec, valid, d);
+    if (momentum) {
+      loadf<L>(momentum + e0, vec, valid, d);
     } else {
       float gv[L], sv[L];
       unpack<DT>(load_pack<DT>(g + e0, vec, valid), gv);
-      loadf<L>(t.second_moment + e0, vec, valid, sv);
+      loadf<L>(second_moment + e0, vec, valid, sv);
 #pragma unroll
       for (int c = 0; c < L; ++c) d[c] = c < valid ? gv[c] / sqrtf(sv[c]) : 0.f;
     }
-    write_params<DT, kRound>(t, a, p, e0, valid, pv, d, p2);
+    write_params<DT, kRound>(s, p, e0, valid, pv, d, p2);
   }
 }
 
-template <int DT, bool kRound>
-__device__ __forceinline__ void factored_apply(const Task& t, int64_t local,
-                                               const GroupArgs& a, float& p2) {
+// The rows of a factored tile, for one kind of momentum (a compile-time MK keeps
+// the per-element work of the common kinds free of the others' branches and loads).
+template <int DT, bool kRound, int MK>
+__device__ __forceinline__ void factored_apply_rows(const Task& t, int64_t local,
+                                                    const GroupArgs& a, float& p2) {
   using S = Storage<DT>;
   constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
+  const ApplyArgs s = apply_args(t, a);
   S* p = static_cast<S*>(t.param);
+  const S* g = static_cast<const S*>(t.grad);
+  const float* row = t.row;
+  const float* extra = MK == static_cast<int>(MomentumKind::kDense) ? t.momentum : t.update;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t rc = local / t.ctiles, ct = local % t.ctiles;
   const int64_t n = t.n, m = t.m;
@@ -870,10 +965,11 @@ __device__ __forceinline__ void factored_apply(const Task& t, int64_t local,
   const float row_mean = t.scalars[kRowMean];
   float b[L];
   loadf<L>(t.col_factor + c0, false, valid, b);
-  const S* g = static_cast<const S*>(t.grad);
-  // Four rows of G and p in flight at a time, not eight: eight spilled out of the
-  // kernel's 128 registers (16-bit rows hold twice the elements), four do not.
-  constexpr int kGroup = kRowsPerWarp / 2;
+  // Rows of G and p in flight at a time: 16-bit tiles all eight (64 registers; 2.35 vs
+  // 2.09 TB/s with four), fp32 four (eight left two blocks an SM instead of three:
+  // 2.48 vs 2.96 TB/s), stochastic rounding two (its Philox state spills otherwise).
+  constexpr int kGroup = kRound ? kRowsPerWarp / 4 : DT == kF32 ? kRowsPerWarp / 2
+                                                                 : kRowsPerWarp;
 #pragma unroll
   for (int k0 = 0; k0 < kRowsPerWarp; k0 += kGroup) {
     uint4 gr[kGroup], pr[kGroup];
@@ -881,22 +977,47 @@ __device__ __forceinline__ void factored_apply(const Task& t, int64_t local,
     for (int k = 0; k < kGroup; ++k) {
       const int64_t i = tile_row(rc, k0 + k, warp);
       const int row_valid = i < n ? valid : 0;
-      gr[k] = load_pack<DT>(g + i * m + c0, t.vec, row_valid);
-      pr[k] = load_pack<DT>(p + i * m + c0, t.vec, row_valid);
+      gr[k] = load_pack<DT>(g + i * m + c0, s.vec, row_valid);
+      pr[k] = load_pack<DT>(p + i * m + c0, s.vec, row_valid);
     }
 #pragma unroll
     for (int k = 0; k < kGroup; ++k) {
       const int64_t i = tile_row(rc, k0 + k, warp);
       if (i >= n || valid == 0) continue;
-      const float ai = row_scale(t.row[i], row_mean);
+      const float ai = row_scale(row[i], row_mean);
       float gv[L], pv[L], d[L];
       unpack<DT>(gr[k], gv);
       unpack<DT>(pr[k], pv);
 #pragma unroll
-      for (int c = 0; c < L; ++c)
-        d[c] = c < valid ? factored_d<false>(t, a, gv[c] * ai * b[c], i * m + c0 + c) : 0.f;
-      write_params<DT, kRound>(t, a, p, i * m + c0, valid, pv, d, p2);
+      for (int c = 0; c < L; ++c) {
+        const float u = gv[c] * ai * b[c];
+        const int64_t e = i * m + c0 + c;
+        if constexpr (MK == static_cast<int>(MomentumKind::kDense))
+          d[c] = c < valid ? extra[e] : 0.f;
+        else if constexpr (MK == static_cast<int>(MomentumKind::kCompressed))
+          d[c] = c < valid ? (1.f - s.beta1) * u + extra[e] : 0.f;
+        else
+          d[c] = c < valid ? u : 0.f;
+      }
+      write_params<DT, kRound>(s, p, i * m + c0, valid, pv, d, p2);
     }
+  }
+}
+
+template <int DT, bool kRound>
+__device__ __forceinline__ void factored_apply(const Task& t, int64_t local,
+                                               const GroupArgs& a, float& p2) {
+  switch (t.momentum_kind) {
+    case static_cast<int>(MomentumKind::kDense):
+      factored_apply_rows<DT, kRound, static_cast<int>(MomentumKind::kDense)>(t, local, a, p2);
+      break;
+    case static_cast<int>(MomentumKind::kCompressed):
+      factored_apply_rows<DT, kRound, static_cast<int>(MomentumKind::kCompressed)>(t, local, a,
+                                                                                   p2);
+      break;
+    default:
+      factored_apply_rows<DT, kRound, static_cast<int>(MomentumKind::kNone)>(t, local, a, p2);
+      break;
   }
 }
 
@@ -1092,27 +1213,51 @@ int64_t stats_smem_limit() {
   return std::max<int64_t>(0, optin - 8 * 1024);
 }
 
+// Buffers in a row-stats block's ring of stages (FLORA_STATS_STAGES, 2-4).
+int64_t stats_stages() {
+  const int64_t v = env_int("FLORA_STATS_STAGES", 3, 2);
+  TORCH_CHECK(v <= 4, "flora: environment variable FLORA_STATS_STAGES must be 2, 3 or 4, got '",
+              std::getenv("FLORA_STATS_STAGES"), "'");
+  return v;
+}
+
 // Sets up row stats for factored task t (no momentum, 16-byte aligned rows) when its
-// rows are wide enough to keep a block's threads busy and a stage plus the column
-// accumulators fit in shared memory; returns the shared memory a block needs, or 0
-// (tile passes).
-int64_t plan_row_stats(Task& t, int64_t elem, int64_t lane_elems, int64_t smem_limit) {
+// rows are wide enough to keep a block's threads busy and the stages (plus, for rows
+// too wide for register accumulators, the column accumulators) fit in shared memory;
+// returns the shared memory a block needs, or 0 (tile passes).
+int64_t plan_row_stats(Task& t, int64_t elem, int64_t lane_elems, int64_t smem_limit,
+                       int64_t stages) {
   const int64_t mv = t.m / lane_elems;
   if (!t.vec || t.m % lane_elems != 0 || mv < kThreads / 2 || mv > INT_MAX / 4) return 0;
   const int64_t row_bytes = t.m * elem * (t.stats_p ? 2 : 1);
   const int64_t rows = std::clamp<int64_t>(kStageBytes / row_bytes, 1, kMaxStageRows);
-  const int64_t smem = 2 * rows * row_bytes + 2 * t.m * int64_t(sizeof(float));
-  if (smem > smem_limit) return 0;
-  t.row_stats = 1;
+  const int64_t stage = rows * row_bytes;
+  const int64_t reg_vecs = lane_elems == kLane<kF32> ? kRegAccVecs<kF32> : kRegAccVecs<kBF16>;
   t.stage_rows = static_cast<int32_t>(rows);
+  if (mv <= reg_vecs * kThreads) {
+    for (int64_t s = stages; s >= 2; --s) {
+      if (s * stage <= smem_limit) {
+        t.row_stats = kRowStatsRegisters;
+        t.stages = static_cast<int32_t>(s);
+        return s * stage;
+      }
+    }
+    return 0;
+  }
+  const int64_t smem = 2 * stage + 2 * t.m * int64_t(sizeof(float));
+  if (smem > smem_limit) return 0;
+  t.row_stats = kRowStatsShared;
+  t.stages = 2;
   return smem;
 }
 
-// The rows of each row-stats block of a batch whose row-stats tasks have `rows`
-// rows in all (a whole number of stages).
-void set_block_rows(Task& t, int64_t rows) {
-  const int64_t wanted = std::clamp(ceil_div(rows, kStatsBlocksTarget), kMinRowBlockRows,
-                                    kMaxRowBlockRows);
+// The rows of each row-stats block of a batch whose row-stats tasks hold `bytes` of
+// G in all: blocks of about equal bytes (a block of wide rows took 2.7x as long as
+// one of 2048-wide rows when both had the same rows, and the launch waited for the
+// last ones), a whole number of stages each.
+void set_block_rows(Task& t, int64_t row_bytes, int64_t bytes) {
+  const int64_t wanted = std::clamp(ceil_div(ceil_div(bytes, kStatsBlocksTarget), row_bytes),
+                                    kMinRowBlockRows, kMaxRowBlockRows);
   t.block_rows = static_cast<int32_t>(ceil_div(wanted, t.stage_rows) * t.stage_rows);
   t.rchunks = static_cast<int32_t>(ceil_div(t.n, t.block_rows));
 }
@@ -1341,7 +1486,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
     Item item;
     item.index = k;
     item.param = params[k].is_contiguous() ? params[k] : params[k].contiguous();
-    item.grad = grads[k].contiguous();
+    item.grad = grads[k].is_contiguous() ? grads[k] : grads[k].contiguous();
     item.entry = &entries[k];
     item.dtype = dtype_code(params[k].scalar_type());
     items.push_back(std::move(item));
@@ -1360,8 +1505,15 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   const int64_t limit = batch_bytes_limit();
   const bool row_stats_on = row_stats_enabled();
   const int64_t smem_limit = row_stats_on ? stats_smem_limit() : 0;
-  int64_t batch_bytes = 0;
-  bool batch_compressed = false;
+  const int64_t stages = row_stats_on ? stats_stages() : 0;
+  // Compressed tensors' n x m update buffers live as long as their batch: a batch
+  // holds at most 1/kUpdateShare of the call's parameter bytes of them (or a single
+  // tensor's), which bounds the step's extra memory; batching them saves the fixed
+  // cost of each launch (a batch per tensor: ~190 launches a pass on 1.35B shapes).
+  int64_t param_bytes = 0;
+  for (const Item& item : items) param_bytes += item.param.numel() * item.param.element_size();
+  const int64_t update_limit = param_bytes / kUpdateShare;
+  int64_t batch_bytes = 0, batch_update = 0;
   for (size_t k = 0; k < items.size(); ++k) {
     const Item& item = items[k];
     const GroupEntry& e = *item.entry;
@@ -1399,7 +1551,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
         t.momentum = e.state.momentum->data_ptr<float>();
       t.vec = vec;
       if (row_stats_on && layout.momentum == MomentumKind::kNone)
-        stats_smem[k] = plan_row_stats(t, elem, lane_elems, smem_limit);
+        stats_smem[k] = plan_row_stats(t, elem, lane_elems, smem_limit, stages);
       t.needs_rms = !t.row_stats;
     } else {
       t.kind = kFull;
@@ -1415,29 +1567,28 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
     }
     t.vec = vec;
     const int64_t bytes = 2 * t.numel * elem;  // of gradient and parameter
-    // A compressed tensor gets a batch of its own: its n x m update buffer lives only
-    // as long as its batch, so at most one is allocated at a time.
-    const bool compressed = layout.momentum == MomentumKind::kCompressed;
-    const bool fits = !batches.empty() && !compressed && !batch_compressed &&
-                      items[batches.back().first].dtype == item.dtype &&
-                      batch_bytes + bytes <= limit;
+    const int64_t update = layout.momentum == MomentumKind::kCompressed
+                               ? t.numel * int64_t(sizeof(float)) : 0;
+    const bool fits = !batches.empty() && items[batches.back().first].dtype == item.dtype &&
+                      batch_bytes + bytes <= limit && batch_update + update <= update_limit;
     if (!fits) {
       batches.push_back(Batch{});
       batches.back().first = static_cast<int>(k);
-      batch_bytes = 0;
+      batch_bytes = batch_update = 0;
     }
-    batch_compressed = compressed;
     batches.back().count += 1;
     batch_bytes += bytes;
+    batch_update += update;
   }
   // Grids and workspace of each batch.
   for (Batch& b : batches) {
-    int64_t row_stats_rows = 0;
+    int64_t row_stats_bytes = 0;  // of G
     for (int k = b.first; k < b.first + b.count; ++k)
-      if (tasks[k].row_stats) row_stats_rows += tasks[k].n;
+      if (tasks[k].row_stats) row_stats_bytes += tasks[k].numel * items[k].param.element_size();
     for (int k = b.first; k < b.first + b.count; ++k) {
       Task& t = tasks[k];
-      if (t.row_stats) set_block_rows(t, row_stats_rows);
+      if (t.row_stats)
+        set_block_rows(t, t.m * items[k].param.element_size(), row_stats_bytes);
       t.tile_begin = b.tiles;
       t.fblock_begin = b.fblocks;
       t.sblock_begin = b.sblocks;
