@@ -18,13 +18,18 @@ export PYTHONPATH=$PWD:/tmp/site
 B="python3 benchmarks/bench_step.py --steps 10 --out $OUT/bench.md"
 {
   $B --dtype float32 bfloat16 --only adamw_fused flora_nomomentum flora_nomomentum_read_p \
-    flora_nomomentum_tile_passes flora_nomomentum_batch1g flora_nomomentum_batch256m \
+    flora_nomomentum_tile_passes flora_nomomentum_batch1g flora_nomomentum_stages2 \
+    flora_nomomentum_batch16g \
     flora_r256_b0.9
   $B --small-tensors 200 --only adamw_fused flora_nomomentum
+  python3 tools/host_probe.py
   for dtype in float32 bfloat16; do
     python3 benchmarks/profile_step.py --configs none --dtype $dtype --steps 3 --out "$OUT/profile.md"
   done
+  python3 benchmarks/profile_step.py --configs compressed --steps 3 --out "$OUT/profile.md"
 } > "$OUT/bench.log" 2>&1
 grep -h "^| [af]" "$OUT/bench.md" | cut -c1-110
+grep -h " cpu .* ms " "$OUT/bench.log"
+grep -h "^| [a-z]" "$OUT/profile.md" | grep -v optimizer | cut -c1-90
 tar czf "$OUT/logs.tgz" -C "$OUT" --remove-files check.log build.log bench.log env.txt 2>/dev/null
 exit $rc
