@@ -19,7 +19,7 @@ B="python3 benchmarks/bench_step.py --steps 10 --out $OUT/bench.md"
 {
   $B --dtype float32 bfloat16 --only adamw_fused flora_nomomentum flora_nomomentum_read_p \
     flora_nomomentum_tile_passes flora_nomomentum_batch1g flora_nomomentum_stages2 \
-    flora_nomomentum_batch16g \
+    flora_nomomentum_batch4g \
     flora_r256_b0.9
   $B --small-tensors 200 --only adamw_fused flora_nomomentum
   python3 tools/host_probe.py

@@ -1,8 +1,9 @@
 // CUDA kernels of the flora ops.
 //
 // A step_group_ call steps its parameters in batches: consecutive parameters of
-// one dtype (FLORA_BATCH_BYTES of gradients and parameters, default 4 GiB; a
-// tensor with compressed momentum alone). Every pass over a batch is one launch
+// one dtype (FLORA_BATCH_BYTES of gradients and parameters, default 16 GiB;
+// compressed tensors' update buffers within 1/40 of the call's parameter bytes).
+// Every pass over a batch is one launch
 // over all its tensors (a table of Task descriptors; a block finds its task by a
 // search staged in shared memory), so a model of many small tensors costs a
 // handful of launches. Passes:
@@ -444,6 +445,7 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
   float* row_ema = t.row;
   const double beta2 = t.beta2;
   const double inv_m = 1.0 / t.m;
+  const double m_eps1 = double(t.m) * eps1;  // eps1 of every element of a row
   float reg_sq[KV][L], reg_w[KV][L];
   float4* acc_sq = reinterpret_cast<float4*>(smem + S * stage_vecs);
   float4* acc_w = acc_sq + int64_t(mv) * H;
@@ -484,26 +486,37 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
     copy_async_wait(S - 1);
     __syncthreads();
     const uint4* st = smem + (s % S) * stage_vecs;
+    // Sums of G^2 (eps1 is added once a row below: m eps1, and once a column at the
+    // end): the pass is bound by instruction issue, not by memory (ncu: 0.6 warp
+    // instructions a cycle a scheduler at 2.0 TB/s).
+#pragma unroll 2
     for (int r = 0; r < rows; ++r) {
       float sum = 0.f;
-      for (int c = threadIdx.x; c < mv; c += kThreads) {
+      const auto add_vec = [&](int c) {
         float gv[L];
         unpack<DT>(st[r * mv + c], gv);
 #pragma unroll
-        for (int e = 0; e < L; ++e) sum += gv[e] * gv[e] + eps1;
+        for (int e = 0; e < L; ++e) sum = fmaf(gv[e], gv[e], sum);
         if (stats_p) {
           float pv[L];
           unpack<DT>(st[(R + r) * mv + c], pv);
 #pragma unroll
-          for (int e = 0; e < L; ++e) p2 += pv[e] * pv[e];
+          for (int e = 0; e < L; ++e) p2 = fmaf(pv[e], pv[e], p2);
         }
+      };
+      if constexpr (kRegAcc) {
+#pragma unroll
+        for (int k = 0; k < KV; ++k)
+          if (threadIdx.x + k * kThreads < mv) add_vec(threadIdx.x + k * kThreads);
+      } else {
+        for (int c = threadIdx.x; c < mv; c += kThreads) add_vec(c);
       }
       sum = warp_sum(sum);
       if (lane == 0) partial[warp][r] = sum;
     }
     __syncthreads();
     if (static_cast<int>(threadIdx.x) < rows) {
-      double total = 0.0;
+      double total = m_eps1;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) total += partial[w][threadIdx.x];
       const int64_t i = r0 + threadIdx.x;
@@ -525,8 +538,8 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
 #pragma unroll
           for (int e = 0; e < L; ++e) {
             const float g2 = gv[e] * gv[e];
-            reg_sq[k][e] += g2 + eps1;
-            reg_w[k][e] += g2 * ir;
+            reg_sq[k][e] += g2;
+            reg_w[k][e] = fmaf(g2, ir, reg_w[k][e]);
           }
         }
       }
@@ -535,6 +548,7 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
         float sq[L], wsum[L];
 #pragma unroll
         for (int e = 0; e < L; ++e) sq[e] = wsum[e] = 0.f;
+#pragma unroll 2
         for (int r = 0; r < rows; ++r) {
           float gv[L];
           unpack<DT>(st[r * mv + c], gv);
@@ -542,8 +556,8 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
 #pragma unroll
           for (int e = 0; e < L; ++e) {
             const float g2 = gv[e] * gv[e];
-            sq[e] += g2 + eps1;
-            wsum[e] += g2 * ir;
+            sq[e] += g2;
+            wsum[e] = fmaf(g2, ir, wsum[e]);
           }
         }
 #pragma unroll
@@ -560,6 +574,7 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
   }
   float4* col_out = reinterpret_cast<float4*>(t.col_part + local * t.m);
   float4* w_out = reinterpret_cast<float4*>(t.w_part + local * t.m);
+  const float rows_eps1 = static_cast<float>(i_end - i_begin) * eps1;  // of each column
   if constexpr (kRegAcc) {
 #pragma unroll
     for (int k = 0; k < KV; ++k) {
@@ -567,15 +582,17 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
       if (c >= mv) continue;
 #pragma unroll
       for (int h = 0; h < H; ++h) {
-        col_out[c * H + h] = make_float4(reg_sq[k][4 * h], reg_sq[k][4 * h + 1],
-                                         reg_sq[k][4 * h + 2], reg_sq[k][4 * h + 3]);
+        col_out[c * H + h] = make_float4(
+            reg_sq[k][4 * h] + rows_eps1, reg_sq[k][4 * h + 1] + rows_eps1,
+            reg_sq[k][4 * h + 2] + rows_eps1, reg_sq[k][4 * h + 3] + rows_eps1);
         w_out[c * H + h] = make_float4(reg_w[k][4 * h], reg_w[k][4 * h + 1],
                                        reg_w[k][4 * h + 2], reg_w[k][4 * h + 3]);
       }
     }
   } else {
     for (int q = threadIdx.x; q < mv * H; q += kThreads) {
-      col_out[q] = acc_sq[q];
+      const float4 x = acc_sq[q];
+      col_out[q] = make_float4(x.x + rows_eps1, x.y + rows_eps1, x.z + rows_eps1, x.w + rows_eps1);
       w_out[q] = acc_w[q];
     }
   }
@@ -1190,9 +1207,11 @@ int64_t env_int(const char* name, int64_t fallback, int64_t min_value) {
 // Bytes of gradients and parameters per batch. Measured on an H100 (LLaMA 1.35B
 // shapes): 32 MiB batches were no faster in L2 than 1 GiB ones and paid ~5 ms of
 // launch gaps a step; 4 GiB batches stepped fp32 in 9.1 ms against 10.3 ms at 1 GiB
-// (fewer launches, fewer partial last waves), so the default batches everything
-// that is not compressed. The workspace stays ~50 MB a batch (row stats).
-int64_t batch_bytes_limit() { return env_int("FLORA_BATCH_BYTES", int64_t(4) << 30, 1); }
+// (fewer launches, fewer partial last waves); one 16 GiB batch (every tensor of a
+// 1.35B model) stepped fp32 in 8.17-8.70 ms against 8.32-8.98 ms at 4 GiB (two
+// rounds, 2026-11-24), so the default batches a whole model of that size. The
+// row-stats workspace grows with the batch: 1.7% of the parameter bytes (fp32).
+int64_t batch_bytes_limit() { return env_int("FLORA_BATCH_BYTES", int64_t(16) << 30, 1); }
 
 // Row stats (one stats pass, no rms pass) for factored tensors without momentum,
 // on unless FLORA_ROW_STATS=0 (kept for comparisons: the tile passes serve every
