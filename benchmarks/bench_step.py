@@ -82,6 +82,7 @@ def optimizers(rank):
         "flora_nomomentum_batch1g": (flora(beta1=None), {"FLORA_BATCH_BYTES": str(1 << 30)}),
         "flora_nomomentum_batch256m": (flora(beta1=None), {"FLORA_BATCH_BYTES": str(256 << 20)}),
         "flora_nomomentum_stages2": (flora(beta1=None), {"FLORA_STATS_STAGES": "2"}),
+        "flora_nomomentum_stages3": (flora(beta1=None), {"FLORA_STATS_STAGES": "3"}),
         "flora_nomomentum_batch4g": (flora(beta1=None), {"FLORA_BATCH_BYTES": str(4 << 30)}),
     }
     try:

@@ -985,8 +985,7 @@ __device__ __forceinline__ void factored_apply_rows(const Task& t, int64_t local
   // Rows of G and p in flight at a time: 16-bit tiles all eight (64 registers; 2.35 vs
   // 2.09 TB/s with four), fp32 four (eight left two blocks an SM instead of three:
   // 2.48 vs 2.96 TB/s), stochastic rounding two (its Philox state spills otherwise).
-  constexpr int kGroup = kRound ? kRowsPerWarp / 4 : DT == kF32 ? kRowsPerWarp / 2
-                                                                 : kRowsPerWarp;
+  constexpr int kGroup = kRound ? kRowsPerWarp / 4 : kRowsPerWarp / 2;
 #pragma unroll
   for (int k0 = 0; k0 < kRowsPerWarp; k0 += kGroup) {
     uint4 gr[kGroup], pr[kGroup];
@@ -1041,8 +1040,10 @@ __device__ __forceinline__ void factored_apply(const Task& t, int64_t local,
 // At most 128 registers: two blocks an SM instead of one (150 registers unbounded).
 // Stochastic rounding (kRound) is a kernel of its own: its Philox code would
 // otherwise cost every bf16 step registers.
+template <int DT> constexpr int kApplyMinBlocks = DT == kF32 ? 2 : 3;
+
 template <int DT, bool kRound>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, kRound ? 2 : kApplyMinBlocks<DT>)
     apply_kernel(TaskTable table, GroupArgs a) {
   const Task& t = task_of_tile(table, blockIdx.x);
   const int64_t local = blockIdx.x - t.tile_begin;
@@ -1234,7 +1235,7 @@ int64_t stats_smem_limit() {
 
 // Buffers in a row-stats block's ring of stages (FLORA_STATS_STAGES, 2-4).
 int64_t stats_stages() {
-  const int64_t v = env_int("FLORA_STATS_STAGES", 3, 2);
+  const int64_t v = env_int("FLORA_STATS_STAGES", 0, 2);
   TORCH_CHECK(v <= 4, "flora: environment variable FLORA_STATS_STAGES must be 2, 3 or 4, got '",
               std::getenv("FLORA_STATS_STAGES"), "'");
   return v;
@@ -1251,6 +1252,7 @@ int64_t plan_row_stats(Task& t, int64_t elem, int64_t lane_elems, int64_t smem_l
   const int64_t row_bytes = t.m * elem * (t.stats_p ? 2 : 1);
   const int64_t rows = std::clamp<int64_t>(kStageBytes / row_bytes, 1, kMaxStageRows);
   const int64_t stage = rows * row_bytes;
+  if (stages == 0) stages = elem == 4 ? 3 : 2;  // default
   const int64_t reg_vecs = lane_elems == kLane<kF32> ? kRegAccVecs<kF32> : kRegAccVecs<kBF16>;
   t.stage_rows = static_cast<int32_t>(rows);
   if (mv <= reg_vecs * kThreads) {
