@@ -366,13 +366,6 @@ ROW_CASES = [
     ((70, 1030), torch.float32, dict()),
     ((65, 2048), torch.bfloat16, dict(clip_threshold=0.05)),
     ((40, 4096), torch.float16, dict(relative_step=True, lr=None)),
-    # Row stats with momentum (the rms pass still makes sum D^2): compressed, with a
-    # resample at step 3, and dense.
-    ((256, 1024), torch.float32, dict(beta1=0.9, rank=16, kappa=3, tf32=False,
-                                      clip_threshold=0.05)),
-    ((1024, 512), torch.float32, dict(beta1=0.9, rank=16, kappa=3, tf32=False)),
-    ((512, 2048), torch.bfloat16, dict(beta1=0.9, rank=8, kappa=3, tf32=False)),
-    ((70, 2048), torch.float32, dict(beta1=0.9, weight_decay=0.1)),
 ]
 
 
@@ -397,9 +390,8 @@ def test_row_stats_match_cpu(shape, dtype, hp):
     assert dp.abs().max() > 0
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
     assert rel_err(dc, dp) <= tol
-    for key in ("row_second_moment", "col_second_moment", "momentum"):
-        if key in sp:
-            assert rel_err(sc[key].cpu(), sp[key]) <= 1e-5, key
+    for key in ("row_second_moment", "col_second_moment"):
+        assert rel_err(sc[key].cpu(), sp[key]) <= 1e-5, key
 
 
 def test_row_stats_and_tile_passes_agree(monkeypatch):

@@ -9,11 +9,10 @@
 // handful of launches. Passes:
 //   stats    row/column sums of G^2 + eps1 and sum p^2 (factored), or the full
 //            second moment, dense momentum and their sums (unfactored). Factored
-//            tensors with 16-byte aligned rows take whole rows a block ("row
-//            stats"): the row EMA is final within the block, so the block also
-//            sums G^2 / row over its rows for every column, and without momentum
-//            sum D^2 follows in the finalize pass without reading G again (no rms
-//            pass for them).
+//            tensors without momentum take whole rows a block ("row stats"): the
+//            row EMA is final within the block, so the block also sums
+//            G^2 / row over its rows for every column, and sum D^2 follows in the
+//            finalize pass without reading G again (no rms pass for them).
 //   finalize row/col EMAs, column factors, per-256-row partial sums
 //   scalars  mean of the row EMA, the step size of each tensor, and the clip
 //            factor of every tensor whose sum D^2 is already known
@@ -413,7 +412,7 @@ __device__ __forceinline__ void copy_async_wait(int pending) {
 #endif
 }
 
-// Row stats of a factored tensor: block `local` takes rows
+// Row stats of a factored tensor without momentum: block `local` takes rows
 // [local * block_rows, +block_rows), stage_rows at a time through a ring of
 // t.stages buffers in shared memory (G, then p when the step size needs sum p^2),
 // the next stages loading while one is summed. Per stage: the rows' sums of
@@ -1215,7 +1214,7 @@ int64_t env_int(const char* name, int64_t fallback, int64_t min_value) {
 // row-stats workspace grows with the batch: 1.7% of the parameter bytes (fp32).
 int64_t batch_bytes_limit() { return env_int("FLORA_BATCH_BYTES", int64_t(16) << 30, 1); }
 
-// Row stats (one stats pass; no rms pass without momentum) for factored tensors,
+// Row stats (one stats pass, no rms pass) for factored tensors without momentum,
 // on unless FLORA_ROW_STATS=0 (kept for comparisons: the tile passes serve every
 // tensor too).
 bool row_stats_enabled() {
@@ -1242,7 +1241,7 @@ int64_t stats_stages() {
   return v;
 }
 
-// Sets up row stats for factored task t (16-byte aligned rows) when its
+// Sets up row stats for factored task t (no momentum, 16-byte aligned rows) when its
 // rows are wide enough to keep a block's threads busy and the stages (plus, for rows
 // too wide for register accumulators, the column accumulators) fit in shared memory;
 // returns the shared memory a block needs, or 0 (tile passes).
@@ -1576,10 +1575,9 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
       if (layout.momentum == MomentumKind::kDense)
         t.momentum = e.state.momentum->data_ptr<float>();
       t.vec = vec;
-      if (row_stats_on) stats_smem[k] = plan_row_stats(t, elem, lane_elems, smem_limit, stages);
-      // With momentum, D is not U: its sum of squares takes the rms pass (which also
-      // advances dense momentum), row stats or not.
-      t.needs_rms = !t.row_stats || layout.momentum != MomentumKind::kNone;
+      if (row_stats_on && layout.momentum == MomentumKind::kNone)
+        stats_smem[k] = plan_row_stats(t, elem, lane_elems, smem_limit, stages);
+      t.needs_rms = !t.row_stats;
     } else {
       t.kind = kFull;
       t.n = 1;
