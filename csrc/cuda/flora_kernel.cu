@@ -2,7 +2,8 @@
 //
 // A step_group_ call steps its parameters in batches: consecutive parameters of
 // one dtype (FLORA_BATCH_BYTES of gradients and parameters, default 16 GiB;
-// compressed tensors' update buffers within 1/40 of the call's parameter bytes).
+// compressed tensors' update buffers within 1/40 of the call's parameter bytes,
+// 1/80 of 16-bit ones).
 // Every pass over a batch is one launch
 // over all its tensors (a table of Task descriptors; a block finds its task by a
 // search staged in shared memory), so a model of many small tensors costs a
@@ -54,7 +55,7 @@ constexpr int kRowsPerWarp = kTileRows / kWarps;     // 8
 constexpr int kFullVecsPerThread = 8;
 constexpr int kFinalizeWidth = 256;                  // rows or columns per finalize block
 constexpr int kChunksPerRowBlock = kFinalizeWidth / kTileRows;
-// Row stats leave many more column partials (a row of them every 16-128 rows): a
+// Row stats leave many more column partials (a row of them every 80-256 rows): a
 // finalize block takes 32 columns, its eight warps a share of the partials each.
 constexpr int kRowStatsFinalizeCols = 32;
 // Row stats: each block takes whole rows, staged through shared memory kStageBytes
@@ -70,8 +71,8 @@ constexpr int kMaxStageRows = 32;
 // 7% extra peak on 0.1B shapes), and at most kRowBlockMaxColBytes (128 fp32 rows).
 constexpr int64_t kStatsBlocksTarget = 2048;
 constexpr int64_t kRowBlockMinColBytes = 320, kRowBlockMaxColBytes = 512;
-// Compressed tensors of a batch hold at most 1/kUpdateShare of the call's parameter
-// bytes in update buffers.
+// Compressed tensors of a batch hold at most 1/kUpdateShare of the call's fp32
+// parameter bytes in update buffers (half that share of 16-bit parameter bytes).
 constexpr int64_t kUpdateShare = 40;
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
