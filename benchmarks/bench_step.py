@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import statistics
 import sys
@@ -125,6 +126,7 @@ def measure(make_opt, params, grads, steps, warmup):
         attach()
         opt.step()
     torch.cuda.synchronize()
+    gc.collect()  # the last optimizer's garbage is not collected during this one's steps
     times = []
     for _ in range(steps):
         attach()
