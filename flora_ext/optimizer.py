@@ -370,10 +370,7 @@ class Flora(torch.optim.Optimizer):
                              f"{tuple(p.shape)} has p.grad None and no grad was given")
         group = self._group_of(p)
         _validate_group(group)
-        self._check_grad(p, grad)
-        state = self.state[p]
-        if state:
-            self._check_state(p, group, state)
+        self._check_inputs(group, [p], [grad])
         self._run_plan(self._new_plan(group, [p], norms=False), [grad])
 
     def _new_plan(self, group, params, norms=True):
