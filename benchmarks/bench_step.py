@@ -103,6 +103,16 @@ def optimizers(rank):
     return table
 
 
+def timed_step(opt):
+    """One opt.step() between two CUDA events; its GPU time in ms (waits for the end)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    opt.step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def measure(make_opt, params, grads, steps, warmup):
     if isinstance(make_opt, tuple):  # (factory, environment for its steps)
         make_opt, env = make_opt
@@ -130,12 +140,7 @@ def measure(make_opt, params, grads, steps, warmup):
     times = []
     for _ in range(steps):
         attach()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        opt.step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(timed_step(opt))
     attach()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()

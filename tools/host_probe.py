@@ -12,7 +12,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from bench_step import MODELS, llama_shapes, make_params  # noqa: E402
+from bench_step import MODELS, llama_shapes, make_params, timed_step  # noqa: E402
 import flora_ext  # noqa: E402
 
 
@@ -35,12 +35,7 @@ def probe(name, make, shapes, dtype, steps=20):
         e.record()
         e.synchronize()
         gpu_ahead.append(s.elapsed_time(e))
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        opt.step()
-        e.record()
-        e.synchronize()
-        idle_start.append(s.elapsed_time(e))
+        idle_start.append(timed_step(opt))  # as bench_step.py times a step
     med = statistics.median
     print(f"{name:28s} cpu {med(cpu):7.3f} ms  gpu(cpu ahead) {med(gpu_ahead):7.3f} ms  "
           f"bench-style {med(idle_start):7.3f} ms", flush=True)
