@@ -76,6 +76,8 @@ def optimizers(rank):
         f"flora_r{rank}_b0.9": flora(rank=rank, beta1=0.9, kappa=1000),
         f"flora_r{rank}_b0.9_resample": flora(rank=rank, beta1=0.9, kappa=1),
         f"flora_r{rank}_b0.9_exact": flora(rank=rank, beta1=0.9, kappa=1000, tf32=False),
+        f"flora_r{rank}_b0.9_unfused": (flora(rank=rank, beta1=0.9, kappa=1000),
+                                        {"FLORA_FUSED_MOMENTUM": "0"}),
         "flora_nomomentum": flora(beta1=None),
         # The same optimizer with a tuning knob changed for its steps (A/B in one process).
         "flora_nomomentum_read_p": flora(beta1=None, reuse_param_norms=False),

@@ -281,6 +281,7 @@ BAD_KNOBS = [("FLORA_BATCH_BYTES", v, f"FLORA_BATCH_BYTES must be an integer >= 
              for v in ("1GiB", "0", "-5")]
 BAD_KNOBS += [("FLORA_ROW_STATS", v, "FLORA_ROW_STATS must be") for v in ("2", "yes", "-1")]
 BAD_KNOBS += [("FLORA_STATS_STAGES", v, "FLORA_STATS_STAGES must be") for v in ("1", "5", "x")]
+BAD_KNOBS += [("FLORA_FUSED_MOMENTUM", v, "FLORA_FUSED_MOMENTUM must be") for v in ("2", "on")]
 
 
 @pytest.mark.parametrize("name,value,match", BAD_KNOBS, ids=str)
@@ -476,3 +477,105 @@ def test_param_written_between_steps_is_seen(write):
     reused, read = train_norms(True, between=between), train_norms(False, between=between)
     for a, b in zip(reused, read):
         assert rel_err(a, b) <= 1e-6
+
+
+# Fused compressed momentum (tf32=True): the apply pass is the up GEMM on the tensor
+# cores (fp16 operands), and sum D^2 comes from sum U^2 and the momentum terms (Gram
+# identity). Shapes: left and right, tiles and rank slices with partial edges
+# (300 x 1000, r = 40), row stats (wide rows) and tile passes (narrow rows), kappa = 4
+# so two resample steps run.
+FUSED_CASES = [
+    ((256, 1024), torch.float32, dict(rank=64)),
+    ((1024, 512), torch.float32, dict(rank=40, weight_decay=0.1)),
+    ((300, 1000), torch.float32, dict(rank=32, clip_threshold=0.3)),
+    ((200, 96), torch.float32, dict(rank=8, clip_threshold=0.3)),     # tile passes
+    ((512, 2048), torch.bfloat16, dict(rank=64, clip_threshold=0.3)),
+    ((1024, 256), torch.float16, dict(rank=32)),
+]
+
+
+def run_momentum(shape, dtype, hp, device, steps=10, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    p0 = torch.randn(shape, generator=gen).to(dtype)
+    grads = [(torch.randn(shape, generator=gen) * (0.1 + t % 3)).to(dtype) for t in range(steps)]
+    p = torch.nn.Parameter(p0.to(device, copy=True))
+    kw = dict(lr=1e-2, beta1=0.9, kappa=4, tf32=True)
+    kw.update(hp)
+    opt = flora_ext.Flora([p], **kw)
+    for g in grads:
+        p.grad = g.to(device)
+        opt.step()
+    return p.detach().cpu().double() - p0.double(), opt.state[p]
+
+
+@pytest.mark.parametrize("shape,dtype,hp", FUSED_CASES, ids=str)
+def test_fused_momentum_matches_cpu(shape, dtype, hp):
+    # TF32 (10-bit mantissa) in the projections: 2e-3, as test_cuda_step_with_tf32;
+    # 16-bit parameters are rounded once a step on both sides.
+    (dc, sc), (dp, sp) = run_momentum(shape, dtype, hp, "cuda"), run_momentum(shape, dtype, hp, "cpu")
+    assert dp.abs().max() > 0
+    tol = {torch.float32: 2e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}[dtype]
+    assert rel_err(dc, dp) <= tol
+    assert rel_err(sc["momentum"].cpu(), sp["momentum"]) <= 5 * tol
+    assert sc["seed"] == sp["seed"] and sc["step"] == sp["step"]
+
+
+@pytest.mark.parametrize("shape,dtype,hp", [FUSED_CASES[0], FUSED_CASES[2], FUSED_CASES[4]],
+                         ids=str)
+def test_fused_and_unfused_momentum_agree(shape, dtype, hp, monkeypatch):
+    # FLORA_FUSED_MOMENTUM=0 takes the update buffer and the rms pass: the same math,
+    # other roundings (both TF32), so the two must differ, a little.
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FLORA_FUSED_MOMENTUM", flag)
+        runs[flag] = run_momentum(shape, dtype, hp, "cuda")
+    (d0, s0), (d1, s1) = runs["0"], runs["1"]
+    assert not torch.equal(d0, d1), "FLORA_FUSED_MOMENTUM=0 must take the unfused passes"
+    tol = 2e-3 if dtype == torch.float32 else 2e-2
+    assert rel_err(d1, d0) <= tol
+    assert rel_err(s1["momentum"], s0["momentum"]) <= 5 * tol
+
+
+def test_fused_momentum_is_deterministic():
+    shape, dtype, hp = FUSED_CASES[2]
+    (da, sa), (db, sb) = (run_momentum(shape, dtype, hp, "cuda") for _ in range(2))
+    assert torch.equal(da, db) and torch.equal(sa["momentum"], sb["momentum"])
+
+
+@pytest.mark.parametrize("shape,rank", [((96, 200), 6), ((202, 96), 8), ((96, 204), 8)],
+                         ids=str)
+def test_unfusable_momentum_falls_back(shape, rank):
+    # A rank or m not a multiple of 8, or n not one of 4, keeps the unfused passes.
+    hp = dict(rank=rank)
+    (dc, sc), (dp, sp) = (run_momentum(shape, torch.float32, hp, d) for d in ("cuda", "cpu"))
+    assert rel_err(dc, dp) <= 2e-3
+    assert rel_err(sc["momentum"].cpu(), sp["momentum"]) <= 1e-2
+
+
+@pytest.mark.parametrize("shape,hp", [((256, 1024), dict(beta1=0.9, rank=64)),
+                                      ((200, 96), dict(beta1=0.9, rank=8)),
+                                      ((64, 1024), dict(beta1=None))], ids=str)
+def test_resume_is_bitwise_on_cuda(shape, hp):
+    # The first step after a resume sums p^2 from p; an uninterrupted run takes it from
+    # the norm cache that the last apply pass filled. Both must be the same bits.
+    gen = torch.Generator().manual_seed(5)
+    p0 = torch.randn(shape, generator=gen)
+    grads = [torch.randn(shape, generator=gen) for _ in range(6)]
+    kw = dict(lr=1e-2, kappa=4, **hp)
+
+    def steps(p, opt, gs):
+        for g in gs:
+            p.grad = g.cuda()
+            opt.step()
+
+    ref = torch.nn.Parameter(p0.cuda())
+    ref_opt = flora_ext.Flora([ref], **kw)
+    steps(ref, ref_opt, grads)
+    p = torch.nn.Parameter(p0.cuda())
+    opt = flora_ext.Flora([p], **kw)
+    steps(p, opt, grads[:3])
+    resumed = torch.nn.Parameter(p.detach().clone())
+    opt2 = flora_ext.Flora([resumed], **kw)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    steps(resumed, opt2, grads[3:])
+    assert torch.equal(resumed, ref)

@@ -2,7 +2,7 @@
 //
 // A step_group_ call steps its parameters in batches: consecutive parameters of
 // one dtype (FLORA_BATCH_BYTES of gradients and parameters, default 16 GiB;
-// compressed tensors' update buffers within 1/40 of the call's parameter bytes,
+// compressed tensors' momentum buffers within 1/40 of the call's parameter bytes,
 // 1/80 of 16-bit ones).
 // Every pass over a batch is one launch
 // over all its tensors (a table of Task descriptors; a block finds its task by a
@@ -10,18 +10,21 @@
 // handful of launches. Passes:
 //   stats    row/column sums of G^2 + eps1 and sum p^2 (factored), or the full
 //            second moment, dense momentum and their sums (unfactored). Factored
-//            tensors without momentum take whole rows a block ("row stats"): the
-//            row EMA is final within the block, so the block also sums
-//            G^2 / row over its rows for every column, and sum D^2 follows in the
-//            finalize pass without reading G again (no rms pass for them).
+//            tensors without momentum or with fused compressed momentum take whole
+//            rows a block ("row stats"): the row EMA is final within the block, so
+//            the block also sums G^2 / row over its rows for every column, and
+//            sum U^2 follows in the finalize pass without reading G again.
 //   finalize row/col EMAs, column factors, per-256-row partial sums
 //   scalars  mean of the row EMA, the step size of each tensor, and the clip
 //            factor of every tensor whose sum D^2 is already known
 //   (compressed momentum: projections regenerated with cuRAND Philox, cuBLAS GEMMs;
-//    down(U) = (P diag a) G diag b, so U is never materialised)
-//   rms      sum of D^2 of the other factored tensors (D needs the column factors)
-//   clip     their RMS clip factor
-//   apply    p = p - decay p - lr D / clip, written once (stochastic rounding optional)
+//    down(U) = (P diag a) G diag b, so U is never materialised. Fused (TF32, the
+//    default): down(U), Gram = P P^T and M M^T batched per shape, one momentum pass
+//    for the terms of sum D^2 and the new M; unfused: an n x m buffer of beta1 up(M))
+//   rms      sum of D^2 (or U^2, fused) of the other factored tensors
+//   clip     their RMS clip factor (fused: from sum U^2 and the momentum terms)
+//   apply    p = p - decay p - lr D / clip, written once (stochastic rounding optional);
+//            fused tensors: the up GEMM on the tensor cores with this as its epilogue
 // All reductions have a fixed order, so results do not depend on scheduling.
 #include "flora/ops.h"
 #include "../common/random.h"
@@ -74,6 +77,18 @@ constexpr int64_t kRowBlockMinColBytes = 320, kRowBlockMaxColBytes = 512;
 // Compressed tensors of a batch hold at most 1/kUpdateShare of the call's fp32
 // parameter bytes in update buffers (half that share of 16-bit parameter bytes).
 constexpr int64_t kUpdateShare = 40;
+// Fused compressed momentum: the up GEMM runs on the tensor cores (mma.sync, fp16
+// operands) in 128 x 128 output tiles, eight warps of 64 x 32, the rank consumed 32 at
+// a time through a ring of kUpStages shared-memory buffers; rows padded by 16 bytes so
+// that every ldmatrix phase hits 32 distinct banks.
+constexpr int kUpBM = 128, kUpBN = 128, kUpBK = 32, kUpStages = 4;
+constexpr int kUpAStride = kUpBK + 8, kUpBStride = kUpBN + 8;  // halves
+constexpr int kUpStageHalves = kUpBM * kUpAStride + kUpBK * kUpBStride;
+constexpr int64_t kUpSmemBytes = int64_t(kUpStages) * kUpStageHalves * 2;
+// Blocks of the per-tensor momentum-terms reduction (a fixed grid: a fixed order).
+constexpr int kTermsBlocks = 264;
+// Fused tasks of one shape share batched GEMMs from this many on (see group_gemm).
+constexpr int kMinBatched = 4;
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -105,6 +120,21 @@ struct Task {
   float* w_part;         // row stats: rchunks x m, column sums of G^2 / row EMA
   double* colblock_d2;   // row stats: ceil(m / 256) partial sums of D^2
   double* param_sq;      // cached sum p^2 (step_group_'s param_norms), or nullptr
+  // Fused compressed momentum: the apply pass is the up GEMM A B (A n x rank,
+  // B rank x m, row-major: P^T and M, or M and P^T) with the parameter write as its
+  // epilogue; sum D^2 comes from sum U^2 and `terms` (see fused_clip_kernel).
+  const uint16_t* up_a;  // fp16
+  const uint16_t* up_b;
+  double* terms;         // fused: [0] sum U^2, then kTermsBlocks partial sums
+  // Norm cache not valid, and the stats pass's blocks are not the apply pass's (fused
+  // or row stats): sum p^2 of each apply tile (up-GEMM tiles if fused), summed as the
+  // norms pass will sum them, so that a resumed run steps as an uninterrupted one.
+  float* cache_p2;
+  int64_t rank;
+  int64_t gtile_begin;   // fused: first up-GEMM tile in the batch's grid
+  int64_t gtiles;        // fused: up-GEMM tiles (kUpBM x kUpBN outputs each)
+  int32_t gcols;         // fused: up-GEMM tiles along m
+  int32_t fused;
   int64_t n, m;          // factored: rows, cols; unfactored: 1, numel
   int64_t numel;
   int64_t tile_begin;    // first tile of this task in the batch's grid
@@ -265,6 +295,7 @@ struct TaskTable {
   const int64_t* tile_begins;
   const int64_t* fblock_begins;
   const int64_t* sblock_begins;
+  const int64_t* gtile_begins;
   int count;
 };
 
@@ -772,17 +803,27 @@ __global__ void __launch_bounds__(kThreads)
       d2 += t.tile_d2[k];
     }
   }
+  // Tasks with cache_p2: sum p^2 as norms_kernel will sum the apply pass's tiles (the
+  // same partials, the same order).
+  double cache_p2 = 0.0;
+  if (t.cache_p2 != nullptr) {
+    const int64_t tiles = t.fused ? t.gtiles : t.tiles;
+    for (int64_t k = threadIdx.x; k < tiles; k += blockDim.x) cache_p2 += t.cache_p2[k];
+  }
   rows = block_sum(rows);
   p2 = block_sum(p2);
   d2 = block_sum(d2);
+  cache_p2 = block_sum(cache_p2);
   if (threadIdx.x == 0) {
+    if (t.cache_p2 != nullptr) p2 = cache_p2;
     if (t.p2_known) p2 = *t.param_sq;
     const float row_mean = t.kind == kFactored ? static_cast<float>(rows / t.n) : 1.0f;
     t.scalars[kRowMean] = row_mean;
     double lr = t.base_lr;
     if (a.scale_parameter) lr *= fmax(a.eps2, sqrt(p2 / t.numel));
     t.scalars[kStepSize] = static_cast<float>(lr);
-    if (!t.needs_rms) set_clip(t, a, t.row_stats ? d2 * row_mean : d2);
+    if (t.fused && !t.needs_rms) t.terms[0] = d2 * row_mean;  // sum U^2 (row stats)
+    else if (!t.needs_rms) set_clip(t, a, t.row_stats ? d2 * row_mean : d2);
   }
 }
 
@@ -839,7 +880,8 @@ __global__ void __launch_bounds__(kThreads, 4)
 #pragma unroll
     for (int c = 0; c < L; ++c) {
       if (c >= valid) continue;
-      const float d = factored_d<true>(t, a, gv[c] * ai * b[c], i * m + c0 + c);
+      const float u = gv[c] * ai * b[c];
+      const float d = t.fused ? u : factored_d<true>(t, a, u, i * m + c0 + c);
       d2 += d * d;
     }
   }
@@ -855,7 +897,9 @@ __global__ void __launch_bounds__(kThreads)
   double d2 = 0.0;
   for (int64_t k = threadIdx.x; k < t.tiles; k += blockDim.x) d2 += t.tile_d2[k];
   d2 = block_sum(d2);
-  if (threadIdx.x == 0) set_clip(t, a, d2);
+  if (threadIdx.x != 0) return;
+  if (t.fused) t.terms[0] = d2;  // sum U^2; the fused clip pass adds the momentum terms
+  else set_clip(t, a, d2);
 }
 
 // Philox words for elements e0 .. e0 + 3 of the rounding stream of `key`.
@@ -1049,6 +1093,7 @@ template <int DT, bool kRound>
 __global__ void __launch_bounds__(kThreads, kRound ? 2 : kApplyMinBlocks<DT>)
     apply_kernel(TaskTable table, GroupArgs a) {
   const Task& t = task_of_tile(table, blockIdx.x);
+  if (t.fused) return;  // written by fused_apply_kernel
   const int64_t local = blockIdx.x - t.tile_begin;
   float p2 = 0.f;
   if (t.kind == kFull) full_apply<DT, kRound>(t, local, a, p2);
@@ -1067,7 +1112,8 @@ __global__ void __launch_bounds__(kThreads)
   const Task& t = tasks[blockIdx.x];
   if (t.param_sq == nullptr) return;
   double total = 0.0;
-  for (int64_t k = threadIdx.x; k < t.tiles; k += blockDim.x) total += t.tile_p2[k];
+  const int64_t tiles = t.fused ? t.gtiles : t.tiles;
+  for (int64_t k = threadIdx.x; k < tiles; k += blockDim.x) total += t.tile_p2[k];
   total = block_sum(total);
   if (threadIdx.x == 0) *t.param_sq = total;
 }
@@ -1136,6 +1182,407 @@ __global__ void momentum_mix_kernel(float* __restrict__ momentum,
     const float s = left ? col_factor[e % cols] : row_scale(row[e / cols], row_mean);
     momentum[e] = base[e] * beta1 + (x[e] * s) * (1.f - beta1);
   }
+}
+
+// ---- fused compressed momentum ------------------------------------------------
+//
+// D = (1 - beta1) U + beta1 up(M) is never stored: the apply pass computes up(M)
+// tile by tile on the tensor cores and writes p from it. Its clip factor needs
+// sum D^2 first, from (FLORA.md's identities, M the momentum before this step)
+//   sum D^2 = (1 - beta1)^2 sum U^2 + 2 beta1 (1 - beta1) <down(U), M>
+//             + beta1^2 <M, Gram M>,
+// Gram = P P^T (left) or P^T P (right), r x r: <U, up(M)> = <down(U), M> and
+// |up(M)|^2 = <M, Gram M>. sum U^2 comes with the row stats (or the rms pass), and
+// down(U) is the GEMM the momentum needs anyway.
+//
+// The up GEMM reads P and M as fp16: the 10-bit mantissa of TF32 (what cuBLAS's TF32
+// mode keeps) at half the bytes, which the GEMM streams from L2 for every tile (8
+// bytes an output element in fp32), and twice the tensor-core rate. P ~ N(0, 1/r) is
+// far inside fp16's range; so is M, a projection of U (RMS ~1), |M| <~ n / sqrt(r);
+// values past 65504 saturate instead of becoming inf.
+
+__device__ __forceinline__ uint16_t to_half_bits(float x) {
+  return __half_as_ushort(__float2half_rn(fminf(fmaxf(x, -65504.f), 65504.f)));
+}
+
+// P^T (fp16) and (P scaled along the parameter's dimension)^T in the down GEMM's
+// dtype, P being prow x pcol (pcol % 4 == 0). Thread `idx` draws the Philox group of
+// P's row kr, columns 4 cg .. 4 cg + 3 (the same numbers as projection_pair_kernel);
+// neighbouring threads take neighbouring rows, so the transposed writes coalesce.
+// Sizes are below 2^31 groups (checked on the host): 32-bit index arithmetic.
+template <int DT>
+__global__ void projection_t_kernel(uint16_t* __restrict__ plain_t,
+                                    Storage<DT>* __restrict__ scaled_t, int prow, int pcol,
+                                    uint64_t seed, double scale, bool left,
+                                    const float* __restrict__ row,
+                                    const float* __restrict__ scalars,
+                                    const float* __restrict__ col_factor) {
+  const int groups_per_row = pcol / 4;
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= prow * groups_per_row) return;
+  const int kr = idx % prow, cg = idx / prow;
+  float z[4];
+  projection_values(seed, int64_t(kr) * groups_per_row + cg, scale, z);
+  const float row_mean = scalars[kRowMean];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int c = 4 * cg + u;
+    const int64_t e = int64_t(c) * prow + kr;
+    plain_t[e] = to_half_bits(z[u]);
+    if (scaled_t) {
+      const float s = left ? row_scale(row[c], row_mean) : col_factor[kr];
+      scaled_t[e] = from_float<DT>(z[u] * s);
+    }
+  }
+}
+
+// The momentum of a fused task (rows x cols, cols % 4 == 0, fewer than 2^31 float4s),
+// in one pass before the apply pass, which then needs only its fp16 copy:
+//   partial sums (kTermsBlocks, a fixed order) of 2 beta1 (1 - beta1) M . X0 and of
+//   beta1^2 Gram . S (S = M M^T or M^T M, r x r: <M, Gram M> = <Gram, S> without an
+//   r x max(n, m) product), M16 = fp16(M), then M = beta1 M' + (1 - beta1) X,
+// with M the momentum before this step, X0 and X down(U) in the
+// current and new basis (the same but on resample steps), M' = M or its transfer to
+// the new basis (`base`). down(U) is the GEMM result scaled along the other dimension
+// (left: X[k, j] b_j; right: X[i, k] a_i).
+__global__ void __launch_bounds__(kThreads)
+    momentum_step_kernel(double* __restrict__ partials, uint16_t* __restrict__ momentum16,
+                         float* __restrict__ momentum, const float* __restrict__ base,
+                         const float* __restrict__ x0, const float* __restrict__ x,
+                         const float* __restrict__ gram_rr, const float* __restrict__ sq_rr,
+                         int rr, int rows, int cols, bool left,
+                         const float* __restrict__ row, const float* __restrict__ scalars,
+                         const float* __restrict__ col_factor, float beta1) {
+  const int vecs = cols / 4, total = rows * vecs;
+  const float row_mean = scalars[kRowMean];
+  const float cross = 2.f * beta1 * (1.f - beta1), gram = beta1 * beta1, keep = 1.f - beta1;
+  float sum = 0.f;
+  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < rr; e += gridDim.x * blockDim.x)
+    sum += gram * (gram_rr[e] * sq_rr[e]);
+  for (int v = blockIdx.x * blockDim.x + threadIdx.x; v < total; v += gridDim.x * blockDim.x) {
+    const int i = v / vecs, c4 = v - i * vecs;
+    float s[4];
+    if (left) {
+      const float4 b = reinterpret_cast<const float4*>(col_factor)[c4];
+      s[0] = b.x; s[1] = b.y; s[2] = b.z; s[3] = b.w;
+    } else {
+      s[0] = s[1] = s[2] = s[3] = row_scale(row[i], row_mean);
+    }
+    const float4 m4 = reinterpret_cast<const float4*>(momentum)[v];
+    const float4 x04 = reinterpret_cast<const float4*>(x0)[v];
+    const float4 x4 = x == x0 ? x04 : reinterpret_cast<const float4*>(x)[v];
+    const float4 b4 = base == nullptr ? m4 : reinterpret_cast<const float4*>(base)[v];
+    const float mv[4] = {m4.x, m4.y, m4.z, m4.w}, x0v[4] = {x04.x, x04.y, x04.z, x04.w};
+    const float xv[4] = {x4.x, x4.y, x4.z, x4.w};
+    const float bv[4] = {b4.x, b4.y, b4.z, b4.w};
+    float out[4];
+    uint16_t h[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      sum += mv[c] * (cross * (x0v[c] * s[c]));
+      h[c] = to_half_bits(mv[c]);
+      out[c] = bv[c] * beta1 + (xv[c] * s[c]) * keep;
+    }
+    reinterpret_cast<uint2*>(momentum16)[v] =
+        make_uint2(uint32_t(h[0]) | (uint32_t(h[1]) << 16), uint32_t(h[2]) | (uint32_t(h[3]) << 16));
+    reinterpret_cast<float4*>(momentum)[v] = make_float4(out[0], out[1], out[2], out[3]);
+  }
+  const double block_total = block_sum(static_cast<double>(sum));
+  if (threadIdx.x == 0) partials[blockIdx.x] = block_total;
+}
+
+// One block per fused task: sum D^2 from sum U^2 and the momentum terms, then the
+// clip factor. Rounding can leave a tiny negative sum where D is ~0: clamped.
+__global__ void __launch_bounds__(kThreads)
+    fused_clip_kernel(const Task* __restrict__ tasks, GroupArgs a) {
+  const Task& t = tasks[blockIdx.x];
+  if (!t.fused) return;
+  double d2 = 0.0;
+  for (int k = threadIdx.x; k < kTermsBlocks; k += blockDim.x) d2 += t.terms[1 + k];
+  d2 = block_sum(d2);
+  if (threadIdx.x != 0) return;
+  const double keep = 1.0 - static_cast<double>(a.beta1);
+  set_clip(t, a, fmax(0.0, keep * keep * t.terms[0] + d2));
+}
+
+__device__ __forceinline__ void copy16_async_zfill(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 16 : 0));
+#else
+  *reinterpret_cast<uint4*>(smem) = valid ? *reinterpret_cast<const uint4*>(gmem) : uint4{};
+#endif
+}
+
+// Four 8 x 8 fp16 matrices from shared memory (row addresses from lanes 0-31).
+template <bool kTrans>
+__device__ __forceinline__ void load_matrix_x4(uint32_t r[4], const uint16_t* smem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+  }
+#else
+  __trap();
+#endif
+}
+
+// c += a b for one m16n8k16 fp16 tile, fp32 accumulation. The host plans the fused
+// path on sm_80 and newer only.
+__device__ __forceinline__ void mma_f16(float c[4], const uint32_t a[4], uint32_t b0,
+                                        uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  __trap();
+#endif
+}
+
+// Two neighbouring elements of a row (the columns of one accumulator pair).
+template <int DT>
+__device__ __forceinline__ void load_pair(const Storage<DT>* ptr, float v[2]) {
+  if constexpr (DT == kF32) {
+    const float2 x = *reinterpret_cast<const float2*>(ptr);
+    v[0] = x.x;
+    v[1] = x.y;
+  } else {
+    const uint32_t w = *reinterpret_cast<const uint32_t*>(ptr);
+    v[0] = to_float<DT>(static_cast<uint16_t>(w & 0xFFFFu));
+    v[1] = to_float<DT>(static_cast<uint16_t>(w >> 16));
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ void store_pair(Storage<DT>* ptr, const Storage<DT> v[2]) {
+  if constexpr (DT == kF32) {
+    *reinterpret_cast<float2*>(ptr) = make_float2(v[0], v[1]);
+  } else {
+    *reinterpret_cast<uint32_t*>(ptr) =
+        static_cast<uint32_t>(v[0]) | (static_cast<uint32_t>(v[1]) << 16);
+  }
+}
+
+// The outputs of thread (warp, lane) in a fused tile: rows i0 + wm 64 + mt 16 + g
+// (+ 8 h), column pairs j0 + wn 32 + nt 8 + 2 q. The apply pass and fused_p2_kernel
+// visit them in this one order, so the sum p^2 each leaves is the same to the bit.
+struct UpTile {
+  int64_t i0, j0;
+  int wm, wn, g, q;
+  __device__ UpTile(const Task& t, int64_t local) {
+    i0 = (local / t.gcols) * kUpBM;
+    j0 = (local % t.gcols) * kUpBN;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    wm = warp / 4;
+    wn = warp % 4;
+    g = lane / 4;
+    q = lane % 4;
+  }
+  __device__ int64_t row(int mt, int h) const { return i0 + wm * 64 + mt * 16 + g + 8 * h; }
+  __device__ int64_t col(int nt) const { return j0 + wn * 32 + nt * 8 + 2 * q; }
+};
+
+// sum p^2 of a fused task's tiles, as the apply pass sums what it writes: where the
+// norm cache does not hold it (the first step, or p written in between), so that a
+// resumed run steps exactly as an uninterrupted one.
+template <int DT>
+__global__ void __launch_bounds__(kThreads)
+    fused_p2_kernel(TaskTable table) {
+  const Task& t = table.tasks[locate(table.gtile_begins, table.count, blockIdx.x)];
+  if (t.cache_p2 == nullptr) return;
+  const int64_t local = blockIdx.x - t.gtile_begin;
+  const UpTile tile(t, local);
+  const Storage<DT>* p = static_cast<const Storage<DT>*>(t.param);
+  float p2 = 0.f;
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t i = tile.row(mt, h);
+      if (i >= t.n) continue;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int64_t j = tile.col(nt);
+        if (j >= t.m) continue;
+        float pv[2];
+        load_pair<DT>(p + i * t.m + j, pv);
+#pragma unroll
+        for (int c = 0; c < 2; ++c) p2 += pv[c] * pv[c];
+      }
+    }
+  }
+  p2 = block_sum(p2);
+  if (threadIdx.x == 0) t.cache_p2[local] = p2;
+}
+
+// The same for a row-stats task: sum p^2 of each factored apply tile, in
+// factored_apply_rows's order (rows k = 0..7 of the warp, then the lane's columns).
+template <int DT>
+__global__ void __launch_bounds__(kThreads)
+    tile_p2_kernel(TaskTable table) {
+  const Task& t = task_of_tile(table, blockIdx.x);
+  if (t.cache_p2 == nullptr || t.fused) return;
+  constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
+  const int64_t local = blockIdx.x - t.tile_begin;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t rc = local / t.ctiles, ct = local % t.ctiles;
+  const int64_t c0 = ct * TC + lane * L;
+  const int valid = valid_of<L>(t.m - c0);
+  const Storage<DT>* p = static_cast<const Storage<DT>*>(t.param);
+  float p2 = 0.f;
+#pragma unroll
+  for (int k = 0; k < kRowsPerWarp; ++k) {
+    const int64_t i = tile_row(rc, k, warp);
+    if (i >= t.n || valid == 0) continue;
+    float pv[L];
+    unpack<DT>(load_pack<DT>(p + i * t.m + c0, t.vec, valid), pv);
+#pragma unroll
+    for (int c = 0; c < L; ++c)
+      if (c < valid) p2 += pv[c] * pv[c];
+  }
+  p2 = block_sum(p2);
+  if (threadIdx.x == 0) t.cache_p2[local] = p2;
+}
+
+// One 128 x 128 tile of a fused task: acc = (A B)[tile] on the tensor cores (fp16
+// operands, fp32 accumulation), then D = (1 - beta1) U + beta1 acc and
+// p = p - decay p - lr D / clip, rounded once. Needs rank and m multiples of 8
+// (16-byte rows of A and B); rows and columns past the tensor and the rank's last
+// partial slice read as zeros.
+template <int DT>
+__global__ void __launch_bounds__(kThreads, 2)
+    fused_apply_kernel(TaskTable table, GroupArgs a) {
+  using S = Storage<DT>;
+  extern __shared__ uint4 up_smem[];
+  uint16_t* smem = reinterpret_cast<uint16_t*>(up_smem);
+  const Task& t = table.tasks[locate(table.gtile_begins, table.count, blockIdx.x)];
+  const int64_t local = blockIdx.x - t.gtile_begin;
+  const UpTile tile(t, local);
+  const int64_t i0 = tile.i0, j0 = tile.j0;
+  const int64_t n = t.n, m = t.m, K = t.rank;
+  const uint16_t* A = t.up_a;
+  const uint16_t* B = t.up_b;
+  const int tid = threadIdx.x, lane = tid % 32;
+  const int ktiles = static_cast<int>(ceil_div(K, kUpBK));
+
+  const auto load_stage = [&](int stage, int kt) {
+    uint16_t* As = smem + stage * kUpStageHalves;
+    uint16_t* Bs = As + kUpBM * kUpAStride;
+    const int64_t k0 = int64_t(kt) * kUpBK;
+#pragma unroll
+    for (int c2 = 0; c2 < 2; ++c2) {
+      const int c = tid + c2 * kThreads;
+      const int ar = c / (kUpBK / 8), ak = (c % (kUpBK / 8)) * 8;
+      const bool av = i0 + ar < n && k0 + ak < K;
+      copy16_async_zfill(As + ar * kUpAStride + ak, av ? A + (i0 + ar) * K + k0 + ak : A, av);
+      const int br = c / (kUpBN / 8), bc = (c % (kUpBN / 8)) * 8;
+      const bool bv = k0 + br < K && j0 + bc < m;
+      copy16_async_zfill(Bs + br * kUpBStride + bc, bv ? B + (k0 + br) * m + j0 + bc : B, bv);
+    }
+  };
+
+  float acc[4][4][4];
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < kUpStages - 1; ++s) {
+    if (s < ktiles) load_stage(s, s);
+    copy_async_commit();
+  }
+  // ldmatrix row addresses: A, lanes 0-15 rows 0-15 at k 0, lanes 16-31 at k 8; B
+  // (transposed), lanes 0-15 k rows 0-15 at column 0, lanes 16-31 at column 8.
+  const int a_row = tile.wm * 64 + lane % 16, a_col = (lane / 16) * 8;
+  const int b_row = lane % 16, b_col = tile.wn * 32 + (lane / 16) * 8;
+  for (int kt = 0; kt < ktiles; ++kt) {
+    copy_async_wait(kUpStages - 2);
+    __syncthreads();  // stage kt landed for every thread; stage kt - 1 is free again
+    const int next = kt + kUpStages - 1;
+    if (next < ktiles) load_stage(next % kUpStages, next);
+    copy_async_commit();
+    const uint16_t* As = smem + (kt % kUpStages) * kUpStageHalves;
+    const uint16_t* Bs = As + kUpBM * kUpAStride;
+#pragma unroll
+    for (int kk = 0; kk < kUpBK; kk += 16) {
+      uint32_t af[4][4], bf[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+        load_matrix_x4<false>(af[mt], As + (a_row + mt * 16) * kUpAStride + kk + a_col);
+#pragma unroll
+      for (int np = 0; np < 2; ++np)
+        load_matrix_x4<true>(bf[np], Bs + (kk + b_row) * kUpBStride + b_col + np * 16);
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+          mma_f16(acc[mt][nt], af[mt], bf[nt / 2][2 * (nt % 2)], bf[nt / 2][2 * (nt % 2) + 1]);
+    }
+  }
+
+  const float row_mean = t.scalars[kRowMean], lr = t.scalars[kStepSize];
+  const float inv_clip = t.scalars[kInvClip], decay = t.scalars[kDecay];
+  const float beta1 = a.beta1, keep = 1.f - a.beta1;
+  S* p = static_cast<S*>(t.param);
+  const S* gr = static_cast<const S*>(t.grad);
+  const float* row = t.row;
+  float b[4][2];
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    const int64_t j = tile.col(nt);
+    b[nt][0] = j < m ? t.col_factor[j] : 0.f;
+    b[nt][1] = j < m ? t.col_factor[j + 1] : 0.f;
+  }
+  float p2 = 0.f;
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t i = tile.row(mt, h);
+      if (i >= n) continue;
+      const float ai = row_scale(row[i], row_mean);
+      float gv[4][2], pv[4][2];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int64_t j = tile.col(nt);
+        if (j < m) {
+          load_pair<DT>(gr + i * m + j, gv[nt]);
+          load_pair<DT>(p + i * m + j, pv[nt]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int64_t j = tile.col(nt);
+        if (j >= m) continue;
+        S out[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float d = keep * (gv[nt][c] * ai * b[nt][c]) + beta1 * acc[mt][nt][2 * h + c];
+          float x = pv[nt][c];
+          if (decay != 0.f) x -= decay * x;
+          x = x - lr * (d * inv_clip);
+          out[c] = from_float<DT>(x);
+          const float v = to_float<DT>(out[c]);
+          p2 += v * v;
+        }
+        store_pair<DT>(p + i * m + j, out);
+      }
+    }
+  }
+  if (t.param_sq == nullptr) return;
+  p2 = block_sum(p2);
+  if (threadIdx.x == 0) t.tile_p2[local] = p2;
 }
 
 // ---- host side -----------------------------------------------------------------
@@ -1302,7 +1749,7 @@ struct Item {
 struct WorkspacePlan {
   int64_t row_part = 0, col_part = 0, col_factor = 0, row_block_sum = 0, p2_block = 0,
           tile_p2 = 0, tile_d2 = 0, scalars = 0, update = 0, w_part = 0, colblock_d2 = 0,
-          total = 0;
+          terms = 0, plain_t = 0, momentum16 = 0, cache_p2 = 0, total = 0;
 };
 
 int64_t aligned(int64_t floats) { return ceil_div(floats, 4) * 4; }
@@ -1327,10 +1774,20 @@ WorkspacePlan plan_workspace(const Task& t, int64_t base) {
       w.colblock_d2 = take(2 * ceil_div(t.m, kRowStatsFinalizeCols));
     }
   }
-  w.tile_p2 = take(t.tiles);
+  w.tile_p2 = take(std::max(t.tiles, t.gtiles));
+  w.cache_p2 = take(t.fused ? t.gtiles : t.row_stats ? t.tiles : 0);
   w.tile_d2 = take(t.tiles);
   w.scalars = take(kNumScalars);
-  if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) w.update = take(t.numel);
+  if (t.fused) {
+    const int64_t pdim = t.n < t.m ? t.n : t.m;  // P is r x n (left) or m x r (right)
+    const int64_t mdim = std::max(t.n, t.m);
+    w.terms = take(2 * (1 + kTermsBlocks));         // doubles
+    w.plain_t = take(ceil_div(t.rank * pdim, 2));   // fp16
+    w.momentum16 = take(ceil_div(t.rank * mdim, 2));
+
+  } else if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
+    w.update = take(t.numel);
+  }
   w.total = at - base;
   return w;
 }
@@ -1430,12 +1887,207 @@ void compressed_momentum(const Item& item, const Task& t, const at::Tensor& mome
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// FLORA_FUSED_MOMENTUM=0 sends compressed momentum through the unfused passes (an
+// n x m update buffer and the rms pass) even with TF32 on; kept for comparisons.
+bool fused_momentum_enabled() {
+  const int64_t v = env_int("FLORA_FUSED_MOMENTUM", 1, 0);
+  TORCH_CHECK(v <= 1, "flora: environment variable FLORA_FUSED_MOMENTUM must be 0 or 1, got '",
+              std::getenv("FLORA_FUSED_MOMENTUM"), "'");
+  return v == 1;
+}
+
+// Batched gemm(): C_k = alpha op(A_k) op(B_k) + beta C_k for the `count` pointer
+// triples in device arrays a, b, c (one cuBLAS launch for tensors of one shape).
+void gemm_batched(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                  const void* const* a, const void* const* b, int ab, float beta,
+                  void* const* c, int count, bool tf32) {
+  const int lda = as_int(trans_a ? M : K, "lda"), ldb = as_int(trans_b ? K : N, "ldb");
+  const bool fast = ab == kF32 && tf32;
+  const cublasComputeType_t compute = fast ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  const cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
+  cublasMath_t previous;
+  TORCH_CUDABLAS_CHECK(cublasGetMathMode(handle, &previous));
+  TORCH_CUDABLAS_CHECK(
+      cublasSetMathMode(handle, fast ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+  const cublasStatus_t status = cublasGemmBatchedEx(
+      handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+      as_int(N, "N"), as_int(M, "M"), as_int(K, "K"), &alpha, b, cuda_type(ab), ldb, a,
+      cuda_type(ab), lda, &beta, c, CUDA_R_32F, as_int(N, "ldc"), count, compute,
+      CUBLAS_GEMM_DEFAULT);
+  TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, previous));
+  TORCH_CUDABLAS_CHECK(status);
+}
+
+void launch_projection_t(uint16_t* plain_t, void* scaled_t, int dtype, int64_t prow,
+                         int64_t pcol, int64_t seed, double scale, bool left, const Task& t,
+                         cudaStream_t stream) {
+  const int64_t threads = prow * (pcol / 4);
+  const unsigned blocks = static_cast<unsigned>(ceil_div(threads, kThreads));
+  const uint64_t s = static_cast<uint64_t>(seed);
+  const int rows = static_cast<int>(prow), cols = static_cast<int>(pcol);
+  if (dtype == kF32) {
+    projection_t_kernel<kF32><<<blocks, kThreads, 0, stream>>>(
+        plain_t, static_cast<float*>(scaled_t), rows, cols, s, scale, left, t.row, t.scalars,
+        t.col_factor);
+  } else if (dtype == kBF16) {
+    projection_t_kernel<kBF16><<<blocks, kThreads, 0, stream>>>(
+        plain_t, static_cast<uint16_t*>(scaled_t), rows, cols, s, scale, left, t.row,
+        t.scalars, t.col_factor);
+  } else {
+    projection_t_kernel<kF16><<<blocks, kThreads, 0, stream>>>(
+        plain_t, static_cast<uint16_t*>(scaled_t), rows, cols, s, scale, left, t.row,
+        t.scalars, t.col_factor);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// A fused task's fp16 operands of the up GEMM, in the batch workspace.
+struct FusedBuffers {
+  uint16_t* plain_t;     // P^T
+  uint16_t* momentum16;  // M before this step
+};
+
+// The momentum work of fused tasks of one shape (same n, m, rank, dtype), before the
+// apply pass: P^T of the current basis, down(U) (in the next basis on resample steps),
+// the momentum terms of sum D^2, M in fp16 for the up GEMM, and the new M. The GEMMs
+// of the group run batched: one tensor's GEMMs are too small to fill the GPU (24
+// layers' worth share each launch on LLaMA shapes).
+void fused_momentum_group(const std::vector<const Item*>& items,
+                          const std::vector<const Task*>& tasks,
+                          const std::vector<FusedBuffers>& bufs) {
+  const Item& first = *items[0];
+  const ParamLayout& layout = first.entry->layout;
+  const StepOptions& o0 = first.entry->options;
+  const int64_t n = layout.rows, m = layout.cols, r = layout.rank;
+  const bool left = layout.left;
+  const auto shape = layout.projection_shape();
+  const int64_t prow = shape[0], pcol = shape[1], psize = prow * pcol;
+  const int64_t msize = first.entry->state.momentum->numel();
+  const int count = static_cast<int>(items.size());
+  const double scale = 1.0 / std::sqrt(static_cast<double>(r));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto f32 = first.param.options().dtype(at::kFloat);
+  const auto scaled_type = f32.dtype(first.grad.scalar_type());
+  const int dt = first.dtype;
+  const bool resample = o0.resample();  // the same for the whole group
+
+  at::Tensor scaled = at::empty({count, pcol, prow}, scaled_type);
+  at::Tensor x = at::empty({count, msize}, f32);
+  at::Tensor gram = at::empty({count, r, r}, f32), sq = at::empty({count, r, r}, f32);
+  at::Tensor next_t, scaled_next, x_now, bases, base;
+  if (resample) {
+    next_t = at::empty({count, pcol, prow}, f32.dtype(at::kHalf));
+    scaled_next = at::empty({count, pcol, prow}, scaled_type);
+    x_now = at::empty({count, msize}, f32);
+    bases = at::empty({count, r, r}, f32);
+    base = at::empty({count, msize}, f32);
+  }
+  const auto at_k = [](const at::Tensor& t, int k, int64_t elems) -> void* {
+    return t.defined() ? static_cast<uint8_t*>(t.data_ptr()) + k * elems * t.element_size()
+                       : nullptr;
+  };
+  for (int k = 0; k < count; ++k) {
+    const StepOptions& o = items[k]->entry->options;
+    launch_projection_t(bufs[k].plain_t, at_k(scaled, k, psize), dt, prow, pcol, o.seed, scale,
+                        left, *tasks[k], stream);
+    if (resample)
+      launch_projection_t(static_cast<uint16_t*>(at_k(next_t, k, psize)),
+                          at_k(scaled_next, k, psize), dt, prow, pcol, next_seed(o.seed),
+                          scale, left, *tasks[k], stream);
+  }
+
+  // Pointer arrays of the batched GEMMs, one pinned copy to the device.
+  enum { kDownA, kDownB, kDownC, kGramA, kGramC, kSqA, kSqC, kNowA, kNowB, kNowC,
+         kBasesA, kBasesB, kBasesC, kBaseA, kBaseB, kBaseC, kArrays };
+  at::Tensor host = at::empty({kArrays * count},
+                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  auto* ptrs = reinterpret_cast<const void**>(host.data_ptr<int64_t>());
+  const auto set = [&](int array, int k, const void* p) { ptrs[array * count + k] = p; };
+  for (int k = 0; k < count; ++k) {
+    const void* g = items[k]->grad.data_ptr();
+    const void* mom = items[k]->entry->state.momentum->data_ptr();
+    // X = (P diag a) G (left: A = scaled^T transposed, B = G) or G (diag b P) (right).
+    set(kDownA, k, left ? at_k(resample ? scaled_next : scaled, k, psize) : g);
+    set(kDownB, k, left ? g : at_k(resample ? scaled_next : scaled, k, psize));
+    set(kDownC, k, at_k(x, k, msize));
+    set(kNowA, k, left ? at_k(scaled, k, psize) : g);
+    set(kNowB, k, left ? g : at_k(scaled, k, psize));
+    set(kNowC, k, at_k(x_now, k, msize));
+    set(kGramA, k, bufs[k].plain_t);
+    set(kGramC, k, at_k(gram, k, r * r));
+    set(kSqA, k, mom);
+    set(kSqC, k, at_k(sq, k, r * r));
+    // bases = P_next P_now^T (left) or P_now^T P_next (right), from the transposes.
+    set(kBasesA, k, left ? at_k(next_t, k, psize) : bufs[k].plain_t);
+    set(kBasesB, k, left ? static_cast<const void*>(bufs[k].plain_t) : at_k(next_t, k, psize));
+    set(kBasesC, k, at_k(bases, k, r * r));
+    set(kBaseA, k, left ? at_k(bases, k, r * r) : mom);
+    set(kBaseB, k, left ? mom : at_k(bases, k, r * r));
+    set(kBaseC, k, at_k(base, k, msize));
+  }
+  const at::Tensor device = host.to(first.param.device(), /*non_blocking=*/true);
+  const auto arr = [&](int array) {
+    return reinterpret_cast<void* const*>(device.data_ptr<int64_t>() + array * count);
+  };
+  const auto carr = [&](int array) {
+    return reinterpret_cast<const void* const*>(device.data_ptr<int64_t>() + array * count);
+  };
+  // Batched from kMinBatched tensors on; fewer run one GEMM each: a lone small GEMM gets
+  // split-K from cuBLAS, a batched one does not (groups of one or two tensors stepped
+  // bf16 LLaMA 1.35B shapes in 31 ms against 24 ms one GEMM each).
+  const auto group_gemm = [&](bool ta, bool tb, int64_t M, int64_t N, int64_t K, int a, int b,
+                              int type, int c) {
+    if (count >= kMinBatched) {
+      gemm_batched(ta, tb, M, N, K, 1.f, carr(a), carr(b), type, 0.f, arr(c), count, true);
+      return;
+    }
+    for (int k = 0; k < count; ++k)
+      gemm(ta, tb, M, N, K, 1.f, ptrs[a * count + k], ptrs[b * count + k], type, 0.f,
+           static_cast<float*>(const_cast<void*>(ptrs[c * count + k])), true);
+  };
+  const auto down = [&](int a, int b, int c) {
+    if (left) group_gemm(true, false, r, m, n, a, b, dt, c);
+    else group_gemm(false, true, n, r, m, a, b, dt, c);
+  };
+  down(kDownA, kDownB, kDownC);
+  if (resample) {
+    down(kNowA, kNowB, kNowC);
+    if (left) group_gemm(true, false, r, r, n, kBasesA, kBasesB, kF16, kBasesC);
+    else group_gemm(false, true, r, r, m, kBasesA, kBasesB, kF16, kBasesC);
+    // M' = down_next(up_now(M)) = bases M (left) or M bases (right).
+    if (left) group_gemm(false, false, r, m, r, kBaseA, kBaseB, kF32, kBaseC);
+    else group_gemm(false, false, n, r, r, kBaseA, kBaseB, kF32, kBaseC);
+  }
+  // Gram = P P^T (left) or P^T P (right); S = M M^T (left) or M^T M (right).
+  if (left) group_gemm(true, false, r, r, n, kGramA, kGramA, kF16, kGramC);
+  else group_gemm(false, true, r, r, m, kGramA, kGramA, kF16, kGramC);
+  if (left) group_gemm(false, true, r, r, m, kSqA, kSqA, kF32, kSqC);
+  else group_gemm(true, false, r, r, n, kSqA, kSqA, kF32, kSqC);
+
+  const int64_t cols = left ? m : r, rows = msize / cols;
+  for (int k = 0; k < count; ++k) {
+    const Task& t = *tasks[k];
+    const float* xk = static_cast<const float*>(at_k(x, k, msize));
+    const float* x0 = resample ? static_cast<const float*>(at_k(x_now, k, msize)) : xk;
+    momentum_step_kernel<<<kTermsBlocks, kThreads, 0, stream>>>(
+        t.terms + 1, bufs[k].momentum16, items[k]->entry->state.momentum->data_ptr<float>(),
+        resample ? static_cast<const float*>(at_k(base, k, msize)) : nullptr, x0, xk,
+        static_cast<const float*>(at_k(gram, k, r * r)),
+        static_cast<const float*>(at_k(sq, k, r * r)), static_cast<int>(r * r),
+        static_cast<int>(rows),
+        static_cast<int>(cols), left, t.row, t.scalars, t.col_factor,
+        static_cast<float>(items[k]->entry->options.beta1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 // The passes over one batch; `between` runs the compressed-momentum work, which
 // needs the scalars and must come before the rms pass.
 // What the launches of one batch need besides its task table.
 struct BatchShape {
-  int64_t tiles = 0, fblocks = 0, sblocks = 0, smem = 0;
+  int64_t tiles = 0, fblocks = 0, sblocks = 0, gtiles = 0, smem = 0;
   bool any_factored = false, any_rms = false, any_norms = false;
+  bool any_fused_p2 = false, any_tile_p2 = false;
 };
 
 // Shared memory beyond 48 KiB must be allowed per kernel (and device) before a
@@ -1446,6 +2098,13 @@ void allow_stats_smem(int64_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(stats_kernel<DT>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(bytes)));
+}
+
+template <int DT>
+void allow_fused_smem() {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(fused_apply_kernel<DT>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(kUpSmemBytes)));
 }
 
 template <int DT, typename Between>
@@ -1463,6 +2122,14 @@ void launch_batch(const TaskTable& table, const BatchShape& b, const GroupArgs& 
         table);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  if (b.any_fused_p2) {
+    fused_p2_kernel<DT><<<static_cast<unsigned>(b.gtiles), kThreads, 0, stream>>>(table);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (b.any_tile_p2) {
+    tile_p2_kernel<DT><<<tile_grid, kThreads, 0, stream>>>(table);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   scalars_kernel<<<table.count, kThreads, 0, stream>>>(table.tasks, args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   between();
@@ -1472,16 +2139,26 @@ void launch_batch(const TaskTable& table, const BatchShape& b, const GroupArgs& 
     clip_kernel<<<table.count, kThreads, 0, stream>>>(table.tasks, args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  if (b.gtiles > 0) {
+    fused_clip_kernel<<<table.count, kThreads, 0, stream>>>(table.tasks, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   bool rounded = false;
   if constexpr (DT == kBF16) {
     if (args.stochastic_rounding) {
-      apply_kernel<DT, true><<<tile_grid, kThreads, 0, stream>>>(table, args);
+      if (b.tiles > 0) apply_kernel<DT, true><<<tile_grid, kThreads, 0, stream>>>(table, args);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       rounded = true;
     }
   }
-  if (!rounded) {
+  if (!rounded && b.tiles > 0) {
     apply_kernel<DT, false><<<tile_grid, kThreads, 0, stream>>>(table, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (b.gtiles > 0) {
+    allow_fused_smem<DT>();
+    fused_apply_kernel<DT><<<static_cast<unsigned>(b.gtiles), kThreads, kUpSmemBytes, stream>>>(
+        table, args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (b.any_norms) {
@@ -1530,6 +2207,9 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   std::vector<Batch> batches;
   const int64_t limit = batch_bytes_limit();
   const bool row_stats_on = row_stats_enabled();
+  // The fused apply pass needs mma.sync TF32 (sm_80+).
+  const bool fused_on =
+      fused_momentum_enabled() && at::cuda::getCurrentDeviceProperties()->major >= 8;
   const int64_t smem_limit = row_stats_on ? stats_smem_limit() : 0;
   const int64_t stages = row_stats_on ? stats_stages() : 0;
   // Compressed tensors' n x m update buffers live as long as their batch: a batch
@@ -1538,8 +2218,9 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   // copy of a gradient), or a single tensor's. That bounds the step's extra memory;
   // batching them saves the fixed cost of each launch (one batch a tensor: ~190
   // launches a pass on 1.35B shapes, 39.0 ms against 32.0 ms a fp32 step).
-  int64_t update_limit = 0;
+  int64_t update_limit = 0, group_limit = 0;
   for (const Item& item : items) {
+    group_limit += item.param.numel() * 4 / (4 * kUpdateShare);
     const int64_t elem = item.param.element_size();
     update_limit += item.param.numel() * elem / (elem == 4 ? kUpdateShare : 2 * kUpdateShare);
   }
@@ -1580,9 +2261,27 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
       if (layout.momentum == MomentumKind::kDense)
         t.momentum = e.state.momentum->data_ptr<float>();
       t.vec = vec;
-      if (row_stats_on && layout.momentum == MomentumKind::kNone)
+      // Fused compressed momentum: TF32 asked for, 16-byte rows of every GEMM operand,
+      // round-to-nearest writes (stochastic rounding keeps the unfused passes).
+      const bool compressed = layout.momentum == MomentumKind::kCompressed;
+      // 32-bit index arithmetic in the projection and momentum kernels.
+      t.fused = compressed && fused_on && e.options.tf32 && !args.stochastic_rounding &&
+                aligned_to(t.param, 16) && aligned_to(t.grad, 16) &&
+                aligned_to(e.state.momentum->data_ptr(), 16) && t.n % 4 == 0 &&
+                t.m % 8 == 0 && layout.rank % 8 == 0 &&
+                layout.rank * std::max(t.n, t.m) < INT_MAX;
+      if (row_stats_on && (layout.momentum == MomentumKind::kNone || t.fused))
         stats_smem[k] = plan_row_stats(t, elem, lane_elems, smem_limit, stages);
       t.needs_rms = !t.row_stats;
+      // Without a valid norm cache, sum p^2 of these comes from fused_p2_kernel or
+      // tile_p2_kernel (in the apply pass's order) rather than the stats pass.
+      if ((t.fused || t.row_stats) && t.param_sq != nullptr && !t.p2_known) t.stats_p = 0;
+      if (t.fused) {
+        t.rank = layout.rank;
+        t.gcols = static_cast<int32_t>(ceil_div(t.m, kUpBN));
+        t.gtiles = ceil_div(t.n, kUpBM) * t.gcols;
+        if (t.row_stats) t.tiles = 0;  // no tile pass touches it
+      }
     } else {
       t.kind = kFull;
       t.n = 1;
@@ -1597,8 +2296,11 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
     }
     t.vec = vec;
     const int64_t bytes = 2 * t.numel * elem;  // of gradient and parameter
-    const int64_t update = layout.momentum == MomentumKind::kCompressed
-                               ? t.numel * int64_t(sizeof(float)) : 0;
+    // Fused tasks hold P^T and M in fp16 (r x min(n, m), r x max(n, m)) instead.
+    const int64_t update =
+        t.fused ? layout.rank * 2 * (t.n + t.m)
+        : layout.momentum == MomentumKind::kCompressed ? t.numel * int64_t(sizeof(float))
+                                                       : 0;
     const bool fits = !batches.empty() && items[batches.back().first].dtype == item.dtype &&
                       batch_bytes + bytes <= limit && batch_update + update <= update_limit;
     if (!fits) {
@@ -1622,7 +2324,13 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
       t.tile_begin = b.tiles;
       t.fblock_begin = b.fblocks;
       t.sblock_begin = b.sblocks;
+      t.gtile_begin = b.gtiles;
       b.tiles += t.tiles;
+      b.gtiles += t.gtiles;
+      const bool cache_p2 = (t.fused || t.row_stats) && t.param_sq != nullptr &&
+                            !t.p2_known && args.scale_parameter;
+      b.any_fused_p2 = b.any_fused_p2 || (cache_p2 && t.fused);
+      b.any_tile_p2 = b.any_tile_p2 || (cache_p2 && !t.fused);
       b.sblocks += t.row_stats ? t.rchunks : t.tiles;
       b.smem = std::max(b.smem, stats_smem[k]);
       b.any_norms = b.any_norms || t.param_sq != nullptr;
@@ -1639,7 +2347,8 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   }
   int64_t workspace_floats = 0;
   for (const Batch& b : batches) {
-    TORCH_CHECK(b.tiles < INT_MAX && b.fblocks < INT_MAX && b.sblocks < INT_MAX,
+    TORCH_CHECK(b.tiles < INT_MAX && b.fblocks < INT_MAX && b.sblocks < INT_MAX &&
+                    b.gtiles < INT_MAX,
                 "flora: a batch of parameters needs more blocks than a grid holds");
     workspace_floats = std::max(workspace_floats, b.workspace);
   }
@@ -1662,15 +2371,29 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
     }
     t.tile_p2 = ws + w.tile_p2;
     t.tile_d2 = ws + w.tile_d2;
+    if ((t.fused || t.row_stats) && t.param_sq != nullptr && !t.p2_known &&
+        args.scale_parameter)
+      t.cache_p2 = ws + w.cache_p2;
     t.scalars = ws + w.scalars;
-    if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) t.update = ws + w.update;
+    if (t.fused) {
+      t.terms = reinterpret_cast<double*>(ws + w.terms);
+      // up(M) = P^T M (left: A = P^T, n x r; B = M) or M P^T (right: A = M; B = P^T,
+      // r x m), both fp16 copies in the workspace.
+      const uint16_t* plain_t = reinterpret_cast<const uint16_t*>(ws + w.plain_t);
+      const uint16_t* momentum16 = reinterpret_cast<const uint16_t*>(ws + w.momentum16);
+      const bool left = t.n < t.m;
+      t.up_a = left ? plain_t : momentum16;
+      t.up_b = left ? momentum16 : plain_t;
+    } else if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
+      t.update = ws + w.update;
+    }
   }
 
   // One host-to-device copy (pinned, asynchronous) of every task descriptor, then
   // of the tasks' first tiles, first finalize blocks and first stats blocks.
   static_assert(sizeof(Task) % sizeof(int64_t) == 0, "begins follow the tasks aligned");
   const size_t count = tasks.size();
-  const int64_t table_bytes = static_cast<int64_t>(count * (sizeof(Task) + 3 * sizeof(int64_t)));
+  const int64_t table_bytes = static_cast<int64_t>(count * (sizeof(Task) + 4 * sizeof(int64_t)));
   at::Tensor host_table =
       at::empty({table_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   auto* host_bytes = static_cast<uint8_t*>(host_table.data_ptr());
@@ -1680,6 +2403,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
     host_begins[k] = tasks[k].tile_begin;
     host_begins[count + k] = tasks[k].fblock_begin;
     host_begins[2 * count + k] = tasks[k].sblock_begin;
+    host_begins[3 * count + k] = tasks[k].gtile_begin;
   }
   const at::Tensor device_table =
       host_table.to(items[0].param.device(), /*non_blocking=*/true);
@@ -1690,13 +2414,49 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
 
   for (const Batch& b : batches) {
     const auto compressed_work = [&] {
-      for (int k = b.first; k < b.first + b.count; ++k)
-        if (tasks[k].momentum_kind == static_cast<int>(MomentumKind::kCompressed))
-          compressed_momentum(items[k], tasks[k], *items[k].entry->state.momentum);
+      // Fused tasks in groups of one shape (in call order within a group) whose
+      // temporaries (gradient-sized GEMM inputs, down(U), two r x r products; twice
+      // that on resample steps) stay within a quarter of the update share of the
+      // call's parameters counted as fp32 (the temporaries do not shrink with them).
+      std::vector<bool> done(b.count, false);
+      const auto temp_bytes = [&](int q) {
+        const ParamLayout& l = items[q].entry->layout;
+        const int64_t r = l.rank, pdim = std::min(l.rows, l.cols), mdim = std::max(l.rows, l.cols);
+        const int64_t once = r * pdim * items[q].grad.element_size() + 4 * r * mdim + 8 * r * r;
+        return items[q].entry->options.resample() ? 2 * once + 2 * r * pdim : once;
+      };
+      for (int k = b.first; k < b.first + b.count; ++k) {
+        const Task& t = tasks[k];
+        if (t.fused) {
+          if (done[k - b.first]) continue;
+          std::vector<const Item*> group_items;
+          std::vector<const Task*> group_tasks;
+          std::vector<FusedBuffers> group_bufs;
+          const ParamLayout& lk = items[k].entry->layout;
+          int64_t group_temps = 0;
+          for (int q = k; q < b.first + b.count; ++q) {
+            const ParamLayout& lq = items[q].entry->layout;
+            if (!tasks[q].fused || done[q - b.first] || lq.rows != lk.rows ||
+                lq.cols != lk.cols || lq.rank != lk.rank ||
+                items[q].entry->options.resample() != items[k].entry->options.resample())
+              continue;
+            if (!group_items.empty() && group_temps + temp_bytes(q) > group_limit) break;
+            group_temps += temp_bytes(q);
+            done[q - b.first] = true;
+            group_items.push_back(&items[q]);
+            group_tasks.push_back(&tasks[q]);
+            group_bufs.push_back({reinterpret_cast<uint16_t*>(ws + plans[q].plain_t),
+                                  reinterpret_cast<uint16_t*>(ws + plans[q].momentum16)});
+          }
+          fused_momentum_group(group_items, group_tasks, group_bufs);
+        } else if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
+          compressed_momentum(items[k], t, *items[k].entry->state.momentum);
+        }
+      }
     };
     const TaskTable table{device_tasks + b.first, device_begins + b.first,
                           device_begins + count + b.first, device_begins + 2 * count + b.first,
-                          b.count};
+                          device_begins + 3 * count + b.first, b.count};
     switch (items[b.first].dtype) {
       case kF32:
         launch_batch<kF32>(table, b, args, compressed_work);
