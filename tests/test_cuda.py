@@ -494,18 +494,10 @@ FUSED_CASES = [
 ]
 
 
-def run_momentum(shape, dtype, hp, device, steps=10, seed=2):
-    gen = torch.Generator().manual_seed(seed)
-    p0 = torch.randn(shape, generator=gen).to(dtype)
-    grads = [(torch.randn(shape, generator=gen) * (0.1 + t % 3)).to(dtype) for t in range(steps)]
-    p = torch.nn.Parameter(p0.to(device, copy=True))
-    kw = dict(lr=1e-2, beta1=0.9, kappa=4, tf32=True)
-    kw.update(hp)
-    opt = flora_ext.Flora([p], **kw)
-    for g in grads:
-        p.grad = g.to(device)
-        opt.step()
-    return p.detach().cpu().double() - p0.double(), opt.state[p]
+def run_momentum(shape, dtype, hp, device):
+    """run_updates with compressed momentum (TF32 on) over 10 steps, kappa = 4."""
+    return run_updates(shape, dtype, dict(beta1=0.9, kappa=4, tf32=True, **hp), device,
+                       steps=10, seed=2)
 
 
 @pytest.mark.parametrize("shape,dtype,hp", FUSED_CASES, ids=str)

@@ -1598,11 +1598,13 @@ cudaDataType_t cuda_type(int dt) {
 }
 
 // Row-major C (M x N, fp32) = alpha op(A) op(B) + beta C, through cuBLAS's
-// column-major API as C^T = op(B)^T op(A)^T. A and B share the type `ab`.
-// fp32 inputs run on TF32 tensor cores when tf32 is set; 16-bit inputs always
-// use the tensor cores with fp32 accumulation.
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-          const void* A, const void* B, int ab, float beta, float* C, bool tf32) {
+// column-major API as C^T = op(B)^T op(A)^T: run(handle, opB, opA, N, M, K, ldb, lda,
+// ldc, type of A and B, compute type) makes the call. A and B share the type `ab`.
+// fp32 inputs run on TF32 tensor cores when tf32 is set; 16-bit inputs always use the
+// tensor cores with fp32 accumulation.
+template <typename Run>
+void cublas_row_major(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, int ab,
+                      bool tf32, const Run& run) {
   const int lda = as_int(trans_a ? M : K, "lda"), ldb = as_int(trans_b ? K : N, "ldb");
   const bool fast = ab == kF32 && tf32;
   const cublasComputeType_t compute = fast ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
@@ -1613,12 +1615,24 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
   TORCH_CUDABLAS_CHECK(cublasGetMathMode(handle, &previous));
   TORCH_CUDABLAS_CHECK(
       cublasSetMathMode(handle, fast ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
-  const cublasStatus_t status = cublasGemmEx(
-      handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
-      as_int(N, "N"), as_int(M, "M"), as_int(K, "K"), &alpha, B, cuda_type(ab), ldb, A,
-      cuda_type(ab), lda, &beta, C, CUDA_R_32F, as_int(N, "ldc"), compute, CUBLAS_GEMM_DEFAULT);
+  const cublasStatus_t status =
+      run(handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
+          as_int(N, "N"), as_int(M, "M"), as_int(K, "K"), ldb, lda, as_int(N, "ldc"),
+          cuda_type(ab), compute);
   TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, previous));
   TORCH_CUDABLAS_CHECK(status);
+}
+
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+          const void* A, const void* B, int ab, float beta, float* C, bool tf32) {
+  cublas_row_major(trans_a, trans_b, M, N, K, ab, tf32,
+                   [&](cublasHandle_t handle, cublasOperation_t op_b, cublasOperation_t op_a,
+                       int n, int m, int k, int ldb, int lda, int ldc, cudaDataType_t type,
+                       cublasComputeType_t compute) {
+                     return cublasGemmEx(handle, op_b, op_a, n, m, k, &alpha, B, type, ldb, A,
+                                         type, lda, &beta, C, CUDA_R_32F, ldc, compute,
+                                         CUBLAS_GEMM_DEFAULT);
+                   });
 }
 
 void fill_projection_cuda(const at::Tensor& out, int64_t seed, double scale) {
@@ -1901,21 +1915,14 @@ bool fused_momentum_enabled() {
 void gemm_batched(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                   const void* const* a, const void* const* b, int ab, float beta,
                   void* const* c, int count, bool tf32) {
-  const int lda = as_int(trans_a ? M : K, "lda"), ldb = as_int(trans_b ? K : N, "ldb");
-  const bool fast = ab == kF32 && tf32;
-  const cublasComputeType_t compute = fast ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
-  const cublasHandle_t handle = at::cuda::getCurrentCUDABlasHandle();
-  cublasMath_t previous;
-  TORCH_CUDABLAS_CHECK(cublasGetMathMode(handle, &previous));
-  TORCH_CUDABLAS_CHECK(
-      cublasSetMathMode(handle, fast ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
-  const cublasStatus_t status = cublasGemmBatchedEx(
-      handle, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
-      as_int(N, "N"), as_int(M, "M"), as_int(K, "K"), &alpha, b, cuda_type(ab), ldb, a,
-      cuda_type(ab), lda, &beta, c, CUDA_R_32F, as_int(N, "ldc"), count, compute,
-      CUBLAS_GEMM_DEFAULT);
-  TORCH_CUDABLAS_CHECK(cublasSetMathMode(handle, previous));
-  TORCH_CUDABLAS_CHECK(status);
+  cublas_row_major(trans_a, trans_b, M, N, K, ab, tf32,
+                   [&](cublasHandle_t handle, cublasOperation_t op_b, cublasOperation_t op_a,
+                       int n, int m, int k, int ldb, int lda, int ldc, cudaDataType_t type,
+                       cublasComputeType_t compute) {
+                     return cublasGemmBatchedEx(handle, op_b, op_a, n, m, k, &alpha, b, type,
+                                                ldb, a, type, lda, &beta, c, CUDA_R_32F, ldc,
+                                                count, compute, CUBLAS_GEMM_DEFAULT);
+                   });
 }
 
 void launch_projection_t(uint16_t* plain_t, void* scaled_t, int dtype, int64_t prow,
