@@ -571,3 +571,27 @@ def test_resume_is_bitwise_on_cuda(shape, hp):
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     steps(resumed, opt2, grads[3:])
     assert torch.equal(resumed, ref)
+
+
+def test_fused_down_gemm_saturates_a_huge_u():
+    # One small gradient in a row and a column of zeros, amid gradients of 1, gives
+    # U ~2.5e5 there: past fp16, in which the down GEMM reads U. It saturates at 65504
+    # (an inf would make the momentum inf), and p, which takes U from the fp32
+    # gradient, matches the CPU.
+    n = m = 256
+    g = torch.ones(n, m)
+    g[0, :] = 0
+    g[:, 0] = 0
+    g[0, 0] = 1e-3
+    p0 = torch.randn(n, m, generator=torch.Generator().manual_seed(3))
+
+    def run(device):
+        p = torch.nn.Parameter(p0.to(device, copy=True))
+        opt = flora_ext.Flora([p], lr=1e-2, beta1=0.9, rank=64, tf32=True)
+        p.grad = g.to(device)
+        opt.step()  # one step: M was 0, so D = (1 - beta1) U does not involve it
+        return p.detach().cpu().double() - p0.double(), opt.state[p]["momentum"].cpu()
+
+    (dc, mc), (dp, mp) = run("cuda"), run("cpu")
+    assert torch.isfinite(mc).all() and torch.isfinite(dc).all()
+    assert rel_err(dc, dp) <= 2e-3

@@ -3,7 +3,7 @@
 // A step_group_ call steps its parameters in batches: consecutive parameters of
 // one dtype (FLORA_BATCH_BYTES of gradients and parameters, default 16 GiB;
 // compressed tensors' momentum buffers within 1/40 of the call's parameter bytes,
-// 1/80 of 16-bit ones).
+// 1/80 of 16-bit ones unless fused).
 // Every pass over a batch is one launch
 // over all its tensors (a table of Task descriptors; a block finds its task by a
 // search staged in shared memory), so a model of many small tensors costs a
@@ -17,10 +17,11 @@
 //   finalize row/col EMAs, column factors, per-256-row partial sums
 //   scalars  mean of the row EMA, the step size of each tensor, and the clip
 //            factor of every tensor whose sum D^2 is already known
-//   (compressed momentum: projections regenerated with cuRAND Philox, cuBLAS GEMMs;
-//    down(U) = (P diag a) G diag b, so U is never materialised. Fused (TF32, the
-//    default): down(U), Gram = P P^T and M M^T batched per shape, one momentum pass
-//    for the terms of sum D^2 and the new M; unfused: an n x m buffer of beta1 up(M))
+//   (compressed momentum: projections regenerated with cuRAND Philox. Fused (TF32,
+//    the default), per shape: Gram = P P^T and M M^T batched in cuBLAS, then the down
+//    GEMM on the tensor cores, which turns G into U in shared memory and leaves the
+//    terms of sum D^2, M in fp16 and the new M in its epilogue. Unfused: cuBLAS GEMMs
+//    with down(U) = (P diag a) G diag b, and an n x m buffer of beta1 up(M))
 //   rms      sum of D^2 (or U^2, fused) of the other factored tensors
 //   clip     their RMS clip factor (fused: from sum U^2 and the momentum terms)
 //   apply    p = p - decay p - lr D / clip, written once (stochastic rounding optional);
@@ -85,8 +86,6 @@ constexpr int kUpBM = 128, kUpBN = 128, kUpBK = 32, kUpStages = 4;
 constexpr int kUpAStride = kUpBK + 8, kUpBStride = kUpBN + 8;  // halves
 constexpr int kUpStageHalves = kUpBM * kUpAStride + kUpBK * kUpBStride;
 constexpr int64_t kUpSmemBytes = int64_t(kUpStages) * kUpStageHalves * 2;
-// Blocks of the per-tensor momentum-terms reduction (a fixed grid: a fixed order).
-constexpr int kTermsBlocks = 264;
 // Fused tasks of one shape share batched GEMMs from this many on (see group_gemm).
 constexpr int kMinBatched = 4;
 
@@ -95,6 +94,34 @@ __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a
 enum Scalar : int { kRowMean = 0, kStepSize = 1, kInvClip = 2, kDecay = 3, kNumScalars = 4 };
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 enum TaskKind : int32_t { kFactored = 0, kFull = 1 };
+
+// The down GEMM of fused tasks: kUpBM outputs by kDnBN of the rank a block of
+// kDnThreads (16 warps of 64 x 32), the contraction kDnBK at a time through a ring of
+// kDnStages<DT> buffers of G (as stored) and P^T (fp16; rows padded by 16 bytes as in
+// the up GEMM), plus two buffers of U in fp16; one block an SM. The ring is as deep as
+// shared memory allows: with four fp32 stages the block waited on G (DRAM at 40%).
+constexpr int kDnBN = 256, kDnBK = 32, kDnThreads = 512;
+template <int DT> constexpr int kDnStages = DT == kF32 ? 5 : 7;
+constexpr int kDnBStrideLeft = kDnBN + 8;                // halves: P^T tile [k][r]
+template <int DT> constexpr int kDnGBytes = kUpBM * kDnBK * (DT == kF32 ? 4 : 2);
+constexpr int kDnBBytes = kDnBN * kUpAStride * 2;        // [r][k] right, [k][r] left
+constexpr int kDnAHalves = kUpBM * kUpAStride;           // a U tile: [out][k] or [k][out]
+constexpr int kDnABytes = 2 * kDnAHalves * 2;             // two of them
+template <int DT> constexpr int kDnStageBytes = kDnGBytes<DT> + kDnBBytes;
+template <int DT>
+constexpr int64_t kDnSmemBytes = int64_t(kDnStages<DT>) * kDnStageBytes<DT> + kDnABytes +
+                                 (kDnStages<DT> * kDnBK + kUpBM) * 4;
+static_assert(kDnSmemBytes<kF32> <= 227 * 1024 && kDnSmemBytes<kBF16> <= 227 * 1024,
+              "one block an SM");
+static_assert(kDnBK * kDnBStrideLeft <= kDnBN * kUpAStride, "left P^T tiles fit");
+// The epilogue's fp32 tile in the ring: [out][k] (right) or [k][out] (left), rows padded
+// so that the fragment writes hit distinct banks.
+constexpr int kDnXStrideRight = kDnBN + 8, kDnXStrideLeft = kUpBM + 4;  // floats
+static_assert(int64_t(kUpBM) * kDnXStrideRight * 4 <= kDnStages<kF32> * kDnStageBytes<kF32> &&
+                  int64_t(kDnBN) * kDnXStrideLeft * 4 <= kDnStages<kBF16> * kDnStageBytes<kBF16>,
+              "the epilogue tile fits the ring");
+static_assert(kDnBK * kUpBStride <= kUpBM * kUpAStride, "left U tiles fit");
+
 // Task::row_stats: the tile passes, or row stats with the column accumulators in shared
 // memory or in registers.
 enum RowStats : int32_t { kNoRowStats = 0, kRowStatsShared = 1, kRowStatsRegisters = 2 };
@@ -125,7 +152,7 @@ struct Task {
   // epilogue; sum D^2 comes from sum U^2 and `terms` (see fused_clip_kernel).
   const uint16_t* up_a;  // fp16
   const uint16_t* up_b;
-  double* terms;         // fused: [0] sum U^2, then kTermsBlocks partial sums
+  double* terms;         // fused: [0] sum U^2, then one partial sum a down-GEMM tile
   // Norm cache not valid, and the stats pass's blocks are not the apply pass's (fused
   // or row stats): sum p^2 of each apply tile (up-GEMM tiles if fused), summed as the
   // norms pass will sum them, so that a resumed run steps as an uninterrupted one.
@@ -133,6 +160,7 @@ struct Task {
   int64_t rank;
   int64_t gtile_begin;   // fused: first up-GEMM tile in the batch's grid
   int64_t gtiles;        // fused: up-GEMM tiles (kUpBM x kUpBN outputs each)
+  int64_t dtiles;        // fused: down-GEMM tiles (down_tiles)
   int32_t gcols;         // fused: up-GEMM tiles along m
   int32_t fused;
   int64_t n, m;          // factored: rows, cols; unfactored: 1, numel
@@ -441,7 +469,9 @@ __device__ __forceinline__ void copy_async_wait(int pending) {
     case 0: asm volatile("cp.async.wait_group 0;\n" ::); break;
     case 1: asm volatile("cp.async.wait_group 1;\n" ::); break;
     case 2: asm volatile("cp.async.wait_group 2;\n" ::); break;
-    default: asm volatile("cp.async.wait_group 3;\n" ::); break;
+    case 3: asm volatile("cp.async.wait_group 3;\n" ::); break;
+    case 4: asm volatile("cp.async.wait_group 4;\n" ::); break;
+    default: asm volatile("cp.async.wait_group 5;\n" ::); break;
   }
 #endif
 }
@@ -1193,103 +1223,70 @@ __global__ void momentum_mix_kernel(float* __restrict__ momentum,
 //             + beta1^2 <M, Gram M>,
 // Gram = P P^T (left) or P^T P (right), r x r: <U, up(M)> = <down(U), M> and
 // |up(M)|^2 = <M, Gram M>. sum U^2 comes with the row stats (or the rms pass), and
-// down(U) is the GEMM the momentum needs anyway.
+// down(U) is the GEMM the momentum needs anyway (fused_down_kernel).
 //
-// The up GEMM reads P and M as fp16: the 10-bit mantissa of TF32 (what cuBLAS's TF32
-// mode keeps) at half the bytes, which the GEMM streams from L2 for every tile (8
-// bytes an output element in fp32), and twice the tensor-core rate. P ~ N(0, 1/r) is
-// far inside fp16's range; so is M, a projection of U (RMS ~1), |M| <~ n / sqrt(r);
-// values past 65504 saturate instead of becoming inf.
+// Both GEMMs read their operands as fp16: the 10-bit mantissa of TF32 (what cuBLAS's
+// TF32 mode keeps) at half the bytes, which they stream from L2 for every tile (8 bytes
+// an output element in fp32), and twice the tensor-core rate. P ~ N(0, 1/r) is far
+// inside fp16's range; so are U (RMS ~1; a lone element reaches ~sqrt(n) / (1 - beta2))
+// and M, a projection of U, |M| <~ n / sqrt(r); values past 65504 saturate instead of
+// becoming inf (a gradient spike that large is clipped in D anyway).
 
+// Two floats as fp16 (round to nearest), saturated at +-65504; NaN stays NaN.
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const __half2 top = __float2half2_rn(65504.f);
+  const __half2 c = __hmin2_nan(__hmax2_nan(h, __hneg2(top)), top);
+#else
+  const __half2 c = h;  // the fused path runs on sm_80 and newer only
+#endif
+  return *reinterpret_cast<const uint32_t*>(&c);
+}
 __device__ __forceinline__ uint16_t to_half_bits(float x) {
-  return __half_as_ushort(__float2half_rn(fminf(fmaxf(x, -65504.f), 65504.f)));
+  return static_cast<uint16_t>(pack_half2(x, 0.f) & 0xFFFFu);
 }
 
-// P^T (fp16) and (P scaled along the parameter's dimension)^T in the down GEMM's
-// dtype, P being prow x pcol (pcol % 4 == 0). Thread `idx` draws the Philox group of
+// P^T in fp16 for every task of a fused group, P being prow x pcol (pcol % 4 == 0);
+// blockIdx.y picks the task's seed and output. Thread `idx` draws the Philox group of
 // P's row kr, columns 4 cg .. 4 cg + 3 (the same numbers as projection_pair_kernel);
 // neighbouring threads take neighbouring rows, so the transposed writes coalesce.
 // Sizes are below 2^31 groups (checked on the host): 32-bit index arithmetic.
-template <int DT>
-__global__ void projection_t_kernel(uint16_t* __restrict__ plain_t,
-                                    Storage<DT>* __restrict__ scaled_t, int prow, int pcol,
-                                    uint64_t seed, double scale, bool left,
-                                    const float* __restrict__ row,
-                                    const float* __restrict__ scalars,
-                                    const float* __restrict__ col_factor) {
+__global__ void projection_t_kernel(uint16_t* const* __restrict__ outs,
+                                    const uint64_t* __restrict__ seeds, int prow, int pcol,
+                                    double scale) {
   const int groups_per_row = pcol / 4;
   const int idx = blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= prow * groups_per_row) return;
+  uint16_t* plain_t = outs[blockIdx.y];
   const int kr = idx % prow, cg = idx / prow;
   float z[4];
-  projection_values(seed, int64_t(kr) * groups_per_row + cg, scale, z);
-  const float row_mean = scalars[kRowMean];
+  projection_values(seeds[blockIdx.y], int64_t(kr) * groups_per_row + cg, scale, z);
 #pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    const int c = 4 * cg + u;
-    const int64_t e = int64_t(c) * prow + kr;
-    plain_t[e] = to_half_bits(z[u]);
-    if (scaled_t) {
-      const float s = left ? row_scale(row[c], row_mean) : col_factor[kr];
-      scaled_t[e] = from_float<DT>(z[u] * s);
-    }
-  }
+  for (int u = 0; u < 4; ++u) plain_t[int64_t(4 * cg + u) * prow + kr] = to_half_bits(z[u]);
 }
 
-// The momentum of a fused task (rows x cols, cols % 4 == 0, fewer than 2^31 float4s),
-// in one pass before the apply pass, which then needs only its fp16 copy:
-//   partial sums (kTermsBlocks, a fixed order) of 2 beta1 (1 - beta1) M . X0 and of
-//   beta1^2 Gram . S (S = M M^T or M^T M, r x r: <M, Gram M> = <Gram, S> without an
-//   r x max(n, m) product), M16 = fp16(M), then M = beta1 M' + (1 - beta1) X,
-// with M the momentum before this step, X0 and X down(U) in the
-// current and new basis (the same but on resample steps), M' = M or its transfer to
-// the new basis (`base`). down(U) is the GEMM result scaled along the other dimension
-// (left: X[k, j] b_j; right: X[i, k] a_i).
-__global__ void __launch_bounds__(kThreads)
-    momentum_step_kernel(double* __restrict__ partials, uint16_t* __restrict__ momentum16,
-                         float* __restrict__ momentum, const float* __restrict__ base,
-                         const float* __restrict__ x0, const float* __restrict__ x,
-                         const float* __restrict__ gram_rr, const float* __restrict__ sq_rr,
-                         int rr, int rows, int cols, bool left,
-                         const float* __restrict__ row, const float* __restrict__ scalars,
-                         const float* __restrict__ col_factor, float beta1) {
-  const int vecs = cols / 4, total = rows * vecs;
-  const float row_mean = scalars[kRowMean];
-  const float cross = 2.f * beta1 * (1.f - beta1), gram = beta1 * beta1, keep = 1.f - beta1;
-  float sum = 0.f;
-  for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < rr; e += gridDim.x * blockDim.x)
-    sum += gram * (gram_rr[e] * sq_rr[e]);
-  for (int v = blockIdx.x * blockDim.x + threadIdx.x; v < total; v += gridDim.x * blockDim.x) {
-    const int i = v / vecs, c4 = v - i * vecs;
-    float s[4];
-    if (left) {
-      const float4 b = reinterpret_cast<const float4*>(col_factor)[c4];
-      s[0] = b.x; s[1] = b.y; s[2] = b.z; s[3] = b.w;
-    } else {
-      s[0] = s[1] = s[2] = s[3] = row_scale(row[i], row_mean);
-    }
-    const float4 m4 = reinterpret_cast<const float4*>(momentum)[v];
-    const float4 x04 = reinterpret_cast<const float4*>(x0)[v];
-    const float4 x4 = x == x0 ? x04 : reinterpret_cast<const float4*>(x)[v];
-    const float4 b4 = base == nullptr ? m4 : reinterpret_cast<const float4*>(base)[v];
-    const float mv[4] = {m4.x, m4.y, m4.z, m4.w}, x0v[4] = {x04.x, x04.y, x04.z, x04.w};
-    const float xv[4] = {x4.x, x4.y, x4.z, x4.w};
-    const float bv[4] = {b4.x, b4.y, b4.z, b4.w};
-    float out[4];
-    uint16_t h[4];
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      sum += mv[c] * (cross * (x0v[c] * s[c]));
-      h[c] = to_half_bits(mv[c]);
-      out[c] = bv[c] * beta1 + (xv[c] * s[c]) * keep;
-    }
-    reinterpret_cast<uint2*>(momentum16)[v] =
-        make_uint2(uint32_t(h[0]) | (uint32_t(h[1]) << 16), uint32_t(h[2]) | (uint32_t(h[3]) << 16));
-    reinterpret_cast<float4*>(momentum)[v] = make_float4(out[0], out[1], out[2], out[3]);
-  }
-  const double block_total = block_sum(static_cast<double>(sum));
-  if (threadIdx.x == 0) partials[blockIdx.x] = block_total;
-}
+// One task of a fused group's down GEMM (fused_down_kernel): down(U) in the basis of
+// `proj`, then its epilogue on the momentum M (before this step):
+//   partials: per tile, 2 beta1 (1 - beta1) M . down(U), plus a share of
+//             beta1^2 Gram . S (S = M M^T or M^T M, r x r: <M, Gram M> = <Gram, S>
+//             without an r x max(n, m) product); skipped when null
+//   momentum16: fp16(M) for the up GEMM; skipped when null
+//   update: M = beta1 M' + (1 - beta1) down(U), M' = M or `base` (M moved to the next
+//           basis on resample steps)
+struct DownJob {
+  const void* grad;
+  const uint16_t* proj;  // P^T, fp16: n x rank (left) or rank x m (right)
+  float* momentum;       // rank x m (left) or n x rank (right)
+  const float* base;
+  uint16_t* momentum16;
+  double* partials;      // one a tile of the task
+  const float* gram;
+  const float* sq;
+  const float* row;
+  const float* scalars;
+  const float* col_factor;
+};
 
 // One block per fused task: sum D^2 from sum U^2 and the momentum terms, then the
 // clip factor. Rounding can leave a tiny negative sum where D is ~0: clamped.
@@ -1298,7 +1295,7 @@ __global__ void __launch_bounds__(kThreads)
   const Task& t = tasks[blockIdx.x];
   if (!t.fused) return;
   double d2 = 0.0;
-  for (int k = threadIdx.x; k < kTermsBlocks; k += blockDim.x) d2 += t.terms[1 + k];
+  for (int64_t k = threadIdx.x; k < t.dtiles; k += blockDim.x) d2 += t.terms[1 + k];
   d2 = block_sum(d2);
   if (threadIdx.x != 0) return;
   const double keep = 1.0 - static_cast<double>(a.beta1);
@@ -1585,6 +1582,313 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (threadIdx.x == 0) t.tile_p2[local] = p2;
 }
 
+// The down GEMM of fused tasks: down(U) = P U (left, r x m) or U P (right, n x r), on
+// the tensor cores with fp16 operands. A block of kDnThreads takes kUpBM outputs along
+// m (left) or n (right) by kDnBN of the rank (all of it up to 256), so that G is read
+// and converted once, contracting over n (left) or m (right) kDnBK at a time: G and P^T
+// arrive through a ring of kDnStages<DT> buffers (cp.async); each step turns the next G
+// tile into U = g a_i b_j in fp16 (pack_half2: U has RMS ~1, and its 10-bit mantissa
+// is what TF32 keeps) in one of two buffers while the tensor cores work on the other,
+// one barrier a step. U never exists in global memory, and the GEMM result goes
+// straight into the momentum epilogue of DownJob. Grid: (tiles of a task, tasks).
+template <int DT, bool kLeft>
+__global__ void __launch_bounds__(kDnThreads, 1)
+    fused_down_kernel(const DownJob* __restrict__ jobs, int n, int m, int rank, float beta1,
+                      int update) {
+  using S = Storage<DT>;
+  constexpr int kStages = kDnStages<DT>, kStageBytes = kDnStageBytes<DT>;
+  constexpr int kGBytes = kDnGBytes<DT>;
+  constexpr int E = 16 / int(sizeof(S));  // elements of G in a 16-byte chunk
+  constexpr int kGRounds = kUpBM * kDnBK / E / kDnThreads;  // chunks a thread: 2 fp32, 1 16-bit
+  constexpr int kAStride = kLeft ? kUpBStride : kUpAStride;  // U: [k][out] or [out][k]
+  constexpr int kBStride = kLeft ? kDnBStrideLeft : kUpAStride;  // P^T: [k][r] or [r][k]
+  extern __shared__ uint4 dn_smem[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(dn_smem);
+  uint16_t* a16 = reinterpret_cast<uint16_t*>(smem + kStages * kStageBytes);
+  float* kscale = reinterpret_cast<float*>(smem + kStages * kStageBytes + kDnABytes);
+  const DownJob job = jobs[blockIdx.y];  // in registers: the epilogue's stores may alias
+  const int outs = kLeft ? m : n, K = kLeft ? n : m;
+  const int rblocks = static_cast<int>(ceil_div(rank, kDnBN));
+  const int local = blockIdx.x;
+  const int o0 = (local / rblocks) * kUpBM, r0 = (local % rblocks) * kDnBN;
+  const S* G = static_cast<const S*>(job.grad);
+  const uint16_t* P = job.proj;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int wm = warp / 8, wn = warp % 8;  // warp tile: 64 outputs x 32 of the rank
+  const bool active = r0 + wn * 32 < rank;  // warps past a small rank skip their MMAs
+  const int ktiles = static_cast<int>(ceil_div(K, kDnBK));
+  const float row_mean = job.scalars[kRowMean];
+
+  // Stage: G [out][k] (right) or [k][out] (left) as stored, P^T, and what the scale of
+  // each k of the stage comes from (b_j right; the row EMA, for a_i, left; 0 past the
+  // tensor), all by cp.async: nothing on a step's critical path waits for global memory.
+  const auto load_stage = [&](int stage, int kt) {
+    S* Gs = reinterpret_cast<S*>(smem + stage * kStageBytes);
+    uint16_t* Bs = reinterpret_cast<uint16_t*>(smem + stage * kStageBytes + kGBytes);
+    const int k0 = kt * kDnBK;
+#pragma unroll
+    for (int u = 0; u < kGRounds; ++u) {
+      const int c = tid + u * kDnThreads;
+      if constexpr (kLeft) {
+        const int kr = c / (kUpBM / E), oc = (c % (kUpBM / E)) * E;
+        const bool v = k0 + kr < n && o0 + oc < m;
+        copy16_async_zfill(Gs + kr * kUpBM + oc, v ? G + int64_t(k0 + kr) * m + o0 + oc : G, v);
+      } else {
+        const int orow = c / (kDnBK / E), kc = (c % (kDnBK / E)) * E;
+        const bool v = o0 + orow < n && k0 + kc < m;
+        copy16_async_zfill(Gs + orow * kDnBK + kc, v ? G + int64_t(o0 + orow) * m + k0 + kc : G,
+                           v);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int c = tid + u * kDnThreads;
+      if constexpr (kLeft) {
+        const int kr = c / (kDnBN / 8), rc = (c % (kDnBN / 8)) * 8;
+        const bool v = k0 + kr < n && r0 + rc < rank;
+        copy16_async_zfill(Bs + kr * kBStride + rc,
+                           v ? P + int64_t(k0 + kr) * rank + r0 + rc : P, v);
+      } else {
+        const int rr = c / (kDnBK / 8), kc = (c % (kDnBK / 8)) * 8;
+        const bool v = r0 + rr < rank && k0 + kc < m;
+        copy16_async_zfill(Bs + rr * kBStride + kc, v ? P + int64_t(r0 + rr) * m + k0 + kc : P,
+                           v);
+      }
+    }
+    if (tid < kDnBK / 4) {  // K % 4 == 0: a 16-byte chunk is all in or all out
+      const float* src = kLeft ? job.row : job.col_factor;
+      const bool v = k0 + 4 * tid < K;
+      copy16_async_zfill(kscale + stage * kDnBK + 4 * tid, v ? src + k0 + 4 * tid : src, v);
+    }
+  };
+
+  // The scales of the thread's chunks along the output dimension, the same every step:
+  // right, a_i of its rows; left, b_j of the block's columns, in shared memory (which
+  // spares the registers). 0 past the tensor. Set after the first stages are issued.
+  float out_scale[kLeft ? 1 : kGRounds];
+  float* col_scale_s = kscale + kStages * kDnBK;
+  // U of a stage in two halves: read G (and the k scales) from shared memory, then,
+  // after the step's MMAs have been issued, scale, round and store into `dst_buf`.
+  struct Pending {
+    uint4 g[kGRounds];
+    float ks[kLeft ? kGRounds : E];
+  };
+  const auto convert_read = [&](int stage, Pending& pend) {
+    const S* Gs = reinterpret_cast<const S*>(smem + stage * kStageBytes);
+    const float* ks = kscale + stage * kDnBK;
+#pragma unroll
+    for (int u = 0; u < kGRounds; ++u) {
+      const int c = tid + u * kDnThreads;
+      if constexpr (kLeft) {
+        const int kr = c / (kUpBM / E), oc = (c % (kUpBM / E)) * E;
+        pend.g[u] = *reinterpret_cast<const uint4*>(Gs + kr * kUpBM + oc);
+        pend.ks[u] = ks[kr];
+      } else {
+        const int orow = c / (kDnBK / E), kc = (c % (kDnBK / E)) * E;
+        pend.g[u] = *reinterpret_cast<const uint4*>(Gs + orow * kDnBK + kc);
+      }
+    }
+    if constexpr (!kLeft) {
+      const int kc = (tid % (kDnBK / E)) * E;
+#pragma unroll
+      for (int e = 0; e < E; ++e) pend.ks[e] = ks[kc + e];
+    }
+  };
+  const auto convert_write = [&](const Pending& pend, int kt, uint16_t* dst_buf) {
+#pragma unroll
+    for (int u = 0; u < kGRounds; ++u) {
+      const int c = tid + u * kDnThreads;
+      float g[E], sc[E];
+      unpack<DT>(pend.g[u], g);
+      int dst;
+      if constexpr (kLeft) {
+        const int kr = c / (kUpBM / E), oc = (c % (kUpBM / E)) * E;
+        const float ai = kt * kDnBK + kr < n ? row_scale(pend.ks[u], row_mean) : 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) sc[e] = ai * col_scale_s[oc + e];
+        dst = kr * kAStride + oc;
+      } else {
+        const int orow = c / (kDnBK / E), kc = (c % (kDnBK / E)) * E;
+#pragma unroll
+        for (int e = 0; e < E; ++e) sc[e] = out_scale[u] * pend.ks[e];
+        dst = orow * kAStride + kc;
+      }
+      uint32_t h[E / 2];
+#pragma unroll
+      for (int e = 0; e < E; e += 2) h[e / 2] = pack_half2(g[e] * sc[e], g[e + 1] * sc[e + 1]);
+      if constexpr (E == 4) {
+        *reinterpret_cast<uint2*>(dst_buf + dst) = make_uint2(h[0], h[1]);
+      } else {
+        *reinterpret_cast<uint4*>(dst_buf + dst) = make_uint4(h[0], h[1], h[2], h[3]);
+      }
+    }
+  };
+
+  float acc[4][4][4];
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < ktiles) load_stage(s, s);
+    copy_async_commit();
+  }
+  // The scales along the output dimension, read while the first stages load.
+  if constexpr (kLeft) {
+    if (tid < kUpBM) col_scale_s[tid] = o0 + tid < m ? job.col_factor[o0 + tid] : 0.f;
+  } else {
+#pragma unroll
+    for (int u = 0; u < kGRounds; ++u) {
+      const int i = o0 + (tid + u * kDnThreads) / (kDnBK / E);
+      out_scale[u] = i < n ? row_scale(job.row[i], row_mean) : 0.f;
+    }
+  }
+  copy_async_wait(kStages - 2);
+  __syncthreads();  // stage 0 landed
+  {
+    Pending first;
+    convert_read(0, first);
+    convert_write(first, 0, a16);
+  }
+  for (int kt = 0; kt < ktiles; ++kt) {
+    // Committed: kStages - 1 + kt groups; stages up to kt + 1 must have landed.
+    copy_async_wait(kStages - 3);
+    // U of step kt is in a16[kt % 2] for every thread; the MMAs of kt - 1 are done
+    // with the other buffer and with stage kt - 1, whose slot loads step kt + 3 next.
+    __syncthreads();
+    const int next = kt + kStages - 1;
+    if (next < ktiles) load_stage(next % kStages, next);
+    copy_async_commit();
+    const bool more = kt + 1 < ktiles;
+    Pending pend;
+    if (more) convert_read((kt + 1) % kStages, pend);
+    if (active) {
+      const uint16_t* As = a16 + (kt % 2) * kDnAHalves;
+      const uint16_t* Bs = reinterpret_cast<const uint16_t*>(
+          smem + (kt % kStages) * kStageBytes + kGBytes);
+#pragma unroll
+      for (int kk = 0; kk < kDnBK; kk += 16) {
+        uint32_t af[4][4], bf[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+          if constexpr (kLeft) {  // [k][out]: transposed loads
+            load_matrix_x4<true>(af[mt], As + (kk + (lane / 16) * 8 + lane % 8) * kAStride +
+                                             wm * 64 + mt * 16 + ((lane / 8) % 2) * 8);
+          } else {
+            load_matrix_x4<false>(af[mt], As + (wm * 64 + mt * 16 + lane % 16) * kAStride + kk +
+                                              (lane / 16) * 8);
+          }
+        }
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          if constexpr (kLeft) {  // [k][r]
+            load_matrix_x4<true>(bf[np], Bs + (kk + lane % 16) * kBStride + wn * 32 + np * 16 +
+                                             (lane / 16) * 8);
+          } else {  // [r][k]
+            load_matrix_x4<false>(bf[np], Bs + (wn * 32 + np * 16 + (lane / 16) * 8 + lane % 8) *
+                                                   kBStride + kk + ((lane / 8) % 2) * 8);
+          }
+        }
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt)
+            mma_f16(acc[mt][nt], af[mt], bf[nt / 2][2 * (nt % 2)], bf[nt / 2][2 * (nt % 2) + 1]);
+      }
+    }
+    if (more) convert_write(pend, kt + 1, a16 + ((kt + 1) % 2) * kDnAHalves);
+  }
+
+  // Epilogue: the tile goes through shared memory (the ring is free now) so that the
+  // momentum is read and written in whole 16-byte chunks along its rows: M[o, k] (right,
+  // the tile's rows are contiguous) or M[k, o] (left, 512-byte row pieces). Scattered
+  // fragment-sized accesses took about a third of the kernel's time.
+  copy_async_wait(0);
+  __syncthreads();
+  float* xs = reinterpret_cast<float*>(smem);
+  constexpr int kXStride = kLeft ? kDnXStrideLeft : kDnXStrideRight;
+  if (active) {
+    const int g = lane / 4, q = lane % 4;
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const int ol = wm * 64 + mt * 16 + g + 8 * h, kl = wn * 32 + nt * 8 + 2 * q;
+          if constexpr (kLeft) {  // [k][out]
+            xs[kl * kXStride + ol] = acc[mt][nt][2 * h];
+            xs[(kl + 1) * kXStride + ol] = acc[mt][nt][2 * h + 1];
+          } else {  // [out][k]
+            *reinterpret_cast<float2*>(xs + ol * kXStride + kl) =
+                make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
+          }
+        }
+  }
+  __syncthreads();
+  const float keep = 1.f - beta1, cross = 2.f * beta1 * keep;
+  float sum = 0.f;
+  constexpr int kRowChunks = kLeft ? kUpBM / 4 : kDnBN / 4;  // float4s along a tile row
+  constexpr int kBatch = 8, kRounds = kUpBM * kDnBN / 4 / kDnThreads / kBatch;  // 2
+  // kBatch chunks a thread at a time, their loads issued before any store: the stores
+  // might alias the next loads as far as the compiler knows, and one DRAM round trip a
+  // chunk kept the kernel waiting.
+#pragma unroll 1
+  for (int round = 0; round < kRounds; ++round) {
+    int64_t idx[kBatch];
+    bool ok[kBatch];
+    float4 m4[kBatch], b4[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int c = tid + (round * kBatch + u) * kDnThreads;
+      const int row = c / kRowChunks, col = (c % kRowChunks) * 4;  // of the tile as stored
+      if constexpr (kLeft) {  // row: rank index, col: output
+        ok[u] = r0 + row < rank && o0 + col < m;
+        idx[u] = int64_t(r0 + row) * m + o0 + col;
+      } else {  // row: output, col: rank index (rank % 8 == 0: whole chunks)
+        ok[u] = o0 + row < n && r0 + col < rank;
+        idx[u] = int64_t(o0 + row) * rank + r0 + col;
+      }
+      if (!ok[u]) continue;
+      m4[u] = *reinterpret_cast<const float4*>(job.momentum + idx[u]);
+      b4[u] = update && job.base != nullptr ? *reinterpret_cast<const float4*>(job.base + idx[u])
+                                            : m4[u];
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (!ok[u]) continue;
+      const int c = tid + (round * kBatch + u) * kDnThreads;
+      const int row = c / kRowChunks, col = (c % kRowChunks) * 4;
+      const float4 x4 = *reinterpret_cast<const float4*>(xs + row * kXStride + col);
+      const float x[4] = {x4.x, x4.y, x4.z, x4.w};
+      const float mo[4] = {m4[u].x, m4[u].y, m4[u].z, m4[u].w};
+      const float bv[4] = {b4[u].x, b4[u].y, b4[u].z, b4[u].w};
+      if (job.partials != nullptr) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sum += mo[e] * (cross * x[e]);
+      }
+      if (job.momentum16 != nullptr)
+        *reinterpret_cast<uint2*>(job.momentum16 + idx[u]) =
+            make_uint2(pack_half2(mo[0], mo[1]), pack_half2(mo[2], mo[3]));
+      if (update)
+        *reinterpret_cast<float4*>(job.momentum + idx[u]) =
+            make_float4(bv[0] * beta1 + x[0] * keep, bv[1] * beta1 + x[1] * keep,
+                        bv[2] * beta1 + x[2] * keep, bv[3] * beta1 + x[3] * keep);
+    }
+  }
+  if (job.partials == nullptr) return;
+  const float gram = beta1 * beta1;
+  const int rr = rank * rank;
+  for (int e = local * kDnThreads + tid; e < rr; e += gridDim.x * kDnThreads)
+    sum += gram * (job.gram[e] * job.sq[e]);
+  const double total = block_sum(static_cast<double>(sum));
+  if (tid == 0) job.partials[local] = total;
+}
+
 // ---- host side -----------------------------------------------------------------
 
 
@@ -1795,7 +2099,7 @@ WorkspacePlan plan_workspace(const Task& t, int64_t base) {
   if (t.fused) {
     const int64_t pdim = t.n < t.m ? t.n : t.m;  // P is r x n (left) or m x r (right)
     const int64_t mdim = std::max(t.n, t.m);
-    w.terms = take(2 * (1 + kTermsBlocks));         // doubles
+    w.terms = take(2 * (1 + t.dtiles));             // doubles
     w.plain_t = take(ceil_div(t.rank * pdim, 2));   // fp16
     w.momentum16 = take(ceil_div(t.rank * mdim, 2));
 
@@ -1925,40 +2229,42 @@ void gemm_batched(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, f
                    });
 }
 
-void launch_projection_t(uint16_t* plain_t, void* scaled_t, int dtype, int64_t prow,
-                         int64_t pcol, int64_t seed, double scale, bool left, const Task& t,
-                         cudaStream_t stream) {
-  const int64_t threads = prow * (pcol / 4);
-  const unsigned blocks = static_cast<unsigned>(ceil_div(threads, kThreads));
-  const uint64_t s = static_cast<uint64_t>(seed);
-  const int rows = static_cast<int>(prow), cols = static_cast<int>(pcol);
-  if (dtype == kF32) {
-    projection_t_kernel<kF32><<<blocks, kThreads, 0, stream>>>(
-        plain_t, static_cast<float*>(scaled_t), rows, cols, s, scale, left, t.row, t.scalars,
-        t.col_factor);
-  } else if (dtype == kBF16) {
-    projection_t_kernel<kBF16><<<blocks, kThreads, 0, stream>>>(
-        plain_t, static_cast<uint16_t*>(scaled_t), rows, cols, s, scale, left, t.row,
-        t.scalars, t.col_factor);
-  } else {
-    projection_t_kernel<kF16><<<blocks, kThreads, 0, stream>>>(
-        plain_t, static_cast<uint16_t*>(scaled_t), rows, cols, s, scale, left, t.row,
-        t.scalars, t.col_factor);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 // A fused task's fp16 operands of the up GEMM, in the batch workspace.
 struct FusedBuffers {
   uint16_t* plain_t;     // P^T
   uint16_t* momentum16;  // M before this step
 };
 
+template <int DT, bool kLeft>
+void launch_down(dim3 grid, const DownJob* jobs, int n, int m, int rank, float beta1,
+                 bool update, cudaStream_t stream) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(fused_down_kernel<DT, kLeft>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(kDnSmemBytes<DT>)));
+  fused_down_kernel<DT, kLeft><<<grid, kDnThreads, kDnSmemBytes<DT>, stream>>>(jobs, n, m, rank,
+                                                                           beta1, update ? 1 : 0);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int DT>
+void launch_down(bool left, dim3 grid, const DownJob* jobs, int n, int m, int rank, float beta1,
+                 bool update, cudaStream_t stream) {
+  if (left) launch_down<DT, true>(grid, jobs, n, m, rank, beta1, update, stream);
+  else launch_down<DT, false>(grid, jobs, n, m, rank, beta1, update, stream);
+}
+
+// The tiles of a fused task's down GEMM (kUpBM outputs along max(n, m) by kDnBN of the
+// rank each): one partial sum of the momentum terms each.
+int64_t down_tiles(int64_t n, int64_t m, int64_t rank) {
+  return ceil_div(std::max(n, m), kUpBM) * ceil_div(rank, kDnBN);
+}
+
 // The momentum work of fused tasks of one shape (same n, m, rank, dtype), before the
-// apply pass: P^T of the current basis, down(U) (in the next basis on resample steps),
-// the momentum terms of sum D^2, M in fp16 for the up GEMM, and the new M. The GEMMs
-// of the group run batched: one tensor's GEMMs are too small to fill the GPU (24
-// layers' worth share each launch on LLaMA shapes).
+// apply pass: P^T of the current basis (and of the next one on resample steps), the
+// r x r products Gram = P P^T and S = M M^T (batched cuBLAS: one tensor's are too small
+// to fill the GPU), then the down GEMM, whose epilogue leaves the momentum terms of
+// sum D^2, M in fp16 for the up GEMM, and the new M. On resample steps the down GEMM
+// runs twice: in the current basis for the terms, in the next one for the new M.
 void fused_momentum_group(const std::vector<const Item*>& items,
                           const std::vector<const Task*>& tasks,
                           const std::vector<FusedBuffers>& bufs) {
@@ -1974,18 +2280,12 @@ void fused_momentum_group(const std::vector<const Item*>& items,
   const double scale = 1.0 / std::sqrt(static_cast<double>(r));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto f32 = first.param.options().dtype(at::kFloat);
-  const auto scaled_type = f32.dtype(first.grad.scalar_type());
-  const int dt = first.dtype;
   const bool resample = o0.resample();  // the same for the whole group
 
-  at::Tensor scaled = at::empty({count, pcol, prow}, scaled_type);
-  at::Tensor x = at::empty({count, msize}, f32);
   at::Tensor gram = at::empty({count, r, r}, f32), sq = at::empty({count, r, r}, f32);
-  at::Tensor next_t, scaled_next, x_now, bases, base;
+  at::Tensor next_t, bases, base;
   if (resample) {
     next_t = at::empty({count, pcol, prow}, f32.dtype(at::kHalf));
-    scaled_next = at::empty({count, pcol, prow}, scaled_type);
-    x_now = at::empty({count, msize}, f32);
     bases = at::empty({count, r, r}, f32);
     base = at::empty({count, msize}, f32);
   }
@@ -1993,33 +2293,25 @@ void fused_momentum_group(const std::vector<const Item*>& items,
     return t.defined() ? static_cast<uint8_t*>(t.data_ptr()) + k * elems * t.element_size()
                        : nullptr;
   };
+
+  // One pinned copy to the device: the pointer arrays of the batched GEMMs and of the
+  // projection kernel, the projection seeds, then the down GEMM's jobs (one pass, two
+  // on resample steps).
+  enum { kGramA, kGramC, kSqA, kSqC, kBasesA, kBasesB, kBasesC, kBaseA, kBaseB, kBaseC,
+         kProjNow, kProjNext, kSeedNow, kSeedNext, kArrays };
+  static_assert(sizeof(DownJob) % sizeof(int64_t) == 0, "jobs follow the arrays aligned");
+  const int passes = resample ? 2 : 1;
+  const int64_t job_words = int64_t(sizeof(DownJob) / sizeof(int64_t));
+  at::Tensor host = at::empty({kArrays * count + passes * count * job_words},
+                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* words = host.data_ptr<int64_t>();
+  auto* ptrs = reinterpret_cast<const void**>(words);
+  const auto set = [&](int array, int k, const void* p) { ptrs[array * count + k] = p; };
+  auto* jobs = reinterpret_cast<DownJob*>(words + kArrays * count);
   for (int k = 0; k < count; ++k) {
     const StepOptions& o = items[k]->entry->options;
-    launch_projection_t(bufs[k].plain_t, at_k(scaled, k, psize), dt, prow, pcol, o.seed, scale,
-                        left, *tasks[k], stream);
-    if (resample)
-      launch_projection_t(static_cast<uint16_t*>(at_k(next_t, k, psize)),
-                          at_k(scaled_next, k, psize), dt, prow, pcol, next_seed(o.seed),
-                          scale, left, *tasks[k], stream);
-  }
-
-  // Pointer arrays of the batched GEMMs, one pinned copy to the device.
-  enum { kDownA, kDownB, kDownC, kGramA, kGramC, kSqA, kSqC, kNowA, kNowB, kNowC,
-         kBasesA, kBasesB, kBasesC, kBaseA, kBaseB, kBaseC, kArrays };
-  at::Tensor host = at::empty({kArrays * count},
-                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  auto* ptrs = reinterpret_cast<const void**>(host.data_ptr<int64_t>());
-  const auto set = [&](int array, int k, const void* p) { ptrs[array * count + k] = p; };
-  for (int k = 0; k < count; ++k) {
-    const void* g = items[k]->grad.data_ptr();
-    const void* mom = items[k]->entry->state.momentum->data_ptr();
-    // X = (P diag a) G (left: A = scaled^T transposed, B = G) or G (diag b P) (right).
-    set(kDownA, k, left ? at_k(resample ? scaled_next : scaled, k, psize) : g);
-    set(kDownB, k, left ? g : at_k(resample ? scaled_next : scaled, k, psize));
-    set(kDownC, k, at_k(x, k, msize));
-    set(kNowA, k, left ? at_k(scaled, k, psize) : g);
-    set(kNowB, k, left ? g : at_k(scaled, k, psize));
-    set(kNowC, k, at_k(x_now, k, msize));
+    const Task& t = *tasks[k];
+    float* mom = items[k]->entry->state.momentum->data_ptr<float>();
     set(kGramA, k, bufs[k].plain_t);
     set(kGramC, k, at_k(gram, k, r * r));
     set(kSqA, k, mom);
@@ -2031,14 +2323,45 @@ void fused_momentum_group(const std::vector<const Item*>& items,
     set(kBaseA, k, left ? at_k(bases, k, r * r) : mom);
     set(kBaseB, k, left ? mom : at_k(bases, k, r * r));
     set(kBaseC, k, at_k(base, k, msize));
+    set(kProjNow, k, bufs[k].plain_t);
+    set(kProjNext, k, at_k(next_t, k, psize));
+    words[kSeedNow * count + k] = static_cast<int64_t>(o.seed);
+    words[kSeedNext * count + k] = static_cast<int64_t>(next_seed(o.seed));
+    DownJob now{items[k]->grad.data_ptr(), bufs[k].plain_t, mom, nullptr, bufs[k].momentum16,
+                t.terms + 1, static_cast<const float*>(at_k(gram, k, r * r)),
+                static_cast<const float*>(at_k(sq, k, r * r)), t.row, t.scalars, t.col_factor};
+    jobs[k] = now;
+    if (resample) {
+      DownJob next = now;
+      next.proj = static_cast<const uint16_t*>(at_k(next_t, k, psize));
+      next.base = static_cast<const float*>(at_k(base, k, msize));
+      next.momentum16 = nullptr;
+      next.partials = nullptr;
+      jobs[count + k] = next;
+    }
   }
   const at::Tensor device = host.to(first.param.device(), /*non_blocking=*/true);
-  const auto arr = [&](int array) {
-    return reinterpret_cast<void* const*>(device.data_ptr<int64_t>() + array * count);
-  };
+  int64_t* dwords = device.data_ptr<int64_t>();
+  const auto arr = [&](int array) { return reinterpret_cast<void* const*>(dwords + array * count); };
   const auto carr = [&](int array) {
-    return reinterpret_cast<const void* const*>(device.data_ptr<int64_t>() + array * count);
+    return reinterpret_cast<const void* const*>(dwords + array * count);
   };
+
+  const unsigned pblocks = static_cast<unsigned>(ceil_div(prow * (pcol / 4), kThreads));
+  const dim3 pgrid(pblocks, static_cast<unsigned>(count));
+  projection_t_kernel<<<pgrid, kThreads, 0, stream>>>(
+      reinterpret_cast<uint16_t* const*>(dwords + kProjNow * count),
+      reinterpret_cast<const uint64_t*>(dwords + kSeedNow * count), static_cast<int>(prow),
+      static_cast<int>(pcol), scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (resample) {
+    projection_t_kernel<<<pgrid, kThreads, 0, stream>>>(
+        reinterpret_cast<uint16_t* const*>(dwords + kProjNext * count),
+        reinterpret_cast<const uint64_t*>(dwords + kSeedNext * count), static_cast<int>(prow),
+        static_cast<int>(pcol), scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
   // Batched from kMinBatched tensors on; fewer run one GEMM each: a lone small GEMM gets
   // split-K from cuBLAS, a batched one does not (groups of one or two tensors stepped
   // bf16 LLaMA 1.35B shapes in 31 ms against 24 ms one GEMM each).
@@ -2052,39 +2375,38 @@ void fused_momentum_group(const std::vector<const Item*>& items,
       gemm(ta, tb, M, N, K, 1.f, ptrs[a * count + k], ptrs[b * count + k], type, 0.f,
            static_cast<float*>(const_cast<void*>(ptrs[c * count + k])), true);
   };
-  const auto down = [&](int a, int b, int c) {
-    if (left) group_gemm(true, false, r, m, n, a, b, dt, c);
-    else group_gemm(false, true, n, r, m, a, b, dt, c);
-  };
-  down(kDownA, kDownB, kDownC);
+  // Gram = P P^T (left) or P^T P (right); S = M M^T (left) or M^T M (right), of M before
+  // this step (the down GEMM overwrites it).
+  if (left) group_gemm(true, false, r, r, n, kGramA, kGramA, kF16, kGramC);
+  else group_gemm(false, true, r, r, m, kGramA, kGramA, kF16, kGramC);
+  if (left) group_gemm(false, true, r, r, m, kSqA, kSqA, kF32, kSqC);
+  else group_gemm(true, false, r, r, n, kSqA, kSqA, kF32, kSqC);
   if (resample) {
-    down(kNowA, kNowB, kNowC);
     if (left) group_gemm(true, false, r, r, n, kBasesA, kBasesB, kF16, kBasesC);
     else group_gemm(false, true, r, r, m, kBasesA, kBasesB, kF16, kBasesC);
     // M' = down_next(up_now(M)) = bases M (left) or M bases (right).
     if (left) group_gemm(false, false, r, m, r, kBaseA, kBaseB, kF32, kBaseC);
     else group_gemm(false, false, n, r, r, kBaseA, kBaseB, kF32, kBaseC);
   }
-  // Gram = P P^T (left) or P^T P (right); S = M M^T (left) or M^T M (right).
-  if (left) group_gemm(true, false, r, r, n, kGramA, kGramA, kF16, kGramC);
-  else group_gemm(false, true, r, r, m, kGramA, kGramA, kF16, kGramC);
-  if (left) group_gemm(false, true, r, r, m, kSqA, kSqA, kF32, kSqC);
-  else group_gemm(true, false, r, r, n, kSqA, kSqA, kF32, kSqC);
 
-  const int64_t cols = left ? m : r, rows = msize / cols;
-  for (int k = 0; k < count; ++k) {
-    const Task& t = *tasks[k];
-    const float* xk = static_cast<const float*>(at_k(x, k, msize));
-    const float* x0 = resample ? static_cast<const float*>(at_k(x_now, k, msize)) : xk;
-    momentum_step_kernel<<<kTermsBlocks, kThreads, 0, stream>>>(
-        t.terms + 1, bufs[k].momentum16, items[k]->entry->state.momentum->data_ptr<float>(),
-        resample ? static_cast<const float*>(at_k(base, k, msize)) : nullptr, x0, xk,
-        static_cast<const float*>(at_k(gram, k, r * r)),
-        static_cast<const float*>(at_k(sq, k, r * r)), static_cast<int>(r * r),
-        static_cast<int>(rows),
-        static_cast<int>(cols), left, t.row, t.scalars, t.col_factor,
-        static_cast<float>(items[k]->entry->options.beta1));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 dgrid(static_cast<unsigned>(down_tiles(n, m, r)), static_cast<unsigned>(count));
+  const auto* djobs = reinterpret_cast<const DownJob*>(dwords + kArrays * count);
+  const float beta1 = static_cast<float>(o0.beta1);
+  const int ni = static_cast<int>(n), mi = static_cast<int>(m), ri = static_cast<int>(r);
+  for (int pass = 0; pass < passes; ++pass) {
+    // Resample steps: the terms and M16 in the current basis, then the new M in the next.
+    const bool update = !resample || pass == 1;
+    switch (first.dtype) {
+      case kF32:
+        launch_down<kF32>(left, dgrid, djobs + pass * count, ni, mi, ri, beta1, update, stream);
+        break;
+      case kBF16:
+        launch_down<kBF16>(left, dgrid, djobs + pass * count, ni, mi, ri, beta1, update, stream);
+        break;
+      default:
+        launch_down<kF16>(left, dgrid, djobs + pass * count, ni, mi, ri, beta1, update, stream);
+        break;
+    }
   }
 }
 
@@ -2224,14 +2546,18 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   // share of 16-bit ones (the buffers are fp32, and exact 16-bit projections add an fp32
   // copy of a gradient), or a single tensor's. That bounds the step's extra memory;
   // batching them saves the fixed cost of each launch (one batch a tensor: ~190
-  // launches a pass on 1.35B shapes, 39.0 ms against 32.0 ms a fp32 step).
-  int64_t update_limit = 0, group_limit = 0;
+  // launches a pass on 1.35B shapes, 39.0 ms against 32.0 ms a fp32 step). Fused
+  // tasks hold fp16 copies of P^T and M instead, whatever the parameters' dtype: up to
+  // 1/kUpdateShare of the call's parameter bytes (half that share took bf16 1.35B
+  // shapes in 15 batches, 22 ms a step).
+  int64_t update_limit = 0, fused_limit = 0, group_limit = 0;
   for (const Item& item : items) {
     group_limit += item.param.numel() * 4 / (4 * kUpdateShare);
     const int64_t elem = item.param.element_size();
     update_limit += item.param.numel() * elem / (elem == 4 ? kUpdateShare : 2 * kUpdateShare);
+    fused_limit += item.param.numel() * elem / kUpdateShare;
   }
-  int64_t batch_bytes = 0, batch_update = 0;
+  int64_t batch_bytes = 0, batch_update = 0, batch_fused = 0;
   for (size_t k = 0; k < items.size(); ++k) {
     const Item& item = items[k];
     const GroupEntry& e = *item.entry;
@@ -2273,7 +2599,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
       const bool compressed = layout.momentum == MomentumKind::kCompressed;
       // 32-bit index arithmetic in the projection and momentum kernels.
       t.fused = compressed && fused_on && e.options.tf32 && !args.stochastic_rounding &&
-                aligned_to(t.param, 16) && aligned_to(t.grad, 16) &&
+                aligned_to(t.param, 16) && aligned_to(t.grad, 16) && aligned_to(t.row, 16) &&
                 aligned_to(e.state.momentum->data_ptr(), 16) && t.n % 4 == 0 &&
                 t.m % 8 == 0 && layout.rank % 8 == 0 &&
                 layout.rank * std::max(t.n, t.m) < INT_MAX;
@@ -2287,6 +2613,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
         t.rank = layout.rank;
         t.gcols = static_cast<int32_t>(ceil_div(t.m, kUpBN));
         t.gtiles = ceil_div(t.n, kUpBM) * t.gcols;
+        t.dtiles = down_tiles(t.n, t.m, t.rank);
         if (t.row_stats) t.tiles = 0;  // no tile pass touches it
       }
     } else {
@@ -2304,20 +2631,22 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
     t.vec = vec;
     const int64_t bytes = 2 * t.numel * elem;  // of gradient and parameter
     // Fused tasks hold P^T and M in fp16 (r x min(n, m), r x max(n, m)) instead.
-    const int64_t update =
-        t.fused ? layout.rank * 2 * (t.n + t.m)
-        : layout.momentum == MomentumKind::kCompressed ? t.numel * int64_t(sizeof(float))
-                                                       : 0;
+    const int64_t fused = t.fused ? layout.rank * 2 * (t.n + t.m) : 0;
+    const int64_t update = !t.fused && layout.momentum == MomentumKind::kCompressed
+                               ? t.numel * int64_t(sizeof(float))
+                               : 0;
     const bool fits = !batches.empty() && items[batches.back().first].dtype == item.dtype &&
-                      batch_bytes + bytes <= limit && batch_update + update <= update_limit;
+                      batch_bytes + bytes <= limit && batch_update + update <= update_limit &&
+                      batch_fused + fused <= fused_limit;
     if (!fits) {
       batches.push_back(Batch{});
       batches.back().first = static_cast<int>(k);
-      batch_bytes = batch_update = 0;
+      batch_bytes = batch_update = batch_fused = 0;
     }
     batches.back().count += 1;
     batch_bytes += bytes;
     batch_update += update;
+    batch_fused += fused;
   }
   // Grids and workspace of each batch.
   for (Batch& b : batches) {
@@ -2422,15 +2751,17 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   for (const Batch& b : batches) {
     const auto compressed_work = [&] {
       // Fused tasks in groups of one shape (in call order within a group) whose
-      // temporaries (gradient-sized GEMM inputs, down(U), two r x r products; twice
-      // that on resample steps) stay within a quarter of the update share of the
-      // call's parameters counted as fp32 (the temporaries do not shrink with them).
+      // temporaries (two r x r products; on resample steps also the next P^T, the
+      // change of basis and M in the next basis) stay within a quarter of the update
+      // share of the call's parameters counted as fp32 (they do not shrink with them).
+      // A group is one launch's grid.y: at most 65535 tasks.
       std::vector<bool> done(b.count, false);
       const auto temp_bytes = [&](int q) {
         const ParamLayout& l = items[q].entry->layout;
         const int64_t r = l.rank, pdim = std::min(l.rows, l.cols), mdim = std::max(l.rows, l.cols);
-        const int64_t once = r * pdim * items[q].grad.element_size() + 4 * r * mdim + 8 * r * r;
-        return items[q].entry->options.resample() ? 2 * once + 2 * r * pdim : once;
+        const int64_t once = 8 * r * r;
+        return items[q].entry->options.resample() ? once + 2 * r * pdim + 4 * r * r + 4 * r * mdim
+                                                  : once;
       };
       for (int k = b.first; k < b.first + b.count; ++k) {
         const Task& t = tasks[k];
@@ -2447,7 +2778,9 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
                 lq.cols != lk.cols || lq.rank != lk.rank ||
                 items[q].entry->options.resample() != items[k].entry->options.resample())
               continue;
-            if (!group_items.empty() && group_temps + temp_bytes(q) > group_limit) break;
+            if (!group_items.empty() &&
+                (group_temps + temp_bytes(q) > group_limit || group_items.size() == 65535))
+              break;
             group_temps += temp_bytes(q);
             done[q - b.first] = true;
             group_items.push_back(&items[q]);
