@@ -48,7 +48,7 @@ def pass_bytes(params, opt):
 
 
 def short_name(kernel):
-    for key in ("stats_kernel", "finalize_kernel", "scalars_kernel", "norms_kernel", "rms_kernel",
+    for key in ("fused_down_kernel", "projection_t_kernel", "stats_kernel", "finalize_kernel", "scalars_kernel", "norms_kernel", "rms_kernel",
                 "clip_kernel", "apply_kernel", "projection_pair_kernel", "fill_projection_kernel",
                 "momentum_mix_kernel"):
         if key in kernel:

@@ -5,6 +5,7 @@ after three warm-up steps (so the profiled launches are steady-state ones).
         --section SpeedOfLight --section WarpStateStats python3 tools/ncu_probe.py float32
 
 (one batch a step: the fourth launch of a kernel is the first steady-state one).
+A second argument `compressed` steps with rank 256 and beta1 0.9 instead.
 """
 import os
 import sys
@@ -17,7 +18,8 @@ import flora_ext  # noqa: E402
 
 dtype = getattr(torch, sys.argv[1] if len(sys.argv) > 1 else "float32")
 params, grads = make_params(llama_shapes(*MODELS["1.35b"]), dtype)
-opt = flora_ext.Flora(params, lr=1e-3, beta1=None)
+kw = dict(rank=256, beta1=0.9) if sys.argv[2:] == ["compressed"] else dict(beta1=None)
+opt = flora_ext.Flora(params, lr=1e-3, **kw)
 for p, g in zip(params, grads):
     p.grad = g
 for _ in range(4):
