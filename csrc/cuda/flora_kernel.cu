@@ -1344,6 +1344,17 @@ __device__ __forceinline__ void mma_f16(float c[4], const uint32_t a[4], uint32_
 #endif
 }
 
+// One k16 step of a warp's 64 x 32 tile (both GEMMs): acc[mt][nt] += a[mt] b[nt], with
+// b as two ldmatrix.x4 loads of 16 columns each (registers 0-1 and 2-3: two n8 tiles).
+__device__ __forceinline__ void mma_warp_tile(float acc[4][4][4], const uint32_t af[4][4],
+                                              const uint32_t bf[2][4]) {
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+      mma_f16(acc[mt][nt], af[mt], bf[nt / 2][2 * (nt % 2)], bf[nt / 2][2 * (nt % 2) + 1]);
+}
+
 // Two neighbouring elements of a row (the columns of one accumulator pair).
 template <int DT>
 __device__ __forceinline__ void load_pair(const Storage<DT>* ptr, float v[2]) {
@@ -1486,13 +1497,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   };
 
-  float acc[4][4][4];
-#pragma unroll
-  for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.f;
+  float acc[4][4][4] = {};
 
 #pragma unroll
   for (int s = 0; s < kUpStages - 1; ++s) {
@@ -1520,11 +1525,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int np = 0; np < 2; ++np)
         load_matrix_x4<true>(bf[np], Bs + (kk + b_row) * kUpBStride + b_col + np * 16);
-#pragma unroll
-      for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-          mma_f16(acc[mt][nt], af[mt], bf[nt / 2][2 * (nt % 2)], bf[nt / 2][2 * (nt % 2) + 1]);
+      mma_warp_tile(acc, af, bf);
     }
   }
 
@@ -1607,7 +1608,7 @@ __global__ void __launch_bounds__(kDnThreads, 1)
   uint16_t* a16 = reinterpret_cast<uint16_t*>(smem + kStages * kStageBytes);
   float* kscale = reinterpret_cast<float*>(smem + kStages * kStageBytes + kDnABytes);
   const DownJob job = jobs[blockIdx.y];  // in registers: the epilogue's stores may alias
-  const int outs = kLeft ? m : n, K = kLeft ? n : m;
+  const int K = kLeft ? n : m;
   const int rblocks = static_cast<int>(ceil_div(rank, kDnBN));
   const int local = blockIdx.x;
   const int o0 = (local / rblocks) * kUpBM, r0 = (local % rblocks) * kDnBN;
@@ -1724,13 +1725,7 @@ __global__ void __launch_bounds__(kDnThreads, 1)
     }
   };
 
-  float acc[4][4][4];
-#pragma unroll
-  for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[mt][nt][c] = 0.f;
+  float acc[4][4][4] = {};
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -1793,11 +1788,7 @@ __global__ void __launch_bounds__(kDnThreads, 1)
                                                    kBStride + kk + ((lane / 8) % 2) * 8);
           }
         }
-#pragma unroll
-        for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-          for (int nt = 0; nt < 4; ++nt)
-            mma_f16(acc[mt][nt], af[mt], bf[nt / 2][2 * (nt % 2)], bf[nt / 2][2 * (nt % 2) + 1]);
+        mma_warp_tile(acc, af, bf);
       }
     }
     if (more) convert_write(pend, kt + 1, a16 + ((kt + 1) % 2) * kDnAHalves);
@@ -2235,12 +2226,18 @@ struct FusedBuffers {
   uint16_t* momentum16;  // M before this step
 };
 
+// Shared memory beyond 48 KiB must be allowed per kernel (and device) before a launch
+// asks for it; the call is cheap next to the launches it precedes.
+template <typename Kernel>
+void allow_smem(Kernel kernel, int64_t bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+}
+
 template <int DT, bool kLeft>
 void launch_down(dim3 grid, const DownJob* jobs, int n, int m, int rank, float beta1,
                  bool update, cudaStream_t stream) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(fused_down_kernel<DT, kLeft>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(kDnSmemBytes<DT>)));
+  allow_smem(fused_down_kernel<DT, kLeft>, kDnSmemBytes<DT>);
   fused_down_kernel<DT, kLeft><<<grid, kDnThreads, kDnSmemBytes<DT>, stream>>>(jobs, n, m, rank,
                                                                            beta1, update ? 1 : 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -2419,29 +2416,12 @@ struct BatchShape {
   bool any_fused_p2 = false, any_tile_p2 = false;
 };
 
-// Shared memory beyond 48 KiB must be allowed per kernel (and device) before a
-// launch asks for it; the call is cheap next to the launches it precedes.
-template <int DT>
-void allow_stats_smem(int64_t bytes) {
-  if (bytes <= 48 * 1024) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(stats_kernel<DT>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(bytes)));
-}
-
-template <int DT>
-void allow_fused_smem() {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(fused_apply_kernel<DT>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(kUpSmemBytes)));
-}
-
 template <int DT, typename Between>
 void launch_batch(const TaskTable& table, const BatchShape& b, const GroupArgs& args,
                   const Between& between) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const dim3 tile_grid(static_cast<unsigned>(b.tiles));
-  allow_stats_smem<DT>(b.smem);
+  if (b.smem > 48 * 1024) allow_smem(stats_kernel<DT>, b.smem);
   stats_kernel<DT><<<static_cast<unsigned>(b.sblocks), kThreads, b.smem, stream>>>(table,
                                                                                     args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -2485,7 +2465,7 @@ void launch_batch(const TaskTable& table, const BatchShape& b, const GroupArgs& 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (b.gtiles > 0) {
-    allow_fused_smem<DT>();
+    allow_smem(fused_apply_kernel<DT>, kUpSmemBytes);
     fused_apply_kernel<DT><<<static_cast<unsigned>(b.gtiles), kThreads, kUpSmemBytes, stream>>>(
         table, args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
