@@ -863,31 +863,12 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- pass 3 and 5: D of factored tensors, and the parameter write -----------
 
-// D of element (i, j) of a factored tensor from u = g a_i b_j (FLORA.md step 4);
-// the rms pass advances dense momentum, the apply pass reads it back.
-template <bool kAdvanceMomentum>
-__device__ __forceinline__ float factored_d(const Task& t, const GroupArgs& a, float u,
-                                            int64_t e) {
-  switch (t.momentum_kind) {
-    case static_cast<int>(MomentumKind::kDense):
-      if (kAdvanceMomentum) {
-        const float d = (1.f - a.beta1) * u + a.beta1 * t.momentum[e];
-        t.momentum[e] = d;
-        return d;
-      }
-      return t.momentum[e];
-    case static_cast<int>(MomentumKind::kCompressed):
-      return (1.f - a.beta1) * u + t.update[e];
-    default:
-      return u;
-  }
-}
-
-// At most 64 registers: four blocks an SM (80 unbounded gave three, and this pass
-// reads only G: more blocks in flight hide each block's head latency). Measured on
-// bf16 too: a bound of three blocks (80 registers) was slower (2.09 vs 1.91 ms).
+// Two blocks an SM: eight rows of G and the momentum rows in flight take 80-128
+// registers. (When this pass read G alone, for every tensor, four blocks at 64
+// registers beat three: 1.91 vs 2.09 ms in bf16; it now serves dense momentum and
+// unfused compressed tensors.)
 template <int DT>
-__global__ void __launch_bounds__(kThreads, 4)
+__global__ void __launch_bounds__(kThreads, 2)
     rms_kernel(TaskTable table, GroupArgs a) {
   const Task& t = task_of_tile(table, blockIdx.x);
   if (!t.needs_rms) return;  // sum D^2 came with the stats
@@ -903,20 +884,45 @@ __global__ void __launch_bounds__(kThreads, 4)
   loadf<L>(t.col_factor + c0, false, valid, b);
   uint4 gr[kRowsPerWarp];
   load_rows<DT>(static_cast<const Storage<DT>*>(t.grad), t, rc, warp, c0, valid, gr);
+  // Dense momentum (read and written) or an unfused update (read): kExtraRows rows at a
+  // time, all loaded before any is written, 16-byte accesses where aligned. Element by
+  // element, each row waited on its own DRAM round trip (bf16 embedding and head: 1.44
+  // ms a step, DRAM 31% busy).
+  const bool dense = !t.fused && t.momentum_kind == static_cast<int>(MomentumKind::kDense);
+  const bool update =
+      !t.fused && t.momentum_kind == static_cast<int>(MomentumKind::kCompressed);
+  const float* extra = dense ? t.momentum : update ? t.update : nullptr;
+  const bool extra_vec = t.vec && reinterpret_cast<uintptr_t>(extra) % 16 == 0;
+  constexpr int kExtraRows = 16 / L;  // 16 registers
   float d2 = 0.f;
 #pragma unroll
-  for (int k = 0; k < kRowsPerWarp; ++k) {
-    const int64_t i = tile_row(rc, k, warp);
-    if (i >= n) continue;
-    const float ai = row_scale(t.row[i], row_mean);
-    float gv[L];
-    unpack<DT>(gr[k], gv);
+  for (int k0 = 0; k0 < kRowsPerWarp; k0 += kExtraRows) {
+    float ev[kExtraRows][L];
 #pragma unroll
-    for (int c = 0; c < L; ++c) {
-      if (c >= valid) continue;
-      const float u = gv[c] * ai * b[c];
-      const float d = t.fused ? u : factored_d<true>(t, a, u, i * m + c0 + c);
-      d2 += d * d;
+    for (int r = 0; r < kExtraRows; ++r) {
+      const int64_t i = tile_row(rc, k0 + r, warp);
+      if (extra != nullptr) loadf<L>(extra + i * m + c0, extra_vec, i < n ? valid : 0, ev[r]);
+    }
+#pragma unroll
+    for (int r = 0; r < kExtraRows; ++r) {
+      const int64_t i = tile_row(rc, k0 + r, warp);
+      if (i >= n) continue;
+      const float ai = row_scale(t.row[i], row_mean);
+      float gv[L], dv[L];
+      unpack<DT>(gr[k0 + r], gv);
+#pragma unroll
+      for (int c = 0; c < L; ++c) {
+        dv[c] = 0.f;
+        if (c >= valid) continue;
+        const float u = gv[c] * ai * b[c];
+        // factored_d's arithmetic, from the loaded rows
+        const float d = dense    ? (1.f - a.beta1) * u + a.beta1 * ev[r][c]
+                        : update ? (1.f - a.beta1) * u + ev[r][c]
+                                 : u;
+        dv[c] = d;
+        d2 += d * d;
+      }
+      if (dense) storef<L>(t.momentum + i * m + c0, extra_vec, valid, dv);
     }
   }
   d2 = block_sum(d2);
@@ -1066,16 +1072,26 @@ __device__ __forceinline__ void factored_apply_rows(const Task& t, int64_t local
   // Rows of G and p in flight at a time: 16-bit tiles all eight (64 registers; 2.35 vs
   // 2.09 TB/s with four), fp32 four (eight left two blocks an SM instead of three:
   // 2.48 vs 2.96 TB/s), stochastic rounding two (its Philox state spills otherwise).
-  constexpr int kGroup = kRound ? kRowsPerWarp / 4 : kRowsPerWarp / 2;
+  // Momentum (or update) rows come with them, 16-byte loads where aligned: read an
+  // element at a time after the group's stores (p may alias them, for the compiler),
+  // each row cost its own DRAM round trip. 16-bit groups of two keep it to 16 registers.
+  constexpr bool kExtra = MK != static_cast<int>(MomentumKind::kNone);
+  constexpr int kGroup = kRound ? kRowsPerWarp / 4
+                         : kExtra && DT != kF32 ? kRowsPerWarp / 8
+                                                : kRowsPerWarp / 2;
+  const bool extra_vec =
+      kExtra && s.vec && reinterpret_cast<uintptr_t>(extra) % 16 == 0;
 #pragma unroll
   for (int k0 = 0; k0 < kRowsPerWarp; k0 += kGroup) {
     uint4 gr[kGroup], pr[kGroup];
+    float ev[kGroup][kExtra ? L : 1];
 #pragma unroll
     for (int k = 0; k < kGroup; ++k) {
       const int64_t i = tile_row(rc, k0 + k, warp);
       const int row_valid = i < n ? valid : 0;
       gr[k] = load_pack<DT>(g + i * m + c0, s.vec, row_valid);
       pr[k] = load_pack<DT>(p + i * m + c0, s.vec, row_valid);
+      if constexpr (kExtra) loadf<L>(extra + i * m + c0, extra_vec, row_valid, ev[k]);
     }
 #pragma unroll
     for (int k = 0; k < kGroup; ++k) {
@@ -1088,11 +1104,10 @@ __device__ __forceinline__ void factored_apply_rows(const Task& t, int64_t local
 #pragma unroll
       for (int c = 0; c < L; ++c) {
         const float u = gv[c] * ai * b[c];
-        const int64_t e = i * m + c0 + c;
         if constexpr (MK == static_cast<int>(MomentumKind::kDense))
-          d[c] = c < valid ? extra[e] : 0.f;
+          d[c] = c < valid ? ev[k][c] : 0.f;
         else if constexpr (MK == static_cast<int>(MomentumKind::kCompressed))
-          d[c] = c < valid ? (1.f - s.beta1) * u + extra[e] : 0.f;
+          d[c] = c < valid ? (1.f - s.beta1) * u + ev[k][c] : 0.f;
         else
           d[c] = c < valid ? u : 0.f;
       }
