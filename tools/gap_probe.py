@@ -1,0 +1,40 @@
+"""Where the GPU idles inside a Flora step (1.35B shapes, fp32; rank 256 and beta1 0.9, or
+`none` for beta1=None), as bench_step.py times it (GPU idle at the start): torch.profiler
+with CUDA activity, one step at a time, then the gaps of 10 us or more between kernels
+and copies, with the step's CPU start (the record_function range) as time 0."""
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from bench_step import MODELS, llama_shapes, make_params  # noqa: E402
+import flora_ext  # noqa: E402
+
+params, grads = make_params(llama_shapes(*MODELS["1.35b"]), torch.float32)
+kw = dict(beta1=None) if sys.argv[1:] == ["none"] else dict(beta1=0.9, rank=256)
+opt = flora_ext.Flora(params, lr=1e-3, **kw)
+for p, g in zip(params, grads):
+    p.grad = g
+for _ in range(4):
+    opt.step()
+torch.cuda.synchronize()
+for rep in range(2):
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function("flora_step"):
+            opt.step()
+        torch.cuda.synchronize()
+    events = prof.events()
+    start = min(e.time_range.start for e in events if e.name == "flora_step")
+    gpu = sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in events
+                 if e.device_type == torch.autograd.DeviceType.CUDA)
+    last = max(e for _, e, _ in gpu)
+    print(f"{sys.argv[1:]} round {rep}: first GPU work at {gpu[0][0] - start:.0f} us after the "
+          f"step began (the CPU profiler slows the host part), last ends at "
+          f"{last - start:.0f} us, {len(gpu)} GPU events")
+    end = gpu[0][1]
+    for s, e, name in gpu[1:]:
+        if s - end >= 10:
+            print(f"  gap {s - end:7.0f} us at {s - start:7.0f} us, before {name}")
+        end = max(end, e)
