@@ -1074,7 +1074,8 @@ __device__ __forceinline__ void factored_apply_rows(const Task& t, int64_t local
   // 2.48 vs 2.96 TB/s), stochastic rounding two (its Philox state spills otherwise).
   // Momentum (or update) rows come with them, 16-byte loads where aligned: read an
   // element at a time after the group's stores (p may alias them, for the compiler),
-  // each row cost its own DRAM round trip. 16-bit groups of two keep it to 16 registers.
+  // each row cost its own DRAM round trip. 16-bit tiles take them a row at a time (8
+  // registers; groups of two spilled at three blocks an SM).
   constexpr bool kExtra = MK != static_cast<int>(MomentumKind::kNone);
   constexpr int kGroup = kRound ? kRowsPerWarp / 4
                          : kExtra && DT != kF32 ? kRowsPerWarp / 8
