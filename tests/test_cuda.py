@@ -544,15 +544,17 @@ def test_unfusable_momentum_falls_back(shape, rank):
     assert rel_err(sc["momentum"].cpu(), sp["momentum"]) <= 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,hp", [((256, 1024), dict(beta1=0.9, rank=64)),
                                       ((200, 96), dict(beta1=0.9, rank=8)),
                                       ((64, 1024), dict(beta1=None))], ids=str)
-def test_resume_is_bitwise_on_cuda(shape, hp):
+def test_resume_is_bitwise_on_cuda(shape, hp, dtype):
     # The first step after a resume sums p^2 from p; an uninterrupted run takes it from
-    # the norm cache that the last apply pass filled. Both must be the same bits.
+    # the norm cache that the last apply pass filled. Both must be the same bits (the
+    # fused apply writes fp32 and 16-bit tiles in different orders).
     gen = torch.Generator().manual_seed(5)
-    p0 = torch.randn(shape, generator=gen)
-    grads = [torch.randn(shape, generator=gen) for _ in range(6)]
+    p0 = torch.randn(shape, generator=gen).to(dtype)
+    grads = [torch.randn(shape, generator=gen).to(dtype) for _ in range(6)]
     kw = dict(lr=1e-2, kappa=4, **hp)
 
     def steps(p, opt, gs):
