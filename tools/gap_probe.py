@@ -8,18 +8,10 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from bench_step import MODELS, llama_shapes, make_params  # noqa: E402
-import flora_ext  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ncu_probe import stepped_flora  # noqa: E402
 
-params, grads = make_params(llama_shapes(*MODELS["1.35b"]), torch.float32)
-kw = dict(beta1=None) if sys.argv[1:] == ["none"] else dict(beta1=0.9, rank=256)
-opt = flora_ext.Flora(params, lr=1e-3, **kw)
-for p, g in zip(params, grads):
-    p.grad = g
-for _ in range(4):
-    opt.step()
-torch.cuda.synchronize()
+opt = stepped_flora(torch.float32, compressed=sys.argv[1:] != ["none"])
 for rep in range(2):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with record_function("flora_step"):

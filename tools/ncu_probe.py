@@ -16,12 +16,21 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_step import MODELS, llama_shapes, make_params  # noqa: E402
 import flora_ext  # noqa: E402
 
-dtype = getattr(torch, sys.argv[1] if len(sys.argv) > 1 else "float32")
-params, grads = make_params(llama_shapes(*MODELS["1.35b"]), dtype)
-kw = dict(rank=256, beta1=0.9) if sys.argv[2:] == ["compressed"] else dict(beta1=None)
-opt = flora_ext.Flora(params, lr=1e-3, **kw)
-for p, g in zip(params, grads):
-    p.grad = g
-for _ in range(4):
-    opt.step()
-torch.cuda.synchronize()
+
+def stepped_flora(dtype, compressed, steps=4):
+    """Flora on the 1.35B shapes with gradients attached, after `steps` steps (the ones
+    ncu profiles); with rank 256 and beta1 0.9 if `compressed`, else beta1=None."""
+    params, grads = make_params(llama_shapes(*MODELS["1.35b"]), dtype)
+    kw = dict(rank=256, beta1=0.9) if compressed else dict(beta1=None)
+    opt = flora_ext.Flora(params, lr=1e-3, **kw)
+    for p, g in zip(params, grads):
+        p.grad = g
+    for _ in range(steps):
+        opt.step()
+    torch.cuda.synchronize()
+    return opt
+
+
+if __name__ == "__main__":
+    stepped_flora(getattr(torch, sys.argv[1] if len(sys.argv) > 1 else "float32"),
+                  sys.argv[2:] == ["compressed"])
