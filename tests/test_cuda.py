@@ -491,6 +491,10 @@ FUSED_CASES = [
     ((200, 96), torch.float32, dict(rank=8, clip_threshold=0.3)),     # tile passes
     ((512, 2048), torch.bfloat16, dict(rank=64, clip_threshold=0.3)),
     ((1024, 256), torch.float16, dict(rank=32)),
+    # rank 256 (every warpgroup of the sm_90a down GEMM busy) on a left tensor whose n
+    # (300) is not a multiple of 8 (P's rows padded), and two rank blocks (264) right
+    ((300, 1000), torch.bfloat16, dict(rank=256)),
+    ((1000, 520), torch.float32, dict(rank=264)),
 ]
 
 

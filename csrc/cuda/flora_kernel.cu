@@ -19,8 +19,9 @@
 //            factor of every tensor whose sum D^2 is already known
 //   (compressed momentum: projections regenerated with cuRAND Philox. Fused (TF32,
 //    the default), per shape: Gram = P P^T and M M^T batched in cuBLAS, then the down
-//    GEMM on the tensor cores, which turns G into U in shared memory and leaves the
-//    terms of sum D^2, M in fp16 and the new M in its epilogue. Unfused: cuBLAS GEMMs
+//    GEMM on the tensor cores (wgmma in sm_90a code, mma.sync in other targets), which
+//    turns G into U in shared memory and leaves the terms of sum D^2, M in fp16 and the
+//    new M in its epilogue. Unfused: cuBLAS GEMMs
 //    with down(U) = (P diag a) G diag b, and an n x m buffer of beta1 up(M))
 //   rms      sum of D^2 (or U^2, fused) of the other factored tensors
 //   clip     their RMS clip factor (fused: from sum U^2 and the momentum terms)
@@ -94,6 +95,20 @@ static_assert(int64_t(kUpBM) * kUpXStride * 4 <= kUpSmemBytes, "the result tile 
 constexpr int kMinBatched = 4;
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// The projection as the sm_90a down GEMM reads it: one 16 KiB tile (256 of the rank
+// by 32 of the contraction k, in wgmma's core-matrix order) after another, rank block
+// by rank block, zeros past the rank and past k. Halves of it for a rank and k.
+constexpr int kTileRank = 256, kTileK = 32, kTileHalves = kTileRank * kTileK;
+__host__ __device__ constexpr int64_t tiled_halves(int64_t rank, int64_t k) {
+  return ceil_div(rank, kTileRank) * ceil_div(k, kTileK) * kTileHalves;
+}
+// Where element (rank index rr, k) of P lives in that layout: cores of 8 rank rows x 8
+// k (16 bytes a row), k neighbours 64 halves apart, row groups 256.
+__host__ __device__ constexpr int64_t tiled_index(int64_t rr, int64_t k, int64_t ktiles) {
+  const int64_t rl = rr % kTileRank, kk = k % kTileK;
+  return ((rr / kTileRank) * ktiles + k / kTileK) * kTileHalves + (rl / 8) * 256 +
+         (kk / 8) * 64 + (rl % 8) * 8 + kk % 8;
+}
 
 enum Scalar : int { kRowMean = 0, kStepSize = 1, kInvClip = 2, kDecay = 3, kNumScalars = 4 };
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
@@ -1271,8 +1286,11 @@ __device__ __forceinline__ uint16_t to_half_bits(float x) {
 // blockIdx.y picks the task's seed and output. Thread `idx` draws the Philox group of
 // P's row kr, columns 4 cg .. 4 cg + 3 (the same numbers as projection_pair_kernel);
 // neighbouring threads take neighbouring rows, so the transposed writes coalesce.
+// Also P in the tiled layout of the wgmma down GEMM (tiled_index; its padding zeroed
+// beforehand), the contraction k being P's columns (left) or rows (right).
 // Sizes are below 2^31 groups (checked on the host): 32-bit index arithmetic.
 __global__ void projection_t_kernel(uint16_t* const* __restrict__ outs,
+                                    uint16_t* const* __restrict__ tiled, bool left,
                                     const uint64_t* __restrict__ seeds, int prow, int pcol,
                                     double scale) {
   const int groups_per_row = pcol / 4;
@@ -1282,8 +1300,22 @@ __global__ void projection_t_kernel(uint16_t* const* __restrict__ outs,
   const int kr = idx % prow, cg = idx / prow;
   float z[4];
   projection_values(seeds[blockIdx.y], int64_t(kr) * groups_per_row + cg, scale, z);
+  uint16_t h[4];
 #pragma unroll
-  for (int u = 0; u < 4; ++u) plain_t[int64_t(4 * cg + u) * prow + kr] = to_half_bits(z[u]);
+  for (int u = 0; u < 4; ++u) {
+    h[u] = to_half_bits(z[u]);
+    plain_t[int64_t(4 * cg + u) * prow + kr] = h[u];
+  }
+  uint16_t* out = tiled[blockIdx.y];
+  if (left) {  // rank kr, k 4 cg .. 4 cg + 3: one half of a core row
+    const int64_t ktiles = ceil_div(pcol, kTileK);
+    *reinterpret_cast<uint2*>(out + tiled_index(kr, 4 * cg, ktiles)) =
+        make_uint2(h[0] | (uint32_t(h[1]) << 16), h[2] | (uint32_t(h[3]) << 16));
+  } else {  // k kr, rank 4 cg .. 4 cg + 3
+    const int64_t ktiles = ceil_div(prow, kTileK);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) out[tiled_index(4 * cg + u, kr, ktiles)] = h[u];
+  }
 }
 
 // One task of a fused group's down GEMM (fused_down_kernel): down(U) in the basis of
@@ -1297,6 +1329,7 @@ __global__ void projection_t_kernel(uint16_t* const* __restrict__ outs,
 struct DownJob {
   const void* grad;
   const uint16_t* proj;  // P^T, fp16: n x rank (left) or rank x m (right)
+  const uint16_t* proj_tiled;  // P in the tiled layout of the sm_90a GEMM
   float* momentum;       // rank x m (left) or n x rank (right)
   const float* base;
   uint16_t* momentum16;
@@ -1306,7 +1339,17 @@ struct DownJob {
   const float* row;
   const float* scalars;
   const float* col_factor;
+  float* row_factor;     // left: a_i of every row, for the sm_90a GEMM (row_factor_kernel)
 };
+
+// The row factors a_i = row_scale(row_i) of left fused tasks, once a step: the sm_90a
+// down GEMM's conversion reads them instead of taking a division and a square root for
+// every element (which made its left tasks issue-bound).
+__global__ void row_factor_kernel(const DownJob* __restrict__ jobs, int n) {
+  const DownJob& job = jobs[blockIdx.y];
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) job.row_factor[i] = row_scale(job.row[i], job.scalars[kRowMean]);
+}
 
 // One block per fused task: sum D^2 from sum U^2 and the momentum terms, then the
 // clip factor. Rounding can leave a tiny negative sum where D is ~0: clamped.
@@ -1701,6 +1744,280 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (threadIdx.x == 0) t.tile_p2[local] = p2;
 }
 
+// ---- sm_90a: the down GEMM on wgmma ---------------------------------------------
+//
+// Built only for the sm_90a target (TORCH_CUDA_ARCH_LIST 9.0a): the code of
+// fused_down_kernel for that target runs down_tile_wgmma, every other target the
+// mma.sync loop. Both leave the same tile in shared memory for the same epilogue.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FLORA_DOWN_WGMMA 1
+#endif
+
+// wgmma reads its operands from shared memory in the canonical no-swizzle layout:
+// 8 x 16-byte "core matrices" of 128 contiguous bytes (8 rows of 8 halves along k),
+// `lbo` bytes apart along k and `sbo` bytes apart along the rows. Every operand here
+// is k-major (the conversion writes U so, and P comes in as [rank][k]).
+constexpr int kWgBBytes = kDnBN * kDnBK * 2;  // a P tile, [rank][k]
+constexpr int kWgABytes = kUpBM * kDnBK * 2;  // a U tile, [out][k]
+constexpr int kWgABuffers = 3;                // converted, being read, being written
+// The ring keeps kWgStages - 3 stages of G in flight (one is converted, one read by
+// the tensor cores while the next is converted).
+template <int DT> constexpr int kWgStages = DT == kF32 ? 6 : 8;
+template <int DT> constexpr int kWgStageBytes = kDnGBytes<DT> + kWgBBytes;
+template <int DT>
+constexpr int64_t kWgSmemBytes = int64_t(kWgStages<DT>) * kWgStageBytes<DT> +
+                                 kWgABuffers * kWgABytes + (kWgStages<DT> * kDnBK + kUpBM) * 4;
+static_assert(kWgSmemBytes<kF32> <= 227 * 1024 && kWgSmemBytes<kBF16> <= 227 * 1024,
+              "one block an SM");
+static_assert(int64_t(kUpBM) * kDnXStrideRight * 4 <= kWgStages<kF32> * kWgStageBytes<kF32> &&
+                  int64_t(kDnBN) * kDnXStrideLeft * 4 <= kWgStages<kBF16> * kWgStageBytes<kBF16>,
+              "the epilogue tile fits the wgmma ring");
+// What the host asks for: the kernel runs whichever variant the device's code has.
+template <int DT>
+constexpr int64_t kDnLaunchSmem = std::max(kDnSmemBytes<DT>, kWgSmemBytes<DT>);
+
+#ifdef FLORA_DOWN_WGMMA
+__device__ __forceinline__ uint64_t smem_desc(const void* p, uint32_t lbo, uint32_t sbo) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  return uint64_t((a & 0x3FFFF) >> 4) | (uint64_t(lbo >> 4) << 16) | (uint64_t(sbo >> 4) << 32);
+}
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Shared memory written by ordinary stores or cp.async, read next by the tensor cores.
+__device__ __forceinline__ void fence_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+// Keeps the compiler from moving accumulator accesses across a wgmma wait.
+__device__ __forceinline__ void pin(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// d (64 x 128, fp32, the warpgroup's registers) += A (64 x 16) B (16 x 128), fp16.
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1, 0, 0;\n}\n"
+      :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23])
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39])
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55])
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(a), "l"(b), "r"(1));
+}
+
+// The GEMM of one fused_down_kernel tile (kUpBM outputs from o0 by kDnBN of the rank
+// from r0) with wgmma: four warpgroups of 64 outputs x 128 of the rank. Stages come
+// in by cp.async as in the mma.sync loop; each thread turns one 16-byte row piece of
+// U (8 k of one output) a step into fp16, written k-major for the tensor cores. A
+// step issues its wgmmas, converts the next U while they run, then waits for the
+// previous step's: one barrier a step. Leaves the tile, [out][k] (right) or [k][out]
+// (left) in fp32, at the start of shared memory.
+template <int DT, bool kLeft>
+__device__ __forceinline__ void down_tile_wgmma(const DownJob& job, uint8_t* smem, int n,
+                                                int m, int rank, int o0, int r0,
+                                                float row_mean) {
+  using S = Storage<DT>;
+  constexpr int kStages = kWgStages<DT>, kStageBytes = kWgStageBytes<DT>;
+  constexpr int kGBytes = kDnGBytes<DT>;
+  constexpr int E = 16 / int(sizeof(S));  // elements of G in a 16-byte chunk
+  constexpr int kGRounds = kUpBM * kDnBK / E / kDnThreads;  // 2 fp32, 1 16-bit
+  // U: right [out/8][k/8] cores (k neighbours 128 bytes apart, row groups 512);
+  // left [k/8][out] (row groups 128 bytes apart, k neighbours 2048): either way a
+  // warp's 16-byte stores and its reads of G hit distinct banks.
+  constexpr uint32_t kALbo = kLeft ? kUpBM * 16 : 128, kASbo = kLeft ? 128 : (kDnBK / 8) * 128;
+  constexpr uint32_t kBLbo = 128, kBSbo = (kDnBK / 8) * 128;  // P: [rank/8][k/8] cores
+  uint8_t* abuf = smem + kStages * kStageBytes;
+  float* kscale = reinterpret_cast<float*>(abuf + kWgABuffers * kWgABytes);
+  float* col_scale_s = kscale + kStages * kDnBK;
+  const int K = kLeft ? n : m;
+  const S* G = static_cast<const S*>(job.grad);
+  // This block's rank block of the tiled projection, one 16 KiB tile a step.
+  const uint8_t* P = reinterpret_cast<const uint8_t*>(job.proj_tiled) +
+                     int64_t(r0 / kTileRank) * ceil_div(K, kTileK) * kTileHalves * 2;
+  const int tid = threadIdx.x, wg = tid / 128;
+  // Right: G's rows in shared memory are kRowChunks 16-byte chunks (8 fp32, 4 bf16),
+  // permuted by row so that the 8 rows a quarter warp reads hit distinct banks.
+  constexpr int kRowChunks = kDnBK / E;
+  const auto g_swizzle = [](int row) { return (row * kRowChunks / 8) % kRowChunks; };
+  // Every warpgroup issues its wgmmas, also past a small rank (zeros there): under a
+  // branch ptxas serializes them (C7518).
+  const int wgm = wg / 2, wgn = wg % 2;
+  const int ktiles = static_cast<int>(ceil_div(K, kDnBK));
+
+  const auto load_stage = [&](int stage, int kt) {
+    S* Gs = reinterpret_cast<S*>(smem + stage * kStageBytes);
+    uint8_t* Bs = smem + stage * kStageBytes + kGBytes;
+    const int k0 = kt * kDnBK;
+#pragma unroll
+    for (int u = 0; u < kGRounds; ++u) {
+      const int c = tid + u * kDnThreads;
+      if constexpr (kLeft) {
+        const int kr = c / (kUpBM / E), oc = (c % (kUpBM / E)) * E;
+        const bool v = k0 + kr < n && o0 + oc < m;
+        copy16_async_zfill(Gs + kr * kUpBM + oc, v ? G + int64_t(k0 + kr) * m + o0 + oc : G, v);
+      } else {  // chunk j of row orow lands at j ^ swizzle(orow)
+        const int orow = c / kRowChunks, j = c % kRowChunks;
+        const bool v = o0 + orow < n && k0 + j * E < m;
+        copy16_async_zfill(Gs + orow * kDnBK + (j ^ g_swizzle(orow)) * E,
+                           v ? G + int64_t(o0 + orow) * m + k0 + j * E : G, v);
+      }
+    }
+    // P: the step's tile as it is stored (padded with zeros), a straight copy.
+    static_assert(kWgBBytes == kTileHalves * 2 && kDnBN == kTileRank && kDnBK == kTileK,
+                  "one tile of the tiled projection a stage");
+#pragma unroll
+    for (int u = 0; u < kWgBBytes / 16 / kDnThreads; ++u) {
+      const int c = tid + u * kDnThreads;
+      copy16_async_zfill(Bs + c * 16, P + int64_t(kt) * kWgBBytes + c * 16, true);
+    }
+    if (tid < kDnBK / 4) {  // K % 4 == 0: a 16-byte chunk is all in or all out
+      const float* src = kLeft ? job.row_factor : job.col_factor;
+      const bool v = k0 + 4 * tid < K;
+      copy16_async_zfill(kscale + stage * kDnBK + 4 * tid, v ? src + k0 + 4 * tid : src, v);
+    }
+  };
+
+  // Thread tid converts output `out`, k 8 kc .. 8 kc + 7 of each step: left, a warp
+  // takes 32 neighbouring outputs of one k (one row of G in shared memory); right, a
+  // quarter warp the 8 rows of one core matrix of U, their G chunks apart in banks by
+  // the swizzle.
+  const int out = kLeft ? tid % kUpBM : (tid / 32) * 8 + tid % 8;
+  const int kc = kLeft ? tid / kUpBM : (tid / 8) % (kDnBK / 8);
+  const int a_offset = kLeft ? kc * kALbo + out * 16
+                             : (out / 8) * kASbo + kc * kALbo + (out % 8) * 16;
+  struct Pending {
+    float g[8], ks[8];
+  };
+  const auto convert_read = [&](int stage, Pending& pend) {
+    const S* Gs = reinterpret_cast<const S*>(smem + stage * kStageBytes);
+    const float* ks = kscale + stage * kDnBK + 8 * kc;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) pend.ks[e] = ks[e];
+    if constexpr (kLeft) {  // a warp reads 32 neighbouring outputs of one k
+#pragma unroll
+      for (int e = 0; e < 8; ++e) pend.g[e] = to_float<DT>(Gs[(8 * kc + e) * kUpBM + out]);
+    } else {
+#pragma unroll
+      for (int u = 0; u < 8 / E; ++u) {
+        const int j = (8 * kc) / E + u;
+        const uint4 w =
+            *reinterpret_cast<const uint4*>(Gs + out * kDnBK + (j ^ g_swizzle(out)) * E);
+        unpack<DT>(w, pend.g + u * E);
+      }
+    }
+  };
+  float out_scale = 0.f;  // right: a_i of the thread's output row
+  const auto convert_write = [&](const Pending& pend, int buffer) {
+    float sc[8];
+    if constexpr (kLeft) {  // a_k (0 past n) b_out
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sc[e] = pend.ks[e] * col_scale_s[out];
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sc[e] = out_scale * pend.ks[e];
+    }
+    uint32_t h[4];
+#pragma unroll
+    for (int e = 0; e < 8; e += 2)
+      h[e / 2] = pack_half2(pend.g[e] * sc[e], pend.g[e + 1] * sc[e + 1]);
+    *reinterpret_cast<uint4*>(abuf + buffer * kWgABytes + a_offset) =
+        make_uint4(h[0], h[1], h[2], h[3]);
+  };
+
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 2; ++s) {
+    if (s < ktiles) load_stage(s, s);
+    copy_async_commit();
+  }
+  if constexpr (kLeft) {
+    if (tid < kUpBM) col_scale_s[tid] = o0 + tid < m ? job.col_factor[o0 + tid] : 0.f;
+  } else {
+    out_scale = o0 + out < n ? row_scale(job.row[o0 + out], row_mean) : 0.f;
+  }
+  copy_async_wait(kStages - 3);
+  __syncthreads();  // stage 0 and the column scales landed
+  {
+    Pending first;
+    convert_read(0, first);
+    convert_write(first, 0);
+  }
+  for (int kt = 0; kt < ktiles; ++kt) {
+    // Committed: kStages - 2 + kt groups; stages up to kt + 1 must have landed.
+    copy_async_wait(kStages - 4);
+    fence_async_shared();  // this thread's U and cp.async data, for the tensor cores
+    // U of step kt is complete; every warpgroup is done with the wgmmas of kt - 2,
+    // so U buffer (kt + 1) % 3 and stage slot (kt - 2) % kStages are free.
+    __syncthreads();
+    const int next = kt + kStages - 2;
+    if (next < ktiles) load_stage(next % kStages, next);
+    copy_async_commit();
+    const bool more = kt + 1 < ktiles;
+    Pending pend;
+    if (more) convert_read((kt + 1) % kStages, pend);
+    {
+      const uint8_t* As = abuf + (kt % kWgABuffers) * kWgABytes +
+                          (kLeft ? wgm * 64 * 16 : wgm * 8 * kASbo);
+      const uint8_t* Bs = smem + (kt % kStages) * kStageBytes + kGBytes + wgn * 16 * kBSbo;
+      pin(acc);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kDnBK; kk += 16) {
+        wgmma_m64n128k16(acc, smem_desc(As + (kk / 8) * kALbo, kALbo, kASbo),
+                         smem_desc(Bs + (kk / 8) * kBLbo, kBLbo, kBSbo));
+      }
+      wgmma_commit();
+    }
+    if (more) convert_write(pend, (kt + 1) % kWgABuffers);
+    wgmma_wait<1>();
+    pin(acc);
+  }
+  wgmma_wait<0>();
+  pin(acc);
+  copy_async_wait(0);
+  __syncthreads();  // the ring is free for the tile
+  float* xs = reinterpret_cast<float*>(smem);
+  constexpr int kXStride = kLeft ? kDnXStrideLeft : kDnXStrideRight;
+  if (r0 + wgn * 128 < rank) {
+    const int lane = tid % 32, w = (tid % 128) / 32, g = lane / 4, q = lane % 4;
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int ol = wgm * 64 + w * 16 + g + 8 * h, kl = wgn * 128 + j * 8 + 2 * q;
+        const float x0 = acc[4 * j + 2 * h], x1 = acc[4 * j + 2 * h + 1];
+        if constexpr (kLeft) {  // [k][out]
+          xs[kl * kXStride + ol] = x0;
+          xs[(kl + 1) * kXStride + ol] = x1;
+        } else {  // [out][k]
+          *reinterpret_cast<float2*>(xs + ol * kXStride + kl) = make_float2(x0, x1);
+        }
+      }
+  }
+  __syncthreads();
+}
+#endif  // FLORA_DOWN_WGMMA
+
 // The down GEMM of fused tasks: down(U) = P U (left, r x m) or U P (right, n x r), on
 // the tensor cores with fp16 operands. A block of kDnThreads takes kUpBM outputs along
 // m (left) or n (right) by kDnBN of the rank (all of it up to 256), so that G is read
@@ -1710,10 +2027,22 @@ __global__ void __launch_bounds__(kThreads, 2)
 // is what TF32 keeps) in one of two buffers while the tensor cores work on the other,
 // one barrier a step. U never exists in global memory, and the GEMM result goes
 // straight into the momentum epilogue of DownJob. Grid: (tiles of a task, tasks).
+// sm_90a code runs the main loop of down_tile_wgmma instead (same tile, same epilogue).
 template <int DT, bool kLeft>
 __global__ void __launch_bounds__(kDnThreads, 1)
     fused_down_kernel(const DownJob* __restrict__ jobs, int n, int m, int rank, float beta1,
                       int update) {
+  extern __shared__ uint4 dn_smem[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(dn_smem);
+  const DownJob job = jobs[blockIdx.y];  // in registers: the epilogue's stores may alias
+  const int rblocks = static_cast<int>(ceil_div(rank, kDnBN));
+  const int local = blockIdx.x;
+  const int o0 = (local / rblocks) * kUpBM, r0 = (local % rblocks) * kDnBN;
+  const int tid = threadIdx.x;
+  const float row_mean = job.scalars[kRowMean];
+#ifdef FLORA_DOWN_WGMMA
+  down_tile_wgmma<DT, kLeft>(job, smem, n, m, rank, o0, r0, row_mean);
+#else
   using S = Storage<DT>;
   constexpr int kStages = kDnStages<DT>, kStageBytes = kDnStageBytes<DT>;
   constexpr int kGBytes = kDnGBytes<DT>;
@@ -1721,22 +2050,15 @@ __global__ void __launch_bounds__(kDnThreads, 1)
   constexpr int kGRounds = kUpBM * kDnBK / E / kDnThreads;  // chunks a thread: 2 fp32, 1 16-bit
   constexpr int kAStride = kLeft ? kUpBStride : kUpAStride;  // U: [k][out] or [out][k]
   constexpr int kBStride = kLeft ? kDnBStrideLeft : kUpAStride;  // P^T: [k][r] or [r][k]
-  extern __shared__ uint4 dn_smem[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>(dn_smem);
   uint16_t* a16 = reinterpret_cast<uint16_t*>(smem + kStages * kStageBytes);
   float* kscale = reinterpret_cast<float*>(smem + kStages * kStageBytes + kDnABytes);
-  const DownJob job = jobs[blockIdx.y];  // in registers: the epilogue's stores may alias
   const int K = kLeft ? n : m;
-  const int rblocks = static_cast<int>(ceil_div(rank, kDnBN));
-  const int local = blockIdx.x;
-  const int o0 = (local / rblocks) * kUpBM, r0 = (local % rblocks) * kDnBN;
   const S* G = static_cast<const S*>(job.grad);
   const uint16_t* P = job.proj;
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int lane = tid % 32, warp = tid / 32;
   const int wm = warp / 8, wn = warp % 8;  // warp tile: 64 outputs x 32 of the rank
   const bool active = r0 + wn * 32 < rank;  // warps past a small rank skip their MMAs
   const int ktiles = static_cast<int>(ceil_div(K, kDnBK));
-  const float row_mean = job.scalars[kRowMean];
 
   // Stage: G [out][k] (right) or [k][out] (left) as stored, P^T, and what the scale of
   // each k of the stage comes from (b_j right; the row EMA, for a_i, left; 0 past the
@@ -1912,15 +2234,13 @@ __global__ void __launch_bounds__(kDnThreads, 1)
     if (more) convert_write(pend, kt + 1, a16 + ((kt + 1) % 2) * kDnAHalves);
   }
 
-  // Epilogue: the tile goes through shared memory (the ring is free now) so that the
-  // momentum is read and written in whole 16-byte chunks along its rows: M[o, k] (right,
-  // the tile's rows are contiguous) or M[k, o] (left, 512-byte row pieces). Scattered
-  // fragment-sized accesses took about a third of the kernel's time.
+  // The tile goes through shared memory (the ring is free now), [k][out] (left) or
+  // [out][k] (right), for the epilogue below.
   copy_async_wait(0);
   __syncthreads();
-  float* xs = reinterpret_cast<float*>(smem);
-  constexpr int kXStride = kLeft ? kDnXStrideLeft : kDnXStrideRight;
   if (active) {
+    float* xt = reinterpret_cast<float*>(smem);
+    constexpr int kXStride = kLeft ? kDnXStrideLeft : kDnXStrideRight;
     const int g = lane / 4, q = lane % 4;
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt)
@@ -1930,15 +2250,21 @@ __global__ void __launch_bounds__(kDnThreads, 1)
         for (int nt = 0; nt < 4; ++nt) {
           const int ol = wm * 64 + mt * 16 + g + 8 * h, kl = wn * 32 + nt * 8 + 2 * q;
           if constexpr (kLeft) {  // [k][out]
-            xs[kl * kXStride + ol] = acc[mt][nt][2 * h];
-            xs[(kl + 1) * kXStride + ol] = acc[mt][nt][2 * h + 1];
+            xt[kl * kXStride + ol] = acc[mt][nt][2 * h];
+            xt[(kl + 1) * kXStride + ol] = acc[mt][nt][2 * h + 1];
           } else {  // [out][k]
-            *reinterpret_cast<float2*>(xs + ol * kXStride + kl) =
+            *reinterpret_cast<float2*>(xt + ol * kXStride + kl) =
                 make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
           }
         }
   }
   __syncthreads();
+#endif
+  // Epilogue: the momentum is read and written in whole 16-byte chunks along its rows:
+  // M[o, k] (right, the tile's rows are contiguous) or M[k, o] (left, 512-byte row
+  // pieces). Scattered fragment-sized accesses took about a third of the kernel's time.
+  const float* xs = reinterpret_cast<const float*>(smem);
+  constexpr int kXStride = kLeft ? kDnXStrideLeft : kDnXStrideRight;
   const float keep = 1.f - beta1, cross = 2.f * beta1 * keep;
   float sum = 0.f;
   constexpr int kRowChunks = kLeft ? kUpBM / 4 : kDnBN / 4;  // float4s along a tile row
@@ -2184,7 +2510,8 @@ struct WorkspacePlan {
   // partials
   int64_t row_part = 0, col_part = 0, w_part = 0;
   // work
-  int64_t scalars = 0, update = 0, terms = 0, plain_t = 0, momentum16 = 0, cache_p2 = 0;
+  int64_t scalars = 0, update = 0, terms = 0, plain_t = 0, tiled = 0, momentum16 = 0,
+          row_factor = 0, cache_p2 = 0;
   int64_t kept = 0, partials = 0, work = 0;  // floats of each region
 };
 
@@ -2220,6 +2547,8 @@ WorkspacePlan plan_workspace(const Task& t, int64_t kept_base, int64_t partials_
     const int64_t mdim = std::max(t.n, t.m);
     w.terms = take(work_at, 2 * (1 + t.dtiles));             // doubles
     w.plain_t = take(work_at, ceil_div(t.rank * pdim, 2));   // fp16
+    w.tiled = take(work_at, ceil_div(tiled_halves(t.rank, t.n < t.m ? t.n : t.m), 2));
+    if (t.n < t.m) w.row_factor = take(work_at, t.n);
     w.momentum16 = take(work_at, ceil_div(t.rank * mdim, 2));
   } else if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
     w.update = take(work_at, t.numel);
@@ -2353,6 +2682,8 @@ void gemm_batched(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, f
 struct FusedBuffers {
   uint16_t* plain_t;     // P^T
   uint16_t* momentum16;  // M before this step
+  uint16_t* tiled;       // P as the sm_90a down GEMM reads it (tiled_index)
+  float* row_factor;     // left: a_i of every row
 };
 
 // Shared memory beyond 48 KiB must be allowed per kernel (and device) before a launch
@@ -2366,9 +2697,9 @@ void allow_smem(Kernel kernel, int64_t bytes) {
 template <int DT, bool kLeft>
 void launch_down(dim3 grid, const DownJob* jobs, int n, int m, int rank, float beta1,
                  bool update, cudaStream_t stream) {
-  allow_smem(fused_down_kernel<DT, kLeft>, kDnSmemBytes<DT>);
-  fused_down_kernel<DT, kLeft><<<grid, kDnThreads, kDnSmemBytes<DT>, stream>>>(jobs, n, m, rank,
-                                                                           beta1, update ? 1 : 0);
+  allow_smem(fused_down_kernel<DT, kLeft>, kDnLaunchSmem<DT>);
+  fused_down_kernel<DT, kLeft><<<grid, kDnThreads, kDnLaunchSmem<DT>, stream>>>(
+      jobs, n, m, rank, beta1, update ? 1 : 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -2409,9 +2740,14 @@ void fused_momentum_group(const std::vector<const Item*>& items,
   const bool resample = o0.resample();  // the same for the whole group
 
   at::Tensor gram = at::empty({count, r, r}, f32), sq = at::empty({count, r, r}, f32);
-  at::Tensor next_t, bases, base;
+  at::Tensor next_t, next_p, bases, base;  // next_p: the next basis's tiled P
+  // P tiled for the sm_90a down GEMM; zeros where the tiles pass the rank or k.
+  const int64_t kdim = left ? n : m, tsize = tiled_halves(r, kdim);
+  const bool tile_padding = r % kTileRank != 0 || kdim % kTileK != 0;
   if (resample) {
     next_t = at::empty({count, pcol, prow}, f32.dtype(at::kHalf));
+    next_p = tile_padding ? at::zeros({count, tsize}, f32.dtype(at::kHalf))
+                          : at::empty({count, tsize}, f32.dtype(at::kHalf));
     bases = at::empty({count, r, r}, f32);
     base = at::empty({count, msize}, f32);
   }
@@ -2424,7 +2760,7 @@ void fused_momentum_group(const std::vector<const Item*>& items,
   // projection kernel, the projection seeds, then the down GEMM's jobs (one pass, two
   // on resample steps).
   enum { kGramA, kGramC, kSqA, kSqC, kBasesA, kBasesB, kBasesC, kBaseA, kBaseB, kBaseC,
-         kProjNow, kProjNext, kSeedNow, kSeedNext, kArrays };
+         kProjNow, kProjNext, kPlainNow, kPlainNext, kSeedNow, kSeedNext, kArrays };
   static_assert(sizeof(DownJob) % sizeof(int64_t) == 0, "jobs follow the arrays aligned");
   const int passes = resample ? 2 : 1;
   const int64_t job_words = int64_t(sizeof(DownJob) / sizeof(int64_t));
@@ -2451,15 +2787,22 @@ void fused_momentum_group(const std::vector<const Item*>& items,
     set(kBaseC, k, at_k(base, k, msize));
     set(kProjNow, k, bufs[k].plain_t);
     set(kProjNext, k, at_k(next_t, k, psize));
+    set(kPlainNow, k, bufs[k].tiled);
+    set(kPlainNext, k, at_k(next_p, k, tsize));
+    if (tile_padding)
+      C10_CUDA_CHECK(cudaMemsetAsync(bufs[k].tiled, 0, tsize * 2, stream));
     words[kSeedNow * count + k] = static_cast<int64_t>(o.seed);
     words[kSeedNext * count + k] = static_cast<int64_t>(next_seed(o.seed));
-    DownJob now{items[k]->grad.data_ptr(), bufs[k].plain_t, mom, nullptr, bufs[k].momentum16,
+    DownJob now{items[k]->grad.data_ptr(), bufs[k].plain_t,
+                bufs[k].tiled, mom, nullptr, bufs[k].momentum16,
                 t.terms + 1, static_cast<const float*>(at_k(gram, k, r * r)),
-                static_cast<const float*>(at_k(sq, k, r * r)), t.row, t.scalars, t.col_factor};
+                static_cast<const float*>(at_k(sq, k, r * r)), t.row, t.scalars, t.col_factor,
+                bufs[k].row_factor};
     jobs[k] = now;
     if (resample) {
       DownJob next = now;
       next.proj = static_cast<const uint16_t*>(at_k(next_t, k, psize));
+      next.proj_tiled = static_cast<const uint16_t*>(at_k(next_p, k, tsize));
       next.base = static_cast<const float*>(at_k(base, k, msize));
       next.momentum16 = nullptr;
       next.partials = nullptr;
@@ -2475,18 +2818,16 @@ void fused_momentum_group(const std::vector<const Item*>& items,
 
   const unsigned pblocks = static_cast<unsigned>(ceil_div(prow * (pcol / 4), kThreads));
   const dim3 pgrid(pblocks, static_cast<unsigned>(count));
-  projection_t_kernel<<<pgrid, kThreads, 0, stream>>>(
-      reinterpret_cast<uint16_t* const*>(dwords + kProjNow * count),
-      reinterpret_cast<const uint64_t*>(dwords + kSeedNow * count), static_cast<int>(prow),
-      static_cast<int>(pcol), scale);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (resample) {
+  const auto draw = [&](int outs, int outs_p, int seeds) {
     projection_t_kernel<<<pgrid, kThreads, 0, stream>>>(
-        reinterpret_cast<uint16_t* const*>(dwords + kProjNext * count),
-        reinterpret_cast<const uint64_t*>(dwords + kSeedNext * count), static_cast<int>(prow),
-        static_cast<int>(pcol), scale);
+        reinterpret_cast<uint16_t* const*>(dwords + outs * count),
+        reinterpret_cast<uint16_t* const*>(dwords + outs_p * count), left,
+        reinterpret_cast<const uint64_t*>(dwords + seeds * count),
+        static_cast<int>(prow), static_cast<int>(pcol), scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  };
+  draw(kProjNow, kPlainNow, kSeedNow);
+  if (resample) draw(kProjNext, kPlainNext, kSeedNext);
 
   // Batched from kMinBatched tensors on; fewer run one GEMM each: a lone small GEMM gets
   // split-K from cuBLAS, a batched one does not (groups of one or two tensors stepped
@@ -2519,6 +2860,11 @@ void fused_momentum_group(const std::vector<const Item*>& items,
   const auto* djobs = reinterpret_cast<const DownJob*>(dwords + kArrays * count);
   const float beta1 = static_cast<float>(o0.beta1);
   const int ni = static_cast<int>(n), mi = static_cast<int>(m), ri = static_cast<int>(r);
+  if (left) {  // the same for both passes
+    row_factor_kernel<<<dim3(static_cast<unsigned>(ceil_div(n, kThreads)), count), kThreads, 0,
+                        stream>>>(djobs, ni);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   for (int pass = 0; pass < passes; ++pass) {
     // Resample steps: the terms and M16 in the current basis, then the new M in the next.
     const bool update = !resample || pass == 1;
@@ -2749,8 +3095,11 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
     }
     t.vec = vec;
     const int64_t bytes = 2 * t.numel * elem;  // of gradient and parameter
-    // Fused tasks hold P^T and M in fp16 (r x min(n, m), r x max(n, m)) instead.
-    const int64_t fused = t.fused ? layout.rank * 2 * (t.n + t.m) : 0;
+    // Fused tasks hold P^T and M in fp16 (r x min(n, m), r x max(n, m)) instead, and
+    // the tiled P.
+    const int64_t fused = t.fused ? layout.rank * 2 * (t.n + t.m) +
+                                        2 * tiled_halves(layout.rank, std::min(t.n, t.m))
+                                  : 0;
     const int64_t update = !t.fused && layout.momentum == MomentumKind::kCompressed
                                ? t.numel * int64_t(sizeof(float))
                                : 0;
@@ -2933,8 +3282,10 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
           const ParamLayout& l = items[q].entry->layout;
           const int64_t r = l.rank, pdim = std::min(l.rows, l.cols);
           const int64_t mdim = std::max(l.rows, l.cols), once = 8 * r * r;
+          // next P^T (and P, left), the change of basis, M in the next basis
           return items[q].entry->options.resample()
-                     ? once + 2 * r * pdim + 4 * r * r + 4 * r * mdim
+                     ? once + 2 * r * pdim + 2 * tiled_halves(r, pdim) + 4 * r * r +
+                           4 * r * mdim
                      : once;
         };
         for (int k = b.first; k < b.first + b.count; ++k) {
@@ -2960,7 +3311,9 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
               group_items.push_back(&items[q]);
               group_tasks.push_back(&tasks[q]);
               group_bufs.push_back({reinterpret_cast<uint16_t*>(ws + plans[q].plain_t),
-                                    reinterpret_cast<uint16_t*>(ws + plans[q].momentum16)});
+                                    reinterpret_cast<uint16_t*>(ws + plans[q].momentum16),
+                                    reinterpret_cast<uint16_t*>(ws + plans[q].tiled),
+                                    lq.left ? ws + plans[q].row_factor : nullptr});
             }
             fused_momentum_group(group_items, group_tasks, group_bufs);
           } else if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
