@@ -66,7 +66,7 @@ ccache:
 
 # --------------------------------------------------------------------------------- build
 export CUDA_HOME ?= $(wildcard /usr/local/cuda)
-export TORCH_CUDA_ARCH_LIST ?= 9.0
+export TORCH_CUDA_ARCH_LIST ?= 9.0a
 export MAX_JOBS ?= 2
 ifeq ($(strip $(CUDA_HOME)),)
 export FLORA_WITH_CUDA ?= 0

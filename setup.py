@@ -7,7 +7,8 @@ puts the public headers (include/flora/), the CMake package (share/cmake/Flora/)
 _build_info.py, which records the torch version the library was built against.
 
 CUDA kernels are compiled when a CUDA toolkit is found (CUDA_HOME) and torch is a CUDA build,
-unless FLORA_WITH_CUDA=0. TORCH_CUDA_ARCH_LIST picks the GPU targets (default 8.0;9.0+PTX).
+unless FLORA_WITH_CUDA=0. TORCH_CUDA_ARCH_LIST picks the GPU targets (default 8.0;9.0a;9.0+PTX:
+9.0a is the H100/H200 code with Hopper's own instructions, which the driver prefers there).
 """
 import glob
 import os
@@ -30,8 +31,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(ROOT, "version.txt")) as f:
     VERSION = f.read().strip()
 LIBRARY_SONAME = "libflora.so"
-# Release default: A100 and H100/H200 code, plus PTX that newer GPUs compile at load time.
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+# Release default: A100 code; H100/H200 code with wgmma (9.0a, which the driver loads there
+# before plain 9.0: seen on an H100 with driver 580); plain 9.0 with PTX that newer GPUs
+# compile at load time.
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0a;9.0+PTX"
 PUBLIC_HEADERS = sorted(glob.glob(os.path.join(ROOT, "csrc", "include", "flora", "*.h")))
 
 

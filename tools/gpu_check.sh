@@ -18,7 +18,7 @@ start=$(date +%s)
 # second libstdc++ beside torch's, whose uninitialised locale crashed the first
 # number formatted in an error message. The system compiler links it shared.
 export CXX=/usr/bin/g++ CC=/usr/bin/gcc
-TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 \
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=16 \
   python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1 \
   || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"

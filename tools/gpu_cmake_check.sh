@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 # torch's that crashed (see tools/gpu_check.sh): build with the system compilers.
 export CXX=/usr/bin/g++ CC=/usr/bin/gcc
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 BUILD=${BUILD:-build/cmake-cuda}
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u;
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)";

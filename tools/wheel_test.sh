@@ -8,7 +8,7 @@
 #
 # Environment: PYTHON (the build environment's python, with torch; default .venv/bin/python),
 # WHEEL_VENV (default build/wheel-venv, made anew), TORCH_CUDA_ARCH_LIST (default of setup.py:
-# 8.0;9.0+PTX), SKIP_EXAMPLE=1 to leave out the C++ example, MISMATCH_TORCH=VERSION to check
+# 8.0;9.0a;9.0+PTX), SKIP_EXAMPLE=1 to leave out the C++ example, MISMATCH_TORCH=VERSION to check
 # too that the wheel refuses, at import, a torch of another version (a second venv; skipped
 # unless pip finds that torch among its local wheels, --find-links, with no download).
 set -euo pipefail
