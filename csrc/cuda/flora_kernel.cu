@@ -48,6 +48,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace flora {
@@ -2326,6 +2327,23 @@ __global__ void __launch_bounds__(kDnThreads, 1)
 
 // ---- host side -----------------------------------------------------------------
 
+// f(std::integral_constant<int, DT>{}) for a run-time dtype code: the one switch from
+// the codes to the kernels' template argument.
+template <typename F>
+void with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kF32:
+      f(std::integral_constant<int, kF32>{});
+      break;
+    case kBF16:
+      f(std::integral_constant<int, kBF16>{});
+      break;
+    default:
+      f(std::integral_constant<int, kF16>{});
+      break;
+  }
+}
+
 
 int as_int(int64_t v, const char* what) {
   TORCH_CHECK(v <= INT_MAX, "flora: ", what, " = ", v, " exceeds the cuBLAS int range");
@@ -2868,17 +2886,10 @@ void fused_momentum_group(const std::vector<const Item*>& items,
   for (int pass = 0; pass < passes; ++pass) {
     // Resample steps: the terms and M16 in the current basis, then the new M in the next.
     const bool update = !resample || pass == 1;
-    switch (first.dtype) {
-      case kF32:
-        launch_down<kF32>(left, dgrid, djobs + pass * count, ni, mi, ri, beta1, update, stream);
-        break;
-      case kBF16:
-        launch_down<kBF16>(left, dgrid, djobs + pass * count, ni, mi, ri, beta1, update, stream);
-        break;
-      default:
-        launch_down<kF16>(left, dgrid, djobs + pass * count, ni, mi, ri, beta1, update, stream);
-        break;
-    }
+    with_dtype(first.dtype, [&](auto dt) {
+      launch_down<decltype(dt)::value>(left, dgrid, djobs + pass * count, ni, mi, ri, beta1,
+                                       update, stream);
+    });
   }
 }
 
@@ -3258,17 +3269,8 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
                                 device_begins + count + g.first,
                                 device_begins + 2 * count + g.first,
                                 device_begins + 3 * count + g.first, g.count};
-    switch (items[g.first].dtype) {
-      case kF32:
-        launch_stats<kF32>(group_table, g, args);
-        break;
-      case kBF16:
-        launch_stats<kBF16>(group_table, g, args);
-        break;
-      default:
-        launch_stats<kF16>(group_table, g, args);
-        break;
-    }
+    with_dtype(items[g.first].dtype,
+               [&](auto dt) { launch_stats<decltype(dt)::value>(group_table, g, args); });
     for (int bi = g.first_batch; bi < g.first_batch + g.batches; ++bi) {
       const Batch& b = batches[bi];
       const auto compressed_work = [&] {
@@ -3324,17 +3326,9 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
       const TaskTable table{device_tasks + b.first, device_begins + b.first,
                             device_begins + count + b.first, device_begins + 2 * count + b.first,
                             device_begins + 3 * count + b.first, b.count};
-      switch (items[b.first].dtype) {
-        case kF32:
-          launch_batch<kF32>(table, b, args, compressed_work);
-          break;
-        case kBF16:
-          launch_batch<kBF16>(table, b, args, compressed_work);
-          break;
-        default:
-          launch_batch<kF16>(table, b, args, compressed_work);
-          break;
-      }
+      with_dtype(items[b.first].dtype, [&](auto dt) {
+        launch_batch<decltype(dt)::value>(table, b, args, compressed_work);
+      });
     }
   }
   for (const Item& item : items) {
