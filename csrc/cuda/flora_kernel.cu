@@ -3012,9 +3012,13 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   std::vector<Batch> batches;
   const int64_t limit = batch_bytes_limit();
   const bool row_stats_on = row_stats_enabled();
-  // The fused apply pass needs mma.sync TF32 (sm_80+).
+  // The fused passes need mma.sync (sm_80+) and, for the down GEMM's ring, up to 217 KiB
+  // of shared memory a block: an A100 allows 163 KiB and takes the unfused passes.
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   const bool fused_on =
-      fused_momentum_enabled() && at::cuda::getCurrentDeviceProperties()->major >= 8;
+      fused_momentum_enabled() && props->major >= 8 &&
+      int64_t(props->sharedMemPerBlockOptin) >=
+          std::max({kDnLaunchSmem<kF32>, kDnLaunchSmem<kBF16>, kDnLaunchSmem<kF16>});
   const int64_t smem_limit = row_stats_on ? stats_smem_limit() : 0;
   const int64_t stages = row_stats_on ? stats_stages() : 0;
   // Compressed tensors' n x m update buffers live as long as their batch: a batch
