@@ -252,6 +252,27 @@ def test_compressed_tensors_sharing_a_batch_match_cpu(monkeypatch):
         assert rel_err(a.detach().cpu(), c.detach()) <= 1e-5, tuple(a.shape)
 
 
+def test_fused_batches_do_not_change_results(monkeypatch):
+    # FLORA_FUSED_SHARE bounds the fp16 buffers of fused tensors in a batch: 1 puts all
+    # three in one batch (one down launch), 10**9 gives each a batch of its own. Three
+    # tensors stay under the batched-GEMM threshold either way: the same bits.
+    shapes = [(256, 520)] * 3
+
+    def train(share):
+        monkeypatch.setenv("FLORA_FUSED_SHARE", str(share))
+        gen = torch.Generator().manual_seed(13)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda()) for s in shapes]
+        opt = flora_ext.Flora(params, lr=1e-2, beta1=0.9, rank=32, kappa=3)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).cuda()
+            opt.step()
+        return params
+
+    for a, b in zip(train(1), train(10**9)):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_tensors_match_cpu(dtype):
     # 64 MB of gradient (2048 tiles), with 1-D and small tensors in the same launches.
@@ -282,6 +303,8 @@ BAD_KNOBS = [("FLORA_BATCH_BYTES", v, f"FLORA_BATCH_BYTES must be an integer >= 
 BAD_KNOBS += [("FLORA_ROW_STATS", v, "FLORA_ROW_STATS must be") for v in ("2", "yes", "-1")]
 BAD_KNOBS += [("FLORA_STATS_STAGES", v, "FLORA_STATS_STAGES must be") for v in ("1", "5", "x")]
 BAD_KNOBS += [("FLORA_FUSED_MOMENTUM", v, "FLORA_FUSED_MOMENTUM must be") for v in ("2", "on")]
+BAD_KNOBS += [("FLORA_FUSED_SHARE", v, f"FLORA_FUSED_SHARE must be an integer >= 1, got '{v}'")
+              for v in ("0", "1/32")]
 
 
 @pytest.mark.parametrize("name,value,match", BAD_KNOBS, ids=str)

@@ -80,6 +80,11 @@ constexpr int64_t kRowBlockMinColBytes = 320, kRowBlockMaxColBytes = 512;
 // Compressed tensors of a batch hold at most 1/kUpdateShare of the call's fp32
 // parameter bytes in update buffers (half that share of 16-bit parameter bytes).
 constexpr int64_t kUpdateShare = 40;
+// Fused tasks' fp16 buffers (P^T, P tiled, M) of a batch: at most 1/kFusedShare of the
+// call's parameter bytes. Fewer, larger batches pay the fixed costs of a batch (launch
+// tails, small GEMMs) fewer times: on the 1.35B shapes a share of 1/32 stepped in 15.5 ms
+// fp32 and 13.7 ms bf16 at 3.4-4.3% extra peak, 1/40 in 16.0 and 14.7 ms at 2.7-3.7%.
+constexpr int64_t kFusedShare = 32;
 // Fused compressed momentum: the up GEMM runs on the tensor cores (mma.sync, fp16
 // operands) in 128 x 128 output tiles, eight warps of 64 x 32, the rank consumed 32 at
 // a time through a ring of kUpStages shared-memory buffers; rows padded by 16 bytes so
@@ -2435,6 +2440,10 @@ int64_t env_int(const char* name, int64_t fallback, int64_t min_value) {
 // row-stats workspace grows with the batch: 1.7% of the parameter bytes (fp32).
 int64_t batch_bytes_limit() { return env_int("FLORA_BATCH_BYTES", int64_t(16) << 30, 1); }
 
+// 1/FLORA_FUSED_SHARE of the call's parameter bytes for fused tasks' fp16 buffers in a
+// batch (default kFusedShare; larger values use less memory and more batches).
+int64_t fused_share() { return env_int("FLORA_FUSED_SHARE", kFusedShare, 1); }
+
 // Row stats (one stats pass, no rms pass) for factored tensors without momentum,
 // on unless FLORA_ROW_STATS=0 (kept for comparisons: the tile passes serve every
 // tensor too).
@@ -3027,15 +3036,15 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   // copy of a gradient), or a single tensor's. That bounds the step's extra memory;
   // batching them saves the fixed cost of each launch (one batch a tensor: ~190
   // launches a pass on 1.35B shapes, 39.0 ms against 32.0 ms a fp32 step). Fused
-  // tasks hold fp16 copies of P^T and M instead, whatever the parameters' dtype: up to
-  // 1/kUpdateShare of the call's parameter bytes (half that share took bf16 1.35B
-  // shapes in 15 batches, 22 ms a step).
+  // tasks hold fp16 copies of P^T, P and M instead, whatever the parameters' dtype: up
+  // to 1/kFusedShare of the call's parameter bytes (fused_share).
   int64_t update_limit = 0, fused_limit = 0, group_limit = 0;
+  const int64_t share = fused_share();
   for (const Item& item : items) {
     group_limit += item.param.numel() * 4 / (4 * kUpdateShare);
     const int64_t elem = item.param.element_size();
     update_limit += item.param.numel() * elem / (elem == 4 ? kUpdateShare : 2 * kUpdateShare);
-    fused_limit += item.param.numel() * elem / kUpdateShare;
+    fused_limit += item.param.numel() * elem / share;
   }
   int64_t batch_bytes = 0, batch_update = 0, batch_fused = 0;
   for (size_t k = 0; k < items.size(); ++k) {
