@@ -50,7 +50,7 @@ def pass_bytes(params, opt):
 def short_name(kernel):
     for key in ("fused_down_kernel", "projection_t_kernel", "stats_kernel", "finalize_kernel", "scalars_kernel", "norms_kernel", "rms_kernel",
                 "clip_kernel", "apply_kernel", "projection_pair_kernel", "fill_projection_kernel",
-                "momentum_mix_kernel"):
+                "momentum_mix_kernel", "row_factor_kernel"):
         if key in kernel:
             return key.replace("_kernel", "")
     if "gemm" in kernel.lower() or "sm90" in kernel or "cutlass" in kernel.lower():
