@@ -1750,6 +1750,41 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (threadIdx.x == 0) t.tile_p2[local] = p2;
 }
 
+// The G tile of a down-GEMM stage (kDnBK of the contraction by kUpBM outputs) by
+// cp.async, both variants: [k][out] as stored (left), or [out][k] (right) with the
+// 16-byte chunk j of row orow at chunk swizzle(orow, j) of its row; zeros past the
+// tensor.
+template <int DT, bool kLeft, typename Swizzle>
+__device__ __forceinline__ void copy_g_stage(Storage<DT>* Gs, const Storage<DT>* G, int k0,
+                                             int o0, int n, int m, Swizzle swizzle) {
+  constexpr int E = 16 / int(sizeof(Storage<DT>));  // elements of G in a 16-byte chunk
+  constexpr int kRowChunks = kDnBK / E;                // right: chunks of a tile row
+  constexpr int kGRounds = kUpBM * kDnBK / E / kDnThreads;  // 2 fp32, 1 16-bit
+#pragma unroll
+  for (int u = 0; u < kGRounds; ++u) {
+    const int c = threadIdx.x + u * kDnThreads;
+    if constexpr (kLeft) {
+      const int kr = c / (kUpBM / E), oc = (c % (kUpBM / E)) * E;
+      const bool v = k0 + kr < n && o0 + oc < m;
+      copy16_async_zfill(Gs + kr * kUpBM + oc, v ? G + int64_t(k0 + kr) * m + o0 + oc : G, v);
+    } else {
+      const int orow = c / kRowChunks, j = c % kRowChunks;
+      const bool v = o0 + orow < n && k0 + j * E < m;
+      copy16_async_zfill(Gs + orow * kDnBK + swizzle(orow, j) * E,
+                         v ? G + int64_t(o0 + orow) * m + k0 + j * E : G, v);
+    }
+  }
+}
+
+// The kDnBK scales of a stage's k (b_j right; a_i or what it comes from, left) by
+// cp.async; K % 4 == 0, so a 16-byte chunk is all in or all out (0 past the tensor).
+__device__ __forceinline__ void copy_k_scales(float* dst, const float* src, int k0, int K) {
+  const int tid = threadIdx.x;
+  if (tid >= kDnBK / 4) return;
+  const bool v = k0 + 4 * tid < K;
+  copy16_async_zfill(dst + 4 * tid, v ? src + k0 + 4 * tid : src, v);
+}
+
 // ---- sm_90a: the down GEMM on wgmma ---------------------------------------------
 //
 // Built only for the sm_90a target (TORCH_CUDA_ARCH_LIST 9.0a): the code of
@@ -1843,7 +1878,6 @@ __device__ __forceinline__ void down_tile_wgmma(const DownJob& job, uint8_t* sme
   constexpr int kStages = kWgStages<DT>, kStageBytes = kWgStageBytes<DT>;
   constexpr int kGBytes = kDnGBytes<DT>;
   constexpr int E = 16 / int(sizeof(S));  // elements of G in a 16-byte chunk
-  constexpr int kGRounds = kUpBM * kDnBK / E / kDnThreads;  // 2 fp32, 1 16-bit
   // U: right [out/8][k/8] cores (k neighbours 128 bytes apart, row groups 512);
   // left [k/8][out] (row groups 128 bytes apart, k neighbours 2048): either way a
   // warp's 16-byte stores and its reads of G hit distinct banks.
@@ -1868,23 +1902,10 @@ __device__ __forceinline__ void down_tile_wgmma(const DownJob& job, uint8_t* sme
   const int ktiles = static_cast<int>(ceil_div(K, kDnBK));
 
   const auto load_stage = [&](int stage, int kt) {
-    S* Gs = reinterpret_cast<S*>(smem + stage * kStageBytes);
     uint8_t* Bs = smem + stage * kStageBytes + kGBytes;
     const int k0 = kt * kDnBK;
-#pragma unroll
-    for (int u = 0; u < kGRounds; ++u) {
-      const int c = tid + u * kDnThreads;
-      if constexpr (kLeft) {
-        const int kr = c / (kUpBM / E), oc = (c % (kUpBM / E)) * E;
-        const bool v = k0 + kr < n && o0 + oc < m;
-        copy16_async_zfill(Gs + kr * kUpBM + oc, v ? G + int64_t(k0 + kr) * m + o0 + oc : G, v);
-      } else {  // chunk j of row orow lands at j ^ swizzle(orow)
-        const int orow = c / kRowChunks, j = c % kRowChunks;
-        const bool v = o0 + orow < n && k0 + j * E < m;
-        copy16_async_zfill(Gs + orow * kDnBK + (j ^ g_swizzle(orow)) * E,
-                           v ? G + int64_t(o0 + orow) * m + k0 + j * E : G, v);
-      }
-    }
+    copy_g_stage<DT, kLeft>(reinterpret_cast<S*>(smem + stage * kStageBytes), G, k0, o0, n, m,
+                            [&](int row, int j) { return j ^ g_swizzle(row); });
     // P: the step's tile as it is stored (padded with zeros), a straight copy.
     static_assert(kWgBBytes == kTileHalves * 2 && kDnBN == kTileRank && kDnBK == kTileK,
                   "one tile of the tiled projection a stage");
@@ -1893,11 +1914,7 @@ __device__ __forceinline__ void down_tile_wgmma(const DownJob& job, uint8_t* sme
       const int c = tid + u * kDnThreads;
       copy16_async_zfill(Bs + c * 16, P + int64_t(kt) * kWgBBytes + c * 16, true);
     }
-    if (tid < kDnBK / 4) {  // K % 4 == 0: a 16-byte chunk is all in or all out
-      const float* src = kLeft ? job.row_factor : job.col_factor;
-      const bool v = k0 + 4 * tid < K;
-      copy16_async_zfill(kscale + stage * kDnBK + 4 * tid, v ? src + k0 + 4 * tid : src, v);
-    }
+    copy_k_scales(kscale + stage * kDnBK, kLeft ? job.row_factor : job.col_factor, k0, K);
   };
 
   // Thread tid converts output `out`, k 8 kc .. 8 kc + 7 of each step: left, a warp
@@ -2070,23 +2087,10 @@ __global__ void __launch_bounds__(kDnThreads, 1)
   // each k of the stage comes from (b_j right; the row EMA, for a_i, left; 0 past the
   // tensor), all by cp.async: nothing on a step's critical path waits for global memory.
   const auto load_stage = [&](int stage, int kt) {
-    S* Gs = reinterpret_cast<S*>(smem + stage * kStageBytes);
     uint16_t* Bs = reinterpret_cast<uint16_t*>(smem + stage * kStageBytes + kGBytes);
     const int k0 = kt * kDnBK;
-#pragma unroll
-    for (int u = 0; u < kGRounds; ++u) {
-      const int c = tid + u * kDnThreads;
-      if constexpr (kLeft) {
-        const int kr = c / (kUpBM / E), oc = (c % (kUpBM / E)) * E;
-        const bool v = k0 + kr < n && o0 + oc < m;
-        copy16_async_zfill(Gs + kr * kUpBM + oc, v ? G + int64_t(k0 + kr) * m + o0 + oc : G, v);
-      } else {
-        const int orow = c / (kDnBK / E), kc = (c % (kDnBK / E)) * E;
-        const bool v = o0 + orow < n && k0 + kc < m;
-        copy16_async_zfill(Gs + orow * kDnBK + kc, v ? G + int64_t(o0 + orow) * m + k0 + kc : G,
-                           v);
-      }
-    }
+    copy_g_stage<DT, kLeft>(reinterpret_cast<S*>(smem + stage * kStageBytes), G, k0, o0, n, m,
+                            [](int, int j) { return j; });
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       const int c = tid + u * kDnThreads;
@@ -2102,11 +2106,7 @@ __global__ void __launch_bounds__(kDnThreads, 1)
                            v);
       }
     }
-    if (tid < kDnBK / 4) {  // K % 4 == 0: a 16-byte chunk is all in or all out
-      const float* src = kLeft ? job.row : job.col_factor;
-      const bool v = k0 + 4 * tid < K;
-      copy16_async_zfill(kscale + stage * kDnBK + 4 * tid, v ? src + k0 + 4 * tid : src, v);
-    }
+    copy_k_scales(kscale + stage * kDnBK, kLeft ? job.row : job.col_factor, k0, K);
   };
 
   // The scales of the thread's chunks along the output dimension, the same every step:
