@@ -1345,12 +1345,12 @@ struct DownJob {
   const float* row;
   const float* scalars;
   const float* col_factor;
-  float* row_factor;     // left: a_i of every row, for the sm_90a GEMM (row_factor_kernel)
+  float* row_factor;     // left: a_i of every row, for the down GEMM (row_factor_kernel)
 };
 
-// The row factors a_i = row_scale(row_i) of left fused tasks, once a step: the sm_90a
-// down GEMM's conversion reads them instead of taking a division and a square root for
-// every element (which made its left tasks issue-bound).
+// The row factors a_i = row_scale(row_i) of left fused tasks, once a step: the down
+// GEMM's conversion reads them instead of taking a division and a square root for every
+// element (which made the sm_90a GEMM's left tasks issue-bound).
 __global__ void row_factor_kernel(const DownJob* __restrict__ jobs, int n) {
   const DownJob& job = jobs[blockIdx.y];
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -1776,8 +1776,7 @@ __device__ __forceinline__ void copy_g_stage(Storage<DT>* Gs, const Storage<DT>*
   }
 }
 
-// The kDnBK scales of a stage's k (b_j right; a_i or what it comes from, left) by
-// cp.async; K % 4 == 0, so a 16-byte chunk is all in or all out (0 past the tensor).
+// The kDnBK scales of a stage's k (b_j right, a_i left) by cp.async; K % 4 == 0, so a 16-byte chunk is all in or all out (0 past the tensor).
 __device__ __forceinline__ void copy_k_scales(float* dst, const float* src, int k0, int K) {
   const int tid = threadIdx.x;
   if (tid >= kDnBK / 4) return;
@@ -2083,9 +2082,9 @@ __global__ void __launch_bounds__(kDnThreads, 1)
   const bool active = r0 + wn * 32 < rank;  // warps past a small rank skip their MMAs
   const int ktiles = static_cast<int>(ceil_div(K, kDnBK));
 
-  // Stage: G [out][k] (right) or [k][out] (left) as stored, P^T, and what the scale of
-  // each k of the stage comes from (b_j right; the row EMA, for a_i, left; 0 past the
-  // tensor), all by cp.async: nothing on a step's critical path waits for global memory.
+  // Stage: G [out][k] (right) or [k][out] (left) as stored, P^T, and the scale of each
+  // k of the stage (b_j right, a_i left; 0 past the tensor), all by cp.async: nothing
+  // on a step's critical path waits for global memory.
   const auto load_stage = [&](int stage, int kt) {
     uint16_t* Bs = reinterpret_cast<uint16_t*>(smem + stage * kStageBytes + kGBytes);
     const int k0 = kt * kDnBK;
@@ -2106,7 +2105,7 @@ __global__ void __launch_bounds__(kDnThreads, 1)
                            v);
       }
     }
-    copy_k_scales(kscale + stage * kDnBK, kLeft ? job.row : job.col_factor, k0, K);
+    copy_k_scales(kscale + stage * kDnBK, kLeft ? job.row_factor : job.col_factor, k0, K);
   };
 
   // The scales of the thread's chunks along the output dimension, the same every step:
@@ -2141,18 +2140,17 @@ __global__ void __launch_bounds__(kDnThreads, 1)
       for (int e = 0; e < E; ++e) pend.ks[e] = ks[kc + e];
     }
   };
-  const auto convert_write = [&](const Pending& pend, int kt, uint16_t* dst_buf) {
+  const auto convert_write = [&](const Pending& pend, uint16_t* dst_buf) {
 #pragma unroll
     for (int u = 0; u < kGRounds; ++u) {
       const int c = tid + u * kDnThreads;
       float g[E], sc[E];
       unpack<DT>(pend.g[u], g);
       int dst;
-      if constexpr (kLeft) {
+      if constexpr (kLeft) {  // a_k (0 past n) b_out
         const int kr = c / (kUpBM / E), oc = (c % (kUpBM / E)) * E;
-        const float ai = kt * kDnBK + kr < n ? row_scale(pend.ks[u], row_mean) : 0.f;
 #pragma unroll
-        for (int e = 0; e < E; ++e) sc[e] = ai * col_scale_s[oc + e];
+        for (int e = 0; e < E; ++e) sc[e] = pend.ks[u] * col_scale_s[oc + e];
         dst = kr * kAStride + oc;
       } else {
         const int orow = c / (kDnBK / E), kc = (c % (kDnBK / E)) * E;
@@ -2193,7 +2191,7 @@ __global__ void __launch_bounds__(kDnThreads, 1)
   {
     Pending first;
     convert_read(0, first);
-    convert_write(first, 0, a16);
+    convert_write(first, a16);
   }
   for (int kt = 0; kt < ktiles; ++kt) {
     // Committed: kStages - 1 + kt groups; stages up to kt + 1 must have landed.
@@ -2237,7 +2235,7 @@ __global__ void __launch_bounds__(kDnThreads, 1)
         mma_warp_tile(acc, af, bf);
       }
     }
-    if (more) convert_write(pend, kt + 1, a16 + ((kt + 1) % 2) * kDnAHalves);
+    if (more) convert_write(pend, a16 + ((kt + 1) % 2) * kDnAHalves);
   }
 
   // The tile goes through shared memory (the ring is free now), [k][out] (left) or
@@ -2454,14 +2452,14 @@ bool row_stats_enabled() {
   return v == 1;
 }
 
+// Shared memory a block may have on the current device (after cudaFuncSetAttribute).
+int64_t smem_optin() {
+  return static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+}
+
 // Dynamic shared memory a stats block may have on the current device, less room
 // for the kernel's static shared memory.
-int64_t stats_smem_limit() {
-  int device = 0, optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return std::max<int64_t>(0, optin - 8 * 1024);
-}
+int64_t stats_smem_limit() { return std::max<int64_t>(0, smem_optin() - 8 * 1024); }
 
 // Buffers in a row-stats block's ring of stages (FLORA_STATS_STAGES, 2-4).
 int64_t stats_stages() {
@@ -2574,7 +2572,7 @@ WorkspacePlan plan_workspace(const Task& t, int64_t kept_base, int64_t partials_
     const int64_t mdim = std::max(t.n, t.m);
     w.terms = take(work_at, 2 * (1 + t.dtiles));             // doubles
     w.plain_t = take(work_at, ceil_div(t.rank * pdim, 2));   // fp16
-    w.tiled = take(work_at, ceil_div(tiled_halves(t.rank, t.n < t.m ? t.n : t.m), 2));
+    w.tiled = take(work_at, ceil_div(tiled_halves(t.rank, pdim), 2));
     if (t.n < t.m) w.row_factor = take(work_at, t.n);
     w.momentum16 = take(work_at, ceil_div(t.rank * mdim, 2));
   } else if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
@@ -3023,11 +3021,9 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   const bool row_stats_on = row_stats_enabled();
   // The fused passes need mma.sync (sm_80+) and, for the down GEMM's ring, up to 217 KiB
   // of shared memory a block: an A100 allows 163 KiB and takes the unfused passes.
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   const bool fused_on =
-      fused_momentum_enabled() && props->major >= 8 &&
-      int64_t(props->sharedMemPerBlockOptin) >=
-          std::max({kDnLaunchSmem<kF32>, kDnLaunchSmem<kBF16>, kDnLaunchSmem<kF16>});
+      fused_momentum_enabled() && at::cuda::getCurrentDeviceProperties()->major >= 8 &&
+      smem_optin() >= std::max({kDnLaunchSmem<kF32>, kDnLaunchSmem<kBF16>, kDnLaunchSmem<kF16>});
   const int64_t smem_limit = row_stats_on ? stats_smem_limit() : 0;
   const int64_t stages = row_stats_on ? stats_stages() : 0;
   // Compressed tensors' n x m update buffers live as long as their batch: a batch
@@ -3297,7 +3293,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
           const ParamLayout& l = items[q].entry->layout;
           const int64_t r = l.rank, pdim = std::min(l.rows, l.cols);
           const int64_t mdim = std::max(l.rows, l.cols), once = 8 * r * r;
-          // next P^T (and P, left), the change of basis, M in the next basis
+          // next P^T and tiled P, the change of basis, M in the next basis
           return items[q].entry->options.resample()
                      ? once + 2 * r * pdim + 2 * tiled_halves(r, pdim) + 4 * r * r +
                            4 * r * mdim
