@@ -574,7 +574,9 @@ def test_unfusable_momentum_falls_back(shape, rank):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,hp", [((256, 1024), dict(beta1=0.9, rank=64)),
                                       ((200, 96), dict(beta1=0.9, rank=8)),
-                                      ((64, 1024), dict(beta1=None))], ids=str)
+                                      ((64, 1024), dict(beta1=None)),
+                                      # rows of 9600 bytes: three a stage of G, one of G and p
+                                      ((200, 2400), dict(beta1=None))], ids=str)
 def test_resume_is_bitwise_on_cuda(shape, hp, dtype):
     # The first step after a resume sums p^2 from p; an uninterrupted run takes it from
     # the norm cache that the last apply pass filled. Both must be the same bits (the

@@ -86,6 +86,7 @@ constexpr int64_t kUpdateShare = 40;
 // fp32 and 13.7 ms bf16 at 3.4-4.3% extra peak, 1/40 in 16.0 and 14.7 ms at 2.7-3.7%.
 constexpr int64_t kFusedShare = 32;
 // Fused compressed momentum: the up GEMM runs on the tensor cores (mma.sync, fp16
+// Row sums and column sums do not depend on the rows of a stage (row_stats).
 // operands) in 128 x 128 output tiles, eight warps of 64 x 32, the rank consumed 32 at
 // a time through a ring of kUpStages shared-memory buffers; rows padded by 16 bytes so
 // that every ldmatrix phase hits 32 distinct banks.
@@ -534,6 +535,12 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
   float* row_ema = t.row;
   const double beta2 = t.beta2;
   const double inv_m = 1.0 / t.m;
+  // Warps that sum one row: as many as the stages of G alone leave to a row, so that
+  // the order of a row's sum does not depend on whether the stages also hold p (the
+  // first step after a resume reads p, the next ones do not).
+  const int64_t g_fit = kStageBytes / (int64_t(mv) * 16);
+  const int g_rows = g_fit < 1 ? 1 : g_fit > kMaxStageRows ? kMaxStageRows : int(g_fit);
+  const int wpr = g_rows < kWarps ? kWarps / g_rows : 1;
   const double m_eps1 = double(t.m) * eps1;  // eps1 of every element of a row
   float reg_sq[KV][L], reg_w[KV][L];
   float4* acc_sq = reinterpret_cast<float4*>(smem + S * stage_vecs);
@@ -553,13 +560,17 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
     if (s < stages) {
       uint4* dst = smem + (s % S) * stage_vecs;
       const int64_t r0 = i_begin + int64_t(s) * R;
-      const int rows = static_cast<int>(min(int64_t(R), i_end - r0));
-      for (int r = 0; r < rows; ++r) {
-        for (int c = threadIdx.x; c < mv; c += kThreads) {
-          copy16_async(dst + r * mv + c, g + (r0 + r) * mv + c);
-          if (stats_p) copy16_async(dst + (R + r) * mv + c, p + (r0 + r) * mv + c);
-        }
+      const int count = static_cast<int>(min(int64_t(R), i_end - r0)) * mv;
+      const uint4* gs = g + r0 * mv;
+      for (int q = threadIdx.x; q < count; q += kThreads) copy16_async(dst + q, gs + q);
+      if (stats_p) {
+        const uint4* ps = p + r0 * mv;
+        uint4* pd = dst + R * mv;
+        for (int q = threadIdx.x; q < count; q += kThreads) copy16_async(pd + q, ps + q);
       }
+  // A stage's rows are contiguous in G (and p) and in shared memory: one flat loop
+  // (a loop over rows, then columns, spent ~100 instructions a 16-byte copy on
+  // address arithmetic: half of the pass's instructions, ncu).
     }
     copy_async_commit();  // empty past the last stage: the waits stay uniform
   };
@@ -576,38 +587,34 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
     __syncthreads();
     const uint4* st = smem + (s % S) * stage_vecs;
     // Sums of G^2 (eps1 is added once a row below: m eps1, and once a column at the
-    // end): the pass is bound by instruction issue, not by memory (ncu: 0.6 warp
-    // instructions a cycle a scheduler at 2.0 TB/s).
-#pragma unroll 2
-    for (int r = 0; r < rows; ++r) {
+    // end). A row is summed in wpr segments (strided shares of its vectors), a warp
+    // a segment, then by thread r over the segments in a fixed order: one warp
+    // reduction a segment, where a reduction over the whole block for every row cost
+    // ~12 instructions a row and warp (ncu).
+    for (int job = warp; job < rows * wpr; job += kWarps) {
+      const int r = job % rows, seg = job / rows;
+      const uint4* gr = st + r * mv;
+      const uint4* pr = st + (R + r) * mv;
       float sum = 0.f;
-      const auto add_vec = [&](int c) {
+#pragma unroll 2
+      for (int c = seg * 32 + lane; c < mv; c += wpr * 32) {
         float gv[L];
-        unpack<DT>(st[r * mv + c], gv);
+        unpack<DT>(gr[c], gv);
 #pragma unroll
         for (int e = 0; e < L; ++e) sum = fmaf(gv[e], gv[e], sum);
         if (stats_p) {
-          float pv[L];
-          unpack<DT>(st[(R + r) * mv + c], pv);
+          unpack<DT>(pr[c], gv);
 #pragma unroll
-          for (int e = 0; e < L; ++e) p2 = fmaf(pv[e], pv[e], p2);
+          for (int e = 0; e < L; ++e) p2 = fmaf(gv[e], gv[e], p2);
         }
-      };
-      if constexpr (kRegAcc) {
-#pragma unroll
-        for (int k = 0; k < KV; ++k)
-          if (threadIdx.x + k * kThreads < mv) add_vec(threadIdx.x + k * kThreads);
-      } else {
-        for (int c = threadIdx.x; c < mv; c += kThreads) add_vec(c);
       }
       sum = warp_sum(sum);
-      if (lane == 0) partial[warp][r] = sum;
+      if (lane == 0) partial[seg][r] = sum;
     }
     __syncthreads();
     if (static_cast<int>(threadIdx.x) < rows) {
       double total = m_eps1;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) total += partial[w][threadIdx.x];
+      for (int w = 0; w < wpr; ++w) total += partial[w][threadIdx.x];
       const int64_t i = r0 + threadIdx.x;
       const float row = static_cast<float>(beta2 * old_row + (1.0 - beta2) * (total * inv_m));
       row_ema[i] = row;
@@ -2509,7 +2516,10 @@ void set_block_rows(Task& t, int64_t row_bytes, int64_t bytes) {
   const int64_t wanted = std::clamp(ceil_div(ceil_div(bytes, kStatsBlocksTarget), row_bytes),
                                     ceil_div(kRowBlockMinColBytes, elem),
                                     kRowBlockMaxColBytes / elem);
-  t.block_rows = static_cast<int32_t>(ceil_div(wanted, t.stage_rows) * t.stage_rows);
+  // Whole stages of G alone: a step whose stages also hold p (fewer rows) sums each
+  // column over the same blocks of rows, so in the same order.
+  const int64_t g_rows = std::clamp<int64_t>(kStageBytes / row_bytes, 1, kMaxStageRows);
+  t.block_rows = static_cast<int32_t>(ceil_div(wanted, g_rows) * g_rows);
   t.rchunks = static_cast<int32_t>(ceil_div(t.n, t.block_rows));
 }
 
