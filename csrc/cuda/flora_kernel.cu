@@ -32,6 +32,17 @@
 #include "../common/random.h"
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
+// at::getHostAllocator. The header sizes its structures by
+// std::hardware_destructive_interference_size, which GCC warns of on every use.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Winterference-size"
+#endif
+#include <ATen/core/CachingHostAllocator.h>
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#pragma GCC diagnostic pop
+#endif
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAException.h>
@@ -75,6 +86,7 @@ constexpr int kMaxStageRows = 32;
 // least kRowBlockMinColBytes of G a column, so that its column sums (two floats a
 // column, the workspace) add at most 2.5% to the step's memory (16 rows of bf16 took
 // 7% extra peak on 0.1B shapes), and at most kRowBlockMaxColBytes (128 fp32 rows).
+// Row sums and column sums do not depend on the rows of a stage (row_stats).
 constexpr int64_t kStatsBlocksTarget = 2048;
 constexpr int64_t kRowBlockMinColBytes = 320, kRowBlockMaxColBytes = 512;
 // Compressed tensors of a batch hold at most 1/kUpdateShare of the call's fp32
@@ -86,7 +98,6 @@ constexpr int64_t kUpdateShare = 40;
 // fp32 and 13.7 ms bf16 at 3.4-4.3% extra peak, 1/40 in 16.0 and 14.7 ms at 2.7-3.7%.
 constexpr int64_t kFusedShare = 32;
 // Fused compressed momentum: the up GEMM runs on the tensor cores (mma.sync, fp16
-// Row sums and column sums do not depend on the rows of a stage (row_stats).
 // operands) in 128 x 128 output tiles, eight warps of 64 x 32, the rank consumed 32 at
 // a time through a ring of kUpStages shared-memory buffers; rows padded by 16 bytes so
 // that every ldmatrix phase hits 32 distinct banks.
@@ -524,6 +535,12 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int mv = static_cast<int>(t.m / L);  // 16-byte vectors a row
   const int R = t.stage_rows, S = t.stages;
+  // Warps that sum one row: as many as the stages of G alone leave to a row, so that
+  // the order of a row's sum does not depend on whether the stages also hold p (the
+  // first step after a resume reads p, the next ones do not).
+  const int64_t g_fit = kStageBytes / (int64_t(mv) * 16);
+  const int g_rows = g_fit < 1 ? 1 : g_fit > kMaxStageRows ? kMaxStageRows : int(g_fit);
+  const int wpr = g_rows < kWarps ? kWarps / g_rows : 1;
   const bool stats_p = t.stats_p;
   const float eps1 = a.eps1;
   const int64_t stage_vecs = int64_t(R) * mv * (stats_p ? 2 : 1);
@@ -535,12 +552,6 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
   float* row_ema = t.row;
   const double beta2 = t.beta2;
   const double inv_m = 1.0 / t.m;
-  // Warps that sum one row: as many as the stages of G alone leave to a row, so that
-  // the order of a row's sum does not depend on whether the stages also hold p (the
-  // first step after a resume reads p, the next ones do not).
-  const int64_t g_fit = kStageBytes / (int64_t(mv) * 16);
-  const int g_rows = g_fit < 1 ? 1 : g_fit > kMaxStageRows ? kMaxStageRows : int(g_fit);
-  const int wpr = g_rows < kWarps ? kWarps / g_rows : 1;
   const double m_eps1 = double(t.m) * eps1;  // eps1 of every element of a row
   float reg_sq[KV][L], reg_w[KV][L];
   float4* acc_sq = reinterpret_cast<float4*>(smem + S * stage_vecs);
@@ -556,6 +567,9 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
       acc_w[q] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
   }
+  // A stage's rows are contiguous in G (and p) and in shared memory: one flat loop
+  // (a loop over rows, then columns, spent ~100 instructions a 16-byte copy on
+  // address arithmetic: half of the pass's instructions, ncu).
   const auto issue = [&](int s) {
     if (s < stages) {
       uint4* dst = smem + (s % S) * stage_vecs;
@@ -568,9 +582,6 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
         uint4* pd = dst + R * mv;
         for (int q = threadIdx.x; q < count; q += kThreads) copy16_async(pd + q, ps + q);
       }
-  // A stage's rows are contiguous in G (and p) and in shared memory: one flat loop
-  // (a loop over rows, then columns, spent ~100 instructions a 16-byte copy on
-  // address arithmetic: half of the pass's instructions, ncu).
     }
     copy_async_commit();  // empty past the last stage: the waits stay uniform
   };
@@ -2723,6 +2734,22 @@ struct FusedBuffers {
 
 // Shared memory beyond 48 KiB must be allowed per kernel (and device) before a launch
 // asks for it; the call is cheap next to the launches it precedes.
+// Host-to-device copies of a step's tables (task descriptors, pointer arrays, jobs):
+// a pinned block of torch's caching host allocator, filled by the caller, then copied
+// on the current stream and kept from reuse until that copy is done. What
+// Tensor::to(non_blocking) does, without its dispatch and two tensors a copy.
+at::DataPtr pinned_block(int64_t bytes) {
+  return at::getHostAllocator(at::kCUDA)->allocate(static_cast<size_t>(bytes));
+}
+
+void upload(void* device, const at::DataPtr& host, int64_t bytes) {
+  const c10::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(cudaMemcpyAsync(device, host.get(), static_cast<size_t>(bytes),
+                                 cudaMemcpyHostToDevice, stream));
+  at::getHostAllocator(at::kCUDA)->record_event(host.get(), host.get_context(),
+                                                 stream.unwrap());
+}
+
 template <typename Kernel>
 void allow_smem(Kernel kernel, int64_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -2799,9 +2826,9 @@ void fused_momentum_group(const std::vector<const Item*>& items,
   static_assert(sizeof(DownJob) % sizeof(int64_t) == 0, "jobs follow the arrays aligned");
   const int passes = resample ? 2 : 1;
   const int64_t job_words = int64_t(sizeof(DownJob) / sizeof(int64_t));
-  at::Tensor host = at::empty({kArrays * count + passes * count * job_words},
-                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* words = host.data_ptr<int64_t>();
+  const int64_t table_words = kArrays * count + passes * count * job_words;
+  const at::DataPtr host = pinned_block(table_words * 8);
+  int64_t* words = static_cast<int64_t*>(host.get());
   auto* ptrs = reinterpret_cast<const void**>(words);
   const auto set = [&](int array, int k, const void* p) { ptrs[array * count + k] = p; };
   auto* jobs = reinterpret_cast<DownJob*>(words + kArrays * count);
@@ -2844,8 +2871,9 @@ void fused_momentum_group(const std::vector<const Item*>& items,
       jobs[count + k] = next;
     }
   }
-  const at::Tensor device = host.to(first.param.device(), /*non_blocking=*/true);
+  const at::Tensor device = at::empty({table_words}, f32.dtype(at::kLong));
   int64_t* dwords = device.data_ptr<int64_t>();
+  upload(dwords, host, table_words * 8);
   const auto arr = [&](int array) { return reinterpret_cast<void* const*>(dwords + array * count); };
   const auto carr = [&](int array) {
     return reinterpret_cast<const void* const*>(dwords + array * count);
@@ -2993,6 +3021,17 @@ void launch_batch(const TaskTable& table, const BatchShape& b, const GroupArgs& 
 void run_group_cuda(at::TensorList params, at::TensorList grads,
                     const std::vector<GroupEntry>& entries) {
   c10::cuda::CUDAGuard guard(params[0].device());
+  // Host phases, for torch.profiler (tools/host_trace.py): planning, then launches.
+  std::optional<at::RecordFunction> phase;
+  const auto begin_phase = [&](const char* name) {
+    phase.reset();
+    if (at::hasCallbacks()) {
+      phase.emplace(at::RecordScope::USER_SCOPE);
+      if (phase->isActive())
+        phase->before(std::string_view(name), c10::ArrayRef<const c10::IValue>{});
+    }
+  };
+  begin_phase("flora::plan");
   const StepOptions& group = entries[0].options;
   GroupArgs args;
   args.eps1 = static_cast<float>(group.eps1);
@@ -3221,7 +3260,11 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
     }
     shared_floats = std::max(shared_floats, partials_at);
   }
-  const int64_t workspace_floats = shared_floats + kept_floats;
+  // The task table (below) follows the kept region in the workspace.
+  static_assert(sizeof(Task) % sizeof(int64_t) == 0, "begins follow the tasks aligned");
+  const size_t count = tasks.size();
+  const int64_t table_bytes = static_cast<int64_t>(count * (sizeof(Task) + 4 * sizeof(int64_t)));
+  const int64_t workspace_floats = shared_floats + kept_floats + ceil_div(table_bytes, 16) * 4;
   const auto f32 = items[0].param.options().dtype(at::kFloat);
   at::Tensor workspace = at::empty({workspace_floats}, f32);
   float* ws = workspace.data_ptr<float>();  // the shared region (partials, work)
@@ -3260,14 +3303,11 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
     }
   }
 
+  begin_phase("flora::launch");
   // One host-to-device copy (pinned, asynchronous) of every task descriptor, then
   // of the tasks' first tiles, first finalize blocks and first stats blocks.
-  static_assert(sizeof(Task) % sizeof(int64_t) == 0, "begins follow the tasks aligned");
-  const size_t count = tasks.size();
-  const int64_t table_bytes = static_cast<int64_t>(count * (sizeof(Task) + 4 * sizeof(int64_t)));
-  at::Tensor host_table =
-      at::empty({table_bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  auto* host_bytes = static_cast<uint8_t*>(host_table.data_ptr());
+  const at::DataPtr host_table = pinned_block(table_bytes);
+  auto* host_bytes = static_cast<uint8_t*>(host_table.get());
   std::memcpy(host_bytes, tasks.data(), count * sizeof(Task));
   auto* host_begins = reinterpret_cast<int64_t*>(host_bytes + count * sizeof(Task));
   for (size_t k = 0; k < count; ++k) {
@@ -3276,9 +3316,8 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
     host_begins[2 * count + k] = tasks[k].sblock_begin;
     host_begins[3 * count + k] = tasks[k].gtile_begin;
   }
-  const at::Tensor device_table =
-      host_table.to(items[0].param.device(), /*non_blocking=*/true);
-  const auto* device_bytes = static_cast<const uint8_t*>(device_table.data_ptr());
+  auto* device_bytes = reinterpret_cast<uint8_t*>(kept + kept_floats);  // 16-byte aligned
+  upload(device_bytes, host_table, table_bytes);
   const Task* device_tasks = reinterpret_cast<const Task*>(device_bytes);
   const int64_t* device_begins =
       reinterpret_cast<const int64_t*>(device_bytes + count * sizeof(Task));

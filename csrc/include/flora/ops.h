@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/record_function.h>
 #include <c10/util/Optional.h>
 
 #include <cstdint>
@@ -178,9 +179,12 @@ void step_group_op(at::TensorList params, at::TensorList grads, at::TensorList s
       1, 0, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
       scale_parameter, relative_step, warmup_init, factorize_second_moment, tf32,
       stochastic_rounding);
-  std::vector<GroupEntry> entries =
-      check_group_inputs(params, grads, states, steps, seeds, group);
-  attach_param_norms(entries, params, param_norms, norms_known);
+  std::vector<GroupEntry> entries;
+  {
+    RECORD_USER_SCOPE("flora::check_inputs");  // for torch.profiler: host time of the checks
+    entries = check_group_inputs(params, grads, states, steps, seeds, group);
+    attach_param_norms(entries, params, param_norms, norms_known);
+  }
   if (!params.empty()) kernel(params, grads, entries);
 }
 

@@ -1,0 +1,97 @@
+"""Where the CPU time of opt.step() goes: torch.profiler's CPU view (the flora op, the
+CUDA runtime calls it makes, the rest) of steps queued behind a busy GPU, and the
+Python part alone (the op replaced by a no-op). For host-overhead work; prints only."""
+import cProfile
+import os
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from bench_step import MODELS, llama_shapes, make_params  # noqa: E402
+import flora_ext  # noqa: E402
+
+
+def cpu_ms(opt, steps=20):
+    times = []
+    for _ in range(steps):
+        torch.cuda._sleep(20_000_000)
+        t = time.perf_counter()
+        opt.step()
+        times.append((time.perf_counter() - t) * 1e3)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def trace(name, make, shapes, dtype):
+    params, grads = make_params(shapes, dtype)
+    opt = make(params)
+    for p, g in zip(params, grads):
+        p.grad = g
+    for _ in range(3):
+        opt.step()
+    torch.cuda.synchronize()
+    total = cpu_ms(opt)
+    real = torch.ops.flora.step_group_
+    calls = []
+
+    def noop(*args, **kwargs):
+        calls.append((args, kwargs))
+
+    class NoOp:
+        step_group_ = staticmethod(noop)
+
+        def __getattr__(self, key):
+            return getattr(real_ops, key)
+
+    real_ops = torch.ops.flora
+    torch.ops.flora = NoOp()
+    try:
+        python = cpu_ms(opt)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(20):
+            opt.step()
+        profiler.disable()
+    finally:
+        torch.ops.flora = real_ops
+    args, kwargs = calls[-1]
+    op_times = []
+    for _ in range(20):
+        torch.cuda._sleep(20_000_000)
+        t = time.perf_counter()
+        real(*args, **kwargs)
+        op_times.append((time.perf_counter() - t) * 1e3)
+        torch.cuda.synchronize()
+    print(f"\n== {name}: step {total:.3f} ms CPU, Python part {python:.3f} ms, "
+          f"op call {statistics.median(op_times):.3f} ms ({len(args[0])} params, "
+          f"{len(args[2])} state tensors)", flush=True)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            torch.cuda._sleep(20_000_000)
+            opt.step()
+            torch.cuda.synchronize()
+    print("CPU time a step (us), profiled: name, calls, self, total")
+    for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:16]:
+        if e.self_cpu_time_total > 0 and "Synchronize" not in e.key:
+            print(f"  {e.key[:48]:48s} {e.count / 10:6.1f} {e.self_cpu_time_total / 10:9.1f} "
+                  f"{e.cpu_time_total / 10:9.1f}")
+    print("Python part (op replaced by a no-op), 20 steps:")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(8)
+
+
+if __name__ == "__main__":
+    llama = llama_shapes(*MODELS["1.35b"])
+    small = [(64, 64)] * 200
+    cases = [
+        ("1.35b fp32 beta1=None", lambda ps: flora_ext.Flora(ps, lr=1e-3, beta1=None), llama),
+        ("1.35b fp32 r256", lambda ps: flora_ext.Flora(ps, lr=1e-3, rank=256, beta1=0.9), llama),
+        ("200x64x64 fp32 beta1=None", lambda ps: flora_ext.Flora(ps, lr=1e-3, beta1=None), small),
+    ]
+    for name, make, shapes in cases:
+        trace(name, make, shapes, torch.float32)
+        torch.cuda.empty_cache()
