@@ -91,7 +91,11 @@ if __name__ == "__main__":
         ("1.35b fp32 beta1=None", lambda ps: flora_ext.Flora(ps, lr=1e-3, beta1=None), llama),
         ("1.35b fp32 r256", lambda ps: flora_ext.Flora(ps, lr=1e-3, rank=256, beta1=0.9), llama),
         ("200x64x64 fp32 beta1=None", lambda ps: flora_ext.Flora(ps, lr=1e-3, beta1=None), small),
+        ("0.1b fp32 r256", lambda ps: flora_ext.Flora(ps, lr=1e-3, rank=256, beta1=0.9),
+         llama_shapes(*MODELS["0.1b"])),
     ]
+    if len(sys.argv) > 1:  # names of cases to run
+        cases = [c for c in cases if c[0] in sys.argv[1:]]
     for name, make, shapes in cases:
         trace(name, make, shapes, torch.float32)
         torch.cuda.empty_cache()

@@ -59,6 +59,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -2750,10 +2752,20 @@ void upload(void* device, const at::DataPtr& host, int64_t bytes) {
                                                  stream.unwrap());
 }
 
+// cudaFuncSetAttribute once a kernel, device and size (a call a launch cost ~3 us of
+// host time, 37 calls a step on 0.1B shapes).
 template <typename Kernel>
 void allow_smem(Kernel kernel, int64_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int64_t> allowed;
+  const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel),
+                                        static_cast<int>(c10::cuda::current_device())};
+  std::lock_guard<std::mutex> lock(mutex);
+  int64_t& done = allowed[key];
+  if (done >= bytes) return;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(bytes)));
+  done = bytes;
 }
 
 template <int DT, bool kLeft>
@@ -2801,7 +2813,6 @@ void fused_momentum_group(const std::vector<const Item*>& items,
   const auto f32 = first.param.options().dtype(at::kFloat);
   const bool resample = o0.resample();  // the same for the whole group
 
-  at::Tensor gram = at::empty({count, r, r}, f32), sq = at::empty({count, r, r}, f32);
   at::Tensor next_t, next_p, bases, base;  // next_p: the next basis's tiled P
   // P tiled for the sm_90a down GEMM; zeros where the tiles pass the rank or k.
   const int64_t kdim = left ? n : m, tsize = tiled_halves(r, kdim);
@@ -2828,6 +2839,12 @@ void fused_momentum_group(const std::vector<const Item*>& items,
   const int64_t job_words = int64_t(sizeof(DownJob) / sizeof(int64_t));
   const int64_t table_words = kArrays * count + passes * count * job_words;
   const at::DataPtr host = pinned_block(table_words * 8);
+  // One device allocation: Gram, S (count r x r each), then the table.
+  const int64_t rr = int64_t(count) * r * r;  // even: r is a multiple of 8
+  const at::Tensor scratch = at::empty({2 * rr + 2 * table_words}, f32);
+  float* const gram = scratch.data_ptr<float>();
+  float* const sq = gram + rr;
+  int64_t* const dwords = reinterpret_cast<int64_t*>(sq + rr);
   int64_t* words = static_cast<int64_t*>(host.get());
   auto* ptrs = reinterpret_cast<const void**>(words);
   const auto set = [&](int array, int k, const void* p) { ptrs[array * count + k] = p; };
@@ -2837,9 +2854,9 @@ void fused_momentum_group(const std::vector<const Item*>& items,
     const Task& t = *tasks[k];
     float* mom = items[k]->entry->state.momentum->data_ptr<float>();
     set(kGramA, k, bufs[k].plain_t);
-    set(kGramC, k, at_k(gram, k, r * r));
+    set(kGramC, k, gram + k * r * r);
     set(kSqA, k, mom);
-    set(kSqC, k, at_k(sq, k, r * r));
+    set(kSqC, k, sq + k * r * r);
     // bases = P_next P_now^T (left) or P_now^T P_next (right), from the transposes.
     set(kBasesA, k, left ? at_k(next_t, k, psize) : bufs[k].plain_t);
     set(kBasesB, k, left ? static_cast<const void*>(bufs[k].plain_t) : at_k(next_t, k, psize));
@@ -2857,8 +2874,7 @@ void fused_momentum_group(const std::vector<const Item*>& items,
     words[kSeedNext * count + k] = static_cast<int64_t>(next_seed(o.seed));
     DownJob now{items[k]->grad.data_ptr(), bufs[k].plain_t,
                 bufs[k].tiled, mom, nullptr, bufs[k].momentum16,
-                t.terms + 1, static_cast<const float*>(at_k(gram, k, r * r)),
-                static_cast<const float*>(at_k(sq, k, r * r)), t.row, t.scalars, t.col_factor,
+                t.terms + 1, gram + k * r * r, sq + k * r * r, t.row, t.scalars, t.col_factor,
                 bufs[k].row_factor};
     jobs[k] = now;
     if (resample) {
@@ -2871,8 +2887,6 @@ void fused_momentum_group(const std::vector<const Item*>& items,
       jobs[count + k] = next;
     }
   }
-  const at::Tensor device = at::empty({table_words}, f32.dtype(at::kLong));
-  int64_t* dwords = device.data_ptr<int64_t>();
   upload(dwords, host, table_words * 8);
   const auto arr = [&](int array) { return reinterpret_cast<void* const*>(dwords + array * count); };
   const auto carr = [&](int array) {
