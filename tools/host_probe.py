@@ -16,14 +16,21 @@ from bench_step import MODELS, llama_shapes, make_params, timed_step  # noqa: E4
 import flora_ext  # noqa: E402
 
 
-def probe(name, make, shapes, dtype, steps=20):
+def warmed_up(make, shapes, dtype, steps=3):
+    """An optimizer made by ``make`` over parameters of ``shapes`` with gradients attached,
+    after ``steps`` steps (plans made, workspaces cached)."""
     params, grads = make_params(shapes, dtype)
     opt = make(params)
     for p, g in zip(params, grads):
         p.grad = g
-    for _ in range(3):
+    for _ in range(steps):
         opt.step()
     torch.cuda.synchronize()
+    return opt
+
+
+def probe(name, make, shapes, dtype, steps=20):
+    opt = warmed_up(make, shapes, dtype)
     cpu, gpu_ahead, idle_start = [], [], []
     for _ in range(steps):
         torch.cuda._sleep(50_000_000)  # keeps the GPU busy while the CPU queues the step

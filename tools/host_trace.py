@@ -12,7 +12,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from bench_step import MODELS, llama_shapes, make_params  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_step import MODELS, llama_shapes  # noqa: E402
+from host_probe import warmed_up  # noqa: E402
 import flora_ext  # noqa: E402
 
 
@@ -28,13 +30,7 @@ def cpu_ms(opt, steps=20):
 
 
 def trace(name, make, shapes, dtype):
-    params, grads = make_params(shapes, dtype)
-    opt = make(params)
-    for p, g in zip(params, grads):
-        p.grad = g
-    for _ in range(3):
-        opt.step()
-    torch.cuda.synchronize()
+    opt = warmed_up(make, shapes, dtype)
     total = cpu_ms(opt)
     real = torch.ops.flora.step_group_
     calls = []
