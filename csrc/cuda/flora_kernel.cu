@@ -191,7 +191,7 @@ struct Task {
   // epilogue; sum D^2 comes from sum U^2 and `terms` (see fused_clip_kernel).
   const uint16_t* up_a;  // fp16
   const uint16_t* up_b;
-  double* terms;         // fused: [0] sum U^2, then one partial sum a down-GEMM tile
+  double* terms;         // fused: [0] sum U^2, a partial a down tile, <Gram, S> shares
   // Norm cache not valid, and the stats pass's blocks are not the apply pass's (fused
   // or row stats): sum p^2 of each apply tile (up-GEMM tiles if fused), summed as the
   // norms pass will sum them, so that a resumed run steps as an uninterrupted one.
@@ -1346,10 +1346,11 @@ __global__ void projection_t_kernel(uint16_t* const* __restrict__ outs,
 
 // One task of a fused group's down GEMM (fused_down_kernel): down(U) in the basis of
 // `proj`, then its epilogue on the momentum M (before this step):
-//   partials: per tile, 2 beta1 (1 - beta1) M . down(U), plus a share of
-//             beta1^2 Gram . S (S = M M^T or M^T M, r x r: <M, Gram M> = <Gram, S>
-//             without an r x max(n, m) product); skipped when null
-//   momentum16: fp16(M) for the up GEMM; skipped when null
+//   partials: per tile, 2 beta1 (1 - beta1) M . down(U); skipped when null. After
+//             them, kDotBlocks shares of beta1^2 Gram . S (S = M M^T or M^T M of fp16(M),
+//             r x r: <M, Gram M> = <Gram, S> without an r x max(n, m) product), from
+//             gram_dot_kernel once S exists
+//   momentum16: fp16(M) for the up GEMM and for S; skipped when null
 //   update: M = beta1 M' + (1 - beta1) down(U), M' = M or `base` (M moved to the next
 //           basis on resample steps)
 struct DownJob {
@@ -1360,7 +1361,7 @@ struct DownJob {
   const float* base;
   uint16_t* momentum16;
   double* partials;      // one a tile of the task
-  const float* gram;
+  const float* gram;      // r x r, for gram_dot_kernel
   const float* sq;
   const float* row;
   const float* scalars;
@@ -1377,6 +1378,27 @@ __global__ void row_factor_kernel(const DownJob* __restrict__ jobs, int n) {
   if (i < n) job.row_factor[i] = row_scale(job.row[i], job.scalars[kRowMean]);
 }
 
+// beta1^2 <Gram, S> of a fused task in kDotBlocks partials, partials[tiles + b] from
+// block b (grid: kDotBlocks, tasks), each over rr / kDotBlocks consecutive elements
+// (rr = r^2, r % 8 == 0: whole float4s), summed by fused_clip_kernel in a fixed order.
+// (One block a task took 25 us a launch: 0.6 ms a bf16 1.35B step.)
+constexpr int kDotBlocks = 16;
+__global__ void __launch_bounds__(kThreads)
+    gram_dot_kernel(const DownJob* __restrict__ jobs, int rr, int tiles, float beta1) {
+  const DownJob& job = jobs[blockIdx.y];
+  const int chunk4 = rr / 4 / kDotBlocks;
+  const float4* g = reinterpret_cast<const float4*>(job.gram) + blockIdx.x * chunk4;
+  const float4* q = reinterpret_cast<const float4*>(job.sq) + blockIdx.x * chunk4;
+  double sum = 0.0;
+  for (int e = threadIdx.x; e < chunk4; e += kThreads) {
+    const float4 a = g[e], b = q[e];
+    sum += double(a.x) * b.x + double(a.y) * b.y + double(a.z) * b.z + double(a.w) * b.w;
+  }
+  sum = block_sum(sum);
+  if (threadIdx.x == 0)
+    job.partials[tiles + blockIdx.x] = static_cast<double>(beta1) * beta1 * sum;
+}
+
 // One block per fused task: sum D^2 from sum U^2 and the momentum terms, then the
 // clip factor. Rounding can leave a tiny negative sum where D is ~0: clamped.
 __global__ void __launch_bounds__(kThreads)
@@ -1384,7 +1406,8 @@ __global__ void __launch_bounds__(kThreads)
   const Task& t = tasks[blockIdx.x];
   if (!t.fused) return;
   double d2 = 0.0;
-  for (int64_t k = threadIdx.x; k < t.dtiles; k += blockDim.x) d2 += t.terms[1 + k];
+  for (int64_t k = threadIdx.x; k < t.dtiles + kDotBlocks; k += blockDim.x)
+    d2 += t.terms[1 + k];
   d2 = block_sum(d2);
   if (threadIdx.x != 0) return;
   const double keep = 1.0 - static_cast<double>(a.beta1);
@@ -2340,10 +2363,6 @@ __global__ void __launch_bounds__(kDnThreads, 1)
     }
   }
   if (job.partials == nullptr) return;
-  const float gram = beta1 * beta1;
-  const int rr = rank * rank;
-  for (int e = local * kDnThreads + tid; e < rr; e += gridDim.x * kDnThreads)
-    sum += gram * (job.gram[e] * job.sq[e]);
   const double total = block_sum(static_cast<double>(sum));
   if (tid == 0) job.partials[local] = total;
 }
@@ -2593,7 +2612,7 @@ WorkspacePlan plan_workspace(const Task& t, int64_t kept_base, int64_t partials_
   if (t.fused) {
     const int64_t pdim = t.n < t.m ? t.n : t.m;  // P is r x n (left) or m x r (right)
     const int64_t mdim = std::max(t.n, t.m);
-    w.terms = take(work_at, 2 * (1 + t.dtiles));             // doubles
+    w.terms = take(work_at, 2 * (1 + t.dtiles + kDotBlocks));  // doubles
     w.plain_t = take(work_at, ceil_div(t.rank * pdim, 2));   // fp16
     w.tiled = take(work_at, ceil_div(tiled_halves(t.rank, pdim), 2));
     if (t.n < t.m) w.row_factor = take(work_at, t.n);
@@ -2855,7 +2874,7 @@ void fused_momentum_group(const std::vector<const Item*>& items,
     float* mom = items[k]->entry->state.momentum->data_ptr<float>();
     set(kGramA, k, bufs[k].plain_t);
     set(kGramC, k, gram + k * r * r);
-    set(kSqA, k, mom);
+    set(kSqA, k, bufs[k].momentum16);  // written by the down GEMM before S
     set(kSqC, k, sq + k * r * r);
     // bases = P_next P_now^T (left) or P_now^T P_next (right), from the transposes.
     set(kBasesA, k, left ? at_k(next_t, k, psize) : bufs[k].plain_t);
@@ -2919,12 +2938,9 @@ void fused_momentum_group(const std::vector<const Item*>& items,
       gemm(ta, tb, M, N, K, 1.f, ptrs[a * count + k], ptrs[b * count + k], type, 0.f,
            static_cast<float*>(const_cast<void*>(ptrs[c * count + k])), true);
   };
-  // Gram = P P^T (left) or P^T P (right); S = M M^T (left) or M^T M (right), of M before
-  // this step (the down GEMM overwrites it).
+  // Gram = P P^T (left) or P^T P (right).
   if (left) group_gemm(true, false, r, r, n, kGramA, kGramA, kF16, kGramC);
   else group_gemm(false, true, r, r, m, kGramA, kGramA, kF16, kGramC);
-  if (left) group_gemm(false, true, r, r, m, kSqA, kSqA, kF32, kSqC);
-  else group_gemm(true, false, r, r, n, kSqA, kSqA, kF32, kSqC);
   if (resample) {
     if (left) group_gemm(true, false, r, r, n, kBasesA, kBasesB, kF16, kBasesC);
     else group_gemm(false, true, r, r, m, kBasesA, kBasesB, kF16, kBasesC);
@@ -2950,6 +2966,15 @@ void fused_momentum_group(const std::vector<const Item*>& items,
                                        update, stream);
     });
   }
+  // S = M M^T (left) or M^T M (right) of fp16(M) before this step, which the down GEMM
+  // left for the up GEMM: fp16 tensor cores at half the bytes of M (TF32 from M took
+  // the products 0.8 ms a fp32 1.35B step), the same 10-bit mantissa, and the very M
+  // the apply pass's up(M) reads. Then beta1^2 <Gram, S> for the clip.
+  if (left) group_gemm(false, true, r, r, m, kSqA, kSqA, kF16, kSqC);
+  else group_gemm(true, false, r, r, n, kSqA, kSqA, kF16, kSqC);
+  gram_dot_kernel<<<dim3(kDotBlocks, static_cast<unsigned>(count)), kThreads, 0, stream>>>(
+      djobs, static_cast<int>(r * r), static_cast<int>(down_tiles(n, m, r)), beta1);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // The passes over one batch; `between` runs the compressed-momentum work, which
