@@ -1113,14 +1113,15 @@ __device__ __forceinline__ void factored_apply_rows(const Task& t, int64_t local
   // Rows of G and p in flight at a time: 16-bit tiles all eight (64 registers; 2.35 vs
   // 2.09 TB/s with four), fp32 four (eight left two blocks an SM instead of three:
   // 2.48 vs 2.96 TB/s), stochastic rounding two (its Philox state spills otherwise).
+  // With momentum (or update) rows, fp32 two, which keeps the kernel at 80 registers.
   // Momentum (or update) rows come with them, 16-byte loads where aligned: read an
   // element at a time after the group's stores (p may alias them, for the compiler),
   // each row cost its own DRAM round trip. 16-bit tiles take them a row at a time (8
   // registers; groups of two spilled at three blocks an SM).
   constexpr bool kExtra = MK != static_cast<int>(MomentumKind::kNone);
   constexpr int kGroup = kRound ? kRowsPerWarp / 4
-                         : kExtra && DT != kF32 ? kRowsPerWarp / 8
-                                                : kRowsPerWarp / 2;
+                         : kExtra ? (DT != kF32 ? kRowsPerWarp / 8 : kRowsPerWarp / 4)
+                                  : kRowsPerWarp / 2;
   const bool extra_vec =
       kExtra && s.vec && reinterpret_cast<uintptr_t>(extra) % 16 == 0;
 #pragma unroll
@@ -1175,13 +1176,15 @@ __device__ __forceinline__ void factored_apply(const Task& t, int64_t local,
   }
 }
 
-// At most 128 registers: two blocks an SM instead of one (150 registers unbounded).
-// Stochastic rounding (kRound) is a kernel of its own: its Philox code would
-// otherwise cost every bf16 step registers.
-template <int DT> constexpr int kApplyMinBlocks = DT == kF32 ? 2 : 3;
+// At most 80 registers: three blocks an SM. fp32 had run at two (96 registers, which
+// four momentum rows in flight took; at an 80-register bound they spilled): its apply
+// without momentum took 5.77 ms a 1.35B step against 5.55 ms at three.
+// Stochastic rounding (kRound) is a kernel of its own at two blocks: its Philox code
+// would otherwise cost every bf16 step registers.
+constexpr int kApplyMinBlocks = 3;
 
 template <int DT, bool kRound>
-__global__ void __launch_bounds__(kThreads, kRound ? 2 : kApplyMinBlocks<DT>)
+__global__ void __launch_bounds__(kThreads, kRound ? 2 : kApplyMinBlocks)
     apply_kernel(TaskTable table, GroupArgs a) {
   const Task& t = task_of_tile(table, blockIdx.x);
   if (t.fused) return;  // written by fused_apply_kernel
