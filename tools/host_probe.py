@@ -12,21 +12,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
-from bench_step import MODELS, llama_shapes, make_params, timed_step  # noqa: E402
+from bench_step import MODELS, llama_shapes, timed_step  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ncu_probe import warmed_up  # noqa: E402
 import flora_ext  # noqa: E402
-
-
-def warmed_up(make, shapes, dtype, steps=3):
-    """An optimizer made by ``make`` over parameters of ``shapes`` with gradients attached,
-    after ``steps`` steps (plans made, workspaces cached)."""
-    params, grads = make_params(shapes, dtype)
-    opt = make(params)
-    for p, g in zip(params, grads):
-        p.grad = g
-    for _ in range(steps):
-        opt.step()
-    torch.cuda.synchronize()
-    return opt
 
 
 def probe(name, make, shapes, dtype, steps=20):
@@ -66,12 +55,7 @@ if __name__ == "__main__":
             del opt
             torch.cuda.empty_cache()
     # Python-side profile of Flora on the small model (host cost only).
-    params, grads = make_params(small, torch.float32)
-    opt = flora_ext.Flora(params, lr=1e-3, beta1=None)
-    for p, g in zip(params, grads):
-        p.grad = g
-    for _ in range(3):
-        opt.step()
+    opt = warmed_up(lambda ps: flora_ext.Flora(ps, lr=1e-3, beta1=None), small, torch.float32)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(200):

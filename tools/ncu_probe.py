@@ -17,18 +17,25 @@ from bench_step import MODELS, llama_shapes, make_params  # noqa: E402
 import flora_ext  # noqa: E402
 
 
-def stepped_flora(dtype, compressed, steps=4):
-    """Flora on the 1.35B shapes with gradients attached, after `steps` steps (the ones
-    ncu profiles); with rank 256 and beta1 0.9 if `compressed`, else beta1=None."""
-    params, grads = make_params(llama_shapes(*MODELS["1.35b"]), dtype)
-    kw = dict(rank=256, beta1=0.9) if compressed else dict(beta1=None)
-    opt = flora_ext.Flora(params, lr=1e-3, **kw)
+def warmed_up(make, shapes, dtype, steps=3):
+    """An optimizer made by ``make`` over parameters of ``shapes`` with gradients attached,
+    after ``steps`` steps (plans made, workspaces cached)."""
+    params, grads = make_params(shapes, dtype)
+    opt = make(params)
     for p, g in zip(params, grads):
         p.grad = g
     for _ in range(steps):
         opt.step()
     torch.cuda.synchronize()
     return opt
+
+
+def stepped_flora(dtype, compressed, steps=4):
+    """Flora on the 1.35B shapes with gradients attached, after `steps` steps (the ones
+    ncu profiles); with rank 256 and beta1 0.9 if `compressed`, else beta1=None."""
+    kw = dict(rank=256, beta1=0.9) if compressed else dict(beta1=None)
+    return warmed_up(lambda ps: flora_ext.Flora(ps, lr=1e-3, **kw),
+                     llama_shapes(*MODELS["1.35b"]), dtype, steps)
 
 
 if __name__ == "__main__":
