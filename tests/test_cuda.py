@@ -626,3 +626,15 @@ def test_fused_down_gemm_saturates_a_huge_u():
     (dc, mc), (dp, mp) = run("cuda"), run("cpu")
     assert torch.isfinite(mc).all() and torch.isfinite(dc).all()
     assert rel_err(dc, dp) <= 2e-3
+
+
+def test_host_phases_show_in_the_profiler():
+    # tools/host_trace.py reads the op's host time by these scopes (RecordFunction).
+    p = torch.nn.Parameter(torch.randn(96, 200, device="cuda"))
+    p.grad = torch.randn_like(p)
+    opt = flora_ext.Flora([p], lr=1e-3, rank=8, beta1=0.9)
+    opt.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    names = {e.key for e in prof.key_averages()}
+    assert {"flora::check_inputs", "flora::plan", "flora::launch"} <= names, sorted(names)
