@@ -3,8 +3,10 @@
 One process, one GPU. For each optimizer: median step time over --steps steps after
 --warmup steps (CUDA events around opt.step() alone), optimizer-state bytes per
 parameter, and the extra peak memory during a step (max_memory_allocated during the
-step minus memory_allocated before it). Gradients are random and fixed; they are
-re-attached before every step (flora-opt sets p.grad = None), outside the timed region.
+step minus memory_allocated before it). With --rounds, the optimizers are measured in
+turn that many times and each median is over all its steps. Gradients are random and
+fixed; they are re-attached before every step (flora-opt sets p.grad = None), outside
+the timed region.
 
     python benchmarks/bench_step.py --out benchmarks/results/bench_step.md
 """
@@ -154,7 +156,7 @@ def measure(make_opt, params, grads, steps, warmup):
                 if isinstance(t, torch.Tensor))
     del opt
     torch.cuda.empty_cache()
-    return statistics.median(times), min(times), state, extra_peak
+    return times, state, extra_peak
 
 
 def run_table(args, dtype_name, shapes, label):
@@ -162,15 +164,30 @@ def run_table(args, dtype_name, shapes, label):
     dtype = getattr(torch, dtype_name)
     params, grads = make_params(shapes, dtype)
     numel = sum(p.numel() for p in params)
+    chosen = {name: make_opt for name, make_opt in optimizers(args.rank).items()
+              if not args.only or name in args.only}
+    # With --rounds R every optimizer is measured R times, in turn with the others, and
+    # its median is taken over all R * steps steps: what happens to the machine during
+    # one optimizer's few milliseconds (small models) no longer decides its row.
+    times, measured = {name: [] for name in chosen}, {}
+    for _ in range(args.rounds):
+        for name, make_opt in chosen.items():
+            if name in measured and measured[name] is None:
+                continue  # failed in an earlier round
+            try:
+                steps, state, extra = measure(make_opt, params, grads, args.steps, args.warmup)
+            except Exception as err:  # report, keep measuring the others
+                print(f"{name}: failed: {type(err).__name__}: {err}", file=sys.stderr)
+                measured[name] = None
+                continue
+            times[name] += steps
+            measured[name] = (state, extra)
     rows = []
-    for name, make_opt in optimizers(args.rank).items():
-        if args.only and name not in args.only:
+    for name, result in measured.items():
+        if result is None:
             continue
-        try:
-            med, best, state, extra = measure(make_opt, params, grads, args.steps, args.warmup)
-        except Exception as err:  # report, keep measuring the others
-            print(f"{name}: failed: {type(err).__name__}: {err}", file=sys.stderr)
-            continue
+        state, extra = result
+        med, best = statistics.median(times[name]), min(times[name])
         rows.append((name, med, best, state / numel, extra / (numel * params[0].element_size())))
         print(f"{name:32s} median {med:8.2f} ms  min {best:8.2f} ms  state {state / numel:6.3f} B/param"
               f"  extra peak {100 * rows[-1][4]:6.2f}% of param bytes", flush=True)
@@ -198,11 +215,15 @@ def main():
     ap.add_argument("--rank", type=int, default=256)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every optimizer this many times, in turn (median over all)")
     ap.add_argument("--only", nargs="*", help="names of optimizers to run (default: all)")
     ap.add_argument("--small-tensors", type=int, default=0,
                     help="instead of a model: this many 64x64 tensors (launch overhead)")
     ap.add_argument("--out", help="append a Markdown table to this file")
     args = ap.parse_args()
+    if args.rounds < 1 or args.steps < 1:
+        ap.error("--rounds and --steps must be at least 1")
     if args.small_tensors:
         shapes, label = [(64, 64)] * args.small_tensors, f"{args.small_tensors} tensors of 64x64"
     else:

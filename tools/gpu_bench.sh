@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Step-time benchmarks and the kernel profile on the GPU machine (after
 # tools/gpu_check.sh built the extension in place); results under $OUT.
-# `gpu_bench.sh main`: the optimizers side by side (fp32 and bf16 in one process)
-# and the 200-small-tensor model; `gpu_bench.sh sweeps`: batch sizes, ranks, model
-# sizes, the kernel profiles and the host probe; no argument: both.
+# `gpu_bench.sh main`: the optimizers side by side (fp32 and bf16 in one process),
+# the 200-small-tensor model and the byte floor (bench_floor.py); `gpu_bench.sh
+# sweeps`: batch sizes, ranks, model sizes, the kernel profiles and the host probe;
+# no argument: both.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site
 OUT=${OUT:-/tmp/flora_out}
@@ -14,7 +15,11 @@ FLORA="flora_r256_b0.9 flora_r256_b0.9_resample flora_r256_b0.9_exact flora_nomo
 {
   if [ "$PART" != sweeps ]; then
     $B --dtype float32 bfloat16 --out "$OUT/bench_step.md"
-    $B --small-tensors 200 --only adamw_fused $FLORA --out "$OUT/bench_step.md"
+    # A step of the small model takes ~0.6 ms, mostly host time: 5 rounds of 50 steps,
+    # the optimizers in turn, so that no few milliseconds of a noisy host decide a row.
+    $B --small-tensors 200 --only adamw_fused $FLORA --steps 50 --rounds 5 \
+      --out "$OUT/bench_step.md"
+    python3 benchmarks/bench_floor.py --dtype float32 bfloat16 --out "$OUT/bench_floor.md"
   fi
   if [ "$PART" != main ]; then
     for bytes in 8388608 134217728 1073741824; do
