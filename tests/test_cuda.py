@@ -254,9 +254,11 @@ def test_compressed_tensors_sharing_a_batch_match_cpu(monkeypatch):
 
 def test_fused_batches_do_not_change_results(monkeypatch):
     # FLORA_FUSED_SHARE bounds the fp16 buffers of fused tensors in a batch: 1 puts all
-    # three in one batch (one down launch), 10**9 gives each a batch of its own. Three
-    # tensors stay under the batched-GEMM threshold either way: the same bits.
+    # three in one batch (one down launch), 10**9 gives each a batch of its own. With
+    # FLORA_BATCHED_MAX_K=0 three tensors stay under the batched-GEMM threshold either
+    # way: one GEMM a tensor, the same bits.
     shapes = [(256, 520)] * 3
+    monkeypatch.setenv("FLORA_BATCHED_MAX_K", "0")
 
     def train(share):
         monkeypatch.setenv("FLORA_FUSED_SHARE", str(share))
@@ -271,6 +273,33 @@ def test_fused_batches_do_not_change_results(monkeypatch):
 
     for a, b in zip(train(1), train(10**9)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("max_k", ["0", "1024"])
+def test_batched_short_contractions_match_cpu(max_k, monkeypatch):
+    # Groups of two or three fused tensors: one GEMM a tensor (FLORA_BATCHED_MAX_K=0), or
+    # one batched GEMM for their contractions of at most 1024 (the default): both as the
+    # CPU path, and a resample (kappa 2) in the run. FLORA_FUSED_SHARE=1: one batch (rank
+    # 32 pads P's tiled copy to 256 ranks, which would give each tensor a batch).
+    monkeypatch.setenv("FLORA_BATCHED_MAX_K", max_k)
+    monkeypatch.setenv("FLORA_FUSED_SHARE", "1")
+    shapes = [(256, 520)] * 3 + [(1040, 512)] * 2
+
+    def updates(device):
+        gen = torch.Generator().manual_seed(17)
+        p0 = [torch.randn(s, generator=gen) for s in shapes]
+        params = [torch.nn.Parameter(p.to(device, copy=True)) for p in p0]
+        opt = flora_ext.Flora(params, lr=1e-2, beta1=0.9, rank=32, kappa=2)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(device)
+            opt.step()
+        return [p.detach().cpu().double() - q.double() for p, q in zip(params, p0)]
+
+    for a, b in zip(updates("cuda"), updates("cpu")):
+        assert b.abs().max() > 0
+        # fp16 operands of the projections (TF32's mantissa): as test_fused_momentum_matches_cpu
+        assert rel_err(a, b) <= 2e-3, tuple(a.shape)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -305,6 +334,8 @@ BAD_KNOBS += [("FLORA_STATS_STAGES", v, "FLORA_STATS_STAGES must be") for v in (
 BAD_KNOBS += [("FLORA_FUSED_MOMENTUM", v, "FLORA_FUSED_MOMENTUM must be") for v in ("2", "on")]
 BAD_KNOBS += [("FLORA_FUSED_SHARE", v, f"FLORA_FUSED_SHARE must be an integer >= 1, got '{v}'")
               for v in ("0", "1/32")]
+BAD_KNOBS += [("FLORA_BATCHED_MAX_K", v, f"FLORA_BATCHED_MAX_K must be an integer >= 0, got '{v}'")
+              for v in ("-1", "1k")]
 
 
 @pytest.mark.parametrize("name,value,match", BAD_KNOBS, ids=str)
