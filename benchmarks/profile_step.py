@@ -25,7 +25,10 @@ from bench_step import (MODELS, llama_shapes, make_params, measured_by,  # noqa:
 def pass_bytes(params, opt):
     """Bytes each of Flora's passes must move in a steady-state step, from the state
     layouts: the stats pass reads p only without reuse_param_norms (sum p^2 is kept from
-    the last step), and factored tensors without momentum have no rms pass (row stats)."""
+    the last step), and factored tensors without momentum have no rms pass (row stats).
+    Compressed momentum is counted as the fused path moves it (tf32=True, the default):
+    no rms pass, and an apply pass that reads G and p and writes p (its fp16 GEMM
+    operands, r x (n + m), are left out); the unfused path moves more."""
     from flora_ext import param_layout
 
     group = opt.param_groups[0]
@@ -38,9 +41,9 @@ def pass_bytes(params, opt):
         mom = lay["momentum"]
         if lay["factored"]:
             total["stats"] += (1 + p_read) * e * n                        # read G (and p)
-            if mom != "none":
-                total["rms"] += e * n + {"dense": 8, "compressed": 4}.get(mom, 0) * n
-            total["apply"] += 3 * e * n + {"dense": 4, "compressed": 4}.get(mom, 0) * n
+            if mom == "dense":  # reads G and M, writes M (= D)
+                total["rms"] += e * n + 8 * n
+            total["apply"] += 3 * e * n + (4 * n if mom == "dense" else 0)
         else:
             total["stats"] += (1 + p_read) * e * n + 8 * n + (8 * n if mom == "dense" else 0)
             total["apply"] += 2 * e * n + (4 * n if mom == "dense" else e * n + 4 * n)
