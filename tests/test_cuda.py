@@ -255,10 +255,10 @@ def test_compressed_tensors_sharing_a_batch_match_cpu(monkeypatch):
 def test_fused_batches_do_not_change_results(monkeypatch):
     # FLORA_FUSED_SHARE bounds the fp16 buffers of fused tensors in a batch: 1 puts all
     # three in one batch (one down launch), 10**9 gives each a batch of its own. With
-    # FLORA_BATCHED_MAX_K=0 three tensors stay under the batched-GEMM threshold either
-    # way: one GEMM a tensor, the same bits.
+    # FLORA_MIN_BATCHED=4 three tensors stay under the batched-GEMM threshold either way:
+    # one GEMM a tensor, the same bits.
     shapes = [(256, 520)] * 3
-    monkeypatch.setenv("FLORA_BATCHED_MAX_K", "0")
+    monkeypatch.setenv("FLORA_MIN_BATCHED", "4")
 
     def train(share):
         monkeypatch.setenv("FLORA_FUSED_SHARE", str(share))
@@ -275,13 +275,13 @@ def test_fused_batches_do_not_change_results(monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("max_k", ["0", "1024"])
-def test_batched_short_contractions_match_cpu(max_k, monkeypatch):
-    # Groups of two or three fused tensors: one GEMM a tensor (FLORA_BATCHED_MAX_K=0), or
-    # one batched GEMM for their contractions of at most 1024 (the default): both as the
-    # CPU path, and a resample (kappa 2) in the run. FLORA_FUSED_SHARE=1: one batch (rank
-    # 32 pads P's tiled copy to 256 ranks, which would give each tensor a batch).
-    monkeypatch.setenv("FLORA_BATCHED_MAX_K", max_k)
+@pytest.mark.parametrize("min_batched", ["2", "4"])
+def test_small_groups_match_cpu(min_batched, monkeypatch):
+    # Groups of two and three fused tensors: one batched GEMM a product (the default), or
+    # one GEMM a tensor (FLORA_MIN_BATCHED=4): both as the CPU path, and a resample (kappa
+    # 2) in the run. FLORA_FUSED_SHARE=1: one batch (rank 32 pads P's tiled copy to 256
+    # ranks, which would give each tensor a batch).
+    monkeypatch.setenv("FLORA_MIN_BATCHED", min_batched)
     monkeypatch.setenv("FLORA_FUSED_SHARE", "1")
     shapes = [(256, 520)] * 3 + [(1040, 512)] * 2
 
@@ -334,8 +334,8 @@ BAD_KNOBS += [("FLORA_STATS_STAGES", v, "FLORA_STATS_STAGES must be") for v in (
 BAD_KNOBS += [("FLORA_FUSED_MOMENTUM", v, "FLORA_FUSED_MOMENTUM must be") for v in ("2", "on")]
 BAD_KNOBS += [("FLORA_FUSED_SHARE", v, f"FLORA_FUSED_SHARE must be an integer >= 1, got '{v}'")
               for v in ("0", "1/32")]
-BAD_KNOBS += [("FLORA_BATCHED_MAX_K", v, f"FLORA_BATCHED_MAX_K must be an integer >= 0, got '{v}'")
-              for v in ("-1", "1k")]
+BAD_KNOBS += [("FLORA_MIN_BATCHED", v, f"FLORA_MIN_BATCHED must be an integer >= 1, got '{v}'")
+              for v in ("0", "two")]
 
 
 @pytest.mark.parametrize("name,value,match", BAD_KNOBS, ids=str)

@@ -111,10 +111,8 @@ constexpr int64_t kUpSmemBytes = int64_t(kUpStages) * kUpStageHalves * 2;
 // floats of padding put the 8 rows of an accumulator store in different banks.
 constexpr int kUpXStride = kUpBN + 8;
 static_assert(int64_t(kUpBM) * kUpXStride * 4 <= kUpSmemBytes, "the result tile fits the ring");
-// Fused tasks of one shape share batched GEMMs from this many on, or when the
-// contraction is at most kBatchedMaxK long (see group_gemm).
-constexpr int kMinBatched = 4;
-constexpr int64_t kBatchedMaxK = 1024;
+// Fused tasks of one shape share batched GEMMs from this many on (see group_gemm).
+constexpr int kMinBatched = 2;
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // The projection as the sm_90a down GEMM reads it: one 16 KiB tile (256 of the rank
@@ -2486,9 +2484,9 @@ int64_t batch_bytes_limit() { return env_int("FLORA_BATCH_BYTES", int64_t(16) <<
 // batch (default kFusedShare; larger values use less memory and more batches).
 int64_t fused_share() { return env_int("FLORA_FUSED_SHARE", kFusedShare, 1); }
 
-// Contractions up to FLORA_BATCHED_MAX_K (default kBatchedMaxK) take one batched GEMM
-// whatever the number of tensors; 0 batches by count alone.
-int64_t batched_max_k() { return env_int("FLORA_BATCHED_MAX_K", kBatchedMaxK, 0); }
+// Groups of FLORA_MIN_BATCHED (default kMinBatched) or more fused tensors of one shape
+// take one batched GEMM a product; smaller ones one GEMM a tensor.
+int64_t min_batched() { return env_int("FLORA_MIN_BATCHED", kMinBatched, 1); }
 
 // Row stats (one stats pass, no rms pass) for factored tensors without momentum,
 // on unless FLORA_ROW_STATS=0 (kept for comparisons: the tile passes serve every
@@ -2824,10 +2822,10 @@ int64_t down_tiles(int64_t n, int64_t m, int64_t rank) {
 // to fill the GPU), then the down GEMM, whose epilogue leaves the momentum terms of
 // sum D^2, M in fp16 for the up GEMM, and the new M. On resample steps the down GEMM
 // runs twice: in the current basis for the terms, in the next one for the new M.
-// GEMMs whose contraction is at most max_k long are batched for any group size.
+// Groups of min_batched tensors or more batch their GEMMs.
 void fused_momentum_group(const std::vector<const Item*>& items,
                           const std::vector<const Task*>& tasks,
-                          const std::vector<FusedBuffers>& bufs, int64_t max_k) {
+                          const std::vector<FusedBuffers>& bufs, int64_t min_batched) {
   const Item& first = *items[0];
   const ParamLayout& layout = first.entry->layout;
   const StepOptions& o0 = first.entry->options;
@@ -2935,14 +2933,14 @@ void fused_momentum_group(const std::vector<const Item*>& items,
   draw(kProjNow, kPlainNow, kSeedNow);
   if (resample) draw(kProjNext, kPlainNext, kSeedNext);
 
-  // Batched from kMinBatched tensors on; fewer run one GEMM each: a lone small GEMM gets
-  // split-K from cuBLAS, a batched one does not (groups of one or two tensors stepped
-  // bf16 LLaMA 1.35B shapes in 31 ms against 24 ms one GEMM each). Short contractions
-  // gain little from split-K, while each cuBLAS call costs ~10 us of host time: small
-  // models, whose steps wait on the host, batch them at any count.
+  // Batched from two tensors on. A lone GEMM gets split-K from cuBLAS and a batched one
+  // does not; once that made groups of two or three faster one GEMM a tensor (bf16 1.35B
+  // shapes, an early version: 24 against 31 ms a step). Now the batched calls win: bf16
+  // 1.35B cuBLAS time 0.73 against 0.94 ms a step (48 launches against 104), the resample
+  // step ~1 ms shorter, and each call saved is ~10 us of host time on small models.
   const auto group_gemm = [&](bool ta, bool tb, int64_t M, int64_t N, int64_t K, int a, int b,
                               int type, int c) {
-    if (count >= kMinBatched || (count > 1 && K <= max_k)) {
+    if (count >= min_batched) {
       gemm_batched(ta, tb, M, N, K, 1.f, carr(a), carr(b), type, 0.f, arr(c), count, true);
       return;
     }
@@ -3136,7 +3134,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   // to 1/kFusedShare of the call's parameter bytes (fused_share).
   int64_t update_limit = 0, fused_limit = 0, group_limit = 0;
   const int64_t share = fused_share();
-  const int64_t max_k = batched_max_k();  // read (and checked) before anything runs
+  const int64_t batched_from = min_batched();  // read (and checked) before anything runs
   for (const Item& item : items) {
     group_limit += item.param.numel() * 4 / (4 * kUpdateShare);
     const int64_t elem = item.param.element_size();
@@ -3427,7 +3425,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
                                     reinterpret_cast<uint16_t*>(ws + plans[q].tiled),
                                     lq.left ? ws + plans[q].row_factor : nullptr});
             }
-            fused_momentum_group(group_items, group_tasks, group_bufs, max_k);
+            fused_momentum_group(group_items, group_tasks, group_bufs, batched_from);
           } else if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
             compressed_momentum(items[k], t, *items[k].entry->state.momentum);
           }
