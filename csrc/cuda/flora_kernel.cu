@@ -115,6 +115,13 @@ static_assert(int64_t(kUpBM) * kUpXStride * 4 <= kUpSmemBytes, "the result tile 
 constexpr int kMinBatched = 2;
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// Rows of a row-stats stage whose rows take row_bytes (of G, or of G and p): the
+// planner's stages, and the stages of G alone by which the kernel splits a row's sum
+// and the planner sizes its blocks (both must agree for bitwise resumes).
+__host__ __device__ constexpr int64_t stage_rows_of(int64_t row_bytes) {
+  const int64_t rows = kStageBytes / row_bytes;
+  return rows < 1 ? 1 : rows > kMaxStageRows ? kMaxStageRows : rows;
+}
 // The projection as the sm_90a down GEMM reads it: one 16 KiB tile (256 of the rank
 // by 32 of the contraction k, in wgmma's core-matrix order) after another, rank block
 // by rank block, zeros past the rank and past k. Halves of it for a rank and k.
@@ -540,8 +547,7 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
   // Warps that sum one row: as many as the stages of G alone leave to a row, so that
   // the order of a row's sum does not depend on whether the stages also hold p (the
   // first step after a resume reads p, the next ones do not).
-  const int64_t g_fit = kStageBytes / (int64_t(mv) * 16);
-  const int g_rows = g_fit < 1 ? 1 : g_fit > kMaxStageRows ? kMaxStageRows : int(g_fit);
+  const int g_rows = static_cast<int>(stage_rows_of(int64_t(mv) * 16));
   const int wpr = g_rows < kWarps ? kWarps / g_rows : 1;
   const bool stats_p = t.stats_p;
   const float eps1 = a.eps1;
@@ -2524,7 +2530,7 @@ int64_t plan_row_stats(Task& t, int64_t elem, int64_t lane_elems, int64_t smem_l
   const int64_t mv = t.m / lane_elems;
   if (!t.vec || t.m % lane_elems != 0 || mv < kThreads / 2 || mv > INT_MAX / 4) return 0;
   const int64_t row_bytes = t.m * elem * (t.stats_p ? 2 : 1);
-  const int64_t rows = std::clamp<int64_t>(kStageBytes / row_bytes, 1, kMaxStageRows);
+  const int64_t rows = stage_rows_of(row_bytes);
   const int64_t stage = rows * row_bytes;
   if (stages == 0) stages = elem == 4 ? 3 : 2;  // default
   const int64_t reg_vecs = lane_elems == kLane<kF32> ? kRegAccVecs<kF32> : kRegAccVecs<kBF16>;
@@ -2557,7 +2563,7 @@ void set_block_rows(Task& t, int64_t row_bytes, int64_t bytes) {
                                     kRowBlockMaxColBytes / elem);
   // Whole stages of G alone: a step whose stages also hold p (fewer rows) sums each
   // column over the same blocks of rows, so in the same order.
-  const int64_t g_rows = std::clamp<int64_t>(kStageBytes / row_bytes, 1, kMaxStageRows);
+  const int64_t g_rows = stage_rows_of(row_bytes);
   t.block_rows = static_cast<int32_t>(ceil_div(wanted, g_rows) * g_rows);
   t.rchunks = static_cast<int32_t>(ceil_div(t.n, t.block_rows));
 }
@@ -2760,8 +2766,6 @@ struct FusedBuffers {
   float* row_factor;     // left: a_i of every row
 };
 
-// Shared memory beyond 48 KiB must be allowed per kernel (and device) before a launch
-// asks for it; the call is cheap next to the launches it precedes.
 // Host-to-device copies of a step's tables (task descriptors, pointer arrays, jobs):
 // a pinned block of torch's caching host allocator, filled by the caller, then copied
 // on the current stream and kept from reuse until that copy is done. What
@@ -2778,8 +2782,9 @@ void upload(void* device, const at::DataPtr& host, int64_t bytes) {
                                                  stream.unwrap());
 }
 
-// cudaFuncSetAttribute once a kernel, device and size (a call a launch cost ~3 us of
-// host time, 37 calls a step on 0.1B shapes).
+// Shared memory beyond 48 KiB must be allowed per kernel (and device) before a launch
+// asks for it: cudaFuncSetAttribute once a kernel, device and size (a call a launch
+// cost ~3 us of host time, 37 calls a step on 0.1B shapes).
 template <typename Kernel>
 void allow_smem(Kernel kernel, int64_t bytes) {
   static std::mutex mutex;
@@ -3006,7 +3011,7 @@ struct BatchShape {
 template <int DT>
 void launch_stats(const TaskTable& table, const StatsShape& g, const GroupArgs& args) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (g.smem > 48 * 1024) allow_smem(stats_kernel<DT>, g.smem);
+  allow_smem(stats_kernel<DT>, g.smem);
   stats_kernel<DT><<<static_cast<unsigned>(g.sblocks), kThreads, g.smem, stream>>>(table,
                                                                                     args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
