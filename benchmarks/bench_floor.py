@@ -42,17 +42,12 @@ def flora_bytes(shapes, elem, rank, beta1):
     total = 0
     for shape in shapes:
         layout = flora_ext.param_layout(shape, rank, beta1, True)
-        numel = 1
-        for s in shape:
-            numel *= s
+        numel = torch.Size(shape).numel()
         moved = 4 * elem * numel
         if not layout["factored"]:
             moved += 12 * numel
         if layout["momentum"] == "compressed":
-            m = 1
-            for s in layout["momentum_shape"]:
-                m *= s
-            moved += elem * numel + 8 * m
+            moved += elem * numel + 8 * torch.Size(layout["momentum_shape"]).numel()
         elif layout["momentum"] == "dense":
             moved += 12 * numel
         total += moved
@@ -70,15 +65,7 @@ def timed(fn, steps=10, warmup=3):
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median([bench_step.timed_call(fn) for _ in range(steps)])
 
 
 def streaming_bandwidth(numel, dtype):

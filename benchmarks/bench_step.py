@@ -107,14 +107,19 @@ def optimizers(rank):
     return table
 
 
-def timed_step(opt):
-    """One opt.step() between two CUDA events; its GPU time in ms (waits for the end)."""
+def timed_call(fn):
+    """fn() between two CUDA events; its GPU time in ms (waits for the end)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    opt.step()
+    fn()
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
+
+
+def timed_step(opt):
+    """One opt.step() between two CUDA events; its GPU time in ms."""
+    return timed_call(opt.step)
 
 
 def measure(make_opt, params, grads, steps, warmup):

@@ -18,12 +18,13 @@ from ncu_probe import warmed_up  # noqa: E402
 import flora_ext  # noqa: E402
 
 
-def cpu_ms(opt, steps=20):
+def cpu_ms(fn, steps=20):
+    """Median CPU time of fn() in ms, each call queued behind a busy GPU."""
     times = []
     for _ in range(steps):
         torch.cuda._sleep(20_000_000)
         t = time.perf_counter()
-        opt.step()
+        fn()
         times.append((time.perf_counter() - t) * 1e3)
         torch.cuda.synchronize()
     return statistics.median(times)
@@ -31,7 +32,7 @@ def cpu_ms(opt, steps=20):
 
 def trace(name, make, shapes, dtype):
     opt = warmed_up(make, shapes, dtype)
-    total = cpu_ms(opt)
+    total = cpu_ms(opt.step)
     real = torch.ops.flora.step_group_
     calls = []
 
@@ -47,7 +48,7 @@ def trace(name, make, shapes, dtype):
     real_ops = torch.ops.flora
     torch.ops.flora = NoOp()
     try:
-        python = cpu_ms(opt)
+        python = cpu_ms(opt.step)
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(20):
@@ -56,15 +57,9 @@ def trace(name, make, shapes, dtype):
     finally:
         torch.ops.flora = real_ops
     args, kwargs = calls[-1]
-    op_times = []
-    for _ in range(20):
-        torch.cuda._sleep(20_000_000)
-        t = time.perf_counter()
-        real(*args, **kwargs)
-        op_times.append((time.perf_counter() - t) * 1e3)
-        torch.cuda.synchronize()
+    op = cpu_ms(lambda: real(*args, **kwargs))
     print(f"\n== {name}: step {total:.3f} ms CPU, Python part {python:.3f} ms, "
-          f"op call {statistics.median(op_times):.3f} ms ({len(args[0])} params, "
+          f"op call {op:.3f} ms ({len(args[0])} params, "
           f"{len(args[2])} state tensors)", flush=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(10):
