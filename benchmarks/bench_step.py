@@ -89,6 +89,9 @@ def optimizers(rank):
         "flora_nomomentum_stages2": (flora(beta1=None), {"FLORA_STATS_STAGES": "2"}),
         "flora_nomomentum_stages3": (flora(beta1=None), {"FLORA_STATS_STAGES": "3"}),
         "flora_nomomentum_batch4g": (flora(beta1=None), {"FLORA_BATCH_BYTES": str(4 << 30)}),
+        **{f"flora_r{rank}_b0.9_share{share}": (flora(rank=rank, beta1=0.9, kappa=1000),
+                                                 {"FLORA_FUSED_SHARE": str(share)})
+           for share in (16, 8, 4, 2)},
     }
     try:
         from flora_ext.testing import import_flora_opt

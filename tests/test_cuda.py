@@ -254,11 +254,12 @@ def test_compressed_tensors_sharing_a_batch_match_cpu(monkeypatch):
 
 def test_fused_batches_do_not_change_results(monkeypatch):
     # FLORA_FUSED_SHARE bounds the fp16 buffers of fused tensors in a batch: 1 puts all
-    # three in one batch (one down launch), 10**9 gives each a batch of its own. With
-    # FLORA_MIN_BATCHED=4 three tensors stay under the batched-GEMM threshold either way:
-    # one GEMM a tensor, the same bits.
+    # three in one batch (one down launch), 10**9 gives each a batch of its own (with no
+    # floor: FLORA_FUSED_MIN_BYTES=0). With FLORA_MIN_BATCHED=4 three tensors stay under
+    # the batched-GEMM threshold either way: one GEMM a tensor, the same bits.
     shapes = [(256, 520)] * 3
     monkeypatch.setenv("FLORA_MIN_BATCHED", "4")
+    monkeypatch.setenv("FLORA_FUSED_MIN_BYTES", "0")
 
     def train(share):
         monkeypatch.setenv("FLORA_FUSED_SHARE", str(share))
@@ -273,6 +274,28 @@ def test_fused_batches_do_not_change_results(monkeypatch):
 
     for a, b in zip(train(1), train(10**9)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("floor,launches", [(None, 1), ("0", 3)])
+def test_fused_buffers_floor_batches_small_models(floor, launches, monkeypatch):
+    # A share of 10**9 would give each of three small fused tensors a batch of its own (an
+    # apply launch each); the default floor of the fused buffers (FLORA_FUSED_MIN_BYTES,
+    # 64 MiB) keeps them in one, 0 turns it off.
+    monkeypatch.setenv("FLORA_FUSED_SHARE", str(10**9))
+    if floor is None:
+        monkeypatch.delenv("FLORA_FUSED_MIN_BYTES", raising=False)
+    else:
+        monkeypatch.setenv("FLORA_FUSED_MIN_BYTES", floor)
+    params = [torch.nn.Parameter(torch.randn(256, 520, device="cuda")) for _ in range(3)]
+    opt = flora_ext.Flora(params, lr=1e-2, beta1=0.9, rank=32)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    counts = [e.count for e in prof.key_averages() if "fused_apply_kernel" in e.key]
+    assert counts == [launches], [(e.key, e.count) for e in prof.key_averages()]
 
 
 @pytest.mark.parametrize("min_batched", ["2", "4"])
@@ -300,6 +323,40 @@ def test_small_groups_match_cpu(min_batched, monkeypatch):
         assert b.abs().max() > 0
         # fp16 operands of the projections (TF32's mantissa): as test_fused_momentum_matches_cpu
         assert rel_err(a, b) <= 2e-3, tuple(a.shape)
+
+
+def test_mixed_resample_batches_match_cpu(monkeypatch):
+    # One batch (FLORA_FUSED_SHARE=1) of a 1-D tensor and fused tensors of three shapes,
+    # left and right. Two tensors miss the second step's gradient, so later steps resample some tensors
+    # (kappa 2) while the others of the batch do not. One batch a tensor (share 10**9, no
+    # floor) must give the same bits (FLORA_MIN_BATCHED=4: one GEMM a tensor either way),
+    # and both the CPU path's numbers.
+    monkeypatch.setenv("FLORA_MIN_BATCHED", "4")
+    monkeypatch.setenv("FLORA_FUSED_MIN_BYTES", "0")
+    shapes = [(400000,), (256, 520), (256, 520), (1040, 512), (1040, 512), (512, 512)]
+    skipped = {2: (2, 4)}  # step: parameters without a gradient
+
+    def updates(device, share):
+        monkeypatch.setenv("FLORA_FUSED_SHARE", str(share))
+        gen = torch.Generator().manual_seed(19)
+        p0 = [torch.randn(s, generator=gen) for s in shapes]
+        params = [torch.nn.Parameter(p.to(device, copy=True)) for p in p0]
+        opt = flora_ext.Flora(params, lr=1e-2, beta1=0.9, rank=32, kappa=2)
+        for step in range(1, 7):
+            for k, p in enumerate(params):
+                g = torch.randn(p.shape, generator=gen).to(device)
+                p.grad = None if k in skipped.get(step, ()) else g
+            opt.step()
+        assert [opt.state[p]["step"] for p in params] == [6, 6, 5, 6, 5, 6]
+        assert opt.state[params[1]]["momentum"].shape == (32, 520)
+        assert opt.state[params[3]]["momentum"].shape == (1040, 32)
+        return [p.detach().cpu().double() - q.double() for p, q in zip(params, p0)]
+
+    shared, alone, cpu = updates("cuda", 1), updates("cuda", 10**9), updates("cpu", 1)
+    for a, b, c in zip(shared, alone, cpu):
+        assert torch.equal(a, b), tuple(a.shape)
+        assert c.abs().max() > 0
+        assert rel_err(a, c) <= 2e-3, tuple(a.shape)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -336,6 +393,8 @@ BAD_KNOBS += [("FLORA_FUSED_SHARE", v, f"FLORA_FUSED_SHARE must be an integer >=
               for v in ("0", "1/32")]
 BAD_KNOBS += [("FLORA_MIN_BATCHED", v, f"FLORA_MIN_BATCHED must be an integer >= 1, got '{v}'")
               for v in ("0", "two")]
+BAD_KNOBS += [("FLORA_FUSED_MIN_BYTES", v,
+               f"FLORA_FUSED_MIN_BYTES must be an integer >= 0, got '{v}'") for v in ("-1", "64M")]
 
 
 @pytest.mark.parametrize("name,value,match", BAD_KNOBS, ids=str)

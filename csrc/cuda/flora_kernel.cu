@@ -111,6 +111,13 @@ constexpr int64_t kUpSmemBytes = int64_t(kUpStages) * kUpStageHalves * 2;
 // floats of padding put the 8 rows of an accumulator store in different banks.
 constexpr int kUpXStride = kUpBN + 8;
 static_assert(int64_t(kUpBM) * kUpXStride * 4 <= kUpSmemBytes, "the result tile fits the ring");
+// The share's floor: a batch may hold kFusedMinBytes of fused buffers (and a quarter of
+// that of a shape group's temporaries) however small the model. Below it the buffers,
+// large beside small tensors (rank 256 of 768 rows), split a model into many batches,
+// and each batch pays ~20 small launches and the idle GPU between them: LLaMA 0.1B
+// shapes stepped in 4.84 ms (bf16) and 3.87 ms (fp32) at a share of 1/32, 2.79 and
+// 3.06 ms with 64-67 MB a batch (H100, 2026-11-24). The 1.35B shapes are above it.
+constexpr int64_t kFusedMinBytes = int64_t(64) << 20;
 // Fused tasks of one shape share batched GEMMs from this many on (see group_gemm).
 constexpr int kMinBatched = 2;
 
@@ -2490,6 +2497,9 @@ int64_t batch_bytes_limit() { return env_int("FLORA_BATCH_BYTES", int64_t(16) <<
 // batch (default kFusedShare; larger values use less memory and more batches).
 int64_t fused_share() { return env_int("FLORA_FUSED_SHARE", kFusedShare, 1); }
 
+// ...but at least FLORA_FUSED_MIN_BYTES (default kFusedMinBytes; 0: the share alone).
+int64_t fused_min_bytes() { return env_int("FLORA_FUSED_MIN_BYTES", kFusedMinBytes, 0); }
+
 // Groups of FLORA_MIN_BATCHED (default kMinBatched) or more fused tensors of one shape
 // take one batched GEMM a product; smaller ones one GEMM a tensor.
 int64_t min_batched() { return env_int("FLORA_MIN_BATCHED", kMinBatched, 1); }
@@ -3136,7 +3146,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   // batching them saves the fixed cost of each launch (one batch a tensor: ~190
   // launches a pass on 1.35B shapes, 39.0 ms against 32.0 ms a fp32 step). Fused
   // tasks hold fp16 copies of P^T, P and M instead, whatever the parameters' dtype: up
-  // to 1/kFusedShare of the call's parameter bytes (fused_share).
+  // to 1/kFusedShare of the call's parameter bytes (fused_share), or kFusedMinBytes.
   int64_t update_limit = 0, fused_limit = 0, group_limit = 0;
   const int64_t share = fused_share();
   const int64_t batched_from = min_batched();  // read (and checked) before anything runs
@@ -3146,6 +3156,9 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
     update_limit += item.param.numel() * elem / (elem == 4 ? kUpdateShare : 2 * kUpdateShare);
     fused_limit += item.param.numel() * elem / share;
   }
+  const int64_t fused_floor = fused_min_bytes();
+  fused_limit = std::max(fused_limit, fused_floor);
+  group_limit = std::max(group_limit, fused_floor / 4);
   int64_t batch_bytes = 0, batch_update = 0, batch_fused = 0;
   for (size_t k = 0; k < items.size(); ++k) {
     const Item& item = items[k];
@@ -3390,8 +3403,8 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
         // Fused tasks in groups of one shape (in call order within a group) whose
         // temporaries (two r x r products; on resample steps also the next P^T, the
         // change of basis and M in the next basis) stay within a quarter of the update
-        // share of the call's parameters counted as fp32 (they do not shrink with them).
-        // A group is one launch's grid.y: at most 65535 tasks.
+        // share of the call's parameters counted as fp32 (they do not shrink with them),
+        // or of kFusedMinBytes. A group is one launch's grid.y: at most 65535 tasks.
         std::vector<bool> done(b.count, false);
         const auto temp_bytes = [&](int q) {
           const ParamLayout& l = items[q].entry->layout;
