@@ -44,6 +44,7 @@
 #pragma GCC diagnostic pop
 #endif
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -118,6 +119,11 @@ static_assert(int64_t(kUpBM) * kUpXStride * 4 <= kUpSmemBytes, "the result tile 
 // shapes stepped in 4.84 ms (bf16) and 3.87 ms (fp32) at a share of 1/32, 2.79 and
 // 3.06 ms with 64-67 MB a batch (H100, 2026-11-24). The 1.35B shapes are above it.
 constexpr int64_t kFusedMinBytes = int64_t(64) << 20;
+// Side streams the shape groups of a batch run their momentum work on besides the
+// current one (see compressed_work). Fixed streams of torch's pool, one set a device: torch
+// gives each stream that runs cuBLAS its own workspace (32 MiB on Hopper), so fresh pool
+// streams every step would allocate new ones.
+constexpr int kSideStreams = 2;
 // Fused tasks of one shape share batched GEMMs from this many on (see group_gemm).
 constexpr int kMinBatched = 2;
 
@@ -2484,6 +2490,16 @@ int64_t env_int(const char* name, int64_t fallback, int64_t min_value) {
   return v;
 }
 
+const std::vector<at::cuda::CUDAStream>& side_streams(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::map<c10::DeviceIndex, std::vector<at::cuda::CUDAStream>> streams;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& s = streams[device];
+  while (static_cast<int>(s.size()) < kSideStreams)
+    s.push_back(at::cuda::getStreamFromPool(false, device));
+  return s;
+}
+
 // Bytes of gradients and parameters per batch. Measured on an H100 (LLaMA 1.35B
 // shapes): 32 MiB batches were no faster in L2 than 1 GiB ones and paid ~5 ms of
 // launch gaps a step; 4 GiB batches stepped fp32 in 9.1 ms against 10.3 ms at 1 GiB
@@ -3405,6 +3421,45 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
         // change of basis and M in the next basis) stay within a quarter of the update
         // share of the call's parameters counted as fp32 (they do not shrink with them),
         // or of kFusedMinBytes. A group is one launch's grid.y: at most 65535 tasks.
+        // Shape groups take turns on the current stream and kSideStreams side streams,
+        // as many at a time as their temporaries together stay within the same limit:
+        // the down GEMM of one fills the last wave of another's, and their small kernels
+        // and r x r products overlap (one stream paid ~0.2 ms of tails and small launches
+        // a batch). Results do not depend on the order: every reduction is fixed.
+        const at::cuda::CUDAStream main_stream = at::cuda::getCurrentCUDAStream();
+        const auto& side = side_streams(main_stream.device_index());
+        int turn = 0, side_used = 0;
+        int64_t turn_temps = 0;
+        // Side streams start after what the current stream queued before the groups (the
+        // scalars), or before the last join.
+        at::cuda::CUDAEvent forked;
+        bool any_fused = false;
+        for (int k = b.first; k < b.first + b.count; ++k) any_fused = any_fused || tasks[k].fused;
+        if (any_fused) forked.record(main_stream);
+        const auto join = [&] {  // the current stream waits for the side streams used
+          for (int s = 0; s < side_used; ++s) {
+            at::cuda::CUDAEvent joined;
+            joined.record(side[s]);
+            joined.block(main_stream);
+          }
+          if (side_used > 0) {
+            forked = at::cuda::CUDAEvent();
+            forked.record(main_stream);
+          }
+          turn = side_used = 0;
+          turn_temps = 0;
+        };
+        const auto stream_for = [&](int64_t temps) {
+          if (turn > 0 && turn_temps + temps > group_limit) join();
+          turn_temps += temps;
+          const int s = turn++ % (kSideStreams + 1);
+          if (s == 0) return main_stream;
+          if (s > side_used) {
+            forked.block(side[s - 1]);
+            side_used = s;
+          }
+          return side[s - 1];
+        };
         std::vector<bool> done(b.count, false);
         const auto temp_bytes = [&](int q) {
           const ParamLayout& l = items[q].entry->layout;
@@ -3443,11 +3498,13 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
                                     reinterpret_cast<uint16_t*>(ws + plans[q].tiled),
                                     lq.left ? ws + plans[q].row_factor : nullptr});
             }
+            const c10::cuda::CUDAStreamGuard on_turn(stream_for(group_temps));
             fused_momentum_group(group_items, group_tasks, group_bufs, batched_from);
           } else if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
             compressed_momentum(items[k], t, *items[k].entry->state.momentum);
           }
         }
+        join();
       };
       const TaskTable table{device_tasks + b.first, device_begins + b.first,
                             device_begins + count + b.first, device_begins + 2 * count + b.first,
