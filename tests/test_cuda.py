@@ -327,10 +327,11 @@ def test_small_groups_match_cpu(min_batched, monkeypatch):
 
 def test_mixed_resample_batches_match_cpu(monkeypatch):
     # One batch (FLORA_FUSED_SHARE=1) of a 1-D tensor and fused tensors of three shapes,
-    # left and right. Two tensors miss the second step's gradient, so later steps resample some tensors
-    # (kappa 2) while the others of the batch do not. One batch a tensor (share 10**9, no
-    # floor) must give the same bits (FLORA_MIN_BATCHED=4: one GEMM a tensor either way),
-    # and both the CPU path's numbers.
+    # left and right, whose shape groups take turns on the side streams. Two tensors miss
+    # the second step's gradient, so later steps resample some tensors (kappa 2) while the
+    # others of the batch do not. One batch a tensor (share 10**9, no floor: one stream)
+    # must give the same bits (FLORA_MIN_BATCHED=4: one GEMM a tensor either way), and
+    # both the CPU path's numbers.
     monkeypatch.setenv("FLORA_MIN_BATCHED", "4")
     monkeypatch.setenv("FLORA_FUSED_MIN_BYTES", "0")
     shapes = [(400000,), (256, 520), (256, 520), (1040, 512), (1040, 512), (512, 512)]
