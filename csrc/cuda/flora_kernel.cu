@@ -3430,27 +3430,21 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
         const auto& side = side_streams(main_stream.device_index());
         int turn = 0, side_used = 0;
         int64_t turn_temps = 0;
-        // Side streams start after what the current stream queued before the groups (the
-        // scalars), or before the last join.
         at::cuda::CUDAEvent forked;
-        bool any_fused = false;
-        for (int k = b.first; k < b.first + b.count; ++k) any_fused = any_fused || tasks[k].fused;
-        if (any_fused) forked.record(main_stream);
         const auto join = [&] {  // the current stream waits for the side streams used
           for (int s = 0; s < side_used; ++s) {
             at::cuda::CUDAEvent joined;
             joined.record(side[s]);
             joined.block(main_stream);
           }
-          if (side_used > 0) {
-            forked = at::cuda::CUDAEvent();
-            forked.record(main_stream);
-          }
           turn = side_used = 0;
           turn_temps = 0;
         };
         const auto stream_for = [&](int64_t temps) {
           if (turn > 0 && turn_temps + temps > group_limit) join();
+          // Side streams of a round start after what the current stream queued before
+          // it (the scalars, or the last join).
+          if (turn == 0) forked.record(main_stream);
           turn_temps += temps;
           const int s = turn++ % (kSideStreams + 1);
           if (s == 0) return main_stream;
