@@ -92,6 +92,9 @@ def optimizers(rank):
         **{f"flora_r{rank}_b0.9_share{share}": (flora(rank=rank, beta1=0.9, kappa=1000),
                                                  {"FLORA_FUSED_SHARE": str(share)})
            for share in (16, 8, 4, 2)},
+        **{f"flora_r{rank}_b0.9_sides{sides}": (flora(rank=rank, beta1=0.9, kappa=1000),
+                                                 {"FLORA_SIDE_STREAMS": str(sides)})
+           for sides in (0, 1, 3)},
     }
     try:
         from flora_ext.testing import import_flora_opt

@@ -330,15 +330,17 @@ def test_mixed_resample_batches_match_cpu(monkeypatch):
     # left and right, whose shape groups take turns on the side streams. Two tensors miss
     # the second step's gradient, so later steps resample some tensors (kappa 2) while the
     # others of the batch do not. One batch a tensor (share 10**9, no floor: one stream)
-    # must give the same bits (FLORA_MIN_BATCHED=4: one GEMM a tensor either way), and
-    # both the CPU path's numbers.
+    # must give the same bits (FLORA_MIN_BATCHED=4: one GEMM a tensor either way), as
+    # must the one batch with no side streams or with three, and both the CPU path's
+    # numbers.
     monkeypatch.setenv("FLORA_MIN_BATCHED", "4")
     monkeypatch.setenv("FLORA_FUSED_MIN_BYTES", "0")
     shapes = [(400000,), (256, 520), (256, 520), (1040, 512), (1040, 512), (512, 512)]
     skipped = {2: (2, 4)}  # step: parameters without a gradient
 
-    def updates(device, share):
+    def updates(device, share, side_streams=2):
         monkeypatch.setenv("FLORA_FUSED_SHARE", str(share))
+        monkeypatch.setenv("FLORA_SIDE_STREAMS", str(side_streams))
         gen = torch.Generator().manual_seed(19)
         p0 = [torch.randn(s, generator=gen) for s in shapes]
         params = [torch.nn.Parameter(p.to(device, copy=True)) for p in p0]
@@ -354,8 +356,10 @@ def test_mixed_resample_batches_match_cpu(monkeypatch):
         return [p.detach().cpu().double() - q.double() for p, q in zip(params, p0)]
 
     shared, alone, cpu = updates("cuda", 1), updates("cuda", 10**9), updates("cpu", 1)
-    for a, b, c in zip(shared, alone, cpu):
+    one_stream, three_sides = updates("cuda", 1, 0), updates("cuda", 1, 3)
+    for a, b, c, d, e in zip(shared, alone, cpu, one_stream, three_sides):
         assert torch.equal(a, b), tuple(a.shape)
+        assert torch.equal(a, d) and torch.equal(a, e), tuple(a.shape)
         assert c.abs().max() > 0
         assert rel_err(a, c) <= 2e-3, tuple(a.shape)
 
@@ -396,6 +400,8 @@ BAD_KNOBS += [("FLORA_MIN_BATCHED", v, f"FLORA_MIN_BATCHED must be an integer >=
               for v in ("0", "two")]
 BAD_KNOBS += [("FLORA_FUSED_MIN_BYTES", v,
                f"FLORA_FUSED_MIN_BYTES must be an integer >= 0, got '{v}'") for v in ("-1", "64M")]
+BAD_KNOBS += [("FLORA_SIDE_STREAMS", "-1", "FLORA_SIDE_STREAMS must be an integer >= 0"),
+              ("FLORA_SIDE_STREAMS", "5", "FLORA_SIDE_STREAMS must be 0 to 4, got '5'")]
 
 
 @pytest.mark.parametrize("name,value,match", BAD_KNOBS, ids=str)

@@ -123,7 +123,8 @@ constexpr int64_t kFusedMinBytes = int64_t(64) << 20;
 // current one (see compressed_work). Fixed streams of torch's pool, one set a device: torch
 // gives each stream that runs cuBLAS its own workspace (32 MiB on Hopper), so fresh pool
 // streams every step would allocate new ones.
-constexpr int kSideStreams = 2;
+// FLORA_SIDE_STREAMS (0 to kMaxSideStreams) sets their number for comparisons.
+constexpr int kSideStreams = 2, kMaxSideStreams = 4;
 // Fused tasks of one shape share batched GEMMs from this many on (see group_gemm).
 constexpr int kMinBatched = 2;
 
@@ -2490,12 +2491,21 @@ int64_t env_int(const char* name, int64_t fallback, int64_t min_value) {
   return v;
 }
 
-const std::vector<at::cuda::CUDAStream>& side_streams(c10::DeviceIndex device) {
+// Side streams of the shape groups (FLORA_SIDE_STREAMS, default kSideStreams).
+int side_stream_count() {
+  const int64_t v = env_int("FLORA_SIDE_STREAMS", kSideStreams, 0);
+  TORCH_CHECK(v <= kMaxSideStreams, "flora: environment variable FLORA_SIDE_STREAMS must be 0 to ",
+              kMaxSideStreams, ", got '", std::getenv("FLORA_SIDE_STREAMS"), "'");
+  return static_cast<int>(v);
+}
+
+// The first `count` side streams of a device: created once, kept for every step.
+const std::vector<at::cuda::CUDAStream>& side_streams(c10::DeviceIndex device, int count) {
   static std::mutex mutex;
   static std::map<c10::DeviceIndex, std::vector<at::cuda::CUDAStream>> streams;
   std::lock_guard<std::mutex> lock(mutex);
   auto& s = streams[device];
-  while (static_cast<int>(s.size()) < kSideStreams)
+  while (static_cast<int>(s.size()) < count)
     s.push_back(at::cuda::getStreamFromPool(false, device));
   return s;
 }
@@ -3166,6 +3176,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   int64_t update_limit = 0, fused_limit = 0, group_limit = 0;
   const int64_t share = fused_share();
   const int64_t batched_from = min_batched();  // read (and checked) before anything runs
+  const int sides = side_stream_count();
   for (const Item& item : items) {
     group_limit += item.param.numel() * 4 / (4 * kUpdateShare);
     const int64_t elem = item.param.element_size();
@@ -3421,13 +3432,13 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
         // change of basis and M in the next basis) stay within a quarter of the update
         // share of the call's parameters counted as fp32 (they do not shrink with them),
         // or of kFusedMinBytes. A group is one launch's grid.y: at most 65535 tasks.
-        // Shape groups take turns on the current stream and kSideStreams side streams,
+        // Shape groups take turns on the current stream and `sides` side streams,
         // as many at a time as their temporaries together stay within the same limit:
         // the down GEMM of one fills the last wave of another's, and their small kernels
         // and r x r products overlap (one stream paid ~0.2 ms of tails and small launches
         // a batch). Results do not depend on the order: every reduction is fixed.
         const at::cuda::CUDAStream main_stream = at::cuda::getCurrentCUDAStream();
-        const auto& side = side_streams(main_stream.device_index());
+        const auto& side = side_streams(main_stream.device_index(), sides);
         int turn = 0, side_used = 0;
         int64_t turn_temps = 0;
         at::cuda::CUDAEvent forked;
@@ -3446,7 +3457,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
           // it (the scalars, or the last join).
           if (turn == 0) forked.record(main_stream);
           turn_temps += temps;
-          const int s = turn++ % (kSideStreams + 1);
+          const int s = turn++ % (sides + 1);
           if (s == 0) return main_stream;
           if (s > side_used) {
             forked.block(side[s - 1]);
