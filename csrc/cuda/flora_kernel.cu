@@ -2505,6 +2505,7 @@ const std::vector<at::cuda::CUDAStream>& side_streams(c10::DeviceIndex device, i
   static std::map<c10::DeviceIndex, std::vector<at::cuda::CUDAStream>> streams;
   std::lock_guard<std::mutex> lock(mutex);
   auto& s = streams[device];
+  s.reserve(kMaxSideStreams);  // never moves: another step may hold its streams
   while (static_cast<int>(s.size()) < count)
     s.push_back(at::cuda::getStreamFromPool(false, device));
   return s;
