@@ -391,17 +391,20 @@ def test_large_tensors_match_cpu(dtype):
 # runs (32 x 1024 would take row stats), and the step changes nothing.
 BAD_KNOBS = [("FLORA_BATCH_BYTES", v, f"FLORA_BATCH_BYTES must be an integer >= 1, got '{v}'")
              for v in ("1GiB", "0", "-5")]
-BAD_KNOBS += [("FLORA_ROW_STATS", v, "FLORA_ROW_STATS must be") for v in ("2", "yes", "-1")]
-BAD_KNOBS += [("FLORA_STATS_STAGES", v, "FLORA_STATS_STAGES must be") for v in ("1", "5", "x")]
-BAD_KNOBS += [("FLORA_FUSED_MOMENTUM", v, "FLORA_FUSED_MOMENTUM must be") for v in ("2", "on")]
+BAD_KNOBS += [("FLORA_ROW_STATS", v, f"FLORA_ROW_STATS must be an integer from 0 to 1, got '{v}'")
+              for v in ("2", "yes", "-1")]
+BAD_KNOBS += [("FLORA_STATS_STAGES", v,
+               f"FLORA_STATS_STAGES must be an integer from 2 to 4, got '{v}'") for v in ("1", "5", "x")]
+BAD_KNOBS += [("FLORA_FUSED_MOMENTUM", v,
+               f"FLORA_FUSED_MOMENTUM must be an integer from 0 to 1, got '{v}'") for v in ("2", "on")]
 BAD_KNOBS += [("FLORA_FUSED_SHARE", v, f"FLORA_FUSED_SHARE must be an integer >= 1, got '{v}'")
               for v in ("0", "1/32")]
 BAD_KNOBS += [("FLORA_MIN_BATCHED", v, f"FLORA_MIN_BATCHED must be an integer >= 1, got '{v}'")
               for v in ("0", "two")]
 BAD_KNOBS += [("FLORA_FUSED_MIN_BYTES", v,
                f"FLORA_FUSED_MIN_BYTES must be an integer >= 0, got '{v}'") for v in ("-1", "64M")]
-BAD_KNOBS += [("FLORA_SIDE_STREAMS", "-1", "FLORA_SIDE_STREAMS must be an integer >= 0"),
-              ("FLORA_SIDE_STREAMS", "5", "FLORA_SIDE_STREAMS must be 0 to 4, got '5'")]
+BAD_KNOBS += [("FLORA_SIDE_STREAMS", v, f"FLORA_SIDE_STREAMS must be an integer from 0 to 4, got '{v}'")
+              for v in ("-1", "5")]
 
 
 @pytest.mark.parametrize("name,value,match", BAD_KNOBS, ids=str)

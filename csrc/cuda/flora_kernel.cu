@@ -57,6 +57,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <climits>
+#include <cstdint>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -2479,24 +2480,27 @@ int dtype_code(at::ScalarType t) {
 }
 
 // An integer tuning knob from the environment, read on every call (tests change
-// them between steps); a value that is not an integer >= min_value is an error.
-int64_t env_int(const char* name, int64_t fallback, int64_t min_value) {
+// them between steps); a value that is not an integer from min_value to max_value is
+// an error.
+int64_t env_int(const char* name, int64_t fallback, int64_t min_value,
+                int64_t max_value = INT64_MAX) {
   const char* env = std::getenv(name);
   if (env == nullptr || *env == '\0') return fallback;
   char* end = nullptr;
   errno = 0;
   const long long v = std::strtoll(env, &end, 10);
-  TORCH_CHECK(errno == 0 && *end == '\0' && v >= min_value, "flora: environment variable ",
-              name, " must be an integer >= ", min_value, ", got '", env, "'");
+  const bool ok = errno == 0 && *end == '\0' && v >= min_value && v <= max_value;
+  if (max_value == INT64_MAX)
+    TORCH_CHECK(ok, "flora: environment variable ", name, " must be an integer >= ", min_value,
+                ", got '", env, "'");
+  TORCH_CHECK(ok, "flora: environment variable ", name, " must be an integer from ", min_value,
+              " to ", max_value, ", got '", env, "'");
   return v;
 }
 
 // Side streams of the shape groups (FLORA_SIDE_STREAMS, default kSideStreams).
 int side_stream_count() {
-  const int64_t v = env_int("FLORA_SIDE_STREAMS", kSideStreams, 0);
-  TORCH_CHECK(v <= kMaxSideStreams, "flora: environment variable FLORA_SIDE_STREAMS must be 0 to ",
-              kMaxSideStreams, ", got '", std::getenv("FLORA_SIDE_STREAMS"), "'");
-  return static_cast<int>(v);
+  return static_cast<int>(env_int("FLORA_SIDE_STREAMS", kSideStreams, 0, kMaxSideStreams));
 }
 
 // The first `count` side streams of a device: created once, kept for every step.
@@ -2534,12 +2538,7 @@ int64_t min_batched() { return env_int("FLORA_MIN_BATCHED", kMinBatched, 1); }
 // Row stats (one stats pass, no rms pass) for factored tensors without momentum,
 // on unless FLORA_ROW_STATS=0 (kept for comparisons: the tile passes serve every
 // tensor too).
-bool row_stats_enabled() {
-  const int64_t v = env_int("FLORA_ROW_STATS", 1, 0);
-  TORCH_CHECK(v <= 1, "flora: environment variable FLORA_ROW_STATS must be 0 or 1, got '",
-              std::getenv("FLORA_ROW_STATS"), "'");
-  return v == 1;
-}
+bool row_stats_enabled() { return env_int("FLORA_ROW_STATS", 1, 0, 1) == 1; }
 
 // Shared memory a block may have on the current device (after cudaFuncSetAttribute).
 int64_t smem_optin() {
@@ -2551,12 +2550,7 @@ int64_t smem_optin() {
 int64_t stats_smem_limit() { return std::max<int64_t>(0, smem_optin() - 8 * 1024); }
 
 // Buffers in a row-stats block's ring of stages (FLORA_STATS_STAGES, 2-4).
-int64_t stats_stages() {
-  const int64_t v = env_int("FLORA_STATS_STAGES", 0, 2);
-  TORCH_CHECK(v <= 4, "flora: environment variable FLORA_STATS_STAGES must be 2, 3 or 4, got '",
-              std::getenv("FLORA_STATS_STAGES"), "'");
-  return v;
-}
+int64_t stats_stages() { return env_int("FLORA_STATS_STAGES", 0, 2, 4); }
 
 // Sets up row stats for factored task t (no momentum, 16-byte aligned rows) when its
 // rows are wide enough to keep a block's threads busy and the stages (plus, for rows
@@ -2773,12 +2767,7 @@ void compressed_momentum(const Item& item, const Task& t, const at::Tensor& mome
 
 // FLORA_FUSED_MOMENTUM=0 sends compressed momentum through the unfused passes (an
 // n x m update buffer and the rms pass) even with TF32 on; kept for comparisons.
-bool fused_momentum_enabled() {
-  const int64_t v = env_int("FLORA_FUSED_MOMENTUM", 1, 0);
-  TORCH_CHECK(v <= 1, "flora: environment variable FLORA_FUSED_MOMENTUM must be 0 or 1, got '",
-              std::getenv("FLORA_FUSED_MOMENTUM"), "'");
-  return v == 1;
-}
+bool fused_momentum_enabled() { return env_int("FLORA_FUSED_MOMENTUM", 1, 0, 1) == 1; }
 
 // Batched gemm(): C_k = alpha op(A_k) op(B_k) + beta C_k for the `count` pointer
 // triples in device arrays a, b, c (one cuBLAS launch for tensors of one shape).
