@@ -57,8 +57,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <climits>
-#include <cstdint>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -2481,7 +2481,7 @@ int dtype_code(at::ScalarType t) {
 
 // An integer tuning knob from the environment, read on every call (tests change
 // them between steps); a value that is not an integer from min_value to max_value is
-// an error.
+// an error (a switch: min_value or min_value + 1).
 int64_t env_int(const char* name, int64_t fallback, int64_t min_value,
                 int64_t max_value = INT64_MAX) {
   const char* env = std::getenv(name);
@@ -2493,6 +2493,9 @@ int64_t env_int(const char* name, int64_t fallback, int64_t min_value,
   if (max_value == INT64_MAX)
     TORCH_CHECK(ok, "flora: environment variable ", name, " must be an integer >= ", min_value,
                 ", got '", env, "'");
+  if (max_value == min_value + 1)  // a switch
+    TORCH_CHECK(ok, "flora: environment variable ", name, " must be ", min_value, " or ",
+                max_value, ", got '", env, "'");
   TORCH_CHECK(ok, "flora: environment variable ", name, " must be an integer from ", min_value,
               " to ", max_value, ", got '", env, "'");
   return v;
