@@ -394,7 +394,8 @@ BAD_KNOBS = [("FLORA_BATCH_BYTES", v, f"FLORA_BATCH_BYTES must be an integer >= 
 BAD_KNOBS += [("FLORA_ROW_STATS", v, f"FLORA_ROW_STATS must be 0 or 1, got '{v}'")
               for v in ("2", "yes", "-1")]
 BAD_KNOBS += [("FLORA_STATS_STAGES", v,
-               f"FLORA_STATS_STAGES must be an integer from 2 to 4, got '{v}'") for v in ("1", "5", "x")]
+               f"FLORA_STATS_STAGES must be an integer from 2 to 4, got '{v}'")
+              for v in ("1", "5", "x")]
 BAD_KNOBS += [("FLORA_FUSED_MOMENTUM", v, f"FLORA_FUSED_MOMENTUM must be 0 or 1, got '{v}'")
               for v in ("2", "on")]
 BAD_KNOBS += [("FLORA_FUSED_SHARE", v, f"FLORA_FUSED_SHARE must be an integer >= 1, got '{v}'")
@@ -403,8 +404,8 @@ BAD_KNOBS += [("FLORA_MIN_BATCHED", v, f"FLORA_MIN_BATCHED must be an integer >=
               for v in ("0", "two")]
 BAD_KNOBS += [("FLORA_FUSED_MIN_BYTES", v,
                f"FLORA_FUSED_MIN_BYTES must be an integer >= 0, got '{v}'") for v in ("-1", "64M")]
-BAD_KNOBS += [("FLORA_SIDE_STREAMS", v, f"FLORA_SIDE_STREAMS must be an integer from 0 to 4, got '{v}'")
-              for v in ("-1", "5")]
+BAD_KNOBS += [("FLORA_SIDE_STREAMS", v,
+               f"FLORA_SIDE_STREAMS must be an integer from 0 to 4, got '{v}'") for v in ("-1", "5")]
 
 
 @pytest.mark.parametrize("name,value,match", BAD_KNOBS, ids=str)

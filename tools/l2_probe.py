@@ -10,10 +10,15 @@ second, and their sum. If the L2 reads came free, the time would stay at k = 0's
 
 Usage (GPU machine): python tools/l2_probe.py  [builds the probe with nvcc, ~1 min]
 """
+import os
 import statistics
+import sys
 
 import torch
 from torch.utils.cpp_extension import load_inline
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from bench_step import measured_on, timed_call  # noqa: E402
 
 CUDA_SRC = r"""
 #include <torch/extension.h>
@@ -78,7 +83,7 @@ def main():
     s = torch.rand(512 << 20, device="cuda")  # 2 GiB
     w = torch.empty_like(s)
     sink = torch.zeros(1, device="cuda")
-    print(f"{props.name}, torch {torch.__version__}; stream 2 GiB, {blocks} blocks of 256")
+    print(f"{measured_on()}; stream 2 GiB, {blocks} blocks of 256")
     print("| L2 buffer | stream | k (L2 bytes / streamed bytes read) | ms | DRAM GB/s | "
           "L2 reads GB/s | sum GB/s |")
     print("|---|---|---|---|---|---|---|")
@@ -91,15 +96,7 @@ def main():
                 args = (s, w, l, k, stream != "none", write, sink, blocks)
                 for _ in range(2):
                     mod.probe(*args)
-                times = []
-                for _ in range(7):
-                    a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-                    a.record()
-                    mod.probe(*args)
-                    b.record()
-                    b.synchronize()
-                    times.append(a.elapsed_time(b))
-                ms = statistics.median(times)
+                ms = statistics.median(timed_call(lambda: mod.probe(*args)) for _ in range(7))
                 nbytes = s.numel() * 4
                 dram = (nbytes * (2 if write else 1) if stream != "none" else 0) / ms / 1e6
                 l2 = nbytes * k / ms / 1e6
