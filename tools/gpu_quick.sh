@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A short GPU round for kernel work: build and test (tools/gpu_check.sh, pytest
+# A short GPU cycle for kernel work: build and test (tools/gpu_check.sh, pytest
 # arguments pass through), registers and stack of every kernel, step times of
 # fused AdamW and Flora without momentum (fp32 and bf16 in one process, with its
 # tuning knobs changed), and their per-kernel profile; under $OUT.
