@@ -2,7 +2,7 @@
 
 For one model's shapes and dtype, in one process on one GPU:
 1. the bytes a step must move at the least, for fused AdamW and for each Flora
-   configuration (the sum over tensors of what FLORA.md's step reads and writes, each
+   configuration (the sum over tensors of what docs/FLORA.md's step reads and writes, each
    pass that needs a tensor reading it once, nothing else);
 2. the bandwidth of torch's own streaming kernels (copy_, add_, sum) over buffers the
    size of the model's gradients and parameters; the best of them is W;

@@ -35,7 +35,7 @@ FLORA="flora_r256_b0.9 flora_r256_b0.9_resample flora_r256_b0.9_exact flora_nomo
     done
     python3 benchmarks/profile_step.py --out "$OUT/profile_step.md"
     python3 benchmarks/profile_step.py --dtype bfloat16 --configs none --out "$OUT/profile_step.md"
-    python3 tools/host_probe.py
+    python3 benchmarks/probes/host_probe.py
   fi
 } >> "$OUT/bench.log" 2>&1
 grep -v "^|" "$OUT/bench.log" | grep -E "median|failed|Error|error| cpu " | head -80

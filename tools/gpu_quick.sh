@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A short GPU round for kernel work: build and test (tools/gpu_check.sh, pytest
+# A short GPU cycle for kernel work: build and test (tools/gpu_check.sh, pytest
 # arguments pass through), registers and stack of every kernel, step times of
 # fused AdamW and Flora without momentum (fp32 and bf16 in one process, with its
 # tuning knobs changed), and their per-kernel profile; under $OUT.
@@ -22,7 +22,7 @@ B="python3 benchmarks/bench_step.py --steps 10 --out $OUT/bench.md"
     flora_nomomentum_batch4g \
     flora_r256_b0.9
   $B --small-tensors 200 --only adamw_fused flora_nomomentum
-  python3 tools/host_probe.py
+  python3 benchmarks/probes/host_probe.py
   for dtype in float32 bfloat16; do
     python3 benchmarks/profile_step.py --configs none --dtype $dtype --steps 3 --out "$OUT/profile.md"
   done

@@ -2,7 +2,7 @@
 after three warm-up steps (so the profiled launches are steady-state ones).
 
     ncu --kernel-name regex:stats_kernel --launch-skip 3 --launch-count 1 \\
-        --section SpeedOfLight --section WarpStateStats python3 tools/ncu_probe.py float32
+        --section SpeedOfLight --section WarpStateStats python3 benchmarks/probes/ncu_probe.py float32
 
 (one batch a step: the fourth launch of a kernel is the first steady-state one).
 A second argument `compressed` steps with rank 256 and beta1 0.9 instead.
@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_step import MODELS, llama_shapes, make_params  # noqa: E402
 import flora_ext  # noqa: E402
 

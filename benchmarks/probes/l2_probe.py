@@ -8,7 +8,7 @@ A probe kernel streams a 2 GiB buffer (read, or read and write back) and, for ev
 512-byte runs a warp, spread over the buffer). Printed: time, DRAM and L2 bytes a
 second, and their sum. If the L2 reads came free, the time would stay at k = 0's.
 
-Usage (GPU machine): python tools/l2_probe.py  [builds the probe with nvcc, ~1 min]
+Usage (GPU machine): python benchmarks/probes/l2_probe.py  [builds the probe with nvcc, ~1 min]
 """
 import os
 import statistics
@@ -17,7 +17,7 @@ import sys
 import torch
 from torch.utils.cpp_extension import load_inline
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_step import measured_on, timed_call  # noqa: E402
 
 CUDA_SRC = r"""
