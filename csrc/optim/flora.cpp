@@ -7,13 +7,17 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 
 #include <cmath>
+#include <cstdio>
 #include <string>
+#include <tuple>
 #include <unordered_set>
 #include <utility>
+#include <vector>
 
 namespace flora {
 namespace {
@@ -30,6 +34,24 @@ c10::IValue read_value(torch::serialize::InputArchive& archive, const char* key,
   c10::IValue value;
   TORCH_CHECK(archive.try_read(key, value), "flora: saved ", what, " have no '", key, "'");
   return value;
+}
+
+// An option saved by FloraOptions::serialize, into `out`.
+void read_option(torch::serialize::InputArchive& archive, const char* key, double& out) {
+  out = read_value(archive, key, "options").toDouble();
+}
+void read_option(torch::serialize::InputArchive& archive, const char* key, int64_t& out) {
+  out = read_value(archive, key, "options").toInt();
+}
+void read_option(torch::serialize::InputArchive& archive, const char* key, bool& out) {
+  out = read_value(archive, key, "options").toBool();
+}
+void read_option(torch::serialize::InputArchive& archive, const char* key,
+                 std::optional<double>& out) {
+  const c10::IValue value = read_value(archive, key, "options");
+  TORCH_CHECK(value.isNone() || value.isDouble(), "flora: saved ", key,
+              " must be None or a float, got ", value.tagKind());
+  out = value.isNone() ? std::nullopt : std::optional<double>(value.toDouble());
 }
 
 // Checks `state` against the layout `options` give `param`, and that one step with `grad`
@@ -115,24 +137,10 @@ void FloraOptions::validate() const {
 
 FloraOptions FloraOptions::merged_with(const FloraOptions& group) const {
   FloraOptions out = *this;
-  // The order of the bits in flora.h.
-  if (group.is_set(0)) out.lr(group.lr());
-  if (group.is_set(1)) out.rank(group.rank());
-  if (group.is_set(2)) out.kappa(group.kappa());
-  if (group.is_set(3)) out.eps1(group.eps1());
-  if (group.is_set(4)) out.eps2(group.eps2());
-  if (group.is_set(5)) out.clip_threshold(group.clip_threshold());
-  if (group.is_set(6)) out.decay_rate(group.decay_rate());
-  if (group.is_set(7)) out.beta1(group.beta1());
-  if (group.is_set(8)) out.weight_decay(group.weight_decay());
-  if (group.is_set(9)) out.scale_parameter(group.scale_parameter());
-  if (group.is_set(10)) out.relative_step(group.relative_step());
-  if (group.is_set(11)) out.warmup_init(group.warmup_init());
-  if (group.is_set(12)) out.factorize_second_moment(group.factorize_second_moment());
-  if (group.is_set(13)) out.seed(group.seed());
-  if (group.is_set(14)) out.tf32(group.tf32());
-  if (group.is_set(15)) out.stochastic_rounding(group.stochastic_rounding());
-  static_assert(kNumOptions == 16, "merged_with must take every option");
+#define FLORA_MERGE_OPTION(T, name, default_value) \
+  if (group.is_set(kOption_##name)) out.name(group.name());
+  FLORA_OPTIONS(FLORA_MERGE_OPTION)
+#undef FLORA_MERGE_OPTION
   return out;
 }
 
@@ -152,56 +160,22 @@ double FloraOptions::get_lr() const {
 void FloraOptions::set_lr(const double lr) { this->lr(lr); }
 
 bool operator==(const FloraOptions& a, const FloraOptions& b) {
-  return a.lr() == b.lr() && a.rank() == b.rank() && a.kappa() == b.kappa() &&
-         a.eps1() == b.eps1() && a.eps2() == b.eps2() &&
-         a.clip_threshold() == b.clip_threshold() && a.decay_rate() == b.decay_rate() &&
-         a.beta1() == b.beta1() && a.weight_decay() == b.weight_decay() &&
-         a.scale_parameter() == b.scale_parameter() && a.relative_step() == b.relative_step() &&
-         a.warmup_init() == b.warmup_init() &&
-         a.factorize_second_moment() == b.factorize_second_moment() && a.seed() == b.seed() &&
-         a.tf32() == b.tf32() && a.stochastic_rounding() == b.stochastic_rounding();
+#define FLORA_SAME_OPTION(T, name, default_value) && a.name() == b.name()
+  return true FLORA_OPTIONS(FLORA_SAME_OPTION);
+#undef FLORA_SAME_OPTION
 }
 
 void FloraOptions::serialize(torch::serialize::OutputArchive& archive) const {
-  archive.write("lr", c10::IValue(lr_));  // None when unset, as Python saves lr=None
-  archive.write("rank", c10::IValue(rank_));
-  archive.write("kappa", c10::IValue(kappa_));
-  archive.write("eps1", c10::IValue(eps1_));
-  archive.write("eps2", c10::IValue(eps2_));
-  archive.write("clip_threshold", c10::IValue(clip_threshold_));
-  archive.write("decay_rate", c10::IValue(decay_rate_));
-  archive.write("beta1", c10::IValue(beta1_));
-  archive.write("weight_decay", c10::IValue(weight_decay_));
-  archive.write("scale_parameter", c10::IValue(scale_parameter_));
-  archive.write("relative_step", c10::IValue(relative_step_));
-  archive.write("warmup_init", c10::IValue(warmup_init_));
-  archive.write("factorize_second_moment", c10::IValue(factorize_second_moment_));
-  archive.write("seed", c10::IValue(seed_));
-  archive.write("tf32", c10::IValue(tf32_));
-  archive.write("stochastic_rounding", c10::IValue(stochastic_rounding_));
+  // lr is None when unset, as Python saves lr=None.
+#define FLORA_WRITE_OPTION(T, name, default_value) archive.write(#name, c10::IValue(name##_));
+  FLORA_OPTIONS(FLORA_WRITE_OPTION)
+#undef FLORA_WRITE_OPTION
 }
 
 void FloraOptions::serialize(torch::serialize::InputArchive& archive) {
-  const char* what = "options";
-  const c10::IValue lr = read_value(archive, "lr", what);
-  TORCH_CHECK(lr.isNone() || lr.isDouble(), "flora: saved lr must be None or a float, got ",
-              lr.tagKind());
-  lr_ = lr.isNone() ? std::nullopt : std::optional<double>(lr.toDouble());
-  rank_ = read_value(archive, "rank", what).toInt();
-  kappa_ = read_value(archive, "kappa", what).toInt();
-  eps1_ = read_value(archive, "eps1", what).toDouble();
-  eps2_ = read_value(archive, "eps2", what).toDouble();
-  clip_threshold_ = read_value(archive, "clip_threshold", what).toDouble();
-  decay_rate_ = read_value(archive, "decay_rate", what).toDouble();
-  beta1_ = read_value(archive, "beta1", what).toDouble();
-  weight_decay_ = read_value(archive, "weight_decay", what).toDouble();
-  scale_parameter_ = read_value(archive, "scale_parameter", what).toBool();
-  relative_step_ = read_value(archive, "relative_step", what).toBool();
-  warmup_init_ = read_value(archive, "warmup_init", what).toBool();
-  factorize_second_moment_ = read_value(archive, "factorize_second_moment", what).toBool();
-  seed_ = read_value(archive, "seed", what).toInt();
-  tf32_ = read_value(archive, "tf32", what).toBool();
-  stochastic_rounding_ = read_value(archive, "stochastic_rounding", what).toBool();
+#define FLORA_READ_OPTION(T, name, default_value) read_option(archive, #name, name##_);
+  FLORA_OPTIONS(FLORA_READ_OPTION)
+#undef FLORA_READ_OPTION
   explicitly_set_ = (uint32_t{1} << kNumOptions) - 1;  // a loaded group is complete
 }
 
@@ -413,4 +387,43 @@ void Flora::adopt_loaded_state() {
   }
 }
 
+namespace {
+
+// The C++ type and value of an option as flora::cpp_options reports them: floats in hex, exact.
+const char* option_type(double) { return "float"; }
+const char* option_type(int64_t) { return "int"; }
+const char* option_type(bool) { return "bool"; }
+const char* option_type(const std::optional<double>&) { return "float?"; }
+
+std::string option_value(double v) {
+  char text[64];
+  std::snprintf(text, sizeof(text), "%a", v);
+  return text;
+}
+std::string option_value(int64_t v) { return std::to_string(v); }
+std::string option_value(bool v) { return v ? "True" : "False"; }
+std::string option_value(const std::optional<double>& v) {
+  return v.has_value() ? option_value(*v) : "None";
+}
+
+// The options of FloraOptions in order, their C++ types and defaults: what
+// tests/test_hyperparams.py holds against flora_ext/hyperparams.py.
+std::tuple<std::vector<std::string>, std::vector<std::string>, std::vector<std::string>>
+cpp_options_op() {
+  const FloraOptions defaults;
+  std::vector<std::string> names, types, values;
+#define FLORA_DESCRIBE_OPTION(T, name, default_value) \
+  names.emplace_back(#name);                          \
+  types.emplace_back(option_type(defaults.name()));   \
+  values.push_back(option_value(defaults.name()));
+  FLORA_OPTIONS(FLORA_DESCRIBE_OPTION)
+#undef FLORA_DESCRIBE_OPTION
+  return {names, types, values};
+}
+
+}  // namespace
 }  // namespace flora
+
+TORCH_LIBRARY_FRAGMENT(flora, m) {
+  m.def("cpp_options() -> (str[] names, str[] types, str[] defaults)", &flora::cpp_options_op);
+}
