@@ -1,10 +1,11 @@
-// flora::Flora, the LibTorch optimizer: bookkeeping around the flora::step_ op, with the
+// flora::Flora, the LibTorch optimizer: bookkeeping around the flora::step_group_ op, with the
 // conventions of flora_ext/optimizer.py (seeds, resampling, checks before any write).
 #include "flora/flora.h"
 
 #include "common/random.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -92,6 +93,57 @@ std::unique_ptr<FloraParamState> initial_state(const at::Tensor& param,
     state->seed(options.seed() + number);
   }
   return state;
+}
+
+// The arguments of one step_group_ call: parameters of one device, their gradients, their
+// state tensors in one flat list (ops.h), their steps (already incremented) and seeds.
+struct GroupCall {
+  std::vector<at::Tensor> params, grads, states;
+  std::vector<int64_t> steps, seeds;
+
+  void add(const at::Tensor& param, const FloraParamState& state) {
+    params.push_back(param);
+    grads.push_back(param.grad());
+    for (const at::Tensor* t : {&state.row_second_moment(), &state.col_second_moment(),
+                                &state.second_moment(), &state.momentum()}) {
+      if (t->defined()) states.push_back(*t);
+    }
+    steps.push_back(state.step() + 1);
+    seeds.push_back(state.seed().value_or(0));
+  }
+};
+
+// torch.ops.flora.step_group_ (step and seed of `o` are unused: the call's are per parameter).
+void step_group(const GroupCall& call, const StepOptions& o) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("flora::step_group_", "")
+          .typed<void(at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef,
+                      at::IntArrayRef, double, double, double, double, double, double, double,
+                      int64_t, int64_t, bool, bool, bool, bool, bool, bool,
+                      const std::optional<at::Tensor>&, at::IntArrayRef)>();
+  op.call(call.params, call.grads, call.states, call.steps, call.seeds, o.lr, o.beta1, o.eps1,
+          o.eps2, o.clip_threshold, o.decay_rate, o.weight_decay, o.rank, o.kappa,
+          o.scale_parameter, o.relative_step, o.warmup_init, o.factorize_second_moment, o.tf32,
+          o.stochastic_rounding, /*param_norms=*/std::nullopt, /*norms_known=*/{});
+}
+
+// The positions of `items` by device, devices in the order they first appear.
+template <typename Item>
+std::vector<std::vector<size_t>> by_device(const std::vector<Item>& items) {
+  std::vector<at::Device> devices;
+  std::vector<std::vector<size_t>> batches;
+  for (size_t k = 0; k < items.size(); ++k) {
+    const at::Device device = items[k].param.device();
+    size_t d = 0;
+    while (d < devices.size() && devices[d] != device) ++d;
+    if (d == devices.size()) {
+      devices.push_back(device);
+      batches.emplace_back();
+    }
+    batches[d].push_back(k);
+  }
+  return batches;
 }
 
 bool is_supported_param_dtype(at::ScalarType t) {
@@ -295,19 +347,24 @@ torch::Tensor Flora::step(LossClosure closure) {
   }
   struct Pending {
     at::Tensor param;
-    const FloraOptions* options;
     FloraParamState* state;
     std::unique_ptr<FloraParamState> fresh;  // state made by this step, not yet stored
   };
-  std::vector<Pending> pending;
+  struct GroupStep {
+    const FloraOptions* options;
+    std::vector<Pending> items;
+  };
+  // Everything is checked before the first write, so a step that throws changes nothing.
+  std::vector<GroupStep> groups;
   int64_t number = 0;  // 1-based over all groups: the seed offset (FLORA.md)
   for (auto& group : param_groups_) {
     const auto& options = static_cast<const FloraOptions&>(group.options());
     options.validate();  // options may have been changed since the group was added
+    GroupStep work{&options, {}};
     for (const auto& p : group.params()) {
       ++number;
       if (!p.grad().defined()) continue;
-      Pending item{p, &options, nullptr, nullptr};
+      Pending item{p, nullptr, nullptr};
       const auto it = state_.find(p.unsafeGetTensorImpl());
       if (it == state_.end()) {
         item.fresh = initial_state(p, options, number);
@@ -316,20 +373,30 @@ torch::Tensor Flora::step(LossClosure closure) {
         item.state = static_cast<FloraParamState*>(it->second.get());
       }
       check_state(p, p.grad(), options, *item.state);
-      pending.push_back(std::move(item));
+      work.items.push_back(std::move(item));
     }
+    if (!work.items.empty()) groups.push_back(std::move(work));
   }
-  for (auto& item : pending) {
-    if (item.fresh) state_[item.param.unsafeGetTensorImpl()] = std::move(item.fresh);
-    FloraParamState& state = *item.state;
-    const int64_t t = state.step() + 1;
-    step_(item.param, item.param.grad(), defined_or_none(state.row_second_moment()),
-          defined_or_none(state.col_second_moment()), defined_or_none(state.second_moment()),
-          defined_or_none(state.momentum()),
-          item.options->step_options(t, state.seed().value_or(0)));
-    state.step(t);
-    if (state.seed().has_value() && t % item.options->kappa() == 0) {
-      state.seed(next_seed(*state.seed()));
+  for (auto& group : groups) {
+    for (auto& item : group.items) {
+      if (item.fresh) state_[item.param.unsafeGetTensorImpl()] = std::move(item.fresh);
+    }
+    // One step_group_ call per device, as flora_ext.Flora makes them.
+    for (const std::vector<size_t>& batch : by_device(group.items)) {
+      GroupCall call;
+      for (const size_t k : batch) {
+        const Pending& item = group.items[k];
+        call.add(item.param, *item.state);
+      }
+      step_group(call, group.options->step_options(1, 0));
+      for (const size_t k : batch) {
+        FloraParamState& state = *group.items[k].state;
+        const int64_t t = state.step() + 1;
+        state.step(t);
+        if (state.seed().has_value() && t % group.options->kappa() == 0) {
+          state.seed(next_seed(*state.seed()));
+        }
+      }
     }
   }
   return loss;

@@ -2,8 +2,9 @@
 // options with chainable setters (FloraOptions), per-parameter state (FloraParamState),
 // param groups, step(closure), torch::save / torch::load of the optimizer.
 //
-// It runs the kernels that flora_ext.Flora runs in Python (torch.ops.flora.step_, through
-// flora::step_ in ops.h), so the same inputs and seeds give the same trajectory in both.
+// It steps each device's parameters of a param group in one call of the op that
+// flora_ext.Flora calls from Python (torch.ops.flora.step_group_), so the same inputs and
+// seeds give bitwise the same trajectory in both.
 // The math is in FLORA.md; the Python optimizer (flora_ext/optimizer.py) is the reference
 // for the conventions: per-parameter seeds, resampling, state layout, checks.
 //
