@@ -6,7 +6,15 @@ other places against it: the constructor's signature, the C++ ``flora::FloraOpti
 (csrc/include/flora/flora.h, read through the ``flora::options_defaults`` op), the schemas of
 the step ops, the optimizer's op call, flora-opt's constructor and README's arguments.
 
-Adding a hyper-parameter: a row here, then what tests/test_hyperparams.py names as missing.
+Adding a hyper-parameter: a row here, then what tests/test_hyperparams.py names as missing:
+- flora_ext/optimizer.py: the constructor's argument (default from DEFAULTS); for a param group
+  key, _HYPER (what makes step() check a group again); for the kernels, _run_plan's op arguments.
+- csrc/include/flora/flora.h: its X(type, name, default) line in FLORA_OPTIONS; csrc/optim/
+  flora.cpp: its check in FloraOptions::validate and, for the kernels, step_options.
+- For the kernels: the step_ and step_group_ schemas and check_step_inputs (csrc/ops.cpp);
+  StepOptions, options_from_schema, step_op and step_group_op (csrc/include/flora/ops.h); the
+  typed op calls (flora::step_ in ops.cpp, step_group in flora.cpp); the step_ fake (_ops.py).
+- README.md's arguments.
 """
 from __future__ import annotations
 
@@ -76,6 +84,7 @@ class HyperParameter:
     # C++ and op names of a pair's two elements (eps: eps1, eps2); else the name itself
     split: Optional[Tuple[str, str]] = None
     rules: Tuple[Callable[[dict], None], ...] = ()
+    invalid: Any = None  # a value the check rejects (tests hold the op's checks to it)
     group: bool = True  # a key of every param group, a field of flora::FloraOptions
     op: bool = True  # a keyword argument of the step ops (step_, step_group_)
     keyword_only: bool = False
@@ -108,34 +117,36 @@ class HyperParameter:
 HYPER_PARAMETERS = (
     HyperParameter(
         "lr", float, None, "Step size; required unless relative_step=True, exclusive with it.",
-        check=_step_size, expected="a finite float >= 0", nullable=True,
+        check=_step_size, expected="a finite float >= 0", nullable=True, invalid=-1.0,
         rules=(_lr_or_relative_step, _warmup_needs_relative_step)),
     HyperParameter(
         "rank", int, None, "Rank r of the momentum projection; None or 0 keeps it dense.",
-        check=lambda v: is_int(v) and v >= 0, expected="None or an int >= 0", nullable=True),
+        check=lambda v: is_int(v) and v >= 0, expected="None or an int >= 0", nullable=True,
+        invalid=-1),
     HyperParameter(
         "kappa", int, 1000, "Resample the projection every kappa steps.",
-        check=lambda v: is_int(v) and v >= 1, expected="an int >= 1"),
+        check=lambda v: is_int(v) and v >= 1, expected="an int >= 1", invalid=0),
     HyperParameter(
         "eps", float, (1e-30, 1e-3),
         "eps1 is added to g^2 before averaging; eps2 floors the parameter RMS of "
         "scale_parameter.",
         check=_eps_pair, expected="a pair (eps1, eps2) of finite floats >= 0",
-        split=("eps1", "eps2")),
+        split=("eps1", "eps2"), invalid=(-1.0, float("inf"))),
     HyperParameter(
         "clip_threshold", float, 1.0,
         "The update is divided by max(1, RMS(update) / clip_threshold).",
-        check=lambda v: _finite(v) and v > 0, expected="a finite float > 0"),
+        check=lambda v: _finite(v) and v > 0, expected="a finite float > 0", invalid=0.0),
     HyperParameter(
         "decay_rate", float, -0.8, "beta2_t = 1 - t**decay_rate.",
-        check=lambda v: _finite(v) and v <= 0, expected="a finite float <= 0"),
+        check=lambda v: _finite(v) and v <= 0, expected="a finite float <= 0", invalid=0.5),
     HyperParameter(
         "beta1", float, None, "Momentum coefficient; None or 0: no first moment at all.",
         check=lambda v: is_number(v) and 0.0 <= v < 1.0, expected="None or a float in [0, 1)",
-        nullable=True),
+        nullable=True, invalid=1.0),
     HyperParameter(
         "weight_decay", float, 0.0, "Decoupled weight decay, scaled by the effective step size.",
-        check=lambda v: _finite(v) and v >= 0, expected="a finite float >= 0"),
+        check=lambda v: _finite(v) and v >= 0, expected="a finite float >= 0",
+        invalid=float("nan")),
     HyperParameter(
         "scale_parameter", bool, True,
         "Multiply the step size by the parameter's RMS (at least eps2)."),
@@ -151,7 +162,8 @@ HYPER_PARAMETERS = (
         "seed", int, 0,
         "Base seed: parameter number i (1-based over all groups, in order) starts at seed + i.",
         check=lambda v: is_int(v) and 0 <= v <= MAX_BASE_SEED,
-        expected="an int in [0, 2**62]", op=False),  # the ops take each parameter's seed
+        expected="an int in [0, 2**62]", invalid=-1,
+        op=False),  # the ops take each parameter's current seed instead
     HyperParameter(
         "quantization", bool, False,
         "flora-opt's 8-bit optimizer state: not implemented, True raises NotImplementedError.",

@@ -3,7 +3,7 @@
 Adding a hyper-parameter starts with a row there; each test below then names the place still
 missing it: the constructor of flora_ext.Flora, its param groups and plan cache, the op call
 (flora_ext/optimizer.py), flora::FloraOptions (FLORA_OPTIONS in csrc/include/flora/flora.h), the
-op schemas (csrc/ops.cpp), flora-opt's constructor and README's arguments.
+op schemas and checks (csrc/ops.cpp), flora-opt's constructor and README's arguments.
 """
 import inspect
 import os
@@ -37,6 +37,7 @@ def test_table_is_well_formed():
         if hp.op:
             assert hp.group, f"{hp.name}: an op argument must be a param group key"
         hp.validate(hp.default)  # the default passes its own check
+        assert (hp.invalid is None) == (hp.type is bool), f"{hp.name}: an invalid example"
     group = {hp.name: hp.default for hp in GROUP_HYPER_PARAMETERS}
     with pytest.raises(ValueError, match="lr is required"):
         validate_group(group)  # lr=None without relative_step
@@ -126,6 +127,49 @@ def test_op_schema_takes_the_table(op):
             default = dict(zip(hp.cpp_names, hp.cpp_values(hp.default)))[a.name]
             assert same(a.default_value, default), \
                 f"{op}: {a.name} defaults to {a.default_value!r}, the table to {default!r}"
+
+
+def invalid_variants(hp):
+    """(value, {C++ name: value}) with one invalid element: each element of a pair in turn."""
+    if not hp.split:
+        return [(hp.invalid, {hp.name: hp.cpp_values(hp.invalid)[0]})]
+    variants = []
+    for i, cpp_name in enumerate(hp.split):
+        value = list(hp.default)
+        value[i] = hp.invalid[i]
+        variants.append((tuple(value), {cpp_name: hp.invalid[i]}))
+    return variants
+
+
+VALID_GROUP = {**{hp.name: hp.default for hp in GROUP_HYPER_PARAMETERS}, "lr": 1e-3}
+
+
+@pytest.mark.parametrize("name", [hp.name for hp in GROUP_HYPER_PARAMETERS
+                                  if hp.invalid is not None])
+def test_python_rejects_the_invalid_example_naming_it(name):
+    hp = BY_NAME[name]
+    for value, _ in invalid_variants(hp):
+        assert not hp.check(value)
+        message = f"flora: {name} must be {hp.expected}, got {value!r}"
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            validate_group({**VALID_GROUP, name: value})
+
+
+@pytest.mark.parametrize("name", [hp.name for hp in OP_HYPER_PARAMETERS
+                                  if hp.invalid is not None])
+def test_op_rejects_the_invalid_example_naming_it(name):
+    """The ops' checks (check_step_inputs in csrc/ops.cpp) cover every op argument."""
+    hp = BY_NAME[name]
+    valid = {cpp: value for h in OP_HYPER_PARAMETERS
+             for cpp, value in zip(h.cpp_names, h.cpp_values(VALID_GROUP[h.name]))}
+    for _, bad in invalid_variants(hp):
+        (cpp_name, value), = bad.items()
+        param = torch.ones(4, 6)
+        # factored second moment, no momentum: the state of the valid settings
+        with pytest.raises(RuntimeError, match=f"flora: {cpp_name} must"):
+            torch.ops.flora.step_(param, torch.ones(4, 6), torch.zeros(4), torch.zeros(6), None,
+                                  None, step=1, seed=0, **{**valid, cpp_name: value})
+        assert torch.equal(param, torch.ones(4, 6))
 
 
 @pytest.mark.parametrize("settings", [
