@@ -1,8 +1,6 @@
 """flora_ext.Flora: torch.optim front end of the flora ops (FLORA.md)."""
 from __future__ import annotations
 
-import math
-import numbers
 import sys
 from collections import defaultdict
 from itertools import chain, repeat
@@ -11,6 +9,10 @@ from operator import attrgetter, is_, itemgetter
 import torch
 
 from ._ops import next_seed, param_layout
+from .hyperparams import DEFAULTS as _DEFAULT
+from .hyperparams import GROUP_HYPER_PARAMETERS as _GROUP_HYPER_PARAMETERS
+from .hyperparams import is_int as _is_int
+from .hyperparams import validate_group as _validate_group
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_SEED = 2**63 - 1
@@ -24,65 +26,6 @@ _HYPER = itemgetter("rank", "kappa", "eps", "clip_threshold", "decay_rate", "bet
                     "weight_decay", "scale_parameter", "relative_step", "warmup_init",
                     "factorize_second_moment", "seed", "tf32", "stochastic_rounding")
 _LAYOUT = itemgetter("rank", "beta1", "factorize_second_moment")
-
-
-def _is_number(x):
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _is_int(x):
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _check_bool(group, name):
-    if not isinstance(group[name], bool):
-        raise TypeError(f"flora: {name} must be a bool, got {group[name]!r}")
-
-
-def _validate_group(group):
-    """Raises ValueError/TypeError naming the first invalid hyper-parameter."""
-    lr, relative_step = group["lr"], group["relative_step"]
-    for name in ("scale_parameter", "relative_step", "warmup_init", "factorize_second_moment",
-                 "tf32", "stochastic_rounding"):
-        _check_bool(group, name)
-    if lr is not None:
-        if isinstance(lr, torch.Tensor):
-            raise TypeError("flora: lr must be a Python float, not a tensor")
-        if not _is_number(lr) or not math.isfinite(lr) or lr < 0:
-            raise ValueError(f"flora: lr must be a finite float >= 0, got {lr!r}")
-        if relative_step:
-            raise ValueError("flora: lr and relative_step=True are exclusive: relative_step "
-                             "computes the step size itself; pass lr=None or relative_step=False")
-    elif not relative_step:
-        raise ValueError("flora: lr is required unless relative_step=True")
-    if group["warmup_init"] and not relative_step:
-        raise ValueError("flora: warmup_init=True requires relative_step=True")
-    rank = group["rank"]
-    if rank is not None and (not _is_int(rank) or rank < 0):
-        raise ValueError(f"flora: rank must be None or an int >= 0, got {rank!r}")
-    kappa = group["kappa"]
-    if not _is_int(kappa) or kappa < 1:
-        raise ValueError(f"flora: kappa must be an int >= 1, got {kappa!r}")
-    eps = group["eps"]
-    if (not isinstance(eps, (tuple, list)) or len(eps) != 2
-            or not all(_is_number(e) and math.isfinite(e) and e >= 0 for e in eps)):
-        raise ValueError(f"flora: eps must be a pair (eps1, eps2) of finite floats >= 0, "
-                         f"got {eps!r}")
-    clip = group["clip_threshold"]
-    if not _is_number(clip) or not math.isfinite(clip) or clip <= 0:
-        raise ValueError(f"flora: clip_threshold must be a finite float > 0, got {clip!r}")
-    decay = group["decay_rate"]
-    if not _is_number(decay) or not math.isfinite(decay) or decay > 0:
-        raise ValueError(f"flora: decay_rate must be a finite float <= 0, got {decay!r}")
-    beta1 = group["beta1"]
-    if beta1 is not None and (not _is_number(beta1) or not 0.0 <= beta1 < 1.0):
-        raise ValueError(f"flora: beta1 must be None or a float in [0, 1), got {beta1!r}")
-    wd = group["weight_decay"]
-    if not _is_number(wd) or not math.isfinite(wd) or wd < 0:
-        raise ValueError(f"flora: weight_decay must be a finite float >= 0, got {wd!r}")
-    seed = group["seed"]
-    if not _is_int(seed) or not 0 <= seed <= _MAX_SEED // 2:
-        raise ValueError(f"flora: seed must be an int in [0, 2**62], got {seed!r}")
 
 
 def _lr_ok(group):
@@ -151,21 +94,24 @@ class Flora(torch.optim.Optimizer):
     See README.md for the arguments and FLORA.md for the math.
     """
 
-    def __init__(self, params, lr=None, rank=None, kappa=1000, eps=(1e-30, 1e-3),
-                 clip_threshold=1.0, decay_rate=-0.8, beta1=None, weight_decay=0.0,
-                 scale_parameter=True, relative_step=False, warmup_init=False,
-                 factorize_second_moment=True, seed=0, quantization=False, *, tf32=True,
-                 stochastic_rounding=False, reuse_param_norms=True):
+    def __init__(self, params, lr=_DEFAULT["lr"], rank=_DEFAULT["rank"], kappa=_DEFAULT["kappa"],
+                 eps=_DEFAULT["eps"], clip_threshold=_DEFAULT["clip_threshold"],
+                 decay_rate=_DEFAULT["decay_rate"], beta1=_DEFAULT["beta1"],
+                 weight_decay=_DEFAULT["weight_decay"], scale_parameter=_DEFAULT["scale_parameter"],
+                 relative_step=_DEFAULT["relative_step"], warmup_init=_DEFAULT["warmup_init"],
+                 factorize_second_moment=_DEFAULT["factorize_second_moment"],
+                 seed=_DEFAULT["seed"], quantization=_DEFAULT["quantization"], *,
+                 tf32=_DEFAULT["tf32"], stochastic_rounding=_DEFAULT["stochastic_rounding"],
+                 reuse_param_norms=_DEFAULT["reuse_param_norms"]):
+        # The arguments and their defaults: flora_ext/hyperparams.py.
         if quantization:
             raise NotImplementedError(
                 "flora: quantization=True (8-bit optimizer states) is not implemented yet; "
                 "use quantization=False")
-        defaults = dict(lr=lr, rank=rank, kappa=kappa, eps=tuple(eps) if isinstance(eps, list) else eps,
-                        clip_threshold=clip_threshold, decay_rate=decay_rate, beta1=beta1,
-                        weight_decay=weight_decay, scale_parameter=scale_parameter,
-                        relative_step=relative_step, warmup_init=warmup_init,
-                        factorize_second_moment=factorize_second_moment, seed=seed,
-                        tf32=tf32, stochastic_rounding=stochastic_rounding)
+        arguments = locals()
+        defaults = {hp.name: arguments[hp.name] for hp in _GROUP_HYPER_PARAMETERS}
+        if isinstance(eps, list):
+            defaults["eps"] = tuple(eps)
         _validate_group(defaults)
         if not isinstance(reuse_param_norms, bool):
             raise TypeError(f"flora: reuse_param_norms must be a bool, got {reuse_param_norms!r}")

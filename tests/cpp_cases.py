@@ -7,7 +7,7 @@ cos on float64, then a cast), so both languages start from bitwise the same tens
     gradient k at step t:  cos(i * (0.91 + 0.07 k + 0.013 t)) * (1 + 0.1 t)
 
 k counts the parameters from 0 over all groups, t the steps from 1. The scenarios below are
-spelled out again in test_flora.cpp (run_trajectory); test_cpp.py checks that both run the same.
+spelled out again in test_flora.cpp (scenario()); test_cpp.py checks that both run the same.
 """
 from __future__ import annotations
 
@@ -28,7 +28,14 @@ def gradient(k, t, shape, dtype=torch.float32):
             .mul(1.0 + 0.1 * t).reshape(shape).to(dtype))
 
 
-# Trajectory scenarios: (defaults, groups of (shapes with dtypes, group overrides), steps).
+def has_gradient(scenario, k, t):
+    """Whether parameter k gets a gradient at step t: not when (k + t) % skip == 0."""
+    skip = scenario.get("skip", 0)
+    return skip == 0 or (k + t) % skip != 0
+
+
+# Trajectory scenarios: (defaults, groups of (shapes with dtypes, group overrides), steps,
+# optionally skip: see has_gradient).
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 SCENARIOS = {
     # compressed left and right, resampling every 3 (group 0) or 2 (group 1) steps, dense
@@ -51,6 +58,21 @@ SCENARIOS = {
         defaults=dict(lr=5e-2, beta1=0.8, rank=8, kappa=1, seed=100),
         groups=[([((24, 24), F16), ((10, 3), F16)], {})],
         steps=4),
+    # four groups of mixed dtypes: compressed left and right, dense momentum (aspect ratio,
+    # 1-D, unfactored), none (beta1=0); resampling every 2 or 3 steps; per-group lr, rank,
+    # clip, decay, weight decay, stochastic rounding; some parameters without a gradient
+    # on some steps, so the batches of a group change from step to step
+    "groups": dict(
+        defaults=dict(lr=2e-2, beta1=0.9, rank=3, kappa=2, seed=11),
+        groups=[([((12, 30), F32), ((30, 12), BF16), ((50,), F32), ((4, 40), F32)], {}),
+                ([((16, 16), F16), ((9,), BF16), ((20, 10), F32)],
+                 dict(rank=5, kappa=3, weight_decay=0.05, clip_threshold=0.5)),
+                ([((24, 8), F32), ((6, 7), BF16)],
+                 dict(lr=1e-2, factorize_second_moment=False, stochastic_rounding=True)),
+                ([((10, 10), F32), ((5,), F16)],
+                 dict(beta1=0.0, decay_rate=-0.5, scale_parameter=False))],
+        steps=9,
+        skip=5),
 }
 
 # The step checked against tests/reference.py (tests/cpp/reference_values.h).

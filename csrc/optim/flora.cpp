@@ -1,19 +1,24 @@
-// flora::Flora, the LibTorch optimizer: bookkeeping around the flora::step_ op, with the
+// flora::Flora, the LibTorch optimizer: bookkeeping around the flora::step_group_ op, with the
 // conventions of flora_ext/optimizer.py (seeds, resampling, checks before any write).
 #include "flora/flora.h"
 
 #include "common/random.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
+#include <torch/library.h>
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 
 #include <cmath>
+#include <cstdio>
 #include <string>
+#include <tuple>
 #include <unordered_set>
 #include <utility>
+#include <vector>
 
 namespace flora {
 namespace {
@@ -30,6 +35,24 @@ c10::IValue read_value(torch::serialize::InputArchive& archive, const char* key,
   c10::IValue value;
   TORCH_CHECK(archive.try_read(key, value), "flora: saved ", what, " have no '", key, "'");
   return value;
+}
+
+// An option saved by FloraOptions::serialize, into `out`.
+void read_option(torch::serialize::InputArchive& archive, const char* key, double& out) {
+  out = read_value(archive, key, "options").toDouble();
+}
+void read_option(torch::serialize::InputArchive& archive, const char* key, int64_t& out) {
+  out = read_value(archive, key, "options").toInt();
+}
+void read_option(torch::serialize::InputArchive& archive, const char* key, bool& out) {
+  out = read_value(archive, key, "options").toBool();
+}
+void read_option(torch::serialize::InputArchive& archive, const char* key,
+                 std::optional<double>& out) {
+  const c10::IValue value = read_value(archive, key, "options");
+  TORCH_CHECK(value.isNone() || value.isDouble(), "flora: saved ", key,
+              " must be None or a float, got ", value.tagKind());
+  out = value.isNone() ? std::nullopt : std::optional<double>(value.toDouble());
 }
 
 // Checks `state` against the layout `options` give `param`, and that one step with `grad`
@@ -70,6 +93,57 @@ std::unique_ptr<FloraParamState> initial_state(const at::Tensor& param,
     state->seed(options.seed() + number);
   }
   return state;
+}
+
+// The arguments of one step_group_ call: parameters of one device, their gradients, their
+// state tensors in one flat list (ops.h), their steps (already incremented) and seeds.
+struct GroupCall {
+  std::vector<at::Tensor> params, grads, states;
+  std::vector<int64_t> steps, seeds;
+
+  void add(const at::Tensor& param, const FloraParamState& state) {
+    params.push_back(param);
+    grads.push_back(param.grad());
+    for (const at::Tensor* t : {&state.row_second_moment(), &state.col_second_moment(),
+                                &state.second_moment(), &state.momentum()}) {
+      if (t->defined()) states.push_back(*t);
+    }
+    steps.push_back(state.step() + 1);
+    seeds.push_back(state.seed().value_or(0));
+  }
+};
+
+// torch.ops.flora.step_group_ (step and seed of `o` are unused: the call's are per parameter).
+void step_group(const GroupCall& call, const StepOptions& o) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("flora::step_group_", "")
+          .typed<void(at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef,
+                      at::IntArrayRef, double, double, double, double, double, double, double,
+                      int64_t, int64_t, bool, bool, bool, bool, bool, bool,
+                      const std::optional<at::Tensor>&, at::IntArrayRef)>();
+  op.call(call.params, call.grads, call.states, call.steps, call.seeds, o.lr, o.beta1, o.eps1,
+          o.eps2, o.clip_threshold, o.decay_rate, o.weight_decay, o.rank, o.kappa,
+          o.scale_parameter, o.relative_step, o.warmup_init, o.factorize_second_moment, o.tf32,
+          o.stochastic_rounding, /*param_norms=*/std::nullopt, /*norms_known=*/{});
+}
+
+// The positions of `items` by device, devices in the order they first appear.
+template <typename Item>
+std::vector<std::vector<size_t>> by_device(const std::vector<Item>& items) {
+  std::vector<at::Device> devices;
+  std::vector<std::vector<size_t>> batches;
+  for (size_t k = 0; k < items.size(); ++k) {
+    const at::Device device = items[k].param.device();
+    size_t d = 0;
+    while (d < devices.size() && devices[d] != device) ++d;
+    if (d == devices.size()) {
+      devices.push_back(device);
+      batches.emplace_back();
+    }
+    batches[d].push_back(k);
+  }
+  return batches;
 }
 
 bool is_supported_param_dtype(at::ScalarType t) {
@@ -115,24 +189,10 @@ void FloraOptions::validate() const {
 
 FloraOptions FloraOptions::merged_with(const FloraOptions& group) const {
   FloraOptions out = *this;
-  // The order of the bits in flora.h.
-  if (group.is_set(0)) out.lr(group.lr());
-  if (group.is_set(1)) out.rank(group.rank());
-  if (group.is_set(2)) out.kappa(group.kappa());
-  if (group.is_set(3)) out.eps1(group.eps1());
-  if (group.is_set(4)) out.eps2(group.eps2());
-  if (group.is_set(5)) out.clip_threshold(group.clip_threshold());
-  if (group.is_set(6)) out.decay_rate(group.decay_rate());
-  if (group.is_set(7)) out.beta1(group.beta1());
-  if (group.is_set(8)) out.weight_decay(group.weight_decay());
-  if (group.is_set(9)) out.scale_parameter(group.scale_parameter());
-  if (group.is_set(10)) out.relative_step(group.relative_step());
-  if (group.is_set(11)) out.warmup_init(group.warmup_init());
-  if (group.is_set(12)) out.factorize_second_moment(group.factorize_second_moment());
-  if (group.is_set(13)) out.seed(group.seed());
-  if (group.is_set(14)) out.tf32(group.tf32());
-  if (group.is_set(15)) out.stochastic_rounding(group.stochastic_rounding());
-  static_assert(kNumOptions == 16, "merged_with must take every option");
+#define FLORA_MERGE_OPTION(T, name, default_value) \
+  if (group.is_set(kOption_##name)) out.name(group.name());
+  FLORA_OPTIONS(FLORA_MERGE_OPTION)
+#undef FLORA_MERGE_OPTION
   return out;
 }
 
@@ -152,56 +212,22 @@ double FloraOptions::get_lr() const {
 void FloraOptions::set_lr(const double lr) { this->lr(lr); }
 
 bool operator==(const FloraOptions& a, const FloraOptions& b) {
-  return a.lr() == b.lr() && a.rank() == b.rank() && a.kappa() == b.kappa() &&
-         a.eps1() == b.eps1() && a.eps2() == b.eps2() &&
-         a.clip_threshold() == b.clip_threshold() && a.decay_rate() == b.decay_rate() &&
-         a.beta1() == b.beta1() && a.weight_decay() == b.weight_decay() &&
-         a.scale_parameter() == b.scale_parameter() && a.relative_step() == b.relative_step() &&
-         a.warmup_init() == b.warmup_init() &&
-         a.factorize_second_moment() == b.factorize_second_moment() && a.seed() == b.seed() &&
-         a.tf32() == b.tf32() && a.stochastic_rounding() == b.stochastic_rounding();
+#define FLORA_SAME_OPTION(T, name, default_value) && a.name() == b.name()
+  return true FLORA_OPTIONS(FLORA_SAME_OPTION);
+#undef FLORA_SAME_OPTION
 }
 
 void FloraOptions::serialize(torch::serialize::OutputArchive& archive) const {
-  archive.write("lr", c10::IValue(lr_));  // None when unset, as Python saves lr=None
-  archive.write("rank", c10::IValue(rank_));
-  archive.write("kappa", c10::IValue(kappa_));
-  archive.write("eps1", c10::IValue(eps1_));
-  archive.write("eps2", c10::IValue(eps2_));
-  archive.write("clip_threshold", c10::IValue(clip_threshold_));
-  archive.write("decay_rate", c10::IValue(decay_rate_));
-  archive.write("beta1", c10::IValue(beta1_));
-  archive.write("weight_decay", c10::IValue(weight_decay_));
-  archive.write("scale_parameter", c10::IValue(scale_parameter_));
-  archive.write("relative_step", c10::IValue(relative_step_));
-  archive.write("warmup_init", c10::IValue(warmup_init_));
-  archive.write("factorize_second_moment", c10::IValue(factorize_second_moment_));
-  archive.write("seed", c10::IValue(seed_));
-  archive.write("tf32", c10::IValue(tf32_));
-  archive.write("stochastic_rounding", c10::IValue(stochastic_rounding_));
+  // lr is None when unset, as Python saves lr=None.
+#define FLORA_WRITE_OPTION(T, name, default_value) archive.write(#name, c10::IValue(name##_));
+  FLORA_OPTIONS(FLORA_WRITE_OPTION)
+#undef FLORA_WRITE_OPTION
 }
 
 void FloraOptions::serialize(torch::serialize::InputArchive& archive) {
-  const char* what = "options";
-  const c10::IValue lr = read_value(archive, "lr", what);
-  TORCH_CHECK(lr.isNone() || lr.isDouble(), "flora: saved lr must be None or a float, got ",
-              lr.tagKind());
-  lr_ = lr.isNone() ? std::nullopt : std::optional<double>(lr.toDouble());
-  rank_ = read_value(archive, "rank", what).toInt();
-  kappa_ = read_value(archive, "kappa", what).toInt();
-  eps1_ = read_value(archive, "eps1", what).toDouble();
-  eps2_ = read_value(archive, "eps2", what).toDouble();
-  clip_threshold_ = read_value(archive, "clip_threshold", what).toDouble();
-  decay_rate_ = read_value(archive, "decay_rate", what).toDouble();
-  beta1_ = read_value(archive, "beta1", what).toDouble();
-  weight_decay_ = read_value(archive, "weight_decay", what).toDouble();
-  scale_parameter_ = read_value(archive, "scale_parameter", what).toBool();
-  relative_step_ = read_value(archive, "relative_step", what).toBool();
-  warmup_init_ = read_value(archive, "warmup_init", what).toBool();
-  factorize_second_moment_ = read_value(archive, "factorize_second_moment", what).toBool();
-  seed_ = read_value(archive, "seed", what).toInt();
-  tf32_ = read_value(archive, "tf32", what).toBool();
-  stochastic_rounding_ = read_value(archive, "stochastic_rounding", what).toBool();
+#define FLORA_READ_OPTION(T, name, default_value) read_option(archive, #name, name##_);
+  FLORA_OPTIONS(FLORA_READ_OPTION)
+#undef FLORA_READ_OPTION
   explicitly_set_ = (uint32_t{1} << kNumOptions) - 1;  // a loaded group is complete
 }
 
@@ -321,19 +347,24 @@ torch::Tensor Flora::step(LossClosure closure) {
   }
   struct Pending {
     at::Tensor param;
-    const FloraOptions* options;
     FloraParamState* state;
     std::unique_ptr<FloraParamState> fresh;  // state made by this step, not yet stored
   };
-  std::vector<Pending> pending;
+  struct GroupStep {
+    const FloraOptions* options;
+    std::vector<Pending> items;
+  };
+  // Everything is checked before the first write, so a step that throws changes nothing.
+  std::vector<GroupStep> groups;
   int64_t number = 0;  // 1-based over all groups: the seed offset (FLORA.md)
   for (auto& group : param_groups_) {
     const auto& options = static_cast<const FloraOptions&>(group.options());
     options.validate();  // options may have been changed since the group was added
+    GroupStep work{&options, {}};
     for (const auto& p : group.params()) {
       ++number;
       if (!p.grad().defined()) continue;
-      Pending item{p, &options, nullptr, nullptr};
+      Pending item{p, nullptr, nullptr};
       const auto it = state_.find(p.unsafeGetTensorImpl());
       if (it == state_.end()) {
         item.fresh = initial_state(p, options, number);
@@ -342,20 +373,30 @@ torch::Tensor Flora::step(LossClosure closure) {
         item.state = static_cast<FloraParamState*>(it->second.get());
       }
       check_state(p, p.grad(), options, *item.state);
-      pending.push_back(std::move(item));
+      work.items.push_back(std::move(item));
     }
+    if (!work.items.empty()) groups.push_back(std::move(work));
   }
-  for (auto& item : pending) {
-    if (item.fresh) state_[item.param.unsafeGetTensorImpl()] = std::move(item.fresh);
-    FloraParamState& state = *item.state;
-    const int64_t t = state.step() + 1;
-    step_(item.param, item.param.grad(), defined_or_none(state.row_second_moment()),
-          defined_or_none(state.col_second_moment()), defined_or_none(state.second_moment()),
-          defined_or_none(state.momentum()),
-          item.options->step_options(t, state.seed().value_or(0)));
-    state.step(t);
-    if (state.seed().has_value() && t % item.options->kappa() == 0) {
-      state.seed(next_seed(*state.seed()));
+  for (auto& group : groups) {
+    for (auto& item : group.items) {
+      if (item.fresh) state_[item.param.unsafeGetTensorImpl()] = std::move(item.fresh);
+    }
+    // One step_group_ call per device, as flora_ext.Flora makes them.
+    for (const std::vector<size_t>& batch : by_device(group.items)) {
+      GroupCall call;
+      for (const size_t k : batch) {
+        const Pending& item = group.items[k];
+        call.add(item.param, *item.state);
+      }
+      step_group(call, group.options->step_options(1, 0));
+      for (const size_t k : batch) {
+        FloraParamState& state = *group.items[k].state;
+        const int64_t t = state.step() + 1;
+        state.step(t);
+        if (state.seed().has_value() && t % group.options->kappa() == 0) {
+          state.seed(next_seed(*state.seed()));
+        }
+      }
     }
   }
   return loss;
@@ -413,4 +454,43 @@ void Flora::adopt_loaded_state() {
   }
 }
 
+namespace {
+
+// The C++ type and value of an option as flora::cpp_options reports them: floats in hex, exact.
+const char* option_type(double) { return "float"; }
+const char* option_type(int64_t) { return "int"; }
+const char* option_type(bool) { return "bool"; }
+const char* option_type(const std::optional<double>&) { return "float?"; }
+
+std::string option_value(double v) {
+  char text[64];
+  std::snprintf(text, sizeof(text), "%a", v);
+  return text;
+}
+std::string option_value(int64_t v) { return std::to_string(v); }
+std::string option_value(bool v) { return v ? "True" : "False"; }
+std::string option_value(const std::optional<double>& v) {
+  return v.has_value() ? option_value(*v) : "None";
+}
+
+// The options of FloraOptions in order, their C++ types and defaults: what
+// tests/test_hyperparams.py holds against flora_ext/hyperparams.py.
+std::tuple<std::vector<std::string>, std::vector<std::string>, std::vector<std::string>>
+cpp_options_op() {
+  const FloraOptions defaults;
+  std::vector<std::string> names, types, values;
+#define FLORA_DESCRIBE_OPTION(T, name, default_value) \
+  names.emplace_back(#name);                          \
+  types.emplace_back(option_type(defaults.name()));   \
+  values.push_back(option_value(defaults.name()));
+  FLORA_OPTIONS(FLORA_DESCRIBE_OPTION)
+#undef FLORA_DESCRIBE_OPTION
+  return {names, types, values};
+}
+
+}  // namespace
 }  // namespace flora
+
+TORCH_LIBRARY_FRAGMENT(flora, m) {
+  m.def("cpp_options() -> (str[] names, str[] types, str[] defaults)", &flora::cpp_options_op);
+}

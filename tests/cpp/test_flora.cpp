@@ -10,6 +10,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <c10/util/accumulate.h>
 #include <c10/util/irange.h>
 #include <torch/cuda.h>
@@ -59,10 +60,15 @@ at::Tensor gradient(int64_t k, int64_t t, at::IntArrayRef shape,
       .to(dtype);
 }
 
-// Sets the step-t gradient of every parameter (numbered from 0 in the given order).
-void set_gradients(const std::vector<at::Tensor>& params, int64_t t) {
+// Sets the step-t gradient of every parameter (numbered from 0 in the given order); with
+// skip > 0, parameter k has none when (k + t) % skip == 0 (cpp_cases.has_gradient).
+void set_gradients(const std::vector<at::Tensor>& params, int64_t t, int64_t skip = 0) {
   for (const auto k : c10::irange(params.size())) {
     at::Tensor p = params[k];
+    if (skip > 0 && (static_cast<int64_t>(k) + t) % skip == 0) {
+      p.mutable_grad() = at::Tensor();
+      continue;
+    }
     p.mutable_grad() = gradient(static_cast<int64_t>(k), t, p.sizes(), p.scalar_type())
                            .to(p.device());
   }
@@ -104,7 +110,10 @@ struct Scenario {
                         std::optional<FloraOptions>>>
       groups;
   int64_t steps = 0;
+  int64_t skip = 0;  // see set_gradients
 };
+
+const char* const kScenarios[] = {"compressed", "relative_step", "half", "groups"};
 
 // The SCENARIOS of tests/cpp_cases.py.
 Scenario scenario(const std::string& name) {
@@ -133,8 +142,25 @@ Scenario scenario(const std::string& name) {
     s.defaults = FloraOptions(5e-2).beta1(0.8).rank(8).kappa(1).seed(100);
     s.groups.push_back({{{{24, 24}, at::kHalf}, {{10, 3}, at::kHalf}}, std::nullopt});
     s.steps = 4;
+  } else if (name == "groups") {
+    s.defaults = FloraOptions(2e-2).beta1(0.9).rank(3).kappa(2).seed(11);
+    s.groups.push_back({{{{12, 30}, at::kFloat},
+                         {{30, 12}, at::kBFloat16},
+                         {{50}, at::kFloat},
+                         {{4, 40}, at::kFloat}},
+                        std::nullopt});
+    s.groups.push_back(
+        {{{{16, 16}, at::kHalf}, {{9}, at::kBFloat16}, {{20, 10}, at::kFloat}},
+         FloraOptions().rank(5).kappa(3).weight_decay(0.05).clip_threshold(0.5)});
+    s.groups.push_back(
+        {{{{24, 8}, at::kFloat}, {{6, 7}, at::kBFloat16}},
+         FloraOptions(1e-2).factorize_second_moment(false).stochastic_rounding(true)});
+    s.groups.push_back({{{{10, 10}, at::kFloat}, {{5}, at::kHalf}},
+                        FloraOptions().beta1(0.0).decay_rate(-0.5).scale_parameter(false)});
+    s.steps = 9;
+    s.skip = 5;
   } else {
-    TORCH_CHECK(false, "unknown scenario '", name, "' (compressed, relative_step, half)");
+    TORCH_CHECK(false, "unknown scenario '", name, "' (compressed, relative_step, half, groups)");
   }
   return s;
 }
@@ -142,6 +168,7 @@ Scenario scenario(const std::string& name) {
 struct Run {
   std::vector<at::Tensor> params;
   std::unique_ptr<Flora> optimizer;
+  int64_t skip = 0;
 };
 
 Run start(const Scenario& s, at::Device device = at::kCPU) {
@@ -162,12 +189,13 @@ Run start(const Scenario& s, at::Device device = at::kCPU) {
     }
   }
   run.optimizer = std::make_unique<Flora>(groups, s.defaults);
+  run.skip = s.skip;
   return run;
 }
 
 void advance(Run& run, int64_t first_step, int64_t last_step) {
   for (int64_t t = first_step; t <= last_step; ++t) {
-    set_gradients(run.params, t);
+    set_gradients(run.params, t, run.skip);
     run.optimizer->step();
   }
 }
@@ -251,7 +279,8 @@ FLORA_TEST(options_setters_chain_and_clone) {
   REQUIRE(!o.scale_parameter());
   REQUIRE(!o.factorize_second_moment());
   REQUIRE_EQ(o.seed(), 42);
-  REQUIRE(!o.is_set(10) && !o.is_set(11));  // relative_step, warmup_init untouched
+  REQUIRE(!o.is_set(FloraOptions::kOption_relative_step));  // untouched
+  REQUIRE(!o.is_set(FloraOptions::kOption_warmup_init));
   o.validate();
   const torch::optim::OptimizerOptions& base = o;
   const std::unique_ptr<torch::optim::OptimizerOptions> copy = base.clone();
@@ -364,6 +393,77 @@ FLORA_TEST(seeds_advance_every_kappa_steps) {
   REQUIRE_EQ(optimizer.param_state(params[1])->seed().value(), next_seed(next_seed(12)));
   REQUIRE(!optimizer.param_state(params[2])->seed().has_value());  // 1-D: dense momentum
   REQUIRE(optimizer.param_state(params[2])->momentum().sizes() == at::IntArrayRef({10}));
+}
+
+// The step ops (flora::step_, flora::step_group_) that `body` calls, in order (RecordFunction
+// sees every dispatcher call of this thread; the kernels' own calls of other ops are left out).
+template <typename Body>
+std::vector<std::string> step_op_calls(Body body) {
+  static thread_local std::vector<std::string>* calls = nullptr;
+  std::vector<std::string> seen;
+  calls = &seen;
+  const at::CallbackHandle handle = at::addThreadLocalCallback(
+      at::RecordFunctionCallback(
+          [](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+            const std::string name = fn.name();
+            if (calls != nullptr && name.rfind("flora::step", 0) == 0) calls->push_back(name);
+            return nullptr;
+          })
+          .scopes({at::RecordScope::FUNCTION}));
+  try {
+    body();
+  } catch (...) {
+    at::removeCallback(handle);
+    calls = nullptr;
+    throw;
+  }
+  at::removeCallback(handle);
+  calls = nullptr;
+  return seen;
+}
+
+FLORA_TEST(step_makes_one_step_group_call_per_group_and_device) {
+  // As flora_ext.Flora: the parameters of a group on one device go through one call.
+  const Scenario s = scenario("groups");
+  Run run = start(s);
+  set_gradients(run.params, 1, s.skip);
+  const std::vector<std::string> calls = step_op_calls([&] { run.optimizer->step(); });
+  REQUIRE_EQ(calls.size(), s.groups.size());
+  for (const auto& name : calls) REQUIRE_EQ(name, std::string("flora::step_group_"));
+  // A group without any gradient makes no call.
+  for (size_t k = 0; k < 4; ++k) run.params[k].mutable_grad() = at::Tensor();
+  REQUIRE_EQ(step_op_calls([&] { run.optimizer->step(); }).size(), s.groups.size() - 1);
+
+  if (!flora::cuda_compiled() || !torch::cuda::is_available()) return;
+  // A group over two devices: one call per device, the same step as on one device.
+  Run cpu = start(s);
+  Run mixed = start(s);
+  cpu.skip = mixed.skip = 0;
+  for (size_t k = 0; k < mixed.params.size(); k += 2) {
+    mixed.params[k] = mixed.params[k].detach().to(at::kCUDA).set_requires_grad(true);
+  }
+  std::vector<OptimizerParamGroup> groups;
+  groups.emplace_back(mixed.params);
+  FloraOptions options = s.defaults;
+  options.tf32(false);
+  mixed.optimizer = std::make_unique<Flora>(groups, options);
+  groups.clear();
+  groups.emplace_back(cpu.params);
+  cpu.optimizer = std::make_unique<Flora>(groups, options);
+  set_gradients(mixed.params, 1);
+  const std::vector<std::string> mixed_calls =
+      step_op_calls([&] { mixed.optimizer->step(); });
+  REQUIRE_EQ(mixed_calls.size(), size_t{2});
+  advance(mixed, 2, 4);
+  advance(cpu, 1, 4);
+  for (size_t k = 0; k < cpu.params.size(); ++k) {
+    const at::Tensor a = mixed.params[k].detach().cpu().to(at::kDouble);
+    const at::Tensor b = cpu.params[k].detach().to(at::kDouble);
+    const double err = (a - b).norm().item<double>() / b.norm().item<double>();
+    REQUIRE(err < (cpu.params[k].scalar_type() == at::kFloat ? 1e-5 : 1e-2));
+    REQUIRE(mixed.optimizer->param_state(mixed.params[k])->seed() ==
+            cpu.optimizer->param_state(cpu.params[k])->seed());
+  }
 }
 
 FLORA_TEST(reference_step) {
@@ -515,7 +615,7 @@ FLORA_TEST(lr_scheduler_sets_the_step_size) {
 }
 
 FLORA_TEST(save_and_load_resume_bitwise) {
-  for (const char* name : {"compressed", "relative_step", "half"}) {
+  for (const char* name : kScenarios) {
     const Scenario s = scenario(name);
     Run reference = start(s);
     advance(reference, 1, s.steps);
@@ -527,6 +627,7 @@ FLORA_TEST(save_and_load_resume_bitwise) {
     // A new optimizer, built with other options, over copies of the parameters.
     Run resumed;
     resumed.params = clones(first.params);
+    resumed.skip = s.skip;
     Scenario other = s;
     other.defaults.lr(std::nullopt).relative_step(true).kappa(999);
     for (auto& group : other.groups) group.second = std::nullopt;
@@ -595,7 +696,7 @@ FLORA_TEST(cuda_matches_cpu_and_checkpoints_move_between_devices) {
     throw flora_test::Skipped(flora::cuda_compiled() ? "no CUDA device"
                                                      : "built without CUDA kernels");
   }
-  for (const char* name : {"compressed", "relative_step", "half"}) {
+  for (const char* name : kScenarios) {
     Scenario s = scenario(name);
     s.defaults.tf32(false);  // exact fp32 projection GEMMs: CUDA == CPU within 1e-5
     Run cpu = start(s);
@@ -610,7 +711,7 @@ FLORA_TEST(cuda_matches_cpu_and_checkpoints_move_between_devices) {
       std::printf("%s parameter %zu: CUDA vs CPU rel err %.2e\n", name, i, err);
       REQUIRE(err < tolerance);
       const FloraParamState* state = cuda.optimizer->param_state(cuda.params[i]);
-      REQUIRE(state->step() == s.steps);
+      REQUIRE(state->step() == cpu.optimizer->param_state(cpu.params[i])->step());
       REQUIRE(state->seed() == cpu.optimizer->param_state(cpu.params[i])->seed());
     }
     // A checkpoint of the CUDA run resumes on the CPU.
@@ -623,7 +724,7 @@ FLORA_TEST(cuda_matches_cpu_and_checkpoints_move_between_devices) {
     torch::load(*moved.optimizer, path);
     std::filesystem::remove(path);
     const FloraParamState* state = moved.optimizer->param_state(moved.params[0]);
-    REQUIRE(state->step() == s.steps);
+    REQUIRE(state->step() == cuda.optimizer->param_state(cuda.params[0])->step());
     for (const at::Tensor* t : {&state->row_second_moment(), &state->second_moment(),
                                 &state->momentum()}) {
       if (t->defined()) REQUIRE(t->device().is_cpu());

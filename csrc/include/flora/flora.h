@@ -2,8 +2,9 @@
 // options with chainable setters (FloraOptions), per-parameter state (FloraParamState),
 // param groups, step(closure), torch::save / torch::load of the optimizer.
 //
-// It runs the kernels that flora_ext.Flora runs in Python (torch.ops.flora.step_, through
-// flora::step_ in ops.h), so the same inputs and seeds give the same trajectory in both.
+// It steps each device's parameters of a param group in one call of the op that
+// flora_ext.Flora calls from Python (torch.ops.flora.step_group_), so the same inputs and
+// seeds give bitwise the same trajectory in both.
 // The math is in FLORA.md; the Python optimizer (flora_ext/optimizer.py) is the reference
 // for the conventions: per-parameter seeds, resampling, state layout, checks.
 //
@@ -30,63 +31,73 @@
 
 namespace flora {
 
-// A chainable setter and a getter, as TORCH_ARG makes them, that also records that the option
-// was set: the options of a param group override only what they set, and the rest comes from
-// the optimizer's defaults, as with the dict of a param group in Python.
-#define FLORA_OPTION(T, name, bit)                                   \
- public:                                                             \
-  inline FloraOptions& name(const T& new_##name) {                   \
-    this->name##_ = new_##name;                                      \
-    this->explicitly_set_ |= (uint32_t{1} << (bit));                 \
-    return *this;                                                    \
-  }                                                                  \
-  inline const T& name() const noexcept { return this->name##_; }    \
-                                                                     \
- private:                                                            \
-  T name##_
-
-// Options of flora::Flora: the arguments of flora_ext.Flora, with the same names and defaults.
+// The options of flora::Flora: the arguments of flora_ext.Flora (flora_ext/hyperparams.py, the
+// table tests/test_hyperparams.py holds this list against), with the same names and defaults.
 // Python's None is std::nullopt for lr, and 0 for rank (no compression) and beta1 (no momentum),
 // which is what None means there. eps=(eps1, eps2) is split into eps1 and eps2.
+// X(type, name, default): one line per option, in the order of their bits (FloraOptions::is_set);
+// the setters, getters, merging, comparison and serialization are made from it.
+#define FLORA_OPTIONS(X)                                                                      \
+  /* Step size; required unless relative_step, and exclusive with it. */                     \
+  X(std::optional<double>, lr, std::nullopt)                                                \
+  /* Rank r of the momentum projection; 0 keeps the momentum dense. */                       \
+  X(int64_t, rank, 0)                                                                       \
+  /* Resample the projection every kappa steps. */                                          \
+  X(int64_t, kappa, 1000)                                                                   \
+  /* Added to g^2 before averaging. */                                                      \
+  X(double, eps1, 1e-30)                                                                    \
+  /* Floor of the parameter RMS that scale_parameter multiplies the step by. */             \
+  X(double, eps2, 1e-3)                                                                     \
+  /* The update is divided by max(1, RMS(update) / clip_threshold). */                      \
+  X(double, clip_threshold, 1.0)                                                            \
+  /* beta2_t = 1 - t^decay_rate. */                                                         \
+  X(double, decay_rate, -0.8)                                                               \
+  /* Momentum coefficient; 0 means no first moment at all. */                               \
+  X(double, beta1, 0.0)                                                                     \
+  /* Decoupled weight decay, scaled by the effective step size. */                          \
+  X(double, weight_decay, 0.0)                                                              \
+  /* Multiply the step size by the parameter's RMS (at least eps2). */                      \
+  X(bool, scale_parameter, true)                                                            \
+  /* lr_t = min(1e-2, 1/sqrt(t)), or min(1e-6 t, 1/sqrt(t)) with warmup_init. */            \
+  X(bool, relative_step, false)                                                             \
+  X(bool, warmup_init, false)                                                               \
+  /* Row and column second moments for 2-D parameters. */                                   \
+  X(bool, factorize_second_moment, true)                                                    \
+  /* Base seed: parameter number i (1-based over all groups, in order) starts at seed + i. */ \
+  X(int64_t, seed, 0)                                                                       \
+  /* CUDA: projection GEMMs on tensor cores (TF32); false keeps them exact fp32. */         \
+  X(bool, tf32, true)                                                                       \
+  /* bfloat16 parameters: unbiased stochastic rounding of the written value. */             \
+  X(bool, stochastic_rounding, false)
+
 struct FloraOptions : public torch::optim::OptimizerCloneableOptions<FloraOptions> {
+  // The bit of each option (kOption_lr, ...), and how many there are.
+#define FLORA_OPTION_BIT(T, name, default_value) kOption_##name,
+  enum Option : int { FLORA_OPTIONS(FLORA_OPTION_BIT) kNumOptions };
+#undef FLORA_OPTION_BIT
+
   FloraOptions() = default;
   // Like AdamWOptions(lr); FloraOptions(std::nullopt) leaves lr unset (relative_step).
   FloraOptions(std::optional<double> lr);  // NOLINT(google-explicit-constructor)
 
-  // Step size; required unless relative_step, and exclusive with it.
-  FLORA_OPTION(std::optional<double>, lr, 0) = std::nullopt;
-  // Rank r of the momentum projection; 0 keeps the momentum dense.
-  FLORA_OPTION(int64_t, rank, 1) = 0;
-  // Resample the projection every kappa steps.
-  FLORA_OPTION(int64_t, kappa, 2) = 1000;
-  // Added to g^2 before averaging.
-  FLORA_OPTION(double, eps1, 3) = 1e-30;
-  // Floor of the parameter RMS that scale_parameter multiplies the step by.
-  FLORA_OPTION(double, eps2, 4) = 1e-3;
-  // The update is divided by max(1, RMS(update) / clip_threshold).
-  FLORA_OPTION(double, clip_threshold, 5) = 1.0;
-  // beta2_t = 1 - t^decay_rate.
-  FLORA_OPTION(double, decay_rate, 6) = -0.8;
-  // Momentum coefficient; 0 means no first moment at all.
-  FLORA_OPTION(double, beta1, 7) = 0.0;
-  // Decoupled weight decay, scaled by the effective step size.
-  FLORA_OPTION(double, weight_decay, 8) = 0.0;
-  FLORA_OPTION(bool, scale_parameter, 9) = true;
-  // lr_t = min(1e-2, 1/sqrt(t)), or min(1e-6 t, 1/sqrt(t)) with warmup_init.
-  FLORA_OPTION(bool, relative_step, 10) = false;
-  FLORA_OPTION(bool, warmup_init, 11) = false;
-  // Row and column second moments for 2-D parameters.
-  FLORA_OPTION(bool, factorize_second_moment, 12) = true;
-  // Base seed: parameter number i (1-based over all groups, in order) starts at seed + i.
-  FLORA_OPTION(int64_t, seed, 13) = 0;
-  // CUDA: projection GEMMs on tensor cores (TF32); false keeps them exact fp32.
-  FLORA_OPTION(bool, tf32, 14) = true;
-  // bfloat16 parameters: unbiased stochastic rounding of the written value.
-  FLORA_OPTION(bool, stochastic_rounding, 15) = false;
+  // A chainable setter and a getter, as TORCH_ARG makes them, that also records that the
+  // option was set: the options of a param group override only what they set, and the rest
+  // comes from the optimizer's defaults, as with the dict of a param group in Python.
+#define FLORA_OPTION(T, name, default_value)                           \
+ public:                                                               \
+  inline FloraOptions& name(const T& new_##name) {                     \
+    this->name##_ = new_##name;                                        \
+    this->explicitly_set_ |= (uint32_t{1} << kOption_##name);          \
+    return *this;                                                      \
+  }                                                                    \
+  inline const T& name() const noexcept { return this->name##_; }      \
+                                                                       \
+ private:                                                              \
+  T name##_ = default_value;
+  FLORA_OPTIONS(FLORA_OPTION)
+#undef FLORA_OPTION
 
  public:
-  static constexpr int kNumOptions = 16;
-
   void serialize(torch::serialize::InputArchive& archive) override;
   void serialize(torch::serialize::OutputArchive& archive) const override;
   friend bool operator==(const FloraOptions& lhs, const FloraOptions& rhs);
@@ -96,18 +107,16 @@ struct FloraOptions : public torch::optim::OptimizerCloneableOptions<FloraOption
 
   // Throws c10::Error naming the first invalid option, e.g. "flora: kappa must be >= 1, got 0".
   void validate() const;
-  // Whether the setter of option `bit` (its position above) was called.
+  // Whether the setter of option `bit` (kOption_<name>, its position above) was called.
   bool is_set(int bit) const { return (explicitly_set_ >> bit) & 1u; }
   // These options, with those that `group` set explicitly taken from `group`.
   FloraOptions merged_with(const FloraOptions& group) const;
-  // The hyper-parameters of the flora::step_ op for step t of a parameter.
+  // The hyper-parameters of the step ops for step t of a parameter.
   StepOptions step_options(int64_t step, int64_t seed) const;
 
  private:
   uint32_t explicitly_set_ = 0;
 };
-
-#undef FLORA_OPTION
 
 // State of one parameter; which fields are defined follows flora::param_layout (FLORA.md,
 // "Which state a parameter gets"), as the state dict of flora_ext.Flora does. All tensors
