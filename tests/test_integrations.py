@@ -334,3 +334,29 @@ def test_resume_restores_the_accumulation_seeds(hf, tmp_path):
     assert resumed_trainer.state.global_step == 6
     for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
+
+
+# ---------------------------------------------------------------- accelerate
+def test_flora_accelerator_refuses_clipping_hooked_parameters():
+    pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    try:
+        accelerator = flora_ext.FloraAccelerator(cpu=True, gradient_accumulation_steps=2)
+        model = torch.nn.Linear(8, 4)
+        other = torch.nn.Linear(8, 4)
+        model, _ = accelerator.prepare(model, flora_ext.Flora(model.parameters(), **FLORA))
+        for clip in (lambda ps: accelerator.clip_grad_norm_(ps, 1.0),
+                     lambda ps: accelerator.clip_grad_norm_(ps, float("inf")),
+                     lambda ps: accelerator.clip_grad_value_(ps, 1.0)):
+            with pytest.raises(ValueError, match="no gradient is left to clip"):
+                clip(model.parameters())
+        # parameters no accumulator steps are clipped as ever
+        other(torch.randn(2, 8)).pow(2).sum().mul(100).backward()
+        norm = accelerator.clip_grad_norm_(other.parameters(), 1.0)
+        assert norm > 1.0
+        clipped = torch.cat([p.grad.flatten() for p in other.parameters()]).norm()
+        assert clipped == pytest.approx(1.0, rel=1e-4)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
