@@ -46,6 +46,21 @@ class ParamGroup(dict):
         else:
             dict.__setitem__(self, key, value)
 
+    # dict's own update/setdefault/|= would store the alias as a key of its own.
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def setdefault(self, key, default=None):
+        if key in self:
+            return self[key]
+        self[key] = default
+        return default
+
     def _set_momentum(self, value):
         if (not isinstance(value, numbers.Real) or isinstance(value, bool)
                 or not 0.0 <= value < 1.0):

@@ -114,9 +114,13 @@ def test_cycle_momentum_resumes_from_state_dicts(name):
     assert all(torch.equal(p, q) for p, q in zip(full, resumed))
     # the aliasing survives load_state_dict, pickling and deepcopy
     for clone in (opt, pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
-        clone.param_groups[0]["momentum"] = 0.5
-        assert clone.param_groups[0]["beta1"] == 0.5
-        assert "momentum" in clone.defaults
+        group = clone.param_groups[0]
+        group["momentum"] = 0.5
+        assert group["beta1"] == 0.5 and "momentum" in clone.defaults
+        group.update(momentum=0.6)
+        group |= {"momentum": 0.7}
+        assert group.setdefault("momentum", 0.1) == 0.7 == group["beta1"] == group.get("momentum")
+        assert "momentum" not in group.keys()
 
 
 def test_cycle_momentum_without_beta1_is_refused():
