@@ -156,6 +156,27 @@ class BuildExtension(cpp_extension.BuildExtension):
                          fill_template("FloraConfigVersion.cmake", values))
 
 
+def torch_requirement():
+    """The install requirement on torch: the release this build compiles against.
+
+    libflora.so uses torch's C++ ABI, so another torch fails at import; the pin makes pip
+    refuse it at install instead. It names the torch distribution's version without a local
+    label (PEP 440: "torch==2.14.1" matches 2.14.1, 2.14.1+cu130 and 2.14.1+cpu), as PyPI's
+    torch is "2.14.1" while download.pytorch.org's is "2.14.1+cu130" for the same build, and
+    a labelled pin would refuse the former. Which build (CUDA or CPU) is checked at import,
+    against the torch.__version__ in _build_info.py.
+    """
+    from importlib import metadata
+
+    try:
+        version = metadata.version("torch")
+    except metadata.PackageNotFoundError:  # a torch source tree on sys.path, not installed
+        import torch
+
+        version = torch.__version__
+    return f"torch=={version.split('+')[0]}"
+
+
 setup(
     name="flora_ext",
     version=VERSION,
@@ -168,5 +189,5 @@ setup(
     # The library uses no Python API at all: one wheel serves every CPython >= 3.10.
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
     python_requires=">=3.10",
-    install_requires=["torch"],
+    install_requires=[torch_requirement()],
 )

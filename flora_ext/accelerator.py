@@ -12,6 +12,8 @@ except ImportError as err:  # pragma: no cover - exercised only without accelera
     raise ImportError("flora_ext.FloraAccelerator needs Hugging Face accelerate "
                       "(pip install accelerate); the rest of flora_ext does not") from err
 
+import torch
+
 from .accumulation import FloraAccumulator, _is_int
 from .optimizer import Flora
 
@@ -39,7 +41,9 @@ class FloraAccelerator(Accelerator):
     loss by ``gradient_accumulation_steps``, so the step sees the mean gradient, as with a
     plain Accelerator. The accumulation seeds are registered for ``save_state`` /
     ``load_state``. One process only, and no fp16 GradScaler (bf16 or fp32): the steps
-    happen inside backward, before a scaler or DDP could act on the gradients.
+    happen inside backward, before a scaler or DDP could act on the gradients. For the same
+    reason ``clip_grad_norm_`` / ``clip_grad_value_`` raise for the hooked parameters rather
+    than find no gradient and silently clip nothing.
     """
 
     def __init__(self, accumulation_compression_rank: int | None = None, *args, **kwargs):
@@ -81,6 +85,30 @@ class FloraAccelerator(Accelerator):
 
     def _flora_sync(self) -> bool:
         return bool(self.sync_gradients)
+
+    def _refuse_clipping(self, parameters, call):
+        """Raises for clipping that would find no gradient: the hooks consumed them."""
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        parameters = list(parameters)
+        for p in parameters:
+            for accumulator in self.flora_accumulators:
+                if accumulator.manages(p):
+                    raise ValueError(
+                        f"flora: {call} cannot act on {accumulator.describe(p)}: "
+                        f"FloraAccelerator steps it in its backward hook, so no gradient is "
+                        f"left to clip (the call would silently do nothing). Drop the call "
+                        f"(Flora bounds each update by itself: clip_threshold), or use a "
+                        f"plain accelerate.Accelerator to clip with ordinary accumulation")
+        return parameters
+
+    def clip_grad_norm_(self, parameters, max_norm, norm_type=2):
+        parameters = self._refuse_clipping(parameters, "clip_grad_norm_")
+        return super().clip_grad_norm_(parameters, max_norm, norm_type)
+
+    def clip_grad_value_(self, parameters, clip_value):
+        parameters = self._refuse_clipping(parameters, "clip_grad_value_")
+        return super().clip_grad_value_(parameters, clip_value)
 
 
 __all__ = ["FloraAccelerator"]

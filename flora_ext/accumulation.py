@@ -228,6 +228,10 @@ class FloraAccumulator:
             raise ValueError(f"flora: accumulation rank must be None (dense accumulation) or "
                              f"an int >= 1, got {rank!r}")
         self.optimizer = optimizer
+        # None, or a callable (param, grad) that the hook calls with the gradient it is about
+        # to step the parameter with (the cycle's sum, or its unbiased estimate when
+        # compressed), e.g. to log the gradient norm that no p.grad holds afterwards.
+        self.grad_observer = None
         self._micro_batches = None if _sync is not None else int(micro_batches)
         self.rank = None if rank is None else int(rank)
         self._sync = _sync
@@ -405,6 +409,8 @@ class FloraAccumulator:
             del buffer
         entry.count = 0
         entry.seed = next_seed(entry.seed)
+        if self.grad_observer is not None:
+            self.grad_observer(p, grad)
         self.optimizer._step_param(p, grad)
 
     # ------------------------------------------------------------------ cycle checks

@@ -9,6 +9,7 @@ from operator import attrgetter, is_, itemgetter
 import torch
 
 from ._ops import next_seed, param_layout
+from ._param_groups import as_param_group
 from .hyperparams import DEFAULTS as _DEFAULT
 from .hyperparams import GROUP_HYPER_PARAMETERS as _GROUP_HYPER_PARAMETERS
 from .hyperparams import is_int as _is_int
@@ -119,7 +120,8 @@ class Flora(torch.optim.Optimizer):
         # step's RMS(p) unless p was written since (version counter, data pointer); off:
         # RMS(p) is read from p every step (for code that writes p.data between steps).
         self.reuse_param_norms = reuse_param_norms
-        super().__init__(params, defaults)
+        # ParamGroup: "momentum" is beta1's second name, for OneCycleLR/CyclicLR.
+        super().__init__(params, as_param_group(defaults))
         # id(group) -> the _Plan of its last successful step(); a plan holds its group, so
         # the id cannot be reused by another group while the plan is kept.
         self._plans = {}
@@ -127,9 +129,13 @@ class Flora(torch.optim.Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("reuse_param_norms", True)
+        self.defaults = as_param_group(self.defaults)
+        self.param_groups = [as_param_group(g) for g in self.param_groups]
         self._plans = {}
 
     def add_param_group(self, param_group):
+        if isinstance(param_group, dict):
+            param_group = as_param_group(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The wheel as a cluster admin gets it: `pip wheel . --no-build-isolation -w DIST`, installed
 # into a fresh venv with the same torch (from PyPI), smoke-tested there from an empty directory
-# with no compiler on PATH (tools/wheel_smoke.py), then examples/cpp built against the
-# installed wheel through flora_ext.cmake_prefix_path and run.
+# with no compiler on PATH (tools/wheel_smoke.py, which checks too that the wheel's
+# Requires-Dist pins the build's torch release; pip check there as well), then examples/cpp
+# built against the installed wheel through flora_ext.cmake_prefix_path and run.
 #
 #   tools/wheel_test.sh [DIST]           (default dist)
 #
 # Environment: PYTHON (the build environment's python, with torch; default .venv/bin/python),
 # WHEEL_VENV (default build/wheel-venv, made anew), TORCH_CUDA_ARCH_LIST (default of setup.py:
 # 8.0;9.0a;9.0+PTX), SKIP_EXAMPLE=1 to leave out the C++ example, MISMATCH_TORCH=VERSION to check
-# too that the wheel refuses, at import, a torch of another version (a second venv; skipped
-# unless pip finds that torch among its local wheels, --find-links, with no download).
+# too that the wheel refuses, at import, a torch of another version and that pip check reports
+# the conflict with its torch pin (a second venv; skipped unless pip finds that torch among its
+# local wheels, --find-links, with no download).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -18,6 +20,9 @@ PYTHON=${PYTHON:-.venv/bin/python}
 DIST=$(realpath -m "${1:-dist}")
 VENV=$(realpath -m "${WHEEL_VENV:-build/wheel-venv}")
 TORCH_VERSION=$("$PYTHON" -c 'import torch; print(torch.__version__)')
+# What setup.py pins: the build's torch release, without a local label (+cu130).
+TORCH_REQUIREMENT=$("$PYTHON" -c 'from importlib import metadata
+print("torch==" + metadata.version("torch").split("+")[0])')
 BASE_PYTHON=$("$PYTHON" -c 'import sys; print(sys._base_executable)')
 
 stage() { printf '== %s (%s)\n' "$1" "$(date -u +%T)"; stage_start=$(date +%s); }
@@ -60,11 +65,13 @@ PY
 stage "fresh venv with torch==${TORCH_VERSION%%+*}"
 if ! wait "$venv_pid"; then cat "$venv_log"; exit 1; fi
 "$VENV/bin/pip" install -q --no-deps "$wheel"
+"$VENV/bin/pip" check  # the wheel's requirements (its torch pin) hold in the fresh venv
 took "fresh venv"
 
 stage "smoke test: empty directory, no compiler on PATH"
 empty=$(mktemp -d)
-(cd "$empty" && env -i HOME="$HOME" PATH="$VENV/bin" "$VENV/bin/python" "$ROOT/tools/wheel_smoke.py")
+(cd "$empty" && env -i HOME="$HOME" PATH="$VENV/bin" FLORA_TORCH_REQUIREMENT="$TORCH_REQUIREMENT" \
+  "$VENV/bin/python" "$ROOT/tools/wheel_smoke.py")
 took "smoke test"
 
 if [ "${SKIP_EXAMPLE:-0}" != 1 ]; then
@@ -89,6 +96,8 @@ if [ -n "$mismatch_pid" ]; then
     cat "$venv_log-mismatch"; exit 1
   else
     "$VENV-mismatch/bin/pip" install -q --no-deps "$wheel"
+    # The pin tells pip: its check names the conflict (a plain install would refuse it).
+    "$VENV-mismatch/bin/pip" check && { echo "pip check accepts torch $MISMATCH_TORCH"; exit 1; }
     out=$(cd "$empty" && "$VENV-mismatch/bin/python" -c 'import flora_ext' 2>&1) && {
       echo "flora_ext imported under torch $MISMATCH_TORCH"; exit 1; }
     echo "$out" | tail -1
