@@ -17,8 +17,22 @@ _MAX_SEED = 2**63 - 1
 _STATE_TENSORS = ("row_second_moment", "col_second_moment", "second_moment", "momentum")
 _MAX_FLOAT = sys.float_info.max
 _GRAD = attrgetter("grad")
-# What a gradient must share with its parameter (whose layout is always strided).
-_META = attrgetter("layout", "dtype", "shape", "device")
+_LAYOUT_DTYPE_SHAPE_DEVICE = attrgetter("layout", "dtype", "shape", "device")
+# Flora's own state_dict groups hold these; a group without all of them is another optimizer's.
+_FLORA_GROUP_KEYS = ("kappa", "clip_threshold", "decay_rate")
+_FLORA_STATE_KEYS = frozenset(("step", "seed", *_STATE_TENSORS))
+
+
+def _META(t):
+    """What a gradient must share with its parameter (whose layout is always strided), and
+    the strides, which decide whether a parameter overlaps itself."""
+    return (*_LAYOUT_DTYPE_SHAPE_DEVICE(t), t.stride())
+
+
+def _self_overlapping(t):
+    """Whether some elements of ``t`` share memory (an expanded tensor); 2 is 'too hard to
+    tell', which the kernels handle (they write such a tensor through a contiguous copy)."""
+    return torch._debug_has_internal_overlap(t) == 1
 # The hyper-parameters but lr, and those of them that decide which state a parameter has.
 _HYPER = itemgetter("rank", "kappa", "eps", "clip_threshold", "decay_rate", "beta1",
                     "weight_decay", "scale_parameter", "relative_step", "warmup_init",
@@ -85,6 +99,25 @@ def _validate_group(group):
         raise ValueError(f"flora: seed must be an int in [0, 2**62], got {seed!r}")
 
 
+def _check_param(p, group):
+    """Raises TypeError/ValueError when the op would refuse ``p`` itself: checked at
+    add_param_group and again before a step, since ``p.data = x`` can change any of it."""
+    if p.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"flora: parameters must be float32, float16 or bfloat16, "
+                        f"got a parameter of dtype {p.dtype} (shape {tuple(p.shape)})")
+    if p.layout != torch.strided:
+        raise TypeError(f"flora: parameters must be dense tensors, got {p.layout}")
+    if _self_overlapping(p):
+        raise ValueError(f"flora: a parameter must not have elements that share memory, got "
+                         f"one of shape {tuple(p.shape)} with strides {p.stride()} (an "
+                         f"expanded tensor?); give it its own memory, e.g. "
+                         f"nn.Parameter(t.contiguous())")
+    if group["stochastic_rounding"] and p.dtype == torch.float16:
+        raise ValueError("flora: stochastic_rounding supports bfloat16 (and float32, "
+                         "where it does nothing) parameters, got a float16 parameter "
+                         f"of shape {tuple(p.shape)}")
+
+
 def _lr_ok(group):
     """Whether lr passes _validate_group, for a group whose other settings do: a quick
     check for the one setting that LR schedulers change on every step."""
@@ -108,6 +141,7 @@ class _Plan:
     checks compare identities, so any replacement, load_state_dict included, is re-checked.
     """
     __slots__ = ("group", "hyper", "layout", "params", "meta", "states", "keys", "values",
+                 "state_meta",
                  "steps", "seeds", "batches", "norms", "written")
 
 
@@ -119,6 +153,10 @@ _DATA_PTR = torch.Tensor.data_ptr
 
 def _written(params):
     return list(map(_VERSION, params)), list(map(_DATA_PTR, params))
+
+
+def _state_tensors(plan):
+    return chain.from_iterable(flat_states for _, flat_states, _ in plan.batches)
 
 
 def _pick(xs, index):
@@ -189,15 +227,7 @@ class Flora(torch.optim.Optimizer):
         try:
             _validate_group(group)
             for p in group["params"]:
-                if p.dtype not in _SUPPORTED_DTYPES:
-                    raise TypeError(f"flora: parameters must be float32, float16 or bfloat16, "
-                                    f"got a parameter of dtype {p.dtype}")
-                if p.layout != torch.strided:
-                    raise TypeError(f"flora: parameters must be dense tensors, got {p.layout}")
-                if group["stochastic_rounding"] and p.dtype == torch.float16:
-                    raise ValueError("flora: stochastic_rounding supports bfloat16 (and float32, "
-                                     "where it does nothing) parameters, got a float16 parameter "
-                                     f"of shape {tuple(p.shape)}")
+                _check_param(p, group)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -324,8 +354,9 @@ class Flora(torch.optim.Optimizer):
         """Raises TypeError/ValueError for the first gradient or state that does not fit."""
         try:
             for p, grad in zip(params, grads):
+                _check_param(p, group)
                 self._check_grad(p, grad)
-                state = self.state[p]
+                state = self.state.get(p)  # no empty entry for a parameter never stepped
                 if state:
                     self._check_state(p, group, state)
         except (TypeError, ValueError) as err:
@@ -344,6 +375,9 @@ class Flora(torch.optim.Optimizer):
             meta = list(map(_META, params))
             if meta != plan.meta or list(map(_META, grads)) != meta:
                 return False  # (plan.meta is as the plan was made: stale only conservatively)
+            # A state tensor's metadata can change in place (t.data = x) under its identity.
+            if list(map(_META, _state_tensors(plan))) != plan.state_meta:
+                return False
         states = list(map(self.state.__getitem__, params))
         return (_same(states, plan.states) and list(chain.from_iterable(states)) == plan.keys
                 and _same(list(chain.from_iterable(map(dict.values, states))), plan.values))
@@ -453,6 +487,7 @@ class Flora(torch.optim.Optimizer):
         # A list eps can change in place: then () that nothing matches, checked every step.
         plan.hyper = () if isinstance(group["eps"], list) else _HYPER(group)
         plan.values = list(chain.from_iterable(map(dict.values, states)))
+        plan.state_meta = list(map(_META, _state_tensors(plan)))
 
     def _check_state(self, p, group, state, where="state"):
         """Raises ValueError when ``state`` does not fit ``p`` under ``group``."""
@@ -475,20 +510,57 @@ class Flora(torch.optim.Optimizer):
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"flora: {where} {name} of a parameter of shape "
                                  f"{tuple(p.shape)} must have shape {shape}, got {got}")
-            if not t.is_floating_point():
-                raise ValueError(f"flora: {where} {name} must be a float tensor, got {t.dtype}")
+            if t.dtype != torch.float32:
+                raise ValueError(f"flora: {where} {name} must be float32, got {t.dtype}")
+            if t.device != p.device:
+                raise ValueError(f"flora: {where} {name} must be on {p.device} like its "
+                                 f"parameter, got {t.device}")
+            if not t.is_contiguous():
+                raise ValueError(f"flora: {where} {name} must be contiguous, got strides "
+                                 f"{t.stride()}")
+            if t is p:
+                raise ValueError(f"flora: {where} {name} must not be the parameter itself")
 
     def load_state_dict(self, state_dict):
         """Loads a state_dict after checking that it fits these parameters.
 
         State tensors stay float32 (torch.optim's default would cast them to the
-        parameter dtype) and move to each parameter's device; nothing changes when
-        the check fails.
+        parameter dtype), contiguous, on each parameter's device; nothing changes when
+        the check fails. Hooks registered with register_load_state_dict_pre_hook and
+        register_load_state_dict_post_hook run as for torch.optim's optimizers.
         """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"flora: state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = state_dict.copy()  # shallow, as torch.optim: pre-hooks may edit it
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        new_state, new_groups = self._checked_state_dict(state_dict)
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _checked_state_dict(self, state_dict):
+        """The (state, param_groups) that load_state_dict sets, built without changing
+        anything; raises when ``state_dict`` does not fit."""
+        missing = [key for key in ("state", "param_groups") if key not in state_dict]
+        if missing:
+            raise ValueError(f"flora: state_dict must have 'state' and 'param_groups', "
+                             f"got keys {sorted(map(str, state_dict))}")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"flora: loaded state_dict has {len(saved_groups)} parameter "
                              f"groups, this optimizer has {len(self.param_groups)}")
+        foreign_state = sorted({str(key) for saved_state in state_dict["state"].values()
+                                for key in saved_state} - _FLORA_STATE_KEYS)
+        foreign_group = [key for key in _FLORA_GROUP_KEYS
+                         if any(key not in saved for saved in saved_groups)]
+        if foreign_state or foreign_group:
+            what = (f"its state has keys {foreign_state}" if foreign_state
+                    else f"its param_groups lack {foreign_group}")
+            raise ValueError(f"flora: this is not a Flora state_dict ({what}); "
+                             f"Flora.load_state_dict takes what Flora.state_dict() returned")
         id_to_param, id_to_group = {}, {}
         new_groups = []
         for k, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
@@ -498,6 +570,8 @@ class Flora(torch.optim.Optimizer):
                                  f"{len(group['params'])}")
             new_group = {**self.defaults, **{key: v for key, v in saved.items() if key != "params"},
                          "params": group["params"]}
+            if "param_names" in group and "param_names" not in saved:
+                new_group["param_names"] = group["param_names"]  # as torch.optim keeps them
             if isinstance(new_group.get("eps"), list):
                 new_group["eps"] = tuple(new_group["eps"])
             _validate_group(new_group)
@@ -511,14 +585,27 @@ class Flora(torch.optim.Optimizer):
                 raise ValueError(f"flora: loaded state refers to parameter {saved_id!r}, "
                                  f"which no loaded parameter group lists")
             p, group = id_to_param[saved_id], id_to_group[saved_id]
+            if not saved_state:  # a parameter not stepped yet (its entry was read): as torch
+                new_state[p] = {}
+                continue
+            where = f"loaded state of parameter {saved_id}"
             state = dict(saved_state)
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = int(state["step"].item())
-            self._check_state(p, group, state, where=f"loaded state of parameter {saved_id}")
-            new_state[p] = {key: (v.to(device=p.device, dtype=torch.float32, copy=True)
-                                  if isinstance(v, torch.Tensor) else v)
-                            for key, v in state.items()}
-        self.__setstate__({"state": new_state, "param_groups": new_groups})
+            for key, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    if not v.is_floating_point():
+                        raise ValueError(f"flora: {where} {key} must be a float tensor, "
+                                         f"got {v.dtype}")
+                    state[key] = v.to(device=p.device, dtype=torch.float32,
+                                      memory_format=torch.contiguous_format, copy=True)
+            self._check_state(p, group, state, where=where)
+            new_state[p] = state
+        return new_state, new_groups
+
+    def __getstate__(self):
+        # torch.optim's keeps defaults, state and param_groups only.
+        return {**super().__getstate__(), "reuse_param_norms": self.reuse_param_norms}
 
 
 def state_bytes(optimizer) -> int:
