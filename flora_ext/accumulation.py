@@ -442,7 +442,8 @@ class FloraAccumulator:
     # autograd graph task) checks that all parameters have seen the same number of
     # micro-batches, before that pass changes anything. A reentrant backward nested inside a
     # custom autograd Function's backward (reentrant torch.utils.checkpoint) is part of the
-    # enclosing pass.
+    # enclosing pass, also when its hooks come first: a pass stays open until its graph task
+    # ends (an autograd final callback closes it).
     def _begin_graph_task(self, task):
         """Called with the lock held at the first hook of every autograd graph task."""
         if _nested_backward():
@@ -456,6 +457,11 @@ class FloraAccumulator:
         if not encloses:
             self._check_pass_consistent("start of a backward pass")
         self._pass = ("top", task)
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
+
+    def _end_pass(self):
+        with self._lock:
+            self._pass = None
 
     def _check_pass_consistent(self, where):
         if not self._ordinal_counts:
