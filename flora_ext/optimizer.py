@@ -314,18 +314,25 @@ class Flora(torch.optim.Optimizer):
                 plan, trusted = None, False
                 self._check_inputs(group, params, grads)
             checked.append((group, params, grads, plan, trusted))
-        work = [(plan or self._new_plan(group, params), grads, trusted)
-                for group, params, grads, plan, trusted in checked]
-        for plan, grads, trusted in work:
-            # Kept only once the step succeeded: a failed op may have stepped a part.
-            self._plans.pop(id(plan.group), None)
-            try:
-                self._run_plan(plan, grads)
-            except RuntimeError:
-                if trusted:  # the op refused its inputs: the error Python would have raised
-                    self._check_inputs(plan.group, plan.params, grads, suppress_context=True)
-                raise
-            self._plans[id(plan.group)] = plan
+        fresh = []  # states this call initialises: emptied again unless they were stepped
+        try:
+            work = [(plan or self._new_plan(group, params, fresh=fresh), grads, trusted)
+                    for group, params, grads, plan, trusted in checked]
+            for plan, grads, trusted in work:
+                # Kept only once the step succeeded: a failed op may have stepped a part.
+                self._plans.pop(id(plan.group), None)
+                try:
+                    self._run_plan(plan, grads)
+                except RuntimeError:
+                    if trusted:  # the op refused its inputs: the error Python would have raised
+                        self._check_inputs(plan.group, plan.params, grads, suppress_context=True)
+                    raise
+                self._plans[id(plan.group)] = plan
+        except BaseException:  # e.g. out of memory while making state or inside an op
+            for state in fresh:
+                if state.get("step") == 0:
+                    state.clear()
+            raise
         if len(self._plans) > len(self.param_groups):  # groups were removed
             self._plans = {id(plan.group): plan for plan, _, _ in work}
         return loss
@@ -405,15 +412,24 @@ class Flora(torch.optim.Optimizer):
         group = self._group_of(p)
         _validate_group(group)
         self._check_inputs(group, [p], [grad])
-        self._run_plan(self._new_plan(group, [p], norms=False), [grad])
+        fresh = []
+        try:
+            self._run_plan(self._new_plan(group, [p], norms=False, fresh=fresh), [grad])
+        except BaseException:
+            if fresh and fresh[0].get("step") == 0:
+                fresh[0].clear()
+            raise
 
-    def _new_plan(self, group, params, norms=True):
-        """The plan of stepping ``params`` of ``group``, checked; initialises missing state.
-        With ``norms`` (and reuse_param_norms, scale_parameter, CUDA) each op call gets a
-        vector for the kernels to keep sum(p^2) in between steps."""
+    def _new_plan(self, group, params, norms=True, fresh=None):
+        """The plan of stepping ``params`` of ``group``, checked; initialises missing state
+        (and lists those states in ``fresh``). With ``norms`` (and reuse_param_norms,
+        scale_parameter, CUDA) each op call gets a vector for the kernels to keep sum(p^2)
+        in between steps."""
         for p in params:
             state = self.state[p]
             if not state:
+                if fresh is not None:
+                    fresh.append(state)
                 self._init_state(p, group, state)
         plan = _Plan()
         plan.group, plan.layout, plan.params = group, _LAYOUT(group), list(params)

@@ -143,6 +143,22 @@ def issue_float64_after_construction():
     return World(opt=opt, extra={"ps": [p1, p2]})
 
 
+def out_of_memory_making_state():
+    """Two groups, first step: making the second group's state runs out of memory (as
+    torch.zeros on a full GPU would), after the first group's state was made."""
+    w = fresh_two_groups()
+    make_state = w.opt._init_state
+
+    def init_state(p, group, state):
+        if p is w.extra["ps"][1]:
+            state["step"] = 0
+            raise torch.OutOfMemoryError("simulated: out of memory making state")
+        make_state(p, group, state)
+
+    w.opt._init_state = init_state
+    return w
+
+
 def set_data(make):
     def change(p, opt):
         p.data = make(p)
@@ -385,6 +401,8 @@ CASES = [
     ("lr NaN on group 2", with_group("lr", float("nan")), step, ValueError, "lr must be"),
     ("kappa 0 on group 2", with_group("kappa", 0), step, ValueError, "kappa must be"),
     ("eps not a pair on group 2", with_group("eps", 1e-3), step, ValueError, "eps must be a pair"),
+    ("out of memory while making state: no state is left half made",
+     out_of_memory_making_state, step, torch.OutOfMemoryError, "simulated"),
     ("step_param with a grad of another shape",
      stepped, lambda w: w.opt.step_param(w.extra["ps"][0], torch.randn(3)),
      ValueError, "grad shape (3,) differs"),
