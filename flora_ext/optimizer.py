@@ -17,16 +17,12 @@ _MAX_SEED = 2**63 - 1
 _STATE_TENSORS = ("row_second_moment", "col_second_moment", "second_moment", "momentum")
 _MAX_FLOAT = sys.float_info.max
 _GRAD = attrgetter("grad")
-_LAYOUT_DTYPE_SHAPE_DEVICE = attrgetter("layout", "dtype", "shape", "device")
+# What a gradient must share with its parameter (whose layout is always strided).
+_META = attrgetter("layout", "dtype", "shape", "device")
+_STRIDE = torch.Tensor.stride
 # Flora's own state_dict groups hold these; a group without all of them is another optimizer's.
 _FLORA_GROUP_KEYS = ("kappa", "clip_threshold", "decay_rate")
 _FLORA_STATE_KEYS = frozenset(("step", "seed", *_STATE_TENSORS))
-
-
-def _META(t):
-    """What a gradient must share with its parameter (whose layout is always strided), and
-    the strides, which decide whether a parameter overlaps itself."""
-    return (*_LAYOUT_DTYPE_SHAPE_DEVICE(t), t.stride())
 
 
 def _self_overlapping(t):
@@ -141,7 +137,7 @@ class _Plan:
     checks compare identities, so any replacement, load_state_dict included, is re-checked.
     """
     __slots__ = ("group", "hyper", "layout", "params", "meta", "states", "keys", "values",
-                 "state_meta",
+                 "strides", "state_meta",
                  "steps", "seeds", "batches", "norms", "written")
 
 
@@ -155,8 +151,12 @@ def _written(params):
     return list(map(_VERSION, params)), list(map(_DATA_PTR, params))
 
 
-def _state_tensors(plan):
-    return chain.from_iterable(flat_states for _, flat_states, _ in plan.batches)
+def _state_signature(plan):
+    """The data pointers and strides of a plan's state tensors: t.data = x changes one of
+    them unless x is a view of t's own memory with t's strides (another dtype or a shorter
+    slice: not re-checked; the first group's op still checks it)."""
+    return [(_DATA_PTR(t), _STRIDE(t))
+            for _, flat_states, _ in plan.batches for t in flat_states]
 
 
 def _pick(xs, index):
@@ -382,8 +382,10 @@ class Flora(torch.optim.Optimizer):
             meta = list(map(_META, params))
             if meta != plan.meta or list(map(_META, grads)) != meta:
                 return False  # (plan.meta is as the plan was made: stale only conservatively)
-            # A state tensor's metadata can change in place (t.data = x) under its identity.
-            if list(map(_META, _state_tensors(plan))) != plan.state_meta:
+            # p.data = x and t.data = x change what the op checks under the same objects:
+            # strides (self-overlap) of the parameters, everything of the state tensors.
+            if (list(map(_STRIDE, params)) != plan.strides
+                    or _state_signature(plan) != plan.state_meta):
                 return False
         states = list(map(self.state.__getitem__, params))
         return (_same(states, plan.states) and list(chain.from_iterable(states)) == plan.keys
@@ -503,7 +505,8 @@ class Flora(torch.optim.Optimizer):
         # A list eps can change in place: then () that nothing matches, checked every step.
         plan.hyper = () if isinstance(group["eps"], list) else _HYPER(group)
         plan.values = list(chain.from_iterable(map(dict.values, states)))
-        plan.state_meta = list(map(_META, _state_tensors(plan)))
+        plan.strides = list(map(_STRIDE, plan.params))
+        plan.state_meta = _state_signature(plan)
 
     def _check_state(self, p, group, state, where="state"):
         """Raises ValueError when ``state`` does not fit ``p`` under ``group``."""
