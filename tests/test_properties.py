@@ -43,7 +43,7 @@ shapes = st.one_of(
 def hyper_parameters(draw):
     relative_step = draw(st.booleans())
     return ref.full_hp(
-        lr=None if relative_step else draw(st.sampled_from([1e-3, 3e-2, 1e-1])),
+        lr=None if relative_step else draw(st.sampled_from([1e-2, 3e-2, 1e-1])),
         rank=draw(st.one_of(st.none(), st.integers(0, 12))),
         kappa=draw(st.integers(1, 4)),
         eps=draw(st.sampled_from([(1e-30, 1e-3), (1e-6, 1e-2)])),
@@ -162,8 +162,8 @@ cuda_shapes = st.one_of(
 
 def run_steps(shapes_, hp, dtype, device, steps, data_seed, stochastic_rounding, tf32):
     gen = torch.Generator().manual_seed(data_seed)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype))
-              for s in shapes_]
+    initial = [torch.randn(s, generator=gen).to(dtype) for s in shapes_]
+    params = [torch.nn.Parameter(p0.to(device, copy=True)) for p0 in initial]
     grads = [[gradient(s, gen, False) for s in shapes_] for _ in range(steps)]
     opt = flora_ext.Flora(params, tf32=tf32, stochastic_rounding=stochastic_rounding,
                           **ref.optimizer_kwargs(hp, 5))
@@ -171,8 +171,19 @@ def run_steps(shapes_, hp, dtype, device, steps, data_seed, stochastic_rounding,
         for p, g in zip(params, step_grads):
             p.grad = g.to(device=device, dtype=dtype)
         opt.step()
-    return [(p.detach().float().cpu(), {k: (v.cpu() if isinstance(v, torch.Tensor) else v)
-                                       for k, v in opt.state[p].items()}) for p in params]
+    return [(p0.float(), p.detach().float().cpu(),
+             {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()})
+            for p0, p in zip(initial, params)]
+
+
+def assert_update_close(pc, pp, p0, tol, steps, dtype, where):
+    """The summed updates p - p0 agree within ``tol`` (relative), beyond the rounding of p
+    itself (up to one ulp of p an element a step, which is all a tiny update may show)."""
+    du_cuda, du_cpu = pc.double() - p0.double(), pp.double() - p0.double()
+    floor = steps * torch.finfo(dtype).eps * pp.double().norm().item()
+    off = (du_cuda - du_cpu).norm().item()
+    assert off <= tol * du_cpu.norm().item() + floor, \
+        f"{where}: update off by {off:.3e}, update {du_cpu.norm().item():.3e}, floor {floor:.3e}"
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU: run pytest on the GPU machine")
@@ -188,18 +199,21 @@ def test_cuda_matches_cpu(shapes_, hp, dtype, steps, data_seed, tf32, stochastic
         hp["rank"] = min(hp["rank"] * 8, 64)  # ranks the CUDA GEMM paths care about
     cuda = run_steps(shapes_, hp, dtype, "cuda", steps, data_seed, stochastic_rounding, tf32)
     cpu = run_steps(shapes_, hp, dtype, "cpu", steps, data_seed, stochastic_rounding, tf32)
-    # tests/test_cuda.py: exact fp32 GEMMs 1e-5; TF32 (compressed momentum only) 2e-3 on the
-    # parameter and 5x on the momentum; half parameters round once a step on both sides.
-    param_tol = {torch.float32: 2e-3 if tf32 else 1e-5, torch.bfloat16: 2e-2,
-                 torch.float16: 5e-3}[dtype]
-    state_tol = 1e-2 if tf32 else (1e-5 if dtype == torch.float32 else 1e-2)
-    for k, ((pc, sc), (pp, sp)) in enumerate(zip(cuda, cpu)):
+    # Tolerances of tests/test_cuda.py. TF32 (tf32=True; the CPU ignores it) touches only
+    # the compressed momentum: its projections on the tensor cores (bf16 ones for bf16
+    # gradients), 5x the update's tolerance; the second moments depend on the gradients
+    # alone and agree to 1e-5 on every path.
+    update_tol = {torch.float32: 2e-3 if tf32 else 1e-5, torch.bfloat16: 2e-2,
+                  torch.float16: 5e-3}[dtype]
+    momentum_tol = 5 * update_tol if tf32 else 1e-5
+    for k, ((p0, pc, sc), (_, pp, sp)) in enumerate(zip(cuda, cpu)):
         where = f"parameter {k} {tuple(pp.shape)}"
         assert torch.isfinite(pc).all(), where
-        assert rel_err(pc, pp) <= param_tol, where
+        assert_update_close(pc, pp, p0, update_tol, steps, dtype, where)
         assert sc.keys() == sp.keys(), where
         for key, value in sp.items():
             if isinstance(value, torch.Tensor):
-                assert rel_err(sc[key], value) <= state_tol, f"{where}: {key}"
+                tol = momentum_tol if key == "momentum" else 1e-5
+                assert rel_err(sc[key], value) <= tol, f"{where}: {key}"
             else:
                 assert sc[key] == value, f"{where}: {key}"
