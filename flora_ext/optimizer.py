@@ -578,7 +578,7 @@ class Flora(torch.optim.Optimizer):
         if foreign_state or foreign_group:
             what = (f"its state has keys {foreign_state}" if foreign_state
                     else f"its param_groups lack {foreign_group}")
-            raise ValueError(f"flora: this is not a Flora state_dict ({what}); "
+            raise ValueError(f"flora: this is not a flora_ext.Flora state_dict ({what}); "
                              f"Flora.load_state_dict takes what Flora.state_dict() returned")
         id_to_param, id_to_group = {}, {}
         new_groups = []

@@ -237,6 +237,15 @@ def adamw_state_dict(stepped_first):
     return build
 
 
+def flora_opt_state_dict():
+    from flora_ext.testing import import_flora_opt  # a required test dependency
+    w = stepped()
+    other = import_flora_opt().Flora(w.extra["ps"], **MOMENTUM)
+    other.step()
+    w.extra["sd"] = other.state_dict()
+    return w
+
+
 def own_state_dict(edit):
     def build():
         w = stepped()
@@ -420,9 +429,11 @@ CASES = [
      ValueError, "must not have elements that share memory"),
     # -- load_state_dict (issue 29 item 4)
     ("AdamW state_dict after a step", adamw_state_dict(True), load,
-     ValueError, "not a Flora state_dict (its state has keys ['exp_avg', 'exp_avg_sq']"),
+     ValueError, "not a flora_ext.Flora state_dict (its state has keys ['exp_avg', 'exp_avg_sq']"),
     ("AdamW state_dict before a step", adamw_state_dict(False), load,
-     ValueError, "not a Flora state_dict (its param_groups lack"),
+     ValueError, "not a flora_ext.Flora state_dict (its param_groups lack"),
+    ("flora-opt's state_dict", flora_opt_state_dict, load,
+     ValueError, "not a flora_ext.Flora state_dict (its state has keys ['RMS'"),
     ("state_dict without param_groups", own_state_dict(lambda sd: sd.pop("param_groups")), load,
      ValueError, "must have 'state' and 'param_groups'"),
     ("state_dict not a dict", stepped, lambda w: w.opt.load_state_dict([1, 2]),
