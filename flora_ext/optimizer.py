@@ -318,16 +318,23 @@ class Flora(torch.optim.Optimizer):
         try:
             work = [(plan or self._new_plan(group, params, fresh=fresh), grads, trusted)
                     for group, params, grads, plan, trusted in checked]
+            stepped = 0
             for plan, grads, trusted in work:
                 # Kept only once the step succeeded: a failed op may have stepped a part.
                 self._plans.pop(id(plan.group), None)
                 try:
                     self._run_plan(plan, grads)
-                except RuntimeError:
+                except RuntimeError as err:
                     if trusted:  # the op refused its inputs: the error Python would have raised
                         self._check_inputs(plan.group, plan.params, grads, suppress_context=True)
+                    if stepped and hasattr(err, "add_note"):
+                        # Only a fault at run time (out of memory...) gets here: the checks
+                        # ran for every group first. What ran is not undone.
+                        err.add_note(f"flora: this step() had already stepped the first "
+                                     f"{stepped} of its {len(work)} parameter groups")
                     raise
                 self._plans[id(plan.group)] = plan
+                stepped += 1
         except BaseException:  # e.g. out of memory while making state or inside an op
             for state in fresh:
                 if state.get("step") == 0:

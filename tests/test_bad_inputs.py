@@ -469,6 +469,12 @@ CASES = [
     ("accumulator: a (nearer the input) got no gradient",
      accumulator_after(["ab", "b"]), backward_ab, RuntimeError,
      "parameter 'a.weight' (shape (8, 8)) (and 1 more) received no gradient"),
+    ("accumulator: b got no gradient, layer-wise stepping (micro_batches=1)",
+     accumulator_after(["ab", "a"], micro_batches=1), backward_ab, RuntimeError,
+     "parameter 'b.weight'"),
+    ("accumulator: one micro-batch split over two backward calls",
+     accumulator_after(["a"]), lambda w: run_passes(w, ["b"]), RuntimeError,
+     "parameter 'b.weight' (shape (8, 8)) (and 1 more) received no gradient"),
     ("accumulator: no gradient in the first pass",
      accumulator_after(["a"]), backward_ab, RuntimeError, "parameter 'b.weight'"),
     ("accumulator: b got no gradient, then opt.step()",
@@ -648,3 +654,23 @@ def test_reuse_param_norms_false_survives_copies(how):
         copied = torch.load(buffer, weights_only=False)
     assert copied.reuse_param_norms is False
     assert copy.deepcopy(flora_ext.Flora([torch.nn.Parameter(torch.randn(2))], **LR)).reuse_param_norms
+
+
+def test_a_fault_in_a_later_group_says_which_groups_stepped():
+    # The checks run for every group first, so only a fault at run time (out of memory,
+    # simulated here) can stop a step after an earlier group's op ran; that is not undone,
+    # and the error says so. The failed group's fresh state is emptied again.
+    w = fresh_two_groups()
+    run_plan = w.opt._run_plan
+
+    def failing(plan, grads):
+        if plan.params[0] is w.extra["ps"][1]:
+            raise torch.OutOfMemoryError("simulated: out of memory in the op")
+        run_plan(plan, grads)
+
+    w.opt._run_plan = failing
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        w.opt.step()
+    assert "had already stepped the first 1 of its 2 parameter groups" in "".join(
+        getattr(err.value, "__notes__", []))
+    assert w.opt.state[w.extra["ps"][0]]["step"] == 1 and not w.opt.state.get(w.extra["ps"][1])
