@@ -8,8 +8,8 @@
 # Each tool runs pytest under the sanitizer with its own time limit (MEMCHECK_S, RACECHECK_S,
 # SYNCCHECK_S seconds) so that the whole run stays inside one device call; racecheck and
 # synccheck instrument every shared-memory access and barrier and are far slower, so they get
-# a few representative tests of each kernel family. Logs go to $OUT/<tool>.log (sanitizer
-# report) and $OUT/<tool>.pytest.log; one summary line per tool is printed and written to
+# a few representative tests of each kernel family. Logs go to $OUT/<tool>.<pid>.log (sanitizer
+# report, one per process) and $OUT/<tool>-pytest.txt; one summary line per tool is printed and written to
 # $OUT/sanitize_summary.txt. Exit status 0 only when every tool ran to its end with 0 errors
 # and its tests passed.
 #
@@ -71,12 +71,12 @@ run_tool() {  # tool, seconds, -k expression, extra sanitizer options...
   start=$(date +%s)
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout --signal=INT --kill-after=20 "$limit" \
     "$SANITIZER" --tool "$tool" --target-processes all --report-api-errors no "$@" \
-    --log-file "$OUT/$tool.log" \
+    --log-file "$OUT/$tool.%p.log" \
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "$select" \
-    > "$OUT/$tool.pytest.log" 2>&1
+    > "$OUT/$tool-pytest.txt" 2>&1
   rc=$?
   # One "ERROR SUMMARY: N errors" per process the sanitizer followed.
-  errors=$(grep -ho "ERROR SUMMARY: [0-9]* error" "$OUT/$tool.log" 2>/dev/null \
+  errors=$(cat "$OUT/$tool".*.log 2>/dev/null | grep -o "ERROR SUMMARY: [0-9]* error" \
            | awk '{n += $3} END {print n + 0}')
   case $rc in
     0) state="tests passed" ;;
@@ -85,7 +85,7 @@ run_tool() {  # tool, seconds, -k expression, extra sanitizer options...
   esac
   [ "$errors" -eq 0 ] || status=1
   local tests
-  tests=$(grep -Eo "[0-9]+ (passed|failed|skipped|deselected)" "$OUT/$tool.pytest.log" | paste -sd, -)
+  tests=$(grep -Eo "[0-9]+ (passed|failed|skipped|deselected|error)" "$OUT/$tool-pytest.txt" | paste -sd, -)
   printf '%-10s errors: %s  (%s; %s; %d s)\n' "$tool" "$errors" "$state" "${tests:-no pytest summary}" \
     "$(( $(date +%s) - start ))" | tee -a "$summary"
 }
