@@ -4,6 +4,7 @@
 #include "common/random.h"
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -120,6 +121,12 @@ ParamLayout check_step_inputs(const at::Tensor& param, const at::Tensor& grad,
   TORCH_CHECK(is_supported_param_dtype(param.scalar_type()),
               "flora: param must be float32, float16 or bfloat16, got ",
               param.scalar_type());
+  // A step writes every element; one memory location behind several elements
+  // (an expanded tensor) would get several different values.
+  TORCH_CHECK(at::has_internal_overlap(param) != at::MemOverlap::Yes,
+              "flora: param must not have elements that share memory (an expanded or "
+              "otherwise self-overlapping tensor, strides ", param.strides(),
+              "); pass a tensor with its own memory, e.g. p.contiguous()");
   TORCH_CHECK(grad.defined(), "flora: grad must be a defined tensor");
   TORCH_CHECK(grad.layout() == at::kStrided,
               "flora: sparse gradients are not supported (grad layout ", grad.layout(), ")");

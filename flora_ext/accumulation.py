@@ -21,6 +21,7 @@ to get the mean over micro-batches, as with ``torch.optim``.
 from __future__ import annotations
 
 import numbers
+import sys
 import threading
 import weakref
 from itertools import chain
@@ -41,6 +42,23 @@ _HOOKED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 def _is_int(x):
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+_current_graph_task_id = torch._C._current_graph_task_id
+
+
+def _nested_backward():
+    """Whether this runs inside a custom autograd Function's backward, as a reentrant
+    backward (reentrant torch.utils.checkpoint) does: a Python frame of its apply."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _BACKWARD_APPLY:
+            return True
+        frame = frame.f_back
+    return False
+
+
+_BACKWARD_APPLY = torch.autograd.function.BackwardCFunction.apply.__code__
 
 
 def initial_accumulation_seed(group_seed: int, number: int) -> int:
@@ -279,6 +297,8 @@ class FloraAccumulator:
         self._entries = entries
         self._by_id = {id(e.param): e for e in entries}
         self._ordinal_counts = {0: len(entries)} if entries else {}
+        self._task_seen = None  # the autograd graph task of the last hook
+        self._pass = None       # ("top" or "nested", graph task id) of the open backward pass
         for e in entries:
             e.handle = e.param.register_post_accumulate_grad_hook(self._hook_for(e))
             _HOOKED[id(e.param)] = (weakref.ref(e.param), weakref.ref(self))
@@ -379,7 +399,14 @@ class FloraAccumulator:
         grad = p.grad
         if grad is None or not self.active:
             return
+        # Before anything is kept: a gradient the step would refuse (sparse, wrong dtype...)
+        # fails here with the step's message, at the first micro-batch, on every path.
+        self.optimizer._check_grad(p, grad)
         with self._lock:
+            task = _current_graph_task_id()
+            if task != self._task_seen:
+                self._begin_graph_task(task)
+                self._task_seen = task
             self._advance_ordinal(entry)
             if entry.count == 0:
                 entry.compressed = self._compresses(p)
@@ -412,6 +439,51 @@ class FloraAccumulator:
         if self.grad_observer is not None:
             self.grad_observer(p, grad)
         self.optimizer._step_param(p, grad)
+
+    # ------------------------------------------------------------------ backward passes
+    # The ordinal check above only sees a parameter that fell two micro-batches behind. One
+    # that got no gradient in a backward pass and whose hook fires early in the next one
+    # (nearer the output) would catch up at once, and from then on the parameters would step
+    # on alternate backward passes. So the first hook of every top-level backward pass (a new
+    # autograd graph task) checks that all parameters have seen the same number of
+    # micro-batches, before that pass changes anything. A reentrant backward nested inside a
+    # custom autograd Function's backward (reentrant torch.utils.checkpoint) is part of the
+    # enclosing pass, also when its hooks come first: a pass stays open until its graph task
+    # ends (an autograd final callback closes it).
+    def _begin_graph_task(self, task):
+        """Called with the lock held at the first hook of every autograd graph task."""
+        if _nested_backward():
+            if self._pass is None:
+                self._pass = ("nested", task)  # the enclosing task's hooks may come later
+            return
+        opened = self._pass
+        if opened == ("top", task):
+            return  # back from a nested backward: the pass continues
+        encloses = opened is not None and opened[0] == "nested" and task < opened[1]
+        if not encloses:
+            self._check_pass_consistent("start of a backward pass")
+        self._pass = ("top", task)
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
+
+    def _end_pass(self):
+        with self._lock:
+            self._pass = None
+
+    def _check_pass_consistent(self, where):
+        if not self._ordinal_counts:
+            return
+        lowest, highest = min(self._ordinal_counts), max(self._ordinal_counts)
+        if lowest == highest:
+            return
+        ahead = [e for e in self._entries if e.ordinal == highest]
+        raise RuntimeError(
+            f"flora: FloraAccumulator ({where}): {self._names_at(lowest)} received no gradient "
+            f"in a backward pass: it has {lowest} micro-batches since the accumulator was "
+            f"created or reset, {ahead[0].name} has {highest}, so the two would no longer step "
+            f"on the same backward passes. Every parameter the accumulator steps must get a "
+            f"gradient in every backward pass: freeze unused parameters (requires_grad_(False)) "
+            f"or leave them out (params=...). Parameters already stepped stay stepped; call "
+            f"reset() to drop the pending micro-batches and start a fresh cycle.")
 
     # ------------------------------------------------------------------ cycle checks
     def _check_cycle_complete(self, where):
@@ -448,6 +520,8 @@ class FloraAccumulator:
                 e.count = 0
                 e.ordinal = 0
             self._ordinal_counts = {0: len(self._entries)} if self._entries else {}
+            self._task_seen = None
+            self._pass = None
 
     def remove(self):
         """Takes the hooks off; the optimizer's step() steps all parameters again."""

@@ -22,11 +22,40 @@ _MAX_FLOAT = sys.float_info.max
 _GRAD = attrgetter("grad")
 # What a gradient must share with its parameter (whose layout is always strided).
 _META = attrgetter("layout", "dtype", "shape", "device")
+_STRIDE = torch.Tensor.stride
+# Flora's own state_dict groups hold these; a group without all of them is another optimizer's.
+_FLORA_GROUP_KEYS = ("kappa", "clip_threshold", "decay_rate")
+_FLORA_STATE_KEYS = frozenset(("step", "seed", *_STATE_TENSORS))
+
+
+def _self_overlapping(t):
+    """Whether some elements of ``t`` share memory (an expanded tensor); 2 is 'too hard to
+    tell', which the kernels handle (they write such a tensor through a contiguous copy)."""
+    return torch._debug_has_internal_overlap(t) == 1
 # The hyper-parameters but lr, and those of them that decide which state a parameter has.
 _HYPER = itemgetter("rank", "kappa", "eps", "clip_threshold", "decay_rate", "beta1",
                     "weight_decay", "scale_parameter", "relative_step", "warmup_init",
                     "factorize_second_moment", "seed", "tf32", "stochastic_rounding")
 _LAYOUT = itemgetter("rank", "beta1", "factorize_second_moment")
+
+
+def _check_param(p, group):
+    """Raises TypeError/ValueError when the op would refuse ``p`` itself: checked at
+    add_param_group and again before a step, since ``p.data = x`` can change any of it."""
+    if p.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"flora: parameters must be float32, float16 or bfloat16, "
+                        f"got a parameter of dtype {p.dtype} (shape {tuple(p.shape)})")
+    if p.layout != torch.strided:
+        raise TypeError(f"flora: parameters must be dense tensors, got {p.layout}")
+    if _self_overlapping(p):
+        raise ValueError(f"flora: a parameter must not have elements that share memory, got "
+                         f"one of shape {tuple(p.shape)} with strides {p.stride()} (an "
+                         f"expanded tensor?); give it its own memory, e.g. "
+                         f"nn.Parameter(t.contiguous())")
+    if group["stochastic_rounding"] and p.dtype == torch.float16:
+        raise ValueError("flora: stochastic_rounding supports bfloat16 (and float32, "
+                         "where it does nothing) parameters, got a float16 parameter "
+                         f"of shape {tuple(p.shape)}")
 
 
 def _lr_ok(group):
@@ -52,6 +81,7 @@ class _Plan:
     checks compare identities, so any replacement, load_state_dict included, is re-checked.
     """
     __slots__ = ("group", "hyper", "layout", "params", "meta", "states", "keys", "values",
+                 "strides", "state_meta",
                  "steps", "seeds", "batches", "norms", "written")
 
 
@@ -63,6 +93,14 @@ _DATA_PTR = torch.Tensor.data_ptr
 
 def _written(params):
     return list(map(_VERSION, params)), list(map(_DATA_PTR, params))
+
+
+def _state_signature(plan):
+    """The data pointers and strides of a plan's state tensors: t.data = x changes one of
+    them unless x is a view of t's own memory with t's strides (another dtype or a shorter
+    slice: not re-checked; the first group's op still checks it)."""
+    return [(_DATA_PTR(t), _STRIDE(t))
+            for _, flat_states, _ in plan.batches for t in flat_states]
 
 
 def _pick(xs, index):
@@ -141,15 +179,7 @@ class Flora(torch.optim.Optimizer):
         try:
             _validate_group(group)
             for p in group["params"]:
-                if p.dtype not in _SUPPORTED_DTYPES:
-                    raise TypeError(f"flora: parameters must be float32, float16 or bfloat16, "
-                                    f"got a parameter of dtype {p.dtype}")
-                if p.layout != torch.strided:
-                    raise TypeError(f"flora: parameters must be dense tensors, got {p.layout}")
-                if group["stochastic_rounding"] and p.dtype == torch.float16:
-                    raise ValueError("flora: stochastic_rounding supports bfloat16 (and float32, "
-                                     "where it does nothing) parameters, got a float16 parameter "
-                                     f"of shape {tuple(p.shape)}")
+                _check_param(p, group)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -236,18 +266,32 @@ class Flora(torch.optim.Optimizer):
                 plan, trusted = None, False
                 self._check_inputs(group, params, grads)
             checked.append((group, params, grads, plan, trusted))
-        work = [(plan or self._new_plan(group, params), grads, trusted)
-                for group, params, grads, plan, trusted in checked]
-        for plan, grads, trusted in work:
-            # Kept only once the step succeeded: a failed op may have stepped a part.
-            self._plans.pop(id(plan.group), None)
-            try:
-                self._run_plan(plan, grads)
-            except RuntimeError:
-                if trusted:  # the op refused its inputs: the error Python would have raised
-                    self._check_inputs(plan.group, plan.params, grads, suppress_context=True)
-                raise
-            self._plans[id(plan.group)] = plan
+        fresh = []  # states this call initialises: emptied again unless they were stepped
+        try:
+            work = [(plan or self._new_plan(group, params, fresh=fresh), grads, trusted)
+                    for group, params, grads, plan, trusted in checked]
+            stepped = 0
+            for plan, grads, trusted in work:
+                # Kept only once the step succeeded: a failed op may have stepped a part.
+                self._plans.pop(id(plan.group), None)
+                try:
+                    self._run_plan(plan, grads)
+                except RuntimeError as err:
+                    if trusted:  # the op refused its inputs: the error Python would have raised
+                        self._check_inputs(plan.group, plan.params, grads, suppress_context=True)
+                    if stepped and hasattr(err, "add_note"):
+                        # Only a fault at run time (out of memory...) gets here: the checks
+                        # ran for every group first. What ran is not undone.
+                        err.add_note(f"flora: this step() had already stepped the first "
+                                     f"{stepped} of its {len(work)} parameter groups")
+                    raise
+                self._plans[id(plan.group)] = plan
+                stepped += 1
+        except BaseException:  # e.g. out of memory while making state or inside an op
+            for state in fresh:
+                if state.get("step") == 0:
+                    state.clear()
+            raise
         if len(self._plans) > len(self.param_groups):  # groups were removed
             self._plans = {id(plan.group): plan for plan, _, _ in work}
         return loss
@@ -276,8 +320,9 @@ class Flora(torch.optim.Optimizer):
         """Raises TypeError/ValueError for the first gradient or state that does not fit."""
         try:
             for p, grad in zip(params, grads):
+                _check_param(p, group)
                 self._check_grad(p, grad)
-                state = self.state[p]
+                state = self.state.get(p)  # no empty entry for a parameter never stepped
                 if state:
                     self._check_state(p, group, state)
         except (TypeError, ValueError) as err:
@@ -296,6 +341,11 @@ class Flora(torch.optim.Optimizer):
             meta = list(map(_META, params))
             if meta != plan.meta or list(map(_META, grads)) != meta:
                 return False  # (plan.meta is as the plan was made: stale only conservatively)
+            # p.data = x and t.data = x change what the op checks under the same objects:
+            # strides (self-overlap) of the parameters, everything of the state tensors.
+            if (list(map(_STRIDE, params)) != plan.strides
+                    or _state_signature(plan) != plan.state_meta):
+                return False
         states = list(map(self.state.__getitem__, params))
         return (_same(states, plan.states) and list(chain.from_iterable(states)) == plan.keys
                 and _same(list(chain.from_iterable(map(dict.values, states))), plan.values))
@@ -323,15 +373,24 @@ class Flora(torch.optim.Optimizer):
         group = self._group_of(p)
         _validate_group(group)
         self._check_inputs(group, [p], [grad])
-        self._run_plan(self._new_plan(group, [p], norms=False), [grad])
+        fresh = []
+        try:
+            self._run_plan(self._new_plan(group, [p], norms=False, fresh=fresh), [grad])
+        except BaseException:
+            if fresh and fresh[0].get("step") == 0:
+                fresh[0].clear()
+            raise
 
-    def _new_plan(self, group, params, norms=True):
-        """The plan of stepping ``params`` of ``group``, checked; initialises missing state.
-        With ``norms`` (and reuse_param_norms, scale_parameter, CUDA) each op call gets a
-        vector for the kernels to keep sum(p^2) in between steps."""
+    def _new_plan(self, group, params, norms=True, fresh=None):
+        """The plan of stepping ``params`` of ``group``, checked; initialises missing state
+        (and lists those states in ``fresh``). With ``norms`` (and reuse_param_norms,
+        scale_parameter, CUDA) each op call gets a vector for the kernels to keep sum(p^2)
+        in between steps."""
         for p in params:
             state = self.state[p]
             if not state:
+                if fresh is not None:
+                    fresh.append(state)
                 self._init_state(p, group, state)
         plan = _Plan()
         plan.group, plan.layout, plan.params = group, _LAYOUT(group), list(params)
@@ -405,6 +464,8 @@ class Flora(torch.optim.Optimizer):
         # A list eps can change in place: then () that nothing matches, checked every step.
         plan.hyper = () if isinstance(group["eps"], list) else _HYPER(group)
         plan.values = list(chain.from_iterable(map(dict.values, states)))
+        plan.strides = list(map(_STRIDE, plan.params))
+        plan.state_meta = _state_signature(plan)
 
     def _check_state(self, p, group, state, where="state"):
         """Raises ValueError when ``state`` does not fit ``p`` under ``group``."""
@@ -427,20 +488,57 @@ class Flora(torch.optim.Optimizer):
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"flora: {where} {name} of a parameter of shape "
                                  f"{tuple(p.shape)} must have shape {shape}, got {got}")
-            if not t.is_floating_point():
-                raise ValueError(f"flora: {where} {name} must be a float tensor, got {t.dtype}")
+            if t.dtype != torch.float32:
+                raise ValueError(f"flora: {where} {name} must be float32, got {t.dtype}")
+            if t.device != p.device:
+                raise ValueError(f"flora: {where} {name} must be on {p.device} like its "
+                                 f"parameter, got {t.device}")
+            if not t.is_contiguous():
+                raise ValueError(f"flora: {where} {name} must be contiguous, got strides "
+                                 f"{t.stride()}")
+            if t is p:
+                raise ValueError(f"flora: {where} {name} must not be the parameter itself")
 
     def load_state_dict(self, state_dict):
         """Loads a state_dict after checking that it fits these parameters.
 
         State tensors stay float32 (torch.optim's default would cast them to the
-        parameter dtype) and move to each parameter's device; nothing changes when
-        the check fails.
+        parameter dtype), contiguous, on each parameter's device; nothing changes when
+        the check fails. Hooks registered with register_load_state_dict_pre_hook and
+        register_load_state_dict_post_hook run as for torch.optim's optimizers.
         """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"flora: state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = state_dict.copy()  # shallow, as torch.optim: pre-hooks may edit it
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        new_state, new_groups = self._checked_state_dict(state_dict)
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _checked_state_dict(self, state_dict):
+        """The (state, param_groups) that load_state_dict sets, built without changing
+        anything; raises when ``state_dict`` does not fit."""
+        missing = [key for key in ("state", "param_groups") if key not in state_dict]
+        if missing:
+            raise ValueError(f"flora: state_dict must have 'state' and 'param_groups', "
+                             f"got keys {sorted(map(str, state_dict))}")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"flora: loaded state_dict has {len(saved_groups)} parameter "
                              f"groups, this optimizer has {len(self.param_groups)}")
+        foreign_state = sorted({str(key) for saved_state in state_dict["state"].values()
+                                for key in saved_state} - _FLORA_STATE_KEYS)
+        foreign_group = [key for key in _FLORA_GROUP_KEYS
+                         if any(key not in saved for saved in saved_groups)]
+        if foreign_state or foreign_group:
+            what = (f"its state has keys {foreign_state}" if foreign_state
+                    else f"its param_groups lack {foreign_group}")
+            raise ValueError(f"flora: this is not a flora_ext.Flora state_dict ({what}); "
+                             f"Flora.load_state_dict takes what Flora.state_dict() returned")
         id_to_param, id_to_group = {}, {}
         new_groups = []
         for k, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
@@ -450,6 +548,8 @@ class Flora(torch.optim.Optimizer):
                                  f"{len(group['params'])}")
             new_group = {**self.defaults, **{key: v for key, v in saved.items() if key != "params"},
                          "params": group["params"]}
+            if "param_names" in group and "param_names" not in saved:
+                new_group["param_names"] = group["param_names"]  # as torch.optim keeps them
             if isinstance(new_group.get("eps"), list):
                 new_group["eps"] = tuple(new_group["eps"])
             _validate_group(new_group)
@@ -463,14 +563,27 @@ class Flora(torch.optim.Optimizer):
                 raise ValueError(f"flora: loaded state refers to parameter {saved_id!r}, "
                                  f"which no loaded parameter group lists")
             p, group = id_to_param[saved_id], id_to_group[saved_id]
+            if not saved_state:  # a parameter not stepped yet (its entry was read): as torch
+                new_state[p] = {}
+                continue
+            where = f"loaded state of parameter {saved_id}"
             state = dict(saved_state)
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = int(state["step"].item())
-            self._check_state(p, group, state, where=f"loaded state of parameter {saved_id}")
-            new_state[p] = {key: (v.to(device=p.device, dtype=torch.float32, copy=True)
-                                  if isinstance(v, torch.Tensor) else v)
-                            for key, v in state.items()}
-        self.__setstate__({"state": new_state, "param_groups": new_groups})
+            for key, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    if not v.is_floating_point():
+                        raise ValueError(f"flora: {where} {key} must be a float tensor, "
+                                         f"got {v.dtype}")
+                    state[key] = v.to(device=p.device, dtype=torch.float32,
+                                      memory_format=torch.contiguous_format, copy=True)
+            self._check_state(p, group, state, where=where)
+            new_state[p] = state
+        return new_state, new_groups
+
+    def __getstate__(self):
+        # torch.optim's keeps defaults, state and param_groups only.
+        return {**super().__getstate__(), "reuse_param_norms": self.reuse_param_norms}
 
 
 def state_bytes(optimizer) -> int:
