@@ -10,6 +10,7 @@ from operator import attrgetter, is_, itemgetter
 
 import torch
 
+from . import _sharded
 from ._ops import next_seed, param_layout
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -198,6 +199,7 @@ class Flora(torch.optim.Optimizer):
                     raise ValueError("flora: stochastic_rounding supports bfloat16 (and float32, "
                                      "where it does nothing) parameters, got a float16 parameter "
                                      f"of shape {tuple(p.shape)}")
+            _sharded.check_group(group)  # FSDP2 (DTensor) parameters: what _sharded steps
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -271,7 +273,12 @@ class Flora(torch.optim.Optimizer):
         # Check everything first, so that a bad input changes nothing. What the last step
         # checked and nothing has changed since (_Plan) is not checked again.
         checked = []
+        sharded = []  # FSDP2 (DTensor) groups: stepped on each rank's shard by _sharded
         for group in self.param_groups:
+            if _sharded.has_dtensors(group):
+                _validate_group(group)
+                sharded.append(_sharded.prepare(self, group, *self._stepped(group, accumulator)))
+                continue
             plan = self._plans.get(id(group))
             if plan is None or not _same(_HYPER(group), plan.hyper) or not _lr_ok(group):
                 _validate_group(group)
@@ -296,6 +303,8 @@ class Flora(torch.optim.Optimizer):
                     self._check_inputs(plan.group, plan.params, grads, suppress_context=True)
                 raise
             self._plans[id(plan.group)] = plan
+        for run in sharded:
+            run()
         if len(self._plans) > len(self.param_groups):  # groups were removed
             self._plans = {id(plan.group): plan for plan, _, _ in work}
         return loss
@@ -370,6 +379,8 @@ class Flora(torch.optim.Optimizer):
                              f"{tuple(p.shape)} has p.grad None and no grad was given")
         group = self._group_of(p)
         _validate_group(group)
+        if _sharded.has_dtensors(group):
+            return _sharded.step(self, group, [p], [grad])
         self._check_inputs(group, [p], [grad])
         self._run_plan(self._new_plan(group, [p], norms=False), [grad])
 
@@ -515,6 +526,9 @@ class Flora(torch.optim.Optimizer):
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = int(state["step"].item())
             self._check_state(p, group, state, where=f"loaded state of parameter {saved_id}")
+            if _sharded.has_dtensors(group):  # placed as the FSDP2 step keeps it
+                new_state[p] = _sharded.load_state(p, group, state)
+                continue
             new_state[p] = {key: (v.to(device=p.device, dtype=torch.float32, copy=True)
                                   if isinstance(v, torch.Tensor) else v)
                             for key, v in state.items()}

@@ -1,0 +1,233 @@
+"""Flora on FSDP2 (fully_shard) parameters: 2 processes over gloo, spawned by the tests.
+
+Each test starts its processes itself and kills them after a timeout, so that a hang fails.
+With CUDA present the same tests run with CUDA tensors (both processes on one GPU, gloo).
+"""
+import math
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import flora_ext
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available() or not flora_ext.cuda_compiled(),
+    reason="needs a CUDA device and a CUDA build of flora_ext"))]
+TIMEOUT_S = 90
+TOLERANCE = 1e-5
+
+# Shapes that cover every kind of state, with row counts that 2 ranks split unevenly:
+# left projection (n < m), right projection (n >= m), 1-D, dense momentum through the aspect
+# limit, 3-D (unfactored), and one row (the second rank holds no rows of it).
+SHAPES = [(13, 40), (31, 10), (7,), (50, 6), (3, 5, 4), (1, 8)]
+CONFIGS = {
+    "compressed": dict(lr=0.05, beta1=0.9, rank=4, kappa=3, weight_decay=0.1, seed=7),
+    "no_momentum": dict(lr=None, relative_step=True, warmup_init=True, beta1=None),
+    "unfactored": dict(lr=0.02, beta1=0.8, factorize_second_moment=False,
+                       scale_parameter=False, clip_threshold=0.5),
+}
+STEPS = 7  # resamples at steps 3 and 6 with kappa=3
+
+
+# --------------------------------------------------------------------------- process helper
+
+
+def _entry(rank, world_size, store_path, out_dir, fn, args):
+    os.environ["FLORA_TEST_RANK"] = str(rank)
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                                world_size=world_size)
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(out_dir, f"result{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise SystemExit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(tmp_path, fn, *args, world_size=2, timeout=TIMEOUT_S):
+    """Runs ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined by a gloo
+    group; returns their results by rank. Fails on an error or when ``timeout`` passes."""
+    out_dir = tmp_path / f"ranks{len(list(tmp_path.glob('ranks*')))}"
+    out_dir.mkdir()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_entry, args=(rank, world_size, str(out_dir / "store"),
+                                              str(out_dir), fn, args))
+             for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+    deadline = timeout
+    import time
+    start = time.monotonic()
+    for proc in procs:
+        proc.join(max(0.0, deadline - (time.monotonic() - start)))
+    hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    errors = {rank: (out_dir / f"error{rank}.txt").read_text()
+              for rank in range(world_size) if (out_dir / f"error{rank}.txt").exists()}
+    if errors:
+        pytest.fail("\n".join(f"rank {rank}:\n{text}" for rank, text in errors.items()))
+    if hung:
+        pytest.fail(f"ranks {hung} did not finish within {timeout} s")
+    bad = [rank for rank, proc in enumerate(procs) if proc.exitcode != 0]
+    if bad:
+        pytest.fail(f"ranks {bad} exited with codes {[procs[r].exitcode for r in bad]}")
+    return [torch.load(out_dir / f"result{rank}.pt", weights_only=False)
+            for rank in range(world_size)]
+
+
+# --------------------------------------------------------------------------- models
+
+
+class Params(torch.nn.Module):
+    """A module holding one parameter of each shape (fully_shard shards them all)."""
+
+    def __init__(self, shapes, dtype, device):
+        super().__init__()
+        gen = torch.Generator().manual_seed(1234)
+        self.params = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(shape, generator=gen).to(device=device, dtype=dtype))
+            for shape in shapes)
+
+
+def full_grads(shapes, step, dtype, device):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for shape in shapes]
+
+
+def set_grads(params, grads):
+    from torch.distributed.tensor import DTensor
+
+    for p, g in zip(params, grads):
+        if isinstance(p, DTensor):
+            start, rows = _rows_of(p)
+            local = g[start:start + rows].clone() if p.ndim else g.clone()
+            p.grad = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                                        shape=p.shape, stride=p.stride())
+        else:
+            p.grad = g.clone()
+
+
+def _rows_of(p):
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(p.placements[0], Shard):
+        return 0, p.shape[0]
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return offset[0], shape[0]
+
+
+def local_of(t):
+    """A DTensor's local piece, or a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def rows_of_full(full, like):
+    """The rows of ``full`` that DTensor ``like`` (sharded like it) holds on this rank."""
+    from torch.distributed.tensor import Shard
+
+    if not isinstance(like.placements[0], Shard):
+        return full
+    start, rows = _rows_of(like)
+    return full[start:start + rows]
+
+
+def rel_diff(a, b):
+    """max |a - b| / max |b|: the figure the tolerance applies to (0 for equal tensors)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    if b.numel() == 0:
+        return 0.0
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def _device(rank, device):
+    if device == "cuda":
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def _mesh(world_size, device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device, (world_size,))
+
+
+def sharded_model(world_size, dtype, device, shapes=SHAPES):
+    from torch.distributed.fsdp import fully_shard
+
+    model = Params(shapes, dtype, device)
+    fully_shard(model, mesh=_mesh(world_size, device.type))
+    return model
+
+
+# --------------------------------------------------------------------------- FSDP2 vs one process
+
+
+def _compare_worker(rank, world_size, device, dtype_name):
+    dtype = getattr(torch, dtype_name)
+    device = _device(rank, device)
+    worst = {}
+    for name, config in CONFIGS.items():
+        model = sharded_model(world_size, dtype, device)
+        reference = Params(SHAPES, dtype, device)
+        sharded_params, plain_params = list(model.parameters()), list(reference.parameters())
+        opt = flora_ext.Flora(sharded_params, **config, tf32=False)
+        ref_opt = flora_ext.Flora(plain_params, **config, tf32=False)
+        for step in range(STEPS):
+            grads = full_grads(SHAPES, step, dtype, device)
+            set_grads(sharded_params, grads)
+            set_grads(plain_params, grads)
+            opt.step()
+            ref_opt.step()
+        diffs = []
+        for p, q in zip(sharded_params, plain_params):
+            diffs.append(rel_diff(local_of(p), rows_of_full(q.detach(), p)))
+            state, ref_state = opt.state[p], ref_opt.state[q]
+            assert set(state) == set(ref_state), (set(state), set(ref_state))
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    assert type(value).__name__ == "DTensor", key
+                    assert value.shape == ref_state[key].shape
+                    assert local_of(value).dtype == torch.float32
+                    diffs.append(rel_diff(local_of(value), rows_of_full(ref_state[key], value)
+                                          if value.placements[0].is_shard() else ref_state[key]))
+                else:
+                    assert value == ref_state[key], (key, value, ref_state[key])
+        worst[name] = max(diffs)
+    return worst
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fsdp2_equals_one_process(tmp_path, device):
+    results = run_ranks(tmp_path, _compare_worker, device, "float32")
+    for rank, worst in enumerate(results):
+        for name, diff in worst.items():
+            assert diff <= TOLERANCE, (rank, name, diff)
+
+
+def test_fsdp2_bfloat16_params(tmp_path):
+    # bf16 parameters: the same float32 result rounded to nearest, so equal but where the two
+    # float32 results straddle a rounding boundary (one bf16 ulp, 2^-8 relative).
+    results = run_ranks(tmp_path, _compare_worker, "cpu", "bfloat16")
+    for rank, worst in enumerate(results):
+        for name, diff in worst.items():
+            assert diff <= 2 ** -7, (rank, name, diff)
