@@ -79,6 +79,11 @@ def check_param(p, what="parameter"):
 def check_group(group):
     """Raises for a group this module cannot step (called when the group is added)."""
     params = group["params"]
+    if any(getattr(p, "_fsdp_flattened", False) for p in params):
+        raise TypeError("flora: got parameters flattened by FSDP1 (FullyShardedDataParallel), "
+                        "on which Flora could neither factor the second moment nor project the "
+                        "momentum; shard the model with FSDP2 "
+                        "(torch.distributed.fsdp.fully_shard) instead, which Flora supports")
     dtensors = [isinstance(p, DTensor) for p in params]
     if not any(dtensors):
         return
@@ -197,13 +202,13 @@ def _check_inputs(optimizer, group, params, grads):
 
     for p, grad in zip(params, grads):
         check_param(p)
-        optimizer._check_grad(p, grad)
         if not isinstance(grad, DTensor) or grad.device_mesh != p.device_mesh or (
                 tuple(grad.placements) != tuple(p.placements)):
             got = (f"placed {tuple(grad.placements)}" if isinstance(grad, DTensor)
                    else "a plain tensor")
             raise ValueError(f"flora: the gradient of FSDP2 {_describe(p)} must be a DTensor "
                              f"placed like its parameter ({tuple(p.placements)}), got {got}")
+        optimizer._check_grad(p, grad)
         if grad.to_local().shape != p.to_local().shape:
             raise ValueError(f"flora: the gradient of FSDP2 {_describe(p)} has a local piece of "
                              f"shape {tuple(grad.to_local().shape)}, its parameter "

@@ -231,3 +231,229 @@ def test_fsdp2_bfloat16_params(tmp_path):
     for rank, worst in enumerate(results):
         for name, diff in worst.items():
             assert diff <= 2 ** -7, (rank, name, diff)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+DCP_CONFIG = CONFIGS["compressed"]
+SAVED_AT, LAST = 4, 9  # saved after 4 steps; every run continues to 9 (resamples at 6 and 9)
+
+
+def _steps(model, opt, first, last, dtype, device):
+    params = list(model.parameters())
+    for step in range(first, last):
+        set_grads(params, full_grads(SHAPES, step, dtype, device))
+        opt.step()
+        opt.zero_grad()
+
+
+def _state_dicts(model, opt):
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+
+
+def _load(model, opt, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    state = _state_dicts(model, opt)
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def _full(t):
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
+
+
+def _state_bytes(opt):
+    return sum(local_of(t).numel() * local_of(t).element_size()
+               for state in opt.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor))
+
+
+def _dcp_save_worker(rank, world_size, device, path):
+    import torch.distributed.checkpoint as dcp
+
+    device = _device(rank, device)
+    model = sharded_model(world_size, torch.float32, device)
+    opt = flora_ext.Flora(model.parameters(), **DCP_CONFIG, tf32=False)
+    _steps(model, opt, 0, SAVED_AT, torch.float32, device)
+    dcp.save(_state_dicts(model, opt), checkpoint_id=path)
+    _steps(model, opt, SAVED_AT, LAST, torch.float32, device)
+    uninterrupted = [_full(p) for p in model.parameters()]
+    # The same world size: a fresh model and optimizer loaded from the checkpoint.
+    model2 = sharded_model(world_size, torch.float32, device)
+    opt2 = flora_ext.Flora(model2.parameters(), **DCP_CONFIG, tf32=False)
+    _load(model2, opt2, path)
+    assert [s["step"] for s in opt2.state.values()] == [SAVED_AT] * len(SHAPES)
+    _steps(model2, opt2, SAVED_AT, LAST, torch.float32, device)
+    reloaded = max(rel_diff(_full(p), q) for p, q in zip(model2.parameters(), uninterrupted))
+    numel = sum(p.numel() for p in model.parameters())
+    return dict(uninterrupted=uninterrupted, reloaded=reloaded,
+                state_bytes=_state_bytes(opt), numel=numel,
+                local_numel=sum(p.to_local().numel() for p in model.parameters()))
+
+
+def _dcp_load_worker(rank, world_size, device, path, uninterrupted):
+    device = _device(rank, device)
+    diffs = {}
+    # One process without FSDP: the saved shards gathered into plain tensors.
+    model = Params(SHAPES, torch.float32, device)
+    opt = flora_ext.Flora(model.parameters(), **DCP_CONFIG, tf32=False)
+    _load(model, opt, path)
+    for key in ("row_second_moment", "momentum"):
+        assert type(opt.state[model.params[0]][key]) is torch.Tensor
+    _steps(model, opt, SAVED_AT, LAST, torch.float32, device)
+    diffs["unsharded"] = max(rel_diff(_full(p), q) for p, q in zip(model.parameters(),
+                                                                   uninterrupted))
+    plain_bytes = flora_ext.state_bytes(opt)
+    # Reload into the optimizer that has state already: the checkpoint replaces it.
+    _load(model, opt, path)
+    _steps(model, opt, SAVED_AT, LAST, torch.float32, device)
+    diffs["reloaded"] = max(rel_diff(_full(p), q) for p, q in zip(model.parameters(),
+                                                                  uninterrupted))
+    # fully_shard on a 1-rank mesh.
+    model = sharded_model(world_size, torch.float32, device)
+    opt = flora_ext.Flora(model.parameters(), **DCP_CONFIG, tf32=False)
+    _load(model, opt, path)
+    _steps(model, opt, SAVED_AT, LAST, torch.float32, device)
+    diffs["fsdp2_one_rank"] = max(rel_diff(_full(p), q) for p, q in zip(model.parameters(),
+                                                                       uninterrupted))
+    return dict(diffs=diffs, plain_bytes=plain_bytes)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dcp_save_on_two_ranks_load_on_one(tmp_path, device):
+    path = str(tmp_path / "checkpoint")
+    saved = run_ranks(tmp_path, _dcp_save_worker, device, path)
+    for rank in range(2):
+        assert saved[rank]["reloaded"] <= TOLERANCE, saved[rank]["reloaded"]
+        for p, q in zip(saved[rank]["uninterrupted"], saved[0]["uninterrupted"]):
+            assert torch.equal(p, q)  # full_tensor() is the same on every rank
+    loaded, = run_ranks(tmp_path, _dcp_load_worker, device, path, saved[0]["uninterrupted"],
+                        world_size=1)
+    for name, diff in loaded["diffs"].items():
+        assert diff <= TOLERANCE, (name, diff)
+    # State per parameter: the ranks together hold what one process holds, plus one copy of
+    # the replicated pieces (column statistics, r x m momentum) per extra rank.
+    sharded_bytes = sum(rank["state_bytes"] for rank in saved)
+    numel = saved[0]["numel"]
+    assert sum(rank["local_numel"] for rank in saved) == numel
+    assert loaded["plain_bytes"] <= sharded_bytes <= 2 * loaded["plain_bytes"]
+    print(f"state bytes/param: one process {loaded['plain_bytes'] / numel:.3f}, "
+          f"2 ranks {sharded_bytes / numel:.3f} in all")
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _expect(error, match, fn):
+    try:
+        fn()
+    except error as err:
+        assert match in str(err), str(err)
+        return str(err)
+    raise AssertionError(f"expected {error.__name__} matching {match!r}")
+
+
+def _refusal_worker(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = _mesh(world_size, "cpu")
+    full = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    messages = {}
+
+    def dtensor(placements, m=mesh, local=full[3 * rank:3 * rank + 3]):
+        return torch.nn.Parameter(DTensor.from_local(local.clone(), m, placements,
+                                                     run_check=False, shape=full.shape,
+                                                     stride=full.stride()))
+
+    by_columns = torch.nn.Parameter(DTensor.from_local(
+        full[:, 2 * rank:2 * rank + 2].clone(), mesh, (Shard(1),), run_check=False,
+        shape=full.shape, stride=full.stride()))
+    messages["shard1"] = _expect(ValueError, "Shard(0)",
+                                 lambda: flora_ext.Flora([by_columns], lr=0.1))
+    mesh2d = init_device_mesh("cpu", (world_size, 1))
+    hsdp = dtensor((Shard(0), Replicate()), m=mesh2d)
+    messages["mesh2d"] = _expect(ValueError, "1-D device mesh",
+                                 lambda: flora_ext.Flora([hsdp], lr=0.1))
+    messages["mixed"] = _expect(TypeError, "mixes DTensor",
+                                lambda: flora_ext.Flora([dtensor((Shard(0),)),
+                                                         torch.nn.Parameter(full.clone())],
+                                                        lr=0.1))
+    bf16 = torch.nn.Parameter(DTensor.from_local(full[3 * rank:3 * rank + 3].bfloat16(), mesh,
+                                                 (Shard(0),), run_check=False,
+                                                 shape=full.shape, stride=full.stride()))
+    messages["stochastic_rounding"] = _expect(
+        ValueError, "stochastic_rounding",
+        lambda: flora_ext.Flora([bf16], lr=0.1, stochastic_rounding=True))
+
+    # Ranks that disagree raise on every rank, and nothing is written.
+    a, b = dtensor((Shard(0),)), dtensor((Shard(0),))
+    opt = flora_ext.Flora([a, b], lr=0.1, beta1=0.9)
+    for p in (a, b):
+        set_grads([p], [torch.ones(6, 4)])
+    before = [a.to_local().clone(), b.to_local().clone()]
+    opt.param_groups[0]["lr"] = 0.1 + 0.1 * rank
+    messages["disagree"] = _expect(RuntimeError, "disagree", opt.step)
+    opt.param_groups[0]["lr"] = 0.1
+    if rank == 1:
+        b.grad = None  # rank 1 would step one parameter, rank 0 two
+    _expect(RuntimeError, "disagree", opt.step)
+    set_grads([b], [torch.ones(6, 4)])
+    if rank == 0:  # a check that fails on one rank only (step_param: a one-parameter step)
+        messages["one_rank"] = _expect(ValueError, "must be a DTensor",
+                                       lambda: opt.step_param(a, torch.ones(3, 4)))
+    else:
+        messages["one_rank"] = _expect(RuntimeError, "failed the checks",
+                                       lambda: opt.step_param(a, a.grad))
+    assert torch.equal(a.to_local(), before[0]) and torch.equal(b.to_local(), before[1])
+    assert not opt.state[a] and not opt.state[b]
+    # After the refusals, the ranks step together again.
+    set_grads([a, b], [torch.ones(6, 4), torch.ones(6, 4)])
+    opt.step()
+    assert opt.state[a]["step"] == 1 and not torch.equal(a.to_local(), before[0])
+
+    # Replicate() DTensors step on the full tensor, as one process does.
+    rep = torch.nn.Parameter(DTensor.from_local(full.clone(), mesh, (Replicate(),),
+                                                run_check=False))
+    plain = torch.nn.Parameter(full.clone())
+    rep_opt = flora_ext.Flora([rep], lr=0.1, beta1=0.9, rank=2)
+    plain_opt = flora_ext.Flora([plain], lr=0.1, beta1=0.9, rank=2)
+    for step in range(3):
+        g = full_grads([(6, 4)], step, torch.float32, "cpu")[0]
+        rep.grad = DTensor.from_local(g.clone(), mesh, (Replicate(),), run_check=False)
+        plain.grad = g
+        rep_opt.step()
+        plain_opt.step()
+    assert rel_diff(rep.to_local(), plain.detach()) <= TOLERANCE
+    return messages
+
+
+def _fsdp1_worker(rank, world_size):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    messages = {}
+    for use_orig_params in (False, True):
+        model = FullyShardedDataParallel(torch.nn.Linear(8, 8), device_id=torch.device("cpu"),
+                                         use_orig_params=use_orig_params)
+        messages[use_orig_params] = _expect(TypeError, "fully_shard",
+                                            lambda: flora_ext.Flora(model.parameters(), lr=0.1))
+    return messages
+
+
+def test_refusals(tmp_path):
+    results = run_ranks(tmp_path, _refusal_worker)
+    assert results[0]["shard1"] == results[1]["shard1"]
+
+
+def test_fsdp1_refused(tmp_path):
+    results = run_ranks(tmp_path, _fsdp1_worker)
+    assert "FSDP1" in results[0][False]
