@@ -308,6 +308,7 @@ def prepare(optimizer, group, params, grads):
     function that runs it; raises, with nothing written, when a rank's check fails."""
     failure = None
     try:
+        check_group(group)  # settings may have changed since the group was added
         _check_inputs(optimizer, group, params, grads)
     except (TypeError, ValueError) as err:
         failure = err
@@ -407,9 +408,10 @@ def _run(optimizer, group, params, grads):
     # Everything computed: write parameters and state.
     kappa = group["kappa"]
     for it in items:
-        it.p.to_local().copy_(it.new.pop("param"))
-        for name, value in it.new.items():
-            it.state[name].to_local().copy_(value)
+        if it.numel:  # the kernels leave an empty parameter's state as it is, too
+            it.p.to_local().copy_(it.new.pop("param"))
+            for name, value in it.new.items():
+                it.state[name].to_local().copy_(value)
         it.state["step"] = it.t
         if it.seed is not None and it.t % kappa == 0:
             it.state["seed"] = next_seed(it.seed)
