@@ -25,6 +25,12 @@ like the parameter; column EMAs and r x m momentum ``Replicate()``. DCP
 saves them and loads them onto any number of ranks, or into a single-process optimizer.
 ``Replicate()`` DTensor parameters (1-D mesh) step on the full tensor with no collective but
 the check.
+
+Not supported, with an error that says so: other placements (``Shard(1)``, ``Partial``), meshes
+of more than one dimension (HSDP, FSDP with tensor parallelism), groups mixing DTensors and
+plain tensors, stochastic rounding, and FSDP1's flattened parameters. The group's ``tf32``
+setting does not apply here: the projections are float32 matmuls under torch's own matmul
+precision setting (full float32 unless the program allows TF32).
 """
 from __future__ import annotations
 
@@ -44,12 +50,14 @@ else:  # a torch build without torch.distributed has no DTensor parameters to st
 
 _SUPPORTED = ("DTensor parameters placed (Shard(0),) on a 1-D device mesh, as "
               "torch.distributed.fsdp.fully_shard makes them, or (Replicate(),)")
-_ROW_SHARDED = ("row_second_moment", "second_moment")  # Shard(0) like a Shard(0) parameter
 
 
 def has_dtensors(group) -> bool:
-    """Whether the group's parameters are DTensors (check_group refuses a mix)."""
-    return any(isinstance(p, DTensor) for p in group["params"])
+    """Whether the group's parameters are DTensors. check_group refuses a mix when the group
+    is added and on every step here, so the first parameter tells (a check per step that
+    costs nothing for the single-device path)."""
+    params = group["params"]
+    return bool(params) and isinstance(params[0], DTensor)
 
 
 def _describe(p):
@@ -60,11 +68,11 @@ def _row_sharded(placements) -> bool:
     return type(placements[0]) is Shard and placements[0].dim == 0
 
 
-def check_param(p, what="parameter"):
+def check_param(p):
     """Raises ValueError unless ``p`` is a DTensor this module can step."""
     mesh, placements = p.device_mesh, tuple(p.placements)
     if mesh.ndim != 1:
-        raise ValueError(f"flora: FSDP2 {what}s must be sharded over a 1-D device mesh, got a "
+        raise ValueError(f"flora: FSDP2 parameters must be sharded over a 1-D device mesh, got a "
                          f"{mesh.ndim}-D mesh of shape {tuple(mesh.shape)} (HSDP or FSDP "
                          f"combined with tensor parallelism) for {_describe(p)}; supported: "
                          f"{_SUPPORTED}")
@@ -157,7 +165,7 @@ def init_state(optimizer, p, group, state):
     placements = state_placements(p, _layout(p, group))
     state["step"] = 0
     for name, shape in shapes.items():
-        start, rows = _local_rows(shape, p.device_mesh, placements[name])
+        _, rows = _local_rows(shape, p.device_mesh, placements[name])
         local_shape = (rows, *shape[1:]) if _row_sharded(placements[name]) else shape
         local = torch.zeros(local_shape, dtype=torch.float32, device=p.to_local().device)
         state[name] = _as_dtensor(local, p.device_mesh, placements[name], shape)
@@ -188,7 +196,7 @@ def _check_state_placement(p, name, t, placements, shape):
         raise ValueError(f"flora: state {name} of FSDP2 {_describe(p)} must be a DTensor placed "
                          f"{placements} on the parameter's mesh, got {got}; load state with "
                          f"optimizer.load_state_dict or set_optimizer_state_dict, which place it")
-    start, rows = _local_rows(shape, p.device_mesh, placements)
+    _, rows = _local_rows(shape, p.device_mesh, placements)
     local = t.to_local()
     expected = (rows, *shape[1:]) if _row_sharded(placements) else tuple(shape)
     if tuple(local.shape) != tuple(expected) or local.device != p.to_local().device:
@@ -257,8 +265,9 @@ def _fingerprint(group, params, states):
     from .optimizer import _HYPER
 
     hyper = tuple(tuple(v) if isinstance(v, list) else v for v in _HYPER(group))
-    items = tuple((tuple(p.shape), str(p.dtype), s.get("step", 0), s.get("seed", -1))
-                  for p, s in zip(params, states))
+    position = {id(p): k for k, p in enumerate(group["params"])}
+    items = tuple((position[id(p)], tuple(p.shape), str(p.dtype), s.get("step", 0),
+                   s.get("seed", -1)) for p, s in zip(params, states))
     text = repr((float(group["lr"] or 0.0), hyper, items))
     value = 0
     for byte in text.encode():  # not hash(): str hashes differ between processes
@@ -361,7 +370,8 @@ def _run(optimizer, group, params, grads):
             it.slot_col = first.add(v.sum(0), it.group)
         else:
             s = it.state["second_moment"].to_local()
-            it.new["second_moment"] = (beta2 * s.double() + (1.0 - beta2) * (gd * gd + eps1)).float()
+            it.new["second_moment"] = (beta2 * s.double()
+                                       + (1.0 - beta2) * (gd * gd + eps1)).float()
     first.reduce()
     for it in items:
         gd = it.g.double()
