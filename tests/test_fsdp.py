@@ -341,6 +341,9 @@ def _state_bytes(opt):
 
 def _dcp_save_worker(rank, world_size, device, path):
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
 
     device = _device(rank, device)
     model = sharded_model(world_size, torch.float32, device)
@@ -356,6 +359,26 @@ def _dcp_save_worker(rank, world_size, device, path):
     assert [s["step"] for s in opt2.state.values()] == [SAVED_AT] * len(SHAPES)
     _steps(model2, opt2, SAVED_AT, LAST, torch.float32, device)
     reloaded = max(rel_diff(_full(p), q) for p, q in zip(model2.parameters(), uninterrupted))
+    # Full (gathered) optimizer state dicts: plain tensors in, DTensors back.
+    full = get_optimizer_state_dict(model2, opt2, options=StateDictOptions(full_state_dict=True))
+    for fqn, state in full["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                assert type(value) is torch.Tensor, (fqn, key)
+    model3 = sharded_model(world_size, torch.float32, device)
+    opt3 = flora_ext.Flora(model3.parameters(), **DCP_CONFIG, tf32=False)
+    with torch.no_grad():
+        for p, q in zip(model3.parameters(), model2.parameters()):
+            p.to_local().copy_(q.to_local())
+    set_optimizer_state_dict(model3, opt3, full,
+                             options=StateDictOptions(full_state_dict=True))
+    for p, q in zip(model3.parameters(), model2.parameters()):
+        state, expected = opt3.state[p], opt2.state[q]
+        assert state["step"] == expected["step"] and state.get("seed") == expected.get("seed")
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                assert value.placements == expected[key].placements, key
+                assert torch.equal(value.to_local(), expected[key].to_local()), key
     numel = sum(p.numel() for p in model.parameters())
     return dict(uninterrupted=uninterrupted, reloaded=reloaded,
                 state_bytes=_state_bytes(opt), numel=numel,
