@@ -237,19 +237,24 @@ class _Sums:
     def __init__(self, dtype):
         self.dtype = dtype
         self.values = []
-        self.by_group = {}  # id(process group) -> (group, indices)
+        self.by_mesh = {}  # id(process group) -> (mesh, indices)
 
-    def add(self, x, process_group):
+    def add(self, x, mesh):
+        """Adds this rank's part ``x``; ``mesh`` None: ``x`` is the whole sum already."""
         k = len(self.values)
         self.values.append(x.to(self.dtype))
-        if process_group is not None:
-            self.by_group.setdefault(id(process_group), (process_group, []))[1].append(k)
+        if mesh is not None:
+            self.by_mesh.setdefault(id(mesh.get_group()), (mesh, []))[1].append(k)
         return k
 
     def reduce(self):
-        for process_group, index in self.by_group.values():
+        for mesh, index in self.by_mesh.values():
             flat = torch.cat([self.values[k].reshape(-1) for k in index])
-            dist.all_reduce(flat, group=process_group)
+            # Parameters offloaded to the CPU (FSDP2's CPUOffloadPolicy) on a CUDA mesh: the
+            # process group communicates on the mesh's device.
+            on_mesh = flat.to(mesh.device_type)
+            dist.all_reduce(on_mesh, group=mesh.get_group())
+            flat = on_mesh.to(flat.device)
             offset = 0
             for k in index:
                 size = self.values[k].numel()
@@ -307,7 +312,7 @@ def _agree(group, params, states, failure):
 
 class _Item:
     """One parameter's local piece and the values of this step, until it is written."""
-    __slots__ = ("p", "state", "layout", "group", "start", "rows", "n", "m", "numel", "p32",
+    __slots__ = ("p", "state", "layout", "mesh", "start", "rows", "n", "m", "numel", "p32",
                  "g", "t", "seed", "new", "slot_psq", "slot_rowsum", "slot_col", "slot_dsq",
                  "slot_down", "D", "base", "lr_t")
 
@@ -345,10 +350,10 @@ def _run(optimizer, group, params, grads):
     for p, grad in zip(params, grads):
         it = _Item()
         items.append(it)
-        it.p, it.state, it.layout, it.group = p, optimizer.state[p], _layout(p, group), None
+        it.p, it.state, it.layout, it.mesh = p, optimizer.state[p], _layout(p, group), None
         mesh, placements = p.device_mesh, tuple(p.placements)
         if _row_sharded(placements) and mesh.size() > 1:
-            it.group = mesh.get_group()
+            it.mesh = mesh  # its rows are spread over the mesh: partial sums to add up
         it.start, it.rows = _local_rows(tuple(p.shape), mesh, placements)
         it.numel = p.numel()
         it.p32 = p.to_local().float()
@@ -358,7 +363,7 @@ def _run(optimizer, group, params, grads):
         it.new = {}
         it.slot_down = None
         beta2 = 1.0 - float(it.t) ** decay_rate
-        it.slot_psq = first.add(it.p32.double().square().sum(), it.group)
+        it.slot_psq = first.add(it.p32.double().square().sum(), it.mesh)
         gd = it.g.double()
         if it.layout["factored"]:
             it.n, it.m = p.shape
@@ -366,14 +371,16 @@ def _run(optimizer, group, params, grads):
             row = it.state["row_second_moment"].to_local()
             it.new["row_second_moment"] = (beta2 * row.double()
                                            + (1.0 - beta2) * (v.sum(1) / it.m)).float()
-            it.slot_rowsum = first.add(it.new["row_second_moment"].double().sum(), it.group)
-            it.slot_col = first.add(v.sum(0), it.group)
+            it.slot_rowsum = first.add(it.new["row_second_moment"].double().sum(), it.mesh)
+            it.slot_col = first.add(v.sum(0), it.mesh)
         else:
             s = it.state["second_moment"].to_local()
             it.new["second_moment"] = (beta2 * s.double()
                                        + (1.0 - beta2) * (gd * gd + eps1)).float()
     first.reduce()
-    for it in items:
+    # The scalars that steer the step, read in one transfer (one device sync, not one each).
+    param_sq = _scalars(first, [it.slot_psq for it in items])
+    for it, p_sq in zip(items, param_sq):
         gd = it.g.double()
         beta2 = 1.0 - float(it.t) ** decay_rate
         if it.layout["factored"]:
@@ -395,20 +402,19 @@ def _run(optimizer, group, params, grads):
             it.D = it.new["momentum"] = m * beta1 + u * (1.0 - beta1)
         else:
             _compressed(it, u, group, beta1, second)
-        it.slot_dsq = second.add(it.D.double().square().sum(), it.group)
+        it.slot_dsq = second.add(it.D.double().square().sum(), it.mesh)
         # lr_t as the kernel has it: double math on the summed sum(p^2)
         base_lr = _base_lr(group, it.t)
         if group["scale_parameter"]:
-            rms = math.sqrt(float(first[it.slot_psq]) / it.numel) if it.numel else 0.0
+            rms = math.sqrt(p_sq / it.numel) if it.numel else 0.0
             base_lr *= max(float(eps2), rms)
         it.lr_t = base_lr
     second.reduce()
     clip_threshold = float(group["clip_threshold"])
     weight_decay = float(group["weight_decay"])
-    for it in items:
+    for it, d_sq in zip(items, _scalars(second, [it.slot_dsq for it in items])):
         if it.slot_down is not None:
             it.new["momentum"] = it.base * beta1 + second[it.slot_down] * (1.0 - beta1)
-        d_sq = float(second[it.slot_dsq])
         clip = max(1.0, math.sqrt(d_sq / it.numel) / clip_threshold) if it.numel else 1.0
         decay = _f32(weight_decay * it.lr_t)
         x = it.p32
@@ -445,12 +451,19 @@ def _compressed(it, u, group, beta1, second):
         it.base = p_down.mm(p_now.t()).mm(momentum) if resample else momentum
         down_u = p_down[:, rows].mm(u)
         it.D = u * (1.0 - beta1) + up * beta1
-        it.slot_down = second.add(down_u, it.group)
+        it.slot_down = second.add(down_u, it.mesh)
     else:
         up = momentum.mm(p_now.t())
         base = momentum.mm(p_now.t().mm(p_down)) if resample else momentum
         it.D = u * (1.0 - beta1) + up * beta1
         it.new["momentum"] = base * beta1 + u.mm(p_down) * (1.0 - beta1)
+
+
+def _scalars(sums, slots):
+    """The 0-dim tensors ``sums[k]`` as Python floats."""
+    if not slots:
+        return []
+    return torch.stack([sums[k].double() for k in slots]).tolist()
 
 
 def _base_lr(group, t):
