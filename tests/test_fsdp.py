@@ -40,7 +40,6 @@ STEPS = 7  # resamples at steps 3 and 6 with kappa=3
 
 
 def _entry(rank, world_size, store_path, out_dir, fn, args):
-    os.environ["FLORA_TEST_RANK"] = str(rank)
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
