@@ -8,6 +8,7 @@ from operator import attrgetter, is_, itemgetter
 
 import torch
 
+from . import _sharded
 from ._ops import next_seed, param_layout
 from ._param_groups import as_param_group
 from .hyperparams import DEFAULTS as _DEFAULT
@@ -180,6 +181,7 @@ class Flora(torch.optim.Optimizer):
             _validate_group(group)
             for p in group["params"]:
                 _check_param(p, group)
+            _sharded.check_group(group)  # FSDP2 (DTensor) parameters: what _sharded steps
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -253,7 +255,12 @@ class Flora(torch.optim.Optimizer):
         # Check everything first, so that a bad input changes nothing. What the last step
         # checked and nothing has changed since (_Plan) is not checked again.
         checked = []
+        sharded = []  # FSDP2 (DTensor) groups: stepped on each rank's shard by _sharded
         for group in self.param_groups:
+            if _sharded.has_dtensors(group):
+                _validate_group(group)
+                sharded.append(_sharded.prepare(self, group, *self._stepped(group, accumulator)))
+                continue
             plan = self._plans.get(id(group))
             if plan is None or not _same(_HYPER(group), plan.hyper) or not _lr_ok(group):
                 _validate_group(group)
@@ -287,6 +294,8 @@ class Flora(torch.optim.Optimizer):
                     raise
                 self._plans[id(plan.group)] = plan
                 stepped += 1
+            for run in sharded:
+                run()
         except BaseException:  # e.g. out of memory while making state or inside an op
             for state in fresh:
                 if state.get("step") == 0:
@@ -372,6 +381,8 @@ class Flora(torch.optim.Optimizer):
                              f"{tuple(p.shape)} has p.grad None and no grad was given")
         group = self._group_of(p)
         _validate_group(group)
+        if _sharded.has_dtensors(group):
+            return _sharded.step(self, group, [p], [grad])
         self._check_inputs(group, [p], [grad])
         fresh = []
         try:
@@ -570,6 +581,10 @@ class Flora(torch.optim.Optimizer):
             state = dict(saved_state)
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = int(state["step"].item())
+            if _sharded.has_dtensors(group):  # placed as the FSDP2 step keeps it
+                self._check_state(p, group, state, where=where)
+                new_state[p] = _sharded.load_state(p, group, state)
+                continue
             for key, v in state.items():
                 if isinstance(v, torch.Tensor):
                     if not v.is_floating_point():

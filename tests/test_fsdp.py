@@ -1,0 +1,540 @@
+"""Flora on FSDP2 (fully_shard) parameters: 2 processes over gloo, spawned by the tests.
+
+Each test starts its processes itself and kills them after a timeout, so that a hang fails.
+With CUDA present the same tests run with CUDA tensors (both processes on one GPU, gloo).
+"""
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import flora_ext
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available() or not flora_ext.cuda_compiled(),
+    reason="needs a CUDA device and a CUDA build of flora_ext"))]
+TIMEOUT_S = 90
+TOLERANCE = 1e-5
+
+# Shapes that cover every kind of state, with row counts that 2 ranks split unevenly:
+# left projection (n < m), right projection (n >= m), 1-D, dense momentum through the aspect
+# limit, 3-D (unfactored), and one row (the second rank holds no rows of it).
+SHAPES = [(13, 40), (31, 10), (7,), (50, 6), (3, 5, 4), (1, 8)]
+CONFIGS = {
+    "compressed": dict(lr=0.05, beta1=0.9, rank=4, kappa=3, weight_decay=0.1, seed=7),
+    "no_momentum": dict(lr=None, relative_step=True, warmup_init=True, beta1=None),
+    "unfactored": dict(lr=0.02, beta1=0.8, factorize_second_moment=False,
+                       scale_parameter=False, clip_threshold=0.5),
+}
+STEPS = 7  # resamples at steps 3 and 6 with kappa=3
+
+
+# --------------------------------------------------------------------------- process helper
+
+
+def _entry(rank, world_size, store_path, out_dir, fn, args):
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+                                world_size=world_size)
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(out_dir, f"result{rank}.pt"))
+        dist.barrier()  # no rank leaves (closing its connections) while another still works
+    except BaseException:
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise SystemExit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(tmp_path, fn, *args, world_size=2, timeout=TIMEOUT_S):
+    """Runs ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined by a gloo
+    group; returns their results by rank. Fails on an error or when ``timeout`` passes."""
+    out_dir = tmp_path / f"ranks{len(list(tmp_path.glob('ranks*')))}"
+    out_dir.mkdir()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_entry, args=(rank, world_size, str(out_dir / "store"),
+                                              str(out_dir), fn, args))
+             for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+    start = time.monotonic()
+    # Wait for all, but stop early when one fails: the others may wait on it forever.
+    while time.monotonic() - start < timeout:
+        if all(proc.exitcode is not None for proc in procs):
+            break
+        if any(proc.exitcode not in (None, 0) for proc in procs):
+            time.sleep(2)  # let the others write their errors
+            break
+        procs[0].join(0.1)
+    hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    errors = {rank: (out_dir / f"error{rank}.txt").read_text()
+              for rank in range(world_size) if (out_dir / f"error{rank}.txt").exists()}
+    if errors:
+        pytest.fail("\n".join(f"rank {rank}:\n{text}" for rank, text in errors.items()))
+    if hung:
+        pytest.fail(f"ranks {hung} did not finish within {timeout} s")
+    bad = [rank for rank, proc in enumerate(procs) if proc.exitcode != 0]
+    if bad:
+        pytest.fail(f"ranks {bad} exited with codes {[procs[r].exitcode for r in bad]}")
+    return [torch.load(out_dir / f"result{rank}.pt", weights_only=False)
+            for rank in range(world_size)]
+
+
+# --------------------------------------------------------------------------- models
+
+
+class Params(torch.nn.Module):
+    """A module holding one parameter of each shape (fully_shard shards them all)."""
+
+    def __init__(self, shapes, dtype, device):
+        super().__init__()
+        gen = torch.Generator().manual_seed(1234)
+        self.params = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(shape, generator=gen).to(device=device, dtype=dtype))
+            for shape in shapes)
+
+
+def full_grads(shapes, step, dtype, device):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(shape, generator=gen).to(device=device, dtype=dtype) for shape in shapes]
+
+
+def set_grads(params, grads):
+    from torch.distributed.tensor import DTensor
+
+    for p, g in zip(params, grads):
+        if isinstance(p, DTensor):
+            start, rows = _rows_of(p)
+            local = g[start:start + rows].clone() if p.ndim else g.clone()
+            p.grad = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                                        shape=p.shape, stride=p.stride())
+        else:
+            p.grad = g.clone()
+
+
+def _rows_of(p):
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(p.placements[0], Shard):
+        return 0, p.shape[0]
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return offset[0], shape[0]
+
+
+def local_of(t):
+    """A DTensor's local piece, or a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def rows_of_full(full, like):
+    """The rows of ``full`` that DTensor ``like`` (sharded like it) holds on this rank."""
+    from torch.distributed.tensor import Shard
+
+    if not isinstance(like.placements[0], Shard):
+        return full
+    start, rows = _rows_of(like)
+    return full[start:start + rows]
+
+
+def rel_diff(a, b):
+    """max |a - b| / max |b|: the figure the tolerance applies to (0 for equal tensors)."""
+    a, b = a.double().cpu(), b.double().cpu()
+    if b.numel() == 0:
+        return 0.0
+    scale = b.abs().max().item()
+    return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def _device(rank, device):
+    if device == "cuda":
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
+
+
+def _mesh(world_size, device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device, (world_size,))
+
+
+def sharded_model(world_size, dtype, device, shapes=SHAPES):
+    from torch.distributed.fsdp import fully_shard
+
+    model = Params(shapes, dtype, device)
+    fully_shard(model, mesh=_mesh(world_size, device.type))
+    return model
+
+
+# --------------------------------------------------------------------------- FSDP2 vs one process
+
+
+def _compare_configs(world_size, dtype, device):
+    worst = {}
+    for name, config in CONFIGS.items():
+        model = sharded_model(world_size, dtype, device)
+        reference = Params(SHAPES, dtype, device)
+        sharded_params, plain_params = list(model.parameters()), list(reference.parameters())
+        opt = flora_ext.Flora(sharded_params, **config, tf32=False)
+        ref_opt = flora_ext.Flora(plain_params, **config, tf32=False)
+        for step in range(STEPS):
+            grads = full_grads(SHAPES, step, dtype, device)
+            set_grads(sharded_params, grads)
+            set_grads(plain_params, grads)
+            opt.step()
+            ref_opt.step()
+        diffs = []
+        for p, q in zip(sharded_params, plain_params):
+            diffs.append(rel_diff(local_of(p), rows_of_full(q.detach(), p)))
+            state, ref_state = opt.state[p], ref_opt.state[q]
+            assert set(state) == set(ref_state), (set(state), set(ref_state))
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    assert type(value).__name__ == "DTensor", key
+                    assert value.shape == ref_state[key].shape
+                    assert local_of(value).dtype == torch.float32
+                    diffs.append(rel_diff(local_of(value), rows_of_full(ref_state[key], value)
+                                          if value.placements[0].is_shard() else ref_state[key]))
+                else:
+                    assert value == ref_state[key], (key, value, ref_state[key])
+        if name == "compressed":
+            # A single-process state_dict loads into the FSDP2 optimizer (each rank keeps its
+            # rows), and both continue alike.
+            loaded = flora_ext.Flora(sharded_params, **config, tf32=False)
+            loaded.load_state_dict(ref_opt.state_dict())
+            assert all(type(t).__name__ == "DTensor" for s in loaded.state.values()
+                       for t in s.values() if isinstance(t, torch.Tensor))
+            grads = full_grads(SHAPES, STEPS, dtype, device)
+            set_grads(sharded_params, grads)
+            set_grads(plain_params, grads)
+            loaded.step()
+            ref_opt.step()
+            diffs += [rel_diff(local_of(p), rows_of_full(q.detach(), p))
+                      for p, q in zip(sharded_params, plain_params)]
+        worst[f"{dtype}/{name}"] = max(diffs)
+    return worst
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, device):
+        super().__init__()
+        torch.manual_seed(5)
+        self.up = torch.nn.Linear(16, 40, device=device)  # 40 x 16: right projection
+        self.norm = torch.nn.LayerNorm(40, device=device)
+        self.down = torch.nn.Linear(40, 16, bias=False, device=device)  # 16 x 40: left
+
+    def forward(self, x):
+        return self.down(torch.relu(self.norm(self.up(x))))
+
+
+def _compare_training(rank, world_size, device):
+    """Gradients from FSDP2's own backward (each rank half of the batch) against one
+    process on the whole batch."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = _mesh(world_size, device.type)
+    model, reference = MLP(device), MLP(device)
+    for module in (model.up, model.down, model):
+        fully_shard(module, mesh=mesh)
+    config = dict(lr=0.05, beta1=0.9, rank=4, kappa=2, weight_decay=0.01)
+    opt = flora_ext.Flora(model.parameters(), **config, tf32=False)
+    ref_opt = flora_ext.Flora(reference.parameters(), **config, tf32=False)
+    half = 8 // world_size
+    for step in range(5):
+        gen = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 16, generator=gen), torch.randn(8, 16, generator=gen)
+        x, y = x.to(device), y.to(device)
+        mine = slice(rank * half, (rank + 1) * half)
+        torch.nn.functional.mse_loss(model(x[mine]), y[mine]).backward()
+        torch.nn.functional.mse_loss(reference(x), y).backward()
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+    assert [s["step"] for s in opt.state.values()] == [5] * len(opt.state)
+    return max(rel_diff(p.full_tensor(), q.detach())
+               for p, q in zip(model.parameters(), reference.parameters()))
+
+
+def _compare_worker(rank, world_size, device):
+    device = _device(rank, device)
+    worst = _compare_configs(world_size, torch.float32, device)
+    worst.update(_compare_configs(world_size, torch.bfloat16, device))
+    worst["training"] = _compare_training(rank, world_size, device)
+    return worst
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fsdp2_equals_one_process(tmp_path, device):
+    """FSDP2 on 2 ranks against one process: every parameter's local rows and every state
+    tensor within 1e-5 of the largest entry after 7 steps (2 resamples); bf16 parameters the
+    same (their float32 state is compared, and they round the same float32 result, so
+    they agree but where the two results straddle a rounding boundary: one bf16 ulp)."""
+    results = run_ranks(tmp_path, _compare_worker, device)
+    for rank, worst in enumerate(results):
+        for name, diff in worst.items():
+            limit = 2 ** -7 if name.startswith("torch.bfloat16") else TOLERANCE
+            assert diff <= limit, (rank, name, diff)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+DCP_CONFIG = CONFIGS["compressed"]
+SAVED_AT, LAST = 4, 9  # saved after 4 steps; every run continues to 9 (resamples at 6 and 9)
+
+
+def _steps(model, opt, first, last, dtype, device):
+    params = list(model.parameters())
+    for step in range(first, last):
+        set_grads(params, full_grads(SHAPES, step, dtype, device))
+        opt.step()
+        opt.zero_grad()
+
+
+def _state_dicts(model, opt):
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+
+
+def _load(model, opt, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    state = _state_dicts(model, opt)
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def _full(t):
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().clone()
+
+
+def _state_bytes(opt):
+    return sum(local_of(t).numel() * local_of(t).element_size()
+               for state in opt.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor))
+
+
+def _dcp_save_worker(rank, world_size, device, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    device = _device(rank, device)
+    model = sharded_model(world_size, torch.float32, device)
+    opt = flora_ext.Flora(model.parameters(), **DCP_CONFIG, tf32=False)
+    _steps(model, opt, 0, SAVED_AT, torch.float32, device)
+    dcp.save(_state_dicts(model, opt), checkpoint_id=path)
+    _steps(model, opt, SAVED_AT, LAST, torch.float32, device)
+    uninterrupted = [_full(p) for p in model.parameters()]
+    # The same world size: a fresh model and optimizer loaded from the checkpoint.
+    model2 = sharded_model(world_size, torch.float32, device)
+    opt2 = flora_ext.Flora(model2.parameters(), **DCP_CONFIG, tf32=False)
+    _load(model2, opt2, path)
+    assert [s["step"] for s in opt2.state.values()] == [SAVED_AT] * len(SHAPES)
+    _steps(model2, opt2, SAVED_AT, LAST, torch.float32, device)
+    reloaded = max(rel_diff(_full(p), q) for p, q in zip(model2.parameters(), uninterrupted))
+    # Full (gathered) optimizer state dicts: plain tensors in, DTensors back.
+    full = get_optimizer_state_dict(model2, opt2, options=StateDictOptions(full_state_dict=True))
+    for fqn, state in full["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                assert type(value) is torch.Tensor, (fqn, key)
+    model3 = sharded_model(world_size, torch.float32, device)
+    opt3 = flora_ext.Flora(model3.parameters(), **DCP_CONFIG, tf32=False)
+    with torch.no_grad():
+        for p, q in zip(model3.parameters(), model2.parameters()):
+            p.to_local().copy_(q.to_local())
+    set_optimizer_state_dict(model3, opt3, full,
+                             options=StateDictOptions(full_state_dict=True))
+    for p, q in zip(model3.parameters(), model2.parameters()):
+        state, expected = opt3.state[p], opt2.state[q]
+        assert state["step"] == expected["step"] and state.get("seed") == expected.get("seed")
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                assert value.placements == expected[key].placements, key
+                assert torch.equal(value.to_local(), expected[key].to_local()), key
+    numel = sum(p.numel() for p in model.parameters())
+    return dict(uninterrupted=uninterrupted, reloaded=reloaded,
+                state_bytes=_state_bytes(opt), numel=numel,
+                local_numel=sum(p.to_local().numel() for p in model.parameters()))
+
+
+def _dcp_load_worker(rank, world_size, device, path, uninterrupted):
+    device = _device(rank, device)
+    diffs = {}
+    # One process without FSDP: the saved shards gathered into plain tensors.
+    model = Params(SHAPES, torch.float32, device)
+    opt = flora_ext.Flora(model.parameters(), **DCP_CONFIG, tf32=False)
+    _load(model, opt, path)
+    for key in ("row_second_moment", "momentum"):
+        assert type(opt.state[model.params[0]][key]) is torch.Tensor
+    _steps(model, opt, SAVED_AT, LAST, torch.float32, device)
+    diffs["unsharded"] = max(rel_diff(_full(p), q) for p, q in zip(model.parameters(),
+                                                                   uninterrupted))
+    plain_bytes = flora_ext.state_bytes(opt)
+    # Reload into the optimizer that has state already: the checkpoint replaces it.
+    _load(model, opt, path)
+    _steps(model, opt, SAVED_AT, LAST, torch.float32, device)
+    diffs["reloaded"] = max(rel_diff(_full(p), q) for p, q in zip(model.parameters(),
+                                                                  uninterrupted))
+    # fully_shard on a 1-rank mesh.
+    model = sharded_model(world_size, torch.float32, device)
+    opt = flora_ext.Flora(model.parameters(), **DCP_CONFIG, tf32=False)
+    _load(model, opt, path)
+    _steps(model, opt, SAVED_AT, LAST, torch.float32, device)
+    diffs["fsdp2_one_rank"] = max(rel_diff(_full(p), q) for p, q in zip(model.parameters(),
+                                                                       uninterrupted))
+    return dict(diffs=diffs, plain_bytes=plain_bytes)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dcp_save_on_two_ranks_load_on_one(tmp_path, device):
+    path = str(tmp_path / "checkpoint")
+    saved = run_ranks(tmp_path, _dcp_save_worker, device, path)
+    for rank in range(2):
+        assert saved[rank]["reloaded"] <= TOLERANCE, saved[rank]["reloaded"]
+        for p, q in zip(saved[rank]["uninterrupted"], saved[0]["uninterrupted"]):
+            assert torch.equal(p, q)  # full_tensor() is the same on every rank
+    loaded, = run_ranks(tmp_path, _dcp_load_worker, device, path, saved[0]["uninterrupted"],
+                        world_size=1)
+    for name, diff in loaded["diffs"].items():
+        assert diff <= TOLERANCE, (name, diff)
+    # State per parameter: the ranks together hold what one process holds, plus one copy of
+    # the replicated pieces (column statistics, r x m momentum) per extra rank.
+    sharded_bytes = sum(rank["state_bytes"] for rank in saved)
+    numel = saved[0]["numel"]
+    assert sum(rank["local_numel"] for rank in saved) == numel
+    assert loaded["plain_bytes"] <= sharded_bytes <= 2 * loaded["plain_bytes"]
+    print(f"state bytes/param: one process {loaded['plain_bytes'] / numel:.3f}, "
+          f"2 ranks {sharded_bytes / numel:.3f} in all")
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _expect(error, match, fn):
+    try:
+        fn()
+    except error as err:
+        assert match in str(err), str(err)
+        return str(err)
+    raise AssertionError(f"expected {error.__name__} matching {match!r}")
+
+
+def _refusal_worker(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = _mesh(world_size, "cpu")
+    full = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    messages = {}
+
+    def dtensor(placements, m=mesh, local=full[3 * rank:3 * rank + 3]):
+        return torch.nn.Parameter(DTensor.from_local(local.clone(), m, placements,
+                                                     run_check=False, shape=full.shape,
+                                                     stride=full.stride()))
+
+    by_columns = torch.nn.Parameter(DTensor.from_local(
+        full[:, 2 * rank:2 * rank + 2].clone(), mesh, (Shard(1),), run_check=False,
+        shape=full.shape, stride=full.stride()))
+    messages["shard1"] = _expect(ValueError, "Shard(0)",
+                                 lambda: flora_ext.Flora([by_columns], lr=0.1))
+    mesh2d = init_device_mesh("cpu", (world_size, 1))
+    hsdp = dtensor((Shard(0), Replicate()), m=mesh2d)
+    messages["mesh2d"] = _expect(ValueError, "1-D device mesh",
+                                 lambda: flora_ext.Flora([hsdp], lr=0.1))
+    messages["mixed"] = _expect(TypeError, "mixes DTensor",
+                                lambda: flora_ext.Flora([dtensor((Shard(0),)),
+                                                         torch.nn.Parameter(full.clone())],
+                                                        lr=0.1))
+    bf16 = torch.nn.Parameter(DTensor.from_local(full[3 * rank:3 * rank + 3].bfloat16(), mesh,
+                                                 (Shard(0),), run_check=False,
+                                                 shape=full.shape, stride=full.stride()))
+    messages["stochastic_rounding"] = _expect(
+        ValueError, "stochastic_rounding",
+        lambda: flora_ext.Flora([bf16], lr=0.1, stochastic_rounding=True))
+
+    # Ranks that disagree raise on every rank, and nothing is written.
+    a, b = dtensor((Shard(0),)), dtensor((Shard(0),))
+    opt = flora_ext.Flora([a, b], lr=0.1, beta1=0.9)
+    for p in (a, b):
+        set_grads([p], [torch.ones(6, 4)])
+    before = [a.to_local().clone(), b.to_local().clone()]
+    opt.param_groups[0]["lr"] = 0.1 + 0.1 * rank
+    messages["disagree"] = _expect(RuntimeError, "disagree", opt.step)
+    opt.param_groups[0]["lr"] = 0.1
+    if rank == 1:
+        b.grad = None  # rank 1 would step one parameter, rank 0 two
+    _expect(RuntimeError, "disagree", opt.step)
+    set_grads([b], [torch.ones(6, 4)])
+    if rank == 0:  # a check that fails on one rank only (step_param: a one-parameter step)
+        messages["one_rank"] = _expect(ValueError, "must be a DTensor",
+                                       lambda: opt.step_param(a, torch.ones(3, 4)))
+    else:
+        messages["one_rank"] = _expect(RuntimeError, "failed the checks",
+                                       lambda: opt.step_param(a, a.grad))
+    assert torch.equal(a.to_local(), before[0]) and torch.equal(b.to_local(), before[1])
+    assert not opt.state[a] and not opt.state[b]
+    # After the refusals, the ranks step together again.
+    set_grads([a, b], [torch.ones(6, 4), torch.ones(6, 4)])
+    opt.step()
+    assert opt.state[a]["step"] == 1 and not torch.equal(a.to_local(), before[0])
+
+    # Replicate() DTensors step on the full tensor, as one process does.
+    rep = torch.nn.Parameter(DTensor.from_local(full.clone(), mesh, (Replicate(),),
+                                                run_check=False))
+    plain = torch.nn.Parameter(full.clone())
+    rep_opt = flora_ext.Flora([rep], lr=0.1, beta1=0.9, rank=2)
+    plain_opt = flora_ext.Flora([plain], lr=0.1, beta1=0.9, rank=2)
+    for step in range(3):
+        g = full_grads([(6, 4)], step, torch.float32, "cpu")[0]
+        rep.grad = DTensor.from_local(g.clone(), mesh, (Replicate(),), run_check=False)
+        plain.grad = g
+        rep_opt.step()
+        plain_opt.step()
+    assert rel_diff(rep.to_local(), plain.detach()) <= TOLERANCE
+    messages.update(_fsdp1_refusals())
+    return messages
+
+
+def _fsdp1_refusals():
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    messages = {}
+    for use_orig_params in (False, True):
+        model = FullyShardedDataParallel(torch.nn.Linear(8, 8), device_id=torch.device("cpu"),
+                                         use_orig_params=use_orig_params)
+        messages[f"fsdp1_{use_orig_params}"] = _expect(
+            TypeError, "fully_shard", lambda: flora_ext.Flora(model.parameters(), lr=0.1))
+    return messages
+
+
+def test_refusals(tmp_path):
+    results = run_ranks(tmp_path, _refusal_worker)
+    assert results[0]["shard1"] == results[1]["shard1"]
+    assert "FSDP1" in results[0]["fsdp1_False"]
