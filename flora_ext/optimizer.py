@@ -12,6 +12,7 @@ from ._ops import next_seed, param_layout
 from .hyperparams import DEFAULTS as _DEFAULT
 from .hyperparams import GROUP_HYPER_PARAMETERS as _GROUP_HYPER_PARAMETERS
 from .hyperparams import is_int as _is_int
+from .hyperparams import validate_defaults as _validate_defaults
 from .hyperparams import validate_group as _validate_group
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -112,7 +113,8 @@ class Flora(torch.optim.Optimizer):
         defaults = {hp.name: arguments[hp.name] for hp in _GROUP_HYPER_PARAMETERS}
         if isinstance(eps, list):
             defaults["eps"] = tuple(eps)
-        _validate_group(defaults)
+        # lr may be left to the param groups: each is checked with these merged into it.
+        _validate_defaults(defaults)
         if not isinstance(reuse_param_norms, bool):
             raise TypeError(f"flora: reuse_param_norms must be a bool, got {reuse_param_norms!r}")
         # CUDA steps keep sum(p^2) of the parameters they write and use it for the next
@@ -133,7 +135,7 @@ class Flora(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _validate_group(group)
+            _validate_group(group, index=len(self.param_groups) - 1)
             for p in group["params"]:
                 if p.dtype not in _SUPPORTED_DTYPES:
                     raise TypeError(f"flora: parameters must be float32, float16 or bfloat16, "
