@@ -1,11 +1,11 @@
 """The hyper-parameters of flora_ext.Flora: one row each, the one place that states them.
 
 From this table come the constructor's defaults and the checks of its arguments
-(``validate_defaults``) and of a param group (``validate_group``), with the error messages users
-see. tests/test_hyperparams.py holds the
-other places against it: the constructor's signature, the C++ ``flora::FloraOptions``
-(csrc/include/flora/flora.h, read through the ``flora::options_defaults`` op), the schemas of
-the step ops, the optimizer's op call, flora-opt's constructor and README's arguments.
+(``validate_defaults``) and of a param group (``validate_group``), with the error messages
+users see. tests/test_hyperparams.py holds the other places against it: the constructor's
+signature, the C++ ``flora::FloraOptions`` (csrc/include/flora/flora.h, read through the
+``flora::options_defaults`` op), the schemas of the step ops, the optimizer's op call,
+flora-opt's constructor and README's arguments.
 
 Adding a hyper-parameter: a row here, then what tests/test_hyperparams.py names as missing:
 - flora_ext/optimizer.py: the constructor's argument (default from DEFAULTS); for a param group
