@@ -1,10 +1,11 @@
 """The hyper-parameters of flora_ext.Flora: one row each, the one place that states them.
 
-From this table come the constructor's defaults and the checks of a param group
-(``validate_group``, with the error messages users see). tests/test_hyperparams.py holds the
-other places against it: the constructor's signature, the C++ ``flora::FloraOptions``
-(csrc/include/flora/flora.h, read through the ``flora::options_defaults`` op), the schemas of
-the step ops, the optimizer's op call, flora-opt's constructor and README's arguments.
+From this table come the constructor's defaults and the checks of its arguments
+(``validate_defaults``) and of a param group (``validate_group``), with the error messages
+users see. tests/test_hyperparams.py holds the other places against it: the constructor's
+signature, the C++ ``flora::FloraOptions`` (csrc/include/flora/flora.h, read through the
+``flora::options_defaults`` op), the schemas of the step ops, the optimizer's op call,
+flora-opt's constructor and README's arguments.
 
 Adding a hyper-parameter: a row here, then what tests/test_hyperparams.py names as missing:
 - flora_ext/optimizer.py: the constructor's argument (default from DEFAULTS); for a param group
@@ -26,6 +27,10 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 
 MAX_BASE_SEED = 2**62  # seed + parameter number and the seeds after it stay in int63
+MAX_INT64 = 2**63 - 1  # the ops take ints as int64
+# float32's smallest normal: eps1 is added in float32, and a smaller eps1 is lost there (below
+# about 1e-45, or where denormals are flushed to zero), so a zero gradient row gives 0 / 0.
+MIN_EPS1 = 2.0**-126
 
 
 def is_number(x) -> bool:
@@ -40,24 +45,26 @@ def _finite(x) -> bool:
     return is_number(x) and math.isfinite(x)
 
 
+def _int64_at_least(low: int) -> Callable[[Any], bool]:
+    return lambda v: is_int(v) and low <= v <= MAX_INT64
+
+
 def _step_size(lr) -> bool:
-    if isinstance(lr, torch.Tensor):  # a tensor lr would be read back on every step
-        raise TypeError("flora: lr must be a Python float, not a tensor")
+    if isinstance(lr, torch.Tensor):  # as torch.optim's optimizers without tensor lr say
+        raise ValueError("flora: lr as a Tensor is not supported; pass a Python float "
+                         "(e.g. lr.item())")
     return _finite(lr) and lr >= 0
 
 
 def _eps_pair(eps) -> bool:
-    return (isinstance(eps, (tuple, list)) and len(eps) == 2
-            and all(_finite(e) and e >= 0 for e in eps))
+    return (isinstance(eps, (tuple, list)) and len(eps) == 2 and all(map(_finite, eps))
+            and eps[0] >= MIN_EPS1 and eps[1] >= 0)
 
 
 def _lr_or_relative_step(group) -> None:
-    if group["lr"] is not None:
-        if group["relative_step"]:
-            raise ValueError("flora: lr and relative_step=True are exclusive: relative_step "
-                             "computes the step size itself; pass lr=None or relative_step=False")
-    elif not group["relative_step"]:
-        raise ValueError("flora: lr is required unless relative_step=True")
+    if group["lr"] is not None and group["relative_step"]:
+        raise ValueError("flora: lr and relative_step=True are exclusive: relative_step "
+                         "computes the step size itself; pass lr=None or relative_step=False")
 
 
 def _warmup_needs_relative_step(group) -> None:
@@ -116,21 +123,25 @@ class HyperParameter:
 
 HYPER_PARAMETERS = (
     HyperParameter(
-        "lr", float, None, "Step size; required unless relative_step=True, exclusive with it.",
+        "lr", float, None,
+        "Step size; required (here or in every param group) unless relative_step=True, "
+        "exclusive with it.",
         check=_step_size, expected="a finite float >= 0", nullable=True, invalid=-1.0,
         rules=(_lr_or_relative_step, _warmup_needs_relative_step)),
     HyperParameter(
         "rank", int, None, "Rank r of the momentum projection; None or 0 keeps it dense.",
-        check=lambda v: is_int(v) and v >= 0, expected="None or an int >= 0", nullable=True,
+        check=_int64_at_least(0), expected="None or an int in [0, 2**63 - 1]", nullable=True,
         invalid=-1),
     HyperParameter(
         "kappa", int, 1000, "Resample the projection every kappa steps.",
-        check=lambda v: is_int(v) and v >= 1, expected="an int >= 1", invalid=0),
+        check=_int64_at_least(1), expected="an int in [1, 2**63 - 1]", invalid=0),
     HyperParameter(
         "eps", float, (1e-30, 1e-3),
         "eps1 is added to g^2 before averaging; eps2 floors the parameter RMS of "
         "scale_parameter.",
-        check=_eps_pair, expected="a pair (eps1, eps2) of finite floats >= 0",
+        check=_eps_pair,
+        expected="a pair (eps1, eps2) of finite floats, eps1 >= 2**-126 (float32's smallest "
+                 "normal, about 1.2e-38) and eps2 >= 0",
         split=("eps1", "eps2"), invalid=(-1.0, float("inf"))),
     HyperParameter(
         "clip_threshold", float, 1.0,
@@ -192,9 +203,20 @@ _CHECK_ORDER = (tuple(hp for hp in GROUP_HYPER_PARAMETERS if hp.type is bool)
                 + tuple(hp for hp in GROUP_HYPER_PARAMETERS if hp.type is not bool))
 
 
-def validate_group(group) -> None:
-    """Raises ValueError/TypeError naming the first invalid hyper-parameter of ``group``."""
+def validate_defaults(defaults) -> None:
+    """The checks of validate_group but one: lr may be missing (None without relative_step)
+    here, as every param group may set its own; each group is checked once they are merged."""
     for hp in _CHECK_ORDER:
-        hp.validate(group[hp.name])
+        hp.validate(defaults[hp.name])
         for rule in hp.rules:
-            rule(group)
+            rule(defaults)
+
+
+def validate_group(group, index: Optional[int] = None) -> None:
+    """Raises ValueError/TypeError naming the first invalid hyper-parameter of ``group``
+    (param group ``index``, when given, for a missing lr)."""
+    validate_defaults(group)
+    if group["lr"] is None and not group["relative_step"]:
+        which = "" if index is None else (
+            f"; param group {index} has none (give it an 'lr', or pass lr to Flora)")
+        raise ValueError(f"flora: lr is required unless relative_step=True{which}")

@@ -14,6 +14,7 @@ from ._param_groups import as_param_group
 from .hyperparams import DEFAULTS as _DEFAULT
 from .hyperparams import GROUP_HYPER_PARAMETERS as _GROUP_HYPER_PARAMETERS
 from .hyperparams import is_int as _is_int
+from .hyperparams import validate_defaults as _validate_defaults
 from .hyperparams import validate_group as _validate_group
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -152,7 +153,8 @@ class Flora(torch.optim.Optimizer):
         defaults = {hp.name: arguments[hp.name] for hp in _GROUP_HYPER_PARAMETERS}
         if isinstance(eps, list):
             defaults["eps"] = tuple(eps)
-        _validate_group(defaults)
+        # lr may be left to the param groups: each is checked with these merged into it.
+        _validate_defaults(defaults)
         if not isinstance(reuse_param_norms, bool):
             raise TypeError(f"flora: reuse_param_norms must be a bool, got {reuse_param_norms!r}")
         # CUDA steps keep sum(p^2) of the parameters they write and use it for the next
@@ -178,7 +180,7 @@ class Flora(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _validate_group(group)
+            _validate_group(group, index=len(self.param_groups) - 1)
             for p in group["params"]:
                 _check_param(p, group)
             _sharded.check_group(group)  # FSDP2 (DTensor) parameters: what _sharded steps

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import flora_ext
-from flora_ext.hyperparams import (BY_NAME, GROUP_HYPER_PARAMETERS, HYPER_PARAMETERS,
-                                   validate_group)
+from flora_ext.hyperparams import (BY_NAME, GROUP_HYPER_PARAMETERS, HYPER_PARAMETERS, MAX_INT64,
+                                   MIN_EPS1, validate_defaults, validate_group)
 from flora_ext.testing import import_flora_opt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +42,10 @@ def test_table_is_well_formed():
     with pytest.raises(ValueError, match="lr is required"):
         validate_group(group)  # lr=None without relative_step
     validate_group({**group, "lr": 1e-3})
+    validate_defaults(group)  # the constructor's: lr may be left to the param groups
+    with pytest.raises(ValueError, match=r"^flora: lr is required unless relative_step=True; "
+                                         r"param group 3 has none"):
+        validate_group(group, index=3)
 
 
 def test_constructor_takes_the_table_in_order_with_its_defaults():
@@ -170,6 +174,50 @@ def test_op_rejects_the_invalid_example_naming_it(name):
             torch.ops.flora.step_(param, torch.ones(4, 6), torch.zeros(4), torch.zeros(6), None,
                                   None, step=1, seed=0, **{**valid, cpp_name: value})
         assert torch.equal(param, torch.ones(4, 6))
+
+
+INT_HYPER_PARAMETERS = [hp.name for hp in HYPER_PARAMETERS if hp.type is int]
+
+
+@pytest.mark.parametrize("name", INT_HYPER_PARAMETERS)
+def test_int_hyper_parameters_stay_in_int64(name):
+    """The ops take ints as int64: a larger one would pass to the dispatcher and fail there
+    ("Expected a value of type 'int'"); the check rejects it naming the accepted range."""
+    hp = BY_NAME[name]
+    for value in (2**63, 2**64, -(2**63) - 1):
+        assert not hp.check(value)
+        with pytest.raises(ValueError, match=rf"^flora: {name} must be .*, got {value}$"):
+            validate_group({**VALID_GROUP, name: value})
+    assert re.search(r"\[-?\d+, 2\*\*6[23]( - 1)?\]", hp.expected), \
+        f"{name}: the message must state the accepted range, got {hp.expected!r}"
+
+
+@pytest.mark.parametrize("name", [n for n in INT_HYPER_PARAMETERS if BY_NAME[n].op])
+def test_op_takes_the_largest_int_the_table_accepts(name):
+    hp = BY_NAME[name]
+    assert hp.check(MAX_INT64)
+    valid = {cpp: value for h in OP_HYPER_PARAMETERS
+             for cpp, value in zip(h.cpp_names, h.cpp_values(VALID_GROUP[h.name]))}
+    param = torch.ones(4, 6)
+    torch.ops.flora.step_(param, torch.ones(4, 6), torch.zeros(4), torch.zeros(6), None, None,
+                          step=1, seed=0, **{**valid, name: MAX_INT64})
+    assert torch.isfinite(param).all() and not torch.equal(param, torch.ones(4, 6))
+
+
+def test_tensor_lr_is_a_value_error_as_in_torch_optim():
+    with pytest.raises(ValueError, match=r"^flora: lr as a Tensor is not supported; pass a "
+                                         r"Python float \(e.g. lr.item\(\)\)$"):
+        validate_group({**VALID_GROUP, "lr": torch.tensor(1e-3)})
+
+
+def test_eps1_must_survive_in_float32():
+    hp = BY_NAME["eps"]
+    assert MIN_EPS1 == torch.finfo(torch.float32).tiny
+    for eps1 in (0.0, MIN_EPS1 / 2, 1e-46):
+        with pytest.raises(ValueError, match=re.escape(
+                f"flora: eps must be {hp.expected}, got {(eps1, 1e-3)!r}")):
+            validate_group({**VALID_GROUP, "eps": (eps1, 1e-3)})
+    validate_group({**VALID_GROUP, "eps": (MIN_EPS1, 0.0)})
 
 
 @pytest.mark.parametrize("settings", [

@@ -20,12 +20,18 @@ BAD_CONSTRUCTOR = [
     (dict(rank=2.5), ValueError, "rank must be"),
     (dict(kappa=0), ValueError, "kappa must be"),
     (dict(kappa=1.5), ValueError, "kappa must be"),
+    (dict(kappa=2**63), ValueError,
+     r"kappa must be an int in \[1, 2\*\*63 - 1\], got 9223372036854775808$"),
+    (dict(rank=2**63), ValueError,
+     r"rank must be None or an int in \[0, 2\*\*63 - 1\], got 9223372036854775808$"),
     (dict(beta1=1.0), ValueError, "beta1 must be"),
     (dict(beta1=-0.1), ValueError, "beta1 must be"),
     (dict(eps=1e-3), ValueError, "eps must be a pair"),
     (dict(eps=(1e-30,)), ValueError, "eps must be a pair"),
     (dict(eps=(-1.0, 1e-3)), ValueError, "eps must be a pair"),
     (dict(eps=(float("nan"), 1e-3)), ValueError, "eps must be a pair"),
+    (dict(eps=(0.0, 1e-3)), ValueError, r"eps1 >= 2\*\*-126 \(float32's smallest normal"),
+    (dict(eps=(1e-40, 1e-3)), ValueError, r"eps1 >= 2\*\*-126 \(float32's smallest normal"),
     (dict(clip_threshold=0.0), ValueError, "clip_threshold must be"),
     (dict(decay_rate=0.5), ValueError, "decay_rate must be"),
     (dict(weight_decay=-0.1), ValueError, "weight_decay must be"),
@@ -34,7 +40,8 @@ BAD_CONSTRUCTOR = [
     (dict(scale_parameter="yes"), TypeError, "scale_parameter must be a bool"),
     (dict(tf32=1), TypeError, "tf32 must be a bool"),
     (dict(stochastic_rounding=None), TypeError, "stochastic_rounding must be a bool"),
-    (dict(lr=torch.tensor(0.1)), TypeError, "lr must be a Python float"),
+    (dict(lr=torch.tensor(0.1)), ValueError,
+     r"^flora: lr as a Tensor is not supported; pass a Python float \(e.g. lr.item\(\)\)$"),
     (dict(quantization=True), NotImplementedError, "quantization=True"),
 ]
 
@@ -469,7 +476,8 @@ def _assert_unchanged(ps, opt, snapshot):
 @pytest.mark.parametrize("lr,exc,match", [
     (-1.0, ValueError, "lr must be"), (float("nan"), ValueError, "lr must be"),
     (float("inf"), ValueError, "lr must be"), (None, ValueError, "lr is required"),
-    (torch.tensor(0.1), TypeError, "lr must be a Python float"), ("0.1", ValueError, "lr must be"),
+    (torch.tensor(0.1), ValueError, "lr as a Tensor is not supported"),
+    ("0.1", ValueError, "lr must be"),
 ])
 def test_invalid_lr_set_after_a_step_is_rejected(lr, exc, match):
     ps, opt = _stepped([(16, 40), (37,)])
@@ -632,3 +640,132 @@ def test_reuse_param_norms_must_be_a_bool():
     with pytest.raises(TypeError, match="reuse_param_norms must be a bool, got 1"):
         flora_ext.Flora([p], lr=1e-2, reuse_param_norms=1)
     assert flora_ext.Flora([p], lr=1e-2, reuse_param_norms=False).reuse_param_norms is False
+
+
+# Per-group lr, int64 bounds, tensor lr, eps1 (issue 29).
+
+def test_lr_may_be_given_by_every_param_group_instead_of_the_constructor():
+    """As torch.optim and flora-opt: no global lr when each group has its own."""
+    torch.manual_seed(0)
+    a0, b0 = torch.randn(6, 8), torch.randn(8)
+    grads = [(torch.randn(6, 8), torch.randn(8)) for _ in range(3)]
+
+    def run(make):
+        a, b = torch.nn.Parameter(a0.clone()), torch.nn.Parameter(b0.clone())
+        opt = make(a, b)
+        for ga, gb in grads:
+            a.grad, b.grad = ga.clone(), gb.clone()
+            opt.step()
+        return a, b, opt
+
+    *per_group, opt = run(lambda a, b: flora_ext.Flora(
+        [{"params": [a], "lr": 1e-2}, {"params": [b], "lr": 1e-2}], beta1=0.9, rank=2))
+    *shared, _ = run(lambda a, b: flora_ext.Flora([a, b], lr=1e-2, beta1=0.9, rank=2))
+    assert opt.defaults["lr"] is None
+    assert [g["lr"] for g in opt.param_groups] == [1e-2, 1e-2]
+    assert all(torch.equal(p, q) for p, q in zip(per_group, shared))
+    # relative_step in a group needs no lr either
+    c = torch.nn.Parameter(torch.randn(4))
+    opt = flora_ext.Flora([{"params": [c], "relative_step": True}])
+    c.grad = torch.ones(4)
+    opt.step()
+    assert opt.state[c]["step"] == 1
+
+
+def test_a_param_group_without_any_lr_is_named_and_nothing_changes():
+    a, b = torch.nn.Parameter(torch.randn(6, 8)), torch.nn.Parameter(torch.randn(8))
+    before = [a.detach().clone(), b.detach().clone()]
+    message = (r"^flora: lr is required unless relative_step=True; param group 1 has none "
+               r"\(give it an 'lr', or pass lr to Flora\)$")
+    with pytest.raises(ValueError, match=message):
+        flora_ext.Flora([{"params": [a], "lr": 1e-2}, {"params": [b]}])
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+    assert a.grad is None and b.grad is None
+    with pytest.raises(ValueError, match="param group 0 has none"):
+        flora_ext.Flora([a])
+    # The other arguments are still checked when lr is left to the groups.
+    with pytest.raises(ValueError, match="kappa must be"):
+        flora_ext.Flora([{"params": [a], "lr": 1e-2}], kappa=0)
+    # ... and a group added later gets the same error and is not added.
+    opt = flora_ext.Flora([{"params": [a], "lr": 1e-2}])
+    a.grad = torch.randn(6, 8)
+    opt.step()
+    snapshot, groups = _snapshot([a], opt), list(opt.param_groups)
+    with pytest.raises(ValueError, match="param group 1 has none"):
+        opt.add_param_group({"params": [b]})
+    assert opt.param_groups == groups
+    _assert_unchanged([a], opt, snapshot)
+    opt.add_param_group({"params": [b], "lr": 1e-3})
+    assert opt.param_groups[1]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("name,value", [("kappa", 2**63), ("rank", 2**63), ("kappa", 2**64),
+                                        ("rank", -(2**63) - 1)])
+def test_int_beyond_int64_set_after_a_step_is_rejected_before_any_write(name, value):
+    """Such a value used to reach the op and fail in the dispatcher, kappa after the
+    state was made: now the check names it, and nothing changes."""
+    ps, opt = _stepped([(16, 40), (37,)], beta1=0.9, rank=4)
+    before = _snapshot(ps, opt)
+    opt.param_groups[0][name] = value
+    with pytest.raises(ValueError, match=rf"^flora: {name} must be .*2\*\*63 - 1\], got {value}$"):
+        opt.step()
+    _assert_unchanged(ps, opt, before)
+    # before the first step: no state is made
+    p = torch.nn.Parameter(torch.randn(16, 40))
+    opt = flora_ext.Flora([p], lr=1e-2, beta1=0.9, rank=4)
+    opt.param_groups[0][name] = value
+    p.grad = torch.randn(16, 40)
+    p0 = p.detach().clone()
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        opt.step()
+    assert torch.equal(p, p0) and not opt.state.get(p)
+
+
+def test_largest_int64_kappa_and_rank_step():
+    """The bound is the op's: 2**63 - 1 reaches the kernels (rank beyond the shape: dense)."""
+    p = torch.nn.Parameter(torch.randn(16, 40))
+    opt = flora_ext.Flora([p], lr=1e-2, beta1=0.9, kappa=2**63 - 1, rank=2**63 - 1)
+    for _ in range(2):
+        p.grad = torch.randn(16, 40)
+        opt.step()
+    assert opt.state[p]["momentum"].shape == (16, 40) and torch.isfinite(p).all()
+    q = torch.nn.Parameter(torch.randn(16, 40))
+    opt = flora_ext.Flora([q], lr=1e-2, beta1=0.9, kappa=2**63 - 1, rank=4)
+    for _ in range(2):
+        q.grad = torch.randn(16, 40)
+        opt.step()
+    assert opt.state[q]["seed"] == 1 and opt.state[q]["step"] == 2  # never resampled
+
+
+def test_tensor_lr_in_a_param_group_is_refused_like_torch_optim():
+    p = torch.nn.Parameter(torch.randn(6, 8))
+    with pytest.raises(ValueError, match="lr as a Tensor is not supported"):
+        flora_ext.Flora([{"params": [p], "lr": torch.tensor(1e-2)}])
+    assert not flora_ext.Flora([p], lr=1e-2).state  # the refused optimizer left nothing
+
+
+@pytest.mark.parametrize("factorize,shape", [(True, (6, 8)), (False, (6, 8)), (True, (7,))])
+@pytest.mark.parametrize("flush_denormal", [False, True])
+def test_smallest_eps1_keeps_a_zero_gradient_row_finite(factorize, shape, flush_denormal):
+    """eps1 = 0 (or one float32 loses) gives 0 / 0 on a zero gradient row: refused. The
+    smallest accepted eps1 keeps it finite even with denormals flushed to zero."""
+    from flora_ext.hyperparams import MIN_EPS1
+    p = torch.nn.Parameter(torch.randn(shape))
+    for eps1 in (0.0, MIN_EPS1 / 2):
+        with pytest.raises(ValueError, match="eps must be a pair"):
+            flora_ext.Flora([p], lr=1e-2, eps=(eps1, 1e-3))
+    opt = flora_ext.Flora([p], lr=1e-2, eps=(MIN_EPS1, 1e-3), beta1=0.9,
+                          factorize_second_moment=factorize)
+    if flush_denormal and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        for _ in range(3):
+            grad = torch.randn(shape)
+            grad[0] = 0.0  # a zero row (2-D) or element (1-D)
+            p.grad = grad
+            opt.step()
+    finally:
+        torch.set_flush_denormal(False)  # torch's default
+    assert torch.isfinite(p).all()
+    assert all(torch.isfinite(t).all() for t in opt.state[p].values()
+               if isinstance(t, torch.Tensor))

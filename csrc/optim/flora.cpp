@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <unordered_set>
@@ -25,6 +26,10 @@ namespace {
 
 // Largest base seed: seed + i and the seeds that follow stay in int63 (as in Python).
 constexpr int64_t kMaxBaseSeed = int64_t{1} << 62;
+// float32's smallest normal (MIN_EPS1 in flora_ext/hyperparams.py): eps1 is added in float32,
+// where a smaller one is lost (below about 1e-45, or with denormals flushed to zero), and a
+// zero gradient row would then give 0 / 0.
+constexpr double kMinEps1 = std::numeric_limits<float>::min();
 
 std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
@@ -172,8 +177,9 @@ void FloraOptions::validate() const {
               "flora: warmup_init=true requires relative_step=true");
   TORCH_CHECK(rank_ >= 0, "flora: rank must be >= 0, got ", rank_);
   TORCH_CHECK(kappa_ >= 1, "flora: kappa must be >= 1, got ", kappa_);
-  TORCH_CHECK(std::isfinite(eps1_) && eps1_ >= 0.0, "flora: eps1 must be finite and >= 0, got ",
-              eps1_);
+  TORCH_CHECK(std::isfinite(eps1_) && eps1_ >= kMinEps1,
+              "flora: eps1 must be finite and >= 2^-126 (float32's smallest normal, about "
+              "1.2e-38), got ", eps1_);
   TORCH_CHECK(std::isfinite(eps2_) && eps2_ >= 0.0, "flora: eps2 must be finite and >= 0, got ",
               eps2_);
   TORCH_CHECK(std::isfinite(clip_threshold_) && clip_threshold_ > 0.0,
@@ -279,7 +285,13 @@ Flora::Flora(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
              FloraOptions defaults)
     : Optimizer(std::vector<torch::optim::OptimizerParamGroup>{},
                 std::make_unique<FloraOptions>(defaults)) {
-  defaults.validate();
+  // As in Python, lr may be left to the param groups: each is checked (add_param_group)
+  // with the defaults merged in, so here every check but that lr is set.
+  if (defaults.lr().has_value() || defaults.relative_step()) {
+    defaults.validate();
+  } else {
+    FloraOptions(defaults).lr(0.0).validate();
+  }
   for (const auto& group : param_groups) add_param_group(group);
 }
 
@@ -317,6 +329,9 @@ void Flora::add_param_group(const torch::optim::OptimizerParamGroup& param_group
                 "flora: the options of a param group must be flora::FloraOptions");
     options = options.merged_with(*group);
   }
+  TORCH_CHECK(options.lr().has_value() || options.relative_step(),
+              "flora: lr is required unless relative_step=true; param group ", param_groups_.size(),
+              " has none (give its FloraOptions an lr, or the optimizer's defaults)");
   options.validate();
   std::unordered_set<const c10::TensorImpl*> seen;
   for (const auto& group : param_groups_) {

@@ -301,13 +301,17 @@ FLORA_TEST(bad_options_are_rejected_with_the_option_named) {
       {FloraOptions(1e-3).kappa(0), "flora: kappa must be >= 1, got 0"},
       {FloraOptions(-1.0), "flora: lr must be finite and >= 0, got -1"},
       {FloraOptions(nan), "flora: lr must be finite"},
-      {FloraOptions(), "flora: lr is required unless relative_step=true"},
+      {FloraOptions(), "flora: lr is required unless relative_step=true; param group 0 has none"},
       {FloraOptions(1e-3).relative_step(true), "are exclusive"},
       {FloraOptions(1e-3).warmup_init(true), "warmup_init=true requires relative_step=true"},
       {FloraOptions(1e-3).rank(-1), "flora: rank must be >= 0, got -1"},
       {FloraOptions(1e-3).beta1(1.0), "flora: beta1 must be in [0, 1), got 1"},
       {FloraOptions(1e-3).beta1(-0.1), "flora: beta1 must be in [0, 1)"},
-      {FloraOptions(1e-3).eps1(-1.0), "flora: eps1 must be finite and >= 0"},
+      {FloraOptions(1e-3).eps1(-1.0), "flora: eps1 must be finite and >= 2^-126"},
+      // a zero gradient row would give 0 / 0: eps1 must survive in float32, denormals flushed
+      {FloraOptions(1e-3).eps1(0.0), "flora: eps1 must be finite and >= 2^-126 (float32's "
+                                     "smallest normal, about 1.2e-38), got 0"},
+      {FloraOptions(1e-3).eps1(1e-40), "flora: eps1 must be finite and >= 2^-126"},
       {FloraOptions(1e-3).eps2(nan), "flora: eps2 must be finite and >= 0"},
       {FloraOptions(1e-3).clip_threshold(0.0), "flora: clip_threshold must be finite and > 0"},
       {FloraOptions(1e-3).clip_threshold(inf), "flora: clip_threshold must be finite"},
@@ -330,6 +334,38 @@ FLORA_TEST(bad_options_are_rejected_with_the_option_named) {
         message);
     REQUIRE_EQ(optimizer.param_groups().size(), size_t{1});
   }
+}
+
+FLORA_TEST(lr_may_be_set_by_every_param_group_instead_of_the_defaults) {
+  // As torch.optim and Python's Flora: defaults without lr, each group with its own.
+  std::vector<at::Tensor> a = {initial_param(0, {6, 8})};
+  std::vector<at::Tensor> b = {initial_param(1, {6, 8})};
+  std::vector<OptimizerParamGroup> groups;
+  groups.emplace_back(a, std::make_unique<FloraOptions>(FloraOptions(1e-2)));
+  groups.emplace_back(b, std::make_unique<FloraOptions>(FloraOptions().relative_step(true)));
+  Flora optimizer(groups, FloraOptions().beta1(0.9));
+  REQUIRE(!optimizer.defaults_options().lr().has_value());
+  REQUIRE_EQ(optimizer.group_options(0).lr().value(), 1e-2);
+  REQUIRE(!optimizer.group_options(1).lr().has_value());
+  set_gradients({a[0], b[0]}, 1);
+  const at::Tensor a0 = a[0].detach().clone();
+  const at::Tensor b0 = b[0].detach().clone();
+  optimizer.step();
+  REQUIRE(!a[0].equal(a0));
+  REQUIRE(!b[0].equal(b0));
+  // A group that gets no lr from anywhere is named, and not added.
+  std::vector<at::Tensor> c = {initial_param(2, {6, 8})};
+  REQUIRE_THROWS_WITH(optimizer.add_param_group(OptimizerParamGroup(c)),
+                      "flora: lr is required unless relative_step=true; param group 2 has none");
+  REQUIRE_EQ(optimizer.param_groups().size(), size_t{2});
+  // The other defaults are still checked in the constructor.
+  REQUIRE_THROWS_WITH((void)Flora(groups, FloraOptions().kappa(0)),
+                      "flora: kappa must be >= 1, got 0");
+  std::vector<OptimizerParamGroup> second_without_lr;
+  second_without_lr.emplace_back(a, std::make_unique<FloraOptions>(FloraOptions(1e-2)));
+  second_without_lr.emplace_back(b);
+  REQUIRE_THROWS_WITH((void)Flora(second_without_lr, FloraOptions()),
+                      "flora: lr is required unless relative_step=true; param group 1 has none");
 }
 
 FLORA_TEST(bad_parameters_are_rejected) {

@@ -138,6 +138,7 @@ struct FloraParamState : public torch::optim::OptimizerCloneableParamState<Flora
 
 class Flora : public torch::optim::Optimizer {
  public:
+  // defaults may leave lr unset (FloraOptions()) when every param group sets its own.
   explicit Flora(const std::vector<torch::optim::OptimizerParamGroup>& param_groups,
                  FloraOptions defaults = {});
   explicit Flora(std::vector<torch::Tensor> params, FloraOptions defaults = {});
