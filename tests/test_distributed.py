@@ -171,6 +171,43 @@ def accumulator_with_ddp_model(rank, world, device):
     assert model.require_backward_grad_sync is True
 
 
+def accelerator_across_processes(rank, world, device):
+    """FloraAccelerator under a 2-process launch (accelerate's MULTI_CPU; on the GPU machine
+    both processes would need their own GPU, so this scenario runs on the CPU only)."""
+    if device != "cpu":
+        return
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        return  # optional dependency; test_accelerator_across_processes skips then
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedType
+
+    try:
+        accelerator = flora_ext.FloraAccelerator(cpu=True, accumulation_compression_rank=RANK,
+                                                 gradient_accumulation_steps=2)
+        assert accelerator.distributed_type == DistributedType.MULTI_CPU
+        model = mlp(device)
+        model, opt = accelerator.prepare(model, flora_ext.Flora(model.parameters(), **FLORA))
+        assert isinstance(model, DDP) and model.require_backward_grad_sync is False
+        for c in range(2):
+            for b in range(2):
+                with accelerator.accumulate(model):
+                    accelerator.backward(loss_of(model, batch(rank, c * 2 + b, device)))
+                    assert all(p.grad is None for p in model.parameters())
+                    opt.step()
+                    opt.zero_grad()
+        params = list(model.parameters())
+        assert_ranks_equal(params)
+        seeds0 = [initial_accumulation_seed(0, i + 1) for i in range(len(params))]
+        expected = _reference_cycles(device, world, 2, 2, seeds0)
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.detach(), e.detach(), rtol=RTOL, atol=ATOL)
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
 def _recording_hook(record):
     def hook(state, bucket):
         record.append((state.iter, bucket.index(), [id(p) for p in bucket.parameters()]))
@@ -327,7 +364,7 @@ def refuse_fsdp1(rank, world, device):
 
 
 SCENARIOS = [ddp_flora_bitwise, accumulator_matches_one_process, accumulator_with_ddp_model,
-             comm_hook, refuse_accumulator_without_group, refuse_hidden_ddp,
+             accelerator_across_processes, comm_hook, refuse_accumulator_without_group, refuse_hidden_ddp,
              refuse_ddp_sync_turned_back_on, refuse_disagreeing_seeds,
              refuse_disagreeing_micro_batches, refuse_disagreeing_initial_parameters,
              refuse_disagreeing_comm_hook_seeds, refuse_fsdp1]
@@ -362,9 +399,30 @@ def outcome(device, name):
     assert not errors, "\n".join(errors)
 
 
+def _has_accelerate():
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# Scenarios that only run on one device, and why (their bodies return at once elsewhere).
+SKIPS = {
+    "refuse_fsdp1": lambda device: device == "cpu" and "FSDP1 needs an accelerator (torch's "
+    "marks are checked on the CPU by test_fsdp1_marked_tensors_are_refused)",
+    "accelerator_across_processes": lambda device: (
+        device == "cuda" and "accelerate would put rank 1 on cuda:1; the CPU run covers it")
+    or (not _has_accelerate() and "needs accelerate"),
+}
+
+
 def _scenario_test(name):
     @pytest.mark.parametrize("device", DEVICES)
     def test(device):
+        reason = SKIPS.get(name, lambda d: None)(device)
+        if reason:
+            pytest.skip(reason)
         outcome(device, name)
     test.__name__ = f"test_{name}"
     test.__doc__ = globals()[name].__doc__
