@@ -425,7 +425,9 @@ def _conv_worker(rank, world, data_dir, cfg, steps, batch_size, lr, eval_every, 
     splits = data_mod.load_splits(data_dir)
     d, layers, heads, context = cfg["dims"]
     model = conv.GPT(d, layers, heads, context)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    # One bucket: powerSGD_hook launches its second all-reduce from a future callback, which
+    # over gloo can race with the next bucket's first one (a collective mismatch).
+    ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=64)
     kind = cfg["kind"]
     if kind == "ddp":
         ddp.register_comm_hook(None, _python_allreduce_hook)
@@ -490,7 +492,8 @@ def convergence_mode(args):
              f"then cosine to 10%; seed {args.seed}. Bytes: mean all-reduce payload a step "
              f"and rank, recorded (PowerSGD starts after 2 plain steps, with error feedback "
              f"and warm start; flora_comm_hook has no error feedback, "
-             f"min_compression_numel=4096). Validation loss on 64 windows.\n",
+             f"min_compression_numel=4096); DDP with one 64 MiB bucket. Validation loss on 64 "
+             f"windows of the validation split.\n",
              "| hook | bytes / step | " + " | ".join(f"val @ {s}" for s in evals) + " | wall |",
              "|---|---:|" + "---:|" * len(evals) + "---:|"]
     for name, res, wall in rows:

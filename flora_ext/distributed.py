@@ -449,8 +449,14 @@ class FloraCommState:
         min_compression_numel: smaller gradients (and 1-D ones) are all-reduced as they are.
         comm_dtype: torch.float32 (default) or torch.bfloat16 for the flat buffer.
 
+    Every step draws fresh projections (seed, step, bucket index, position: comm_seed), so
+    the averaged gradient up_s(mean down_s(G_rank)) is an unbiased estimate of the mean
+    gradient (E[up(down(X))] = X) whose error is not carried over: there is no error-feedback
+    buffer (PowerSGD keeps a full-size one per tensor), and no memory beyond the bucket.
+
     ``state_dict()`` / ``load_state_dict()`` carry the step count so that a resumed job
-    continues the seed sequence.
+    continues the seed sequence (it never reuses a step's seeds; DDP may order a fresh job's
+    first buckets differently, so its projections are new ones, not the interrupted job's).
     """
 
     def __init__(self, process_group=None, rank: int = 256, seed: int = 0,

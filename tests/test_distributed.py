@@ -394,6 +394,8 @@ def outcome(device, name):
         start = time.perf_counter()
         results = spawn_workers(run_scenarios, nprocs=2, args=(device,), timeout_s=240)
         _OUTCOMES[device] = (results, time.perf_counter() - start)
+        print(f"\n2-process spawn on {device}: {_OUTCOMES[device][1]:.1f} s; per scenario "
+              + ", ".join(f"{k} {v[1]:.2f} s" for k, v in results[0].items()))
     results, _ = _OUTCOMES[device]
     errors = [f"rank {r}:\n{res[name][0]}" for r, res in enumerate(results) if res[name][0]]
     assert not errors, "\n".join(errors)
