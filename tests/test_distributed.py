@@ -87,6 +87,7 @@ def _reference_cycles(device, world, cycles, k, seeds0):
     opt = flora_ext.Flora(model.parameters(), **FLORA)
     params = list(model.parameters())
     seeds = list(seeds0)
+    _reference_cycles.grads = []  # the averaged gradients, by cycle and parameter
     for c in range(cycles):
         per_rank = []
         for r in range(world):
@@ -110,6 +111,7 @@ def _reference_cycles(device, world, cycles, k, seeds0):
                 up_project_add_(grad, total, seeds[i], RANK)
             else:
                 grad = total.to(p.dtype)
+            _reference_cycles.grads.append(grad.clone())
             opt.step_param(p, grad)
         seeds = [flora_ext.next_seed(s) for s in seeds]
     return params
@@ -124,9 +126,18 @@ def _accumulate(rank, device, model, opt, acc, cycles, k, first=0):
     assert acc.pending_micro_batches == 0
 
 
+def _record_step_grads(opt):
+    # Flora's step is nearly invariant to the gradient's scale: the averaged gradients
+    # themselves are compared, so that a wrong division by the world size cannot hide.
+    grads, step = [], opt._step_param
+    opt._step_param = lambda p, grad: (grads.append(grad.detach().clone()), step(p, grad))[1]
+    return grads
+
+
 def accumulator_matches_one_process(rank, world, device):
     model = mlp(device)
     opt = flora_ext.Flora(model.parameters(), **FLORA)
+    grads = _record_step_grads(opt)
     sent = []
     real = fd._all_reduce
     fd._all_reduce = lambda t, g: (sent.append(t.numel()), real(t, g))[1]
@@ -143,11 +154,35 @@ def accumulator_matches_one_process(rank, world, device):
     expected = _reference_cycles(device, world, 2, 2, seeds0)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.detach(), e.detach(), rtol=RTOL, atol=ATOL)
+    # the steps run in bucket order (last parameter first), the reference in parameter order
+    n = len(params)
+    stepped = [g for c in range(2) for g in reversed(grads[c * n:(c + 1) * n])]
+    assert len(grads) == 2 * n
+    for g, e in zip(stepped, _reference_cycles.grads):
+        torch.testing.assert_close(g, e, rtol=RTOL, atol=ATOL)
     # what went over the wire: r x m or n x r per weight, the biases as they are
     per_cycle = sum(torch.Size(fd.buffer_shape(p.shape, RANK, p.dim() == 2)).numel()
                     for p in params)
     assert sum(sent) == 2 * per_cycle, (sent, per_cycle)
     assert len(sent) > 2, "expected several buckets a cycle"
+    acc.remove()
+
+
+def accumulator_bf16_buffers(rank, world, device):
+    # comm_dtype=bfloat16: the averaged gradients within bf16 rounding of the float32 ones
+    model = mlp(device)
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    grads = _record_step_grads(opt)
+    acc = flora_ext.FloraAccumulator(opt, micro_batches=2, rank=RANK, model=model,
+                                     process_group=None, comm_dtype=torch.bfloat16)
+    _accumulate(rank, device, model, opt, acc, cycles=1, k=2)
+    params = list(model.parameters())
+    assert_ranks_equal(params)
+    seeds0 = [initial_accumulation_seed(0, i + 1) for i in range(len(params))]
+    _reference_cycles(device, world, 1, 2, seeds0)
+    for g, e in zip(reversed(grads), _reference_cycles.grads):
+        err = ((g.double() - e.double()).norm() / e.double().norm()).item()
+        assert 0 < err < 1e-2, err  # rounded (not float32), but only to bf16's precision
     acc.remove()
 
 
@@ -363,7 +398,8 @@ def refuse_fsdp1(rank, world, device):
         assert len(opt.param_groups) == 1
 
 
-SCENARIOS = [ddp_flora_bitwise, accumulator_matches_one_process, accumulator_with_ddp_model,
+SCENARIOS = [ddp_flora_bitwise, accumulator_matches_one_process, accumulator_bf16_buffers,
+             accumulator_with_ddp_model,
              accelerator_across_processes, comm_hook, refuse_accumulator_without_group, refuse_hidden_ddp,
              refuse_ddp_sync_turned_back_on, refuse_disagreeing_seeds,
              refuse_disagreeing_micro_batches, refuse_disagreeing_initial_parameters,
