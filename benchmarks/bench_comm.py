@@ -429,7 +429,11 @@ def _conv_worker(rank, world, data_dir, cfg, steps, batch_size, lr, eval_every, 
     # over gloo can race with the next bucket's first one (a collective mismatch).
     ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=64)
     kind = cfg["kind"]
-    if kind == "ddp":
+    k = cfg.get("micro_batches", 1)
+    if kind == "flora_accum":
+        opt = flora_ext.Flora(ddp.parameters(), lr=lr, rank=32, kappa=100, beta1=0.9)
+        flora_ext.FloraAccumulator(opt, micro_batches=k, rank=cfg["rank"], model=ddp)
+    elif kind == "ddp":
         ddp.register_comm_hook(None, _python_allreduce_hook)
     elif kind == "flora":
         ddp.register_comm_hook(fd.FloraCommState(rank=cfg["rank"], seed=seed,
@@ -440,16 +444,20 @@ def _conv_worker(rank, world, data_dir, cfg, steps, batch_size, lr, eval_every, 
                                    start_powerSGD_iter=2, min_compression_rate=1,
                                    use_error_feedback=True, warm_start=True, random_seed=seed)
         ddp.register_comm_hook(state, psgd.powerSGD_hook)
-    opt = flora_ext.Flora(ddp.parameters(), lr=lr, rank=32, kappa=100, beta1=0.9)
+    if kind != "flora_accum":
+        opt = flora_ext.Flora(ddp.parameters(), lr=lr, rank=32, kappa=100, beta1=0.9)
     sched = conv.make_scheduler(opt, steps, 0.05)
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
     windows = conv.eval_windows(splits["validation"], context, 64)
     log, sent_total = [], 0
     with recording() as sent:
         for step in range(1, steps + 1):
-            x, y = conv.sample_batch(splits["train"], batch_size, context, gen)
-            conv.loss_fn(ddp, x, y).backward()
-            opt.step()
+            for i in range(k):  # micro-batches of batch_size / k sequences
+                x, y = conv.sample_batch(splits["train"], batch_size // k, context, gen)
+                sync = kind == "flora_accum" or i == k - 1
+                with contextlib.nullcontext() if sync else ddp.no_sync():
+                    (conv.loss_fn(ddp, x, y) / k).backward()
+            opt.step()  # for the accumulator: only checks that the cycle is complete
             opt.zero_grad()
             sched.step()
             if step % eval_every == 0 or step == steps:
@@ -475,6 +483,12 @@ def convergence_mode(args):
                             min_numel=4096))
         configs.append(dict(name=f"PowerSGD hook rank {best}", kind="powersgd", rank=best,
                             dims=dims))
+    if args.accumulate > 1:
+        k = args.accumulate
+        configs = [dict(name=f"DDP, no_sync accumulation of {k}", kind="ddp", dims=dims,
+                        micro_batches=k)]
+        configs += [dict(name=f"FloraAccumulator r={r}, {k} micro-batches", kind="flora_accum",
+                         rank=r, dims=dims, micro_batches=k) for r in args.ranks]
     rows = []
     for cfg in configs:
         start = time.perf_counter()
@@ -483,17 +497,24 @@ def convergence_mode(args):
         rows.append((cfg["name"], res, time.perf_counter() - start))
         print(cfg["name"], res["log"][-1], f"{res['bytes_per_step']:,.0f} B/step", flush=True)
     evals = [step for step, _ in rows[0][1]["log"]]
-    lines = [f"\n## Convergence: DDP vs flora_comm_hook vs PowerSGD, 2 gloo processes\n",
+    title = (f"DDP vs FloraAccumulator, {args.accumulate} micro-batches a step"
+             if args.accumulate > 1 else "DDP vs flora_comm_hook vs PowerSGD")
+    lines = [f"\n## Convergence: {title}, 2 gloo processes\n",
              f"Measured on: {measured_on('cpu')}\n",
              f"Model: benchmarks/convergence.py GPT, d_model {dims[0]}, {dims[1]} layers, "
              f"{dims[2]} heads, context {dims[3]}, {sum(math.prod(s) for s in shapes):,} "
              f"parameters; data {args.data}; {args.steps} steps of {args.batch_size} sequences "
              f"a rank (2 ranks), Flora(lr={args.lr}, rank=32, kappa=100, beta1=0.9), warmup 5% "
              f"then cosine to 10%; seed {args.seed}. Bytes: mean all-reduce payload a step "
-             f"and rank, recorded (PowerSGD starts after 2 plain steps, with error feedback "
-             f"and warm start; flora_comm_hook has no error feedback, "
-             f"min_compression_numel=4096); DDP with one 64 MiB bucket. Validation loss on 64 "
-             f"windows of the validation split.\n",
+             f"and rank, recorded; " + (
+                 f"each step is {args.accumulate} micro-batches of "
+                 f"{args.batch_size // args.accumulate} sequences (DDP under no_sync() but the "
+                 f"last; the accumulator compresses all {args.accumulate} and all-reduces once)"
+                 if args.accumulate > 1 else
+                 "PowerSGD starts after 2 plain steps, with error feedback and warm start; "
+                 "flora_comm_hook has no error feedback, min_compression_numel=4096") +
+             f"; DDP with one 64 MiB bucket. Validation loss on 64 windows of the validation "
+             f"split.\n",
              "| hook | bytes / step | " + " | ".join(f"val @ {s}" for s in evals) + " | wall |",
              "|---|---:|" + "---:|" * len(evals) + "---:|"]
     for name, res, wall in rows:
@@ -537,6 +558,9 @@ def main(argv=None):
     ap.add_argument("--n-layers", type=int, default=2)
     ap.add_argument("--n-heads", type=int, default=4)
     ap.add_argument("--context", type=int, default=64)
+    ap.add_argument("--accumulate", type=int, default=1,
+                    help="--convergence: K > 1 compares DDP's no_sync accumulation of K "
+                         "micro-batches (batch-size / K sequences each) with FloraAccumulator")
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args(argv)
     args.ranks = [int(r) for r in args.ranks.split(",")]
