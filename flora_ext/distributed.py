@@ -219,6 +219,18 @@ class CycleReducer:
                 raise ValueError(f"flora: FloraAccumulator across processes needs replicated "
                                  f"(DDP-style) parameters; {e.name} is a DTensor (sharded "
                                  f"by fully_shard?)")
+        managed = {id(e.param) for e in accumulator._entries}
+        others = [p for g in accumulator.optimizer.param_groups for p in g["params"]]
+        if ddp is not None:
+            others += list(ddp.parameters())
+        for p in others:
+            if p.requires_grad and id(p) not in managed:
+                raise ValueError(
+                    f"flora: FloraAccumulator across processes must step every trainable "
+                    f"parameter of its optimizer{' and DDP model' if ddp is not None else ''}: "
+                    f"{accumulator._name(p)} is not among its params, so it would be stepped "
+                    f"with this rank's own gradient (DDP's all-reduce is off) and the replicas "
+                    f"would diverge; leave params=... out, or freeze it (requires_grad_(False))")
         self.accumulator = accumulator
         self.group = group
         self.world = dist.get_world_size(group)

@@ -321,6 +321,19 @@ def refuse_accumulator_without_group(rank, world, device):
     opt.step()
 
 
+def refuse_partial_params(rank, world, device):
+    # parameters left out would be stepped on each rank's own gradient
+    model = DDP(mlp(device))
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    first = next(model.parameters())
+    expect_error(ValueError, ["every trainable parameter", "diverge"],
+                 lambda: flora_ext.FloraAccumulator(opt, micro_batches=2, rank=RANK,
+                                                    params=[first], model=model))
+    assert model.require_backward_grad_sync is True  # nothing was changed
+    acc = flora_ext.FloraAccumulator(opt, micro_batches=2, rank=RANK, model=model)
+    acc.remove()
+
+
 def refuse_hidden_ddp(rank, world, device):
     # The accumulator got the unwrapped module and a group, but DDP reduces it too.
     module = mlp(device)
@@ -399,8 +412,8 @@ def refuse_fsdp1(rank, world, device):
 
 
 SCENARIOS = [ddp_flora_bitwise, accumulator_matches_one_process, accumulator_bf16_buffers,
-             accumulator_with_ddp_model,
-             accelerator_across_processes, comm_hook, refuse_accumulator_without_group, refuse_hidden_ddp,
+             accumulator_with_ddp_model, accelerator_across_processes, comm_hook,
+             refuse_accumulator_without_group, refuse_partial_params, refuse_hidden_ddp,
              refuse_ddp_sync_turned_back_on, refuse_disagreeing_seeds,
              refuse_disagreeing_micro_batches, refuse_disagreeing_initial_parameters,
              refuse_disagreeing_comm_hook_seeds, refuse_fsdp1]
