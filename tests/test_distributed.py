@@ -138,9 +138,15 @@ def accumulator_matches_one_process(rank, world, device):
     model = mlp(device)
     opt = flora_ext.Flora(model.parameters(), **FLORA)
     grads = _record_step_grads(opt)
-    sent = []
+    sent, ready_at_launch = [], []
     real = fd._all_reduce
-    fd._all_reduce = lambda t, g: (sent.append(t.numel()), real(t, g))[1]
+
+    def recording(t, g):
+        sent.append(t.numel())
+        ready_at_launch.append(len(acc._reducer.seeds))  # gradients of the cycle arrived
+        return real(t, g)
+
+    fd._all_reduce = recording
     try:
         # a tiny bucket cap: several buckets, launched from the hooks
         acc = flora_ext.FloraAccumulator(opt, micro_batches=2, rank=RANK, model=model,
@@ -165,6 +171,8 @@ def accumulator_matches_one_process(rank, world, device):
                     for p in params)
     assert sum(sent) == 2 * per_cycle, (sent, per_cycle)
     assert len(sent) > 2, "expected several buckets a cycle"
+    # launched from the hooks while backward still had gradients to deliver (overlap)
+    assert min(ready_at_launch) < len(params), ready_at_launch
     acc.remove()
 
 
