@@ -12,9 +12,10 @@ from ._library import cmake_prefix_path, library_path  # noqa: E402
 from ._ops import cuda_compiled, next_seed, param_layout, projection  # noqa: E402
 from .optimizer import Flora, state_bytes  # noqa: E402
 from .accumulation import FloraAccumulator  # noqa: E402
+from . import distributed  # noqa: E402  (FloraCommState, flora_comm_hook)
 
 # FloraAccelerator is left out of __all__: a star import must not require accelerate.
-__all__ = ["Flora", "FloraAccumulator", "projection", "next_seed", "param_layout",
+__all__ = ["Flora", "FloraAccumulator", "distributed", "projection", "next_seed", "param_layout",
            "state_bytes", "cuda_compiled", "cmake_prefix_path", "library_path"]
 __version__ = _library.build_info().version
 

@@ -13,6 +13,7 @@ except ImportError as err:  # pragma: no cover - exercised only without accelera
                       "(pip install accelerate); the rest of flora_ext does not") from err
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from .accumulation import FloraAccumulator, _is_int
 from .optimizer import Flora
@@ -40,10 +41,16 @@ class FloraAccelerator(Accelerator):
     micro-batch, that is flora-opt's layer-wise mode). ``accelerator.backward`` divides the
     loss by ``gradient_accumulation_steps``, so the step sees the mean gradient, as with a
     plain Accelerator. The accumulation seeds are registered for ``save_state`` /
-    ``load_state``. One process only, and no fp16 GradScaler (bf16 or fp32): the steps
-    happen inside backward, before a scaler or DDP could act on the gradients. For the same
-    reason ``clip_grad_norm_`` / ``clip_grad_value_`` raise for the hooked parameters rather
-    than find no gradient and silently clip nothing.
+    ``load_state``. No fp16 GradScaler (bf16 or fp32): the steps happen inside backward,
+    before a scaler could act on the gradients. For the same reason ``clip_grad_norm_`` /
+    ``clip_grad_value_`` raise for the hooked parameters rather than find no gradient and
+    silently clip nothing.
+
+    Several processes (``accelerate launch``, MULTI_GPU or MULTI_CPU): the accumulator takes
+    over the prepared DistributedDataParallel model's reduction (flora_ext.distributed): each
+    rank compresses every micro-batch (whenever ``accumulation_compression_rank`` is set),
+    and at each sync step the compressed buffers are averaged over the processes and every
+    rank takes the same step. FSDP and DeepSpeed are refused.
     """
 
     def __init__(self, accumulation_compression_rank: int | None = None, *args, **kwargs):
@@ -54,6 +61,7 @@ class FloraAccelerator(Accelerator):
         super().__init__(*args, **kwargs)
         self.accumulation_compression_rank = accumulation_compression_rank
         self.flora_accumulators: list[FloraAccumulator] = []
+        self._flora_ddp_models: list[DistributedDataParallel] = []
 
     @property
     def accumulation_compression(self) -> bool:
@@ -61,27 +69,52 @@ class FloraAccelerator(Accelerator):
         return (self.accumulation_compression_rank is not None
                 and self.gradient_accumulation_steps > 1)
 
+    def prepare_model(self, model, *args, **kwargs):
+        prepared = super().prepare_model(model, *args, **kwargs)
+        if isinstance(prepared, DistributedDataParallel):
+            # accelerate keeps the unwrapped model in _models: the DDP is remembered here
+            self._flora_ddp_models.append(prepared)
+        return prepared
+
     def prepare_optimizer(self, optimizer, device_placement=None):
         if getattr(optimizer, "_is_accelerate_prepared", False):
             return super().prepare_optimizer(optimizer, device_placement)
         if not isinstance(optimizer, Flora):
             raise TypeError(f"flora: FloraAccelerator prepares flora_ext.Flora optimizers, got "
                             f"{type(optimizer).__name__}; use accelerate.Accelerator for others")
+        ddp = None
         if self.distributed_type != DistributedType.NO or self.num_processes > 1:
-            raise NotImplementedError(
-                f"flora: FloraAccelerator runs in one process only (distributed type "
-                f"{self.distributed_type}): its hooks step on the local gradient, before a "
-                f"data-parallel reduction")
+            ddp = self._flora_ddp_model(optimizer)
         if self.scaler is not None:
             raise ValueError("flora: FloraAccelerator cannot use fp16 mixed precision: the "
                              "steps run inside backward, before the GradScaler could unscale "
                              "the gradients and skip steps with inf/nan; use "
                              "mixed_precision='bf16' or 'no'")
-        rank = self.accumulation_compression_rank if self.accumulation_compression else None
-        accumulator = FloraAccumulator(optimizer, rank=rank, _sync=self._flora_sync)
+        compress = self.accumulation_compression or (
+            ddp is not None and self.accumulation_compression_rank is not None)
+        rank = self.accumulation_compression_rank if compress else None
+        accumulator = FloraAccumulator(optimizer, rank=rank, model=ddp, _sync=self._flora_sync)
         self.flora_accumulators.append(accumulator)
         self.register_for_checkpointing(accumulator)
         return super().prepare_optimizer(optimizer, device_placement)
+
+    def _flora_ddp_model(self, optimizer):
+        """The prepared DistributedDataParallel model that holds ``optimizer``'s parameters."""
+        if self.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+            raise NotImplementedError(
+                f"flora: FloraAccelerator runs on one process or under DistributedDataParallel "
+                f"(accelerate's MULTI_GPU / MULTI_CPU), got distributed type "
+                f"{self.distributed_type}; FSDP and DeepSpeed shard the gradients before "
+                f"Flora's hooks could compress them")
+        ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        for model in self._flora_ddp_models:
+            if isinstance(model, DistributedDataParallel) and any(
+                    id(p) in ids for p in model.parameters()):
+                return model
+        raise ValueError(
+            "flora: FloraAccelerator with several processes needs the DistributedDataParallel "
+            "model that holds the optimizer's parameters: prepare the model before (or with) "
+            "the optimizer, accelerator.prepare(model, optimizer)")
 
     def _flora_sync(self) -> bool:
         return bool(self.sync_gradients)

@@ -31,6 +31,7 @@ import torch
 from ._ops import next_seed, projection
 
 _MAX_SEED = 2**63 - 1
+_UNSET = object()  # process_group not given
 # Accumulation seeds are next_seed(group seed + i) XOR this salt (i: the parameter's 1-based
 # number, as for the momentum seeds). The momentum seeds are seed + i and their next_seed
 # iterates, never salted, so the two families do not share a seed by construction.
@@ -225,7 +226,24 @@ class FloraAccumulator:
             parameter with ``rank < min(n, m)`` is accumulated compressed when
             micro_batches > 1; others are summed densely.
         params: the parameters to hook (default: all of ``optimizer``'s that require grad).
-        model: optional, only to name parameters in error messages.
+        model: optional: names parameters in error messages; a DistributedDataParallel
+            model makes the accumulation span its process group (see below).
+        process_group: accumulate across the processes of this group (None: the default
+            group) with an unwrapped model. Not given: the group of ``model`` when it is a
+            DistributedDataParallel, else this process only (refused in a job of several
+            processes, where the replicas would diverge).
+        bucket_cap_mb, comm_dtype: across processes, the size of the flat all-reduce
+            buckets (default 25 MiB) and their dtype (float32, or bfloat16 to halve bytes).
+
+    Across processes (flora_ext.distributed): each rank compresses every micro-batch of a
+    cycle, the last one too (one process keeps the last one dense; across processes that
+    would take a full-size all-reduce). When its cycle ends, the compressed buffers (and the
+    dense sums of the other parameters) are averaged over the group in buckets launched from
+    the hooks, and every rank steps the same averaged G~ = up_s(mean C) after backward. With
+    a DDP model the accumulator switches DDP's own all-reduce off
+    (``require_backward_grad_sync = False``) so that nothing is reduced twice. The ranks'
+    seeds, hyper-parameters, micro_batches and initial parameters are compared in the first
+    cycle (one small all_gather); a difference raises on every rank.
 
     Every hooked parameter must receive a gradient in every backward pass; one that did not
     is reported (RuntimeError naming it) at the next backward pass, at ``opt.step()`` and at
@@ -234,8 +252,10 @@ class FloraAccumulator:
     """
 
     def __init__(self, optimizer, micro_batches: int = 1, rank: int | None = None, *,
-                 params=None, model=None, _sync=None):
-        from .optimizer import Flora  # a cycle at import time otherwise
+                 params=None, model=None, process_group=_UNSET, bucket_cap_mb=25,
+                 comm_dtype=torch.float32, _sync=None):
+        from . import distributed  # a cycle at import time otherwise
+        from .optimizer import Flora
 
         if not isinstance(optimizer, Flora):
             raise TypeError(f"flora: FloraAccumulator needs a flora_ext.Flora optimizer, got "
@@ -258,6 +278,8 @@ class FloraAccumulator:
         if model is not None:
             self._names = {id(p): name for name, p in model.named_parameters()}
         self.active = False
+        self._reducer = None
+        comm_group, ddp = distributed.resolve_process_group(model, process_group)
 
         owned = getattr(optimizer, "_accumulator", None)
         if owned is not None and owned() is not None and owned().active:
@@ -304,6 +326,13 @@ class FloraAccumulator:
             _HOOKED[id(e.param)] = (weakref.ref(e.param), weakref.ref(self))
         optimizer._accumulator = weakref.ref(self)
         self.active = True
+        if comm_group is not None:
+            try:
+                self._reducer = distributed.CycleReducer(self, comm_group, ddp, bucket_cap_mb,
+                                                         comm_dtype)
+            except Exception:
+                self.remove()
+                raise
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -362,7 +391,9 @@ class FloraAccumulator:
         return hook
 
     def _compresses(self, p):
-        several = self._sync is not None or self._micro_batches > 1
+        # Across processes every cycle is compressed: that is what cuts the all-reduce.
+        several = (self._sync is not None or self._micro_batches > 1
+                   or self._reducer is not None)
         return (self.rank is not None and several and p.dim() == 2
                 and self.rank < min(p.shape))
 
@@ -414,6 +445,9 @@ class FloraAccumulator:
             last = self._sync() if self._sync is not None else \
                 entry.count >= self._micro_batches
         p.grad = None
+        if self._reducer is not None:
+            self._reducer.add(entry, grad, last)
+            return
         if not last:
             if entry.compressed:
                 entry.buffer = down_project(grad, entry.seed, self.rank, out=entry.buffer)
@@ -522,6 +556,8 @@ class FloraAccumulator:
             self._ordinal_counts = {0: len(self._entries)} if self._entries else {}
             self._task_seen = None
             self._pass = None
+        if self._reducer is not None:
+            self._reducer.reset()
 
     def remove(self):
         """Takes the hooks off; the optimizer's step() steps all parameters again."""
@@ -536,6 +572,8 @@ class FloraAccumulator:
         owned = getattr(self.optimizer, "_accumulator", None)
         if owned is not None and owned() is self:
             self.optimizer._accumulator = None
+        if self._reducer is not None:
+            self._reducer.close()
         self.active = False
 
     def __enter__(self):
@@ -577,8 +615,9 @@ class FloraAccumulator:
 
     def __repr__(self):
         k = "sync signal" if self._sync is not None else self._micro_batches
+        world = "" if self._reducer is None else f", world_size={self._reducer.world}"
         return (f"FloraAccumulator(micro_batches={k}, rank={self.rank}, "
-                f"params={len(self._entries)}, active={self.active})")
+                f"params={len(self._entries)}, active={self.active}{world})")
 
 
 __all__ = ["FloraAccumulator", "down_project", "up_project_add_", "initial_accumulation_seed",

@@ -127,6 +127,19 @@ def _expected_state_shapes(p, group):
     return shapes, layout["momentum"] == "compressed"
 
 
+def _refuse_fsdp1_param(p):
+    """FSDP1 (FullyShardedDataParallel) hands the optimizer 1-D flat parameters (or, with
+    use_orig_params=True, 1-D views of them), where Flora can neither factor the second
+    moment nor project the momentum: it would silently run as unfactored Adafactor with
+    AdamW's memory. torch marks such tensors _is_flat_param / _fsdp_flattened."""
+    if getattr(p, "_is_flat_param", False) or getattr(p, "_fsdp_flattened", False):
+        raise TypeError(
+            f"flora: got a parameter (shape {tuple(p.shape)}) flattened by FSDP1 "
+            f"(FullyShardedDataParallel); Flora needs each weight matrix with its own shape "
+            f"to factor and project it. Shard the model with FSDP2 "
+            f"(torch.distributed.fsdp.fully_shard) instead, or use DistributedDataParallel")
+
+
 class Flora(torch.optim.Optimizer):
     """Adafactor whose first moment is kept compressed by a resampled random projection.
 
@@ -182,6 +195,7 @@ class Flora(torch.optim.Optimizer):
         try:
             _validate_group(group, index=len(self.param_groups) - 1)
             for p in group["params"]:
+                _refuse_fsdp1_param(p)
                 _check_param(p, group)
             _sharded.check_group(group)  # FSDP2 (DTensor) parameters: what _sharded steps
         except (TypeError, ValueError):
