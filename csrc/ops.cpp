@@ -47,7 +47,7 @@ ParamLayout param_layout(at::IntArrayRef shape, int64_t rank, double beta1,
   }
   const int64_t shorter = std::min(layout.rows, layout.cols);
   const int64_t longer = std::max(layout.rows, layout.cols);
-  // The aspect-ratio limit keeps embeddings and output heads dense (FLORA.md).
+  // The aspect-ratio limit keeps embeddings and output heads dense (docs/FLORA.md).
   const bool compressible = layout.factored && rank > 0 && shorter >= rank &&
                             longer <= 4 * shorter;
   if (compressible) {

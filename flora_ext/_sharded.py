@@ -1,7 +1,7 @@
 """Flora on parameters sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 FSDP2 turns every parameter into a DTensor split by rows (``Shard(0)``) over a 1-D device
-mesh. Each rank steps its own rows with the formulas of the single-device step (FLORA.md,
+mesh. Each rank steps its own rows with the formulas of the single-device step (docs/FLORA.md,
 "One step"), in float32 with float64 sums as the CPU kernel has them. What spans rows is summed
 over the mesh, batched per parameter group into all-reduces per step and mesh:
 
@@ -434,7 +434,7 @@ def _run(optimizer, group, params, grads):
 
 
 def _compressed(it, u, group, beta1, second):
-    """Compressed momentum (FLORA.md step 4) of one item: sets D, and the new momentum, or
+    """Compressed momentum (docs/FLORA.md step 4) of one item: sets D, and the new momentum, or
     its r x m partial down(U) for phase 2 (left projection of a row-sharded parameter)."""
     r = it.layout["rank"]
     n, m = it.n, it.m

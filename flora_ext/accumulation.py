@@ -1,6 +1,6 @@
 """Compressed gradient accumulation and layer-wise Flora steps in backward hooks.
 
-FLORA.md, "Compressed gradient accumulation". A FloraAccumulator registers a
+docs/FLORA.md, "Compressed gradient accumulation". A FloraAccumulator registers a
 post-accumulate-grad hook on each parameter it manages. For every micro-batch the hook takes
 the parameter's fresh gradient G out of ``p.grad`` (which is left ``None``) and folds it into a
 per-parameter buffer; in the backward pass of the cycle's last micro-batch it forms the

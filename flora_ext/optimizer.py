@@ -1,4 +1,4 @@
-"""flora_ext.Flora: torch.optim front end of the flora ops (FLORA.md)."""
+"""flora_ext.Flora: torch.optim front end of the flora ops (docs/FLORA.md)."""
 from __future__ import annotations
 
 import sys
@@ -145,7 +145,7 @@ class Flora(torch.optim.Optimizer):
 
     Constructor and defaults follow flora-opt's ``Flora``, so replacing
     ``flora_opt.Flora(...)`` by ``flora_ext.Flora(...)`` is the whole migration.
-    See README.md for the arguments and FLORA.md for the math.
+    See README.md for the arguments and docs/FLORA.md for the math.
     """
 
     def __init__(self, params, lr=_DEFAULT["lr"], rank=_DEFAULT["rank"], kappa=_DEFAULT["kappa"],
@@ -203,7 +203,7 @@ class Flora(torch.optim.Optimizer):
             raise
 
     def _param_number(self, param):
-        """1-based position of ``param`` over all groups: its seed offset (FLORA.md)."""
+        """1-based position of ``param`` over all groups: its seed offset (docs/FLORA.md)."""
         for number, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups), 1):
             if p is param:
                 return number

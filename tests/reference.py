@@ -1,6 +1,6 @@
-"""Plain float64 reference of one Flora step, written from shared FLORA.md.
+"""Plain float64 reference of one Flora step, written from docs/FLORA.md.
 
-Nothing here is fast or clever on purpose: every formula of FLORA.md ("Which state a parameter
+Nothing here is fast or clever on purpose: every formula of docs/FLORA.md ("Which state a parameter
 gets", "One step for one parameter", "Projections") appears once, in the order the document
 gives it, on float64 tensors. The tests compare the extension's kernels against this file.
 
@@ -20,7 +20,7 @@ import torch
 MASK64 = (1 << 64) - 1
 MASK63 = (1 << 63) - 1
 
-# flora-opt's argument defaults (FLORA.md, "Arguments").
+# flora-opt's argument defaults (docs/FLORA.md, "Arguments").
 DEFAULT_HP = dict(
     lr=None,
     rank=None,
@@ -101,7 +101,7 @@ def up(P, C, left):
 
 
 def layout(shape, rank, beta1, factorize_second_moment):
-    """Which state a parameter of ``shape`` gets (FLORA.md, "Which state a parameter gets")."""
+    """Which state a parameter of ``shape`` gets (docs/FLORA.md, "Which state a parameter gets")."""
     shape = tuple(shape)
     factored = len(shape) == 2 and bool(factorize_second_moment)
     use_momentum = beta1 is not None and beta1 > 0
@@ -152,7 +152,7 @@ def rms(x):
 
 
 def step_size(hp, t, param_rms):
-    """lr_t of FLORA.md step 1."""
+    """lr_t of docs/FLORA.md step 1."""
     if hp["relative_step"]:
         first = 1e-6 * t if hp["warmup_init"] else 1e-2
         lr = min(first, 1.0 / math.sqrt(t))

@@ -1,4 +1,4 @@
-"""FloraAccumulator and FloraAccelerator: compressed accumulation, layer-wise steps (FLORA.md,
+"""FloraAccumulator and FloraAccelerator: compressed accumulation, layer-wise steps (docs/FLORA.md,
 "Compressed gradient accumulation"), their seeds, state_dict and errors."""
 import copy
 import io

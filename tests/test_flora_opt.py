@@ -6,7 +6,7 @@ requirements-test.txt).
    20 steps, parameters and state within 1e-6 relative (||a - b|| / ||b||) after every step.
 2. The float64 reference (tests/reference.py) against flora_opt.Flora with compressed momentum,
    giving the reference flora-opt's own projections and seed sequence: this checks that the
-   formulas of FLORA.md, which the extension is tested against, are the authors' formulas.
+   formulas of docs/FLORA.md, which the extension is tested against, are the authors' formulas.
 
 flora-opt imports bitsandbytes at import time but uses it only for quantization=True; when
 bitsandbytes is not installed we put a stub in sys.modules whose functions raise.

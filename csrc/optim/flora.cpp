@@ -371,7 +371,7 @@ torch::Tensor Flora::step(LossClosure closure) {
   };
   // Everything is checked before the first write, so a step that throws changes nothing.
   std::vector<GroupStep> groups;
-  int64_t number = 0;  // 1-based over all groups: the seed offset (FLORA.md)
+  int64_t number = 0;  // 1-based over all groups: the seed offset (docs/FLORA.md)
   for (auto& group : param_groups_) {
     const auto& options = static_cast<const FloraOptions&>(group.options());
     options.validate();  // options may have been changed since the group was added

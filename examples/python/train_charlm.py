@@ -9,7 +9,7 @@ Each byte is a token (vocabulary of 256).
 The model is a 2-layer pre-norm transformer (d_model 128, 4 heads, MLP 4x,
 context 128, about 0.48M parameters). Every 2-D weight in it has
 min(n, m) >= rank and an aspect ratio of at most 4, so Flora keeps a compressed
-momentum for each of them (see FLORA.md, "Which state a parameter gets").
+momentum for each of them (see docs/FLORA.md, "Which state a parameter gets").
 
 At the end the script prints the validation loss and the bytes of optimizer
 state Flora holds, next to the bytes a torch.optim.AdamW instance holds after

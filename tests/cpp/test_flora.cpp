@@ -503,7 +503,7 @@ FLORA_TEST(step_makes_one_step_group_call_per_group_and_device) {
 }
 
 FLORA_TEST(reference_step) {
-  // tests/reference.py (FLORA.md in float64) for the same inputs: reference_values.h.
+  // tests/reference.py (docs/FLORA.md in float64) for the same inputs: reference_values.h.
   namespace ref = flora_test::reference;
   std::vector<at::Tensor> params;
   for (const auto k : c10::irange(ref::kShapes.size())) {

@@ -5,7 +5,7 @@
 // It steps each device's parameters of a param group in one call of the op that
 // flora_ext.Flora calls from Python (torch.ops.flora.step_group_), so the same inputs and
 // seeds give bitwise the same trajectory in both.
-// The math is in FLORA.md; the Python optimizer (flora_ext/optimizer.py) is the reference
+// The math is in docs/FLORA.md; the Python optimizer (flora_ext/optimizer.py) is the reference
 // for the conventions: per-parameter seeds, resampling, state layout, checks.
 //
 //   flora::Flora optimizer(model->parameters(),
@@ -118,7 +118,7 @@ struct FloraOptions : public torch::optim::OptimizerCloneableOptions<FloraOption
   uint32_t explicitly_set_ = 0;
 };
 
-// State of one parameter; which fields are defined follows flora::param_layout (FLORA.md,
+// State of one parameter; which fields are defined follows flora::param_layout (docs/FLORA.md,
 // "Which state a parameter gets"), as the state dict of flora_ext.Flora does. All tensors
 // are float32, on the parameter's device.
 struct FloraParamState : public torch::optim::OptimizerCloneableParamState<FloraParamState> {

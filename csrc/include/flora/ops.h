@@ -15,7 +15,7 @@ namespace flora {
 
 enum class MomentumKind : int { kNone = 0, kDense = 1, kCompressed = 2 };
 
-// Which state a parameter gets (FLORA.md, "Which state a parameter gets").
+// Which state a parameter gets (docs/FLORA.md, "Which state a parameter gets").
 // The one implementation of the rule: the Python optimizer asks for it too.
 struct ParamLayout {
   bool factored = false;  // row/col second moment instead of a full one
