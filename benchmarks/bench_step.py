@@ -79,18 +79,19 @@ def optimizers(rank):
         f"flora_r{rank}_b0.9_resample": flora(rank=rank, beta1=0.9, kappa=1),
         f"flora_r{rank}_b0.9_exact": flora(rank=rank, beta1=0.9, kappa=1000, tf32=False),
         f"flora_r{rank}_b0.9_unfused": (flora(rank=rank, beta1=0.9, kappa=1000),
-                                        {"FLORA_FUSED_MOMENTUM": "0"}),
+                                        {"fused_momentum": 0}),
         "flora_nomomentum": flora(beta1=None),
-        # The same optimizer with a tuning knob changed for its steps (A/B in one process).
+        # The same optimizer with a tuning knob changed for its steps (A/B in one process):
+        # FLORA_* environment variables, or torch.ops.flora._set_tuning's variants.
         "flora_nomomentum_read_p": flora(beta1=None, reuse_param_norms=False),
-        "flora_nomomentum_tile_passes": (flora(beta1=None), {"FLORA_ROW_STATS": "0"}),
+        "flora_nomomentum_tile_passes": (flora(beta1=None), {"row_stats": 0}),
         "flora_nomomentum_batch1g": (flora(beta1=None), {"FLORA_BATCH_BYTES": str(1 << 30)}),
         "flora_nomomentum_batch256m": (flora(beta1=None), {"FLORA_BATCH_BYTES": str(256 << 20)}),
-        "flora_nomomentum_stages2": (flora(beta1=None), {"FLORA_STATS_STAGES": "2"}),
-        "flora_nomomentum_stages3": (flora(beta1=None), {"FLORA_STATS_STAGES": "3"}),
+        "flora_nomomentum_stages2": (flora(beta1=None), {"stats_stages": 2}),
+        "flora_nomomentum_stages3": (flora(beta1=None), {"stats_stages": 3}),
         "flora_nomomentum_batch4g": (flora(beta1=None), {"FLORA_BATCH_BYTES": str(4 << 30)}),
         **{f"flora_r{rank}_b0.9_share{share}": (flora(rank=rank, beta1=0.9, kappa=1000),
-                                                 {"FLORA_FUSED_SHARE": str(share)})
+                                                 {"fused_share": share})
            for share in (16, 8, 4, 2)},
         **{f"flora_r{rank}_b0.9_sides{sides}": (flora(rank=rank, beta1=0.9, kappa=1000),
                                                  {"FLORA_SIDE_STREAMS": str(sides)})
@@ -129,13 +130,19 @@ def timed_step(opt):
 
 
 def measure(make_opt, params, grads, steps, warmup):
-    if isinstance(make_opt, tuple):  # (factory, environment for its steps)
-        make_opt, env = make_opt
+    if isinstance(make_opt, tuple):  # (factory, knobs for its steps)
+        make_opt, knobs = make_opt
+        env = {k: v for k, v in knobs.items() if k.startswith("FLORA_")}
+        tuning = {k: v for k, v in knobs.items() if not k.startswith("FLORA_")}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
+        if tuning:
+            torch.ops.flora._set_tuning(reset=True, **tuning)
         try:
             return measure(make_opt, params, grads, steps, warmup)
         finally:
+            if tuning:
+                torch.ops.flora._set_tuning(reset=True)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)

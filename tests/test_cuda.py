@@ -9,6 +9,17 @@ from conftest import rel_err, requires_cuda
 
 pytestmark = requires_cuda
 
+
+@pytest.fixture
+def tuning():
+    """torch.ops.flora._set_tuning for one test: the variants of the CUDA path that the
+    fixed tuning leaves out (row stats, ring depth, fused momentum, batch shares),
+    restored to the constants afterwards."""
+    set_tuning = torch.ops.flora._set_tuning
+    set_tuning(reset=True)
+    yield set_tuning
+    set_tuning(reset=True)
+
 # (shape, hyper-parameters): every layout the CUDA kernels branch on.
 CASES = [
     ((24, 24), dict(beta1=0.9, rank=4)),                 # compressed, right (n >= m)
@@ -252,17 +263,16 @@ def test_compressed_tensors_sharing_a_batch_match_cpu(monkeypatch):
         assert rel_err(a.detach().cpu(), c.detach()) <= 1e-5, tuple(a.shape)
 
 
-def test_fused_batches_do_not_change_results(monkeypatch):
-    # FLORA_FUSED_SHARE bounds the fp16 buffers of fused tensors in a batch: 1 puts all
+def test_fused_batches_do_not_change_results(tuning):
+    # fused_share bounds the fp16 buffers of fused tensors in a batch: 1 puts all
     # three in one batch (one down launch), 10**9 gives each a batch of its own (with no
-    # floor: FLORA_FUSED_MIN_BYTES=0). With FLORA_MIN_BATCHED=4 three tensors stay under
+    # floor: fused_min_bytes=0). With min_batched=4 three tensors stay under
     # the batched-GEMM threshold either way: one GEMM a tensor, the same bits.
     shapes = [(256, 520)] * 3
-    monkeypatch.setenv("FLORA_MIN_BATCHED", "4")
-    monkeypatch.setenv("FLORA_FUSED_MIN_BYTES", "0")
+    tuning(min_batched=4, fused_min_bytes=0)
 
     def train(share):
-        monkeypatch.setenv("FLORA_FUSED_SHARE", str(share))
+        tuning(fused_share=share)
         gen = torch.Generator().manual_seed(13)
         params = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda()) for s in shapes]
         opt = flora_ext.Flora(params, lr=1e-2, beta1=0.9, rank=32, kappa=3)
@@ -276,16 +286,14 @@ def test_fused_batches_do_not_change_results(monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("floor,launches", [(None, 1), ("0", 3)])
-def test_fused_buffers_floor_batches_small_models(floor, launches, monkeypatch):
+@pytest.mark.parametrize("floor,launches", [(None, 1), (0, 3)])
+def test_fused_buffers_floor_batches_small_models(floor, launches, tuning):
     # A share of 10**9 would give each of three small fused tensors a batch of its own (an
-    # apply launch each); the default floor of the fused buffers (FLORA_FUSED_MIN_BYTES,
+    # apply launch each); the default floor of the fused buffers (kFusedMinBytes,
     # 64 MiB) keeps them in one, 0 turns it off.
-    monkeypatch.setenv("FLORA_FUSED_SHARE", str(10**9))
-    if floor is None:
-        monkeypatch.delenv("FLORA_FUSED_MIN_BYTES", raising=False)
-    else:
-        monkeypatch.setenv("FLORA_FUSED_MIN_BYTES", floor)
+    tuning(fused_share=10**9)
+    if floor is not None:
+        tuning(fused_min_bytes=floor)
     params = [torch.nn.Parameter(torch.randn(256, 520, device="cuda")) for _ in range(3)]
     opt = flora_ext.Flora(params, lr=1e-2, beta1=0.9, rank=32)
     for p in params:
@@ -298,14 +306,13 @@ def test_fused_buffers_floor_batches_small_models(floor, launches, monkeypatch):
     assert counts == [launches], [(e.key, e.count) for e in prof.key_averages()]
 
 
-@pytest.mark.parametrize("min_batched", ["2", "4"])
-def test_small_groups_match_cpu(min_batched, monkeypatch):
+@pytest.mark.parametrize("min_batched", [2, 4])
+def test_small_groups_match_cpu(min_batched, tuning):
     # Groups of two and three fused tensors: one batched GEMM a product (the default), or
-    # one GEMM a tensor (FLORA_MIN_BATCHED=4): both as the CPU path, and a resample (kappa
-    # 2) in the run. FLORA_FUSED_SHARE=1: one batch (rank 32 pads P's tiled copy to 256
+    # one GEMM a tensor (min_batched=4): both as the CPU path, and a resample (kappa
+    # 2) in the run. fused_share=1: one batch (rank 32 pads P's tiled copy to 256
     # ranks, which would give each tensor a batch).
-    monkeypatch.setenv("FLORA_MIN_BATCHED", min_batched)
-    monkeypatch.setenv("FLORA_FUSED_SHARE", "1")
+    tuning(min_batched=min_batched, fused_share=1)
     shapes = [(256, 520)] * 3 + [(1040, 512)] * 2
 
     def updates(device):
@@ -325,21 +332,20 @@ def test_small_groups_match_cpu(min_batched, monkeypatch):
         assert rel_err(a, b) <= 2e-3, tuple(a.shape)
 
 
-def test_mixed_resample_batches_match_cpu(monkeypatch):
-    # One batch (FLORA_FUSED_SHARE=1) of a 1-D tensor and fused tensors of three shapes,
+def test_mixed_resample_batches_match_cpu(monkeypatch, tuning):
+    # One batch (fused_share=1) of a 1-D tensor and fused tensors of three shapes,
     # left and right, whose shape groups take turns on the side streams. Two tensors miss
     # the second step's gradient, so later steps resample some tensors (kappa 2) while the
     # others of the batch do not. One batch a tensor (share 10**9, no floor: one stream)
-    # must give the same bits (FLORA_MIN_BATCHED=4: one GEMM a tensor either way), as
-    # must the one batch with no side streams or with three, and both the CPU path's
-    # numbers.
-    monkeypatch.setenv("FLORA_MIN_BATCHED", "4")
-    monkeypatch.setenv("FLORA_FUSED_MIN_BYTES", "0")
+    # must give the same bits (min_batched=4: one GEMM a tensor either way), as
+    # must the one batch with no side streams or with three (FLORA_SIDE_STREAMS), and
+    # both the CPU path's numbers.
+    tuning(min_batched=4, fused_min_bytes=0)
     shapes = [(400000,), (256, 520), (256, 520), (1040, 512), (1040, 512), (512, 512)]
     skipped = {2: (2, 4)}  # step: parameters without a gradient
 
     def updates(device, share, side_streams=2):
-        monkeypatch.setenv("FLORA_FUSED_SHARE", str(share))
+        tuning(fused_share=share)
         monkeypatch.setenv("FLORA_SIDE_STREAMS", str(side_streams))
         gen = torch.Generator().manual_seed(19)
         p0 = [torch.randn(s, generator=gen) for s in shapes]
@@ -387,23 +393,10 @@ def test_large_tensors_match_cpu(dtype):
         assert rel_err(a.detach().float().cpu(), b.detach().float()) <= tol, tuple(a.shape)
 
 
-# Tuning knobs from the environment: a bad value is a clear error before anything
+# The two tuning knobs of the environment: a bad value is a clear error before anything
 # runs (32 x 1024 would take row stats), and the step changes nothing.
 BAD_KNOBS = [("FLORA_BATCH_BYTES", v, f"FLORA_BATCH_BYTES must be an integer >= 1, got '{v}'")
              for v in ("1GiB", "0", "-5")]
-BAD_KNOBS += [("FLORA_ROW_STATS", v, f"FLORA_ROW_STATS must be 0 or 1, got '{v}'")
-              for v in ("2", "yes", "-1")]
-BAD_KNOBS += [("FLORA_STATS_STAGES", v,
-               f"FLORA_STATS_STAGES must be an integer from 2 to 4, got '{v}'")
-              for v in ("1", "5", "x")]
-BAD_KNOBS += [("FLORA_FUSED_MOMENTUM", v, f"FLORA_FUSED_MOMENTUM must be 0 or 1, got '{v}'")
-              for v in ("2", "on")]
-BAD_KNOBS += [("FLORA_FUSED_SHARE", v, f"FLORA_FUSED_SHARE must be an integer >= 1, got '{v}'")
-              for v in ("0", "1/32")]
-BAD_KNOBS += [("FLORA_MIN_BATCHED", v, f"FLORA_MIN_BATCHED must be an integer >= 1, got '{v}'")
-              for v in ("0", "two")]
-BAD_KNOBS += [("FLORA_FUSED_MIN_BYTES", v,
-               f"FLORA_FUSED_MIN_BYTES must be an integer >= 0, got '{v}'") for v in ("-1", "64M")]
 BAD_KNOBS += [("FLORA_SIDE_STREAMS", v,
                f"FLORA_SIDE_STREAMS must be an integer from 0 to 4, got '{v}'") for v in ("-1", "5")]
 
@@ -418,6 +411,39 @@ def test_bad_tuning_knob_is_a_clear_error(name, value, match, monkeypatch):
     with pytest.raises(RuntimeError, match=match):
         opt.step()
     assert torch.equal(p, before)
+
+
+# The variant switches are constants (tuning.h), not environment variables: a variable
+# of such a name changes nothing.
+@pytest.mark.parametrize("name", ["FLORA_ROW_STATS", "FLORA_STATS_STAGES", "FLORA_FUSED_MOMENTUM",
+                                  "FLORA_FUSED_SHARE", "FLORA_MIN_BATCHED",
+                                  "FLORA_FUSED_MIN_BYTES"])
+def test_former_variant_knobs_are_not_read(name, monkeypatch):
+    def train():
+        gen = torch.Generator().manual_seed(23)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda())
+                  for s in [(32, 1024), (256, 520)]]
+        opt = flora_ext.Flora(params, lr=1e-2, beta1=0.9, rank=32)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).cuda()
+            opt.step()
+        return params
+
+    expected = train()
+    monkeypatch.setenv(name, "0")  # another variant, or out of range, were it read
+    for a, b in zip(train(), expected):
+        assert torch.equal(a, b)
+
+
+BAD_TUNING = [("row_stats", 2), ("stats_stages", 1), ("stats_stages", 5), ("fused_momentum", 3),
+              ("fused_share", 0), ("fused_min_bytes", -2), ("min_batched", 0)]
+
+
+@pytest.mark.parametrize("name,value", BAD_TUNING, ids=str)
+def test_bad_test_tuning_is_a_clear_error(name, value, tuning):
+    with pytest.raises(RuntimeError, match=f"flora: _set_tuning: {name} must be .*got {value}"):
+        tuning(**{name: value})
     assert opt.state[p]["step"] == 0 and not opt.state[p]["row_second_moment"].any()
 
 
@@ -519,16 +545,16 @@ def test_row_stats_match_cpu(shape, dtype, hp):
         assert rel_err(sc[key].cpu(), sp[key]) <= 1e-5, key
 
 
-def test_row_stats_and_tile_passes_agree(monkeypatch):
-    # FLORA_ROW_STATS=0 routes the same tensors through the stats + rms tile passes.
+def test_row_stats_and_tile_passes_agree(tuning):
+    # row_stats=0 routes the same tensors through the stats + rms tile passes.
     # The sums run in another order, so the two differ in rounding only; a clip
     # threshold that binds makes sum D^2 matter.
     runs = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("FLORA_ROW_STATS", flag)
+    for flag in (0, 1):
+        tuning(row_stats=flag)
         runs[flag] = run_updates((130, 5504), torch.float32, dict(clip_threshold=0.05), "cuda")
-    (d0, s0), (d1, s1) = runs["0"], runs["1"]
-    assert not torch.equal(d0, d1), "FLORA_ROW_STATS=0 must take the tile passes"
+    (d0, s0), (d1, s1) = runs[0], runs[1]
+    assert not torch.equal(d0, d1), "row_stats=0 must take the tile passes"
     assert rel_err(d1, d0) <= 1e-5
     assert rel_err(s1["row_second_moment"], s0["row_second_moment"]) <= 1e-6
 
@@ -536,11 +562,11 @@ def test_row_stats_and_tile_passes_agree(monkeypatch):
 @pytest.mark.parametrize("shape,dtype", [((130, 5504), torch.float32),
                                          ((65, 2048), torch.bfloat16),
                                          ((3, 8192), torch.float32)], ids=str)
-def test_row_stats_ring_depth_changes_nothing(shape, dtype, monkeypatch):
+def test_row_stats_ring_depth_changes_nothing(shape, dtype, tuning):
     # The ring only overlaps loads with sums: every column is summed in row order.
     runs = []
-    for stages in ("2", "3", "4"):
-        monkeypatch.setenv("FLORA_STATS_STAGES", stages)
+    for stages in (2, 3, 4):
+        tuning(stats_stages=stages)
         runs.append(run_updates(shape, dtype, dict(clip_threshold=0.05), "cuda"))
     for d, s in runs[1:]:
         assert torch.equal(d, runs[0][0])
@@ -642,15 +668,15 @@ def test_fused_momentum_matches_cpu(shape, dtype, hp):
 
 @pytest.mark.parametrize("shape,dtype,hp", [FUSED_CASES[0], FUSED_CASES[2], FUSED_CASES[4]],
                          ids=str)
-def test_fused_and_unfused_momentum_agree(shape, dtype, hp, monkeypatch):
-    # FLORA_FUSED_MOMENTUM=0 takes the update buffer and the rms pass: the same math,
+def test_fused_and_unfused_momentum_agree(shape, dtype, hp, tuning):
+    # fused_momentum=0 takes the update buffer and the rms pass: the same math,
     # other roundings (both TF32), so the two must differ, a little.
     runs = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("FLORA_FUSED_MOMENTUM", flag)
+    for flag in (0, 1):
+        tuning(fused_momentum=flag)
         runs[flag] = run_momentum(shape, dtype, hp, "cuda")
-    (d0, s0), (d1, s1) = runs["0"], runs["1"]
-    assert not torch.equal(d0, d1), "FLORA_FUSED_MOMENTUM=0 must take the unfused passes"
+    (d0, s0), (d1, s1) = runs[0], runs[1]
+    assert not torch.equal(d0, d1), "fused_momentum=0 must take the unfused passes"
     tol = 2e-3 if dtype == torch.float32 else 2e-2
     assert rel_err(d1, d0) <= tol
     assert rel_err(s1["momentum"], s0["momentum"]) <= 5 * tol

@@ -4,6 +4,7 @@
 // depend on the number of threads.
 #include "flora/ops.h"
 #include "../common/random.h"
+#include "../common/rules.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -56,7 +57,7 @@ double chunked_sum(int64_t numel, const F& f) {
 }
 
 // Fills unscaled (row and column normalised) update U of a factored parameter
-// and advances its row/col second-moment EMAs (FLORA.md step 3).
+// and advances its row/col second-moment EMAs (docs/FLORA.md, step 3).
 void factored_update(const float* g, int64_t n, int64_t m, double beta2, double eps1,
                      float* row, float* col, float* u) {
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
@@ -84,9 +85,9 @@ void factored_update(const float* g, int64_t n, int64_t m, double beta2, double 
   const double row_mean = row_sum / n;
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const double a = 1.0 / std::sqrt(row[i] / row_mean);
+      const double a = row_scale<double>(row[i], row_mean);
       for (int64_t j = 0; j < m; ++j)
-        u[i * m + j] = static_cast<float>(g[i * m + j] * a / std::sqrt(double(col[j])));
+        u[i * m + j] = static_cast<float>(g[i * m + j] * a * col_scale<double>(col[j]));
     }
   });
 }
@@ -103,7 +104,7 @@ void full_update(const float* g, int64_t numel, double beta2, double eps1, float
   });
 }
 
-// Compressed momentum (FLORA.md step 4): returns D, updates momentum in place.
+// Compressed momentum (docs/FLORA.md, step 4): returns D, updates momentum in place.
 at::Tensor compressed_momentum_update(const at::Tensor& u, at::Tensor& momentum,
                                       const ParamLayout& layout, const StepOptions& o) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(layout.rank));
@@ -161,8 +162,7 @@ void run_step_cpu(const at::Tensor& param, const at::Tensor& grad, const GroupEn
 
   // Step 1: learning rate of this step, scaled by the parameter's RMS.
   const double param_sq = chunked_sum(numel, [&](int64_t e) { return double(pp[e]) * pp[e]; });
-  double lr_t = o.base_lr();
-  if (o.scale_parameter) lr_t *= std::max(o.eps2, std::sqrt(param_sq / numel));
+  const double lr_t = scaled_lr(o.base_lr(), o.scale_parameter, o.eps2, param_sq, numel);
   const double beta2 = o.beta2();
 
   // Step 3: second moment and the normalised update U.
@@ -192,7 +192,7 @@ void run_step_cpu(const at::Tensor& param, const at::Tensor& grad, const GroupEn
   // Step 5: clip by RMS; step 6: decoupled weight decay, then the update.
   const float* dp = d.data_ptr<float>();
   const double d_sq = chunked_sum(numel, [&](int64_t e) { return double(dp[e]) * dp[e]; });
-  const double clip = std::max(1.0, std::sqrt(d_sq / numel) / o.clip_threshold);
+  const double clip = clip_factor(d_sq, numel, o.clip_threshold);
   const float decay = static_cast<float>(o.weight_decay * lr_t);
   const float step_size = static_cast<float>(lr_t);
   const float inv_clip = static_cast<float>(1.0 / clip);

@@ -1,0 +1,39 @@
+// Rules of the algorithm that the CPU and CUDA kernels share, written once (docs/FLORA.md,
+// "The step"). Host and device code call the same functions, so both paths compute
+// each quantity with the same operations in the same precision.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "random.h"  // FLORA_HOST_DEVICE
+
+namespace flora {
+
+// Step 1: the step size, lr scaled by the parameter's RMS (floored at eps2) when
+// scale_parameter is set. sum_p2 is the sum of p^2 over the parameter's numel elements.
+FLORA_HOST_DEVICE inline double scaled_lr(double base_lr, bool scale_parameter, double eps2,
+                                          double sum_p2, int64_t numel) {
+  return scale_parameter ? base_lr * fmax(eps2, sqrt(sum_p2 / numel)) : base_lr;
+}
+
+// Step 3: U of a factored parameter is G_ij row_scale(R_i, mean R) col_scale(C_j), from
+// the row and column EMAs R and C. T is the precision of the arithmetic: float on the
+// device, double on the CPU.
+template <typename T>
+FLORA_HOST_DEVICE inline T row_scale(T row, T row_mean) {
+  return T(1) / sqrt(row / row_mean);
+}
+template <typename T>
+FLORA_HOST_DEVICE inline T col_scale(T col) {
+  return T(1) / sqrt(col);
+}
+
+// Step 5: the factor D is divided by, max(1, RMS(D) / clip_threshold), from sum D^2
+// over the parameter's numel elements.
+FLORA_HOST_DEVICE inline double clip_factor(double sum_d2, int64_t numel,
+                                            double clip_threshold) {
+  return fmax(1.0, sqrt(sum_d2 / numel) / clip_threshold);
+}
+
+}  // namespace flora

@@ -1,0 +1,300 @@
+// The momentum work of fused compressed tensors, per group of one shape, before the
+// apply pass: P^T and the tiled P (projection_t_kernel), the r x r products Gram and S
+// in batched cuBLAS, the down GEMM (down_gemm.cu) and beta1^2 <Gram, S>.
+#include "config.cuh"
+#include "launch.h"
+#include "task_table.cuh"
+#include "vector_io.cuh"
+#include "mma.cuh"
+#include "projection.cuh"
+#include "../common/random.h"
+#include "../common/rules.h"
+#include "flora/ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cmath>
+#include <vector>
+
+namespace flora {
+namespace cuda_detail {
+namespace {
+
+
+// ---- fused compressed momentum ------------------------------------------------
+//
+// D = (1 - beta1) U + beta1 up(M) is never stored: the apply pass computes up(M)
+// tile by tile on the tensor cores and writes p from it. Its clip factor needs
+// sum D^2 first, from (docs/FLORA.md's identities, M the momentum before this step)
+//   sum D^2 = (1 - beta1)^2 sum U^2 + 2 beta1 (1 - beta1) <down(U), M>
+//             + beta1^2 <M, Gram M>,
+// Gram = P P^T (left) or P^T P (right), r x r: <U, up(M)> = <down(U), M> and
+// |up(M)|^2 = <M, Gram M>. sum U^2 comes with the row stats (or the rms pass), and
+// down(U) is the GEMM the momentum needs anyway (fused_down_kernel).
+//
+// Both GEMMs read their operands as fp16: the 10-bit mantissa of TF32 (what cuBLAS's
+// TF32 mode keeps) at half the bytes, which they stream from L2 for every tile (8 bytes
+// an output element in fp32), and twice the tensor-core rate. P ~ N(0, 1/r) is far
+// inside fp16's range; so are U (RMS ~1; a lone element reaches ~sqrt(n) / (1 - beta2))
+// and M, a projection of U, |M| <~ n / sqrt(r); values past 65504 saturate instead of
+// becoming inf (a gradient spike that large is clipped in D anyway).
+
+
+// P^T in fp16 for every task of a fused group, P being prow x pcol (pcol % 4 == 0);
+// blockIdx.y picks the task's seed and output. Thread `idx` draws the Philox group of
+// P's row kr, columns 4 cg .. 4 cg + 3 (the same numbers as projection_pair_kernel);
+// neighbouring threads take neighbouring rows, so the transposed writes coalesce.
+// Also P in the tiled layout of the wgmma down GEMM (tiled_index; its padding zeroed
+// beforehand), the contraction k being P's columns (left) or rows (right).
+// Sizes are below 2^31 groups (checked on the host): 32-bit index arithmetic.
+__global__ void projection_t_kernel(uint16_t* const* __restrict__ outs,
+                                    uint16_t* const* __restrict__ tiled, bool left,
+                                    const uint64_t* __restrict__ seeds, int prow, int pcol,
+                                    double scale) {
+  const int groups_per_row = pcol / 4;
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= prow * groups_per_row) return;
+  uint16_t* plain_t = outs[blockIdx.y];
+  const int kr = idx % prow, cg = idx / prow;
+  float z[4];
+  projection_values(seeds[blockIdx.y], int64_t(kr) * groups_per_row + cg, scale, z);
+  uint16_t h[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    h[u] = to_half_bits(z[u]);
+    plain_t[int64_t(4 * cg + u) * prow + kr] = h[u];
+  }
+  uint16_t* out = tiled[blockIdx.y];
+  if (left) {  // rank kr, k 4 cg .. 4 cg + 3: one half of a core row
+    const int64_t ktiles = ceil_div(pcol, kTileK);
+    *reinterpret_cast<uint2*>(out + tiled_index(kr, 4 * cg, ktiles)) =
+        make_uint2(h[0] | (uint32_t(h[1]) << 16), h[2] | (uint32_t(h[3]) << 16));
+  } else {  // k kr, rank 4 cg .. 4 cg + 3
+    const int64_t ktiles = ceil_div(prow, kTileK);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) out[tiled_index(4 * cg + u, kr, ktiles)] = h[u];
+  }
+}
+
+// The row factors a_i = row_scale(row_i) of left fused tasks, once a step: the down
+// GEMM's conversion reads them instead of taking a division and a square root for every
+// element (which made the sm_90a GEMM's left tasks issue-bound).
+__global__ void row_factor_kernel(const DownJob* __restrict__ jobs, int n) {
+  const DownJob& job = jobs[blockIdx.y];
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) job.row_factor[i] = row_scale(job.row[i], job.scalars[kRowMean]);
+}
+
+// beta1^2 <Gram, S> of a fused task in kDotBlocks partials, partials[tiles + b] from
+// block b (grid: kDotBlocks, tasks), each over rr / kDotBlocks consecutive elements
+// (rr = r^2, r % 8 == 0: whole float4s), summed by fused_clip_kernel in a fixed order.
+// (One block a task took 25 us a launch: 0.6 ms a bf16 1.35B step.)
+__global__ void __launch_bounds__(kThreads)
+    gram_dot_kernel(const DownJob* __restrict__ jobs, int rr, int tiles, float beta1) {
+  const DownJob& job = jobs[blockIdx.y];
+  const int chunk4 = rr / 4 / kDotBlocks;
+  const float4* g = reinterpret_cast<const float4*>(job.gram) + blockIdx.x * chunk4;
+  const float4* q = reinterpret_cast<const float4*>(job.sq) + blockIdx.x * chunk4;
+  double sum = 0.0;
+  for (int e = threadIdx.x; e < chunk4; e += kThreads) {
+    const float4 a = g[e], b = q[e];
+    sum += double(a.x) * b.x + double(a.y) * b.y + double(a.z) * b.z + double(a.w) * b.w;
+  }
+  sum = block_sum(sum);
+  if (threadIdx.x == 0)
+    job.partials[tiles + blockIdx.x] = static_cast<double>(beta1) * beta1 * sum;
+}
+
+
+
+// The pointer arrays of a shape group's GEMMs: array `a` holds one pointer a task, on the
+// host (host[a * count + k]) and in the uploaded table (device, at the same place).
+struct GroupArrays {
+  const void* const* host;
+  const int64_t* device;
+  int count;
+  int64_t min_batched;
+};
+
+// C_k = op(A_k) op(B_k) (fp32 C) for the tasks k of a group, A, B and C from arrays a, b,
+// c. Batched from two tensors on. A lone GEMM gets split-K from cuBLAS and a batched one
+// does not; once that made groups of two or three faster one GEMM a tensor (bf16 1.35B
+// shapes, an early version: 24 against 31 ms a step). Now the batched calls win: bf16
+// 1.35B cuBLAS time 0.73 against 0.94 ms a step (48 launches against 104), the resample
+// step ~1 ms shorter, and each call saved is ~10 us of host time on small models.
+void group_gemm_of(const GroupArrays& g, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
+                   int a, int b, int type, int c) {
+  const int count = g.count;
+  if (count >= g.min_batched) {
+    const auto arr = [&](int array) { return g.device + array * count; };
+    gemm_batched(ta, tb, M, N, K, 1.f, reinterpret_cast<const void* const*>(arr(a)),
+                 reinterpret_cast<const void* const*>(arr(b)), type, 0.f,
+                 reinterpret_cast<void* const*>(arr(c)), count, true);
+    return;
+  }
+  for (int k = 0; k < count; ++k)
+    gemm(ta, tb, M, N, K, 1.f, g.host[a * count + k], g.host[b * count + k], type, 0.f,
+         static_cast<float*>(const_cast<void*>(g.host[c * count + k])), true);
+}
+
+}  // namespace
+
+// The momentum work of fused tasks of one shape (same n, m, rank, dtype), before the
+// apply pass: P^T of the current basis (and of the next one on resample steps), the
+// r x r products Gram = P P^T and S = M M^T (batched cuBLAS: one tensor's are too small
+// to fill the GPU), then the down GEMM, whose epilogue leaves the momentum terms of
+// sum D^2, M in fp16 for the up GEMM, and the new M. On resample steps the down GEMM
+// runs twice: in the current basis for the terms, in the next one for the new M.
+// Groups of min_batched tensors or more batch their GEMMs.
+void fused_momentum_group(const std::vector<const Item*>& items,
+                          const std::vector<const Task*>& tasks,
+                          const std::vector<FusedBuffers>& bufs, int64_t min_batched) {
+  const Item& first = *items[0];
+  const ParamLayout& layout = first.entry->layout;
+  const StepOptions& o0 = first.entry->options;
+  const int64_t n = layout.rows, m = layout.cols, r = layout.rank;
+  const bool left = layout.left;
+  const auto shape = layout.projection_shape();
+  const int64_t prow = shape[0], pcol = shape[1], psize = prow * pcol;
+  const int64_t msize = first.entry->state.momentum->numel();
+  const int count = static_cast<int>(items.size());
+  const double scale = 1.0 / std::sqrt(static_cast<double>(r));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto f32 = first.param.options().dtype(at::kFloat);
+  const bool resample = o0.resample();  // the same for the whole group
+
+  at::Tensor next_t, next_p, bases, base;  // next_p: the next basis's tiled P
+  // P tiled for the sm_90a down GEMM; zeros where the tiles pass the rank or k.
+  const int64_t kdim = left ? n : m, tsize = tiled_halves(r, kdim);
+  const bool tile_padding = r % kTileRank != 0 || kdim % kTileK != 0;
+  if (resample) {
+    next_t = at::empty({count, pcol, prow}, f32.dtype(at::kHalf));
+    next_p = tile_padding ? at::zeros({count, tsize}, f32.dtype(at::kHalf))
+                          : at::empty({count, tsize}, f32.dtype(at::kHalf));
+    bases = at::empty({count, r, r}, f32);
+    base = at::empty({count, msize}, f32);
+  }
+  const auto at_k = [](const at::Tensor& t, int k, int64_t elems) -> void* {
+    return t.defined() ? static_cast<uint8_t*>(t.data_ptr()) + k * elems * t.element_size()
+                       : nullptr;
+  };
+
+  // One pinned copy to the device: the pointer arrays of the batched GEMMs and of the
+  // projection kernel, the projection seeds, then the down GEMM's jobs (one pass, two
+  // on resample steps).
+  enum { kGramA, kGramC, kSqA, kSqC, kBasesA, kBasesB, kBasesC, kBaseA, kBaseB, kBaseC,
+         kProjNow, kProjNext, kPlainNow, kPlainNext, kSeedNow, kSeedNext, kArrays };
+  static_assert(sizeof(DownJob) % sizeof(int64_t) == 0, "jobs follow the arrays aligned");
+  const int passes = resample ? 2 : 1;
+  const int64_t job_words = int64_t(sizeof(DownJob) / sizeof(int64_t));
+  const int64_t table_words = kArrays * count + passes * count * job_words;
+  const at::DataPtr host = pinned_block(table_words * 8);
+  // One device allocation: Gram, S (count r x r each), then the table.
+  const int64_t rr = int64_t(count) * r * r;  // even: r is a multiple of 8
+  const at::Tensor scratch = at::empty({2 * rr + 2 * table_words}, f32);
+  float* const gram = scratch.data_ptr<float>();
+  float* const sq = gram + rr;
+  int64_t* const dwords = reinterpret_cast<int64_t*>(sq + rr);
+  int64_t* words = static_cast<int64_t*>(host.get());
+  auto* ptrs = reinterpret_cast<const void**>(words);
+  const auto set = [&](int array, int k, const void* p) { ptrs[array * count + k] = p; };
+  auto* jobs = reinterpret_cast<DownJob*>(words + kArrays * count);
+  for (int k = 0; k < count; ++k) {
+    const StepOptions& o = items[k]->entry->options;
+    const Task& t = *tasks[k];
+    float* mom = items[k]->entry->state.momentum->data_ptr<float>();
+    set(kGramA, k, bufs[k].plain_t);
+    set(kGramC, k, gram + k * r * r);
+    set(kSqA, k, bufs[k].momentum16);  // written by the down GEMM before S
+    set(kSqC, k, sq + k * r * r);
+    // bases = P_next P_now^T (left) or P_now^T P_next (right), from the transposes.
+    set(kBasesA, k, left ? at_k(next_t, k, psize) : bufs[k].plain_t);
+    set(kBasesB, k, left ? static_cast<const void*>(bufs[k].plain_t) : at_k(next_t, k, psize));
+    set(kBasesC, k, at_k(bases, k, r * r));
+    set(kBaseA, k, left ? at_k(bases, k, r * r) : mom);
+    set(kBaseB, k, left ? mom : at_k(bases, k, r * r));
+    set(kBaseC, k, at_k(base, k, msize));
+    set(kProjNow, k, bufs[k].plain_t);
+    set(kProjNext, k, at_k(next_t, k, psize));
+    set(kPlainNow, k, bufs[k].tiled);
+    set(kPlainNext, k, at_k(next_p, k, tsize));
+    if (tile_padding)
+      C10_CUDA_CHECK(cudaMemsetAsync(bufs[k].tiled, 0, tsize * 2, stream));
+    words[kSeedNow * count + k] = static_cast<int64_t>(o.seed);
+    words[kSeedNext * count + k] = static_cast<int64_t>(next_seed(o.seed));
+    DownJob now{items[k]->grad.data_ptr(), bufs[k].plain_t,
+                bufs[k].tiled, mom, nullptr, bufs[k].momentum16,
+                t.terms + 1, gram + k * r * r, sq + k * r * r, t.row, t.scalars, t.col_factor,
+                bufs[k].row_factor};
+    jobs[k] = now;
+    if (resample) {
+      DownJob next = now;
+      next.proj = static_cast<const uint16_t*>(at_k(next_t, k, psize));
+      next.proj_tiled = static_cast<const uint16_t*>(at_k(next_p, k, tsize));
+      next.base = static_cast<const float*>(at_k(base, k, msize));
+      next.momentum16 = nullptr;
+      next.partials = nullptr;
+      jobs[count + k] = next;
+    }
+  }
+  upload(dwords, host, table_words * 8);
+
+  const unsigned pblocks = static_cast<unsigned>(ceil_div(prow * (pcol / 4), kThreads));
+  const dim3 pgrid(pblocks, static_cast<unsigned>(count));
+  const auto draw = [&](int outs, int outs_p, int seeds) {
+    projection_t_kernel<<<pgrid, kThreads, 0, stream>>>(
+        reinterpret_cast<uint16_t* const*>(dwords + outs * count),
+        reinterpret_cast<uint16_t* const*>(dwords + outs_p * count), left,
+        reinterpret_cast<const uint64_t*>(dwords + seeds * count),
+        static_cast<int>(prow), static_cast<int>(pcol), scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  draw(kProjNow, kPlainNow, kSeedNow);
+  if (resample) draw(kProjNext, kPlainNext, kSeedNext);
+
+  const GroupArrays arrays{ptrs, dwords, count, min_batched};
+  const auto group_gemm = [&](bool ta, bool tb, int64_t M, int64_t N, int64_t K, int a, int b,
+                              int type, int c) {
+    group_gemm_of(arrays, ta, tb, M, N, K, a, b, type, c);
+  };
+  // Gram = P P^T (left) or P^T P (right).
+  if (left) group_gemm(true, false, r, r, n, kGramA, kGramA, kF16, kGramC);
+  else group_gemm(false, true, r, r, m, kGramA, kGramA, kF16, kGramC);
+  if (resample) {
+    if (left) group_gemm(true, false, r, r, n, kBasesA, kBasesB, kF16, kBasesC);
+    else group_gemm(false, true, r, r, m, kBasesA, kBasesB, kF16, kBasesC);
+    // M' = down_next(up_now(M)) = bases M (left) or M bases (right).
+    if (left) group_gemm(false, false, r, m, r, kBaseA, kBaseB, kF32, kBaseC);
+    else group_gemm(false, false, n, r, r, kBaseA, kBaseB, kF32, kBaseC);
+  }
+
+  const dim3 dgrid(static_cast<unsigned>(down_tiles(n, m, r)), static_cast<unsigned>(count));
+  const auto* djobs = reinterpret_cast<const DownJob*>(dwords + kArrays * count);
+  const float beta1 = static_cast<float>(o0.beta1);
+  const int ni = static_cast<int>(n), mi = static_cast<int>(m), ri = static_cast<int>(r);
+  if (left) {  // the same for both passes
+    row_factor_kernel<<<dim3(static_cast<unsigned>(ceil_div(n, kThreads)), count), kThreads, 0,
+                        stream>>>(djobs, ni);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  for (int pass = 0; pass < passes; ++pass) {
+    // Resample steps: the terms and M16 in the current basis, then the new M in the next.
+    const bool update = !resample || pass == 1;
+    launch_down(first.dtype, left, dgrid, djobs + pass * count, ni, mi, ri, beta1, update,
+                stream);
+  }
+  // S = M M^T (left) or M^T M (right) of fp16(M) before this step, which the down GEMM
+  // left for the up GEMM: fp16 tensor cores at half the bytes of M (TF32 from M took
+  // the products 0.8 ms a fp32 1.35B step), the same 10-bit mantissa, and the very M
+  // the apply pass's up(M) reads. Then beta1^2 <Gram, S> for the clip.
+  if (left) group_gemm(false, true, r, r, m, kSqA, kSqA, kF16, kSqC);
+  else group_gemm(true, false, r, r, n, kSqA, kSqA, kF16, kSqC);
+  gram_dot_kernel<<<dim3(kDotBlocks, static_cast<unsigned>(count)), kThreads, 0, stream>>>(
+      djobs, static_cast<int>(r * r), static_cast<int>(down_tiles(n, m, r)), beta1);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace cuda_detail
+}  // namespace flora

@@ -1,0 +1,136 @@
+// What the files of csrc/cuda offer one another: the launch functions of each pass (the
+// kernels stay in the file that defines and instantiates them), the momentum work, and
+// the host helpers. The host driver (step_group.cu) sees no kernel body.
+#pragma once
+
+#include "config.cuh"
+#include "task_table.cuh"
+#include "flora/ops.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/core/Allocator.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace flora {
+namespace cuda_detail {
+
+// f(std::integral_constant<int, DT>{}) for a run-time dtype code: the one switch from
+// the codes to the kernels' template argument.
+template <typename F>
+inline void with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kF32:
+      f(std::integral_constant<int, kF32>{});
+      break;
+    case kBF16:
+      f(std::integral_constant<int, kBF16>{});
+      break;
+    default:
+      f(std::integral_constant<int, kF16>{});
+      break;
+  }
+}
+
+// Shared memory beyond 48 KiB must be allowed per kernel (and device) before a launch
+// asks for it: cudaFuncSetAttribute once a kernel, device and size (a call a launch
+// cost ~3 us of host time, 37 calls a step on 0.1B shapes).
+template <typename Kernel>
+inline void allow_smem(Kernel kernel, int64_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int64_t> allowed;
+  const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel),
+                                        static_cast<int>(c10::cuda::current_device())};
+  std::lock_guard<std::mutex> lock(mutex);
+  int64_t& done = allowed[key];
+  if (done >= bytes) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  done = bytes;
+}
+
+// The tiles of a fused task's down GEMM (kUpBM outputs along max(n, m) by kDnBN of the
+// rank each): one partial sum of the momentum terms each.
+inline int64_t down_tiles(int64_t n, int64_t m, int64_t rank) {
+  return ceil_div(std::max(n, m), kUpBM) * ceil_div(rank, kDnBN);
+}
+
+// A parameter of the call, ready for the kernels.
+struct Item {
+  size_t index;           // in the call
+  at::Tensor param;       // contiguous (a copy when the parameter is not)
+  at::Tensor grad;        // contiguous
+  const GroupEntry* entry;
+  int dtype;
+};
+
+// A fused task's fp16 operands of the up GEMM, in the batch workspace.
+struct FusedBuffers {
+  uint16_t* plain_t;     // P^T
+  uint16_t* momentum16;  // M before this step
+  uint16_t* tiled;       // P as the sm_90a down GEMM reads it (tiled_index)
+  float* row_factor;     // left: a_i of every row
+};
+
+// ---- kernel launches, on `stream` (dtype: a DType code) ----
+
+// stats.cu: the stats pass of a stats group (`smem`: dynamic shared memory a block).
+void launch_stats(int dtype, const TaskTable& table, int64_t blocks, int64_t smem,
+                  const GroupArgs& args, cudaStream_t stream);
+// finalize.cu: the EMAs of factored tensors, then one block a task each.
+void launch_finalize(const TaskTable& table, int64_t blocks, cudaStream_t stream);
+void launch_scalars(const TaskTable& table, const GroupArgs& args, cudaStream_t stream);
+void launch_clip(const TaskTable& table, const GroupArgs& args, cudaStream_t stream);
+void launch_fused_clip(const TaskTable& table, const GroupArgs& args, cudaStream_t stream);
+// apply.cu: the tile passes.
+void launch_tile_p2(int dtype, const TaskTable& table, int64_t tiles, cudaStream_t stream);
+void launch_rms(int dtype, const TaskTable& table, int64_t tiles, const GroupArgs& args,
+                cudaStream_t stream);
+void launch_apply(int dtype, const TaskTable& table, int64_t tiles, const GroupArgs& args,
+                  cudaStream_t stream);
+void launch_norms(const TaskTable& table, cudaStream_t stream);
+// fused_apply.cu: the up GEMM tiles of fused tasks.
+void launch_fused_p2(int dtype, const TaskTable& table, int64_t gtiles, cudaStream_t stream);
+void launch_fused_apply(int dtype, const TaskTable& table, int64_t gtiles,
+                        const GroupArgs& args, cudaStream_t stream);
+// down_gemm.cu: the down GEMM of a fused shape group (grid: down_tiles x tasks).
+void launch_down(int dtype, bool left, dim3 grid, const DownJob* jobs, int n, int m, int rank,
+                 float beta1, bool update, cudaStream_t stream);
+
+// ---- momentum work between the scalars and rms passes ----
+
+// projection.cu: the unfused compressed momentum of one task, and the projection op.
+void compressed_momentum(const Item& item, const Task& t, const at::Tensor& momentum);
+void fill_projection_cuda(const at::Tensor& out, int64_t seed, double scale);
+// fused_momentum.cu: the fused tasks of one shape group.
+void fused_momentum_group(const std::vector<const Item*>& items,
+                          const std::vector<const Task*>& tasks,
+                          const std::vector<FusedBuffers>& bufs, int64_t min_batched);
+
+// ---- host helpers (host_util.cu) ----
+
+// Row-major C (M x N, fp32) = alpha op(A) op(B) + beta C in cuBLAS; A and B of type `ab`
+// (a DType code); fp32 inputs on TF32 tensor cores when tf32 is set.
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+          const void* A, const void* B, int ab, float beta, float* C, bool tf32);
+void gemm_batched(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                  const void* const* a, const void* const* b, int ab, float beta,
+                  void* const* c, int count, bool tf32);
+int dtype_code(at::ScalarType t);
+const std::vector<at::cuda::CUDAStream>& side_streams(c10::DeviceIndex device, int count);
+int64_t smem_optin();
+at::DataPtr pinned_block(int64_t bytes);
+void upload(void* device, const at::DataPtr& host, int64_t bytes);
+
+}  // namespace cuda_detail
+}  // namespace flora

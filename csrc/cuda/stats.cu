@@ -1,0 +1,367 @@
+// Pass 1, statistics: row/column sums of G^2 + eps1 and sum p^2 of factored tensors
+// (tiles, or whole rows a block: "row stats"), or the full second moment and dense
+// momentum of unfactored ones.
+#include "config.cuh"
+#include "launch.h"
+#include "task_table.cuh"
+#include "vector_io.cuh"
+#include "mma.cuh"
+#include "../common/rules.h"
+
+#include <c10/cuda/CUDAException.h>
+
+namespace flora {
+namespace cuda_detail {
+namespace {
+
+
+// ---- pass 1: statistics ----------------------------------------------------
+
+template <int DT>
+__device__ __forceinline__ void factored_stats(const Task& t, int64_t local,
+                                               const GroupArgs& a) {
+  using S = Storage<DT>;
+  constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t rc = local / t.ctiles, ct = local % t.ctiles;
+  const int64_t n = t.n, m = t.m;
+  const int64_t c0 = ct * TC + lane * L;
+  const int valid = valid_of<L>(m - c0);
+  const S* g = static_cast<const S*>(t.grad);
+  const S* p = static_cast<const S*>(t.param);
+  uint4 gr[kRowsPerWarp], pr[kRowsPerWarp];
+  load_rows<DT>(g, t, rc, warp, c0, valid, gr);
+  load_rows<DT>(p, t, rc, warp, c0, t.stats_p ? valid : 0, pr);
+  float col_acc[L];
+#pragma unroll
+  for (int c = 0; c < L; ++c) col_acc[c] = 0.f;
+  float p2 = 0.f;
+#pragma unroll
+  for (int k = 0; k < kRowsPerWarp; ++k) {
+    const int64_t i = tile_row(rc, k, warp);
+    const int row_valid = i < n ? valid : 0;
+    float gv[L], pv[L];
+    unpack<DT>(gr[k], gv);
+    unpack<DT>(pr[k], pv);
+    float row_acc = 0.f;
+#pragma unroll
+    for (int c = 0; c < L; ++c) {
+      if (c < row_valid) {
+        const float v = gv[c] * gv[c] + a.eps1;
+        row_acc += v;
+        col_acc[c] += v;
+        p2 += pv[c] * pv[c];
+      }
+    }
+    row_acc = warp_sum(row_acc);
+    if (lane == 0 && i < n) t.row_part[i * t.ctiles + ct] = row_acc;
+  }
+  __shared__ float col_sm[kWarps][TC];
+#pragma unroll
+  for (int c = 0; c < L; ++c) col_sm[warp][lane * L + c] = col_acc[c];
+  __syncthreads();
+  for (int c = threadIdx.x; c < TC; c += blockDim.x) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += col_sm[w][c];
+    const int64_t j = ct * TC + c;
+    if (j < m) t.col_part[rc * m + j] = s;
+  }
+  p2 = block_sum(p2);
+  if (threadIdx.x == 0) t.tile_p2[local] = p2;
+}
+
+// The column sums of a row-stats block: for every column the thread owns, the sums of
+// G^2 and of G^2 / row over the block's rows, in registers (kRegAcc: reg_sq, reg_w) or
+// in shared memory after the ring (acc_sq, acc_w: a float4 a lane's vector of columns).
+template <int DT, bool kRegAcc> constexpr int kColumnVecs = kRegAcc ? kRegAccVecs<DT> : 1;
+template <int DT, bool kRegAcc>
+using ColumnRegs = float[kColumnVecs<DT, kRegAcc>][kLane<DT>];
+
+// Adds the `rows` rows of a stage (mv vectors a row) of G in shared memory.
+template <int DT, bool kRegAcc>
+__device__ __forceinline__ void add_stage_columns(ColumnRegs<DT, kRegAcc>& reg_sq,
+                                                  ColumnRegs<DT, kRegAcc>& reg_w,
+                                                  float4* acc_sq, float4* acc_w,
+                                                  const uint4* st, int rows, int mv,
+                                                  const float* inv_row) {
+  constexpr int L = kLane<DT>, H = L / 4, KV = kColumnVecs<DT, kRegAcc>;
+  if constexpr (kRegAcc) {
+#pragma unroll
+    for (int k = 0; k < KV; ++k) {
+      const int c = threadIdx.x + k * kThreads;
+      if (c >= mv) continue;
+      for (int r = 0; r < rows; ++r) {
+        float gv[L];
+        unpack<DT>(st[r * mv + c], gv);
+        const float ir = inv_row[r];
+#pragma unroll
+        for (int e = 0; e < L; ++e) {
+          const float g2 = gv[e] * gv[e];
+          reg_sq[k][e] += g2;
+          reg_w[k][e] = fmaf(g2, ir, reg_w[k][e]);
+        }
+      }
+    }
+  } else {
+    for (int c = threadIdx.x; c < mv; c += kThreads) {
+      float sq[L], wsum[L];
+#pragma unroll
+      for (int e = 0; e < L; ++e) sq[e] = wsum[e] = 0.f;
+#pragma unroll 2
+      for (int r = 0; r < rows; ++r) {
+        float gv[L];
+        unpack<DT>(st[r * mv + c], gv);
+        const float ir = inv_row[r];
+#pragma unroll
+        for (int e = 0; e < L; ++e) {
+          const float g2 = gv[e] * gv[e];
+          sq[e] += g2;
+          wsum[e] = fmaf(g2, ir, wsum[e]);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < H; ++h) {
+        float4& x = acc_sq[c * H + h];
+        float4& y = acc_w[c * H + h];
+        x.x += sq[4 * h]; x.y += sq[4 * h + 1]; x.z += sq[4 * h + 2]; x.w += sq[4 * h + 3];
+        y.x += wsum[4 * h]; y.y += wsum[4 * h + 1]; y.z += wsum[4 * h + 2];
+        y.w += wsum[4 * h + 3];
+      }
+    }
+  }
+}
+
+// Column sums of G^2 + eps1 (rows_eps1: eps1 of the block's rows) and of G^2 / row.
+template <int DT, bool kRegAcc>
+__device__ __forceinline__ void write_columns(const ColumnRegs<DT, kRegAcc>& reg_sq,
+                                              const ColumnRegs<DT, kRegAcc>& reg_w,
+                                              const float4* acc_sq, const float4* acc_w,
+                                              float4* col_out, float4* w_out, int mv,
+                                              float rows_eps1) {
+  constexpr int L = kLane<DT>, H = L / 4, KV = kColumnVecs<DT, kRegAcc>;
+  if constexpr (kRegAcc) {
+#pragma unroll
+    for (int k = 0; k < KV; ++k) {
+      const int c = threadIdx.x + k * kThreads;
+      if (c >= mv) continue;
+#pragma unroll
+      for (int h = 0; h < H; ++h) {
+        col_out[c * H + h] = make_float4(
+            reg_sq[k][4 * h] + rows_eps1, reg_sq[k][4 * h + 1] + rows_eps1,
+            reg_sq[k][4 * h + 2] + rows_eps1, reg_sq[k][4 * h + 3] + rows_eps1);
+        w_out[c * H + h] = make_float4(reg_w[k][4 * h], reg_w[k][4 * h + 1],
+                                       reg_w[k][4 * h + 2], reg_w[k][4 * h + 3]);
+      }
+    }
+  } else {
+    for (int q = threadIdx.x; q < mv * H; q += kThreads) {
+      const float4 x = acc_sq[q];
+      col_out[q] =
+          make_float4(x.x + rows_eps1, x.y + rows_eps1, x.z + rows_eps1, x.w + rows_eps1);
+      w_out[q] = acc_w[q];
+    }
+  }
+}
+
+// Row stats of a factored tensor without momentum: block `local` takes rows
+// [local * block_rows, +block_rows), stage_rows at a time through a ring of
+// t.stages buffers in shared memory (G, then p when the step size needs sum p^2),
+// the next stages loading while one is summed. Per stage: the rows' sums of
+// G^2 + eps1 (warp sums, then across warps), their new row EMAs, then for every
+// column the sums over the stage's rows of G^2 + eps1 and of G^2 / row, added to
+// accumulators of the thread that owns the column (no atomics, a fixed order):
+// registers for rows of up to kRegAccVecs vectors a thread (kRegAcc), else shared
+// memory after the ring.
+template <int DT, bool kRegAcc>
+__device__ __forceinline__ void row_stats(const Task& t, int64_t local, const GroupArgs& a,
+                                          uint4* smem) {
+  constexpr int L = kLane<DT>;
+  __shared__ float partial[kWarps][kMaxStageRows];
+  __shared__ float inv_row[kMaxStageRows];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int mv = static_cast<int>(t.m / L);  // 16-byte vectors a row
+  const int R = t.stage_rows, S = t.stages;
+  // Warps that sum one row: as many as the stages of G alone leave to a row, so that
+  // the order of a row's sum does not depend on whether the stages also hold p (the
+  // first step after a resume reads p, the next ones do not).
+  const int g_rows = static_cast<int>(stage_rows_of(int64_t(mv) * 16));
+  const int wpr = g_rows < kWarps ? kWarps / g_rows : 1;
+  const bool stats_p = t.stats_p;
+  const float eps1 = a.eps1;
+  const int64_t stage_vecs = int64_t(R) * mv * (stats_p ? 2 : 1);
+  const int64_t i_begin = local * t.block_rows;
+  const int64_t i_end = min(i_begin + t.block_rows, t.n);
+  const int stages = static_cast<int>((i_end - i_begin + R - 1) / R);
+  const uint4* g = static_cast<const uint4*>(t.grad);
+  const uint4* p = static_cast<const uint4*>(t.param);
+  float* row_ema = t.row;
+  const double beta2 = t.beta2;
+  const double inv_m = 1.0 / t.m;
+  const double m_eps1 = double(t.m) * eps1;  // eps1 of every element of a row
+  constexpr int H = L / 4;  // float4s of one lane's accumulator
+  float reg_sq[kColumnVecs<DT, kRegAcc>][L], reg_w[kColumnVecs<DT, kRegAcc>][L];
+  float4* acc_sq = reinterpret_cast<float4*>(smem + S * stage_vecs);
+  float4* acc_w = acc_sq + int64_t(mv) * H;
+  if constexpr (kRegAcc) {
+#pragma unroll
+    for (int k = 0; k < kColumnVecs<DT, kRegAcc>; ++k)
+#pragma unroll
+      for (int e = 0; e < L; ++e) reg_sq[k][e] = reg_w[k][e] = 0.f;
+  } else {
+    for (int q = threadIdx.x; q < mv * H; q += kThreads) {
+      acc_sq[q] = make_float4(0.f, 0.f, 0.f, 0.f);
+      acc_w[q] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+  // A stage's rows are contiguous in G (and p) and in shared memory: one flat loop
+  // (a loop over rows, then columns, spent ~100 instructions a 16-byte copy on
+  // address arithmetic: half of the pass's instructions, ncu).
+  const auto issue = [&](int s) {
+    if (s < stages) {
+      uint4* dst = smem + (s % S) * stage_vecs;
+      const int64_t r0 = i_begin + int64_t(s) * R;
+      const int count = static_cast<int>(min(int64_t(R), i_end - r0)) * mv;
+      const uint4* gs = g + r0 * mv;
+      for (int q = threadIdx.x; q < count; q += kThreads) copy16_async(dst + q, gs + q);
+      if (stats_p) {
+        const uint4* ps = p + r0 * mv;
+        uint4* pd = dst + R * mv;
+        for (int q = threadIdx.x; q < count; q += kThreads) copy16_async(pd + q, ps + q);
+      }
+    }
+    copy_async_commit();  // empty past the last stage: the waits stay uniform
+  };
+  for (int s = 0; s + 1 < S; ++s) issue(s);
+  double row_total = 0.0;  // new row EMAs of this block (thread r of each stage)
+  float p2 = 0.f;
+  for (int s = 0; s < stages; ++s) {
+    issue(s + S - 1);  // into the buffer the last round freed
+    const int64_t r0 = i_begin + int64_t(s) * R;
+    const int rows = static_cast<int>(min(int64_t(R), i_end - r0));
+    // The stage's old row EMAs, loaded now: their latency passes during the row sums.
+    const float old_row = static_cast<int>(threadIdx.x) < rows ? row_ema[r0 + threadIdx.x] : 0.f;
+    copy_async_wait(S - 1);
+    __syncthreads();
+    const uint4* st = smem + (s % S) * stage_vecs;
+    // Sums of G^2 (eps1 is added once a row below: m eps1, and once a column at the
+    // end). A row is summed in wpr segments (strided shares of its vectors), a warp
+    // a segment, then by thread r over the segments in a fixed order: one warp
+    // reduction a segment, where a reduction over the whole block for every row cost
+    // ~12 instructions a row and warp (ncu).
+    for (int job = warp; job < rows * wpr; job += kWarps) {
+      const int r = job % rows, seg = job / rows;
+      const uint4* gr = st + r * mv;
+      const uint4* pr = st + (R + r) * mv;
+      float sum = 0.f;
+#pragma unroll 2
+      for (int c = seg * 32 + lane; c < mv; c += wpr * 32) {
+        float gv[L];
+        unpack<DT>(gr[c], gv);
+#pragma unroll
+        for (int e = 0; e < L; ++e) sum = fmaf(gv[e], gv[e], sum);
+        if (stats_p) {
+          unpack<DT>(pr[c], gv);
+#pragma unroll
+          for (int e = 0; e < L; ++e) p2 = fmaf(gv[e], gv[e], p2);
+        }
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) partial[seg][r] = sum;
+    }
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < rows) {
+      double total = m_eps1;
+      for (int w = 0; w < wpr; ++w) total += partial[w][threadIdx.x];
+      const int64_t i = r0 + threadIdx.x;
+      const float row = static_cast<float>(beta2 * old_row + (1.0 - beta2) * (total * inv_m));
+      row_ema[i] = row;
+      inv_row[threadIdx.x] = 1.0f / row;
+      row_total += row;
+    }
+    __syncthreads();
+    add_stage_columns<DT, kRegAcc>(reg_sq, reg_w, acc_sq, acc_w, st, rows, mv, inv_row);
+    __syncthreads();  // the stage is free for the load issued next round
+  }
+  float4* col_out = reinterpret_cast<float4*>(t.col_part + local * t.m);
+  float4* w_out = reinterpret_cast<float4*>(t.w_part + local * t.m);
+  const float rows_eps1 = static_cast<float>(i_end - i_begin) * eps1;  // of each column
+  write_columns<DT, kRegAcc>(reg_sq, reg_w, acc_sq, acc_w, col_out, w_out, mv, rows_eps1);
+  row_total = block_sum(row_total);
+  p2 = block_sum(p2);
+  if (threadIdx.x == 0) {
+    t.row_block_sum[local] = row_total;
+    t.p2_block[local] = p2;
+  }
+}
+
+// Unfactored: S = beta2 S + (1 - beta2)(G^2 + eps1); D = G / sqrt(S), mixed with
+// dense momentum (which then stores D). Sums of p^2 and D^2 per tile.
+template <int DT>
+__device__ __forceinline__ void full_stats(const Task& t, int64_t local, const GroupArgs& a) {
+  using S = Storage<DT>;
+  constexpr int L = kLane<DT>;
+  const S* g = static_cast<const S*>(t.grad);
+  const S* p = static_cast<const S*>(t.param);
+  const bool vec = t.vec;
+  const float b2 = static_cast<float>(t.beta2);
+  float p2 = 0.f, d2 = 0.f;
+#pragma unroll 2
+  for (int k = 0; k < kFullVecsPerThread; ++k) {
+    const int64_t e0 = local * kFullTileOf<DT> + (int64_t(k) * kThreads + threadIdx.x) * L;
+    const int valid = valid_of<L>(t.numel - e0);
+    if (valid == 0) continue;
+    float gv[L], pv[L], sv[L], mv[L];
+    unpack<DT>(load_pack<DT>(g + e0, vec, valid), gv);
+    unpack<DT>(load_pack<DT>(p + e0, vec, t.stats_p ? valid : 0), pv);
+    loadf<L>(t.second_moment + e0, vec, valid, sv);
+    if (t.momentum) loadf<L>(t.momentum + e0, vec, valid, mv);
+#pragma unroll
+    for (int c = 0; c < L; ++c) {
+      if (c >= valid) continue;
+      sv[c] = b2 * sv[c] + (1.f - b2) * (gv[c] * gv[c] + a.eps1);
+      float d = gv[c] / sqrtf(sv[c]);
+      if (t.momentum) {
+        d = (1.f - a.beta1) * d + a.beta1 * mv[c];
+        mv[c] = d;
+      }
+      p2 += pv[c] * pv[c];
+      d2 += d * d;
+    }
+    storef<L>(t.second_moment + e0, vec, valid, sv);
+    if (t.momentum) storef<L>(t.momentum + e0, vec, valid, mv);
+  }
+  p2 = block_sum(p2);
+  d2 = block_sum(d2);
+  if (threadIdx.x == 0) {
+    t.tile_p2[local] = p2;
+    t.tile_d2[local] = d2;
+  }
+}
+
+template <int DT>
+__global__ void __launch_bounds__(kThreads)
+    stats_kernel(TaskTable table, GroupArgs a) {
+  extern __shared__ uint4 stage_smem[];
+  const Task& t = table.tasks[locate(table.sblock_begins, table.count, blockIdx.x)];
+  const int64_t local = blockIdx.x - t.sblock_begin;
+  if (t.row_stats == kRowStatsRegisters) row_stats<DT, true>(t, local, a, stage_smem);
+  else if (t.row_stats) row_stats<DT, false>(t, local, a, stage_smem);
+  else if (t.kind == kFactored) factored_stats<DT>(t, local, a);
+  else full_stats<DT>(t, local, a);
+}
+
+}  // namespace
+
+void launch_stats(int dtype, const TaskTable& table, int64_t blocks, int64_t smem,
+                  const GroupArgs& args, cudaStream_t stream) {
+  with_dtype(dtype, [&](auto dt) {
+    constexpr int DT = decltype(dt)::value;
+    allow_smem(stats_kernel<DT>, smem);
+    stats_kernel<DT><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(table, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace cuda_detail
+}  // namespace flora
