@@ -756,7 +756,7 @@ def test_fused_down_gemm_saturates_a_huge_u():
 
 
 def test_host_phases_show_in_the_profiler():
-    # tools/host_trace.py reads the op's host time by these scopes (RecordFunction).
+    # benchmarks/probes/host_trace.py reads the op's host time by these scopes (RecordFunction).
     p = torch.nn.Parameter(torch.randn(96, 200, device="cuda"))
     p.grad = torch.randn_like(p)
     opt = flora_ext.Flora([p], lr=1e-3, rank=8, beta1=0.9)

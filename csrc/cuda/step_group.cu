@@ -227,7 +227,7 @@ void launch_batch(const std::vector<Item>& items, const StepPlan& plan, const Ba
   if (b.any_norms) launch_norms(table, stream);
 }
 
-// Host phases, for torch.profiler (tools/host_trace.py): planning, then launches.
+// Host phases, for torch.profiler (benchmarks/probes/host_trace.py): planning, then launches.
 class HostPhase {
  public:
   void begin(const char* name) {
