@@ -3,16 +3,12 @@
 Each test starts its processes itself and kills them after a timeout, so that a hang fails.
 With CUDA present the same tests run with CUDA tensors (both processes on one GPU, gloo).
 """
-import os
-import time
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import flora_ext
+from dist_utils import spawn_workers
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -39,59 +35,9 @@ STEPS = 7  # resamples at steps 3 and 6 with kappa=3
 # --------------------------------------------------------------------------- process helper
 
 
-def _entry(rank, world_size, store_path, out_dir, fn, args):
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
-                                world_size=world_size)
-        result = fn(rank, world_size, *args)
-        torch.save(result, os.path.join(out_dir, f"result{rank}.pt"))
-        dist.barrier()  # no rank leaves (closing its connections) while another still works
-    except BaseException:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise SystemExit(1)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def run_ranks(tmp_path, fn, *args, world_size=2, timeout=TIMEOUT_S):
-    """Runs ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined by a gloo
-    group; returns their results by rank. Fails on an error or when ``timeout`` passes."""
-    out_dir = tmp_path / f"ranks{len(list(tmp_path.glob('ranks*')))}"
-    out_dir.mkdir()
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_entry, args=(rank, world_size, str(out_dir / "store"),
-                                              str(out_dir), fn, args))
-             for rank in range(world_size)]
-    for proc in procs:
-        proc.start()
-    start = time.monotonic()
-    # Wait for all, but stop early when one fails: the others may wait on it forever.
-    while time.monotonic() - start < timeout:
-        if all(proc.exitcode is not None for proc in procs):
-            break
-        if any(proc.exitcode not in (None, 0) for proc in procs):
-            time.sleep(2)  # let the others write their errors
-            break
-        procs[0].join(0.1)
-    hung = [rank for rank, proc in enumerate(procs) if proc.is_alive()]
-    for proc in procs:
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    errors = {rank: (out_dir / f"error{rank}.txt").read_text()
-              for rank in range(world_size) if (out_dir / f"error{rank}.txt").exists()}
-    if errors:
-        pytest.fail("\n".join(f"rank {rank}:\n{text}" for rank, text in errors.items()))
-    if hung:
-        pytest.fail(f"ranks {hung} did not finish within {timeout} s")
-    bad = [rank for rank, proc in enumerate(procs) if proc.exitcode != 0]
-    if bad:
-        pytest.fail(f"ranks {bad} exited with codes {[procs[r].exitcode for r in bad]}")
-    return [torch.load(out_dir / f"result{rank}.pt", weights_only=False)
-            for rank in range(world_size)]
+def run_ranks(fn, *args, world_size=2):
+    """``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks (tests/dist_utils.py)."""
+    return spawn_workers(fn, nprocs=world_size, args=args, timeout_s=TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------- models
@@ -287,7 +233,7 @@ def test_fsdp2_equals_one_process(tmp_path, device):
     tensor within 1e-5 of the largest entry after 7 steps (2 resamples); bf16 parameters the
     same (their float32 state is compared, and they round the same float32 result, so
     they agree but where the two results straddle a rounding boundary: one bf16 ulp)."""
-    results = run_ranks(tmp_path, _compare_worker, device)
+    results = run_ranks(_compare_worker, device)
     for rank, worst in enumerate(results):
         for name, diff in worst.items():
             limit = 2 ** -7 if name.startswith("torch.bfloat16") else TOLERANCE
@@ -415,12 +361,12 @@ def _dcp_load_worker(rank, world_size, device, path, uninterrupted):
 @pytest.mark.parametrize("device", DEVICES)
 def test_dcp_save_on_two_ranks_load_on_one(tmp_path, device):
     path = str(tmp_path / "checkpoint")
-    saved = run_ranks(tmp_path, _dcp_save_worker, device, path)
+    saved = run_ranks(_dcp_save_worker, device, path)
     for rank in range(2):
         assert saved[rank]["reloaded"] <= TOLERANCE, saved[rank]["reloaded"]
         for p, q in zip(saved[rank]["uninterrupted"], saved[0]["uninterrupted"]):
             assert torch.equal(p, q)  # full_tensor() is the same on every rank
-    loaded, = run_ranks(tmp_path, _dcp_load_worker, device, path, saved[0]["uninterrupted"],
+    loaded, = run_ranks(_dcp_load_worker, device, path, saved[0]["uninterrupted"],
                         world_size=1)
     for name, diff in loaded["diffs"].items():
         assert diff <= TOLERANCE, (name, diff)
@@ -535,6 +481,6 @@ def _fsdp1_refusals():
 
 
 def test_refusals(tmp_path):
-    results = run_ranks(tmp_path, _refusal_worker)
+    results = run_ranks(_refusal_worker)
     assert results[0]["shard1"] == results[1]["shard1"]
     assert "FSDP1" in results[0]["fsdp1_False"]
