@@ -83,7 +83,7 @@ def _step_group_fake(params, grads, states, steps, seeds, **hyper_parameters):
 
 
 # handle -> the object whose run(params, grads, states) a compiled step's op calls: a
-# _CompiledPlan of flora_ext.optimizer, kept alive by its optimizer.
+# _CompiledStep of flora_ext.optimizer, kept alive by its optimizer.
 compiled_plans = weakref.WeakValueDictionary()
 _next_handle = itertools.count(1)
 
@@ -95,15 +95,21 @@ def register_compiled_plan(plan) -> int:
     return handle
 
 
-@torch.library.custom_op("flora::step_group_compiled_", mutates_args=("params", "states"))
+# Its work depends on Python values read when it runs (step counts, seeds, lr), which a
+# CUDA graph replay would not read again: cudagraph_unsafe keeps it out of Inductor's.
+_CUDAGRAPH_UNSAFE = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t)
+
+
+@torch.library.custom_op("flora::step_group_compiled_", mutates_args=("params", "states"),
+                         tags=_CUDAGRAPH_UNSAFE)
 def step_group_compiled_(params: list[torch.Tensor], grads: list[torch.Tensor],
                          states: list[torch.Tensor], plan: int) -> None:
-    """One parameter group's step of a torch.compile'd Flora.step(): the group's
-    hyper-parameters, step counts and seeds are read (and the counts advanced) when the op
-    runs, from the group and its states, as the eager step reads them; so that the graph
-    holds no value that changes between steps. ``plan`` is the handle of the group's plan
-    (register_compiled_plan); the tensors are those the plan lists (states flat, in
-    step_group_'s order), given here so that the graph knows what the op reads and writes."""
+    """The step of a torch.compile'd Flora.step(): the groups' hyper-parameters, step
+    counts and seeds are read (and the counts advanced) when the op runs, from the groups
+    and their states, as the eager step reads them, so that the graph holds no value that
+    changes between steps. ``plan`` is the handle of the optimizer's compiled plan
+    (register_compiled_plan); the tensors are those it lists (states flat, in step_group_'s
+    order), given here so that the graph knows what the op reads and writes."""
     target = compiled_plans.get(plan)
     if target is None:
         raise RuntimeError("flora: this compiled step was traced for an optimizer (or a "

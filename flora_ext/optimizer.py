@@ -180,7 +180,7 @@ class Flora(torch.optim.Optimizer):
         # id(group) -> the _Plan of its last successful step(); a plan holds its group, so
         # the id cannot be reused by another group while the plan is kept.
         self._plans = {}
-        # The torch.compile'd step's plans (_prepare_compiled); None outside that regime.
+        # The torch.compile'd step's _CompiledStep (_prepare_compiled), or None.
         self._compiled = None
 
     def __setstate__(self, state):
@@ -327,28 +327,32 @@ class Flora(torch.optim.Optimizer):
         return loss
 
     def _compiled_step(self, closure):
-        """step() as torch.compile traces it: one graph, one step_group_compiled_ per group.
+        """step() as torch.compile traces it: a graph of one step_group_compiled_ call.
 
         What step() checks is checked when the step is traced (_prepare_compiled), and again
         by the op where it can change without torch.compile noticing (hyper-parameters). The
-        graph reads the parameters, their gradients (whether each is None), and the state
+        graph reads the parameters, their gradients (whether each is None) and the state
         tensors, and torch.compile traces again when one of these changes. The step counts,
-        seeds and hyper-parameters (lr from an LR scheduler...) are Python values read by the
-        op when it runs, not by the graph, so none of them causes another trace.
+        seeds and hyper-parameters (lr from an LR scheduler...) are Python values that the op
+        reads when it runs, not the graph, so none of them causes another trace.
         """
         if closure is not None:
             raise RuntimeError(
                 "flora: step(closure) is not supported under torch.compile; call the closure "
                 "(forward and backward) before the compiled opt.step()")
         _prepare_compiled(self)
+        compiled = self._compiled
         # vars(self), not self.param_groups: torch.compile's handling of the latter
         # (OptimizerVariable) does not take Flora's dict-subclass groups. Reading the list
-        # makes a new group trace again.
-        if len(vars(self)["param_groups"]) != len(self._compiled):
+        # makes an added group trace again.
+        if len(vars(self)["param_groups"]) != len(compiled.plans):
             raise RuntimeError("flora: the parameter groups changed while opt.step() was traced")
-        for plan in self._compiled:
-            params = [p for p in plan.group["params"] if p.grad is not None]
-            step_group_compiled_(params, [p.grad for p in params], plan.states, plan.handle)
+        params = []
+        for plan in compiled.plans:
+            params += [p for p in plan.group["params"] if p.grad is not None]
+        if params:
+            step_group_compiled_(params, [p.grad for p in params], compiled.states,
+                                 compiled.handle)
         return None
 
     def _prepare_compiled(self):
@@ -382,7 +386,7 @@ class Flora(torch.optim.Optimizer):
                     and device is not None and device.type == "cuda")
             norms = torch.zeros(len(params), dtype=torch.float64, device=device) if keep else None
             plans.append(_CompiledPlan(group, [self.state[p] for p in params], norms))
-        self._compiled = plans
+        self._compiled = _CompiledStep(plans)
         self._plans = {}
 
     def _stepped(self, group, accumulator):
@@ -679,24 +683,25 @@ def _layout_key(group):
 
 
 class _CompiledPlan:
-    """One group's part of a compiled step: its stepped parameters' states, and their state
-    tensors flat as step_group_ takes them. run() is what the group's op does when it runs."""
+    """One group's part of a compiled step: its stepped parameters' states, their state
+    tensors flat as step_group_ takes them, and what its check at trace time assumed."""
     __slots__ = ("group", "param_states", "states", "compressed", "layout", "hyper",
-                 "norms", "written", "handle", "__weakref__")
+                 "norms", "written")
 
     def __init__(self, group, param_states, norms):
         self.group = group
-        self.norms = norms  # as _Plan.norms: sum(p^2) kept between CUDA steps, or None
-        self.written = None
         self.param_states = param_states
         self.states = [state[name] for state in param_states
                        for name in _STATE_TENSORS if name in state]
         self.compressed = [k for k, state in enumerate(param_states) if "seed" in state]
         self.layout = _layout_key(group)
         self.hyper = _HYPER(group)
-        self.handle = register_compiled_plan(self)
+        self.norms = norms  # as _Plan.norms: sum(p^2) kept between CUDA steps, or None
+        self.written = None
 
-    def run(self, params, grads, states):
+    def check(self):
+        """Raises for a hyper-parameter that the eager step would refuse (or that would
+        need another state than the one traced)."""
         group = self.group
         if not _same(_HYPER(group), self.hyper) or not _lr_ok(group):
             _validate_group(group)
@@ -707,7 +712,11 @@ class _CompiledPlan:
                     f"traced opt.step(), which changes the state its parameters need; keep "
                     f"them, or step eagerly")
             self.hyper = () if isinstance(group["eps"], list) else _HYPER(group)
-        param_states = self.param_states
+
+    def run(self, params, grads, states):
+        group, param_states = self.group, self.param_states
+        if not param_states:
+            return
         steps = [state["step"] + 1 for state in param_states]
         seeds = [state.get("seed", 0) for state in param_states]
         if self.norms is None:
@@ -735,10 +744,37 @@ class _CompiledPlan:
                 param_states[k]["seed"] = next_seed(seeds[k])
 
 
+class _CompiledStep:
+    """The plans of a compiled step, and the handle by which its op finds them."""
+    __slots__ = ("plans", "states", "handle", "__weakref__")
+
+    def __init__(self, plans):
+        self.plans = plans
+        self.states = [t for plan in plans for t in plan.states]
+        self.handle = register_compiled_plan(self)
+
+    def run(self, params, grads, states):
+        """What the compiled step's op does: every group's checks, then every group's
+        step_group_ on its slice of the tensors the graph passed."""
+        for plan in self.plans:
+            plan.check()
+        p0 = s0 = 0
+        for done, plan in enumerate(self.plans):
+            p1, s1 = p0 + len(plan.param_states), s0 + len(plan.states)
+            try:
+                plan.run(params[p0:p1], grads[p0:p1], states[s0:s1])
+            except RuntimeError as err:
+                if done and hasattr(err, "add_note"):  # as step(): a fault at run time
+                    err.add_note(f"flora: this step() had already stepped the first {done} "
+                                 f"of its {len(self.plans)} parameter groups")
+                raise
+            p0, s0 = p1, s1
+
+
 @torch._dynamo.assume_constant_result
 def _prepare_compiled(optimizer):
     """Run by torch.compile when it traces Flora.step (not by the compiled code): checks
-    what step() would check and makes the _CompiledPlans that the traced code reads, so
+    what step() would check and makes the _CompiledStep that the traced code reads, so
     that one trace serves every later step. Returns a constant for the trace to keep."""
     optimizer._prepare_compiled()
     return 0

@@ -4,7 +4,7 @@ import torch
 from torch._inductor.compile_fx import compile_fx
 
 import flora_ext
-from conftest import DEVICES
+from conftest import DEVICES, requires_cuda
 
 KAPPA = 3
 STEPS = 3 * KAPPA + 1  # resamples at steps 3, 6 and 9
@@ -111,8 +111,8 @@ def test_compiled_step_is_one_graph_and_bitwise_eager(device, dtype):
     assert opt.state[net.a.weight]["step"] == STEPS
     assert net.unused not in opt.state or not opt.state[net.unused]
     assert len(backend.graphs) == 1, f"compiled {len(backend.graphs)} times"
-    # One op per parameter group and nothing else (but step()'s no_grad).
-    assert backend.ops() == [torch.ops.flora.step_group_compiled_.default] * 3
+    # One op for all parameter groups and nothing else (but step()'s no_grad).
+    assert backend.ops() == [torch.ops.flora.step_group_compiled_.default]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -184,6 +184,47 @@ def test_load_state_dict_and_new_group_trace_again():
     assert len(backend.graphs) == 3
 
 
+def test_gradients_appearing_and_vanishing_match_eager():
+    """Which parameters have a gradient is part of the trace: a change traces again (a
+    group none of whose parameters has one included) and matches eager."""
+    net, opt = make("cpu")
+    eager_net, eager_opt = make("cpu")
+    backend = CountingInductor()
+    step = torch.compile(opt.step, backend=backend, fullgraph=True)
+    for k in range(4):
+        backward(net, k, "cpu")
+        backward(eager_net, k, "cpu")
+        for n in (net, eager_net):
+            if k == 1:
+                n.c.weight.grad = n.c.bias.grad = None  # group 2 without any gradient
+            if k >= 2:
+                n.unused.grad = torch.full_like(n.unused, 0.25)
+        step()
+        eager_opt.step()
+        assert_same(net, opt, eager_net, eager_opt)
+    assert len(backend.graphs) == 3
+    assert opt.state[net.unused]["step"] == 2
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=requires_cuda)])
+def test_reduce_overhead_mode_matches_eager(device):
+    """mode="reduce-overhead" (CUDA graphs): the op reads step counts and lr when it runs,
+    so it is marked cudagraph_unsafe and stays out of the captured graphs."""
+    eager_net, eager_opt = make(device)
+    net, opt = make(device)
+    step = torch.compile(opt.step, mode="reduce-overhead", fullgraph=True)
+    eager_sched, sched = scheduler(eager_opt), scheduler(opt)
+    for k in range(STEPS):
+        backward(eager_net, k, device)
+        backward(net, k, device)
+        eager_opt.step()
+        step()
+        eager_sched.step()
+        opt._opt_called = True
+        sched.step()
+        assert_same(net, opt, eager_net, eager_opt)
+
+
 def test_hyper_parameters_change_without_a_new_trace():
     """Hyper-parameters are read when the step runs: changing beta1 (as OneCycleLR's
     cycle_momentum does) or weight_decay needs no new trace, and matches eager."""
@@ -210,7 +251,8 @@ def test_bad_lr_raises_under_compile_and_changes_nothing():
     step()
     params = [p.detach().clone() for p in net.parameters()]
     steps = {p: s["step"] for p, s in opt.state.items() if s}
-    opt.param_groups[0]["lr"] = float("nan")
+    # The last group's lr: the op checks every group before it steps any.
+    opt.param_groups[2]["lr"] = float("nan")
     backward(net, 1, "cpu")
     with pytest.raises(ValueError, match="lr"):
         step()
@@ -288,7 +330,7 @@ def test_opcheck(device):
     step = torch.compile(opt.step, fullgraph=True)
     backward(net, 0, device)
     step()
-    plan = opt._compiled[0]
-    params = [p for p in plan.group["params"] if p.grad is not None]
+    compiled = opt._compiled
+    params = [p for plan in compiled.plans for p in plan.group["params"] if p.grad is not None]
     torch.library.opcheck(torch.ops.flora.step_group_compiled_.default,
-                          (params, [p.grad for p in params], plan.states, plan.handle))
+                          (params, [p.grad for p in params], compiled.states, compiled.handle))
