@@ -724,9 +724,10 @@ class _CompiledPlan:
                                         **_op_hyper_parameters(group))
         else:  # as Flora._run_plan
             last, now = self.written, _written(params)
-            if last is None:
+            if last is None or last[2] != steps:
+                # (another step, e.g. an eager one, wrote p since: without a version bump)
                 known = []
-            elif last == now:
+            elif last[:2] == now:
                 known = [1] * len(params)
             else:
                 known = [int(v0 == v1 and d0 == d1)
@@ -735,7 +736,7 @@ class _CompiledPlan:
             torch.ops.flora.step_group_(params, grads, states, steps, seeds,
                                         param_norms=self.norms, norms_known=known,
                                         **_op_hyper_parameters(group))
-            self.written = now
+            self.written = (*now, [step + 1 for step in steps])
         kappa = group["kappa"]
         for state, step in zip(param_states, steps):
             state["step"] = step
