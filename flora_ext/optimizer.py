@@ -263,6 +263,12 @@ class Flora(torch.optim.Optimizer):
         Parameters managed by a FloraAccumulator are stepped in its backward hooks, not
         here: for them this call only checks that the accumulation cycle is complete (see
         flora_ext.accumulation) and raises when it is not or when it would step them twice.
+
+        ``torch.compile(opt.step, fullgraph=True)`` traces one graph and keeps it while the
+        step count, seeds and hyper-parameters change (LR schedulers included); it traces
+        again when the parameters, which of them have a gradient, the groups or the state
+        tensors (load_state_dict) change. Results are those of the eager step, and the two
+        can be mixed. Not under torch.compile: a closure, a FloraAccumulator, FSDP2.
         """
         if torch.compiler.is_compiling():
             return self._compiled_step(closure)

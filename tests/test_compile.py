@@ -286,6 +286,17 @@ def test_unsupported_uses_raise_clear_errors():
     accumulator.remove()
 
 
+def test_fsdp2_groups_are_refused_under_compile(monkeypatch):
+    net, opt = make("cpu")
+    monkeypatch.setattr(flora_ext.optimizer._sharded, "has_dtensors",
+                        lambda group: group is opt.param_groups[1])
+    step = torch.compile(opt.step, fullgraph=True)
+    backward(net, 0, "cpu")
+    with pytest.raises(RuntimeError, match="not FSDP2 \\(DTensor\\) ones"):
+        step()
+    assert not any(opt.state.values())
+
+
 def test_bad_input_is_refused_when_traced():
     """step()'s checks run when torch.compile traces the step (their error reaches the caller
     wrapped by torch.compile, with flora's message): nothing is stepped or made."""
