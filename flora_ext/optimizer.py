@@ -338,7 +338,8 @@ class Flora(torch.optim.Optimizer):
         What step() checks is checked when the step is traced (_prepare_compiled), and again
         by the op where it can change without torch.compile noticing (hyper-parameters). The
         graph reads the parameters, their gradients (whether each is None) and the state
-        tensors, and torch.compile traces again when one of these changes. The step counts,
+        tensors (from self.state, on every call), and torch.compile traces again when their
+        metadata changes. The step counts,
         seeds and hyper-parameters (lr from an LR scheduler...) are Python values that the op
         reads when it runs, not the graph, so none of them causes another trace.
         """
@@ -356,9 +357,10 @@ class Flora(torch.optim.Optimizer):
         params = []
         for plan in compiled.plans:
             params += [p for p in plan.group["params"] if p.grad is not None]
+        state = self.state
+        states = [state[p][name] for p in params for name in _STATE_TENSORS if name in state[p]]
         if params:
-            step_group_compiled_(params, [p.grad for p in params], compiled.states,
-                                 compiled.handle)
+            step_group_compiled_(params, [p.grad for p in params], states, compiled.handle)
         return None
 
     def _prepare_compiled(self):
@@ -752,7 +754,9 @@ class _CompiledPlan:
 
 
 class _CompiledStep:
-    """The plans of a compiled step, and the handle by which its op finds them."""
+    """The plans of a compiled step, and the handle by which its op finds them; ``states``
+    is the flat state tensor list the op is traced with (the graph reads it from
+    opt.state)."""
     __slots__ = ("plans", "states", "handle", "__weakref__")
 
     def __init__(self, plans):

@@ -225,6 +225,24 @@ def test_reduce_overhead_mode_matches_eager(device):
         assert_same(net, opt, eager_net, eager_opt)
 
 
+def test_replaced_state_tensor_is_used():
+    """The graph reads the state tensors from opt.state on every call."""
+    net, opt = make("cpu")
+    eager_net, eager_opt = make("cpu")
+    backend = CountingInductor()
+    step = torch.compile(opt.step, backend=backend, fullgraph=True)
+    for k in range(4):
+        backward(net, k, "cpu")
+        backward(eager_net, k, "cpu")
+        if k == 2:
+            for o, n in ((opt, net), (eager_opt, eager_net)):
+                o.state[n.a.weight]["momentum"] = o.state[n.a.weight]["momentum"] * 0.5
+        step()
+        eager_opt.step()
+        assert_same(net, opt, eager_net, eager_opt)
+    assert len(backend.graphs) == 1
+
+
 def test_hyper_parameters_change_without_a_new_trace():
     """Hyper-parameters are read when the step runs: changing beta1 (as OneCycleLR's
     cycle_momentum does) or weight_decay needs no new trace, and matches eager."""
