@@ -393,7 +393,7 @@ class Flora(torch.optim.Optimizer):
             keep = (self.reuse_param_norms and group["scale_parameter"]
                     and device is not None and device.type == "cuda")
             norms = torch.zeros(len(params), dtype=torch.float64, device=device) if keep else None
-            plans.append(_CompiledPlan(group, [self.state[p] for p in params], norms))
+            plans.append(_CompiledPlan(group, list(params), self.state, norms))
         self._compiled = _CompiledStep(plans)
         self._plans = {}
 
@@ -691,14 +691,16 @@ def _layout_key(group):
 
 
 class _CompiledPlan:
-    """One group's part of a compiled step: its stepped parameters' states, their state
-    tensors flat as step_group_ takes them, and what its check at trace time assumed."""
-    __slots__ = ("group", "param_states", "states", "compressed", "layout", "hyper",
+    """One group's part of a compiled step: its stepped parameters, their state tensors
+    flat as step_group_ takes them, and what its check at trace time assumed."""
+    __slots__ = ("group", "params", "state", "states", "compressed", "layout", "hyper",
                  "norms", "written")
 
-    def __init__(self, group, param_states, norms):
+    def __init__(self, group, params, state, norms):
         self.group = group
-        self.param_states = param_states
+        self.params = params
+        self.state = state  # the optimizer's: its entries are looked up when the op runs
+        param_states = [state[p] for p in params]
         self.states = [state[name] for state in param_states
                        for name in _STATE_TENSORS if name in state]
         self.compressed = [k for k, state in enumerate(param_states) if "seed" in state]
@@ -722,9 +724,10 @@ class _CompiledPlan:
             self.hyper = () if isinstance(group["eps"], list) else _HYPER(group)
 
     def run(self, params, grads, states):
-        group, param_states = self.group, self.param_states
-        if not param_states:
+        group = self.group
+        if not self.params:
             return
+        param_states = list(map(self.state.__getitem__, self.params))
         steps = [state["step"] + 1 for state in param_states]
         seeds = [state.get("seed", 0) for state in param_states]
         if self.norms is None:
@@ -771,7 +774,7 @@ class _CompiledStep:
             plan.check()
         p0 = s0 = 0
         for done, plan in enumerate(self.plans):
-            p1, s1 = p0 + len(plan.param_states), s0 + len(plan.states)
+            p1, s1 = p0 + len(plan.params), s0 + len(plan.states)
             try:
                 plan.run(params[p0:p1], grads[p0:p1], states[s0:s1])
             except RuntimeError as err:

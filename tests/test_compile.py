@@ -225,8 +225,9 @@ def test_reduce_overhead_mode_matches_eager(device):
         assert_same(net, opt, eager_net, eager_opt)
 
 
-def test_replaced_state_tensor_is_used():
-    """The graph reads the state tensors from opt.state on every call."""
+def test_replaced_state_is_used():
+    """The graph reads the state tensors, and its op the step counts, from opt.state on
+    every call."""
     net, opt = make("cpu")
     eager_net, eager_opt = make("cpu")
     backend = CountingInductor()
@@ -237,6 +238,7 @@ def test_replaced_state_tensor_is_used():
         if k == 2:
             for o, n in ((opt, net), (eager_opt, eager_net)):
                 o.state[n.a.weight]["momentum"] = o.state[n.a.weight]["momentum"] * 0.5
+                o.state[n.b.weight] = dict(o.state[n.b.weight])  # a new dict, same entries
         step()
         eager_opt.step()
         assert_same(net, opt, eager_net, eager_opt)
