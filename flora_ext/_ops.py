@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import numbers
+import weakref
 
 import torch
 
@@ -75,5 +77,47 @@ def _fill_projection_fake(out, seed, scale):
 
 @torch.library.register_fake("flora::step_group_")
 def _step_group_fake(params, grads, states, steps, seeds, **hyper_parameters):
+    torch._check(len(grads) == len(params), lambda: "flora: one grad per parameter")
+    return None
+
+
+
+# handle -> the object whose run(params, grads, states) a compiled step's op calls: a
+# _CompiledStep of flora_ext.optimizer, kept alive by its optimizer.
+compiled_plans = weakref.WeakValueDictionary()
+_next_handle = itertools.count(1)
+
+
+def register_compiled_plan(plan) -> int:
+    """The handle by which step_group_compiled_ finds ``plan`` (a new one per plan)."""
+    handle = next(_next_handle)
+    compiled_plans[handle] = plan
+    return handle
+
+
+# Its work depends on Python values read when it runs (step counts, seeds, lr), which a
+# CUDA graph replay would not read again: cudagraph_unsafe keeps it out of Inductor's.
+_CUDAGRAPH_UNSAFE = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t)
+
+
+@torch.library.custom_op("flora::step_group_compiled_", mutates_args=("params", "states"),
+                         tags=_CUDAGRAPH_UNSAFE)
+def step_group_compiled_(params: list[torch.Tensor], grads: list[torch.Tensor],
+                         states: list[torch.Tensor], plan: int) -> None:
+    """The step of a torch.compile'd Flora.step(): the groups' hyper-parameters, step
+    counts and seeds are read (and the counts advanced) when the op runs, from the groups
+    and their states, as the eager step reads them, so that the graph holds no value that
+    changes between steps. ``plan`` is the handle of the optimizer's compiled plan
+    (register_compiled_plan); the tensors are those it lists (states flat, in step_group_'s
+    order), given here so that the graph knows what the op reads and writes."""
+    target = compiled_plans.get(plan)
+    if target is None:
+        raise RuntimeError("flora: this compiled step was traced for an optimizer (or a "
+                           "state) that no longer exists; compile the new optimizer's step")
+    target.run(params, grads, states)
+
+
+@step_group_compiled_.register_fake
+def _step_group_compiled_fake(params, grads, states, plan):
     torch._check(len(grads) == len(params), lambda: "flora: one grad per parameter")
     return None

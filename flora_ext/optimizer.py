@@ -9,7 +9,7 @@ from operator import attrgetter, is_, itemgetter
 import torch
 
 from . import _sharded
-from ._ops import next_seed, param_layout
+from ._ops import next_seed, param_layout, register_compiled_plan, step_group_compiled_
 from ._param_groups import as_param_group
 from .hyperparams import DEFAULTS as _DEFAULT
 from .hyperparams import GROUP_HYPER_PARAMETERS as _GROUP_HYPER_PARAMETERS
@@ -140,6 +140,20 @@ def _refuse_fsdp1_param(p):
             f"(torch.distributed.fsdp.fully_shard) instead, or use DistributedDataParallel")
 
 
+def _op_hyper_parameters(group):
+    """The keyword arguments of step_group_ for a checked ``group``."""
+    eps1, eps2 = group["eps"]
+    return dict(
+        lr=float(group["lr"] or 0.0), beta1=float(group["beta1"] or 0.0),
+        eps1=float(eps1), eps2=float(eps2), clip_threshold=float(group["clip_threshold"]),
+        decay_rate=float(group["decay_rate"]), weight_decay=float(group["weight_decay"]),
+        rank=int(group["rank"] or 0), kappa=int(group["kappa"]),
+        scale_parameter=group["scale_parameter"], relative_step=group["relative_step"],
+        warmup_init=group["warmup_init"],
+        factorize_second_moment=group["factorize_second_moment"], tf32=group["tf32"],
+        stochastic_rounding=group["stochastic_rounding"])
+
+
 class Flora(torch.optim.Optimizer):
     """Adafactor whose first moment is kept compressed by a resampled random projection.
 
@@ -179,6 +193,8 @@ class Flora(torch.optim.Optimizer):
         # id(group) -> the _Plan of its last successful step(); a plan holds its group, so
         # the id cannot be reused by another group while the plan is kept.
         self._plans = {}
+        # The torch.compile'd step's _CompiledStep (_prepare_compiled), or None.
+        self._compiled = None
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -186,6 +202,7 @@ class Flora(torch.optim.Optimizer):
         self.defaults = as_param_group(self.defaults)
         self.param_groups = [as_param_group(g) for g in self.param_groups]
         self._plans = {}
+        self._compiled = None
 
     def add_param_group(self, param_group):
         if isinstance(param_group, dict):
@@ -260,7 +277,15 @@ class Flora(torch.optim.Optimizer):
         Parameters managed by a FloraAccumulator are stepped in its backward hooks, not
         here: for them this call only checks that the accumulation cycle is complete (see
         flora_ext.accumulation) and raises when it is not or when it would step them twice.
+
+        ``torch.compile(opt.step, fullgraph=True)`` traces one graph and keeps it while the
+        step count, seeds and hyper-parameters change (LR schedulers included); it traces
+        again when the parameters, which of them have a gradient, the groups or the state
+        tensors (load_state_dict) change. Results are those of the eager step, and the two
+        can be mixed. Not under torch.compile: a closure, a FloraAccumulator, FSDP2.
         """
+        if torch.compiler.is_compiling():
+            return self._compiled_step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -320,6 +345,71 @@ class Flora(torch.optim.Optimizer):
         if len(self._plans) > len(self.param_groups):  # groups were removed
             self._plans = {id(plan.group): plan for plan, _, _ in work}
         return loss
+
+    def _compiled_step(self, closure):
+        """step() as torch.compile traces it: a graph of one step_group_compiled_ call.
+
+        What step() checks is checked when the step is traced (_prepare_compiled), and again
+        by the op where it can change without torch.compile noticing (hyper-parameters). The
+        graph reads the parameters, their gradients (whether each is None) and the state
+        tensors (from self.state, on every call), and torch.compile traces again when their
+        metadata changes. The step counts,
+        seeds and hyper-parameters (lr from an LR scheduler...) are Python values that the op
+        reads when it runs, not the graph, so none of them causes another trace.
+        """
+        if closure is not None:
+            raise RuntimeError(
+                "flora: step(closure) is not supported under torch.compile; call the closure "
+                "(forward and backward) before the compiled opt.step()")
+        _prepare_compiled(self)
+        compiled = self._compiled
+        # vars(self), not self.param_groups: torch.compile's handling of the latter
+        # (OptimizerVariable) does not take Flora's dict-subclass groups. Reading the list
+        # makes an added group trace again.
+        if len(vars(self)["param_groups"]) != len(compiled.plans):
+            raise RuntimeError("flora: the parameter groups changed while opt.step() was traced")
+        params = []
+        for plan in compiled.plans:
+            params += [p for p in plan.group["params"] if p.grad is not None]
+        state = self.state
+        states = [state[p][name] for p in params for name in _STATE_TENSORS if name in state[p]]
+        if params:
+            step_group_compiled_(params, [p.grad for p in params], states, compiled.handle)
+        return None
+
+    def _prepare_compiled(self):
+        accumulator = self._owning_accumulator()
+        if accumulator is not None:
+            raise RuntimeError(
+                "flora: torch.compile of opt.step() is not supported while a FloraAccumulator "
+                "steps this optimizer's parameters in backward hooks; step eagerly, or "
+                "compile opt.step() of a Flora without an accumulator")
+        if any(map(_sharded.has_dtensors, self.param_groups)):
+            raise RuntimeError(
+                "flora: torch.compile of opt.step() supports plain tensor parameters, not "
+                "FSDP2 (DTensor) ones; step an FSDP2 model's optimizer eagerly")
+        work = []
+        for group in self.param_groups:  # every check before any state is made
+            _validate_group(group)
+            params, grads = self._stepped(group, None)
+            self._check_inputs(group, params, grads)
+            if len({p.device for p in params}) > 1:
+                raise RuntimeError(
+                    "flora: torch.compile of opt.step() needs the stepped parameters of a "
+                    "group on one device; put each group's parameters on one device")
+            work.append((group, params))
+        plans = []
+        for group, params in work:
+            for p in params:
+                if not self.state[p]:
+                    self._init_state(p, group, self.state[p])
+            device = params[0].device if params else None
+            keep = (self.reuse_param_norms and group["scale_parameter"]
+                    and device is not None and device.type == "cuda")
+            norms = torch.zeros(len(params), dtype=torch.float64, device=device) if keep else None
+            plans.append(_CompiledPlan(group, list(params), self.state, norms))
+        self._compiled = _CompiledStep(plans)
+        self._plans = {}
 
     def _stepped(self, group, accumulator):
         """The parameters of ``group`` that step() steps (those with a gradient, but the
@@ -446,17 +536,8 @@ class Flora(torch.optim.Optimizer):
     def _run_plan(self, plan, grads):
         """The op calls of a checked plan, then the step counts and seeds they advance."""
         group, states, seeds = plan.group, plan.states, plan.seeds
-        eps1, eps2 = group["eps"]
         kappa = group["kappa"]
-        hyper_parameters = dict(
-            lr=float(group["lr"] or 0.0), beta1=float(group["beta1"] or 0.0),
-            eps1=float(eps1), eps2=float(eps2), clip_threshold=float(group["clip_threshold"]),
-            decay_rate=float(group["decay_rate"]), weight_decay=float(group["weight_decay"]),
-            rank=int(group["rank"] or 0), kappa=int(kappa),
-            scale_parameter=group["scale_parameter"], relative_step=group["relative_step"],
-            warmup_init=group["warmup_init"],
-            factorize_second_moment=group["factorize_second_moment"], tf32=group["tf32"],
-            stochastic_rounding=group["stochastic_rounding"])
+        hyper_parameters = _op_hyper_parameters(group)
         steps = [step + 1 for step in plan.steps]
         for b, (index, flat_states, compressed) in enumerate(plan.batches):
             params = _pick(plan.params, index)
@@ -615,6 +696,116 @@ class Flora(torch.optim.Optimizer):
     def __getstate__(self):
         # torch.optim's keeps defaults, state and param_groups only.
         return {**super().__getstate__(), "reuse_param_norms": self.reuse_param_norms}
+
+
+def _layout_key(group):
+    """What of a group's settings decides which state its parameters have (param_layout)."""
+    return (int(group["rank"] or 0), (group["beta1"] or 0.0) > 0.0,
+            bool(group["factorize_second_moment"]))
+
+
+class _CompiledPlan:
+    """One group's part of a compiled step: its stepped parameters, their state tensors
+    flat as step_group_ takes them, and what its check at trace time assumed."""
+    __slots__ = ("group", "params", "state", "states", "compressed", "layout", "hyper",
+                 "norms", "written")
+
+    def __init__(self, group, params, state, norms):
+        self.group = group
+        self.params = params
+        self.state = state  # the optimizer's: its entries are looked up when the op runs
+        param_states = [state[p] for p in params]
+        self.states = [state[name] for state in param_states
+                       for name in _STATE_TENSORS if name in state]
+        self.compressed = [k for k, state in enumerate(param_states) if "seed" in state]
+        self.layout = _layout_key(group)
+        self.hyper = _HYPER(group)
+        self.norms = norms  # as _Plan.norms: sum(p^2) kept between CUDA steps, or None
+        self.written = None
+
+    def check(self):
+        """Raises for a hyper-parameter that the eager step would refuse (or that would
+        need another state than the one traced)."""
+        group = self.group
+        if not _same(_HYPER(group), self.hyper) or not _lr_ok(group):
+            _validate_group(group)
+            if _layout_key(group) != self.layout:
+                raise RuntimeError(
+                    f"flora: a parameter group's (rank, beta1 > 0, factorize_second_moment) "
+                    f"changed from {self.layout} to {_layout_key(group)} since torch.compile "
+                    f"traced opt.step(), which changes the state its parameters need; keep "
+                    f"them, or step eagerly")
+            self.hyper = () if isinstance(group["eps"], list) else _HYPER(group)
+
+    def run(self, params, grads, states):
+        group = self.group
+        if not self.params:
+            return
+        param_states = list(map(self.state.__getitem__, self.params))
+        steps = [state["step"] + 1 for state in param_states]
+        seeds = [state.get("seed", 0) for state in param_states]
+        if self.norms is None:
+            torch.ops.flora.step_group_(params, grads, states, steps, seeds,
+                                        **_op_hyper_parameters(group))
+        else:  # as Flora._run_plan
+            last, now = self.written, _written(params)
+            if last is None or last[2] != steps:
+                # (another step, e.g. an eager one, wrote p since: without a version bump)
+                known = []
+            elif last[:2] == now:
+                known = [1] * len(params)
+            else:
+                known = [int(v0 == v1 and d0 == d1)
+                         for v0, v1, d0, d1 in zip(last[0], now[0], last[1], now[1])]
+            self.written = None
+            torch.ops.flora.step_group_(params, grads, states, steps, seeds,
+                                        param_norms=self.norms, norms_known=known,
+                                        **_op_hyper_parameters(group))
+            self.written = (*now, [step + 1 for step in steps])
+        kappa = group["kappa"]
+        for state, step in zip(param_states, steps):
+            state["step"] = step
+        for k in self.compressed:
+            if steps[k] % kappa == 0:
+                param_states[k]["seed"] = next_seed(seeds[k])
+
+
+class _CompiledStep:
+    """The plans of a compiled step, and the handle by which its op finds them; ``states``
+    is the flat state tensor list the op is traced with (the graph reads it from
+    opt.state)."""
+    __slots__ = ("plans", "states", "handle", "__weakref__")
+
+    def __init__(self, plans):
+        self.plans = plans
+        self.states = [t for plan in plans for t in plan.states]
+        self.handle = register_compiled_plan(self)
+
+    def run(self, params, grads, states):
+        """What the compiled step's op does: every group's checks, then every group's
+        step_group_ on its slice of the tensors the graph passed."""
+        for plan in self.plans:
+            plan.check()
+        p0 = s0 = 0
+        for done, plan in enumerate(self.plans):
+            p1, s1 = p0 + len(plan.params), s0 + len(plan.states)
+            try:
+                plan.run(params[p0:p1], grads[p0:p1], states[s0:s1])
+            except RuntimeError as err:
+                if done and hasattr(err, "add_note"):  # as step(): a fault at run time
+                    err.add_note(f"flora: this step() had already stepped the first {done} "
+                                 f"of its {len(self.plans)} parameter groups")
+                raise
+            p0, s0 = p1, s1
+
+
+@torch._dynamo.assume_constant_result
+def _prepare_compiled(optimizer):
+    """Run by torch.compile when it traces Flora.step (not by the compiled code): checks
+    what step() would check and makes the _CompiledStep that the traced code reads, so
+    that one trace serves every later step. Returns a constant for the trace to keep."""
+    optimizer._prepare_compiled()
+    return 0
 
 
 def state_bytes(optimizer) -> int:
