@@ -40,18 +40,9 @@ sys.path.insert(0, HERE)
 
 import flora_ext  # noqa: E402
 from flora_ext import distributed as fd  # noqa: E402
+from bench_step import llama_shapes  # noqa: E402  (the same LLaMA shapes)
 
 LLAMA_7B = (4096, 11008, 32, 32000)  # hidden, intermediate, layers, vocab
-
-
-def llama_shapes(hidden, intermediate, layers, vocab):
-    """Embedding, per layer q, k, v, o, gate, up, down and two norms, final norm, head."""
-    shapes = [(vocab, hidden)]
-    for _ in range(layers):
-        shapes += [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
-        shapes += [(hidden,), (hidden,)]
-    shapes += [(hidden,), (vocab, hidden)]
-    return shapes
 
 
 def commit():
