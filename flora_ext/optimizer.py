@@ -8,7 +8,7 @@ from operator import attrgetter, is_, itemgetter
 
 import torch
 
-from . import _sharded
+from . import _dcp, _sharded
 from ._ops import next_seed, param_layout
 from ._param_groups import as_param_group
 from .hyperparams import DEFAULTS as _DEFAULT
@@ -265,6 +265,8 @@ class Flora(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        elif _dcp.init_state_if_checkpoint_step(self):  # zero grads, lr 0, no state yet
+            return None
         accumulator = self._owning_accumulator()
         if accumulator is not None:
             accumulator._check_cycle_complete("optimizer.step()")
