@@ -491,6 +491,29 @@ def test_invalid_lr_set_after_a_step_is_rejected(lr, exc, match):
     assert opt.state[ps[0]]["step"] == 2
 
 
+def test_lr_removed_after_a_step_names_its_group():
+    """step(), step_param() and load_state_dict() name the group, as construction does."""
+    a, b = torch.nn.Parameter(torch.randn(16, 40)), torch.nn.Parameter(torch.randn(37))
+    opt = flora_ext.Flora([{"params": [a]}, {"params": [b], "weight_decay": 0.1}], lr=1e-2)
+    a.grad, b.grad = torch.randn(16, 40), torch.randn(37)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    before = _snapshot([a, b], opt)
+    opt.param_groups[1]["lr"] = None
+    message = (r"^flora: lr is required unless relative_step=True; param group 1 has none "
+               r"\(give it an 'lr', or pass lr to Flora\)$")
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    with pytest.raises(ValueError, match=message):
+        opt.step_param(b)
+    _assert_unchanged([a, b], opt, before)
+    saved["param_groups"][1]["lr"] = None
+    opt.param_groups[1]["lr"] = 1e-2
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(saved)
+    _assert_unchanged([a, b], opt, before)
+
+
 def test_lr_with_relative_step_set_after_a_step_is_rejected():
     ps, opt = _stepped([(16, 40)], lr=None, relative_step=True)
     opt.param_groups[0]["lr"] = 1e-3
