@@ -421,6 +421,8 @@ class CycleReducer:
                         up_project_add_(grad, mean, self.seeds[id(e)], acc.rank)
                     else:
                         grad = mean.to(p.dtype, copy=True)
+                    if acc.grad_observer is not None:
+                        acc.grad_observer(p, grad)
                     acc.optimizer._step_param(p, grad)
                     del grad
             if self.ddp is not None:
