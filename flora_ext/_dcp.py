@@ -1,4 +1,5 @@
-"""The step() that torch.distributed.checkpoint makes to create optimizer state.
+"""The step() that torch.distributed.checkpoint makes to create optimizer state
+(docs/FLORA.md §10.4).
 
 ``get_optimizer_state_dict`` and ``set_optimizer_state_dict`` need every parameter's state to
 exist (as the template that ``dcp.load`` fills in place). On an optimizer with no state yet they
