@@ -57,6 +57,8 @@ def init_state_if_checkpoint_step(optimizer) -> bool:
             if p.requires_grad and p.grad is None:
                 return False
             if p.grad is not None:
+                if p.grad.layout != torch.strided:
+                    return False  # not DCP's zeros: the step's checks report it
                 grads.append(p.grad)
             if isinstance(p, _sharded.DTensor) and p.device_mesh.size() > 1:
                 meshes.setdefault(id(p.device_mesh.get_group()), p.device_mesh)

@@ -859,3 +859,10 @@ def test_a_first_step_with_lr_0_and_real_gradients_still_counts():
     assert all(opt.state[p]["step"] == 1 for p in ps)
     assert all(torch.equal(p, p0) for p, p0 in zip(ps, params0))
     assert opt.state[ps[0]]["row_second_moment"].any()
+    # a zero sparse gradient is not the checkpoint's call either: the step's check reports it
+    _, ps, opt = _dcp_fresh(params0, lr=0.0)
+    for p in ps:
+        p.grad = torch.zeros_like(p).to_sparse()
+    with pytest.raises(TypeError, match="sparse gradients are not supported"):
+        opt.step()
+    assert not any(opt.state.values())
