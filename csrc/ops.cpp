@@ -147,8 +147,9 @@ ParamLayout check_step_inputs(const at::Tensor& param, const at::Tensor& grad,
               o.lr);
   TORCH_CHECK(o.beta1 >= 0.0 && o.beta1 < 1.0, "flora: beta1 must be in [0, 1), got ",
               o.beta1);
-  TORCH_CHECK(std::isfinite(o.eps1) && o.eps1 >= 0.0,
-              "flora: eps1 must be finite and >= 0, got ", o.eps1);
+  TORCH_CHECK(std::isfinite(o.eps1) && o.eps1 >= kMinEps1,
+              "flora: eps1 must be finite and >= 2^-126 (float32's smallest normal, about "
+              "1.2e-38), got ", o.eps1);
   TORCH_CHECK(std::isfinite(o.eps2) && o.eps2 >= 0.0,
               "flora: eps2 must be finite and >= 0, got ", o.eps2);
   TORCH_CHECK(std::isfinite(o.clip_threshold) && o.clip_threshold > 0.0,

@@ -3,7 +3,8 @@
 FSDP2 turns every parameter into a DTensor split by rows (``Shard(0)``) over a 1-D device
 mesh. Each rank steps its own rows with the formulas of the single-device step (docs/FLORA.md,
 "One step"), in float32 with float64 sums as the CPU kernel has them. What spans rows is summed
-over the mesh, batched per parameter group into all-reduces per step and mesh:
+over the mesh (docs/FLORA.md §10.3), batched per parameter group into all-reduces per step and
+mesh:
 
   check   (4 float64): whether every rank passed its input checks, and a fingerprint of what it
           is about to step (parameters, step counts, seeds, hyper-parameters): ranks that

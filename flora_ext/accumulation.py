@@ -268,7 +268,8 @@ class FloraAccumulator:
         self.optimizer = optimizer
         # None, or a callable (param, grad) that the hook calls with the gradient it is about
         # to step the parameter with (the cycle's sum, or its unbiased estimate when
-        # compressed), e.g. to log the gradient norm that no p.grad holds afterwards.
+        # compressed; across processes their mean over the ranks), e.g. to log the gradient
+        # norm that no p.grad holds afterwards.
         self.grad_observer = None
         self._micro_batches = None if _sync is not None else int(micro_batches)
         self.rank = None if rank is None else int(rank)

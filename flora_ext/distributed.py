@@ -2,7 +2,7 @@
 
 Flora's projection is linear and every rank draws the same one from a shared seed, so
     all_reduce(down_s(G_rank)) = down_s(sum over ranks of G_rank)
-up to the summation order. Two ways use it:
+up to the summation order (docs/FLORA.md §10.1, §10.2). Two ways use it:
 
 - ``FloraAccumulator(opt, micro_batches=k, rank=r, model=ddp_model)`` (or ``process_group=``
   with an unwrapped model): every rank compresses each of its micro-batch gradients into C
@@ -421,6 +421,8 @@ class CycleReducer:
                         up_project_add_(grad, mean, self.seeds[id(e)], acc.rank)
                     else:
                         grad = mean.to(p.dtype, copy=True)
+                    if acc.grad_observer is not None:
+                        acc.grad_observer(p, grad)
                     acc.optimizer._step_param(p, grad)
                     del grad
             if self.ddp is not None:

@@ -8,7 +8,7 @@ from operator import attrgetter, is_, itemgetter
 
 import torch
 
-from . import _sharded
+from . import _dcp, _sharded
 from ._ops import next_seed, param_layout, register_compiled_plan, step_group_compiled_
 from ._param_groups import as_param_group
 from .hyperparams import DEFAULTS as _DEFAULT
@@ -290,6 +290,8 @@ class Flora(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        elif _dcp.init_state_if_checkpoint_step(self):  # zero grads, lr 0, no state yet
+            return None
         accumulator = self._owning_accumulator()
         if accumulator is not None:
             accumulator._check_cycle_complete("optimizer.step()")
@@ -297,14 +299,14 @@ class Flora(torch.optim.Optimizer):
         # checked and nothing has changed since (_Plan) is not checked again.
         checked = []
         sharded = []  # FSDP2 (DTensor) groups: stepped on each rank's shard by _sharded
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             if _sharded.has_dtensors(group):
-                _validate_group(group)
+                _validate_group(group, index)
                 sharded.append(_sharded.prepare(self, group, *self._stepped(group, accumulator)))
                 continue
             plan = self._plans.get(id(group))
             if plan is None or not _same(_HYPER(group), plan.hyper) or not _lr_ok(group):
-                _validate_group(group)
+                _validate_group(group, index)
             params, grads = self._stepped(group, accumulator)
             # The first op call checks every tensor itself before it writes anything, so
             # the first group's reused plan (one call: one device) leaves the per-tensor
@@ -486,7 +488,7 @@ class Flora(torch.optim.Optimizer):
             raise ValueError(f"flora: step_param() needs a gradient: the parameter of shape "
                              f"{tuple(p.shape)} has p.grad None and no grad was given")
         group = self._group_of(p)
-        _validate_group(group)
+        _validate_group(group, next(k for k, g in enumerate(self.param_groups) if g is group))
         if _sharded.has_dtensors(group):
             return _sharded.step(self, group, [p], [grad])
         self._check_inputs(group, [p], [grad])
@@ -660,7 +662,7 @@ class Flora(torch.optim.Optimizer):
                 new_group["param_names"] = group["param_names"]  # as torch.optim keeps them
             if isinstance(new_group.get("eps"), list):
                 new_group["eps"] = tuple(new_group["eps"])
-            _validate_group(new_group)
+            _validate_group(new_group, k)
             new_groups.append(new_group)
             for saved_id, p in zip(saved["params"], group["params"]):
                 id_to_param[saved_id] = p

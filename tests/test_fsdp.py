@@ -380,6 +380,58 @@ def test_dcp_save_on_two_ranks_load_on_one(tmp_path, device):
           f"2 ranks {sharded_bytes / numel:.3f} in all")
 
 
+RELATIVE_CONFIG = dict(lr=None, relative_step=True, beta1=0.9, rank=4, kappa=3,
+                       weight_decay=0.1, seed=7)
+
+
+def _dcp_relative_step_worker(rank, world_size, device, path):
+    """DCP on fresh optimizers with relative_step: get_optimizer_state_dict creates the
+    sharded state without stepping (flora_ext/_dcp.py), and a resumed run goes on as the
+    uninterrupted one."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+
+    import torch.distributed.checkpoint as dcp
+
+    device = _device(rank, device)
+    reference = sharded_model(world_size, torch.float32, device)
+    ref_opt = flora_ext.Flora(reference.parameters(), **RELATIVE_CONFIG, tf32=False)
+    _steps(reference, ref_opt, 0, LAST, torch.float32, device)
+    model = sharded_model(world_size, torch.float32, device)
+    opt = flora_ext.Flora(model.parameters(), **RELATIVE_CONFIG, tf32=False)
+    before = [local_of(p).clone() for p in model.parameters()]
+    get_optimizer_state_dict(model, opt)
+    unchanged = all(torch.equal(local_of(p), b) for p, b in zip(model.parameters(), before))
+    steps = [opt.state[p]["step"] for p in model.parameters()]
+    all_dtensors = all(isinstance(t, DTensor) for state in opt.state.values()
+                       for t in state.values() if isinstance(t, torch.Tensor))
+    _steps(model, opt, 0, SAVED_AT, torch.float32, device)
+    dcp.save(_state_dicts(model, opt), checkpoint_id=path)
+    _steps(model, opt, SAVED_AT, LAST, torch.float32, device)
+    continued = all(torch.equal(local_of(p), local_of(q))
+                    for p, q in zip(model.parameters(), reference.parameters()))
+    model2 = sharded_model(world_size, torch.float32, device)
+    opt2 = flora_ext.Flora(model2.parameters(), **RELATIVE_CONFIG, tf32=False)
+    _load(model2, opt2, path)
+    loaded_steps = [opt2.state[p]["step"] for p in model2.parameters()]
+    _steps(model2, opt2, SAVED_AT, LAST, torch.float32, device)
+    resumed = max(rel_diff(local_of(p), local_of(q))
+                  for p, q in zip(model2.parameters(), reference.parameters()))
+    return dict(unchanged=unchanged, steps=steps, all_dtensors=all_dtensors,
+                continued=continued, loaded_steps=loaded_steps, resumed=resumed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dcp_on_fresh_relative_step_optimizers(tmp_path, device):
+    results = run_ranks(tmp_path, _dcp_relative_step_worker, device,
+                        str(tmp_path / "checkpoint"))
+    for result in results:
+        assert result["unchanged"] and result["all_dtensors"] and result["continued"], result
+        assert result["steps"] == [0] * len(SHAPES), result
+        assert result["loaded_steps"] == [SAVED_AT] * len(SHAPES), result
+        assert result["resumed"] <= TOLERANCE, result
+
+
 # --------------------------------------------------------------------------- refusals
 
 

@@ -340,6 +340,79 @@ def test_resume_restores_the_accumulation_seeds(hf, tmp_path):
         assert torch.equal(p, q), name
 
 
+def _trainer_across_processes(rank, world, out_dir):
+    """Trainer under 2 gloo processes (DDP on the CPU): its own accumulation, and the
+    callback's dense and compressed accumulation. Returns what the parent compares."""
+    import os
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from flora_ext.integrations import hf
+
+    results = {}
+    for name, accumulation in (("plain", None), ("dense", "dense"), ("compressed", 2)):
+        try:
+            args = training_args(os.path.join(out_dir, name), ddp_backend="gloo")
+            model, trainer = train(hf, args, accumulation=accumulation)
+            results[name] = dict(
+                params=[p.detach().clone() for p in model.parameters()],
+                steps=trainer.state.global_step, grad_norm=logged(trainer, "grad_norm"),
+                wrapped=type(trainer.model_wrapped).__name__, world_size=args.world_size,
+                ddp_sync=getattr(trainer.model_wrapped, "require_backward_grad_sync", None))
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+    return results
+
+
+def test_accumulation_under_ddp_trainer(hf, tmp_path):
+    """The callback under a 2-process Trainer: dense accumulation gives Trainer's own DDP
+    accumulation (the mean over the ranks of each window's sum), compressed accumulation
+    keeps the ranks identical, and DDP's reduction is back on once training ends."""
+    from dist_utils import spawn_workers
+
+    ranks = spawn_workers(_trainer_across_processes, nprocs=2, args=(str(tmp_path),),
+                          timeout_s=120)
+    for result in ranks:
+        for name, run in result.items():
+            assert run["wrapped"] == "DistributedDataParallel" and run["world_size"] == 2, name
+            assert run["ddp_sync"] is True, name  # the accumulator was removed at the end
+            # 5 samples a rank: micro-batches of 2, 2, 1, windows of 2 and 1; two epochs
+            assert run["steps"] == 4, name
+    plain, dense, compressed = (ranks[0][name] for name in ("plain", "dense", "compressed"))
+    for name in ("plain", "dense", "compressed"):
+        for p, q in zip(ranks[0][name]["params"], ranks[1][name]["params"]):
+            assert torch.equal(p, q), name
+    for p, q in zip(dense["params"], plain["params"]):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert dense["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
+    assert len(compressed["grad_norm"]) == 4 and min(compressed["grad_norm"]) > 0
+    assert not any(torch.equal(p, q) for p, q in zip(compressed["params"], dense["params"])
+                   if p.dim() == 2)
+
+
+def test_multi_process_runs_need_the_trainer_and_ddp(hf, tmp_path):
+    """What the callback refuses in a run of several processes, checked on the arguments
+    alone (the 2-process run above covers the supported case)."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(world_size=2, n_gpu=1)
+    with pytest.raises(ValueError, match=r"needs Trainer's DistributedDataParallel model: add "
+                                         r"the callback with add_flora_accumulation\(trainer"):
+        hf.FloraAccumulationCallback(rank=4)._ddp_model(args)
+    class Trainer:  # what the callback reads of a trainer
+        model_wrapped = torch.nn.Linear(2, 2)
+
+    trainer = Trainer()
+    with pytest.raises(NotImplementedError, match="wraps the model in Linear"):
+        hf.FloraAccumulationCallback(rank=4, trainer=trainer)._ddp_model(args)
+    assert hf.FloraAccumulationCallback(trainer=trainer)._ddp_model(
+        SimpleNamespace(world_size=1, n_gpu=1)) is None
+    with pytest.raises(NotImplementedError, match="DataParallel"):
+        hf.FloraAccumulationCallback._check_args(SimpleNamespace(
+            max_grad_norm=0.0, fp16=False, world_size=1, n_gpu=2))
+
+
 # ---------------------------------------------------------------- accelerate
 def test_flora_accelerator_refuses_clipping_hooked_parameters():
     pytest.importorskip("accelerate")

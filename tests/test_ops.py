@@ -172,6 +172,8 @@ BAD_STEP_CALLS = {
     "kappa": (None, dict(kappa=0), "kappa must be"),
     "beta1": (None, dict(beta1=1.0), "beta1 must be"),
     "eps1": (None, dict(eps1=-1.0), "eps1 must be"),
+    "eps1 zero": (None, dict(eps1=0.0), r"eps1 must be finite and >= 2\^-126"),
+    "eps1 subnormal": (None, dict(eps1=2.0**-127), r"eps1 must be finite and >= 2\^-126"),
     "eps2": (None, dict(eps2=float("inf")), "eps2 must be"),
     "clip": (None, dict(clip_threshold=0.0), "clip_threshold must be"),
     "decay_rate": (None, dict(decay_rate=0.5), "decay_rate must be"),
@@ -263,6 +265,29 @@ def test_step_group_rejects_bad_input_and_changes_nothing(mutate, match):
     with pytest.raises(RuntimeError, match=match):
         torch.ops.flora.step_group_(*group, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(group[0], before))
+
+
+@pytest.mark.parametrize("eps1", [0.0, 2.0**-127, 1e-45, float("nan")])
+def test_step_group_rejects_eps1_below_float32_smallest_normal(eps1):
+    """The op refuses what Flora and flora::Flora refuse: an eps1 that float32 loses would
+    turn a zero gradient row into 0 / 0."""
+    group, _, kwargs = group_args()
+    before = [t.clone() for t in group[0]]
+    with pytest.raises(RuntimeError, match=r"flora: eps1 must be finite and >= 2\^-126 "
+                                           r"\(float32's smallest normal"):
+        torch.ops.flora.step_group_(*group, **dict(kwargs, eps1=eps1))
+    assert all(torch.equal(a, b) for a, b in zip(group[0], before))
+
+
+def test_step_accepts_the_smallest_eps1_and_stays_finite_on_a_zero_gradient():
+    from flora_ext.hyperparams import MIN_EPS1
+    args, kwargs = step_args("factored-none")
+    args[1].zero_()
+    args[2].zero_()
+    args[3].zero_()
+    kwargs.update(eps1=MIN_EPS1, weight_decay=0.0)
+    torch.ops.flora.step_(*args, **kwargs)
+    assert torch.isfinite(args[0]).all() and torch.isfinite(args[2]).all()
 
 
 @pytest.mark.parametrize("norms,known,match", [

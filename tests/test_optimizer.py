@@ -491,6 +491,29 @@ def test_invalid_lr_set_after_a_step_is_rejected(lr, exc, match):
     assert opt.state[ps[0]]["step"] == 2
 
 
+def test_lr_removed_after_a_step_names_its_group():
+    """step(), step_param() and load_state_dict() name the group, as construction does."""
+    a, b = torch.nn.Parameter(torch.randn(16, 40)), torch.nn.Parameter(torch.randn(37))
+    opt = flora_ext.Flora([{"params": [a]}, {"params": [b], "weight_decay": 0.1}], lr=1e-2)
+    a.grad, b.grad = torch.randn(16, 40), torch.randn(37)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    before = _snapshot([a, b], opt)
+    opt.param_groups[1]["lr"] = None
+    message = (r"^flora: lr is required unless relative_step=True; param group 1 has none "
+               r"\(give it an 'lr', or pass lr to Flora\)$")
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    with pytest.raises(ValueError, match=message):
+        opt.step_param(b)
+    _assert_unchanged([a, b], opt, before)
+    saved["param_groups"][1]["lr"] = None
+    opt.param_groups[1]["lr"] = 1e-2
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(saved)
+    _assert_unchanged([a, b], opt, before)
+
+
 def test_lr_with_relative_step_set_after_a_step_is_rejected():
     ps, opt = _stepped([(16, 40)], lr=None, relative_step=True)
     opt.param_groups[0]["lr"] = 1e-3
@@ -769,3 +792,77 @@ def test_smallest_eps1_keeps_a_zero_gradient_row_finite(factorize, shape, flush_
     assert torch.isfinite(p).all()
     assert all(torch.isfinite(t).all() for t in opt.state[p].values()
                if isinstance(t, torch.Tensor))
+
+
+# --- torch.distributed.checkpoint's state-creating step (flora_ext/_dcp.py) ----------------
+RELATIVE = dict(lr=None, relative_step=True)
+
+
+def _dcp_fresh(params0, **kw):
+    """A module holding copies of ``params0`` and a fresh Flora over them (two groups)."""
+    model = torch.nn.ParameterList([torch.nn.Parameter(p.clone()) for p in params0])
+    ps = list(model)
+    opt = flora_ext.Flora([{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.1}],
+                          beta1=0.9, rank=4, kappa=1, **{**BASE, **kw})
+    return model, ps, opt
+
+
+@pytest.mark.parametrize("kw", [RELATIVE, {}], ids=["relative_step", "lr"])
+def test_dcp_state_dict_of_a_fresh_optimizer_changes_nothing(kw):
+    """get_optimizer_state_dict on a fresh optimizer steps it with zero gradients and lr 0
+    to create state: that call makes the state a first step makes and nothing else (no
+    parameter moves, the step count stays 0 and the seeds stay: kappa=1 would resample)."""
+    dcp_state = pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    params0, grads = make_run("cpu")
+    _, ref, ref_opt = _dcp_fresh(params0, **kw)
+    run_steps(ref, ref_opt, grads)
+
+    model, ps, opt = _dcp_fresh(params0, **kw)
+    saved = dcp_state.get_optimizer_state_dict(model, opt)
+    assert all(torch.equal(p, p0) for p, p0 in zip(ps, params0))
+    assert all(p.grad is None for p in ps)
+    assert [g["lr"] for g in opt.param_groups] == [kw.get("lr", BASE["lr"])] * 2
+    assert sorted(saved["state"]) == ["0", "1", "2", "3"]
+    for k, p in enumerate(ps):
+        state = opt.state[p]
+        assert state["step"] == 0
+        assert state.get("seed") in (None, opt.defaults["seed"] + k + 1)
+        assert all(not t.any() for t in state.values() if isinstance(t, torch.Tensor))
+    run_steps(ps, opt, grads)
+    for a, b in zip(ps, ref):
+        assert torch.equal(a, b)
+
+
+def test_dcp_resume_with_relative_step_equals_an_uninterrupted_run():
+    dcp_state = pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    params0, grads = make_run("cpu")
+    _, ref, ref_opt = _dcp_fresh(params0, **RELATIVE)
+    run_steps(ref, ref_opt, grads)
+
+    model, ps, opt = _dcp_fresh(params0, **RELATIVE)
+    run_steps(ps, opt, grads[:4])
+    saved = copy.deepcopy(dcp_state.get_optimizer_state_dict(model, opt))
+    model2, resumed, opt2 = _dcp_fresh([p.detach() for p in ps], **RELATIVE)
+    dcp_state.set_optimizer_state_dict(model2, opt2, saved)
+    assert [opt2.state[p]["step"] for p in resumed] == [4] * 4
+    run_steps(resumed, opt2, grads[4:])
+    for a, b in zip(resumed, ref):
+        assert torch.equal(a, b)
+
+
+def test_a_first_step_with_lr_0_and_real_gradients_still_counts():
+    """Only the all-zero-gradient form is taken for the checkpoint's call: a warm-up that
+    starts at lr 0 steps (updates the statistics, counts step 1) as before."""
+    params0, grads = make_run("cpu")
+    _, ps, opt = _dcp_fresh(params0, lr=0.0)
+    run_steps(ps, opt, grads[:1])
+    assert all(opt.state[p]["step"] == 1 for p in ps)
+    assert all(torch.equal(p, p0) for p, p0 in zip(ps, params0))
+    assert opt.state[ps[0]]["row_second_moment"].any()
+    # a zero sparse gradient is not the checkpoint's call either: the step's check reports it
+    _, ps, opt = _dcp_fresh(params0, lr=0.0)
+    for p in ps:
+        p.grad = torch.zeros_like(p).to_sparse()
+    with pytest.raises(TypeError, match="sparse gradients are not supported"):
+        opt.step()
+    assert not any(opt.state.values())

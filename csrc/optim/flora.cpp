@@ -26,10 +26,6 @@ namespace {
 
 // Largest base seed: seed + i and the seeds that follow stay in int63 (as in Python).
 constexpr int64_t kMaxBaseSeed = int64_t{1} << 62;
-// float32's smallest normal (MIN_EPS1 in flora_ext/hyperparams.py): eps1 is added in float32,
-// where a smaller one is lost (below about 1e-45, or with denormals flushed to zero), and a
-// zero gradient row would then give 0 / 0.
-constexpr double kMinEps1 = std::numeric_limits<float>::min();
 
 std::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;

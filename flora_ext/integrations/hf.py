@@ -12,6 +12,9 @@ Compressed gradient accumulation (FloraAccumulator) in step with Trainer's
 
     add_flora_accumulation(trainer, rank=256)   # needs max_grad_norm=0, see below
 
+Under several processes (torchrun; Trainer wraps the model in DistributedDataParallel) the
+accumulator averages the compressed buffers over the processes instead of DDP's all-reduce.
+
 The accumulator steps every parameter in its backward hook during the window's last
 backward pass, so no ``p.grad`` is left when Trainer would clip: gradient clipping
 (``max_grad_norm > 0``, Trainer's default is 1.0) is refused with an error instead of being
@@ -26,8 +29,10 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+import weakref
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 try:
     from accelerate.state import GradientState
@@ -175,15 +180,24 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
             stepped with (Trainer's own would read 0.0 from the empty ``p.grad``); costs a
             norm per parameter per step, as Trainer's own computation does.
 
+    Several processes (``torchrun``/``accelerate launch``, Trainer wraps the model in
+    DistributedDataParallel): the accumulator takes over DDP's reduction, as
+    ``FloraAccumulator(model=ddp_model)`` does (flora_ext.distributed): with ``rank`` set every
+    micro-batch is compressed, the compressed buffers are averaged over the processes at the
+    window's end and every process takes the same step. The callback finds the DDP model
+    through the trainer, so add it with ``add_flora_accumulation(trainer)`` (or pass
+    ``trainer=``).
+
     Refused (ValueError/NotImplementedError at train()): ``max_grad_norm > 0`` (the global
     norm is known only after the last parameter was stepped, so Trainer's clipping cannot
     act: set max_grad_norm=0; Flora's clip_threshold bounds each update), ``fp16`` (the hooks
-    would step on scaled gradients: use bf16), and more than one process or GPU per process.
+    would step on scaled gradients: use bf16), several GPUs in one process (DataParallel),
+    and several processes whose model is not wrapped in DDP (FSDP, DeepSpeed).
     The accumulation seeds are saved in Trainer's checkpoints (trainer_state.json) and
     restored when training resumes from one.
     """
 
-    def __init__(self, rank: int | None = None, log_grad_norm: bool = True):
+    def __init__(self, rank: int | None = None, log_grad_norm: bool = True, *, trainer=None):
         if rank is not None and (not _is_int(rank) or rank < 1):
             raise ValueError(f"flora: FloraAccumulationCallback rank must be None (dense "
                              f"accumulation) or an int >= 1, got {rank!r}")
@@ -191,6 +205,9 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
             raise TypeError(f"flora: log_grad_norm must be a bool, got {log_grad_norm!r}")
         self.rank = rank
         self.log_grad_norm = log_grad_norm
+        # The trainer whose model_wrapped (the DDP model) multi-process training needs; weak:
+        # the trainer holds this callback.
+        self._trainer = None if trainer is None else weakref.ref(trainer)
         self.accumulator: FloraAccumulator | None = None
         self.grad_norm: torch.Tensor | None = None  # of the last optimizer step
         self._squares = {}  # device -> sum of squared gradient norms of the current cycle
@@ -212,20 +229,43 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
             raise ValueError("flora: FloraAccumulationCallback cannot train with fp16=True: the "
                              "hooks step before the GradScaler could unscale the gradients and "
                              "skip steps with inf/nan; use bf16=True or full precision")
-        if args.world_size > 1 or args.n_gpu > 1:
+        if args.n_gpu > 1:
             raise NotImplementedError(
-                f"flora: FloraAccumulationCallback runs in one process on one device (world "
-                f"size {args.world_size}, {args.n_gpu} GPUs in this process): its hooks step on "
-                f"the local gradient, before any data-parallel reduction")
+                f"flora: FloraAccumulationCallback cannot drive {args.n_gpu} GPUs in one process "
+                f"(DataParallel): its hooks would step on one replica's gradient; launch one "
+                f"process per GPU (torchrun), where Trainer uses DistributedDataParallel")
+
+    def _ddp_model(self, args):
+        """The DistributedDataParallel model of a multi-process run (None in one process)."""
+        if args.world_size <= 1:
+            return None
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is None:
+            raise ValueError(
+                f"flora: FloraAccumulationCallback in a run of {args.world_size} processes needs "
+                f"Trainer's DistributedDataParallel model: add the callback with "
+                f"add_flora_accumulation(trainer, ...) or FloraAccumulationCallback(..., "
+                f"trainer=trainer)")
+        wrapped = trainer.model_wrapped
+        if not isinstance(wrapped, DistributedDataParallel):
+            raise NotImplementedError(
+                f"flora: FloraAccumulationCallback runs in one process or under "
+                f"DistributedDataParallel; this run of {args.world_size} processes wraps the "
+                f"model in {type(wrapped).__name__} (FSDP and DeepSpeed shard the gradients "
+                f"before Flora's hooks could compress them)")
+        return wrapped
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
         self._check_args(args)
         flora = _unwrap_flora(optimizer)
+        ddp = self._ddp_model(args)
         self._release()
-        rank = self.rank if args.gradient_accumulation_steps > 1 else None
+        # Across processes every micro-batch is compressed (that is what cuts the all-reduce).
+        compress = args.gradient_accumulation_steps > 1 or ddp is not None
+        rank = self.rank if compress else None
         gradient_state = GradientState()  # shared with Trainer's accelerator (one state)
-        accumulator = FloraAccumulator(flora, rank=rank, model=model,
+        accumulator = FloraAccumulator(flora, rank=rank, model=model if ddp is None else ddp,
                                        _sync=lambda: bool(gradient_state.sync_gradients))
         if self.log_grad_norm:
             accumulator.grad_observer = self._observe
@@ -308,7 +348,7 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
 def add_flora_accumulation(trainer, rank: int | None = None, log_grad_norm: bool = True):
     """Adds a FloraAccumulationCallback in front of ``trainer``'s callbacks (so that every
     logging callback sees the grad_norm it reports) and returns it."""
-    callback = FloraAccumulationCallback(rank=rank, log_grad_norm=log_grad_norm)
+    callback = FloraAccumulationCallback(rank=rank, log_grad_norm=log_grad_norm, trainer=trainer)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
 

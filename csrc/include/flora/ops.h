@@ -7,6 +7,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -34,6 +35,12 @@ ParamLayout param_layout(at::IntArrayRef shape, int64_t rank, double beta1,
                          bool factorize_second_moment);
 
 const char* momentum_kind_name(MomentumKind kind);
+
+// Smallest eps1 a step accepts: float32's smallest normal, 2^-126 (MIN_EPS1 in
+// flora_ext/hyperparams.py). eps1 is added to G^2 in float32, where a smaller value is lost
+// (below about 1e-45, or with denormals flushed to zero) and a zero gradient row would then
+// give 0 / 0.
+constexpr double kMinEps1 = std::numeric_limits<float>::min();
 
 // Hyper-parameters of one step; the op schema spells them out one by one.
 struct StepOptions {
