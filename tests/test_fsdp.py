@@ -423,7 +423,7 @@ def _dcp_relative_step_worker(rank, world_size, device, path):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_dcp_on_fresh_relative_step_optimizers(tmp_path, device):
-    results = run_ranks(tmp_path, _dcp_relative_step_worker, device,
+    results = run_ranks(_dcp_relative_step_worker, device,
                         str(tmp_path / "checkpoint"))
     for result in results:
         assert result["unchanged"] and result["all_dtensors"] and result["continued"], result
