@@ -408,7 +408,7 @@ def _run(optimizer, group, params, grads):
         base_lr = _base_lr(group, it.t)
         if group["scale_parameter"]:
             rms = math.sqrt(p_sq / it.numel) if it.numel else 0.0
-            base_lr *= max(float(eps2), rms)
+            base_lr *= _max_nan(float(eps2), rms)
         it.lr_t = base_lr
     second.reduce()
     clip_threshold = float(group["clip_threshold"])
@@ -416,7 +416,7 @@ def _run(optimizer, group, params, grads):
     for it, d_sq in zip(items, _scalars(second, [it.slot_dsq for it in items])):
         if it.slot_down is not None:
             it.new["momentum"] = it.base * beta1 + second[it.slot_down] * (1.0 - beta1)
-        clip = max(1.0, math.sqrt(d_sq / it.numel) / clip_threshold) if it.numel else 1.0
+        clip = _max_nan(1.0, math.sqrt(d_sq / it.numel) / clip_threshold) if it.numel else 1.0
         decay = _f32(weight_decay * it.lr_t)
         x = it.p32
         if decay != 0.0:
@@ -477,3 +477,8 @@ def _base_lr(group, t):
 def _f32(x):
     """``x`` rounded to float32, as the kernel's float scalars are."""
     return torch.tensor(x, dtype=torch.float32).item()
+
+
+def _max_nan(a, b):
+    """max(a, b), NaN when either is NaN, as the kernels' (docs/FLORA.md §4.7)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)

@@ -151,6 +151,12 @@ def rms(x):
     return (x.norm() / math.sqrt(x.numel())).item()
 
 
+def max_nan(a, b):
+    """max(a, b), NaN when either is NaN (Python's max returns an operand whatever the
+    comparison, so max(1.0, nan) is 1.0): docs/FLORA.md §4.7."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
 def step_size(hp, t, param_rms):
     """lr_t of docs/FLORA.md step 1."""
     if hp["relative_step"]:
@@ -161,7 +167,7 @@ def step_size(hp, t, param_rms):
             raise ValueError("lr is required unless relative_step")
         lr = hp["lr"]
     if hp["scale_parameter"]:
-        lr = lr * max(hp["eps"][1], param_rms)
+        lr = lr * max_nan(hp["eps"][1], param_rms)
     return lr
 
 
@@ -227,7 +233,7 @@ def reference_step(param64, grad64, state, hp, projection=ext_projection, next_s
         M.copy_(beta1 * M + (1.0 - beta1) * down(P, U, left))
 
     # 5. update clipping
-    D = D / max(1.0, rms(D) / hp["clip_threshold"])
+    D = D / max_nan(1.0, rms(D) / hp["clip_threshold"])
 
     # 6. decoupled weight decay, then the update
     if hp["weight_decay"]:

@@ -1,13 +1,16 @@
 """A CUDA out-of-memory in the middle of a step (skipped without CUDA).
 
-The step's temporaries (workspace, projections, fp32 copies of half tensors, cuBLAS
-workspaces) are allocated while it runs; params, gradients and state already exist. Each
-trial rebuilds the same optimizer (state loaded from one saved step), empties torch's cache,
-and caps the caching allocator (torch.cuda.set_per_process_memory_fraction) at what is
-reserved now plus ``extra`` bytes, for a sweep of ``extra`` from nothing to more than the
-step needs. Wherever in the step the allocation fails, the step must raise
-torch.OutOfMemoryError and leave params and state bitwise as they were (compared on the
-CPU, which needs no GPU memory); a trial whose step fits must match the uncapped step.
+A step allocates its temporaries (workspace, projections, fp32 copies of half tensors,
+the pinned tables, the cuBLAS workspace of each stream it runs GEMMs on) before its first
+kernel writes params or state; params, gradients and state already exist. (Kernel code,
+which the driver loads at a kernel's first launch, is outside torch's allocator and this
+test.) Each trial rebuilds the same optimizer (state loaded from one saved step), empties
+torch's cache and drops torch's cuBLAS workspaces, and caps the caching allocator
+(torch.cuda.set_per_process_memory_fraction) at what is reserved now plus ``extra`` bytes,
+for a sweep of ``extra`` from nothing to more than the step needs. Wherever in the step
+the allocation fails, the step must raise torch.OutOfMemoryError and leave params and state
+bitwise as they were (compared on the CPU, which needs no GPU memory); a trial whose step
+fits must match the uncapped step.
 At least one trial must run out of memory, or the sweep forced nothing.
 
 One param group: a failure in the op of a later group after an earlier group's op has
@@ -76,8 +79,12 @@ def free():
 
 def capped_step(ps, opt, extra_bytes):
     """opt.step() with the allocator capped at what is reserved now plus extra_bytes;
-    True when it ran out of memory."""
+    True when it ran out of memory. The cuBLAS workspaces torch keeps for each stream
+    are dropped first, so that the step allocates them under the cap, as the first step
+    of a process does."""
     free()
+    torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
     limit = torch.cuda.memory_reserved() + int(extra_bytes)
     torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total))

@@ -240,6 +240,35 @@ def test_fsdp2_equals_one_process(tmp_path, device):
             assert diff <= limit, (rank, name, diff)
 
 
+def _nonfinite_worker(rank, world_size, device):
+    device = _device(rank, device)
+    finite = {}
+    for name, config in CONFIGS.items():
+        for poison in (float("nan"), float("inf")):
+            model = sharded_model(world_size, torch.float32, device)
+            params = list(model.parameters())
+            opt = flora_ext.Flora(params, **config, tf32=False)
+            set_grads(params, full_grads(SHAPES, 0, torch.float32, device))
+            opt.step()
+            grads = full_grads(SHAPES, 1, torch.float32, device)
+            for g in grads:
+                g.view(-1)[0] = poison  # in row 0: the first rank's
+            set_grads(params, grads)
+            opt.step()
+            finite[f"{name}/{poison}"] = [int((~torch.isnan(local_of(p).detach())).sum())
+                                          for p in params]
+    return finite
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fsdp2_non_finite_gradient_makes_the_whole_parameter_nan(tmp_path, device):
+    """docs/FLORA.md §4.7 on FSDP2 parameters: a NaN or inf in one element of a gradient
+    makes every rank's rows of that parameter NaN, the rank without the element too."""
+    for rank, finite in enumerate(run_ranks(tmp_path, _nonfinite_worker, device)):
+        for key, counts in finite.items():
+            assert not any(counts), (rank, key, counts)
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 DCP_CONFIG = CONFIGS["compressed"]

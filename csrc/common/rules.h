@@ -10,11 +10,19 @@
 
 namespace flora {
 
+// max(a, b), but NaN when either operand is NaN: fmax and std::max return the other
+// operand, which let a parameter with one NaN element step unclipped (max(1, NaN) = 1)
+// and every later step at the floor eps2 (max(eps2, NaN)). With this max a NaN or inf
+// in a gradient makes the whole parameter NaN on every path (docs/FLORA.md §4.7).
+FLORA_HOST_DEVICE inline double max_nan(double a, double b) {
+  return (a != a || b != b) ? a + b : (a > b ? a : b);
+}
+
 // Step 1: the step size, lr scaled by the parameter's RMS (floored at eps2) when
 // scale_parameter is set. sum_p2 is the sum of p^2 over the parameter's numel elements.
 FLORA_HOST_DEVICE inline double scaled_lr(double base_lr, bool scale_parameter, double eps2,
                                           double sum_p2, int64_t numel) {
-  return scale_parameter ? base_lr * fmax(eps2, sqrt(sum_p2 / numel)) : base_lr;
+  return scale_parameter ? base_lr * max_nan(eps2, sqrt(sum_p2 / numel)) : base_lr;
 }
 
 // Step 3: U of a factored parameter is G_ij row_scale(R_i, mean R) col_scale(C_j), from
@@ -30,10 +38,10 @@ FLORA_HOST_DEVICE inline T col_scale(T col) {
 }
 
 // Step 5: the factor D is divided by, max(1, RMS(D) / clip_threshold), from sum D^2
-// over the parameter's numel elements.
+// over the parameter's numel elements (NaN when sum D^2 is).
 FLORA_HOST_DEVICE inline double clip_factor(double sum_d2, int64_t numel,
                                             double clip_threshold) {
-  return fmax(1.0, sqrt(sum_d2 / numel) / clip_threshold);
+  return max_nan(1.0, sqrt(sum_d2 / numel) / clip_threshold);
 }
 
 }  // namespace flora

@@ -160,7 +160,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // One block per fused task: sum D^2 from sum U^2 and the momentum terms, then the
-// clip factor. Rounding can leave a tiny negative sum where D is ~0: clamped.
+// clip factor. Rounding can leave a tiny negative sum where D is ~0: clamped (a NaN
+// sum stays NaN, as on every path).
 __global__ void __launch_bounds__(kThreads)
     fused_clip_kernel(const Task* __restrict__ tasks, GroupArgs a) {
   const Task& t = tasks[blockIdx.x];
@@ -171,7 +172,7 @@ __global__ void __launch_bounds__(kThreads)
   d2 = block_sum(d2);
   if (threadIdx.x != 0) return;
   const double keep = 1.0 - static_cast<double>(a.beta1);
-  set_clip(t, a, fmax(0.0, keep * keep * t.terms[0] + d2));
+  set_clip(t, a, max_nan(0.0, keep * keep * t.terms[0] + d2));
 }
 
 }  // namespace

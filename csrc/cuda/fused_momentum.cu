@@ -109,6 +109,67 @@ __global__ void __launch_bounds__(kThreads)
 
 
 
+// The arrays of a shape group's table: one pointer (or seed) a task each, then the down
+// GEMM's jobs (one pass, two on resample steps).
+enum { kGramA, kGramC, kSqA, kSqC, kBasesA, kBasesB, kBasesC, kBaseA, kBaseB, kBaseC,
+       kProjNow, kProjNext, kPlainNow, kPlainNext, kSeedNow, kSeedNext, kArrays };
+static_assert(sizeof(DownJob) % sizeof(int64_t) == 0, "jobs follow the arrays aligned");
+constexpr int64_t kJobWords = int64_t(sizeof(DownJob) / sizeof(int64_t));
+
+// The shape every task of a group shares.
+struct GroupShape {
+  int64_t n, m, r, prow, pcol, psize, msize, kdim, tsize;
+  bool left, resample, tile_padding;
+};
+
+GroupShape group_shape(const Item& first) {
+  const ParamLayout& layout = first.entry->layout;
+  GroupShape s;
+  s.n = layout.rows;
+  s.m = layout.cols;
+  s.r = layout.rank;
+  s.left = layout.left;
+  const auto shape = layout.projection_shape();
+  s.prow = shape[0];
+  s.pcol = shape[1];
+  s.psize = s.prow * s.pcol;
+  s.msize = first.entry->state.momentum->numel();
+  // P tiled for the sm_90a down GEMM; zeros where the tiles pass the rank or k.
+  s.kdim = s.left ? s.n : s.m;
+  s.tsize = tiled_halves(s.r, s.kdim);
+  s.tile_padding = s.r % kTileRank != 0 || s.kdim % kTileK != 0;
+  s.resample = first.entry->options.resample();  // the same for the whole group
+  return s;
+}
+
+// Where a group's temporaries lie in its share of the workspace (offsets in floats, each
+// array 16-byte aligned): Gram and S (count r x r each); on resample steps the next P^T
+// and tiled P (fp16), the change of basis (count r x r) and M in the next basis.
+struct GroupTemps {
+  int64_t gram = 0, sq = 0, next_t = 0, next_p = 0, bases = 0, base = 0, floats = 0;
+};
+
+GroupTemps group_temps(const GroupShape& s, int count) {
+  GroupTemps g;
+  int64_t at = 0;
+  const auto take = [&](int64_t floats) {
+    const int64_t start = at;
+    at += ceil_div(floats, 4) * 4;
+    return start;
+  };
+  const int64_t rr = int64_t(count) * s.r * s.r;
+  g.gram = take(rr);
+  g.sq = take(rr);
+  if (s.resample) {
+    g.next_t = take(ceil_div(int64_t(count) * s.psize, 2));
+    g.next_p = take(ceil_div(int64_t(count) * s.tsize, 2));
+    g.bases = take(rr);
+    g.base = take(int64_t(count) * s.msize);
+  }
+  g.floats = at;
+  return g;
+}
+
 // The pointer arrays of a shape group's GEMMs: array `a` holds one pointer a task, on the
 // host (host[a * count + k]) and in the uploaded table (device, at the same place).
 struct GroupArrays {
@@ -141,105 +202,105 @@ void group_gemm_of(const GroupArrays& g, bool ta, bool tb, int64_t M, int64_t N,
 
 }  // namespace
 
+int64_t fused_temp_floats(const Item& first, int count) {
+  return group_temps(group_shape(first), count).floats;
+}
+
+int64_t fused_table_words(int count, bool resample) {
+  return kArrays * int64_t(count) + (resample ? 2 : 1) * int64_t(count) * kJobWords;
+}
+
+// The table of a group, on the host: the pointer arrays of the batched GEMMs and of the
+// projection kernel, the projection seeds, then the down GEMM's jobs. Every pointer is
+// known when the call's workspace is, so the tables of all groups go to the device in
+// the call's one upload.
+void fill_fused_table(const FusedWork& w) {
+  const GroupShape s = group_shape(*w.items[0]);
+  const int count = static_cast<int>(w.items.size());
+  const GroupTemps g = group_temps(s, count);
+  const int64_t r = s.r;
+  float* const gram = w.temps + g.gram;
+  float* const sq = w.temps + g.sq;
+  auto* const next_t = reinterpret_cast<uint16_t*>(w.temps + g.next_t);
+  auto* const next_p = reinterpret_cast<uint16_t*>(w.temps + g.next_p);
+  float* const bases = w.temps + g.bases;
+  float* const base = w.temps + g.base;
+  int64_t* const words = w.host;
+  auto* ptrs = reinterpret_cast<const void**>(words);
+  const auto set = [&](int array, int k, const void* p) { ptrs[array * count + k] = p; };
+  auto* jobs = reinterpret_cast<DownJob*>(words + kArrays * count);
+  for (int k = 0; k < count; ++k) {
+    const StepOptions& o = w.items[k]->entry->options;
+    const Task& t = *w.tasks[k];
+    const FusedBuffers& buf = w.bufs[k];
+    float* mom = w.items[k]->entry->state.momentum->data_ptr<float>();
+    // Temporaries of the next basis: only on resample steps (else null, unread).
+    uint16_t* next_t_k = s.resample ? next_t + k * s.psize : nullptr;
+    uint16_t* next_p_k = s.resample ? next_p + k * s.tsize : nullptr;
+    float* bases_k = s.resample ? bases + k * r * r : nullptr;
+    float* base_k = s.resample ? base + k * s.msize : nullptr;
+    set(kGramA, k, buf.plain_t);
+    set(kGramC, k, gram + k * r * r);
+    set(kSqA, k, buf.momentum16);  // written by the down GEMM before S
+    set(kSqC, k, sq + k * r * r);
+    // bases = P_next P_now^T (left) or P_now^T P_next (right), from the transposes.
+    set(kBasesA, k, s.left ? static_cast<const void*>(next_t_k) : buf.plain_t);
+    set(kBasesB, k, s.left ? static_cast<const void*>(buf.plain_t) : next_t_k);
+    set(kBasesC, k, bases_k);
+    set(kBaseA, k, s.left ? static_cast<const void*>(bases_k) : mom);
+    set(kBaseB, k, s.left ? static_cast<const void*>(mom) : bases_k);
+    set(kBaseC, k, base_k);
+    set(kProjNow, k, buf.plain_t);
+    set(kProjNext, k, next_t_k);
+    set(kPlainNow, k, buf.tiled);
+    set(kPlainNext, k, next_p_k);
+    words[kSeedNow * count + k] = static_cast<int64_t>(o.seed);
+    words[kSeedNext * count + k] = static_cast<int64_t>(next_seed(o.seed));
+    DownJob now{w.items[k]->grad.data_ptr(), buf.plain_t,
+                buf.tiled, mom, nullptr, buf.momentum16,
+                t.terms + 1, gram + k * r * r, sq + k * r * r, t.row, t.scalars, t.col_factor,
+                buf.row_factor};
+    jobs[k] = now;
+    if (s.resample) {
+      DownJob next = now;
+      next.proj = next_t_k;
+      next.proj_tiled = next_p_k;
+      next.base = base_k;
+      next.momentum16 = nullptr;
+      next.partials = nullptr;
+      jobs[count + k] = next;
+    }
+  }
+}
+
 // The momentum work of fused tasks of one shape (same n, m, rank, dtype), before the
 // apply pass: P^T of the current basis (and of the next one on resample steps), the
 // r x r products Gram = P P^T and S = M M^T (batched cuBLAS: one tensor's are too small
 // to fill the GPU), then the down GEMM, whose epilogue leaves the momentum terms of
 // sum D^2, M in fp16 for the up GEMM, and the new M. On resample steps the down GEMM
 // runs twice: in the current basis for the terms, in the next one for the new M.
-// Groups of min_batched tensors or more batch their GEMMs.
-void fused_momentum_group(const std::vector<const Item*>& items,
-                          const std::vector<const Task*>& tasks,
-                          const std::vector<FusedBuffers>& bufs, int64_t min_batched) {
-  const Item& first = *items[0];
-  const ParamLayout& layout = first.entry->layout;
-  const StepOptions& o0 = first.entry->options;
-  const int64_t n = layout.rows, m = layout.cols, r = layout.rank;
-  const bool left = layout.left;
-  const auto shape = layout.projection_shape();
-  const int64_t prow = shape[0], pcol = shape[1], psize = prow * pcol;
-  const int64_t msize = first.entry->state.momentum->numel();
-  const int count = static_cast<int>(items.size());
+// Groups of min_batched tensors or more batch their GEMMs. Allocates nothing: its
+// temporaries and table are the call's (fill_fused_table).
+void fused_momentum_group(const FusedWork& w, int64_t min_batched) {
+  const Item& first = *w.items[0];
+  const GroupShape s = group_shape(first);
+  const GroupTemps g = group_temps(s, static_cast<int>(w.items.size()));
+  const int64_t n = s.n, m = s.m, r = s.r, prow = s.prow, pcol = s.pcol;
+  const bool left = s.left, resample = s.resample;
+  const int count = static_cast<int>(w.items.size());
   const double scale = 1.0 / std::sqrt(static_cast<double>(r));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const auto f32 = first.param.options().dtype(at::kFloat);
-  const bool resample = o0.resample();  // the same for the whole group
-
-  at::Tensor next_t, next_p, bases, base;  // next_p: the next basis's tiled P
-  // P tiled for the sm_90a down GEMM; zeros where the tiles pass the rank or k.
-  const int64_t kdim = left ? n : m, tsize = tiled_halves(r, kdim);
-  const bool tile_padding = r % kTileRank != 0 || kdim % kTileK != 0;
-  if (resample) {
-    next_t = at::empty({count, pcol, prow}, f32.dtype(at::kHalf));
-    next_p = tile_padding ? at::zeros({count, tsize}, f32.dtype(at::kHalf))
-                          : at::empty({count, tsize}, f32.dtype(at::kHalf));
-    bases = at::empty({count, r, r}, f32);
-    base = at::empty({count, msize}, f32);
-  }
-  const auto at_k = [](const at::Tensor& t, int k, int64_t elems) -> void* {
-    return t.defined() ? static_cast<uint8_t*>(t.data_ptr()) + k * elems * t.element_size()
-                       : nullptr;
-  };
-
-  // One pinned copy to the device: the pointer arrays of the batched GEMMs and of the
-  // projection kernel, the projection seeds, then the down GEMM's jobs (one pass, two
-  // on resample steps).
-  enum { kGramA, kGramC, kSqA, kSqC, kBasesA, kBasesB, kBasesC, kBaseA, kBaseB, kBaseC,
-         kProjNow, kProjNext, kPlainNow, kPlainNext, kSeedNow, kSeedNext, kArrays };
-  static_assert(sizeof(DownJob) % sizeof(int64_t) == 0, "jobs follow the arrays aligned");
   const int passes = resample ? 2 : 1;
-  const int64_t job_words = int64_t(sizeof(DownJob) / sizeof(int64_t));
-  const int64_t table_words = kArrays * count + passes * count * job_words;
-  const at::DataPtr host = pinned_block(table_words * 8);
-  // One device allocation: Gram, S (count r x r each), then the table.
-  const int64_t rr = int64_t(count) * r * r;  // even: r is a multiple of 8
-  const at::Tensor scratch = at::empty({2 * rr + 2 * table_words}, f32);
-  float* const gram = scratch.data_ptr<float>();
-  float* const sq = gram + rr;
-  int64_t* const dwords = reinterpret_cast<int64_t*>(sq + rr);
-  int64_t* words = static_cast<int64_t*>(host.get());
-  auto* ptrs = reinterpret_cast<const void**>(words);
-  const auto set = [&](int array, int k, const void* p) { ptrs[array * count + k] = p; };
-  auto* jobs = reinterpret_cast<DownJob*>(words + kArrays * count);
-  for (int k = 0; k < count; ++k) {
-    const StepOptions& o = items[k]->entry->options;
-    const Task& t = *tasks[k];
-    float* mom = items[k]->entry->state.momentum->data_ptr<float>();
-    set(kGramA, k, bufs[k].plain_t);
-    set(kGramC, k, gram + k * r * r);
-    set(kSqA, k, bufs[k].momentum16);  // written by the down GEMM before S
-    set(kSqC, k, sq + k * r * r);
-    // bases = P_next P_now^T (left) or P_now^T P_next (right), from the transposes.
-    set(kBasesA, k, left ? at_k(next_t, k, psize) : bufs[k].plain_t);
-    set(kBasesB, k, left ? static_cast<const void*>(bufs[k].plain_t) : at_k(next_t, k, psize));
-    set(kBasesC, k, at_k(bases, k, r * r));
-    set(kBaseA, k, left ? at_k(bases, k, r * r) : mom);
-    set(kBaseB, k, left ? mom : at_k(bases, k, r * r));
-    set(kBaseC, k, at_k(base, k, msize));
-    set(kProjNow, k, bufs[k].plain_t);
-    set(kProjNext, k, at_k(next_t, k, psize));
-    set(kPlainNow, k, bufs[k].tiled);
-    set(kPlainNext, k, at_k(next_p, k, tsize));
-    if (tile_padding)
-      C10_CUDA_CHECK(cudaMemsetAsync(bufs[k].tiled, 0, tsize * 2, stream));
-    words[kSeedNow * count + k] = static_cast<int64_t>(o.seed);
-    words[kSeedNext * count + k] = static_cast<int64_t>(next_seed(o.seed));
-    DownJob now{items[k]->grad.data_ptr(), bufs[k].plain_t,
-                bufs[k].tiled, mom, nullptr, bufs[k].momentum16,
-                t.terms + 1, gram + k * r * r, sq + k * r * r, t.row, t.scalars, t.col_factor,
-                bufs[k].row_factor};
-    jobs[k] = now;
-    if (resample) {
-      DownJob next = now;
-      next.proj = static_cast<const uint16_t*>(at_k(next_t, k, psize));
-      next.proj_tiled = static_cast<const uint16_t*>(at_k(next_p, k, tsize));
-      next.base = static_cast<const float*>(at_k(base, k, msize));
-      next.momentum16 = nullptr;
-      next.partials = nullptr;
-      jobs[count + k] = next;
-    }
+  const int64_t* const dwords = w.device;
+  const auto* ptrs = reinterpret_cast<const void* const*>(w.host);
+
+  if (s.tile_padding) {
+    for (int k = 0; k < count; ++k)
+      C10_CUDA_CHECK(cudaMemsetAsync(w.bufs[k].tiled, 0, s.tsize * 2, stream));
+    if (resample)
+      C10_CUDA_CHECK(cudaMemsetAsync(w.temps + g.next_p, 0, int64_t(count) * s.tsize * 2,
+                                     stream));
   }
-  upload(dwords, host, table_words * 8);
 
   const unsigned pblocks = static_cast<unsigned>(ceil_div(prow * (pcol / 4), kThreads));
   const dim3 pgrid(pblocks, static_cast<unsigned>(count));
@@ -272,7 +333,7 @@ void fused_momentum_group(const std::vector<const Item*>& items,
 
   const dim3 dgrid(static_cast<unsigned>(down_tiles(n, m, r)), static_cast<unsigned>(count));
   const auto* djobs = reinterpret_cast<const DownJob*>(dwords + kArrays * count);
-  const float beta1 = static_cast<float>(o0.beta1);
+  const float beta1 = static_cast<float>(first.entry->options.beta1);
   const int ni = static_cast<int>(n), mi = static_cast<int>(m), ri = static_cast<int>(r);
   if (left) {  // the same for both passes
     row_factor_kernel<<<dim3(static_cast<unsigned>(ceil_div(n, kThreads)), count), kThreads, 0,

@@ -109,13 +109,35 @@ void launch_down(int dtype, bool left, dim3 grid, const DownJob* jobs, int n, in
 
 // ---- momentum work between the scalars and rms passes ----
 
+// Every temporary of these is planned with the call and lives in its workspace (a
+// failed allocation must come before the first write: see run_group_cuda).
+
 // projection.cu: the unfused compressed momentum of one task, and the projection op.
-void compressed_momentum(const Item& item, const Task& t, const at::Tensor& momentum);
+// `temps`: fp32, compressed_temp_floats(item) of the call's workspace.
+int64_t compressed_temp_floats(const Item& item);
+void compressed_momentum(const Item& item, const Task& t, const at::Tensor& momentum,
+                         const at::Tensor& temps);
 void fill_projection_cuda(const at::Tensor& out, int64_t seed, double scale);
-// fused_momentum.cu: the fused tasks of one shape group.
-void fused_momentum_group(const std::vector<const Item*>& items,
-                          const std::vector<const Task*>& tasks,
-                          const std::vector<FusedBuffers>& bufs, int64_t min_batched);
+
+// fused_momentum.cu: the fused tasks of one shape group (same n, m, rank, dtype, resample
+// step or not), in call order.
+struct FusedWork {
+  std::vector<const Item*> items;
+  std::vector<const Task*> tasks;
+  std::vector<FusedBuffers> bufs;
+  float* temps = nullptr;        // fused_temp_floats of the workspace
+  int64_t* host = nullptr;       // fused_table_words of the call's pinned table
+  const int64_t* device = nullptr;  // the same words in the workspace
+};
+// Floats of workspace the group's temporaries take (Gram and S; on resample steps also
+// the next P^T and tiled P, the change of basis and M in the next basis).
+int64_t fused_temp_floats(const Item& first, int count);
+// int64 words of the group's table (pointer arrays, seeds, down GEMM jobs).
+int64_t fused_table_words(int count, bool resample);
+// Writes the group's table at w.host (uploaded with the call's task table).
+void fill_fused_table(const FusedWork& w);
+// Launches the group's momentum work on the current stream.
+void fused_momentum_group(const FusedWork& w, int64_t min_batched);
 
 // ---- host helpers (host_util.cu) ----
 

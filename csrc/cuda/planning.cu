@@ -366,6 +366,105 @@ void plan_grids(const std::vector<Item>& items, const GroupArgs& args, StepPlan&
   plan.shared_floats = shared_floats;
 }
 
+// Bytes of temporaries the fused momentum work of item q holds while its group runs:
+// the two r x r products; on resample steps also the next P^T and tiled P, the change
+// of basis and M in the next basis. (The limit of a round; the region itself is sized
+// by fused_temp_floats.)
+int64_t fused_temp_bytes(const Item& item) {
+  const ParamLayout& l = item.entry->layout;
+  const int64_t r = l.rank, pdim = std::min(l.rows, l.cols);
+  const int64_t mdim = std::max(l.rows, l.cols), once = 8 * r * r;
+  return item.entry->options.resample()
+             ? once + 2 * r * pdim + 2 * tiled_halves(r, pdim) + 4 * r * r +
+                   4 * r * mdim
+             : once;
+}
+
+// The compressed-momentum work of every batch, planned with the call so that its
+// temporaries and tables are part of the call's one workspace and pinned upload:
+// fused tasks in groups of one shape (n, m, rank, resample step or not; call order
+// within a group) whose temporaries stay within the group limit (at least one task;
+// a group is one launch's grid.y: at most 65535 tasks), their rounds and streams; and
+// the largest unfused task's temporaries.
+void plan_momentum(const std::vector<Item>& items, const Tuning& tuning, StepPlan& plan) {
+  plan.group_at.assign(items.size(), -1);
+  const int64_t limit = plan.limits.group;
+  const int streams = tuning.side_streams + 1;
+  // A round's groups on one stream run one after another, so they share one place in
+  // the rounds region (as the caching allocator reused a stream's freed temporaries):
+  // each stream's place holds its largest group, the places follow one another.
+  size_t round_first = 0;  // the round's first group
+  const auto close_round = [&]() {
+    std::vector<int64_t> place(streams, 0);
+    for (size_t gi = round_first; gi < plan.fused_groups.size(); ++gi) {
+      const FusedGroup& g = plan.fused_groups[gi];
+      place[g.stream] = std::max(place[g.stream], g.temps_at);  // its floats, for now
+    }
+    std::vector<int64_t> place_at(streams, 0);
+    int64_t round_floats = 0;
+    for (int s = 0; s < streams; ++s) {
+      place_at[s] = round_floats;
+      round_floats += place[s];
+    }
+    for (size_t gi = round_first; gi < plan.fused_groups.size(); ++gi) {
+      FusedGroup& g = plan.fused_groups[gi];
+      g.temps_at = place_at[g.stream];
+    }
+    plan.rounds_floats = std::max(plan.rounds_floats, round_floats);
+    round_first = plan.fused_groups.size();
+  };
+  for (const Batch& b : plan.batches) {
+    std::vector<bool> done(b.count, false);
+    int turn = 0;  // of the batch's current round
+    int64_t round_temps = 0;
+    for (int k = b.first; k < b.first + b.count; ++k) {
+      const Task& t = plan.tasks[k];
+      if (t.momentum_kind != static_cast<int>(MomentumKind::kCompressed)) continue;
+      plan.any_gemm = true;
+      if (!t.fused) {
+        plan.unfused_floats = std::max(plan.unfused_floats, compressed_temp_floats(items[k]));
+        continue;
+      }
+      if (done[k - b.first]) continue;
+      const ParamLayout& lk = items[k].entry->layout;
+      const bool resample = items[k].entry->options.resample();
+      FusedGroup g;
+      int64_t group_temps = 0;
+      for (int q = k; q < b.first + b.count; ++q) {
+        const ParamLayout& lq = items[q].entry->layout;
+        if (!plan.tasks[q].fused || done[q - b.first] || lq.rows != lk.rows ||
+            lq.cols != lk.cols || lq.rank != lk.rank ||
+            items[q].entry->options.resample() != resample)
+          continue;
+        const int64_t temps = fused_temp_bytes(items[q]);
+        if (!g.tasks.empty() && (group_temps + temps > limit || g.tasks.size() == 65535))
+          break;
+        group_temps += temps;
+        done[q - b.first] = true;
+        g.tasks.push_back(q);
+      }
+      // A round holds groups while their temporaries stay within the limit; its groups
+      // take the current stream and the side streams in turn.
+      if (turn > 0 && round_temps + group_temps > limit) {
+        close_round();
+        g.new_round = true;
+        turn = 0;
+        round_temps = 0;
+      }
+      round_temps += group_temps;
+      g.stream = turn++ % streams;
+      plan.sides_used = std::max(plan.sides_used, g.stream);
+      const int count = static_cast<int>(g.tasks.size());
+      g.temps_at = fused_temp_floats(items[k], count);  // its floats until close_round
+      g.table_at = plan.group_table_words;
+      plan.group_table_words += fused_table_words(count, resample);
+      plan.group_at[k] = static_cast<int>(plan.fused_groups.size());
+      plan.fused_groups.push_back(std::move(g));
+    }
+    close_round();  // a batch ends its last round
+  }
+}
+
 }  // namespace
 
 std::vector<Item> collect_items(at::TensorList params, at::TensorList grads,
@@ -407,6 +506,7 @@ StepPlan plan_step(const std::vector<Item>& items, const GroupArgs& args, const 
   plan_batches(items, args, tuning, plan);
   plan_stats_groups(items, plan);
   plan_grids(items, args, plan);
+  plan_momentum(items, tuning, plan);
   return plan;
 }
 
@@ -446,18 +546,6 @@ void bind_workspace(StepPlan& plan, float* ws, float* kept, const GroupArgs& arg
       t.update = ws + w.update;
     }
   }
-}
-
-// Next P^T and tiled P, the change of basis, M in the next basis (resample steps), and
-// the two r x r products.
-int64_t fused_temp_bytes(const Item& item) {
-  const ParamLayout& l = item.entry->layout;
-  const int64_t r = l.rank, pdim = std::min(l.rows, l.cols);
-  const int64_t mdim = std::max(l.rows, l.cols), once = 8 * r * r;
-  return item.entry->options.resample()
-             ? once + 2 * r * pdim + 2 * tiled_halves(r, pdim) + 4 * r * r +
-                   4 * r * mdim
-             : once;
 }
 
 }  // namespace cuda_detail

@@ -57,6 +57,21 @@ struct StatsGroup : StatsShape {
   int64_t tile_partials = 0;
 };
 
+// A shape group of a batch's fused tasks (compressed_work): one launch of each of its
+// momentum kernels, on the stream its round gives it. Shape groups take turns on the
+// current stream and the side streams, as many at a time (a round) as their
+// temporaries together stay within CallLimits::group. Each stream of a round has a
+// place in the call's rounds region for its groups' temporaries (they run one after
+// another there); every round and batch reuses the region (a round starts after the
+// last one's work on every stream is done).
+struct FusedGroup {
+  std::vector<int> tasks;    // in call order
+  bool new_round = false;    // the current stream waits for the side streams first
+  int stream = 0;            // 0: the current stream; s: side stream s - 1
+  int64_t temps_at = 0;      // floats into the rounds region
+  int64_t table_at = 0;      // int64 words into the group tables (after the task table)
+};
+
 // Byte limits of a call's batches (see call_limits).
 struct CallLimits {
   int64_t batch = 0;   // gradients and parameters
@@ -75,6 +90,15 @@ struct StepPlan {
   std::vector<StatsGroup> groups;
   CallLimits limits;
   int64_t kept_floats = 0, shared_floats = 0;
+  // Compressed momentum: the fused shape groups of every batch in launch order; for
+  // each task the fused group it starts (-1: none); floats of the rounds region and of
+  // the unfused tasks' temporaries (one task at a time, all on the current stream);
+  // words of the groups' tables; side streams used; whether any GEMM runs.
+  std::vector<FusedGroup> fused_groups;
+  std::vector<int> group_at;
+  int64_t rounds_floats = 0, unfused_floats = 0, group_table_words = 0;
+  int sides_used = 0;
+  bool any_gemm = false;
 };
 
 // The call's parameters that have elements, in call order.
@@ -89,8 +113,6 @@ StepPlan plan_step(const std::vector<Item>& items, const GroupArgs& args, const 
 // Points the tasks at their workspace: `shared` (partials and work) and `kept`.
 void bind_workspace(StepPlan& plan, float* shared, float* kept, const GroupArgs& args);
 
-// Bytes of temporaries the fused momentum work of item q holds while its group runs.
-int64_t fused_temp_bytes(const Item& item);
 
 }  // namespace cuda_detail
 }  // namespace flora

@@ -91,31 +91,87 @@ void fill_projection_cuda(const at::Tensor& out, int64_t seed, double scale) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The compressed-momentum work of one task between the scalars and rms passes
-// (docs/FLORA.md, step 4): fills `update` with beta1 up_s(M) (old M), then moves M to
-// beta1 M' + (1 - beta1) down(U), M' = M or its transfer to the next basis.
-void compressed_momentum(const Item& item, const Task& t, const at::Tensor& momentum) {
-  const GroupEntry& entry = *item.entry;
-  const StepOptions& o = entry.options;
-  const ParamLayout& layout = entry.layout;
-  const int64_t n = layout.rows, m = layout.cols, r = layout.rank;
-  const bool left = layout.left;
+namespace {
+
+// The shape of one unfused compressed task's work, and where its temporaries lie in
+// the call's workspace (offsets in floats, each array 16-byte aligned): P now (fp32),
+// P scaled (the down GEMM's dtype), X = the down GEMM's result; on resample steps the
+// next P, the change of basis and M in the next basis; for exact 16-bit projections an
+// fp32 copy of G.
+struct CompressedTemps {
+  int64_t n, m, r, prow, pcol;
+  bool left, resample, exact_16bit;
+  int down_type;
+  int64_t p_now = 0, p_next = 0, scaled = 0, x = 0, bases = 0, base = 0, grad32 = 0;
+  int64_t floats = 0;
+};
+
+CompressedTemps compressed_temps(const Item& item) {
+  const ParamLayout& layout = item.entry->layout;
+  const StepOptions& o = item.entry->options;
+  CompressedTemps c;
+  c.n = layout.rows;
+  c.m = layout.cols;
+  c.r = layout.rank;
+  c.left = layout.left;
   const auto shape = layout.projection_shape();
-  const int64_t prow = shape[0], pcol = shape[1];
-  const double scale = 1.0 / std::sqrt(static_cast<double>(r));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const auto f32 = item.param.options().dtype(at::kFloat);
-  const bool resample = o.resample();
+  c.prow = shape[0];
+  c.pcol = shape[1];
+  c.resample = o.resample();
   // The down GEMM reads G as it is: 16-bit gradients meet a 16-bit scaled P
   // (tensor cores, fp32 accumulation) unless exact fp32 was asked for.
-  const bool exact_16bit = item.dtype != kF32 && !o.tf32;
-  const int down_type = exact_16bit ? kF32 : item.dtype;
-  const at::Tensor grad = exact_16bit ? item.grad.to(at::kFloat) : item.grad;
-  const at::ScalarType scaled_dtype = down_type == kF32 ? at::kFloat : item.grad.scalar_type();
+  c.exact_16bit = item.dtype != kF32 && !o.tf32;
+  c.down_type = c.exact_16bit ? kF32 : item.dtype;
+  const int64_t psize = c.prow * c.pcol;
+  const int64_t msize = item.entry->state.momentum->numel();
+  int64_t at = 0;
+  const auto take = [&](int64_t floats) {
+    const int64_t start = at;
+    at += ceil_div(floats, 4) * 4;
+    return start;
+  };
+  c.p_now = take(psize);
+  if (c.resample) c.p_next = take(psize);
+  c.scaled = take(c.down_type == kF32 ? psize : ceil_div(psize, 2));
+  c.x = take(msize);
+  if (c.resample) {
+    c.bases = take(c.r * c.r);
+    c.base = take(msize);
+  }
+  if (c.exact_16bit) c.grad32 = take(item.grad.numel());
+  c.floats = at;
+  return c;
+}
 
-  at::Tensor p_now = at::empty({prow, pcol}, f32);
-  at::Tensor p_next = resample ? at::empty({prow, pcol}, f32) : at::Tensor();
-  at::Tensor scaled = at::empty({prow, pcol}, f32.dtype(scaled_dtype));
+}  // namespace
+
+int64_t compressed_temp_floats(const Item& item) { return compressed_temps(item).floats; }
+
+// The compressed-momentum work of one task between the scalars and rms passes
+// (docs/FLORA.md, step 4): fills `update` with beta1 up_s(M) (old M), then moves M to
+// beta1 M' + (1 - beta1) down(U), M' = M or its transfer to the next basis. Its
+// temporaries are `temps` (compressed_temp_floats of the call's workspace, fp32):
+// nothing is allocated here.
+void compressed_momentum(const Item& item, const Task& t, const at::Tensor& momentum,
+                         const at::Tensor& temps) {
+  const GroupEntry& entry = *item.entry;
+  const StepOptions& o = entry.options;
+  const CompressedTemps c = compressed_temps(item);
+  const int64_t n = c.n, m = c.m, r = c.r, prow = c.prow, pcol = c.pcol;
+  const bool left = c.left, resample = c.resample;
+  const int down_type = c.down_type;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(r));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  float* const ws = temps.data_ptr<float>();
+  // The fp32 copy of G: copy_ into the workspace converts in one kernel, no allocation.
+  const void* grad = item.grad.data_ptr();
+  if (c.exact_16bit) {
+    temps.narrow(0, c.grad32, item.grad.numel()).view(item.grad.sizes()).copy_(item.grad);
+    grad = ws + c.grad32;
+  }
+  float* const p_now = ws + c.p_now;
+  float* const p_next = resample ? ws + c.p_next : nullptr;
+  void* const scaled = ws + c.scaled;
   const int64_t groups = ceil_div(prow * pcol, 4);
   const auto fill_pair = [&](float* plain, int64_t seed, bool with_scaled) {
     const int blocks = static_cast<int>(ceil_div(groups, kThreads));
@@ -124,60 +180,54 @@ void compressed_momentum(const Item& item, const Task& t, const at::Tensor& mome
       fill_projection_kernel<<<blocks, kThreads, 0, stream>>>(plain, prow * pcol, s, scale);
     } else if (down_type == kF32) {
       projection_pair_kernel<kF32><<<blocks, kThreads, 0, stream>>>(
-          plain, scaled.data_ptr<float>(), prow, pcol, s, scale, left, t.row, t.scalars,
+          plain, static_cast<float*>(scaled), prow, pcol, s, scale, left, t.row, t.scalars,
           t.col_factor);
     } else if (down_type == kBF16) {
       projection_pair_kernel<kBF16><<<blocks, kThreads, 0, stream>>>(
-          plain, static_cast<uint16_t*>(scaled.data_ptr()), prow, pcol, s, scale, left, t.row,
+          plain, static_cast<uint16_t*>(scaled), prow, pcol, s, scale, left, t.row,
           t.scalars, t.col_factor);
     } else {
       projection_pair_kernel<kF16><<<blocks, kThreads, 0, stream>>>(
-          plain, static_cast<uint16_t*>(scaled.data_ptr()), prow, pcol, s, scale, left, t.row,
+          plain, static_cast<uint16_t*>(scaled), prow, pcol, s, scale, left, t.row,
           t.scalars, t.col_factor);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  fill_pair(p_now.data_ptr<float>(), o.seed, !resample);
-  if (resample) fill_pair(p_next.data_ptr<float>(), next_seed(o.seed), true);
+  fill_pair(p_now, o.seed, !resample);
+  if (resample) fill_pair(p_next, next_seed(o.seed), true);
 
   // X = (P diag a) G (left, r x m) or G (diag b P) (right, n x r).
-  at::Tensor x = at::empty(momentum.sizes(), f32);
+  float* const x = ws + c.x;
   if (left) {
-    gemm(false, false, r, m, n, 1.f, scaled.data_ptr(), grad.data_ptr(), down_type, 0.f,
-         x.data_ptr<float>(), o.tf32);
+    gemm(false, false, r, m, n, 1.f, scaled, grad, down_type, 0.f, x, o.tf32);
   } else {
-    gemm(false, false, n, r, m, 1.f, grad.data_ptr(), scaled.data_ptr(), down_type, 0.f,
-         x.data_ptr<float>(), o.tf32);
+    gemm(false, false, n, r, m, 1.f, grad, scaled, down_type, 0.f, x, o.tf32);
   }
   // update = beta1 up_now(M): P^T M (left) or M P^T (right), from the old M.
   const float b1 = static_cast<float>(o.beta1);
   float* mom = momentum.data_ptr<float>();
   if (left) {
-    gemm(true, false, n, m, r, b1, p_now.data_ptr<float>(), mom, kF32, 0.f, t.update, o.tf32);
+    gemm(true, false, n, m, r, b1, p_now, mom, kF32, 0.f, t.update, o.tf32);
   } else {
-    gemm(false, true, n, m, r, b1, mom, p_now.data_ptr<float>(), kF32, 0.f, t.update, o.tf32);
+    gemm(false, true, n, m, r, b1, mom, p_now, kF32, 0.f, t.update, o.tf32);
   }
   // M' = down_next(up_now(M)) through the r x r product of the two bases.
-  at::Tensor base = momentum;
+  const float* base = mom;
   if (resample) {
-    at::Tensor bases = at::empty({r, r}, f32);
-    base = at::empty(momentum.sizes(), f32);
+    float* const bases = ws + c.bases;
+    float* const next_base = ws + c.base;
     if (left) {
-      gemm(false, true, r, r, n, 1.f, p_next.data_ptr<float>(), p_now.data_ptr<float>(), kF32,
-           0.f, bases.data_ptr<float>(), o.tf32);
-      gemm(false, false, r, m, r, 1.f, bases.data_ptr<float>(), mom, kF32, 0.f,
-           base.data_ptr<float>(), o.tf32);
+      gemm(false, true, r, r, n, 1.f, p_next, p_now, kF32, 0.f, bases, o.tf32);
+      gemm(false, false, r, m, r, 1.f, bases, mom, kF32, 0.f, next_base, o.tf32);
     } else {
-      gemm(true, false, r, r, m, 1.f, p_now.data_ptr<float>(), p_next.data_ptr<float>(), kF32,
-           0.f, bases.data_ptr<float>(), o.tf32);
-      gemm(false, false, n, r, r, 1.f, mom, bases.data_ptr<float>(), kF32, 0.f,
-           base.data_ptr<float>(), o.tf32);
+      gemm(true, false, r, r, m, 1.f, p_now, p_next, kF32, 0.f, bases, o.tf32);
+      gemm(false, false, n, r, r, 1.f, mom, bases, kF32, 0.f, next_base, o.tf32);
     }
+    base = next_base;
   }
   const int64_t numel = momentum.numel();
   momentum_mix_kernel<<<static_cast<int>(std::min<int64_t>(ceil_div(numel, kThreads), 4096)),
-                        kThreads, 0, stream>>>(mom, base.data_ptr<float>(),
-                                               x.data_ptr<float>(), numel, left ? m : r, left,
+                        kThreads, 0, stream>>>(mom, base, x, numel, left ? m : r, left,
                                                t.row, t.scalars, t.col_factor, b1);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -54,8 +54,9 @@ namespace flora {
 namespace cuda_detail {
 namespace {
 
-// The task table of a call on the device: the Task descriptors, then the tasks' first
-// tiles, first finalize blocks, first stats blocks and first up-GEMM tiles.
+// The tables of a call on the device: the Task descriptors, then the tasks' first
+// tiles, first finalize blocks, first stats blocks and first up-GEMM tiles, then the
+// fused shape groups' tables (fill_fused_table).
 struct DeviceTable {
   const Task* tasks;
   const int64_t* begins;
@@ -68,19 +69,18 @@ struct DeviceTable {
   }
 };
 
-// Bytes of the task table of `count` tasks.
+// Bytes of the task table of `count` tasks (a multiple of 8: the group tables follow).
 int64_t table_bytes(size_t count) {
   static_assert(sizeof(Task) % sizeof(int64_t) == 0, "begins follow the tasks aligned");
   return static_cast<int64_t>(count * (sizeof(Task) + 4 * sizeof(int64_t)));
 }
 
-// One host-to-device copy (pinned, asynchronous) of every task descriptor, then
-// of the tasks' first tiles, first finalize blocks and first stats blocks.
-DeviceTable upload_tasks(const std::vector<Task>& tasks, uint8_t* device_bytes) {
+// Writes every task descriptor, then the tasks' first tiles, first finalize blocks,
+// first stats blocks and first up-GEMM tiles, at `host_bytes` (the call's pinned block;
+// one copy takes them to `device_bytes` with the group tables).
+DeviceTable fill_task_table(const std::vector<Task>& tasks, uint8_t* host_bytes,
+                            const uint8_t* device_bytes) {
   const size_t count = tasks.size();
-  const int64_t bytes = table_bytes(count);
-  const at::DataPtr host_table = pinned_block(bytes);
-  auto* host_bytes = static_cast<uint8_t*>(host_table.get());
   std::memcpy(host_bytes, tasks.data(), count * sizeof(Task));
   auto* host_begins = reinterpret_cast<int64_t*>(host_bytes + count * sizeof(Task));
   for (size_t k = 0; k < count; ++k) {
@@ -89,134 +89,99 @@ DeviceTable upload_tasks(const std::vector<Task>& tasks, uint8_t* device_bytes) 
     host_begins[2 * count + k] = tasks[k].sblock_begin;
     host_begins[3 * count + k] = tasks[k].gtile_begin;
   }
-  upload(device_bytes, host_table, bytes);
   return DeviceTable{reinterpret_cast<const Task*>(device_bytes),
                      reinterpret_cast<const int64_t*>(device_bytes + count * sizeof(Task)),
                      count};
 }
 
-// Shape groups take turns on the current stream and `sides` side streams, as many at
-// a time as their temporaries together stay within `limit`: the down GEMM of one fills
-// the last wave of another's, and their small kernels and r x r products overlap (one
-// stream paid ~0.2 ms of tails and small launches a batch). Results do not depend on
-// the order: every reduction is fixed.
+// Runs the fused shape groups on the streams the plan gave them (plan_momentum): the
+// groups of a round take turns on the current stream and the side streams, so that the
+// down GEMM of one fills the last wave of another's, and their small kernels and r x r
+// products overlap (one stream paid ~0.2 ms of tails and small launches a batch). A new
+// round, and the work after a batch's momentum, waits for the side streams. Results do
+// not depend on the order: every reduction is fixed.
 class StreamRounds {
  public:
-  StreamRounds(int sides, int64_t limit)
+  StreamRounds(int sides)
       : main_(at::cuda::getCurrentCUDAStream()),
         side_(side_streams(main_.device_index(), sides)),
-        sides_(sides),
-        limit_(limit) {}
+        joined_(sides) {
+    // Events are created when first recorded: create them now, before the first write,
+    // with every other resource of the call.
+    forked_.record(main_);
+    for (at::cuda::CUDAEvent& e : joined_) e.record(main_);
+  }
 
-  // The stream of the next shape group, whose temporaries take `temps` bytes.
-  at::cuda::CUDAStream stream_for(int64_t temps) {
-    if (turn_ > 0 && turn_temps_ + temps > limit_) join();
+  // The stream of shape group g.
+  at::cuda::CUDAStream stream_for(const FusedGroup& g) {
+    if (g.new_round) join();
     // Side streams of a round start after what the current stream queued before
     // it (the scalars, or the last join).
-    if (turn_ == 0) forked_.record(main_);
-    turn_temps_ += temps;
-    const int s = turn_++ % (sides_ + 1);
-    if (s == 0) return main_;
-    if (s > side_used_) {
-      forked_.block(side_[s - 1]);
-      side_used_ = s;
+    if (!started_) {
+      forked_.record(main_);
+      started_ = true;
     }
-    return side_[s - 1];
+    for (; side_used_ < g.stream; ++side_used_) forked_.block(side_[side_used_]);
+    return g.stream == 0 ? main_ : side_[g.stream - 1];
   }
 
   // The current stream waits for the side streams used.
   void join() {
     for (int s = 0; s < side_used_; ++s) {
-      at::cuda::CUDAEvent joined;
-      joined.record(side_[s]);
-      joined.block(main_);
+      joined_[s].record(side_[s]);
+      joined_[s].block(main_);
     }
-    turn_ = side_used_ = 0;
-    turn_temps_ = 0;
+    started_ = false;
+    side_used_ = 0;
   }
 
  private:
   const at::cuda::CUDAStream main_;
   const std::vector<at::cuda::CUDAStream>& side_;
-  const int sides_;
-  const int64_t limit_;
-  int turn_ = 0, side_used_ = 0;
-  int64_t turn_temps_ = 0;
+  std::vector<at::cuda::CUDAEvent> joined_;
   at::cuda::CUDAEvent forked_;
+  bool started_ = false;
+  int side_used_ = 0;
 };
 
-// The fused tasks from k on of batch b with k's shape (n, m, rank, resample step or
-// not), in call order, whose temporaries together stay within the group limit (at
-// least one), marked done; their Items, Tasks and buffers; returns their temporaries.
-int64_t take_shape_group(const std::vector<Item>& items, const StepPlan& plan, const Batch& b,
-                         int k, float* ws, std::vector<bool>& done,
-                         std::vector<const Item*>& group_items,
-                         std::vector<const Task*>& group_tasks,
-                         std::vector<FusedBuffers>& group_bufs) {
-  const ParamLayout& lk = items[k].entry->layout;
-  int64_t group_temps = 0;
-  for (int q = k; q < b.first + b.count; ++q) {
-    const ParamLayout& lq = items[q].entry->layout;
-    if (!plan.tasks[q].fused || done[q - b.first] || lq.rows != lk.rows ||
-        lq.cols != lk.cols || lq.rank != lk.rank ||
-        items[q].entry->options.resample() != items[k].entry->options.resample())
-      continue;
-    const int64_t temps = fused_temp_bytes(items[q]);
-    if (!group_items.empty() &&
-        (group_temps + temps > plan.limits.group || group_items.size() == 65535))
-      break;
-    group_temps += temps;
-    done[q - b.first] = true;
-    group_items.push_back(&items[q]);
-    group_tasks.push_back(&plan.tasks[q]);
-    const WorkspacePlan& w = plan.plans[q];
-    group_bufs.push_back({reinterpret_cast<uint16_t*>(ws + w.plain_t),
-                          reinterpret_cast<uint16_t*>(ws + w.momentum16),
-                          reinterpret_cast<uint16_t*>(ws + w.tiled),
-                          lq.left ? ws + w.row_factor : nullptr});
-  }
-  return group_temps;
-}
+// What the launches of a call use besides its plan: all of it allocated before the
+// first launch.
+struct CallResources {
+  DeviceTable table;
+  std::vector<FusedWork> fused;       // one a plan.fused_groups entry
+  std::optional<StreamRounds> rounds;  // when there are fused groups
+  at::Tensor unfused_temps;           // fp32, plan.unfused_floats
+};
 
-// The compressed-momentum work of batch b, between its scalars and rms passes.
-// Fused tasks in groups of one shape (in call order within a group) whose
-// temporaries (two r x r products; on resample steps also the next P^T, the
-// change of basis and M in the next basis) stay within a quarter of the update
-// share of the call's parameters counted as fp32 (they do not shrink with them),
-// or of kFusedMinBytes. A group is one launch's grid.y: at most 65535 tasks.
+// The compressed-momentum work of batch b, between its scalars and rms passes: its
+// fused shape groups (plan_momentum) and unfused tasks, in call order.
 void compressed_work(const std::vector<Item>& items, const StepPlan& plan, const Batch& b,
-                     float* ws, const Tuning& tuning) {
-  StreamRounds rounds(tuning.side_streams, plan.limits.group);
-  std::vector<bool> done(b.count, false);
+                     CallResources& res, const Tuning& tuning) {
   for (int k = b.first; k < b.first + b.count; ++k) {
     const Task& t = plan.tasks[k];
-    if (t.fused) {
-      if (done[k - b.first]) continue;
-      std::vector<const Item*> group_items;
-      std::vector<const Task*> group_tasks;
-      std::vector<FusedBuffers> group_bufs;
-      const int64_t group_temps = take_shape_group(items, plan, b, k, ws, done, group_items,
-                                                   group_tasks, group_bufs);
-      const c10::cuda::CUDAStreamGuard on_turn(rounds.stream_for(group_temps));
-      fused_momentum_group(group_items, group_tasks, group_bufs, tuning.min_batched);
-    } else if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
-      compressed_momentum(items[k], t, *items[k].entry->state.momentum);
+    const int group = plan.group_at[k];
+    if (group >= 0) {
+      const c10::cuda::CUDAStreamGuard on_turn(
+          res.rounds->stream_for(plan.fused_groups[group]));
+      fused_momentum_group(res.fused[group], tuning.min_batched);
+    } else if (!t.fused && t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
+      compressed_momentum(items[k], t, *items[k].entry->state.momentum, res.unfused_temps);
     }
   }
-  rounds.join();
+  if (res.rounds) res.rounds->join();
 }
 
 // The passes over one batch; the compressed-momentum work needs the scalars and must
 // come before the rms pass.
 void launch_batch(const std::vector<Item>& items, const StepPlan& plan, const Batch& b,
-                  const TaskTable& table, const GroupArgs& args, float* ws,
+                  const TaskTable& table, const GroupArgs& args, CallResources& res,
                   const Tuning& tuning) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int dtype = items[b.first].dtype;
   if (b.any_fused_p2) launch_fused_p2(dtype, table, b.gtiles, stream);
   if (b.any_tile_p2) launch_tile_p2(dtype, table, b.tiles, stream);
   launch_scalars(table, args, stream);
-  compressed_work(items, plan, b, ws, tuning);
+  compressed_work(items, plan, b, res, tuning);
   if (b.any_rms) {
     launch_rms(dtype, table, b.tiles, args, stream);
     launch_clip(table, args, stream);
@@ -244,6 +209,14 @@ class HostPhase {
 };
 
 // Every parameter of a call whose inputs the checks accepted.
+//
+// A step must leave params and state as they were when it fails, and a CUDA
+// out-of-memory is the failure that can come mid-step. So everything the call
+// allocates comes before the first kernel that writes params or state (the stats
+// pass): one device workspace for all batches (each batch and round reuses its share),
+// the fused groups' and unfused tasks' temporaries, one pinned block for every table,
+// the cuBLAS workspaces torch gives each stream a GEMM runs on, and the events of the
+// side streams. After the first launch nothing allocates.
 void run_group_cuda(at::TensorList params, at::TensorList grads,
                     const std::vector<GroupEntry>& entries) {
   c10::cuda::CUDAGuard guard(params[0].device());
@@ -255,27 +228,71 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   const Tuning tuning = call_tuning();  // read (and checked) before anything runs
   StepPlan plan = plan_step(items, args, tuning);
 
-  // The workspace: the shared region (partials, work), the kept region, then the
-  // task table.
-  const int64_t workspace_floats = plan.shared_floats + plan.kept_floats +
-                                   ceil_div(table_bytes(plan.tasks.size()), 16) * 4;
+  // The workspace: the shared region (partials, work), the kept region, the rounds of
+  // fused shape groups, the unfused tasks' temporaries, then the tables.
+  const int64_t task_bytes = table_bytes(plan.tasks.size());
+  const int64_t tables_bytes = task_bytes + plan.group_table_words * 8;
+  const int64_t rounds_at = plan.shared_floats + plan.kept_floats;
+  const int64_t unfused_at = rounds_at + ceil_div(plan.rounds_floats, 4) * 4;
+  const int64_t tables_at = unfused_at + ceil_div(plan.unfused_floats, 4) * 4;
+  const int64_t workspace_floats = tables_at + ceil_div(tables_bytes, 16) * 4;
   const auto f32 = items[0].param.options().dtype(at::kFloat);
   at::Tensor workspace = at::empty({workspace_floats}, f32);
   float* ws = workspace.data_ptr<float>();
   float* kept = ws + plan.shared_floats;
   bind_workspace(plan, ws, kept, args);
 
+  CallResources res;
+  if (plan.unfused_floats > 0)
+    res.unfused_temps = workspace.narrow(0, unfused_at, plan.unfused_floats);
+  auto* device_bytes = reinterpret_cast<uint8_t*>(ws + tables_at);  // 16-byte aligned
+  const at::DataPtr host_tables = pinned_block(tables_bytes);
+  auto* host_bytes = static_cast<uint8_t*>(host_tables.get());
+  res.table = fill_task_table(plan.tasks, host_bytes, device_bytes);
+  auto* host_groups = reinterpret_cast<int64_t*>(host_bytes + task_bytes);
+  const auto* device_groups = reinterpret_cast<const int64_t*>(device_bytes + task_bytes);
+  res.fused.resize(plan.fused_groups.size());
+  for (size_t gi = 0; gi < plan.fused_groups.size(); ++gi) {
+    const FusedGroup& g = plan.fused_groups[gi];
+    FusedWork& w = res.fused[gi];
+    for (const int q : g.tasks) {
+      w.items.push_back(&items[q]);
+      w.tasks.push_back(&plan.tasks[q]);
+      const WorkspacePlan& p = plan.plans[q];
+      w.bufs.push_back({reinterpret_cast<uint16_t*>(ws + p.plain_t),
+                        reinterpret_cast<uint16_t*>(ws + p.momentum16),
+                        reinterpret_cast<uint16_t*>(ws + p.tiled),
+                        items[q].entry->layout.left ? ws + p.row_factor : nullptr});
+    }
+    w.temps = ws + rounds_at + g.temps_at;
+    w.host = host_groups + g.table_at;
+    w.device = device_groups + g.table_at;
+    fill_fused_table(w);
+  }
+  // torch gives each stream its own cuBLAS workspace, allocated (through the caching
+  // allocator) when the stream first gets the handle: now, for every stream a GEMM of
+  // this call runs on, rather than inside the first GEMM after the stats pass wrote.
+  if (plan.any_gemm) at::cuda::getCurrentCUDABlasHandle();
+  if (!plan.fused_groups.empty()) {
+    res.rounds.emplace(plan.sides_used);
+    const std::vector<at::cuda::CUDAStream>& sides =
+        side_streams(params[0].device().index(), plan.sides_used);
+    for (int s = 0; s < plan.sides_used; ++s) {
+      const c10::cuda::CUDAStreamGuard on_side(sides[s]);
+      at::cuda::getCurrentCUDABlasHandle();
+    }
+  }
+
   phase.begin("flora::launch");
-  auto* device_bytes = reinterpret_cast<uint8_t*>(kept + plan.kept_floats);  // 16-byte aligned
-  const DeviceTable device_table = upload_tasks(plan.tasks, device_bytes);
+  upload(device_bytes, host_tables, tables_bytes);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   for (const StatsGroup& g : plan.groups) {
-    const TaskTable group_table = device_table.slice(g.first, g.count);
+    const TaskTable group_table = res.table.slice(g.first, g.count);
     launch_stats(items[g.first].dtype, group_table, g.sblocks, g.smem, args, stream);
     if (g.any_factored) launch_finalize(group_table, g.fblocks, stream);
     for (int bi = g.first_batch; bi < g.first_batch + g.batches; ++bi) {
       const Batch& b = plan.batches[bi];
-      launch_batch(items, plan, b, device_table.slice(b.first, b.count), args, ws, tuning);
+      launch_batch(items, plan, b, res.table.slice(b.first, b.count), args, res, tuning);
     }
   }
   for (const Item& item : items) {
