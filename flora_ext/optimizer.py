@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import weakref
 from collections import defaultdict
 from itertools import chain, repeat
 from operator import attrgetter, is_, itemgetter
@@ -195,6 +196,7 @@ class Flora(torch.optim.Optimizer):
         self._plans = {}
         # The torch.compile'd step's _CompiledStep (_prepare_compiled), or None.
         self._compiled = None
+        self._prepare_compiled_once = _compile_preparer(self)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -203,6 +205,7 @@ class Flora(torch.optim.Optimizer):
         self.param_groups = [as_param_group(g) for g in self.param_groups]
         self._plans = {}
         self._compiled = None
+        self._prepare_compiled_once = _compile_preparer(self)  # a copy is another optimizer
 
     def add_param_group(self, param_group):
         if isinstance(param_group, dict):
@@ -363,7 +366,7 @@ class Flora(torch.optim.Optimizer):
             raise RuntimeError(
                 "flora: step(closure) is not supported under torch.compile; call the closure "
                 "(forward and backward) before the compiled opt.step()")
-        _prepare_compiled(self)
+        self._prepare_compiled_once()
         compiled = self._compiled
         # vars(self), not self.param_groups: torch.compile's handling of the latter
         # (OptimizerVariable) does not take Flora's dict-subclass groups. Reading the list
@@ -801,13 +804,19 @@ class _CompiledStep:
             p0, s0 = p1, s1
 
 
-@torch._dynamo.assume_constant_result
-def _prepare_compiled(optimizer):
-    """Run by torch.compile when it traces Flora.step (not by the compiled code): checks
-    what step() would check and makes the _CompiledStep that the traced code reads, so
-    that one trace serves every later step. Returns a constant for the trace to keep."""
-    optimizer._prepare_compiled()
-    return 0
+def _compile_preparer(optimizer):
+    """The function torch.compile runs (not the compiled code) when it traces Flora.step:
+    it checks what step() would check and makes the _CompiledStep that the traced code
+    reads, so that one trace serves every later step. It takes no arguments, since
+    assume_constant_result needs constant ones (the optimizer is not one to Dynamo)."""
+    ref = weakref.ref(optimizer)
+
+    @torch._dynamo.assume_constant_result
+    def prepare_compiled():
+        ref()._prepare_compiled()
+        return 0
+
+    return prepare_compiled
 
 
 def state_bytes(optimizer) -> int:
