@@ -75,9 +75,11 @@ run_tool() {  # tool, seconds, -k expression, extra sanitizer options...
     python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "$select" \
     > "$OUT/$tool-pytest.txt" 2>&1
   rc=$?
-  # One "ERROR SUMMARY: N errors" per process the sanitizer followed.
-  errors=$(cat "$OUT/$tool".*.log 2>/dev/null | grep -o "ERROR SUMMARY: [0-9]* error" \
-           | awk '{n += $3} END {print n + 0}')
+  # memcheck and synccheck end with "ERROR SUMMARY: N errors", racecheck with
+  # "RACECHECK SUMMARY: H hazards displayed (N errors, W warnings)".
+  errors=$(cat "$OUT/$tool".*.log 2>/dev/null \
+           | grep -Eo "ERROR SUMMARY: [0-9]+ error|hazards displayed \([0-9]+ error" \
+           | grep -Eo "[0-9]+ error" | awk '{n += $1} END {print n + 0}')
   case $rc in
     0) state="tests passed" ;;
     124|137) state="TIMED OUT after ${limit} s (partial)"; status=1 ;;
