@@ -206,6 +206,7 @@ class Flora(torch.optim.Optimizer):
         self._plans = {}
         self._compiled = None
         self._prepare_compiled_once = _compile_preparer(self)  # a copy is another optimizer
+        self._group_count = len(self.param_groups)
 
     def add_param_group(self, param_group):
         if isinstance(param_group, dict):
@@ -221,6 +222,7 @@ class Flora(torch.optim.Optimizer):
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
+        self._group_count = len(self.param_groups)  # what the compiled step checks
 
     def _param_number(self, param):
         """1-based position of ``param`` over all groups: its seed offset (docs/FLORA.md)."""
@@ -368,14 +370,15 @@ class Flora(torch.optim.Optimizer):
                 "(forward and backward) before the compiled opt.step()")
         self._prepare_compiled_once()
         compiled = self._compiled
-        # vars(self), not self.param_groups: torch.compile's handling of the latter
-        # (OptimizerVariable) does not take Flora's dict-subclass groups. Reading the list
-        # makes an added group trace again.
-        if len(vars(self)["param_groups"]) != len(compiled.plans):
+        # The traced code reads no param group: torch.compile's handling of self.param_groups
+        # (OptimizerVariable) does not take Flora's dict-subclass groups, and torch 2.11's
+        # Dynamo guards on every value of a group it reads (lr included: a recompile per
+        # scheduler step). An int that add_param_group keeps makes an added group trace again.
+        if self._group_count != len(compiled.plans):
             raise RuntimeError("flora: the parameter groups changed while opt.step() was traced")
         params = []
         for plan in compiled.plans:
-            params += [p for p in plan.group["params"] if p.grad is not None]
+            params += [p for p in plan.group_params if p.grad is not None]
         state = self.state
         states = [state[p][name] for p in params for name in _STATE_TENSORS if name in state[p]]
         if params:
@@ -712,11 +715,12 @@ def _layout_key(group):
 class _CompiledPlan:
     """One group's part of a compiled step: its stepped parameters, their state tensors
     flat as step_group_ takes them, and what its check at trace time assumed."""
-    __slots__ = ("group", "params", "state", "states", "compressed", "layout", "hyper",
-                 "norms", "written")
+    __slots__ = ("group", "group_params", "params", "state", "states", "compressed", "layout",
+                 "hyper", "norms", "written")
 
     def __init__(self, group, params, state, norms):
         self.group = group
+        self.group_params = list(group["params"])  # what the traced code reads, not the group
         self.params = params
         self.state = state  # the optimizer's: its entries are looked up when the op runs
         param_states = [state[p] for p in params]
