@@ -20,7 +20,6 @@ to get the mean over micro-batches, as with ``torch.optim``.
 """
 from __future__ import annotations
 
-import numbers
 import sys
 import threading
 import weakref
@@ -29,8 +28,10 @@ from itertools import chain
 import torch
 
 from ._ops import next_seed, projection
+from .hyperparams import MAX_INT64
+from .hyperparams import is_int as _is_int
 
-_MAX_SEED = 2**63 - 1
+_MAX_SEED = MAX_INT64  # the ops take seeds as int64
 _UNSET = object()  # process_group not given
 # Accumulation seeds are next_seed(group seed + i) XOR this salt (i: the parameter's 1-based
 # number, as for the momentum seeds). The momentum seeds are seed + i and their next_seed
@@ -40,9 +41,6 @@ ACCUMULATION_SEED_SALT = 0x2F6B1D3A94C7E5B1
 # id(param) -> (weakref to param, weakref to the FloraAccumulator holding its hook).
 _HOOKED: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
-
-def _is_int(x):
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 _current_graph_task_id = torch._C._current_graph_task_id

@@ -30,13 +30,11 @@ import torch.distributed as dist
 
 from ._ops import next_seed
 from .accumulation import _UNSET, down_project, up_project_add_
+from .hyperparams import MAX_INT64
+from .hyperparams import is_int as _is_int
 
-_MAX_SEED = 2**63 - 1
+_MAX_SEED = MAX_INT64  # the ops take seeds as int64
 _MASK64 = 2**64 - 1
-
-
-def _is_int(x):
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _all_reduce(tensor, group):

@@ -12,6 +12,7 @@ import torch
 from . import _dcp, _sharded
 from ._ops import next_seed, param_layout, register_compiled_plan, step_group_compiled_
 from ._param_groups import as_param_group
+from .hyperparams import MAX_INT64
 from .hyperparams import DEFAULTS as _DEFAULT
 from .hyperparams import GROUP_HYPER_PARAMETERS as _GROUP_HYPER_PARAMETERS
 from .hyperparams import is_int as _is_int
@@ -19,7 +20,7 @@ from .hyperparams import validate_defaults as _validate_defaults
 from .hyperparams import validate_group as _validate_group
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_SEED = 2**63 - 1
+_MAX_SEED = MAX_INT64  # the ops take seeds as int64
 _STATE_TENSORS = ("row_second_moment", "col_second_moment", "second_moment", "momentum")
 _MAX_FLOAT = sys.float_info.max
 _GRAD = attrgetter("grad")
