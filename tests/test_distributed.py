@@ -79,14 +79,14 @@ def ddp_flora_bitwise(rank, world, device):
     assert_ranks_equal(list(model.parameters()))
 
 
-def _reference_cycles(device, world, cycles, k, seeds0):
+def _reference_cycles(device, world, cycles, k):
     """One process: every micro-batch of every rank compressed with the cycle's seed, the
     per-rank sums added over ranks as the all-reduce does, divided by the world size, projected
     up and stepped."""
     model = mlp(device)
     opt = flora_ext.Flora(model.parameters(), **FLORA)
     params = list(model.parameters())
-    seeds = list(seeds0)
+    seeds = [initial_accumulation_seed(0, i + 1) for i in range(len(params))]
     _reference_cycles.grads = []  # the averaged gradients, by cycle and parameter
     for c in range(cycles):
         per_rank = []
@@ -115,6 +115,13 @@ def _reference_cycles(device, world, cycles, k, seeds0):
             opt.step_param(p, grad)
         seeds = [flora_ext.next_seed(s) for s in seeds]
     return params
+
+def _assert_matches_reference(params, device, world, cycles, k):
+    """The ranks hold the same parameters, and those of _reference_cycles."""
+    assert_ranks_equal(params)
+    for p, e in zip(params, _reference_cycles(device, world, cycles, k)):
+        torch.testing.assert_close(p.detach(), e.detach(), rtol=RTOL, atol=ATOL)
+
 
 
 def _accumulate(rank, device, model, opt, acc, cycles, k, first=0):
@@ -155,11 +162,7 @@ def accumulator_matches_one_process(rank, world, device):
     finally:
         fd._all_reduce = real
     params = list(model.parameters())
-    assert_ranks_equal(params)
-    seeds0 = [initial_accumulation_seed(0, i + 1) for i in range(len(params))]
-    expected = _reference_cycles(device, world, 2, 2, seeds0)
-    for p, e in zip(params, expected):
-        torch.testing.assert_close(p.detach(), e.detach(), rtol=RTOL, atol=ATOL)
+    _assert_matches_reference(params, device, world, 2, 2)
     # the steps run in bucket order (last parameter first), the reference in parameter order
     n = len(params)
     stepped = [g for c in range(2) for g in reversed(grads[c * n:(c + 1) * n])]
@@ -184,10 +187,8 @@ def accumulator_bf16_buffers(rank, world, device):
     acc = flora_ext.FloraAccumulator(opt, micro_batches=2, rank=RANK, model=model,
                                      process_group=None, comm_dtype=torch.bfloat16)
     _accumulate(rank, device, model, opt, acc, cycles=1, k=2)
-    params = list(model.parameters())
-    assert_ranks_equal(params)
-    seeds0 = [initial_accumulation_seed(0, i + 1) for i in range(len(params))]
-    _reference_cycles(device, world, 1, 2, seeds0)
+    assert_ranks_equal(list(model.parameters()))
+    _reference_cycles(device, world, 1, 2)
     for g, e in zip(reversed(grads), _reference_cycles.grads):
         err = ((g.double() - e.double()).norm() / e.double().norm()).item()
         assert 0 < err < 1e-2, err  # rounded (not float32), but only to bf16's precision
@@ -204,12 +205,7 @@ def accumulator_with_ddp_model(rank, world, device):
         pass
     assert model.require_backward_grad_sync is False
     _accumulate(rank, device, model, opt, acc, cycles=1, k=2, first=2)
-    params = list(model.parameters())
-    assert_ranks_equal(params)
-    seeds0 = [initial_accumulation_seed(0, i + 1) for i in range(len(params))]
-    expected = _reference_cycles(device, world, 3, 2, seeds0)
-    for p, e in zip(params, expected):
-        torch.testing.assert_close(p.detach(), e.detach(), rtol=RTOL, atol=ATOL)
+    _assert_matches_reference(list(model.parameters()), device, world, 3, 2)
     acc.remove()
     assert model.require_backward_grad_sync is True
 
@@ -240,12 +236,7 @@ def accelerator_across_processes(rank, world, device):
                     assert all(p.grad is None for p in model.parameters())
                     opt.step()
                     opt.zero_grad()
-        params = list(model.parameters())
-        assert_ranks_equal(params)
-        seeds0 = [initial_accumulation_seed(0, i + 1) for i in range(len(params))]
-        expected = _reference_cycles(device, world, 2, 2, seeds0)
-        for p, e in zip(params, expected):
-            torch.testing.assert_close(p.detach(), e.detach(), rtol=RTOL, atol=ATOL)
+        _assert_matches_reference(list(model.parameters()), device, world, 2, 2)
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
