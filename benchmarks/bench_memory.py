@@ -7,15 +7,19 @@ directly on the GPU in bf16 (nothing is downloaded). Training: bf16 parameters, 
 2048 random tokens, micro-batch 1, 4 micro-batches per optimizer step, activation
 checkpointing on every decoder layer (non-reentrant), SDPA attention. Configurations:
 
-  flora_accum  flora_ext.Flora + flora_ext.FloraAccumulator (compressed accumulation with
-               --rank, Flora steps in the backward hooks of the last micro-batch)
-  flora        flora_ext.Flora, plain accumulation into .grad, opt.step() after the last
-  adamw        torch.optim.AdamW(fused=True), plain accumulation
-  flora_opt    the authors' flora_opt.FloraAccelerator(accumulation_compression_rank=--rank)
-               with flora_opt.Flora (flora-opt 0.0.3; bitsandbytes stubbed when missing)
+  flora_accum           flora_ext.Flora(beta1=--flora-beta1, rank=--flora-rank) +
+                        flora_ext.FloraAccumulator (compressed accumulation with --rank;
+                        Flora steps in the backward hooks of the last micro-batch): the
+                        headline, Flora as its users run it
+  flora_accum_defaults  the same with Flora's defaults (flora-opt's: no momentum)
+  flora                 flora_ext.Flora (momentum as flora_accum), plain accumulation into
+                        .grad, opt.step() after the last micro-batch
+  adamw                 torch.optim.AdamW(fused=True), plain accumulation
+  flora_opt             the authors' flora_opt.FloraAccelerator(accumulation_compression_rank=
+                        --rank) with flora_opt.Flora (momentum as flora_accum; flora-opt 0.0.3,
+                        bitsandbytes stubbed when missing)
 
-Flora is used with its defaults (flora-opt's: no momentum) and --lr, unless --flora-beta1 /
---flora-rank turn compressed momentum on. Each configuration runs in its own subprocess, so
+Each configuration runs in its own subprocess, so
 that peaks and allocator caches are isolated, under a shared --budget of wall time. Reported:
 torch.cuda.max_memory_allocated over all steps (warm-up included: the optimizer state is
 created in the first step), max_memory_reserved, the median step time over --steps timed
@@ -52,13 +56,18 @@ _REPO = pathlib.Path(__file__).resolve().parent.parent
 if (_REPO / "flora_ext" / "libflora.so").exists():
     sys.path.insert(0, str(_REPO))
 
-CONFIGS = ("flora_accum", "flora", "adamw", "flora_opt")
+# The headline is Flora as its users run it: momentum (beta1 0.9) kept at --flora-rank, with
+# compressed accumulation; Flora's defaults (no momentum) are the row beside it.
+CONFIGS = ("flora_accum", "flora_accum_defaults", "flora", "adamw", "flora_opt")
 DESCRIPTIONS = {
-    "flora_accum": "flora_ext.Flora + FloraAccumulator (rank {rank})",
-    "flora": "flora_ext.Flora, plain accumulation",
+    "flora_accum": "flora_ext.Flora(beta1={beta1}, rank={flora_rank}) + FloraAccumulator (rank {rank})",
+    "flora_accum_defaults": "flora_ext.Flora defaults (no momentum) + FloraAccumulator (rank {rank})",
+    "flora": "flora_ext.Flora(beta1={beta1}, rank={flora_rank}), plain accumulation",
     "adamw": "torch.optim.AdamW(fused=True), plain accumulation",
-    "flora_opt": "flora-opt FloraAccelerator (rank {rank}) + flora_opt.Flora",
+    "flora_opt": "flora-opt FloraAccelerator (rank {rank}) + flora_opt.Flora(beta1={beta1}, rank={flora_rank})",
 }
+# Configurations that run Flora with its defaults instead of --flora-beta1 / --flora-rank.
+DEFAULTS_CONFIGS = ("flora_accum_defaults",)
 # (hidden, intermediate, layers, heads, vocab, seq)
 MODEL_7B = (4096, 11008, 32, 32, 32000, 2048)
 MODEL_TINY = (64, 172, 2, 4, 512, 64)
@@ -117,20 +126,20 @@ def make_trainer(name, model, args, device):
     k = args.micro_batches
     params = [p for p in model.parameters() if p.requires_grad]
     flora_kwargs = dict(lr=args.lr)
-    if args.flora_beta1 is not None:
+    if name not in DEFAULTS_CONFIGS:
         flora_kwargs.update(beta1=args.flora_beta1, rank=args.flora_rank)
 
     def forward(ids):
         return model(input_ids=ids, labels=ids, use_cache=False).loss
 
-    if name in ("flora_accum", "flora", "adamw"):
+    if name in ("flora_accum", "flora_accum_defaults", "flora", "adamw"):
         import flora_ext
 
         if name == "adamw":
             opt = torch.optim.AdamW(params, lr=args.lr, fused=True)
         else:
             opt = flora_ext.Flora(params, **flora_kwargs)
-        if name == "flora_accum":
+        if name.startswith("flora_accum"):
             flora_ext.FloraAccumulator(opt, micro_batches=k, rank=args.rank, model=model)
 
         def step(batch):
@@ -262,8 +271,7 @@ def child_command(args, name, result_path):
         cmd += ["--seq", str(args.seq)]
     if args.tiny:
         cmd.append("--tiny")
-    if args.flora_beta1 is not None:
-        cmd += ["--flora-beta1", repr(args.flora_beta1), "--flora-rank", str(args.flora_rank)]
+    cmd += ["--flora-beta1", repr(args.flora_beta1), "--flora-rank", str(args.flora_rank)]
     return cmd
 
 
@@ -337,7 +345,8 @@ def markdown(meta, results):
     ]
     adamw = next((r for r in results if r["config"] == "adamw" and r["status"] == "ok"), None)
     for r in results:
-        what = DESCRIPTIONS[r["config"]].format(rank=meta["rank"])
+        what = DESCRIPTIONS[r["config"]].format(rank=meta["rank"], beta1=meta["beta1"],
+                                                flora_rank=meta["flora_rank"])
         if r["status"] == "ok":
             rel = (fmt(r["tokens_per_s"] / adamw["tokens_per_s"], ".2f") if adamw else "-")
             lines.append(
@@ -382,8 +391,8 @@ def run_parent(args):
     meta.update(next((r["versions"] for r in results if r.get("versions")), {}))
     if not args.device.startswith("cuda"):
         meta["device_name"] = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
-    flora = "defaults (no momentum)" if args.flora_beta1 is None else \
-        f"beta1={args.flora_beta1}, momentum rank {args.flora_rank}"
+    flora = (f"beta1={args.flora_beta1}, momentum rank {args.flora_rank}, except "
+             f"{', '.join(DEFAULTS_CONFIGS)} (defaults: no momentum)")
     meta.update(
         title=("Tiny smoke-test model" if args.tiny else "LLaMA-7B shapes")
         + f", accumulation rank {args.rank}",
@@ -392,7 +401,8 @@ def run_parent(args):
         model=dict(zip(("hidden", "intermediate", "layers", "heads", "vocab"), shape[:5])),
         params=first_ok.get("params"), attn_implementation=first_ok.get("attn_implementation"),
         seq=seq, micro_batches=args.micro_batches, tokens_per_step=seq * args.micro_batches,
-        rank=args.rank, lr=args.lr, flora=flora, steps=args.steps, warmup=args.warmup,
+        rank=args.rank, lr=args.lr, flora=flora, beta1=args.flora_beta1,
+        flora_rank=args.flora_rank, steps=args.steps, warmup=args.warmup,
         wall_s=args.budget - (deadline - time.monotonic()))
     table = markdown(meta, results)
     print(table)
@@ -418,10 +428,10 @@ def main():
                     help="accumulation rank of flora_accum and flora_opt (256; 8 with --tiny)")
     ap.add_argument("--seq", type=int, default=None, help="sequence length (2048; 64 --tiny)")
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--flora-beta1", type=float, default=None,
-                    help="turn Flora's momentum on (default: Flora's defaults, no momentum)")
-    ap.add_argument("--flora-rank", type=int, default=256,
-                    help="momentum rank with --flora-beta1 (256)")
+    ap.add_argument("--flora-beta1", type=float, default=0.9,
+                    help="Flora's momentum in every configuration but flora_accum_defaults (0.9)")
+    ap.add_argument("--flora-rank", type=int, default=None,
+                    help="Flora's momentum rank, as --flora-beta1 (256; 8 with --tiny)")
     ap.add_argument("--tiny", action="store_true",
                     help="a tiny LLaMA (hidden 64, 2 layers) that runs on the CPU, for testing")
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
@@ -436,6 +446,8 @@ def main():
     args = ap.parse_args()
     if args.rank is None:
         args.rank = 8 if args.tiny else 256
+    if args.flora_rank is None:
+        args.flora_rank = 8 if args.tiny else 256
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
