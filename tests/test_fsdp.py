@@ -630,3 +630,31 @@ def test_refusals(tmp_path):
     results = run_ranks(_refusal_worker)
     assert results[0]["shard1"] == results[1]["shard1"]
     assert "FSDP1" in results[0]["fsdp1_False"]
+
+
+# --------------------------------------------------------------------------- benchmark smoke
+
+
+def test_bench_fsdp_runs(tmp_path):
+    """benchmarks/bench_fsdp.py on tiny shapes, 2 gloo processes, one timed step: every
+    optimizer runs, the results file gets its section, and a Flora step with left- and
+    right-projected parameters issues 4 collectives (check, momentum gather, phase 1, phase 2)
+    for its one parameter group. No timing is asserted."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_fsdp
+
+    out = tmp_path / "bench_fsdp.md"
+    results = bench_fsdp.main(["--device", "cpu", "--dims", "16,40,1,50", "--rank", "4",
+                               "--steps", "1", "--warmup", "0", "--timeout", str(TIMEOUT_S),
+                               "--out", str(out)])
+    names = [name for name in results if not name.startswith("_")]
+    assert len(names) == 4 and all("median_s" in results[name] for name in names), results
+    flora = results["Flora rank=4, beta1=0.9"]
+    assert flora["collectives"]["all_reduce"] == 2, flora["collectives"]
+    assert sum(flora["collectives"].values()) == 4, flora["collectives"]
+    assert results["AdamW foreach"]["state_per_param"] == 8.0
+    text = out.read_text()
+    assert text.startswith("# FSDP2 optimizer step") and "| Flora rank=4, beta1=0.9 |" in text
