@@ -437,11 +437,12 @@ class _MomentumGather:
             send = _on_mesh(torch.cat(pieces), mesh)
             received = send.new_empty(size * send.numel())
             work = _ALL_GATHER(received, send, group=mesh.get_group(), async_op=True)
-            self.pending.append((work, received, group_items, size, pieces[0].device))
+            # send is kept until the wait: the collective reads it in the meantime
+            self.pending.append((work, send, received, group_items, size, pieces[0].device))
 
     def wait(self):
         """Sets ``whole_momentum`` of the items gathered."""
-        for work, received, group_items, size, device in self.pending:
+        for work, _, received, group_items, size, device in self.pending:
             work.wait()
             received = received.to(device).view(size, -1)
             offset = 0
