@@ -333,7 +333,7 @@ class _Sums:
         if whole:
             same = torch.cat([self.values[k].reshape(-1) for k in whole])
             blocks.append(same.expand(size, -1))
-        send = _on_mesh(torch.cat(blocks, dim=1).reshape(-1), mesh)
+        send = _for_gather_or_scatter(torch.cat(blocks, dim=1).reshape(-1), mesh)
         mine = send.new_empty(send.numel() // size)
         _REDUCE_SCATTER(mine, send, group=mesh.get_group())
         mine = mine.to(self.values[columns[0]].device)
@@ -361,6 +361,15 @@ def _on_mesh(t, mesh):
     """``t`` on the device the mesh's process group communicates on: parameters offloaded to
     the CPU (FSDP2's CPUOffloadPolicy) on a CUDA mesh are summed on the GPU."""
     return t.to(mesh.device_type)
+
+
+def _for_gather_or_scatter(t, mesh):
+    """``t`` where the mesh's all-gather and reduce-scatter run: on the CPU for gloo, whose
+    support of these two on CUDA tensors varies between torch versions (its all-reduce on
+    them is long-standing), else as _on_mesh."""
+    if dist.get_backend(mesh.get_group()) == "gloo":
+        return t.cpu()
+    return _on_mesh(t, mesh)
 
 
 def _fingerprint(group, params, states):
@@ -434,7 +443,7 @@ class _MomentumGather:
                 padded = local.new_zeros(local.shape[0], -(-it.m // size))
                 padded[:, :length] = local
                 pieces.append(padded.reshape(-1))
-            send = _on_mesh(torch.cat(pieces), mesh)
+            send = _for_gather_or_scatter(torch.cat(pieces), mesh)
             received = send.new_empty(size * send.numel())
             work = _ALL_GATHER(received, send, group=mesh.get_group(), async_op=True)
             # send is kept until the wait: the collective reads it in the meantime
