@@ -3,35 +3,40 @@
 FSDP2 turns every parameter into a DTensor split by rows (``Shard(0)``) over a 1-D device
 mesh. Each rank steps its own rows with the formulas of the single-device step (docs/FLORA.md,
 "One step"), in float32 with float64 sums as the CPU kernel has them. What spans rows is summed
-over the mesh (docs/FLORA.md §10.3), batched per parameter group into all-reduces per step and
-mesh:
+over the mesh (docs/FLORA.md §10.3), batched per parameter group into a fixed number of
+collectives per step and mesh:
 
-  check   (4 float64): whether every rank passed its input checks, and a fingerprint of what it
-          is about to step (parameters, step counts, seeds, hyper-parameters): ranks that
-          disagree raise on every rank instead of diverging, and nothing is written;
-  phase 1 (float64): per parameter sum(p^2) for RMS(p); factored: sum(row) for mean(row) and the
-          m column sums of G^2 + eps1;
+  check   (all-reduce, 4 float64): whether every rank passed its input checks, and a
+          fingerprint of what it is about to step (parameters, step counts, seeds,
+          hyper-parameters): ranks that disagree raise on every rank instead of diverging,
+          and nothing is written;
+  gather  (all-gather, float32; only with left-projected parameters): the column blocks of
+          each r x m momentum, started before phase 1 and waited for after it;
+  phase 1 (all-reduce, float64): per parameter sum(p^2) for RMS(p); factored: sum(row) for
+          mean(row) and the m column sums of G^2 + eps1;
   phase 2 (float32): per parameter sum(D^2) for the clip; left projection (n < m): the r x m
-          partial products P[:, rows] U[rows] of down(U).
+          partial products P[:, rows] U[rows] of down(U), reduce-scattered so that each rank
+          gets the sums of its own columns (an all-reduce when there are none).
 
 Local by rows: the row EMAs, a full second moment, dense momentum, the right projection
-(n >= m: G P with P m x r, momentum n x r) and up() of the left one (P[:, rows]^T M). Each rank
-generates the whole projection from the seed (the same op as the single-device step), so the
-resampling transfer P' P^T (r x r) needs no communication either.
+(n >= m: G P with P m x r, momentum n x r) and up() of the left one (P[:, rows]^T M, from the
+gathered M). Each rank generates the whole projection from the seed (the same op as the
+single-device step), so the resampling transfer P' P^T (r x r) needs no communication either.
 
-State is kept as DTensors on the parameter's mesh, placed so that the placement does not depend
-on the number of ranks: row EMAs, full second moments, dense and n x r momentum ``Shard(0)``
-like the parameter; column EMAs and r x m momentum ``Replicate()``. DCP
-(``torch.distributed.checkpoint`` with ``get_optimizer_state_dict``/``set_optimizer_state_dict``)
-saves them and loads them onto any number of ranks, or into a single-process optimizer.
+State is kept as DTensors on the parameter's mesh, placed so that each rank keeps its share
+and the placement does not depend on the number of ranks: row EMAs, full second moments,
+dense and n x r momentum ``Shard(0)`` like the parameter; r x m momentum ``Shard(1)`` (by
+columns); only the column EMAs ``Replicate()``. DCP (``torch.distributed.checkpoint`` with
+``get_optimizer_state_dict``/``set_optimizer_state_dict``) saves them and loads them onto any
+number of ranks, or into a single-process optimizer.
 ``Replicate()`` DTensor parameters (1-D mesh) step on the full tensor with no collective but
 the check.
 
-Not supported, with an error that says so: other placements (``Shard(1)``, ``Partial``), meshes
-of more than one dimension (HSDP, FSDP with tensor parallelism), groups mixing DTensors and
-plain tensors, stochastic rounding, and FSDP1's flattened parameters. The group's ``tf32``
-setting does not apply here: the projections are float32 matmuls under torch's own matmul
-precision setting (full float32 unless the program allows TF32).
+Not supported, with an error that says so: other parameter placements (``Shard(1)``,
+``Partial``), meshes of more than one dimension (HSDP, FSDP with tensor parallelism), groups
+mixing DTensors and plain tensors, stochastic rounding, and FSDP1's flattened parameters. The
+group's ``tf32`` setting does not apply here: the projections are float32 matmuls under torch's
+own matmul precision setting (full float32 unless the program allows TF32).
 """
 from __future__ import annotations
 
@@ -48,6 +53,12 @@ if dist.is_available():
 else:  # a torch build without torch.distributed has no DTensor parameters to step
     class DTensor:  # noqa: D101 - isinstance() of it is always False
         pass
+
+# torch 2.14 renamed these two (the old names warn); torch 2.11 has only the old ones.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor",
+                                                                  None)
+_REDUCE_SCATTER = (getattr(dist, "reduce_scatter_single", None)
+                   or getattr(dist, "reduce_scatter_tensor", None))
 
 _SUPPORTED = ("DTensor parameters placed (Shard(0),) on a 1-D device mesh, as "
               "torch.distributed.fsdp.fully_shard makes them, or (Replicate(),)")
@@ -115,18 +126,52 @@ def state_placements(p, layout):
         return {name: (Replicate(),) for name in ("row_second_moment", "col_second_moment",
                                                   "second_moment", "momentum")}
     rows = (Shard(0),)
-    momentum = (Replicate(),) if layout["momentum"] == "compressed" and layout["left"] else rows
+    # r x m momentum of the left projection: by columns (each rank's columns are updated from
+    # its slice of the summed r x m partial products)
+    momentum = (Shard(1),) if layout["momentum"] == "compressed" and layout["left"] else rows
     return {"row_second_moment": rows, "second_moment": rows, "col_second_moment": (Replicate(),),
             "momentum": momentum}
+
+
+def _shard_dim(placements):
+    """The dimension a 1-D mesh splits, or None for Replicate()."""
+    return placements[0].dim if type(placements[0]) is Shard else None
+
+
+def _local_range(shape, mesh, placements):
+    """(dimension, first global index, length) of this rank's piece of a tensor of ``shape``
+    along the split dimension; None when ``placements`` replicate it."""
+    dim = _shard_dim(placements)
+    if dim is None:
+        return None
+    local_shape, offset = compute_local_shape_and_global_offset(torch.Size(shape), mesh,
+                                                                placements)
+    return dim, offset[dim], local_shape[dim]
+
+
+def _local_shape(shape, mesh, placements):
+    piece = _local_range(shape, mesh, placements)
+    if piece is None:
+        return tuple(shape)
+    dim, _, length = piece
+    return tuple(length if d == dim else size for d, size in enumerate(shape))
 
 
 def _local_rows(shape, mesh, placements):
     """(first global row, number of rows) that this rank holds of a tensor of ``shape``."""
     if not _row_sharded(placements):
         return 0, shape[0] if len(shape) else 1
-    local_shape, offset = compute_local_shape_and_global_offset(torch.Size(shape), mesh,
-                                                                placements)
-    return offset[0], local_shape[0]
+    _, start, rows = _local_range(shape, mesh, placements)
+    return start, rows
+
+
+def _chunk(size, parts, index):
+    """(start, length) of piece ``index`` when ``size`` is split in ``parts`` as torch's
+    Shard splits a dimension (torch.chunk: pieces of ceil(size / parts), the last ones shorter
+    or empty)."""
+    width = -(-size // parts)
+    start = min(index * width, size)
+    return start, min(start + width, size) - start
 
 
 def _contiguous_stride(shape):
@@ -151,10 +196,11 @@ def _local_of(t, mesh, placements, shape, device):
         if tuple(t.placements) != tuple(placements):
             t = t.redistribute(mesh, placements)
         return t.to_local().to(device=device, dtype=torch.float32, copy=True)
-    start, rows = _local_rows(shape, mesh, placements)
     full = t.to(device=device, dtype=torch.float32)
-    if _row_sharded(placements):
-        full = full[start:start + rows]
+    piece = _local_range(shape, mesh, placements)
+    if piece is not None:
+        dim, start, length = piece
+        full = full.narrow(dim, start, length)
     return full.to(device=device, dtype=torch.float32, copy=True).contiguous()
 
 
@@ -166,8 +212,7 @@ def init_state(optimizer, p, group, state):
     placements = state_placements(p, _layout(p, group))
     state["step"] = 0
     for name, shape in shapes.items():
-        _, rows = _local_rows(shape, p.device_mesh, placements[name])
-        local_shape = (rows, *shape[1:]) if _row_sharded(placements[name]) else shape
+        local_shape = _local_shape(shape, p.device_mesh, placements[name])
         local = torch.zeros(local_shape, dtype=torch.float32, device=p.to_local().device)
         state[name] = _as_dtensor(local, p.device_mesh, placements[name], shape)
     if compressed:
@@ -176,7 +221,7 @@ def init_state(optimizer, p, group, state):
 
 def load_state(p, group, state):
     """``state`` (checked against ``p``'s global shape) with its tensors made float32
-    DTensors placed as init_state places them; a full tensor is cut to this rank's rows."""
+    DTensors placed as init_state places them; a full tensor is cut to this rank's piece."""
     from .optimizer import _expected_state_shapes, _layout
 
     shapes, _ = _expected_state_shapes(p, group)
@@ -197,9 +242,8 @@ def _check_state_placement(p, name, t, placements, shape):
         raise ValueError(f"flora: state {name} of FSDP2 {_describe(p)} must be a DTensor placed "
                          f"{placements} on the parameter's mesh, got {got}; load state with "
                          f"optimizer.load_state_dict or set_optimizer_state_dict, which place it")
-    _, rows = _local_rows(shape, p.device_mesh, placements)
     local = t.to_local()
-    expected = (rows, *shape[1:]) if _row_sharded(placements) else tuple(shape)
+    expected = _local_shape(shape, p.device_mesh, placements)
     if tuple(local.shape) != tuple(expected) or local.device != p.to_local().device:
         raise ValueError(f"flora: state {name} of FSDP2 {_describe(p)} holds a local piece of "
                          f"shape {tuple(local.shape)} on {local.device}, expected {expected} on "
@@ -232,38 +276,100 @@ def _check_inputs(optimizer, group, params, grads):
 
 
 class _Sums:
-    """Partial sums of one phase: each mesh's share is summed over its ranks with one
-    all-reduce of the concatenated tensors. A tensor of an unsharded item stays as it is."""
+    """Partial sums of one phase, summed over each mesh's ranks with one collective.
+
+    ``add`` takes a tensor whose sum every rank needs: an all-reduce of the concatenated
+    tensors. ``add_columns`` takes an r x m partial product of which each rank keeps only its
+    columns (the Shard(1) split of the momentum): when a mesh has any, its collective is one
+    reduce-scatter whose rank-j chunk holds rank j's columns of every such partial, followed by
+    a copy of the ``add`` tensors in every chunk (so every rank still gets their whole sum).
+    A tensor of an unsharded item (``mesh`` None) stays as it is."""
 
     def __init__(self, dtype):
         self.dtype = dtype
         self.values = []
-        self.by_mesh = {}  # id(process group) -> (mesh, indices)
+        self.by_mesh = {}  # id(process group) -> (mesh, whole-sum indices, column indices)
 
-    def add(self, x, mesh):
-        """Adds this rank's part ``x``; ``mesh`` None: ``x`` is the whole sum already."""
+    def _slot(self, x, mesh, kind):
         k = len(self.values)
         self.values.append(x.to(self.dtype))
         if mesh is not None:
-            self.by_mesh.setdefault(id(mesh.get_group()), (mesh, []))[1].append(k)
+            self.by_mesh.setdefault(id(mesh.get_group()), (mesh, [], []))[kind].append(k)
         return k
 
+    def add(self, x, mesh):
+        """Adds this rank's part ``x`` of a sum every rank needs whole; ``mesh`` None: ``x``
+        is the whole sum already."""
+        return self._slot(x, mesh, 1)
+
+    def add_columns(self, x, mesh):
+        """Adds this rank's part ``x`` (r x m) of a sum of which this rank keeps its columns;
+        ``mesh`` None: ``x`` is the whole sum, all of whose columns are this rank's."""
+        return self._slot(x, mesh, 2)
+
     def reduce(self):
-        for mesh, index in self.by_mesh.values():
-            flat = torch.cat([self.values[k].reshape(-1) for k in index])
-            # Parameters offloaded to the CPU (FSDP2's CPUOffloadPolicy) on a CUDA mesh: the
-            # process group communicates on the mesh's device.
-            on_mesh = flat.to(mesh.device_type)
-            dist.all_reduce(on_mesh, group=mesh.get_group())
-            flat = on_mesh.to(flat.device)
-            offset = 0
-            for k in index:
-                size = self.values[k].numel()
-                self.values[k] = flat[offset:offset + size].view(self.values[k].shape)
-                offset += size
+        for mesh, whole, columns in self.by_mesh.values():
+            if columns:
+                self._reduce_scatter(mesh, whole, columns)
+            else:
+                self._all_reduce(mesh, whole)
+
+    def _all_reduce(self, mesh, index):
+        flat = torch.cat([self.values[k].reshape(-1) for k in index])
+        on_mesh = _on_mesh(flat, mesh)
+        dist.all_reduce(on_mesh, group=mesh.get_group())
+        self._unpack(on_mesh.to(flat.device), index)
+
+    def _reduce_scatter(self, mesh, whole, columns):
+        size, me = mesh.size(), mesh.get_local_rank()
+        blocks = []  # per partial: size x (r * width), chunk j = rank j's columns, padded
+        for k in columns:
+            x = self.values[k]
+            r, m = x.shape
+            width = -(-m // size)
+            padded = x.new_zeros(r, size * width)
+            padded[:, :m] = x
+            blocks.append(padded.view(r, size, width).transpose(0, 1).reshape(size, -1))
+        if whole:
+            same = torch.cat([self.values[k].reshape(-1) for k in whole])
+            blocks.append(same.expand(size, -1))
+        send = _for_gather_or_scatter(torch.cat(blocks, dim=1).reshape(-1), mesh)
+        mine = send.new_empty(send.numel() // size)
+        _REDUCE_SCATTER(mine, send, group=mesh.get_group())
+        mine = mine.to(self.values[columns[0]].device)
+        offset = 0
+        for k in columns:
+            r, m = self.values[k].shape
+            width = -(-m // size)
+            _, length = _chunk(m, size, me)
+            self.values[k] = mine[offset:offset + r * width].view(r, width)[:, :length]
+            offset += r * width
+        self._unpack(mine[offset:], whole)
+
+    def _unpack(self, flat, index):
+        offset = 0
+        for k in index:
+            size = self.values[k].numel()
+            self.values[k] = flat[offset:offset + size].view(self.values[k].shape)
+            offset += size
 
     def __getitem__(self, k):
         return self.values[k]
+
+
+def _on_mesh(t, mesh):
+    """``t`` on the device the mesh's process group communicates on: parameters offloaded to
+    the CPU (FSDP2's CPUOffloadPolicy) on a CUDA mesh are summed on the GPU."""
+    return t.to(mesh.device_type)
+
+
+def _for_gather_or_scatter(t, mesh):
+    """``t`` where the mesh's all-gather and reduce-scatter run: on the CPU for gloo, whose
+    support of these two on CUDA tensors varies between torch versions (its all-reduce on
+    them is long-standing), else as _on_mesh."""
+    if dist.get_backend(mesh.get_group()) == "gloo":
+        return t.cpu()
+    return _on_mesh(t, mesh)
 
 
 def _fingerprint(group, params, states):
@@ -311,11 +417,57 @@ def _agree(group, params, states, failure):
                 "optimizer settings; nothing was stepped")
 
 
+class _MomentumGather:
+    """The whole r x m momentum of each row-sharded parameter with the left projection, whose
+    ranks keep Shard(1) column blocks of it: up(M) = P[:, rows]^T M needs every column. One
+    all-gather per mesh of the concatenated blocks (each padded to the widest rank's), started
+    before phase 1 so that it runs while the ranks compute their phase-1 sums."""
+
+    def __init__(self, items):
+        by_mesh = {}
+        for it in items:
+            if it.mesh is not None and it.layout["momentum"] == "compressed" and (
+                    it.layout["left"]):
+                by_mesh.setdefault(id(it.mesh.get_group()), (it.mesh, []))[1].append(it)
+        self.pending = []
+        for mesh, group_items in by_mesh.values():
+            size, me = mesh.size(), mesh.get_local_rank()
+            pieces = []
+            for it in group_items:
+                local = it.state["momentum"].to_local()
+                start, length = _chunk(it.m, size, me)
+                if local.shape[1] != length:  # torch split the columns otherwise
+                    raise RuntimeError(f"flora: this rank's momentum columns of FSDP2 "
+                                       f"{_describe(it.p)} number {local.shape[1]}, expected "
+                                       f"{length} (torch.chunk of {it.m} in {size})")
+                padded = local.new_zeros(local.shape[0], -(-it.m // size))
+                padded[:, :length] = local
+                pieces.append(padded.reshape(-1))
+            send = _for_gather_or_scatter(torch.cat(pieces), mesh)
+            received = send.new_empty(size * send.numel())
+            work = _ALL_GATHER(received, send, group=mesh.get_group(), async_op=True)
+            # send is kept until the wait: the collective reads it in the meantime
+            self.pending.append((work, send, received, group_items, size, pieces[0].device))
+
+    def wait(self):
+        """Sets ``whole_momentum`` of the items gathered."""
+        for work, _, received, group_items, size, device in self.pending:
+            work.wait()
+            received = received.to(device).view(size, -1)
+            offset = 0
+            for it in group_items:
+                r, width = it.layout["rank"], -(-it.m // size)
+                block = received[:, offset:offset + r * width].view(size, r, width)
+                it.whole_momentum = block.transpose(0, 1).reshape(r, size * width)[:, :it.m]
+                offset += r * width
+        self.pending = []
+
+
 class _Item:
     """One parameter's local piece and the values of this step, until it is written."""
     __slots__ = ("p", "state", "layout", "mesh", "start", "rows", "n", "m", "numel", "p32",
                  "g", "t", "seed", "new", "slot_psq", "slot_rowsum", "slot_col", "slot_dsq",
-                 "slot_down", "D", "base", "lr_t")
+                 "slot_down", "D", "base", "lr_t", "whole_momentum")
 
 
 def prepare(optimizer, group, params, grads):
@@ -363,11 +515,15 @@ def _run(optimizer, group, params, grads):
         it.seed = it.state.get("seed")
         it.new = {}
         it.slot_down = None
+        it.whole_momentum = None
+        if it.layout["factored"]:
+            it.n, it.m = p.shape
+    gather = _MomentumGather(items)  # runs while the phase-1 sums are computed
+    for it in items:
         beta2 = 1.0 - float(it.t) ** decay_rate
         it.slot_psq = first.add(it.p32.double().square().sum(), it.mesh)
         gd = it.g.double()
         if it.layout["factored"]:
-            it.n, it.m = p.shape
             v = gd * gd + eps1
             row = it.state["row_second_moment"].to_local()
             it.new["row_second_moment"] = (beta2 * row.double()
@@ -379,6 +535,7 @@ def _run(optimizer, group, params, grads):
             it.new["second_moment"] = (beta2 * s.double()
                                        + (1.0 - beta2) * (gd * gd + eps1)).float()
     first.reduce()
+    gather.wait()
     # The scalars that steer the step, read in one transfer (one device sync, not one each).
     param_sq = _scalars(first, [it.slot_psq for it in items])
     for it, p_sq in zip(items, param_sq):
@@ -436,7 +593,8 @@ def _run(optimizer, group, params, grads):
 
 def _compressed(it, u, group, beta1, second):
     """Compressed momentum (docs/FLORA.md step 4) of one item: sets D, and the new momentum, or
-    its r x m partial down(U) for phase 2 (left projection of a row-sharded parameter)."""
+    its r x m partial down(U) for phase 2 (left projection of a row-sharded parameter, whose
+    rank keeps the columns of M that the phase-2 reduce-scatter gives it)."""
     r = it.layout["rank"]
     n, m = it.n, it.m
     device = it.g.device
@@ -445,14 +603,16 @@ def _compressed(it, u, group, beta1, second):
     p_now = projection(it.seed, *shape, r, device=device)
     resample = it.t % group["kappa"] == 0
     p_down = projection(next_seed(it.seed), *shape, r, device=device) if resample else p_now
-    momentum = it.state["momentum"].to_local()
+    momentum = it.state["momentum"].to_local()  # left and row-sharded: this rank's columns
     if left:
         rows = slice(it.start, it.start + it.rows)
-        up = p_now[:, rows].t().mm(momentum)
+        whole = momentum if it.whole_momentum is None else it.whole_momentum
+        up = p_now[:, rows].t().mm(whole)
+        # the basis change acts on each column alone: this rank's columns of P' P^T M
         it.base = p_down.mm(p_now.t()).mm(momentum) if resample else momentum
         down_u = p_down[:, rows].mm(u)
         it.D = u * (1.0 - beta1) + up * beta1
-        it.slot_down = second.add(down_u, it.mesh)
+        it.slot_down = second.add_columns(down_u, it.mesh)
     else:
         up = momentum.mm(p_now.t())
         base = momentum.mm(p_now.t().mm(p_down)) if resample else momentum

@@ -90,14 +90,19 @@ def local_of(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def rows_of_full(full, like):
-    """The rows of ``full`` that DTensor ``like`` (sharded like it) holds on this rank."""
+def piece_of_full(full, like):
+    """The piece of ``full`` that DTensor ``like`` (placed like it) holds on this rank: its
+    rows (Shard(0)), its columns (Shard(1)) or all of it (Replicate())."""
     from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    if not isinstance(like.placements[0], Shard):
+    placement = like.placements[0]
+    if not isinstance(placement, Shard):
         return full
-    start, rows = _rows_of(like)
-    return full[start:start + rows]
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh,
+                                                          like.placements)
+    dim = placement.dim
+    return full.narrow(dim, offset[dim], shape[dim])
 
 
 def rel_diff(a, b):
@@ -149,7 +154,7 @@ def _compare_configs(world_size, dtype, device):
             ref_opt.step()
         diffs = []
         for p, q in zip(sharded_params, plain_params):
-            diffs.append(rel_diff(local_of(p), rows_of_full(q.detach(), p)))
+            diffs.append(rel_diff(local_of(p), piece_of_full(q.detach(), p)))
             state, ref_state = opt.state[p], ref_opt.state[q]
             assert set(state) == set(ref_state), (set(state), set(ref_state))
             for key, value in state.items():
@@ -157,8 +162,7 @@ def _compare_configs(world_size, dtype, device):
                     assert type(value).__name__ == "DTensor", key
                     assert value.shape == ref_state[key].shape
                     assert local_of(value).dtype == torch.float32
-                    diffs.append(rel_diff(local_of(value), rows_of_full(ref_state[key], value)
-                                          if value.placements[0].is_shard() else ref_state[key]))
+                    diffs.append(rel_diff(local_of(value), piece_of_full(ref_state[key], value)))
                 else:
                     assert value == ref_state[key], (key, value, ref_state[key])
         if name == "compressed":
@@ -173,7 +177,7 @@ def _compare_configs(world_size, dtype, device):
             set_grads(plain_params, grads)
             loaded.step()
             ref_opt.step()
-            diffs += [rel_diff(local_of(p), rows_of_full(q.detach(), p))
+            diffs += [rel_diff(local_of(p), piece_of_full(q.detach(), p))
                       for p, q in zip(sharded_params, plain_params)]
         worst[f"{dtype}/{name}"] = max(diffs)
     return worst
@@ -310,18 +314,37 @@ def _full(t):
 
     if not isinstance(t, DTensor):
         return t.detach().cpu().clone()
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     pieces = [None] * t.device_mesh.size()
-    dist.all_gather_object(pieces, (_rows_of(t)[0], t.to_local().detach().cpu()),
+    offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)[1]
+    dist.all_gather_object(pieces, (offset, t.to_local().detach().cpu()),
                            group=t.device_mesh.get_group())
     if not isinstance(t.placements[0], Shard):
         return pieces[0][1].clone()
-    return torch.cat([local for _, local in sorted(pieces, key=lambda piece: piece[0])])
+    dim = t.placements[0].dim
+    return torch.cat([local for _, local in sorted(pieces, key=lambda piece: piece[0][dim])],
+                     dim=dim)
 
 
 def _state_bytes(opt):
-    return sum(local_of(t).numel() * local_of(t).element_size()
-               for state in opt.state.values() for t in state.values()
-               if isinstance(t, torch.Tensor))
+    """This rank's bytes of optimizer state: all of it, of the Replicate() tensors, and how far
+    an even split could be from this rank's (one slice along the split dimension of each
+    sharded tensor: torch.chunk gives the first ranks the larger pieces)."""
+    total = replicated = uneven = 0
+    for state in opt.state.values():
+        for t in state.values():
+            if not isinstance(t, torch.Tensor):
+                continue
+            local = local_of(t)
+            size = local.numel() * local.element_size()
+            total += size
+            if t.placements[0].is_shard():
+                dim = t.placements[0].dim
+                uneven += t.numel() // max(t.shape[dim], 1) * local.element_size()
+            else:
+                replicated += size
+    return dict(total=total, replicated=replicated, uneven=uneven)
 
 
 def _dcp_save_worker(rank, world_size, device, path):
@@ -371,6 +394,8 @@ def _dcp_save_worker(rank, world_size, device, path):
 
 
 def _dcp_load_worker(rank, world_size, device, path, uninterrupted):
+    import torch.distributed.checkpoint as dcp
+
     device = _device(rank, device)
     diffs = {}
     # One process without FSDP: the saved shards gathered into plain tensors.
@@ -388,10 +413,11 @@ def _dcp_load_worker(rank, world_size, device, path, uninterrupted):
     _steps(model, opt, SAVED_AT, LAST, torch.float32, device)
     diffs["reloaded"] = max(rel_diff(_full(p), q) for p, q in zip(model.parameters(),
                                                                   uninterrupted))
-    # fully_shard on a 1-rank mesh.
+    # fully_shard on a 1-rank mesh; saved again for a 2-rank run to load.
     model = sharded_model(world_size, torch.float32, device)
     opt = flora_ext.Flora(model.parameters(), **DCP_CONFIG, tf32=False)
     _load(model, opt, path)
+    dcp.save(_state_dicts(model, opt), checkpoint_id=path + "_one_rank")
     _steps(model, opt, SAVED_AT, LAST, torch.float32, device)
     diffs["fsdp2_one_rank"] = max(rel_diff(_full(p), q) for p, q in zip(model.parameters(),
                                                                        uninterrupted))
@@ -399,7 +425,10 @@ def _dcp_load_worker(rank, world_size, device, path, uninterrupted):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_dcp_save_on_two_ranks_load_on_one(tmp_path, device):
+def test_dcp_save_on_two_ranks_load_on_one_and_back(tmp_path, device):
+    """DCP: saved on 2 ranks, loaded on 2, into one process without FSDP and onto a 1-rank
+    mesh, which saves again for 2 ranks to load; every run continues as the uninterrupted
+    one. Each rank holds 1/2 of one process's state plus the replicated column statistics."""
     path = str(tmp_path / "checkpoint")
     saved = run_ranks(_dcp_save_worker, device, path)
     for rank in range(2):
@@ -410,14 +439,39 @@ def test_dcp_save_on_two_ranks_load_on_one(tmp_path, device):
                         world_size=1)
     for name, diff in loaded["diffs"].items():
         assert diff <= TOLERANCE, (name, diff)
-    # State per parameter: the ranks together hold what one process holds, plus one copy of
-    # the replicated pieces (column statistics, r x m momentum) per extra rank.
-    sharded_bytes = sum(rank["state_bytes"] for rank in saved)
+    # State per parameter: each rank holds its 1/W of one process's state, plus the
+    # replicated column statistics; pieces split unevenly differ by up to one slice each.
+    world_size, plain = len(saved), loaded["plain_bytes"]
     numel = saved[0]["numel"]
     assert sum(rank["local_numel"] for rank in saved) == numel
-    assert loaded["plain_bytes"] <= sharded_bytes <= 2 * loaded["plain_bytes"]
-    print(f"state bytes/param: one process {loaded['plain_bytes'] / numel:.3f}, "
-          f"2 ranks {sharded_bytes / numel:.3f} in all")
+    replicated = saved[0]["state_bytes"]["replicated"]
+    assert replicated <= 0.1 * plain, (replicated, plain)  # m floats per factored matrix
+    assert sum(rank["state_bytes"]["total"] for rank in saved) == (
+        plain + (world_size - 1) * replicated)
+    for rank in saved:
+        bytes_ = rank["state_bytes"]
+        assert bytes_["replicated"] == replicated
+        even = plain / world_size + replicated * (world_size - 1) / world_size
+        assert abs(bytes_["total"] - even) <= bytes_["uneven"], (bytes_, plain)
+    print(f"state bytes/param: one process {plain / numel:.3f}; per rank "
+          + ", ".join(f"{rank['state_bytes']['total'] / rank['local_numel']:.3f}"
+                      for rank in saved)
+          + " per local parameter")
+    # One rank to two: the checkpoint the one-rank FSDP2 run saved right after loading.
+    again = run_ranks(_dcp_two_ranks_from_one_worker, device, path + "_one_rank",
+                      saved[0]["uninterrupted"])
+    for rank in again:
+        assert rank <= TOLERANCE, rank
+
+
+def _dcp_two_ranks_from_one_worker(rank, world_size, device, path, uninterrupted):
+    device = _device(rank, device)
+    model = sharded_model(world_size, torch.float32, device)
+    opt = flora_ext.Flora(model.parameters(), **DCP_CONFIG, tf32=False)
+    _load(model, opt, path)
+    assert [s["step"] for s in opt.state.values()] == [SAVED_AT] * len(SHAPES)
+    _steps(model, opt, SAVED_AT, LAST, torch.float32, device)
+    return max(rel_diff(_full(p), q) for p, q in zip(model.parameters(), uninterrupted))
 
 
 RELATIVE_CONFIG = dict(lr=None, relative_step=True, beta1=0.9, rank=4, kappa=3,
@@ -576,3 +630,31 @@ def test_refusals(tmp_path):
     results = run_ranks(_refusal_worker)
     assert results[0]["shard1"] == results[1]["shard1"]
     assert "FSDP1" in results[0]["fsdp1_False"]
+
+
+# --------------------------------------------------------------------------- benchmark smoke
+
+
+def test_bench_fsdp_runs(tmp_path):
+    """benchmarks/bench_fsdp.py on tiny shapes, 2 gloo processes, one timed step: every
+    optimizer runs, the results file gets its section, and a Flora step with left- and
+    right-projected parameters issues 4 collectives (check, momentum gather, phase 1, phase 2)
+    for its one parameter group. No timing is asserted."""
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_fsdp
+
+    out = tmp_path / "bench_fsdp.md"
+    results = bench_fsdp.main(["--device", "cpu", "--dims", "16,40,1,50", "--rank", "4",
+                               "--steps", "1", "--warmup", "0", "--timeout", str(TIMEOUT_S),
+                               "--out", str(out)])
+    names = [name for name in results if not name.startswith("_")]
+    assert len(names) == 4 and all("median_s" in results[name] for name in names), results
+    flora = results["Flora rank=4, beta1=0.9"]
+    assert flora["collectives"]["all_reduce"] == 2, flora["collectives"]
+    assert sum(flora["collectives"].values()) == 4, flora["collectives"]
+    assert results["AdamW foreach"]["state_per_param"] == 8.0
+    text = out.read_text()
+    assert text.startswith("# FSDP2 optimizer step") and "| Flora rank=4, beta1=0.9 |" in text
