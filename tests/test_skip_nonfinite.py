@@ -368,3 +368,40 @@ def test_cuda_param_norm_cache_is_not_written_by_a_skip():
         results.append([p.detach().cpu() for p in ps])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ FSDP2: refused
+
+
+def _fsdp2_refusal_worker(rank, world_size):
+    from test_fsdp import sharded_model
+
+    model = sharded_model(world_size, torch.float32, torch.device("cpu"))
+    messages = []
+    try:
+        flora_ext.Flora(model.parameters(), lr=1e-2, skip_nonfinite=True)
+    except ValueError as err:
+        messages.append(str(err))
+    opt = flora_ext.Flora(model.parameters(), lr=1e-2)
+    opt.param_groups[0]["skip_nonfinite"] = True
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().full_tensor().clone() for p in model.parameters()]
+    try:
+        opt.step()
+    except ValueError as err:
+        messages.append(str(err))
+    unchanged = all(torch.equal(p.detach().full_tensor(), b)
+                    for p, b in zip(model.parameters(), before))
+    return messages, unchanged
+
+
+def test_fsdp2_groups_refuse_the_option():
+    from dist_utils import spawn_workers
+
+    (messages, unchanged), = spawn_workers(_fsdp2_refusal_worker, nprocs=1, args=(),
+                                           timeout_s=120)
+    assert len(messages) == 2
+    assert all(m.startswith("flora: skip_nonfinite=True is not supported for FSDP2")
+               for m in messages)
+    assert unchanged

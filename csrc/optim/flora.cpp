@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <limits>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <unordered_set>
 #include <utility>
@@ -46,6 +47,12 @@ void read_option(torch::serialize::InputArchive& archive, const char* key, int64
   out = read_value(archive, key, "options").toInt();
 }
 void read_option(torch::serialize::InputArchive& archive, const char* key, bool& out) {
+  c10::IValue value;
+  // Archives saved before skip_nonfinite existed lack it: off, as it was then.
+  if (std::string_view(key) == "skip_nonfinite" && !archive.try_read(key, value)) {
+    out = false;
+    return;
+  }
   out = read_value(archive, key, "options").toBool();
 }
 void read_option(torch::serialize::InputArchive& archive, const char* key,
