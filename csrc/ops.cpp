@@ -260,6 +260,26 @@ void attach_param_norms(std::vector<GroupEntry>& entries, at::TensorList params,
   }
 }
 
+void attach_nonfinite_skips(std::vector<GroupEntry>& entries, at::TensorList params,
+                            const std::optional<at::Tensor>& nonfinite_skips) {
+  const bool given = nonfinite_skips.has_value() && nonfinite_skips->defined();
+  const bool skip = !entries.empty() && entries[0].options.skip_nonfinite;
+  if (!skip) return;  // nothing is skipped, so nothing is counted
+  TORCH_CHECK(given, "flora: skip_nonfinite=True needs nonfinite_skips, the counter of "
+              "skipped parameters (an int64 tensor of one element on the parameters' device)");
+  const at::Tensor& counter = *nonfinite_skips;
+  TORCH_CHECK(counter.scalar_type() == at::kLong && counter.numel() == 1,
+              "flora: nonfinite_skips must be an int64 tensor of one element, got ",
+              counter.scalar_type(), " of shape ", counter.sizes());
+  TORCH_CHECK(params.empty() || counter.device() == params[0].device(),
+              "flora: nonfinite_skips must be on the parameters' device ", params[0].device(),
+              ", got ", counter.device());
+  for (const at::Tensor& p : params)
+    TORCH_CHECK(!counter.is_same(p), "flora: nonfinite_skips must not be a parameter");
+  int64_t* data = counter.data_ptr<int64_t>();
+  for (GroupEntry& entry : entries) entry.nonfinite_skips = data;
+}
+
 namespace detail {
 
 StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double beta1,
@@ -267,7 +287,7 @@ StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double be
                                 double decay_rate, double weight_decay, int64_t rank,
                                 int64_t kappa, bool scale_parameter, bool relative_step,
                                 bool warmup_init, bool factorize_second_moment, bool tf32,
-                                bool stochastic_rounding) {
+                                bool stochastic_rounding, bool skip_nonfinite) {
   StepOptions o;
   o.step = step;
   o.seed = seed;
@@ -286,6 +306,7 @@ StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double be
   o.factorize_second_moment = factorize_second_moment;
   o.tf32 = tf32;
   o.stochastic_rounding = stochastic_rounding;
+  o.skip_nonfinite = skip_nonfinite;
   return o;
 }
 
@@ -304,7 +325,8 @@ void step_(at::Tensor& param, const at::Tensor& grad,
            const std::optional<at::Tensor>& row_second_moment,
            const std::optional<at::Tensor>& col_second_moment,
            const std::optional<at::Tensor>& second_moment,
-           const std::optional<at::Tensor>& momentum, const StepOptions& o) {
+           const std::optional<at::Tensor>& momentum, const StepOptions& o,
+           const std::optional<at::Tensor>& nonfinite_skips) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("flora::step_", "")
                        .typed<void(const at::Tensor&, const at::Tensor&,
@@ -313,11 +335,13 @@ void step_(at::Tensor& param, const at::Tensor& grad,
                                    const std::optional<at::Tensor>&,
                                    const std::optional<at::Tensor>&, int64_t, int64_t,
                                    double, double, double, double, double, double, double,
-                                   int64_t, int64_t, bool, bool, bool, bool, bool, bool)>();
+                                   int64_t, int64_t, bool, bool, bool, bool, bool, bool, bool,
+                                   const std::optional<at::Tensor>&)>();
   op.call(param, grad, row_second_moment, col_second_moment, second_moment, momentum,
           o.step, o.seed, o.lr, o.beta1, o.eps1, o.eps2, o.clip_threshold, o.decay_rate,
           o.weight_decay, o.rank, o.kappa, o.scale_parameter, o.relative_step,
-          o.warmup_init, o.factorize_second_moment, o.tf32, o.stochastic_rounding);
+          o.warmup_init, o.factorize_second_moment, o.tf32, o.stochastic_rounding,
+          o.skip_nonfinite, nonfinite_skips);
 }
 
 at::Tensor projection(int64_t seed, int64_t rows, int64_t cols, double scale,
@@ -389,7 +413,8 @@ TORCH_LIBRARY(flora, m) {
       "int step, int seed, float lr, float beta1, float eps1, float eps2, "
       "float clip_threshold, float decay_rate, float weight_decay, int rank, int kappa, "
       "bool scale_parameter, bool relative_step, bool warmup_init, "
-      "bool factorize_second_moment, bool tf32=True, bool stochastic_rounding=False) -> ()");
+      "bool factorize_second_moment, bool tf32=True, bool stochastic_rounding=False, "
+      "bool skip_nonfinite=False, Tensor(f!)? nonfinite_skips=None) -> ()");
   // Every parameter of a param group (on one device) in one call: the per-call
   // overhead of Python and the dispatcher is paid once, not once a parameter.
   m.def(
@@ -398,7 +423,8 @@ TORCH_LIBRARY(flora, m) {
       "float eps1, float eps2, float clip_threshold, float decay_rate, float weight_decay, "
       "int rank, int kappa, bool scale_parameter, bool relative_step, bool warmup_init, "
       "bool factorize_second_moment, bool tf32=True, bool stochastic_rounding=False, "
-      "Tensor(c!)? param_norms=None, int[] norms_known=[]) -> ()");
+      "bool skip_nonfinite=False, Tensor(c!)? param_norms=None, int[] norms_known=[], "
+      "Tensor(d!)? nonfinite_skips=None) -> ()");
   m.def("fill_projection_(Tensor(a!) out, int seed, float scale) -> ()");
   // No tensor arguments: these run through their catch-all kernels on any device.
   m.def("next_seed(int seed) -> int", &flora::next_seed_op);

@@ -188,6 +188,11 @@ HYPER_PARAMETERS = (
         "bfloat16 parameters: unbiased stochastic rounding of the written value.",
         keyword_only=True, flora_opt=False),
     HyperParameter(
+        "skip_nonfinite", bool, False,
+        "A parameter whose gradient holds a NaN or inf keeps its value and state on that "
+        "step (its step count advances); the skips are counted in opt.nonfinite_skips.",
+        keyword_only=True, flora_opt=False),
+    HyperParameter(
         "reuse_param_norms", bool, True,
         "CUDA: reuse the sum(p^2) the last step wrote instead of reading p again, unless p "
         "was written since.",

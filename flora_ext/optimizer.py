@@ -39,7 +39,8 @@ def _self_overlapping(t):
 # The hyper-parameters but lr, and those of them that decide which state a parameter has.
 _HYPER = itemgetter("rank", "kappa", "eps", "clip_threshold", "decay_rate", "beta1",
                     "weight_decay", "scale_parameter", "relative_step", "warmup_init",
-                    "factorize_second_moment", "seed", "tf32", "stochastic_rounding")
+                    "factorize_second_moment", "seed", "tf32", "stochastic_rounding",
+                    "skip_nonfinite")
 _LAYOUT = itemgetter("rank", "beta1", "factorize_second_moment")
 
 
@@ -142,6 +143,14 @@ def _refuse_fsdp1_param(p):
             f"(torch.distributed.fsdp.fully_shard) instead, or use DistributedDataParallel")
 
 
+def _refuse_sharded_skip(group):
+    """FSDP2 groups step in flora_ext._sharded, where each rank holds a shard of a
+    gradient: a skip would need every rank's verdict (one more all-reduce), not built."""
+    if group["skip_nonfinite"]:
+        raise ValueError("flora: skip_nonfinite=True is not supported for FSDP2 (DTensor) "
+                         "parameters; use skip_nonfinite=False for them")
+
+
 def _op_hyper_parameters(group):
     """The keyword arguments of step_group_ for a checked ``group``."""
     eps1, eps2 = group["eps"]
@@ -153,7 +162,8 @@ def _op_hyper_parameters(group):
         scale_parameter=group["scale_parameter"], relative_step=group["relative_step"],
         warmup_init=group["warmup_init"],
         factorize_second_moment=group["factorize_second_moment"], tf32=group["tf32"],
-        stochastic_rounding=group["stochastic_rounding"])
+        stochastic_rounding=group["stochastic_rounding"],
+        skip_nonfinite=group["skip_nonfinite"])
 
 
 class Flora(torch.optim.Optimizer):
@@ -172,6 +182,7 @@ class Flora(torch.optim.Optimizer):
                  factorize_second_moment=_DEFAULT["factorize_second_moment"],
                  seed=_DEFAULT["seed"], quantization=_DEFAULT["quantization"], *,
                  tf32=_DEFAULT["tf32"], stochastic_rounding=_DEFAULT["stochastic_rounding"],
+                 skip_nonfinite=_DEFAULT["skip_nonfinite"],
                  reuse_param_norms=_DEFAULT["reuse_param_norms"]):
         # The arguments and their defaults: flora_ext/hyperparams.py.
         if quantization:
@@ -190,6 +201,9 @@ class Flora(torch.optim.Optimizer):
         # step's RMS(p) unless p was written since (version counter, data pointer); off:
         # RMS(p) is read from p every step (for code that writes p.data between steps).
         self.reuse_param_norms = reuse_param_norms
+        # skip_nonfinite's counters of skipped parameter-steps: device -> int64 tensor of
+        # one element there, incremented by the kernels (nonfinite_skips).
+        self._nonfinite_skips = {}
         # ParamGroup: "momentum" is beta1's second name, for OneCycleLR/CyclicLR.
         super().__init__(params, as_param_group(defaults))
         # id(group) -> the _Plan of its last successful step(); a plan holds its group, so
@@ -202,6 +216,7 @@ class Flora(torch.optim.Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("reuse_param_norms", True)
+        self.__dict__.setdefault("_nonfinite_skips", {})
         self.defaults = as_param_group(self.defaults)
         self.param_groups = [as_param_group(g) for g in self.param_groups]
         self._plans = {}
@@ -220,10 +235,40 @@ class Flora(torch.optim.Optimizer):
                 _refuse_fsdp1_param(p)
                 _check_param(p, group)
             _sharded.check_group(group)  # FSDP2 (DTensor) parameters: what _sharded steps
+            if _sharded.has_dtensors(group):
+                _refuse_sharded_skip(group)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
         self._group_count = len(self.param_groups)  # what the compiled step checks
+
+    @property
+    def nonfinite_skips(self):
+        """How many parameter-steps skip_nonfinite=True skipped (a parameter whose gradient
+        held a NaN or inf): an int64 0-d tensor, on the parameters' device, counted there by
+        the kernels without a host sync; ``.item()`` syncs, when you choose to read it. With
+        parameters on several devices, the sum on the first one's device. A copy, made when
+        read; not part of state_dict (it counts events of this optimizer object)."""
+        counters = list(self._nonfinite_skips.values())
+        if not counters:
+            first = next((p for g in self.param_groups for p in g["params"]), None)
+            device = first.device if first is not None else "cpu"
+            return torch.zeros((), dtype=torch.int64, device=device)
+        total = counters[0].clone().view(())
+        for counter in counters[1:]:
+            total += counter.to(total.device).view(())
+        return total
+
+    def _skip_counter(self, group, device):
+        """The counter the op increments for ``group``'s parameters on ``device``, or None
+        without skip_nonfinite."""
+        if not group["skip_nonfinite"]:
+            return None
+        counter = self._nonfinite_skips.get(device)
+        if counter is None:
+            counter = self._nonfinite_skips[device] = torch.zeros(
+                1, dtype=torch.int64, device=device)
+        return counter
 
     def _param_number(self, param):
         """1-based position of ``param`` over all groups: its seed offset (docs/FLORA.md)."""
@@ -308,6 +353,7 @@ class Flora(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             if _sharded.has_dtensors(group):
                 _validate_group(group, index)
+                _refuse_sharded_skip(group)
                 sharded.append(_sharded.prepare(self, group, *self._stepped(group, accumulator)))
                 continue
             plan = self._plans.get(id(group))
@@ -326,6 +372,9 @@ class Flora(torch.optim.Optimizer):
         try:
             work = [(plan or self._new_plan(group, params, fresh=fresh), grads, trusted)
                     for group, params, grads, plan, trusted in checked]
+            for group, params, _, _, _ in checked:  # made before the first write, as state
+                for device in {p.device for p in params}:
+                    self._skip_counter(group, device)
             stepped = 0
             for plan, grads, trusted in work:
                 # Kept only once the step succeeded: a failed op may have stepped a part.
@@ -416,7 +465,8 @@ class Flora(torch.optim.Optimizer):
             keep = (self.reuse_param_norms and group["scale_parameter"]
                     and device is not None and device.type == "cuda")
             norms = torch.zeros(len(params), dtype=torch.float64, device=device) if keep else None
-            plans.append(_CompiledPlan(group, list(params), self.state, norms))
+            plans.append(_CompiledPlan(group, list(params), self.state, norms,
+                                       self._skip_counter))
         self._compiled = _CompiledStep(plans)
         self._plans = {}
 
@@ -497,6 +547,7 @@ class Flora(torch.optim.Optimizer):
         group = self._group_of(p)
         _validate_group(group, next(k for k, g in enumerate(self.param_groups) if g is group))
         if _sharded.has_dtensors(group):
+            _refuse_sharded_skip(group)
             return _sharded.step(self, group, [p], [grad])
         self._check_inputs(group, [p], [grad])
         fresh = []
@@ -550,6 +601,7 @@ class Flora(torch.optim.Optimizer):
         steps = [step + 1 for step in plan.steps]
         for b, (index, flat_states, compressed) in enumerate(plan.batches):
             params = _pick(plan.params, index)
+            skips = self._skip_counter(group, params[0].device)
             norms = plan.norms[b]
             if norms is not None:
                 # Known: p is what the last call wrote (and left the sum of in norms).
@@ -565,13 +617,13 @@ class Flora(torch.optim.Optimizer):
                 torch.ops.flora.step_group_(params, _pick(grads, index), flat_states,
                                             _pick(steps, index), _pick(seeds, index),
                                             param_norms=norms, norms_known=known,
-                                            **hyper_parameters)
+                                            nonfinite_skips=skips, **hyper_parameters)
                 # The op writes p in place without bumping its version: as read before.
                 plan.written[b] = now
             else:
                 torch.ops.flora.step_group_(params, _pick(grads, index), flat_states,
                                             _pick(steps, index), _pick(seeds, index),
-                                            **hyper_parameters)
+                                            nonfinite_skips=skips, **hyper_parameters)
             for k in range(len(steps)) if index is None else index:
                 states[k]["step"] = steps[k]
             for k in compressed:
@@ -704,7 +756,8 @@ class Flora(torch.optim.Optimizer):
 
     def __getstate__(self):
         # torch.optim's keeps defaults, state and param_groups only.
-        return {**super().__getstate__(), "reuse_param_norms": self.reuse_param_norms}
+        return {**super().__getstate__(), "reuse_param_norms": self.reuse_param_norms,
+                "_nonfinite_skips": self._nonfinite_skips}
 
 
 def _layout_key(group):
@@ -717,9 +770,9 @@ class _CompiledPlan:
     """One group's part of a compiled step: its stepped parameters, their state tensors
     flat as step_group_ takes them, and what its check at trace time assumed."""
     __slots__ = ("group", "group_params", "params", "state", "states", "compressed", "layout",
-                 "hyper", "norms", "written")
+                 "hyper", "norms", "written", "skip_counter")
 
-    def __init__(self, group, params, state, norms):
+    def __init__(self, group, params, state, norms, skip_counter):
         self.group = group
         self.group_params = list(group["params"])  # what the traced code reads, not the group
         self.params = params
@@ -732,6 +785,7 @@ class _CompiledPlan:
         self.hyper = _HYPER(group)
         self.norms = norms  # as _Plan.norms: sum(p^2) kept between CUDA steps, or None
         self.written = None
+        self.skip_counter = skip_counter  # Flora._skip_counter
 
     def check(self):
         """Raises for a hyper-parameter that the eager step would refuse (or that would
@@ -754,9 +808,10 @@ class _CompiledPlan:
         param_states = list(map(self.state.__getitem__, self.params))
         steps = [state["step"] + 1 for state in param_states]
         seeds = [state.get("seed", 0) for state in param_states]
+        skips = self.skip_counter(group, params[0].device)
         if self.norms is None:
             torch.ops.flora.step_group_(params, grads, states, steps, seeds,
-                                        **_op_hyper_parameters(group))
+                                        nonfinite_skips=skips, **_op_hyper_parameters(group))
         else:  # as Flora._run_plan
             last, now = self.written, _written(params)
             if last is None or last[2] != steps:
@@ -770,7 +825,7 @@ class _CompiledPlan:
             self.written = None
             torch.ops.flora.step_group_(params, grads, states, steps, seeds,
                                         param_norms=self.norms, norms_known=known,
-                                        **_op_hyper_parameters(group))
+                                        nonfinite_skips=skips, **_op_hyper_parameters(group))
             self.written = (*now, [step + 1 for step in steps])
         kappa = group["kappa"]
         for state, step in zip(param_states, steps):

@@ -171,13 +171,34 @@ def step_size(hp, t, param_rms):
     return lr
 
 
-def reference_step(param64, grad64, state, hp, projection=ext_projection, next_seed_fn=next_seed):
+def skipped_step(param64, state, hp, projection=ext_projection, next_seed_fn=next_seed):
+    """skip_nonfinite's step of a parameter whose gradient is not finite (docs/FLORA.md
+    §4.8): the step count advances, the parameter and its state stay, but compressed
+    momentum moves to the next basis on a resampling step, with nothing added."""
+    state["step"] += 1
+    lay = layout_for(param64.shape, hp)
+    if lay["momentum"] == "compressed" and state["step"] % hp["kappa"] == 0:
+        n, m = param64.shape
+        r, left, s = hp["rank"], lay["left"], state["seed"]
+        P = projection_matrix(projection, s, n, m, r)
+        s_new = next_seed_fn(s)
+        P_new = projection_matrix(projection, s_new, n, m, r)
+        state["momentum"].copy_(down(P_new, up(P, state["momentum"], left), left))
+        state["seed"] = s_new
+    return param64.to(torch.float64).clone()
+
+
+def reference_step(param64, grad64, state, hp, projection=ext_projection, next_seed_fn=next_seed,
+                   skip_nonfinite=False):
     """One Flora step in float64. Updates ``state`` in place and returns the new parameter.
 
     ``projection(seed, rows, cols, rank)`` gives the projection matrices (the extension's by
     default); ``next_seed_fn`` the seed sequence (splitmix64 by default). Both are arguments so
-    that the same formulas can be run with flora-opt's projections.
+    that the same formulas can be run with flora-opt's projections. ``skip_nonfinite``: a
+    gradient with a NaN or inf gives skipped_step instead.
     """
+    if skip_nonfinite and not torch.isfinite(grad64).all():
+        return skipped_step(param64, state, hp, projection, next_seed_fn)
     p = param64.to(torch.float64).clone()
     G = grad64.to(torch.float64)
     lay = layout_for(p.shape, hp)

@@ -341,12 +341,27 @@ def op_world(param):
     return build
 
 
-def call_op(w):
+def call_op(w, **kw):
     torch.ops.flora.step_group_(
         [w.extra["p"]], [w.extra["grad"]], w.extra["states"], [1], [0], lr=1e-2, beta1=0.0,
         eps1=1e-30, eps2=1e-3, clip_threshold=1.0, decay_rate=-0.8, weight_decay=0.0, rank=0,
         kappa=1, scale_parameter=True, relative_step=False, warmup_init=False,
-        factorize_second_moment=True)
+        factorize_second_moment=True, **kw)
+
+
+def op_with_counter(counter):
+    """The op with skip_nonfinite and ``counter`` (a poisoned gradient: a skip would count)."""
+    def build():
+        w = op_world(lambda: torch.randn(4, 6))()
+        w.extra["grad"][0, 0] = float("nan")
+        if counter is not None:
+            w.extra["counter"] = counter()
+            w.tensors.append(w.extra["counter"])
+        return w
+
+    def call(w):
+        call_op(w, skip_nonfinite=True, nonfinite_skips=w.extra.get("counter"))
+    return build, call
 
 
 # ------------------------------------------------------------------ the table
@@ -508,6 +523,24 @@ CASES = [
     # -- the op (the library's shared checks, as flora::Flora runs them)
     ("op: self-overlapping param", op_world(lambda: torch.randn(1, 5).expand(4, 5)), call_op,
      RuntimeError, "param must not have elements that share memory"),
+    ("op: skip_nonfinite without a counter", *op_with_counter(None),
+     RuntimeError, "skip_nonfinite=True needs nonfinite_skips"),
+    ("op: skip_nonfinite with an int32 counter",
+     *op_with_counter(lambda: torch.zeros(1, dtype=torch.int32)),
+     RuntimeError, "nonfinite_skips must be an int64 tensor of one element, got Int"),
+    ("op: skip_nonfinite with a counter of two elements",
+     *op_with_counter(lambda: torch.zeros(2, dtype=torch.int64)),
+     RuntimeError, "nonfinite_skips must be an int64 tensor of one element"),
+    # -- skip_nonfinite must be a bool
+    ("skip_nonfinite not a bool at construction",
+     construct(lambda: [torch.nn.Parameter(torch.randn(3))], skip_nonfinite=1),
+     call_construct, TypeError, "flora: skip_nonfinite must be a bool, got 1"),
+    ("skip_nonfinite not a bool on group 2", with_group("skip_nonfinite", "yes"), step,
+     TypeError, "flora: skip_nonfinite must be a bool, got 'yes'"),
+    ("skip_nonfinite None in add_param_group", stepped,
+     lambda w: w.opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))],
+                                      "skip_nonfinite": None}),
+     TypeError, "flora: skip_nonfinite must be a bool, got None"),
 ]
 
 

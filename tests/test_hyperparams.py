@@ -21,7 +21,8 @@ from flora_ext.testing import import_flora_opt
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OP_HYPER_PARAMETERS = [hp for hp in HYPER_PARAMETERS if hp.op]
 # Keyword arguments of the ops that are no hyper-parameters: per parameter, or a cache.
-NOT_HYPER = {"step_": {"step", "seed"}, "step_group_": {"param_norms", "norms_known"}}
+NOT_HYPER = {"step_": {"step", "seed", "nonfinite_skips"},
+             "step_group_": {"param_norms", "norms_known", "nonfinite_skips"}}
 
 
 def same(a, b):
@@ -223,7 +224,7 @@ def test_eps1_must_survive_in_float32():
 @pytest.mark.parametrize("settings", [
     dict(lr=3e-3, rank=2, kappa=7, eps=(1e-20, 1e-2), clip_threshold=0.7, decay_rate=-0.6,
          beta1=0.5, weight_decay=0.01, scale_parameter=False, factorize_second_moment=False,
-         seed=9, tf32=False, stochastic_rounding=True),
+         seed=9, tf32=False, stochastic_rounding=True, skip_nonfinite=True),
     dict(lr=None, relative_step=True, warmup_init=True),
 ], ids=["lr", "relative_step"])
 def test_the_optimizer_passes_every_op_hyper_parameter_to_the_op(settings):

@@ -71,8 +71,8 @@ def test_defaults_match_flora_opt():
     expected = dict(lr=None, rank=None, kappa=1000, eps=(1e-30, 1e-3), clip_threshold=1.0,
                     decay_rate=-0.8, beta1=None, weight_decay=0.0, scale_parameter=True,
                     relative_step=True, warmup_init=False, factorize_second_moment=True, seed=0)
-    # ours on top: keyword-only, CUDA projection precision and bf16 rounding
-    expected.update(tf32=True, stochastic_rounding=False)
+    # ours on top: keyword-only, CUDA projection precision, bf16 rounding, non-finite skips
+    expected.update(tf32=True, stochastic_rounding=False, skip_nonfinite=False)
     assert opt.defaults == expected
 
 

@@ -104,22 +104,31 @@ void full_update(const float* g, int64_t numel, double beta2, double eps1, float
   });
 }
 
+// down_new(up_now(M)): the compressed momentum moved to the basis of the next seed, through
+// the r x r product of the two bases (docs/FLORA.md, step 4b).
+at::Tensor momentum_in_next_basis(const at::Tensor& momentum, const at::Tensor& p_now,
+                                  const at::Tensor& p_next, const ParamLayout& layout) {
+  return layout.left ? p_next.mm(p_now.t()).mm(momentum) : momentum.mm(p_now.t().mm(p_next));
+}
+
+at::Tensor projection_of(int64_t seed, const ParamLayout& layout) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(layout.rank));
+  const auto shape = layout.projection_shape();
+  return projection(seed, shape[0], shape[1], scale, at::Device(at::kCPU));
+}
+
 // Compressed momentum (docs/FLORA.md, step 4): returns D, updates momentum in place.
 at::Tensor compressed_momentum_update(const at::Tensor& u, at::Tensor& momentum,
                                       const ParamLayout& layout, const StepOptions& o) {
-  const double scale = 1.0 / std::sqrt(static_cast<double>(layout.rank));
-  const auto shape = layout.projection_shape();
-  const at::Device cpu(at::kCPU);
-  const at::Tensor p_now = projection(o.seed, shape[0], shape[1], scale, cpu);
+  const at::Tensor p_now = projection_of(o.seed, layout);
   const at::Tensor up = layout.left ? p_now.t().mm(momentum) : momentum.mm(p_now.t());
   at::Tensor d = u * (1.0 - o.beta1) + up * o.beta1;
 
   at::Tensor base = momentum;
   at::Tensor p_down = p_now;
   if (o.resample()) {
-    // down_new(up_now(M)) through the r x r product of the two bases.
-    p_down = projection(next_seed(o.seed), shape[0], shape[1], scale, cpu);
-    base = layout.left ? p_down.mm(p_now.t()).mm(momentum) : momentum.mm(p_now.t().mm(p_down));
+    p_down = projection_of(next_seed(o.seed), layout);
+    base = momentum_in_next_basis(momentum, p_now, p_down, layout);
   }
   const at::Tensor down_u = layout.left ? p_down.mm(u) : u.mm(p_down);
   momentum.copy_(base * o.beta1 + down_u * (1.0 - o.beta1));
@@ -144,6 +153,25 @@ void write_back_rounded(const at::Tensor& param, const at::Tensor& result, uint6
   });
 }
 
+// Whether every one of the n values is finite (the sum of x - x is NaN otherwise).
+bool all_finite(const float* x, int64_t n) {
+  return !std::isnan(chunked_sum(n, [&](int64_t e) { return double(x[e]) - double(x[e]); }));
+}
+
+// skip_nonfinite's step of a parameter whose gradient is not finite: value and state stay,
+// but compressed momentum follows the seed to the next basis on a resampling step (the
+// caller advances the seed), with nothing of this step's gradient added.
+void skip_step(const GroupEntry& entry) {
+  const StepOptions& o = entry.options;
+  if (entry.layout.momentum == MomentumKind::kCompressed && o.resample()) {
+    at::Tensor momentum = *entry.state.momentum;  // a handle: copy_ writes the state
+    const at::Tensor p_now = projection_of(o.seed, entry.layout);
+    const at::Tensor p_next = projection_of(next_seed(o.seed), entry.layout);
+    momentum.copy_(momentum_in_next_basis(momentum, p_now, p_next, entry.layout));
+  }
+  ++*entry.nonfinite_skips;
+}
+
 // One parameter whose inputs check_step_inputs has accepted; `index` is its place
 // in the call (it keys the stochastic rounding).
 void run_step_cpu(const at::Tensor& param, const at::Tensor& grad, const GroupEntry& entry,
@@ -155,6 +183,10 @@ void run_step_cpu(const at::Tensor& param, const at::Tensor& grad, const GroupEn
   if (numel == 0) return;
 
   const at::Tensor g = grad.to(at::kFloat).contiguous();
+  if (o.skip_nonfinite && !all_finite(g.data_ptr<float>(), numel)) {
+    skip_step(entry);
+    return;
+  }
   const bool in_place = param.scalar_type() == at::kFloat && param.is_contiguous();
   at::Tensor p = in_place ? param : param.to(at::kFloat).contiguous();
   const float* gp = g.data_ptr<float>();

@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         dv[c] = d;
         d2 += d * d;
       }
-      if (dense) storef<L>(t.momentum + i * m + c0, extra_vec, valid, dv);
+      if (dense && !skipped(t)) storef<L>(t.momentum + i * m + c0, extra_vec, valid, dv);
     }
   }
   d2 = block_sum(d2);
@@ -290,6 +290,7 @@ __global__ void __launch_bounds__(kThreads, kRound ? 2 : kApplyMinBlocks)
     apply_kernel(TaskTable table, GroupArgs a) {
   const Task& t = task_of_tile(table, blockIdx.x);
   if (t.fused) return;  // written by fused_apply_kernel
+  if (skipped(t)) return;  // p stays; the norms pass keeps its cache
   const int64_t local = blockIdx.x - t.tile_begin;
   float p2 = 0.f;
   if (t.kind == kFull) full_apply<DT, kRound>(t, local, a, p2);
@@ -302,12 +303,27 @@ __global__ void __launch_bounds__(kThreads, kRound ? 2 : kApplyMinBlocks)
   if (threadIdx.x == 0) t.tile_p2[local] = p2;
 }
 
-// One block per task with a norm cache: sum p^2 of the parameter just written.
+// One block per task with a norm cache: sum p^2 of the parameter just written. A
+// skipped task's p was not written: the scalars pass left the sum of p in the cache
+// with scale_parameter; without it, sum p^2 is read from p here.
 __global__ void __launch_bounds__(kThreads)
-    norms_kernel(const Task* __restrict__ tasks) {
+    norms_kernel(const Task* __restrict__ tasks, int32_t scale_parameter, int dtype) {
   const Task& t = tasks[blockIdx.x];
   if (t.param_sq == nullptr) return;
   double total = 0.0;
+  if (skipped(t)) {
+    if (scale_parameter) return;
+    for (int64_t e = threadIdx.x; e < t.numel; e += blockDim.x) {
+      const float v = dtype == kF32 ? static_cast<const float*>(t.param)[e]
+                      : dtype == kBF16
+                          ? to_float<kBF16>(static_cast<const uint16_t*>(t.param)[e])
+                          : to_float<kF16>(static_cast<const uint16_t*>(t.param)[e]);
+      total += double(v) * v;
+    }
+    total = block_sum(total);
+    if (threadIdx.x == 0) *t.param_sq = total;
+    return;
+  }
   const int64_t tiles = t.fused ? t.gtiles : t.tiles;
   for (int64_t k = threadIdx.x; k < tiles; k += blockDim.x) total += t.tile_p2[k];
   total = block_sum(total);
@@ -382,8 +398,9 @@ void launch_apply(int dtype, const TaskTable& table, int64_t tiles, const GroupA
   });
 }
 
-void launch_norms(const TaskTable& table, cudaStream_t stream) {
-  norms_kernel<<<table.count, kThreads, 0, stream>>>(table.tasks);
+void launch_norms(int dtype, const TaskTable& table, const GroupArgs& args,
+                  cudaStream_t stream) {
+  norms_kernel<<<table.count, kThreads, 0, stream>>>(table.tasks, args.scale_parameter, dtype);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -280,6 +280,8 @@ __global__ void __launch_bounds__(kDnThreads, 1)
   const float* xs = reinterpret_cast<const float*>(smem);
   constexpr int kXStride = kLeft ? kDnXStrideLeft : kDnXStrideRight;
   const float keep = 1.f - beta1, cross = 2.f * beta1 * keep;
+  // A skipped task's new M is M' alone (selected: 0 * NaN would be NaN).
+  const bool skip = job.skip != nullptr && *job.skip != 0;
   float sum = 0.f;
   constexpr int kRowChunks = kLeft ? kUpBM / 4 : kDnBN / 4;  // float4s along a tile row
   constexpr int kBatch = 8, kRounds = kUpBM * kDnBN / 4 / kDnThreads / kBatch;  // 2
@@ -325,8 +327,9 @@ __global__ void __launch_bounds__(kDnThreads, 1)
             make_uint2(pack_half2(mo[0], mo[1]), pack_half2(mo[2], mo[3]));
       if (update)
         *reinterpret_cast<float4*>(job.momentum + idx[u]) =
-            make_float4(bv[0] * beta1 + x[0] * keep, bv[1] * beta1 + x[1] * keep,
-                        bv[2] * beta1 + x[2] * keep, bv[3] * beta1 + x[3] * keep);
+            skip ? b4[u]
+                 : make_float4(bv[0] * beta1 + x[0] * keep, bv[1] * beta1 + x[1] * keep,
+                               bv[2] * beta1 + x[2] * keep, bv[3] * beta1 + x[3] * keep);
     }
   }
   if (job.partials == nullptr) return;

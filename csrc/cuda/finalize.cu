@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kFinalizeWidth)
       }
       const float c = static_cast<float>(b2 * t.col[j] + (1.0 - b2) * (s / t.n));
       const float b = col_scale(c);
-      t.col[j] = c;
+      if (!skipped(t)) t.col[j] = c;
       t.col_factor[j] = b;
       d2 = w * b * b;
     }
@@ -65,7 +65,7 @@ __global__ void __launch_bounds__(kFinalizeWidth)
       double s = 0.0;
       for (int64_t rc = 0; rc < t.rchunks; ++rc) s += t.col_part[rc * t.m + j];
       const float c = static_cast<float>(b2 * t.col[j] + (1.0 - b2) * (s / t.n));
-      t.col[j] = c;
+      if (!skipped(t)) t.col[j] = c;
       t.col_factor[j] = col_scale(c);
     }
     return;
@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kFinalizeWidth)
     double s = 0.0;
     for (int64_t ct = 0; ct < t.ctiles; ++ct) s += t.row_part[i * t.ctiles + ct];
     const float r = static_cast<float>(b2 * t.row[i] + (1.0 - b2) * (s / t.m));
-    t.row[i] = r;
+    if (!skipped(t)) t.row[i] = r;
     row_value = r;
   }
   const int64_t first_tile = rb * kChunksPerRowBlock * t.ctiles;
@@ -137,6 +137,9 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) {
     if (t.cache_p2 != nullptr) p2 = cache_p2;
     if (t.p2_known) p2 = *t.param_sq;
+    // A skipped task's norm cache gets sum p^2 of p as it stays (the norms pass leaves
+    // it), summed as a step that reads p would sum it.
+    if (skipped(t) && t.param_sq != nullptr && a.scale_parameter) *t.param_sq = p2;
     const float row_mean = t.kind == kFactored ? static_cast<float>(rows / t.n) : 1.0f;
     t.scalars[kRowMean] = row_mean;
     const double lr = scaled_lr(t.base_lr, a.scale_parameter, a.eps2, p2, t.numel);

@@ -248,6 +248,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   extern __shared__ uint4 up_smem[];
   uint16_t* smem = reinterpret_cast<uint16_t*>(up_smem);
   const Task& t = table.tasks[locate(table.gtile_begins, table.count, blockIdx.x)];
+  if (skipped(t)) return;  // p stays; the norms pass keeps its cache
   const int64_t local = blockIdx.x - t.gtile_begin;
   const UpTile tile(t, local);
   const int64_t i0 = tile.i0, j0 = tile.j0;

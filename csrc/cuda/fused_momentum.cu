@@ -260,6 +260,7 @@ void fill_fused_table(const FusedWork& w) {
                 buf.tiled, mom, nullptr, buf.momentum16,
                 t.terms + 1, gram + k * r * r, sq + k * r * r, t.row, t.scalars, t.col_factor,
                 buf.row_factor};
+    now.skip = t.skip;
     jobs[k] = now;
     if (s.resample) {
       DownJob next = now;

@@ -84,6 +84,10 @@ struct FusedBuffers {
 
 // ---- kernel launches, on `stream` (dtype: a DType code) ----
 
+// stats.cu: with skip_nonfinite, the flag of each task whose gradient is not finite, and
+// `counter` (int64) counts them (max_numel: the largest gradient of the table).
+void launch_nonfinite(int dtype, const TaskTable& table, int64_t max_numel, int64_t* counter,
+                      cudaStream_t stream);
 // stats.cu: the stats pass of a stats group (`smem`: dynamic shared memory a block).
 void launch_stats(int dtype, const TaskTable& table, int64_t blocks, int64_t smem,
                   const GroupArgs& args, cudaStream_t stream);
@@ -98,7 +102,8 @@ void launch_rms(int dtype, const TaskTable& table, int64_t tiles, const GroupArg
                 cudaStream_t stream);
 void launch_apply(int dtype, const TaskTable& table, int64_t tiles, const GroupArgs& args,
                   cudaStream_t stream);
-void launch_norms(const TaskTable& table, cudaStream_t stream);
+void launch_norms(int dtype, const TaskTable& table, const GroupArgs& args,
+                  cudaStream_t stream);
 // fused_apply.cu: the up GEMM tiles of fused tasks.
 void launch_fused_p2(int dtype, const TaskTable& table, int64_t gtiles, cudaStream_t stream);
 void launch_fused_apply(int dtype, const TaskTable& table, int64_t gtiles,

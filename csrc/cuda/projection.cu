@@ -67,9 +67,17 @@ __global__ void momentum_mix_kernel(float* __restrict__ momentum,
                                     const float* __restrict__ x, int64_t numel, int64_t cols,
                                     bool left, const float* __restrict__ row,
                                     const float* __restrict__ scalars,
-                                    const float* __restrict__ col_factor, float beta1) {
+                                    const float* __restrict__ col_factor, float beta1,
+                                    const int32_t* __restrict__ skip) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const float row_mean = scalars[kRowMean];
+  if (skip != nullptr && *skip != 0) {  // skip_nonfinite: M' alone (base is M, or M moved)
+    if (base == momentum) return;
+    for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < numel;
+         e += stride)
+      momentum[e] = base[e];
+    return;
+  }
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < numel;
        e += stride) {
     const float s = left ? col_factor[e % cols] : row_scale(row[e / cols], row_mean);
@@ -228,7 +236,7 @@ void compressed_momentum(const Item& item, const Task& t, const at::Tensor& mome
   const int64_t numel = momentum.numel();
   momentum_mix_kernel<<<static_cast<int>(std::min<int64_t>(ceil_div(numel, kThreads), 4096)),
                         kThreads, 0, stream>>>(mom, base, x, numel, left ? m : r, left,
-                                               t.row, t.scalars, t.col_factor, b1);
+                                               t.row, t.scalars, t.col_factor, b1, t.skip);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -196,6 +196,7 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
   const uint4* g = static_cast<const uint4*>(t.grad);
   const uint4* p = static_cast<const uint4*>(t.param);
   float* row_ema = t.row;
+  const bool skip = skipped(t);  // the row EMA stays; the sums below are workspace
   const double beta2 = t.beta2;
   const double inv_m = 1.0 / t.m;
   const double m_eps1 = double(t.m) * eps1;  // eps1 of every element of a row
@@ -275,7 +276,7 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
       for (int w = 0; w < wpr; ++w) total += partial[w][threadIdx.x];
       const int64_t i = r0 + threadIdx.x;
       const float row = static_cast<float>(beta2 * old_row + (1.0 - beta2) * (total * inv_m));
-      row_ema[i] = row;
+      if (!skip) row_ema[i] = row;
       inv_row[threadIdx.x] = 1.0f / row;
       row_total += row;
     }
@@ -304,6 +305,7 @@ __device__ __forceinline__ void full_stats(const Task& t, int64_t local, const G
   const S* g = static_cast<const S*>(t.grad);
   const S* p = static_cast<const S*>(t.param);
   const bool vec = t.vec;
+  const bool skip = skipped(t);  // S and M stay; sum p^2 is still made (scalars pass)
   const float b2 = static_cast<float>(t.beta2);
   float p2 = 0.f, d2 = 0.f;
 #pragma unroll 2
@@ -328,6 +330,7 @@ __device__ __forceinline__ void full_stats(const Task& t, int64_t local, const G
       p2 += pv[c] * pv[c];
       d2 += d * d;
     }
+    if (skip) continue;
     storef<L>(t.second_moment + e0, vec, valid, sv);
     if (t.momentum) storef<L>(t.momentum + e0, vec, valid, mv);
   }
@@ -336,6 +339,23 @@ __device__ __forceinline__ void full_stats(const Task& t, int64_t local, const G
   if (threadIdx.x == 0) {
     t.tile_p2[local] = p2;
     t.tile_d2[local] = d2;
+  }
+}
+
+// Pass 0 with skip_nonfinite: whether each task's gradient holds a NaN or inf. Grid:
+// (blocks striding over a task's elements, tasks); the first block to find one sets the
+// task's flag and counts the skip, on the device.
+template <int DT>
+__global__ void __launch_bounds__(kThreads)
+    nonfinite_kernel(TaskTable table, unsigned long long* __restrict__ counter) {
+  const Task& t = table.tasks[blockIdx.y];
+  const Storage<DT>* g = static_cast<const Storage<DT>*>(t.grad);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  bool bad = false;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < t.numel; e += stride)
+    bad |= (__float_as_uint(to_float<DT>(g[e])) & 0x7f800000u) == 0x7f800000u;  // inf, NaN
+  if (__syncthreads_or(bad) && threadIdx.x == 0) {
+    if (atomicExch(t.skip, 1) == 0) atomicAdd(counter, 1ull);
   }
 }
 
@@ -352,6 +372,25 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 }  // namespace
+
+void launch_nonfinite(int dtype, const TaskTable& table, int64_t max_numel, int64_t* counter,
+                      cudaStream_t stream) {
+  constexpr int kMaxBlocks = 64;  // a task's blocks; enough to read a large gradient fast
+  const unsigned blocks = static_cast<unsigned>(
+      std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, ceil_div(max_numel, kThreads * 8))));
+  constexpr int kMaxTasks = 65535;  // grid.y
+  with_dtype(dtype, [&](auto dt) {
+    for (int first = 0; first < table.count; first += kMaxTasks) {
+      TaskTable part = table;
+      part.tasks += first;
+      part.count = std::min(kMaxTasks, table.count - first);
+      nonfinite_kernel<decltype(dt)::value>
+          <<<dim3(blocks, static_cast<unsigned>(part.count)), kThreads, 0, stream>>>(
+              part, reinterpret_cast<unsigned long long*>(counter));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
 
 void launch_stats(int dtype, const TaskTable& table, int64_t blocks, int64_t smem,
                   const GroupArgs& args, cudaStream_t stream) {

@@ -8,6 +8,8 @@
 // over all its tensors (a table of Task descriptors; a block finds its task by a
 // search staged in shared memory), so a model of many small tensors costs a
 // handful of launches. Passes:
+//   nonfinite (skip_nonfinite only) a flag a task whose G holds a NaN or inf, counted on
+//            the device; every pass below that writes params or state honours it
 //   stats    row/column sums of G^2 + eps1 and sum p^2 (factored), or the full
 //            second moment, dense momentum and their sums (unfactored). Factored
 //            tensors without momentum or with fused compressed momentum take whole
@@ -189,7 +191,7 @@ void launch_batch(const std::vector<Item>& items, const StepPlan& plan, const Ba
   if (b.gtiles > 0) launch_fused_clip(table, args, stream);
   launch_apply(dtype, table, b.tiles, args, stream);
   if (b.gtiles > 0) launch_fused_apply(dtype, table, b.gtiles, args, stream);
-  if (b.any_norms) launch_norms(table, stream);
+  if (b.any_norms) launch_norms(dtype, table, args, stream);
 }
 
 // Host phases, for torch.profiler (benchmarks/probes/host_trace.py): planning, then launches.
@@ -235,12 +237,20 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   const int64_t rounds_at = plan.shared_floats + plan.kept_floats;
   const int64_t unfused_at = rounds_at + ceil_div(plan.rounds_floats, 4) * 4;
   const int64_t tables_at = unfused_at + ceil_div(plan.unfused_floats, 4) * 4;
-  const int64_t workspace_floats = tables_at + ceil_div(tables_bytes, 16) * 4;
+  // skip_nonfinite: one int32 flag a task (Task::skip), after the tables.
+  int64_t* const skip_counter = entries[0].nonfinite_skips;
+  const int64_t flags_at = tables_at + ceil_div(tables_bytes, 16) * 4;
+  const int64_t flag_floats = skip_counter ? ceil_div(static_cast<int64_t>(plan.tasks.size()), 4) * 4 : 0;
+  const int64_t workspace_floats = flags_at + flag_floats;
   const auto f32 = items[0].param.options().dtype(at::kFloat);
   at::Tensor workspace = at::empty({workspace_floats}, f32);
   float* ws = workspace.data_ptr<float>();
   float* kept = ws + plan.shared_floats;
   bind_workspace(plan, ws, kept, args);
+  int32_t* const skip_flags = skip_counter ? reinterpret_cast<int32_t*>(ws + flags_at) : nullptr;
+  if (skip_flags != nullptr) {
+    for (size_t k = 0; k < plan.tasks.size(); ++k) plan.tasks[k].skip = skip_flags + k;
+  }
 
   CallResources res;
   if (plan.unfused_floats > 0)
@@ -286,8 +296,18 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   phase.begin("flora::launch");
   upload(device_bytes, host_tables, tables_bytes);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (skip_flags != nullptr) {
+    C10_CUDA_CHECK(cudaMemsetAsync(skip_flags, 0, plan.tasks.size() * sizeof(int32_t), stream));
+  }
   for (const StatsGroup& g : plan.groups) {
     const TaskTable group_table = res.table.slice(g.first, g.count);
+    // skip_nonfinite: every flag is known before the stats pass writes any state.
+    if (skip_flags != nullptr) {
+      int64_t max_numel = 0;
+      for (int k = g.first; k < g.first + g.count; ++k)
+        max_numel = std::max(max_numel, plan.tasks[k].numel);
+      launch_nonfinite(items[g.first].dtype, group_table, max_numel, skip_counter, stream);
+    }
     launch_stats(items[g.first].dtype, group_table, g.sblocks, g.smem, args, stream);
     if (g.any_factored) launch_finalize(group_table, g.fblocks, stream);
     for (int bi = g.first_batch; bi < g.first_batch + g.batches; ++bi) {

@@ -60,7 +60,16 @@ struct Task {
   int32_t stage_rows, block_rows, stages;  // row stats: a ring of `stages` buffers
   double beta2, base_lr;
   uint64_t rounding_key;
+  // skip_nonfinite: this task's flag in the workspace, 1 when its gradient holds a NaN or
+  // inf (the nonfinite pass sets it before the stats pass); every pass that writes the
+  // parameter or its state honours it. nullptr without the option.
+  int32_t* skip;
 };
+
+// Whether the task's step is skipped (skip_nonfinite and a non-finite gradient).
+__device__ __forceinline__ bool skipped(const Task& t) {
+  return t.skip != nullptr && *t.skip != 0;
+}
 
 // Hyper-parameters shared by every tensor of a call.
 struct GroupArgs {
@@ -142,6 +151,7 @@ struct DownJob {
   const float* scalars;
   const float* col_factor;
   float* row_factor;     // left: a_i of every row, for the down GEMM (row_factor_kernel)
+  const int32_t* skip;   // the task's Task::skip: on a skip, update writes M' alone
 };
 
 }  // namespace cuda_detail

@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <limits>
 #include <string>
+#include <string_view>
 #include <tuple>
 #include <unordered_set>
 #include <utility>
@@ -46,6 +47,12 @@ void read_option(torch::serialize::InputArchive& archive, const char* key, int64
   out = read_value(archive, key, "options").toInt();
 }
 void read_option(torch::serialize::InputArchive& archive, const char* key, bool& out) {
+  c10::IValue value;
+  // Archives saved before skip_nonfinite existed lack it: off, as it was then.
+  if (std::string_view(key) == "skip_nonfinite" && !archive.try_read(key, value)) {
+    out = false;
+    return;
+  }
   out = read_value(archive, key, "options").toBool();
 }
 void read_option(torch::serialize::InputArchive& archive, const char* key,
@@ -101,6 +108,7 @@ std::unique_ptr<FloraParamState> initial_state(const at::Tensor& param,
 struct GroupCall {
   std::vector<at::Tensor> params, grads, states;
   std::vector<int64_t> steps, seeds;
+  std::optional<at::Tensor> nonfinite_skips;  // with skip_nonfinite: the device's counter
 
   void add(const at::Tensor& param, const FloraParamState& state) {
     params.push_back(param);
@@ -121,12 +129,14 @@ void step_group(const GroupCall& call, const StepOptions& o) {
           .findSchemaOrThrow("flora::step_group_", "")
           .typed<void(at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef,
                       at::IntArrayRef, double, double, double, double, double, double, double,
-                      int64_t, int64_t, bool, bool, bool, bool, bool, bool,
-                      const std::optional<at::Tensor>&, at::IntArrayRef)>();
+                      int64_t, int64_t, bool, bool, bool, bool, bool, bool, bool,
+                      const std::optional<at::Tensor>&, at::IntArrayRef,
+                      const std::optional<at::Tensor>&)>();
   op.call(call.params, call.grads, call.states, call.steps, call.seeds, o.lr, o.beta1, o.eps1,
           o.eps2, o.clip_threshold, o.decay_rate, o.weight_decay, o.rank, o.kappa,
           o.scale_parameter, o.relative_step, o.warmup_init, o.factorize_second_moment, o.tf32,
-          o.stochastic_rounding, /*param_norms=*/std::nullopt, /*norms_known=*/{});
+          o.stochastic_rounding, o.skip_nonfinite, /*param_norms=*/std::nullopt,
+          /*norms_known=*/{}, call.nonfinite_skips);
 }
 
 // The positions of `items` by device, devices in the order they first appear.
@@ -202,7 +212,8 @@ StepOptions FloraOptions::step_options(int64_t step, int64_t seed) const {
   return detail::options_from_schema(step, seed, lr_.value_or(0.0), beta1_, eps1_, eps2_,
                                      clip_threshold_, decay_rate_, weight_decay_, rank_, kappa_,
                                      scale_parameter_, relative_step_, warmup_init_,
-                                     factorize_second_moment_, tf32_, stochastic_rounding_);
+                                     factorize_second_moment_, tf32_, stochastic_rounding_,
+                                     skip_nonfinite_);
 }
 
 double FloraOptions::get_lr() const {
@@ -317,6 +328,22 @@ const FloraParamState* Flora::param_state(const torch::Tensor& param) const {
   return it == state_.end() ? nullptr : static_cast<const FloraParamState*>(it->second.get());
 }
 
+torch::Tensor Flora::nonfinite_skips(torch::Device device) const {
+  for (const torch::Tensor& counter : nonfinite_skips_) {
+    if (counter.device() == device) return counter.clone();
+  }
+  return torch::zeros({}, torch::TensorOptions().dtype(torch::kLong).device(device));
+}
+
+torch::Tensor& Flora::skip_counter(torch::Device device) {
+  for (torch::Tensor& counter : nonfinite_skips_) {
+    if (counter.device() == device) return counter;
+  }
+  nonfinite_skips_.push_back(
+      torch::zeros({}, torch::TensorOptions().dtype(torch::kLong).device(device)));
+  return nonfinite_skips_.back();
+}
+
 void Flora::add_param_group(const torch::optim::OptimizerParamGroup& param_group) {
   FloraOptions options = defaults_options();
   if (param_group.has_options()) {
@@ -388,6 +415,11 @@ torch::Tensor Flora::step(LossClosure closure) {
     }
     if (!work.items.empty()) groups.push_back(std::move(work));
   }
+  // The counters of skip_nonfinite exist before the first write, as the state does.
+  for (const auto& group : groups) {
+    if (!group.options->skip_nonfinite()) continue;
+    for (const auto& item : group.items) skip_counter(item.param.device());
+  }
   for (auto& group : groups) {
     for (auto& item : group.items) {
       if (item.fresh) state_[item.param.unsafeGetTensorImpl()] = std::move(item.fresh);
@@ -398,6 +430,9 @@ torch::Tensor Flora::step(LossClosure closure) {
       for (const size_t k : batch) {
         const Pending& item = group.items[k];
         call.add(item.param, *item.state);
+      }
+      if (group.options->skip_nonfinite()) {
+        call.nonfinite_skips = skip_counter(call.params[0].device());
       }
       step_group(call, group.options->step_options(1, 0));
       for (const size_t k : batch) {

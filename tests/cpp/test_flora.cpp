@@ -580,6 +580,39 @@ FLORA_TEST(bad_gradient_rejects_the_whole_step) {
   REQUIRE(second.state().empty());
 }
 
+FLORA_TEST(skip_nonfinite_keeps_the_parameter_and_counts_the_skip) {
+  // Compressed momentum with kappa 2: the skipped second step moves the momentum to the
+  // next basis (docs/FLORA.md §4.8) and leaves the rest; the other parameter steps.
+  std::vector<at::Tensor> params = {initial_param(0, {16, 40}), initial_param(1, {10, 4})};
+  Flora optimizer(params, FloraOptions(1e-2).beta1(0.9).rank(4).kappa(2).skip_nonfinite(true));
+  const at::Device cpu(at::kCPU);
+  REQUIRE_EQ(optimizer.nonfinite_skips(cpu).item<int64_t>(), 0);
+  set_gradients(params, 1);
+  optimizer.step();
+  const std::vector<at::Tensor> saved = clones(params);
+  const FloraParamState& state = *optimizer.param_state(params[0]);
+  const at::Tensor row = state.row_second_moment().clone();
+  const at::Tensor momentum = state.momentum().clone();
+  const int64_t seed = *state.seed();
+  set_gradients(params, 2);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  params[0].mutable_grad().select(0, 3).select(0, 5).fill_(nan);
+  optimizer.step();
+  REQUIRE(params[0].equal(saved[0]));
+  REQUIRE(!params[1].equal(saved[1]));
+  REQUIRE(at::isfinite(params[1]).all().item<bool>());
+  REQUIRE_EQ(state.step(), 2);
+  REQUIRE(state.row_second_moment().equal(row));
+  REQUIRE_EQ(*state.seed(), next_seed(seed));
+  REQUIRE(!state.momentum().equal(momentum));
+  REQUIRE(at::isfinite(state.momentum()).all().item<bool>());
+  REQUIRE_EQ(optimizer.nonfinite_skips(cpu).item<int64_t>(), 1);
+  set_gradients(params, 3);
+  optimizer.step();
+  REQUIRE(!params[0].equal(saved[0]));
+  REQUIRE_EQ(optimizer.nonfinite_skips(cpu).item<int64_t>(), 1);
+}
+
 FLORA_TEST(changed_options_that_break_the_state_are_reported_before_any_write) {
   std::vector<at::Tensor> params = {initial_param(0, {16, 40})};
   Flora optimizer(params, FloraOptions(1e-2).beta1(0.9).rank(4));

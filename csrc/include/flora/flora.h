@@ -68,7 +68,10 @@ namespace flora {
   /* CUDA: projection GEMMs on tensor cores (TF32); false keeps them exact fp32. */         \
   X(bool, tf32, true)                                                                       \
   /* bfloat16 parameters: unbiased stochastic rounding of the written value. */             \
-  X(bool, stochastic_rounding, false)
+  X(bool, stochastic_rounding, false)                                                       \
+  /* A parameter whose gradient holds a NaN or inf keeps its value and state on that step; */ \
+  /* the skips are counted (Flora::nonfinite_skips). */                                      \
+  X(bool, skip_nonfinite, false)
 
 struct FloraOptions : public torch::optim::OptimizerCloneableOptions<FloraOptions> {
   // The bit of each option (kOption_lr, ...), and how many there are.
@@ -164,8 +167,15 @@ class Flora : public torch::optim::Optimizer {
   const FloraOptions& group_options(size_t index) const;
   // The state of `param`, or nullptr before its first step.
   const FloraParamState* param_state(const torch::Tensor& param) const;
+  // How many parameter-steps on `device` skip_nonfinite skipped: an int64 tensor of one
+  // element on `device`, counted there without a host sync (.item() syncs when you choose).
+  // A copy; zero before any. Not saved by save().
+  torch::Tensor nonfinite_skips(torch::Device device) const;
 
  private:
+  // The counters of skip_nonfinite, one a device, made by the first step that needs one.
+  std::vector<torch::Tensor> nonfinite_skips_;
+  torch::Tensor& skip_counter(torch::Device device);
   // Checks what was just loaded against the parameters, moves it to their devices.
   void adopt_loaded_state();
 };

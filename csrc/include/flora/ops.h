@@ -65,6 +65,10 @@ struct StepOptions {
   // Half-precision parameters: round the fp32 result to bfloat16 stochastically
   // (unbiased) instead of to nearest. No effect on float32 parameters.
   bool stochastic_rounding = false;
+  // A parameter whose gradient holds a NaN or inf keeps its value and state (compressed
+  // momentum on a resampling step: moved to the next basis, nothing added) and adds one
+  // to the call's nonfinite_skips counter (docs/FLORA.md §4.8).
+  bool skip_nonfinite = false;
 
   StepOptions for_parameter(int64_t param_step, int64_t param_seed) const {
     StepOptions o = *this;
@@ -108,6 +112,9 @@ struct GroupEntry {
   // it writes there.
   double* param_sq = nullptr;
   bool param_sq_known = false;
+  // With skip_nonfinite: the call's counter of skipped parameters (one int64 in the
+  // parameters' memory: host on the CPU, device on CUDA), else null.
+  int64_t* nonfinite_skips = nullptr;
 };
 std::vector<GroupEntry> check_group_inputs(at::TensorList params, at::TensorList grads,
                                            at::TensorList states, at::IntArrayRef steps,
@@ -120,6 +127,11 @@ void attach_param_norms(std::vector<GroupEntry>& entries, at::TensorList params,
                         const std::optional<at::Tensor>& param_norms,
                         at::IntArrayRef norms_known);
 
+// Checks step_group_'s (and step_'s) nonfinite_skips: with skip_nonfinite, one int64 on the
+// parameters' device, required; points the entries at it.
+void attach_nonfinite_skips(std::vector<GroupEntry>& entries, at::TensorList params,
+                            const std::optional<at::Tensor>& nonfinite_skips);
+
 // What a backend implements: one step of every parameter of a call whose inputs
 // check_group_inputs (or check_step_inputs) accepted. entries[k] belongs to params[k].
 using GroupKernel = void (*)(at::TensorList params, at::TensorList grads,
@@ -131,7 +143,8 @@ void step_(at::Tensor& param, const at::Tensor& grad,
            const std::optional<at::Tensor>& row_second_moment,
            const std::optional<at::Tensor>& col_second_moment,
            const std::optional<at::Tensor>& second_moment,
-           const std::optional<at::Tensor>& momentum, const StepOptions& options);
+           const std::optional<at::Tensor>& momentum, const StepOptions& options,
+           const std::optional<at::Tensor>& nonfinite_skips = std::nullopt);
 
 // A new float32 projection of the given shape on the given device, entries
 // N(0, 1) * scale (torch.ops.flora.fill_projection_ on a fresh tensor).
@@ -148,7 +161,7 @@ StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double be
                                 double decay_rate, double weight_decay, int64_t rank,
                                 int64_t kappa, bool scale_parameter, bool relative_step,
                                 bool warmup_init, bool factorize_second_moment, bool tf32,
-                                bool stochastic_rounding);
+                                bool stochastic_rounding, bool skip_nonfinite);
 // The op entry points of every backend: options from the schema, the checks,
 // then the backend's kernel. The argument lists are the op schemas'; a backend
 // registers m.impl("step_", &detail::step_op<&its_group_kernel>) and likewise
@@ -162,16 +175,19 @@ void step_op(const at::Tensor& param, const at::Tensor& grad,
              double beta1, double eps1, double eps2, double clip_threshold, double decay_rate,
              double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
              bool relative_step, bool warmup_init, bool factorize_second_moment, bool tf32,
-             bool stochastic_rounding) {
-  GroupEntry entry;
+             bool stochastic_rounding, bool skip_nonfinite,
+             const std::optional<at::Tensor>& nonfinite_skips) {
+  std::vector<GroupEntry> entries(1);
+  GroupEntry& entry = entries[0];
   entry.options = options_from_schema(step, seed, lr, beta1, eps1, eps2, clip_threshold,
                                       decay_rate, weight_decay, rank, kappa, scale_parameter,
                                       relative_step, warmup_init, factorize_second_moment, tf32,
-                                      stochastic_rounding);
+                                      stochastic_rounding, skip_nonfinite);
   entry.state = ParamState{row_second_moment, col_second_moment, second_moment, momentum};
   entry.layout = check_step_inputs(param, grad, row_second_moment, col_second_moment,
                                    second_moment, momentum, entry.options);
-  kernel({param}, {grad}, {entry});
+  attach_nonfinite_skips(entries, {param}, nonfinite_skips);
+  kernel({param}, {grad}, entries);
 }
 
 template <GroupKernel kernel>
@@ -180,17 +196,19 @@ void step_group_op(at::TensorList params, at::TensorList grads, at::TensorList s
                    double eps1, double eps2, double clip_threshold, double decay_rate,
                    double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
                    bool relative_step, bool warmup_init, bool factorize_second_moment, bool tf32,
-                   bool stochastic_rounding, const std::optional<at::Tensor>& param_norms,
-                   at::IntArrayRef norms_known) {
+                   bool stochastic_rounding, bool skip_nonfinite,
+                   const std::optional<at::Tensor>& param_norms, at::IntArrayRef norms_known,
+                   const std::optional<at::Tensor>& nonfinite_skips) {
   const StepOptions group = options_from_schema(
       1, 0, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
       scale_parameter, relative_step, warmup_init, factorize_second_moment, tf32,
-      stochastic_rounding);
+      stochastic_rounding, skip_nonfinite);
   std::vector<GroupEntry> entries;
   {
     RECORD_USER_SCOPE("flora::check_inputs");  // for torch.profiler: host time of the checks
     entries = check_group_inputs(params, grads, states, steps, seeds, group);
     attach_param_norms(entries, params, param_norms, norms_known);
+    attach_nonfinite_skips(entries, params, nonfinite_skips);
   }
   if (!params.empty()) kernel(params, grads, entries);
 }
