@@ -171,12 +171,31 @@ def step_size(hp, t, param_rms):
     return lr
 
 
-def reference_step(param64, grad64, state, hp, projection=ext_projection, next_seed_fn=next_seed):
+TRANSFERS = ("flora_opt", "norm_preserving", "reset")
+
+
+def transfer_scale(transfer, up_old, up_new):
+    """The factor c of the momentum carried into a new basis, M = c down_s'(up_s(M)):
+    1 (flora-opt), ||up_s(M)|| / ||up_s'(down_s'(up_s(M)))|| (norm_preserving: the step sees a
+    momentum of the same norm before and after the resample), or 0 (reset)."""
+    if transfer == "flora_opt":
+        return 1.0
+    if transfer == "reset":
+        return 0.0
+    if transfer == "norm_preserving":
+        after = up_new.norm().item()
+        return up_old.norm().item() / after if after > 0 else 1.0
+    raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
+
+
+def reference_step(param64, grad64, state, hp, projection=ext_projection, next_seed_fn=next_seed,
+                   transfer="flora_opt"):
     """One Flora step in float64. Updates ``state`` in place and returns the new parameter.
 
     ``projection(seed, rows, cols, rank)`` gives the projection matrices (the extension's by
     default); ``next_seed_fn`` the seed sequence (splitmix64 by default). Both are arguments so
-    that the same formulas can be run with flora-opt's projections.
+    that the same formulas can be run with flora-opt's projections. ``transfer`` picks how the
+    momentum moves to a new basis (``transfer_scale``; flora-opt's by default).
     """
     p = param64.to(torch.float64).clone()
     G = grad64.to(torch.float64)
@@ -226,7 +245,9 @@ def reference_step(param64, grad64, state, hp, projection=ext_projection, next_s
         if t % hp["kappa"] == 0:
             s_new = next_seed_fn(s)
             P_new = projection_matrix(projection, s_new, n, m, r)
-            M.copy_(down(P_new, up(P, M, left), left))
+            up_old = up(P, M, left)
+            moved = down(P_new, up_old, left)
+            M.copy_(transfer_scale(transfer, up_old, up(P_new, moved, left)) * moved)
             state["seed"] = s_new
             P = P_new
         # c. accumulate this step's U (in the possibly new basis)
