@@ -26,7 +26,7 @@ the validation loss every --eval-every steps and at the end.
         --variant flora --transfer norm_preserving --proj-seed 3 --steps 1200 --kappa 240
     python benchmarks/stability.py sweep --data data_cache/<key> --runs DIR --deadline T
     python benchmarks/stability.py report --runs DIR --md benchmarks/results/convergence.md \\
-        --plot benchmarks/results/stability.png
+        --plot benchmarks/results/stability.svg
 
 tools/gpu_stability.sh runs the sweep within a fixed time on one GPU.
 """
@@ -246,6 +246,13 @@ def train(args):
         tmp.write_text(json.dumps(log))
         os.replace(tmp, out)
 
+    if args.barrier_dir:  # calibration: time the steps while every run is training
+        ready = pathlib.Path(args.barrier_dir)
+        ready.mkdir(parents=True, exist_ok=True)
+        (ready / out.name).touch()
+        t_end = time.time() + args.barrier_timeout_s
+        while len(list(ready.iterdir())) < args.barrier_n and time.time() < t_end:
+            time.sleep(0.2)
     rd.sync()
     t0 = time.perf_counter()
     t_warm = None
@@ -291,6 +298,8 @@ def train(args):
     if t_warm is not None and step > warm:
         log["steady_s_per_step"] = (t1 - t_warm) / (step - warm)
     log["steps_done"] = step
+    if rd.cuda:
+        log["max_memory_reserved"] = torch.cuda.max_memory_reserved(device)
     log["finished"] = step == args.steps
     if log["val"]:
         log["final_val_loss"] = log["val"][-1][1]
@@ -322,7 +331,11 @@ def plan_runs(args):
             runs.append((0, run_name("flora", args.rank, transfer, s),
                          ["--variant", "flora", "--rank", str(args.rank), "--transfer", transfer,
                           "--proj-seed", str(s)]))
-    for s in seeds[:args.extra_seeds]:
+    for s in seeds[:args.extra_seeds]:  # the authors' step, for the gap between good runs
+        runs.append((1, run_name("flora_opt_pkg", args.rank, "", s),
+                     ["--variant", "flora_opt_pkg", "--rank", str(args.rank),
+                      "--proj-seed", str(s)]))
+    for s in seeds[:args.reset_seeds]:
         runs.append((1, run_name("flora", args.rank, "reset", s),
                      ["--variant", "flora", "--rank", str(args.rank), "--transfer", "reset",
                       "--proj-seed", str(s)]))
@@ -335,7 +348,7 @@ def plan_runs(args):
     return runs
 
 
-def _launch(args, name, extra, steps, kappa, out_dir, deadline):
+def _launch(args, name, extra, steps, kappa, out_dir, deadline, barrier=0):
     cmd = [sys.executable, os.path.abspath(__file__), "run", "--data", args.data,
            "--out", str(out_dir / f"{name}.json"), "--steps", str(steps), "--kappa", str(kappa),
            "--lr", str(args.lr), "--device", args.device, "--batch-size", str(args.batch_size),
@@ -343,14 +356,17 @@ def _launch(args, name, extra, steps, kappa, out_dir, deadline):
            "--n-heads", str(args.n_heads), "--context", str(args.context),
            "--eval-windows", str(args.eval_windows), "--eval-every", str(args.eval_every),
            "--diag-every", str(args.diag_every), "--deadline", str(deadline)] + extra
+    if barrier:
+        cmd += ["--barrier-dir", str(out_dir / ".barrier"), "--barrier-n", str(barrier)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     f = open(out_dir / f"{name}.out", "w")
     return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), f
 
 
-def _run_all(args, runs, steps, kappa, out_dir, deadline):
+def _run_all(args, runs, steps, kappa, out_dir, deadline, barrier=False):
     out_dir.mkdir(parents=True, exist_ok=True)
-    procs = [(name,) + _launch(args, name, extra, steps, kappa, out_dir, deadline)
+    procs = [(name,) + _launch(args, name, extra, steps, kappa, out_dir, deadline,
+                               len(runs) if barrier else 0)
              for _, name, extra in runs]
     hard = deadline + args.grace_s
     for name, proc, f in procs:
@@ -368,27 +384,34 @@ def sweep(args):
     left, drop the optional runs if even --s-min does not fit, then train everything at once."""
     t_start = time.time()
     runs_dir = pathlib.Path(args.runs)
-    runs = plan_runs(args)
+    all_runs = plan_runs(args)
+    runs = sorted(all_runs, key=lambda r: r[0])[:args.max_procs]
     deadline = args.deadline
     cal_dir = runs_dir / "calibration"
-    _run_all(args, runs, args.cal_steps, max(1, args.cal_steps // 2), cal_dir,
-             min(deadline, time.time() + args.cal_timeout_s))
-    per_step, startup = [], []
+    # kappa = the calibration's length: diagnostics on about as many steps as in the runs
+    _run_all(args, runs, args.cal_steps, args.cal_steps, cal_dir,
+             min(deadline, time.time() + args.cal_timeout_s), barrier=True)
+    per_step, memory, failed = [], [], []
     for _, name, _ in runs:
         f = cal_dir / f"{name}.json"
-        if f.is_file():
-            log = json.loads(f.read_text())
-            if "steady_s_per_step" in log:
-                per_step.append(log["steady_s_per_step"])
+        log = json.loads(f.read_text()) if f.is_file() else {}
+        if "steady_s_per_step" in log:
+            per_step.append(log["steady_s_per_step"])
+            memory.append(log.get("max_memory_reserved") or 0)
+        else:
+            failed.append(name)
     cal_wall = time.time() - t_start
     if not per_step:
         raise SystemExit("calibration produced no timing; see " + str(cal_dir))
+    if failed:  # e.g. out of memory with every run at once: keep the essential ones
+        print(f"[calibration] failed: {failed}; keeping priority-0 runs only", flush=True)
+        runs = [r for r in runs if r[0] == 0]
     s_per_step = max(per_step)
     # Startup + evaluations: the calibration's wall time minus its steps.
     overhead = max(10.0, cal_wall - args.cal_steps * s_per_step) + args.eval_reserve_s
     left = deadline - time.time() - overhead
     keep = list(runs)
-    steps = int(left / s_per_step)
+    steps = int(args.safety * left / s_per_step)
     for drop_from in (2, 1):  # fewer processes share the GPU: assume time per step ~ count
         if steps >= args.s_min:
             break
@@ -397,8 +420,9 @@ def sweep(args):
         keep = kept
     steps = max(args.s_min // 4, min(args.s_max, steps))
     kappa = max(1, steps // args.resamples_per_run)
-    plan = {"runs": [r[1] for r in keep], "dropped": [r[1] for r in runs if r not in keep],
+    plan = {"runs": [r[1] for r in keep], "dropped": [r[1] for r in all_runs if r not in keep],
             "calibration_s_per_step": s_per_step, "calibration_wall_s": cal_wall,
+            "calibration_failed": failed, "calibration_max_memory_reserved": max(memory),
             "overhead_s": overhead, "steps": steps, "kappa": kappa, "lr": args.lr,
             "model": [args.d_model, args.n_layers, args.n_heads, args.context],
             "batch_size": args.batch_size, "concurrent": len(keep),
@@ -445,6 +469,14 @@ def _median(xs):
     return float("nan") if not n else (s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2]))
 
 
+def _row_key(a):
+    if a["variant"] == "adafactor_momentum":
+        return "Adafactor + momentum (dense)"
+    if a["variant"] == "flora_opt_pkg":
+        return f"flora-opt package r={a['rank']}"
+    return f"Flora r={a['rank']}, transfer={a['transfer']}"
+
+
 def summarise(runs):
     """Rows per (variant, rank, transfer): seeds -> final val loss, spikes; ratios against the
     mean of Adafactor + momentum."""
@@ -454,9 +486,7 @@ def summarise(runs):
     groups = {}
     for name, r in runs.items():
         a = r["args"]
-        key = ("Adafactor + momentum (dense)" if a["variant"] == "adafactor_momentum" else
-               f"flora-opt package r={a['rank']}" if a["variant"] == "flora_opt_pkg" else
-               f"Flora r={a['rank']}, transfer={a['transfer']}")
+        key = _row_key(a)
         seed = a["data_seed"] if a["variant"] == "adafactor_momentum" else a["proj_seed"]
         groups.setdefault(key, {})[seed] = r
     rows = []
@@ -561,7 +591,7 @@ def report(args):
             lines.append(f"| {key} | {ra:.3f} | {rb:.3f} | {ca:.3f} | {cb:.3f} |")
         lines += ["", "RMS(D) is the direction's RMS before the clip; the clip factor is "
                   "max(1, RMS(D)) (threshold 1). Per step, per layer values are in the run logs."]
-    lines += ["", "![stability](stability.png)", ""]
+    lines += ["", "![stability](stability.svg)", ""]
     section = "\n".join(lines)
     if args.md:
         md = pathlib.Path(args.md)
@@ -579,44 +609,87 @@ def report(args):
         plot(runs, rows, ref, args.plot)
 
 
+def _svg_panel(x0, y0, w, h, xlim, ylim, title, xlabel, ylabel):
+    """Frame, title and axis ticks of one panel; returns (elements, to_px)."""
+    (xa, xb), (ya, yb) = xlim, ylim
+
+    def to_px(x, y):
+        return (x0 + (x - xa) / (xb - xa) * w, y0 + h - (y - ya) / (yb - ya) * h)
+
+    el = [f'<rect x="{x0}" y="{y0}" width="{w}" height="{h}" fill="none" stroke="black"/>',
+          f'<text x="{x0 + w / 2}" y="{y0 - 8}" text-anchor="middle" font-size="12">{title}</text>',
+          f'<text x="{x0 + w / 2}" y="{y0 + h + 34}" text-anchor="middle" font-size="11">'
+          f'{xlabel}</text>',
+          f'<text x="{x0 - 48}" y="{y0 + h / 2}" font-size="11" text-anchor="middle" '
+          f'transform="rotate(-90 {x0 - 48} {y0 + h / 2})">{ylabel}</text>']
+    for i in range(6):
+        y = ya + (yb - ya) * i / 5
+        _, py = to_px(xa, y)
+        el.append(f'<text x="{x0 - 4}" y="{py + 4:.1f}" text-anchor="end" font-size="9">'
+                  f'{y:.3f}</text>')
+        el.append(f'<line x1="{x0}" x2="{x0 + w}" y1="{py:.1f}" y2="{py:.1f}" stroke="#eee"/>')
+    return el, to_px
+
+
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf",
+          "#e377c2", "#7f7f7f", "#bcbd22")
+
+
 def plot(runs, rows, ref, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    """An SVG (no plotting library needed): final validation loss per seed and optimizer, and
+    the training-loss curves (20-step means)."""
     keys = sorted(r["key"] for r in rows)
+    color = {k: COLORS[i % len(COLORS)] for i, k in enumerate(keys)}
+    vals = [v for r in rows for v in r["vals"].values() if math.isfinite(v)]
+    lo, hi = min(vals + [ref]), max(vals + [1.03 * ref])
+    pad = 0.05 * (hi - lo or 1)
+    el, to_px = _svg_panel(70, 30, 420, 330, (-0.5, len(keys) - 0.5), (lo - pad, hi + pad),
+                           "final validation loss per seed (bar: median)", "", "nats per byte")
+    for label, y, dash in (("A+M", ref, "4,3"), ("1.03 A+M", 1.03 * ref, "1,3")):
+        (xa, py), (xb, _) = to_px(-0.5, y), to_px(len(keys) - 0.5, y)
+        el.append(f'<line x1="{xa}" x2="{xb}" y1="{py:.1f}" y2="{py:.1f}" stroke="gray" '
+                  f'stroke-dasharray="{dash}"/><text x="{xb - 2}" y="{py - 3:.1f}" '
+                  f'text-anchor="end" font-size="9">{label}</text>')
     for i, key in enumerate(keys):
         row = next(r for r in rows if r["key"] == key)
-        ys = [v for v in row["vals"].values() if math.isfinite(v)]
-        ax1.scatter([i] * len(ys), ys, s=18)
-        ax1.plot([i - 0.3, i + 0.3], [row["median"]] * 2, color="k")
-    ax1.axhline(ref, ls="--", color="gray", label="Adafactor + momentum (mean)")
-    ax1.axhline(1.03 * ref, ls=":", color="gray", label="1.03 x")
-    ax1.set_xticks(range(len(keys)), [k.replace(", ", "\n") for k in keys], fontsize=7)
-    ax1.set_ylabel("final validation loss")
-    ax1.legend(fontsize=7)
-    for name, r in sorted(runs.items()):
+        for j, v in enumerate(sorted(v for v in row["vals"].values() if math.isfinite(v))):
+            px, py = to_px(i + 0.04 * (j - 4), min(v, hi + pad))
+            el.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="3" fill="{color[key]}"/>')
+        if math.isfinite(row["median"]):
+            (xa, py), (xb, _) = to_px(i - 0.3, row["median"]), to_px(i + 0.3, row["median"])
+            el.append(f'<line x1="{xa:.1f}" x2="{xb:.1f}" y1="{py:.1f}" y2="{py:.1f}" '
+                      f'stroke="black" stroke-width="2"/>')
+    curves = {}
+    for r in runs.values():
         a = r["args"]
-        if a["variant"] != "flora" or a["rank"] != max(x["args"]["rank"] for x in runs.values()
-                                                       if x["args"]["variant"] == "flora"):
-            pass
-        losses = r["loss"]
-        w = 20
-        sm = [sum(losses[i:i + w]) / w for i in range(0, len(losses) - w + 1, w)]
-        style = {"flora_opt": "-", "norm_preserving": "--", "reset": ":"}.get(a.get("transfer"),
-                                                                              "-")
-        color = "k" if a["variant"] == "adafactor_momentum" else None
-        ax2.plot([w * (i + 1) for i in range(len(sm))], sm, style, lw=0.8, color=color)
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("training loss (20-step mean)")
-    ax2.set_title("solid: flora-opt transfer, dashed: norm-preserving, dotted: reset, black: A+M",
-                  fontsize=8)
-    lo = min(min(r["loss"][len(r["loss"]) // 5:] or [9]) for r in runs.values())
-    ax2.set_ylim(lo - 0.05, lo + 1.2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        key = _row_key(a)
+        w, losses = 20, r["loss"]
+        curves.setdefault(key, []).append(
+            [(w * (i + 1), sum(losses[i * w:(i + 1) * w]) / w) for i in range(len(losses) // w)])
+    pts = [p for cs in curves.values() for c in cs for p in c]
+    if pts:
+        tail = [y for x, y in pts if x > 0.2 * max(x for x, _ in pts)] or [y for _, y in pts]
+        ylo = min(tail)
+        el2, to_px2 = _svg_panel(580, 30, 420, 330, (0, max(x for x, _ in pts)),
+                                 (ylo - 0.05, ylo + 1.0), "training loss, 20-step means",
+                                 "step", "nats per byte")
+        el += el2
+        for key, cs in curves.items():
+            for c in cs:
+                d = " ".join(f"{to_px2(x, min(max(y, ylo - 0.05), ylo + 1.0))[0]:.1f},"
+                             f"{to_px2(x, min(max(y, ylo - 0.05), ylo + 1.0))[1]:.1f}"
+                             for x, y in c)
+                el.append(f'<polyline points="{d}" fill="none" stroke="{color[key]}" '
+                          f'stroke-width="0.8" opacity="0.8"/>')
+    for i, key in enumerate(keys):
+        el.append(f'<rect x="{70 + 250 * (i % 4)}" y="{400 + 16 * (i // 4)}" width="10" '
+                  f'height="10" fill="{color[key]}"/><text x="{84 + 250 * (i % 4)}" '
+                  f'y="{409 + 16 * (i // 4)}" font-size="10">{key}</text>')
+    height = 420 + 16 * ((len(keys) + 3) // 4)
+    pathlib.Path(path).write_text(
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="1040" height="{height}" '
+        f'font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>'
+        + "".join(el) + "</svg>\n")
     print(f"plot: {path}")
 
 
@@ -655,6 +728,9 @@ def main(argv=None):
     r.add_argument("--data-seed", type=int, default=0)
     r.add_argument("--steps", type=int, default=1200)
     r.add_argument("--deadline", type=float, default=None)
+    r.add_argument("--barrier-dir", default=None)
+    r.add_argument("--barrier-n", type=int, default=0)
+    r.add_argument("--barrier-timeout-s", type=float, default=60)
     s = sub.add_parser("sweep", help="calibrate, plan and run every run at once")
     _model_args(s)
     s.add_argument("--runs", required=True)
@@ -664,14 +740,18 @@ def main(argv=None):
     s.add_argument("--data-seeds", type=int, default=4, help="Adafactor + momentum data orders")
     s.add_argument("--extra-seeds", type=int, default=4,
                    help="seeds of the optional runs (reset transfer, other ranks)")
+    s.add_argument("--reset-seeds", type=int, default=2, help="seeds of transfer=reset")
     s.add_argument("--other-ranks", type=lambda v: [int(x) for x in v.split(",") if x],
                    default=[64, 256])
-    s.add_argument("--cal-steps", type=int, default=30)
+    s.add_argument("--max-procs", type=int, default=24,
+                   help="runs at most (by priority): memory and CPU cores of the machine")
+    s.add_argument("--cal-steps", type=int, default=40)
     s.add_argument("--cal-timeout-s", type=float, default=120)
     s.add_argument("--s-min", type=int, default=600)
     s.add_argument("--s-max", type=int, default=1200)
     s.add_argument("--resamples-per-run", type=int, default=5)
     s.add_argument("--eval-reserve-s", type=float, default=20)
+    s.add_argument("--safety", type=float, default=0.85, help="fraction of the fitted steps")
     s.add_argument("--grace-s", type=float, default=15)
     s.add_argument("--threads", type=int, default=1)
     q = sub.add_parser("report", help="markdown section and plot from a sweep's directory")

@@ -110,7 +110,9 @@ def test_report_writes_the_section(tmp_path):
     (runs / "f1.json").write_text(json.dumps(_fake_run("flora", "flora_opt", 1, 1.5, bad)))
     md = tmp_path / "conv.md"
     md.write_text("# title\n\n## Stability across projection seeds\nold\n\n## Later\nkept\n")
-    stability.main(["report", "--runs", str(tmp_path), "--md", str(md)])
+    stability.main(["report", "--runs", str(tmp_path), "--md", str(md), "--plot", str(tmp_path / "s.svg")])
+    import xml.etree.ElementTree as ET
+    assert len(list(ET.parse(tmp_path / "s.svg").getroot())) > 10
     text = md.read_text()
     assert "\nold\n" not in text and "\n\n## Later\nkept" in text
     row = next(line for line in text.splitlines() if "transfer=flora_opt |" in line)
