@@ -9,6 +9,9 @@ resample (every kappa steps) is one of ``TRANSFERS`` (tests/reference.py, ``tran
   flora_opt        M = down_s'(up_s(M)), flora-opt's step (flora_ext.Flora as it is)
   norm_preserving  the same, times ||up_s(M)|| / ||up_s'(down_s'(up_s(M)))||: the step sees a
                    momentum of the same norm before and after the resample
+  least_squares    the same, times <up_s'(T), up_s(M)> / ||up_s'(T)||^2, T = down_s'(up_s(M)):
+                   the multiple of the moved momentum closest to the old one (about
+                   1 / (1 + n / r) for Gaussian projections: it shrinks the projection noise)
   reset            M = 0 before this step's down(U) (for scale: what the transfer is worth)
 
 The two others are applied after the extension's step on the resample steps
@@ -49,7 +52,7 @@ import data as data_mod  # noqa: E402
 
 import flora_ext  # noqa: E402
 
-TRANSFERS = ("flora_opt", "norm_preserving", "reset")
+TRANSFERS = ("flora_opt", "norm_preserving", "least_squares", "reset")
 INIT_SEED = 0  # model initialisation of every run
 
 
@@ -76,14 +79,17 @@ def _compressed(opt, p):
     return "seed" in opt.state.get(p, {})
 
 
-def transfer_scale(transfer, up_old_norm, up_new_norm):
-    """c of tests/reference.py's transfer_scale, from the two norms."""
+def transfer_scale(transfer, up_old_norm, up_new_norm, inner=None):
+    """c of tests/reference.py's transfer_scale, from the two norms (and for least_squares
+    the inner product <up_new, up_old>)."""
     if transfer == "flora_opt":
         return 1.0
     if transfer == "reset":
         return 0.0
     if transfer == "norm_preserving":
         return up_old_norm / up_new_norm if up_new_norm > 0 else 1.0
+    if transfer == "least_squares":
+        return inner / up_new_norm ** 2 if up_new_norm > 0 else 1.0
     raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
 
 
@@ -121,9 +127,10 @@ class MomentumTransfer:
             up_old = _up(_projection(seed_old, p.shape, rank, p.device), m_old, left)
             p_new = _projection(st["seed"], p.shape, rank, p.device)
             moved = _down(p_new, up_old, left)
-            before = up_old.norm().item()
-            after = _up(p_new, moved, left).norm().item()
-            c = transfer_scale(self.transfer, before, after)
+            up_new = _up(p_new, moved, left)
+            before, after = up_old.norm().item(), up_new.norm().item()
+            inner = (up_new * up_old).sum().item()
+            c = transfer_scale(self.transfer, before, after, inner)
             if c != 1.0:
                 st["momentum"].add_(moved, alpha=beta1 * (c - 1.0))
             self.records.append([st["step"], self.names[p], before, after * c, c])
@@ -331,14 +338,20 @@ def plan_runs(args):
             runs.append((0, run_name("flora", args.rank, transfer, s),
                          ["--variant", "flora", "--rank", str(args.rank), "--transfer", transfer,
                           "--proj-seed", str(s)]))
-    for s in seeds[:args.extra_seeds]:  # the authors' step, for the gap between good runs
-        runs.append((1, run_name("flora_opt_pkg", args.rank, "", s),
-                     ["--variant", "flora_opt_pkg", "--rank", str(args.rank),
-                      "--proj-seed", str(s)]))
-    for s in seeds[:args.reset_seeds]:
-        runs.append((1, run_name("flora", args.rank, "reset", s),
-                     ["--variant", "flora", "--rank", str(args.rank), "--transfer", "reset",
-                      "--proj-seed", str(s)]))
+    extra = []  # interleaved, so that whatever --max-procs keeps is a mix
+    for s in seeds[:args.extra_seeds]:
+        extra.append([(1, run_name("flora", args.rank, "least_squares", s),
+                       ["--variant", "flora", "--rank", str(args.rank), "--transfer",
+                        "least_squares", "--proj-seed", str(s)]),
+                      # the authors' step, for the gap between good runs
+                      (1, run_name("flora_opt_pkg", args.rank, "", s),
+                       ["--variant", "flora_opt_pkg", "--rank", str(args.rank),
+                        "--proj-seed", str(s)])])
+        if s < args.reset_seeds:
+            extra[-1].append((1, run_name("flora", args.rank, "reset", s),
+                              ["--variant", "flora", "--rank", str(args.rank), "--transfer",
+                               "reset", "--proj-seed", str(s)]))
+    runs += [r for group in extra for r in group]
     for rank in args.other_ranks:
         for transfer in ("flora_opt", "norm_preserving"):
             for s in seeds[:args.extra_seeds]:
@@ -419,18 +432,33 @@ def sweep(args):
         steps = int(steps * len(keep) / max(1, len(kept)))
         keep = kept
     steps = max(args.s_min // 4, min(args.s_max, steps))
+    # A second wave (the runs left out by --max-procs, other ranks first) only where both
+    # waves get the full --s-max steps: the main runs are never shortened for it.
+    second = [r for r in sorted(all_runs, key=lambda r: -r[0]) if r not in keep][:args.max_procs]
+    two_wave_steps = int(args.safety * (left - overhead) / (2 * s_per_step))
+    if not failed and second and two_wave_steps >= args.s_max:
+        second = sorted(second, key=lambda r: r[0])
+    else:
+        second = []
     kappa = max(1, steps // args.resamples_per_run)
-    plan = {"runs": [r[1] for r in keep], "dropped": [r[1] for r in all_runs if r not in keep],
+    plan = {"runs": [r[1] for r in keep + second],
+            "second_wave": [r[1] for r in second],
+            "dropped": [r[1] for r in all_runs if r not in keep and r not in second],
             "calibration_s_per_step": s_per_step, "calibration_wall_s": cal_wall,
             "calibration_failed": failed, "calibration_max_memory_reserved": max(memory),
             "overhead_s": overhead, "steps": steps, "kappa": kappa, "lr": args.lr,
             "model": [args.d_model, args.n_layers, args.n_heads, args.context],
-            "batch_size": args.batch_size, "concurrent": len(keep),
+            "batch_size": args.batch_size, "concurrent": max(len(keep), len(second)),
             "planned_at": time.time(), "deadline": deadline}
     runs_dir.mkdir(parents=True, exist_ok=True)
     (runs_dir / "plan.json").write_text(json.dumps(plan, indent=1))
     print(f"[plan] {json.dumps(plan)}", flush=True)
-    _run_all(args, keep, steps, kappa, runs_dir / "runs", deadline - args.eval_reserve_s / 2)
+    if second:
+        first_end = time.time() + overhead + steps * s_per_step / args.safety
+        _run_all(args, keep, steps, kappa, runs_dir / "runs", first_end)
+        _run_all(args, second, steps, kappa, runs_dir / "runs", deadline - args.eval_reserve_s / 2)
+    else:
+        _run_all(args, keep, steps, kappa, runs_dir / "runs", deadline - args.eval_reserve_s / 2)
 
 
 # ------------------------------------------------------------------ report

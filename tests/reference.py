@@ -171,13 +171,15 @@ def step_size(hp, t, param_rms):
     return lr
 
 
-TRANSFERS = ("flora_opt", "norm_preserving", "reset")
+TRANSFERS = ("flora_opt", "norm_preserving", "least_squares", "reset")
 
 
 def transfer_scale(transfer, up_old, up_new):
     """The factor c of the momentum carried into a new basis, M = c down_s'(up_s(M)):
     1 (flora-opt), ||up_s(M)|| / ||up_s'(down_s'(up_s(M)))|| (norm_preserving: the step sees a
-    momentum of the same norm before and after the resample), or 0 (reset)."""
+    momentum of the same norm before and after the resample), <up_s'(.), up_s(M)> /
+    ||up_s'(.)||^2 (least_squares: the multiple of the moved momentum closest to the old one),
+    or 0 (reset)."""
     if transfer == "flora_opt":
         return 1.0
     if transfer == "reset":
@@ -185,6 +187,9 @@ def transfer_scale(transfer, up_old, up_new):
     if transfer == "norm_preserving":
         after = up_new.norm().item()
         return up_old.norm().item() / after if after > 0 else 1.0
+    if transfer == "least_squares":
+        after = (up_new * up_new).sum().item()
+        return (up_new * up_old).sum().item() / after if after > 0 else 1.0
     raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
 
 

@@ -43,9 +43,12 @@ def test_transfer_matches_the_reference(transfer, shape):
     # steps 3, 6 and 9 changed basis: one record each
     assert [r[0] for r in mover.records] == [3, 6, 9]
     for _, _, before, after, c in mover.records:
-        want = {"flora_opt": None, "norm_preserving": before, "reset": 0.0}[transfer]
-        if want is None:
+        want = {"flora_opt": None, "norm_preserving": before, "reset": 0.0,
+                "least_squares": None}[transfer]
+        if transfer == "flora_opt":
             assert c == 1.0 and after > before  # a Gaussian transfer inflates the norm
+        elif transfer == "least_squares":
+            assert 0.0 < c < 1.0  # shrinks the moved momentum
         else:
             assert after == pytest.approx(want, rel=1e-5)
 
@@ -120,3 +123,4 @@ def test_report_writes_the_section(tmp_path):
     assert "| Flora r=128, transfer=flora_opt | 1.700 | 1.700 | 1.700 | 2.900 |" in text
     assert "| 1.2550 | 1.5000 | 1.255 | 1.500 | 1/2 | 1/2 |" in row
     assert math.isclose(stability.transfer_scale("norm_preserving", 2.0, 4.0), 0.5)
+    assert math.isclose(stability.transfer_scale("least_squares", 2.0, 4.0, 4.0), 0.25)
