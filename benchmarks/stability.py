@@ -172,9 +172,11 @@ class Diagnostics:
                 row, col = st["row_second_moment"], st["col_second_moment"]
                 u = g * torch.rsqrt(row / row.mean())[:, None] * torch.rsqrt(col)[None, :]
                 left = p.shape[0] < p.shape[1]
-                rank = m_old.shape[0] if left else m_old.shape[1]
-                d = (1 - beta1) * u + beta1 * _up(_projection(seed_old, p.shape, rank, p.device),
-                                                  m_old, left)
+                rank = st["momentum"].shape[0] if left else st["momentum"].shape[1]
+                d = (1 - beta1) * u
+                if m_old is not None:  # None: the first step, from a zero momentum
+                    d = d + beta1 * _up(_projection(seed_old, p.shape, rank, p.device), m_old,
+                                        left)
                 p_now = _projection(st["seed"], p.shape, rank, p.device)
                 mom = _up(p_now, st["momentum"], left).norm().item()
             elif "momentum" in st:
