@@ -320,12 +320,13 @@ def train(args):
 # ------------------------------------------------------------------ the sweep
 
 
-def run_name(variant, rank, transfer, seed):
+def run_name(variant, rank, transfer, seed, lr_scale=1.0):
     if variant == "adafactor_momentum":
         return f"adafactor_momentum-data{seed}"
     if variant == "flora_opt_pkg":
         return f"flora_opt_pkg-r{rank}-proj{seed}"
-    return f"flora-r{rank}-{transfer}-proj{seed}"
+    scaled = "" if lr_scale == 1.0 else f"-lrx{lr_scale:g}"
+    return f"flora-r{rank}-{transfer}{scaled}-proj{seed}"
 
 
 def plan_runs(args):
@@ -345,6 +346,12 @@ def plan_runs(args):
         extra.append([(1, run_name("flora", args.rank, "least_squares", s),
                        ["--variant", "flora", "--rank", str(args.rank), "--transfer",
                         "least_squares", "--proj-seed", str(s)]),
+                      # Flora's update is ~sqrt(1 + n/r) larger than dense momentum's: is it
+                      # the step size? flora-opt's transfer at a lower lr
+                      (1, run_name("flora", args.rank, "flora_opt", s, args.low_lr_scale),
+                       ["--variant", "flora", "--rank", str(args.rank), "--transfer",
+                        "flora_opt", "--proj-seed", str(s),
+                        "--lr", str(args.lr * args.low_lr_scale)]),
                       # the authors' step, for the gap between good runs
                       (1, run_name("flora_opt_pkg", args.rank, "", s),
                        ["--variant", "flora_opt_pkg", "--rank", str(args.rank),
@@ -501,10 +508,10 @@ def _median(xs):
 
 def _row_key(a):
     if a["variant"] == "adafactor_momentum":
-        return "Adafactor + momentum (dense)"
+        return f"Adafactor + momentum (dense), lr={a['lr']:g}"
     if a["variant"] == "flora_opt_pkg":
-        return f"flora-opt package r={a['rank']}"
-    return f"Flora r={a['rank']}, transfer={a['transfer']}"
+        return f"flora-opt package r={a['rank']}, lr={a['lr']:g}"
+    return f"Flora r={a['rank']}, transfer={a['transfer']}, lr={a['lr']:g}"
 
 
 def summarise(runs):
@@ -539,7 +546,7 @@ def resample_summary(runs):
         a = r["args"]
         if a["variant"] != "flora" or not r.get("resamples"):
             continue
-        key = f"Flora r={a['rank']}, transfer={a['transfer']}"
+        key = _row_key(a)
         ratios = [rec[3] / rec[2] for rec in r["resamples"] if rec[2] > 0]
         raw = [rec[3] / rec[4] / rec[2] if rec[4] else math.nan for rec in r["resamples"]
                if rec[2] > 0]
@@ -558,8 +565,7 @@ def clip_summary(runs):
         a = r["args"]
         if not r.get("diagnostics"):
             continue
-        key = ("Adafactor + momentum (dense)" if a["variant"] == "adafactor_momentum" else
-               f"Flora r={a['rank']}, transfer={a['transfer']}")
+        key = _row_key(a)
         kappa = a["kappa"] if a["variant"] == "flora" else 0
         d = out.setdefault(key, [[], []])
         for step, layers in r["diagnostics"]:
@@ -771,6 +777,8 @@ def main(argv=None):
     s.add_argument("--extra-seeds", type=int, default=4,
                    help="seeds of the optional runs (reset transfer, other ranks)")
     s.add_argument("--reset-seeds", type=int, default=2, help="seeds of transfer=reset")
+    s.add_argument("--low-lr-scale", type=float, default=0.5,
+                   help="lr factor of the lower-lr Flora runs")
     s.add_argument("--other-ranks", type=lambda v: [int(x) for x in v.split(",") if x],
                    default=[64, 256])
     s.add_argument("--max-procs", type=int, default=24,

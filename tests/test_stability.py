@@ -88,6 +88,7 @@ def test_spikes_counts_rises_above_the_running_low():
 
 def _fake_run(variant, transfer, seed, val, losses, kappa=10):
     return {"args": {"variant": variant, "transfer": transfer, "rank": 128, "proj_seed": seed,
+                     "lr": 0.03,
                      "data_seed": seed, "kappa": kappa, "d_model": 32, "n_layers": 1,
                      "n_heads": 2, "context": 32, "batch_size": 4},
             "torch": torch.__version__, "device": "cpu", "parameters": 1000,
@@ -118,9 +119,9 @@ def test_report_writes_the_section(tmp_path):
     assert len(list(ET.parse(tmp_path / "s.svg").getroot())) > 10
     text = md.read_text()
     assert "\nold\n" not in text and "\n\n## Later\nkept" in text
-    row = next(line for line in text.splitlines() if "transfer=flora_opt |" in line)
+    row = next(line for line in text.splitlines() if "transfer=flora_opt, lr=0.03 |" in line)
     assert "| 1.0100 | 1.5000 |" in row and "| 1/2 | 1/2 |" in row
-    assert "| Flora r=128, transfer=flora_opt | 1.700 | 1.700 | 1.700 | 2.900 |" in text
+    assert "| Flora r=128, transfer=flora_opt, lr=0.03 | 1.700 | 1.700 | 1.700 | 2.900 |" in text
     assert "| 1.2550 | 1.5000 | 1.255 | 1.500 | 1/2 | 1/2 |" in row
     assert math.isclose(stability.transfer_scale("norm_preserving", 2.0, 4.0), 0.5)
     assert math.isclose(stability.transfer_scale("least_squares", 2.0, 4.0, 4.0), 0.25)
