@@ -341,25 +341,32 @@ def plan_runs(args):
             runs.append((0, run_name("flora", args.rank, transfer, s),
                          ["--variant", "flora", "--rank", str(args.rank), "--transfer", transfer,
                           "--proj-seed", str(s)]))
-    extra = []  # interleaved, so that whatever --max-procs keeps is a mix
-    for s in seeds[:args.extra_seeds]:
-        extra.append([(1, run_name("flora", args.rank, "least_squares", s),
-                       ["--variant", "flora", "--rank", str(args.rank), "--transfer",
-                        "least_squares", "--proj-seed", str(s)]),
-                      # Flora's update is ~sqrt(1 + n/r) larger than dense momentum's: is it
-                      # the step size? flora-opt's transfer at a lower lr
-                      (1, run_name("flora", args.rank, "flora_opt", s, args.low_lr_scale),
-                       ["--variant", "flora", "--rank", str(args.rank), "--transfer",
-                        "flora_opt", "--proj-seed", str(s),
-                        "--lr", str(args.lr * args.low_lr_scale)]),
-                      # the authors' step, for the gap between good runs
-                      (1, run_name("flora_opt_pkg", args.rank, "", s),
-                       ["--variant", "flora_opt_pkg", "--rank", str(args.rank),
-                        "--proj-seed", str(s)])])
-        if s < args.reset_seeds:
-            extra[-1].append((1, run_name("flora", args.rank, "reset", s),
-                              ["--variant", "flora", "--rank", str(args.rank), "--transfer",
-                               "reset", "--proj-seed", str(s)]))
+    rank = str(args.rank)
+    kinds = {  # the extra runs, by kind, one per seed
+        "least_squares": [(1, run_name("flora", args.rank, "least_squares", s),
+                           ["--variant", "flora", "--rank", rank, "--transfer", "least_squares",
+                            "--proj-seed", str(s)]) for s in seeds[:args.extra_seeds]],
+        # Flora's update is ~sqrt(1 + n/r) larger than dense momentum's: is it the step
+        # size? flora-opt's transfer at a lower lr
+        "low_lr": [(1, run_name("flora", args.rank, "flora_opt", s, args.low_lr_scale),
+                    ["--variant", "flora", "--rank", rank, "--transfer", "flora_opt",
+                     "--proj-seed", str(s), "--lr", str(args.lr * args.low_lr_scale)])
+                   for s in seeds[:args.extra_seeds]],
+        # the authors' step, for the gap between good runs
+        "package": [(1, run_name("flora_opt_pkg", args.rank, "", s),
+                     ["--variant", "flora_opt_pkg", "--rank", rank, "--proj-seed", str(s)])
+                    for s in seeds[:args.extra_seeds]],
+        "reset": [(1, run_name("flora", args.rank, "reset", s),
+                   ["--variant", "flora", "--rank", rank, "--transfer", "reset",
+                    "--proj-seed", str(s)]) for s in seeds[:args.reset_seeds]],
+    }
+    # Order: two seeds of least_squares and low_lr first (what --max-procs usually keeps),
+    # then two of the package, then the rest a seed at a time.
+    extra = [kinds[k][i:i + 1] for i in range(2) for k in ("least_squares", "low_lr")]
+    extra += [kinds["package"][:2]]
+    extra += [kinds[k][i:i + 1] for i in range(max(args.extra_seeds, args.reset_seeds))
+              for k in ("reset", "least_squares", "low_lr", "package")
+              if i >= (0 if k == "reset" else 2)]
     runs += [r for group in extra for r in group]
     for rank in args.other_ranks:
         for transfer in ("flora_opt", "norm_preserving"):
