@@ -414,6 +414,13 @@ def sweep(args):
     t_start = time.time()
     runs_dir = pathlib.Path(args.runs)
     all_runs = plan_runs(args)
+    try:
+        from flora_ext.testing import import_flora_opt
+
+        import_flora_opt()
+    except Exception as e:  # flora-opt (and accelerate, which it imports) missing
+        print(f"[plan] flora-opt not importable ({e!r}): its runs are left out", flush=True)
+        all_runs = [r for r in all_runs if not r[1].startswith("flora_opt_pkg")]
     runs = sorted(all_runs, key=lambda r: r[0])[:args.max_procs]
     deadline = args.deadline
     cal_dir = runs_dir / "calibration"
@@ -432,9 +439,13 @@ def sweep(args):
     cal_wall = time.time() - t_start
     if not per_step:
         raise SystemExit("calibration produced no timing; see " + str(cal_dir))
-    if failed:  # e.g. out of memory with every run at once: keep the essential ones
-        print(f"[calibration] failed: {failed}; keeping priority-0 runs only", flush=True)
-        runs = [r for r in runs if r[0] == 0]
+    if failed:
+        oom = any("out of memory" in (cal_dir / f"{name}.out").read_text(errors="replace")
+                  for name in failed if (cal_dir / f"{name}.out").is_file())
+        # out of memory with every run at once: keep the essential ones; else drop the failed
+        print(f"[calibration] failed: {failed}; " + ("out of memory: keeping priority-0 runs "
+              "only" if oom else "leaving them out"), flush=True)
+        runs = [r for r in runs if (r[0] == 0 if oom else r[1] not in failed)]
     s_per_step = max(per_step)
     # Startup + evaluations: the calibration's wall time minus its steps.
     overhead = max(10.0, cal_wall - args.cal_steps * s_per_step) + args.eval_reserve_s
