@@ -158,14 +158,13 @@ class Diagnostics:
 
     @torch.no_grad()
     def after(self, step):
-        out = []
+        stats = []  # 0-d tensors, read back with one synchronisation
         for (name, p), (p_old, m_old, seed_old) in zip(self.named, self.saved):
             group = next(g for g in self.opt.param_groups if any(q is p for q in g["params"]))
             st = self.opt.state[p]
-            rms_p = max(group["eps"][1], (p_old.norm() / math.sqrt(p.numel())).item())
-            lr_t = group["lr"] * rms_p
-            delta = (p.detach().float() - p_old).norm().item() / math.sqrt(p.numel())
-            update_rms = delta / lr_t if lr_t > 0 else float("nan")
+            root_n = math.sqrt(p.numel())
+            rms_p = (p_old.norm() / root_n).clamp(min=group["eps"][1])
+            update_rms = (p.detach().float() - p_old).norm() / root_n / (group["lr"] * rms_p)
             beta1 = group["beta1"] or 0.0
             if "seed" in st:
                 g = p.grad.float()
@@ -178,17 +177,20 @@ class Diagnostics:
                     d = d + beta1 * _up(_projection(seed_old, p.shape, rank, p.device), m_old,
                                         left)
                 p_now = _projection(st["seed"], p.shape, rank, p.device)
-                mom = _up(p_now, st["momentum"], left).norm().item()
+                mom = _up(p_now, st["momentum"], left).norm()
             elif "momentum" in st:
                 d = st["momentum"]
-                mom = d.norm().item()
+                mom = d.norm()
             else:
                 g = p.grad.float()
                 row, col = st["row_second_moment"], st["col_second_moment"]
                 d = g * torch.rsqrt(row / row.mean())[:, None] * torch.rsqrt(col)[None, :]
-                mom = 0.0
-            rms_d = (d.norm() / math.sqrt(d.numel())).item()
-            out.append([round(update_rms, 5), round(rms_d, 5), round(mom, 4)])
+                mom = torch.zeros((), device=p.device)
+            rms_d = d.norm() / math.sqrt(d.numel())
+            stats += [update_rms, rms_d, mom]
+        values = torch.stack([x.float() for x in stats]).tolist()
+        out = [[round(values[i], 5), round(values[i + 1], 5), round(values[i + 2], 4)]
+               for i in range(0, len(values), 3)]
         self.rows.append([step, out])
 
 

@@ -125,3 +125,26 @@ def test_report_writes_the_section(tmp_path):
     assert "| 1.2550 | 1.5000 | 1.255 | 1.500 | 1/2 | 1/2 |" in row
     assert math.isclose(stability.transfer_scale("norm_preserving", 2.0, 4.0), 0.5)
     assert math.isclose(stability.transfer_scale("least_squares", 2.0, 4.0, 4.0), 0.25)
+
+
+@pytest.mark.parametrize("clip_threshold", [100.0, 0.01])
+def test_diagnostics_direction_matches_the_parameter_change(clip_threshold):
+    """RMS(D) the diagnostics rebuild from the state is the update the step made: equal to
+    the update RMS without clipping, and clipped to the threshold otherwise."""
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((12, 40), (40, 12))]
+    opt = flora_ext.Flora(params, lr=0.01, rank=6, kappa=2, beta1=0.9,
+                          clip_threshold=clip_threshold)
+    mover = stability.MomentumTransfer(opt, {p: str(i) for i, p in enumerate(params)},
+                                       "norm_preserving")
+    diag = stability.Diagnostics(opt, [(str(i), p) for i, p in enumerate(params)])
+    for t in range(1, 6):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        diag.before()
+        mover.step()
+        diag.after(t)
+    for step, layers in diag.rows:
+        for update_rms, rms_d, _ in layers:
+            want = min(rms_d, clip_threshold)
+            assert update_rms == pytest.approx(want, rel=1e-3), f"step {step}"
