@@ -638,13 +638,14 @@ def report(args):
     res = resample_summary(runs)
     clip = clip_summary(runs)
     if res or clip:
-        lines += ["", "| optimizer | ||up(M)|| after / before a resample (as applied) | "
+        lines += ["", "| optimizer | ‖up(M)‖ after / before a resample (as applied) | "
                   "same, flora-opt's transfer | median RMS(D) away from resamples | "
                   "median RMS(D) within 10 steps after one |", "|---|---|---|---|---|"]
         for key in sorted(set(res) | set(clip)):
             ra, rb = res.get(key, (math.nan, math.nan))
             ca, cb = clip.get(key, (math.nan, math.nan))
-            lines.append(f"| {key} | {ra:.3f} | {rb:.3f} | {ca:.3f} | {cb:.3f} |")
+            cells = ("-" if not math.isfinite(v) else f"{v:.3f}" for v in (ra, rb, ca, cb))
+            lines.append(f"| {key} | " + " | ".join(cells) + " |")
         lines += ["", "RMS(D) is the direction's RMS before the clip; the clip factor is "
                   "max(1, RMS(D)) (threshold 1). Per step, per layer values are in the run logs."]
     lines += ["", "![stability](stability.svg)", ""]

@@ -122,6 +122,7 @@ def test_report_writes_the_section(tmp_path):
     row = next(line for line in text.splitlines() if "transfer=flora_opt, lr=0.03 |" in line)
     assert "| 1.0100 | 1.5000 |" in row and "| 1/2 | 1/2 |" in row
     assert "| Flora r=128, transfer=flora_opt, lr=0.03 | 1.700 | 1.700 | 1.700 | 2.900 |" in text
+    assert "| Adafactor + momentum (dense), lr=0.03 | - | - | 2.300 | - |" in text
     assert "| 1.2550 | 1.5000 | 1.255 | 1.500 | 1/2 | 1/2 |" in row
     assert math.isclose(stability.transfer_scale("norm_preserving", 2.0, 4.0), 0.5)
     assert math.isclose(stability.transfer_scale("least_squares", 2.0, 4.0, 4.0), 0.25)
