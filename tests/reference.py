@@ -188,14 +188,37 @@ def skipped_step(param64, state, hp, projection=ext_projection, next_seed_fn=nex
     return param64.to(torch.float64).clone()
 
 
+TRANSFERS = ("flora_opt", "norm_preserving", "least_squares", "reset")
+
+
+def transfer_scale(transfer, up_old, up_new):
+    """The factor c of the momentum carried into a new basis, M = c down_s'(up_s(M)):
+    1 (flora-opt), ||up_s(M)|| / ||up_s'(down_s'(up_s(M)))|| (norm_preserving: the step sees a
+    momentum of the same norm before and after the resample), <up_s'(.), up_s(M)> /
+    ||up_s'(.)||^2 (least_squares: the multiple of the moved momentum closest to the old one),
+    or 0 (reset)."""
+    if transfer == "flora_opt":
+        return 1.0
+    if transfer == "reset":
+        return 0.0
+    if transfer == "norm_preserving":
+        after = up_new.norm().item()
+        return up_old.norm().item() / after if after > 0 else 1.0
+    if transfer == "least_squares":
+        after = (up_new * up_new).sum().item()
+        return (up_new * up_old).sum().item() / after if after > 0 else 1.0
+    raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
+
+
 def reference_step(param64, grad64, state, hp, projection=ext_projection, next_seed_fn=next_seed,
-                   skip_nonfinite=False):
+                   skip_nonfinite=False, transfer="flora_opt"):
     """One Flora step in float64. Updates ``state`` in place and returns the new parameter.
 
     ``projection(seed, rows, cols, rank)`` gives the projection matrices (the extension's by
     default); ``next_seed_fn`` the seed sequence (splitmix64 by default). Both are arguments so
     that the same formulas can be run with flora-opt's projections. ``skip_nonfinite``: a
-    gradient with a NaN or inf gives skipped_step instead.
+    gradient with a NaN or inf gives skipped_step instead. ``transfer`` picks how the
+    momentum moves to a new basis (``transfer_scale``; flora-opt's by default).
     """
     if skip_nonfinite and not torch.isfinite(grad64).all():
         return skipped_step(param64, state, hp, projection, next_seed_fn)
@@ -247,7 +270,9 @@ def reference_step(param64, grad64, state, hp, projection=ext_projection, next_s
         if t % hp["kappa"] == 0:
             s_new = next_seed_fn(s)
             P_new = projection_matrix(projection, s_new, n, m, r)
-            M.copy_(down(P_new, up(P, M, left), left))
+            up_old = up(P, M, left)
+            moved = down(P_new, up_old, left)
+            M.copy_(transfer_scale(transfer, up_old, up(P_new, moved, left)) * moved)
             state["seed"] = s_new
             P = P_new
         # c. accumulate this step's U (in the possibly new basis)

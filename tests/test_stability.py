@@ -1,0 +1,151 @@
+"""benchmarks/stability.py (issue 27): its momentum transfers against the float64 reference
+(tests/reference.py, ``transfer``), and its spike count and report on made-up runs."""
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import reference as ref  # noqa: E402
+import stability  # noqa: E402
+
+import flora_ext  # noqa: E402
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("transfer", stability.TRANSFERS)
+@pytest.mark.parametrize("shape", [(12, 40), (40, 12), (24, 24)])
+def test_transfer_matches_the_reference(transfer, shape):
+    hp = ref.full_hp(lr=0.05, rank=6, kappa=3, beta1=0.9)
+    gen = torch.Generator().manual_seed(7)
+    p = torch.nn.Parameter(torch.randn(shape, generator=gen) * 0.1)
+    opt = flora_ext.Flora([p], **ref.optimizer_kwargs(hp, 11))
+    mover = stability.MomentumTransfer(opt, {p: "w"}, transfer)
+    ref_p = p.detach().double().clone()
+    ref_state = ref.init_state(ref_p, hp, ref.param_seed(11, 1))
+    for t in range(1, 11):
+        g = torch.randn(shape, generator=gen)
+        p.grad = g
+        mover.step()
+        ref_p = ref.reference_step(ref_p, g.double(), ref_state, hp, transfer=transfer)
+        assert opt.state[p]["seed"] == ref_state["seed"], f"step {t}"
+        assert rel_err(opt.state[p]["momentum"], ref_state["momentum"]) < 2e-5, f"step {t}"
+        assert rel_err(p.detach(), ref_p) < 2e-5, f"step {t}"
+    # steps 3, 6 and 9 changed basis: one record each
+    assert [r[0] for r in mover.records] == [3, 6, 9]
+    for _, _, before, after, c in mover.records:
+        want = {"flora_opt": None, "norm_preserving": before, "reset": 0.0,
+                "least_squares": None}[transfer]
+        if transfer == "flora_opt":
+            assert c == 1.0 and after > before  # a Gaussian transfer inflates the norm
+        elif transfer == "least_squares":
+            assert 0.0 < c < 1.0  # shrinks the moved momentum
+        else:
+            assert after == pytest.approx(want, rel=1e-5)
+
+
+def test_norm_preserving_differs_from_flora_opt_only_at_resamples():
+    hp = ref.full_hp(lr=0.05, rank=6, kappa=4, beta1=0.9)
+    gen = torch.Generator().manual_seed(3)
+    p0 = torch.randn(12, 40, generator=gen, dtype=torch.float64)
+    grads = [torch.randn(12, 40, generator=gen, dtype=torch.float64) for _ in range(5)]
+    out = {}
+    for transfer in ("flora_opt", "norm_preserving"):
+        p, state, ms = p0.clone(), ref.init_state(p0, hp, 1), []
+        for g in grads:
+            p = ref.reference_step(p, g, state, hp, transfer=transfer)
+            ms.append(state["momentum"].clone())
+        out[transfer] = ms
+    for t in range(3):
+        assert torch.equal(out["flora_opt"][t], out["norm_preserving"][t])
+    assert not torch.allclose(out["flora_opt"][3], out["norm_preserving"][3])
+
+
+def test_reference_rejects_an_unknown_transfer():
+    with pytest.raises(ValueError, match="transfer must be one of"):
+        ref.transfer_scale("orthogonal", torch.ones(1), torch.ones(1))
+
+
+def test_spikes_counts_rises_above_the_running_low():
+    flat = [3.0 - 0.001 * i for i in range(400)]
+    assert stability.spikes(flat) == 0
+    spiky = list(flat)
+    for i in range(200, 260):
+        spiky[i] += 0.5
+    for i in range(300, 330):
+        spiky[i] += 0.5
+    assert stability.spikes(spiky) == 2
+
+
+def _fake_run(variant, transfer, seed, val, losses, kappa=10):
+    return {"args": {"variant": variant, "transfer": transfer, "rank": 128, "proj_seed": seed,
+                     "lr": 0.03,
+                     "data_seed": seed, "kappa": kappa, "d_model": 32, "n_layers": 1,
+                     "n_heads": 2, "context": 32, "batch_size": 4},
+            "torch": torch.__version__, "device": "cpu", "parameters": 1000,
+            "loss": losses, "val": [[len(losses), val]], "final_val_loss": val,
+            "finished": True, "layers": ["w"],
+            "diagnostics": [[5, [[1.0, 1.7, 3.0]]], [12, [[1.0, 2.9, 3.0]]]],
+            "resamples": [[10, "w", 1.0, 1.7, 1.0]] if variant == "flora" else []}
+
+
+def test_report_writes_the_section(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (tmp_path / "plan.json").write_text(json.dumps(
+        {"steps": 100, "kappa": 10, "lr": 0.03, "concurrent": 5, "dropped": []}))
+    good = [3.0 - 0.01 * i for i in range(100)]
+    bad = list(good)
+    for i in range(60, 100):
+        bad[i] += 1.0
+    for s in range(2):
+        (runs / f"am{s}.json").write_text(json.dumps(
+            _fake_run("adafactor_momentum", "flora_opt", s, 1.0, good)))
+    (runs / "f0.json").write_text(json.dumps(_fake_run("flora", "flora_opt", 0, 1.01, good)))
+    (runs / "f1.json").write_text(json.dumps(_fake_run("flora", "flora_opt", 1, 1.5, bad)))
+    md = tmp_path / "conv.md"
+    md.write_text("# title\n\n## Stability across projection seeds\nold\n\n## Later\nkept\n")
+    stability.main(["report", "--runs", str(tmp_path), "--md", str(md), "--plot", str(tmp_path / "s.svg")])
+    import xml.etree.ElementTree as ET
+    assert len(list(ET.parse(tmp_path / "s.svg").getroot())) > 10
+    text = md.read_text()
+    assert "\nold\n" not in text and "\n\n## Later\nkept" in text
+    row = next(line for line in text.splitlines() if "transfer=flora_opt, lr=0.03 |" in line)
+    assert "| 1.0100 | 1.5000 |" in row and "| 1/2 | 1/2 |" in row
+    assert "| Flora r=128, transfer=flora_opt, lr=0.03 | 1.700 | 1.700 | 1.700 | 2.900 |" in text
+    assert "| Adafactor + momentum (dense), lr=0.03 | - | - | 2.300 | - |" in text
+    assert "| 1.2550 | 1.5000 | 1.255 | 1.500 | 1/2 | 1/2 |" in row
+    assert math.isclose(stability.transfer_scale("norm_preserving", 2.0, 4.0), 0.5)
+    assert math.isclose(stability.transfer_scale("least_squares", 2.0, 4.0, 4.0), 0.25)
+
+
+@pytest.mark.parametrize("clip_threshold", [100.0, 0.01])
+def test_diagnostics_direction_matches_the_parameter_change(clip_threshold):
+    """RMS(D) the diagnostics rebuild from the state is the update the step made: equal to
+    the update RMS without clipping, and clipped to the threshold otherwise."""
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((12, 40), (40, 12))]
+    opt = flora_ext.Flora(params, lr=0.01, rank=6, kappa=2, beta1=0.9,
+                          clip_threshold=clip_threshold)
+    mover = stability.MomentumTransfer(opt, {p: str(i) for i, p in enumerate(params)},
+                                       "norm_preserving")
+    diag = stability.Diagnostics(opt, [(str(i), p) for i, p in enumerate(params)])
+    for t in range(1, 6):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        diag.before()
+        mover.step()
+        diag.after(t)
+    for step, layers in diag.rows:
+        for update_rms, rms_d, _ in layers:
+            want = min(rms_d, clip_threshold)
+            assert update_rms == pytest.approx(want, rel=1e-3), f"step {step}"
