@@ -69,14 +69,14 @@ def _chunks(sizes, limit):
 
 
 def step_group(params, grads, states, order, steps, seeds, hyper_parameters, norms=None,
-               known=(), scratch_bytes=SCRATCH_BYTES):
+               known=(), scratch_bytes=None):
     """step_group_ over parameters whose states (``states``: their state dicts; ``order``:
     the state names as step_group_ takes them) hold quantized tensors. The scratch is
     allocated before anything is written."""
-    sizes = [sum(state[name].numel() for name in SIGNED if name in state) for state in states]
     if not params:
         return
-    limit = max(scratch_bytes // 4, max(sizes))
+    sizes = [sum(state[name].numel() for name in SIGNED if name in state) for state in states]
+    limit = max((SCRATCH_BYTES if scratch_bytes is None else scratch_bytes) // 4, max(sizes))
     ranges = _chunks(sizes, limit)
     scratch = torch.empty(max(sum(sizes[k0:k1]) for k0, k1 in ranges), dtype=torch.float32,
                           device=params[0].device)
