@@ -15,7 +15,8 @@ checkpointing on every decoder layer (non-reentrant), SDPA attention. Configurat
                with flora_opt.Flora (flora-opt 0.0.3; bitsandbytes stubbed when missing)
 
 Flora is used with its defaults (flora-opt's: no momentum) and --lr, unless --flora-beta1 /
---flora-rank turn compressed momentum on. Each configuration runs in its own subprocess, so
+--flora-rank turn compressed momentum on; --flora-quantization gives flora_ext.Flora
+quantization=True (8-bit momentum and unfactored second moments, docs/FLORA.md §11). Each configuration runs in its own subprocess, so
 that peaks and allocator caches are isolated, under a shared --budget of wall time. Reported:
 torch.cuda.max_memory_allocated over all steps (warm-up included: the optimizer state is
 created in the first step), max_memory_reserved, the median step time over --steps timed
@@ -129,7 +130,7 @@ def make_trainer(name, model, args, device):
         if name == "adamw":
             opt = torch.optim.AdamW(params, lr=args.lr, fused=True)
         else:
-            opt = flora_ext.Flora(params, **flora_kwargs)
+            opt = flora_ext.Flora(params, **flora_kwargs, quantization=args.flora_quantization)
         if name == "flora_accum":
             flora_ext.FloraAccumulator(opt, micro_batches=k, rank=args.rank, model=model)
 
@@ -264,6 +265,8 @@ def child_command(args, name, result_path):
         cmd.append("--tiny")
     if args.flora_beta1 is not None:
         cmd += ["--flora-beta1", repr(args.flora_beta1), "--flora-rank", str(args.flora_rank)]
+    if args.flora_quantization:
+        cmd.append("--flora-quantization")
     return cmd
 
 
@@ -384,6 +387,8 @@ def run_parent(args):
         meta["device_name"] = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
     flora = "defaults (no momentum)" if args.flora_beta1 is None else \
         f"beta1={args.flora_beta1}, momentum rank {args.flora_rank}"
+    if args.flora_quantization:
+        flora += ", quantization=True (8-bit state)"
     meta.update(
         title=("Tiny smoke-test model" if args.tiny else "LLaMA-7B shapes")
         + f", accumulation rank {args.rank}",
@@ -422,6 +427,8 @@ def main():
                     help="turn Flora's momentum on (default: Flora's defaults, no momentum)")
     ap.add_argument("--flora-rank", type=int, default=256,
                     help="momentum rank with --flora-beta1 (256)")
+    ap.add_argument("--flora-quantization", action="store_true",
+                    help="flora_ext.Flora(quantization=True): 8-bit state")
     ap.add_argument("--tiny", action="store_true",
                     help="a tiny LLaMA (hidden 64, 2 layers) that runs on the CPU, for testing")
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
