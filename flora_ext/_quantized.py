@@ -97,7 +97,15 @@ def step_group(params, grads, states, order, steps, seeds, hyper_parameters, nor
         extra = {}
         if norms is not None:
             extra = dict(param_norms=norms[k0:k1], norms_known=list(known[k0:k1]))
-        torch.ops.flora.step_group_(params[k0:k1], grads[k0:k1], flat, steps[k0:k1],
-                                    seeds[k0:k1], **extra, **hyper_parameters)
+        try:
+            torch.ops.flora.step_group_(params[k0:k1], grads[k0:k1], flat, steps[k0:k1],
+                                        seeds[k0:k1], **extra, **hyper_parameters)
+        except RuntimeError as err:
+            # Only a fault at run time gets here (Flora.step checked every input first):
+            # the chunks before this one stay stepped.
+            if k0 and hasattr(err, "add_note"):
+                err.add_note(f"flora: quantization=True had already stepped the first {k0} "
+                             f"of the {len(params)} parameters of this call")
+            raise
         for name, view, codes, absmax in pending:
             torch.ops.flora.quantize_blockwise_(view, codes, absmax, SIGNED[name])

@@ -405,3 +405,39 @@ def test_cuda_step_matches_cpu_step():
                 block = torch.arange(a[name].numel()) // BLOCK
                 gap = 2 * (SIGNED_HALF_GAP if signed else UNSIGNED_HALF_GAP)
                 assert ((a[name] - b[name]).abs().reshape(-1) <= gap * absmax[block] * 1.01 + 1e-30).all()
+
+
+def test_a_fault_in_the_op_leaves_state_unchanged_or_says_what_stepped(monkeypatch):
+    """A run-time fault (out of memory) in the first op call changes nothing: the 8-bit
+    state is written only after each call; one in a later chunk names what stepped."""
+    ps = params_for()
+    opt = flora_ext.Flora(ps, **HP, quantization=True)
+    grads = grads_for(ps, 2)
+    run(opt, ps, grads[:1])
+    real, calls = torch.ops.flora.step_group_, []
+
+    def failing(*args, fail_at, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise torch.OutOfMemoryError("simulated: out of memory in the op")
+        return real(*args, **kwargs)
+
+    for p, g in zip(ps, grads[1]):
+        p.grad = g.clone()
+    before = [(p.detach().clone(), copy.deepcopy(opt.state[p])) for p in ps]
+    monkeypatch.setattr(torch.ops.flora, "step_group_",
+                        lambda *a, **k: failing(*a, fail_at=1, **k))
+    with pytest.raises(torch.OutOfMemoryError):
+        opt.step()
+    for p, (p0, state) in zip(ps, before):
+        assert torch.equal(p, p0)
+        for key, v in state.items():
+            assert torch.equal(opt.state[p][key], v) if isinstance(v, torch.Tensor) else opt.state[p][key] == v
+    calls.clear()
+    monkeypatch.setattr(_quantized, "SCRATCH_BYTES", 4 * 300)
+    monkeypatch.setattr(torch.ops.flora, "step_group_",
+                        lambda *a, **k: failing(*a, fail_at=2, **k))
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        opt.step()
+    # scratch of max(300 floats, the largest parameter's 800): sizes 160, 160, 74 | 800 | ...
+    assert "had already stepped the first 3 of the 6 parameters" in str(info.value.__notes__)
