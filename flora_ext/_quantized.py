@@ -19,7 +19,14 @@ STATE_KEYS = tuple(ABSMAX.values())
 # quantized state when that is larger (a step needs a whole parameter).
 SCRATCH_BYTES = 64 << 20
 
+# Each state's place in the scratch starts at a multiple of 64 floats (256 bytes), as a
+# fresh allocation would: the CUDA kernels take vectorised paths only on aligned state.
+_ALIGN = 64
 _zero_code = {}
+
+
+def _aligned(numel: int) -> int:
+    return -(-numel // _ALIGN) * _ALIGN
 
 
 def blocks(numel: int) -> int:
@@ -75,7 +82,8 @@ def step_group(params, grads, states, order, steps, seeds, hyper_parameters, nor
     allocated before anything is written."""
     if not params:
         return
-    sizes = [sum(state[name].numel() for name in SIGNED if name in state) for state in states]
+    sizes = [sum(_aligned(state[name].numel()) for name in SIGNED if name in state)
+             for state in states]
     limit = max((SCRATCH_BYTES if scratch_bytes is None else scratch_bytes) // 4, max(sizes))
     ranges = _chunks(sizes, limit)
     scratch = torch.empty(max(sum(sizes[k0:k1]) for k0, k1 in ranges), dtype=torch.float32,
@@ -89,7 +97,7 @@ def step_group(params, grads, states, order, steps, seeds, hyper_parameters, nor
                 t = state[name]
                 if name in SIGNED:
                     view = scratch[offset:offset + t.numel()].view(t.shape)
-                    offset += t.numel()
+                    offset += _aligned(t.numel())
                     dequantize(name, t, state[ABSMAX[name]], out=view)
                     pending.append((name, view, t, state[ABSMAX[name]]))
                     t = view

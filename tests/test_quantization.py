@@ -439,5 +439,13 @@ def test_a_fault_in_the_op_leaves_state_unchanged_or_says_what_stepped(monkeypat
                         lambda *a, **k: failing(*a, fail_at=2, **k))
     with pytest.raises(torch.OutOfMemoryError) as info:
         opt.step()
-    # scratch of max(300 floats, the largest parameter's 800): sizes 160, 160, 74 | 800 | ...
+    # scratch: the largest parameter's (300 x 3, dense: 960 floats, aligned to 64), chunks
+    # of 192 + 192 + 128 | 832 | 256 | 960
     assert "had already stepped the first 3 of the 6 parameters" in str(info.value.__notes__)
+
+
+def test_fsdp2_groups_are_refused(monkeypatch):
+    monkeypatch.setattr(flora_ext.optimizer._sharded, "has_dtensors", lambda group: True)
+    with pytest.raises(TypeError, match="quantization=True supports plain tensor parameters"):
+        flora_ext.Flora(params_for(shapes=((8, 8),)), lr=1e-2, quantization=True)
+    flora_ext.Flora(params_for(shapes=((8, 8),)), lr=1e-2)  # the check is quantization's
