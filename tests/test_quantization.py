@@ -288,10 +288,11 @@ def test_chunked_scratch_steps_bitwise_as_one_chunk(monkeypatch):
             assert torch.equal(v, chunked.state[q][key]) if isinstance(v, torch.Tensor) else v == chunked.state[q][key]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("device", DEVICES)
-def test_state_dict_round_trip_and_bitwise_resume(device):
-    ps = params_for(device=device)
-    grads = grads_for(ps, 6)
+def test_state_dict_round_trip_and_bitwise_resume(device, dtype):
+    ps = [torch.nn.Parameter(p.detach().to(dtype)) for p in params_for(device=device)]
+    grads = [[g.to(dtype) for g in gs] for gs in grads_for(ps, 6)]
     opt = flora_ext.Flora(ps, **HP, quantization=True)
     run(opt, ps, grads[:3])
     buffer = io.BytesIO()
