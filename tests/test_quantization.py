@@ -389,8 +389,9 @@ def test_cuda_format_is_bitwise_the_cpus(signed):
 @requires_cuda
 def test_cuda_step_matches_cpu_step():
     """tf32=False; the float32 steps differ by rounding, and a value near a code midpoint
-    may then take the neighbouring code: read-back states agree within one code gap of
-    their block's absmax, parameters within 1e-5."""
+    may then take the neighbouring code (a difference the next steps carry, decaying by
+    beta1): nearly all codes agree, the rest within a few code gaps of their block's
+    absmax; parameters within 1e-5."""
     cpu_ps, cuda_ps = params_for(), params_for(device="cuda")
     grads = grads_for(cpu_ps, 5)
     cpu = flora_ext.Flora(cpu_ps, **HP, quantization=True, tf32=False)
@@ -405,7 +406,10 @@ def test_cuda_step_matches_cpu_step():
                 absmax = cpu.state[p][_quantized.ABSMAX[name]]
                 block = torch.arange(a[name].numel()) // BLOCK
                 gap = 2 * (SIGNED_HALF_GAP if signed else UNSIGNED_HALF_GAP)
-                assert ((a[name] - b[name]).abs().reshape(-1) <= gap * absmax[block] * 1.01 + 1e-30).all()
+                diff = (a[name] - b[name]).abs().reshape(-1)
+                assert (diff <= 3 * gap * absmax[block] * 1.01 + 1e-30).all()
+                codes = (cpu.state[p][name] != gpu.state[q][name].cpu()).double().mean()
+                assert codes <= 0.01, (name, codes.item())
 
 
 def test_a_fault_in_the_op_leaves_state_unchanged_or_says_what_stepped(monkeypatch):
@@ -450,3 +454,14 @@ def test_fsdp2_groups_are_refused(monkeypatch):
     with pytest.raises(TypeError, match="quantization=True supports plain tensor parameters"):
         flora_ext.Flora(params_for(shapes=((8, 8),)), lr=1e-2, quantization=True)
     flora_ext.Flora(params_for(shapes=((8, 8),)), lr=1e-2)  # the check is quantization's
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_keep_quantization_and_their_8_bit_state(how):
+    import pickle
+    ps = params_for(shapes=((16, 40), (37,)))
+    opt = flora_ext.Flora(ps, **HP, quantization=True)
+    run(opt, ps, grads_for(ps, 1))
+    copied = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert copied.quantization is True
+    assert all(state["momentum"].dtype == torch.uint8 for state in copied.state.values())
