@@ -390,8 +390,8 @@ def test_cuda_format_is_bitwise_the_cpus(signed):
 def test_cuda_step_matches_cpu_step():
     """tf32=False; the float32 steps differ by rounding, and a value near a code midpoint
     may then take the neighbouring code (a difference the next steps carry, decaying by
-    beta1): nearly all codes agree, the rest within a few code gaps of their block's
-    absmax; parameters within 1e-5."""
+    beta1): nearly all codes agree (>= 95%), the rest within a few code gaps of their block's
+    absmax; parameters within 3e-5."""
     cpu_ps, cuda_ps = params_for(), params_for(device="cuda")
     grads = grads_for(cpu_ps, 5)
     cpu = flora_ext.Flora(cpu_ps, **HP, quantization=True, tf32=False)
@@ -399,7 +399,7 @@ def test_cuda_step_matches_cpu_step():
     run(cpu, cpu_ps, grads)
     run(gpu, cuda_ps, [[g.cuda() for g in gs] for gs in grads])
     for p, q in zip(cpu_ps, cuda_ps):
-        assert rel_err(q.detach().cpu(), p.detach()) < 1e-5
+        assert rel_err(q.detach().cpu(), p.detach()) < 3e-5  # CPU, 1e-4 gradient noise: 8e-6
         a, b = float_state(cpu.state[p]), float_state(gpu.state[q])
         for name, signed in _quantized.SIGNED.items():
             if name in a:
@@ -409,7 +409,7 @@ def test_cuda_step_matches_cpu_step():
                 diff = (a[name] - b[name]).abs().reshape(-1)
                 assert (diff <= 3 * gap * absmax[block] * 1.01 + 1e-30).all()
                 codes = (cpu.state[p][name] != gpu.state[q][name].cpu()).double().mean()
-                assert codes <= 0.01, (name, codes.item())
+                assert codes <= 0.05, (name, codes.item())  # 0-1.9% at 1e-4 gradient noise on the CPU
 
 
 def test_a_fault_in_the_op_leaves_state_unchanged_or_says_what_stepped(monkeypatch):
