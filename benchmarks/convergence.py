@@ -18,8 +18,8 @@ per (optimizer spec, lr, seed) under --run-dir, resumable.
     python benchmarks/convergence.py --part 1 --lr-from runs/part1 --seeds 0,1,2 ... \
         --run-dir runs/part1
 
-Optimizer specs: NAME[:key=value[:key=value...]], keys rank, kappa, lr, beta1
-(e.g. ``flora:rank=64:kappa=100``). Names:
+Optimizer specs: NAME[:key=value[:key=value...]], keys rank, kappa, lr, beta1, and q8=1
+(flora_ext's quantization=True: 8-bit state) (e.g. ``flora:rank=64:kappa=100:q8=1``). Names:
   flora              flora_ext.Flora(rank, kappa, beta1=0.9)   compressed momentum
   adafactor_momentum flora_ext.Flora(rank=None, beta1=0.9)      dense momentum
   adafactor          flora_ext.Flora(beta1=None)                no momentum
@@ -197,8 +197,12 @@ def parse_spec(spec, args):
     cfg = {"name": name, "rank": args.rank, "kappa": args.kappa, "lr": args.lr, "beta1": 0.9}
     for kv in kvs:
         k, _, v = kv.partition("=")
-        if k not in ("rank", "kappa", "lr", "beta1") or not v:
-            raise ValueError(f"bad optimizer option {kv!r} in {spec!r} (keys: rank, kappa, lr, beta1)")
+        if k not in ("rank", "kappa", "lr", "beta1", "q8") or not v:
+            raise ValueError(f"bad optimizer option {kv!r} in {spec!r} "
+                             f"(keys: rank, kappa, lr, beta1, q8)")
+        if k == "q8" and (v not in ("0", "1") or not name.startswith(("flora", "adafactor"))
+                          or name == "flora_opt"):
+            raise ValueError(f"q8 is 0 or 1, for flora_ext's optimizers, got {kv!r} in {spec!r}")
         cfg[k] = float(v) if k in ("lr", "beta1") else int(v)
     if cfg["lr"] is None:
         cfg["lr"] = DEFAULT_LR[name]
@@ -211,6 +215,8 @@ def run_name(cfg, seed):
         parts += [f"r{cfg['rank']}", f"k{cfg['kappa']}"]
     if cfg["name"] != "adafactor" and cfg["beta1"] != 0.9:
         parts.append(f"b{cfg['beta1']:g}")
+    if cfg.get("q8"):
+        parts.append("q8")
     parts += [f"lr{cfg['lr']:g}", f"s{seed}"]
     return "-".join(parts)
 
@@ -257,14 +263,17 @@ def import_galore():
 
 def build_optimizer(cfg, model, seed):
     name, lr = cfg["name"], cfg["lr"]
+    q8 = bool(cfg.get("q8"))
     params = list(model.parameters())
     if name == "flora":
         return flora_ext.Flora(params, lr=lr, rank=cfg["rank"], kappa=cfg["kappa"],
-                               beta1=cfg["beta1"], seed=seed)
+                               beta1=cfg["beta1"], seed=seed, quantization=q8)
     if name == "adafactor_momentum":
-        return flora_ext.Flora(params, lr=lr, rank=None, beta1=cfg["beta1"], seed=seed)
+        return flora_ext.Flora(params, lr=lr, rank=None, beta1=cfg["beta1"], seed=seed,
+                               quantization=q8)
     if name == "adafactor":
-        return flora_ext.Flora(params, lr=lr, rank=None, beta1=None, seed=seed)
+        return flora_ext.Flora(params, lr=lr, rank=None, beta1=None, seed=seed,
+                               quantization=q8)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(cfg["beta1"], 0.95), weight_decay=0.0)
     if name == "flora_opt":
@@ -576,7 +585,8 @@ def _same_optimizer(cfg, other, strict):
         keys += ["rank", "kappa"]
     if cfg["name"] != "adafactor":
         keys.append("beta1")
-    return all(cfg.get(k) == other.get(k) for k in keys)
+    return (all(cfg.get(k) == other.get(k) for k in keys)
+            and bool(cfg.get("q8")) == bool(other.get("q8")))
 
 
 def run_score(log):

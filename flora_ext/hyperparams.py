@@ -177,7 +177,8 @@ HYPER_PARAMETERS = (
         op=False),  # the ops take each parameter's current seed instead
     HyperParameter(
         "quantization", bool, False,
-        "flora-opt's 8-bit optimizer state: not implemented, True raises NotImplementedError.",
+        "8-bit momentum and unfactored second moments (blockwise dynamic quantization, "
+        "docs/FLORA.md §11).",
         group=False, op=False),
     HyperParameter(
         "tf32", bool, True,

@@ -1,6 +1,7 @@
 """flora_ext.Flora: torch.optim front end of the flora ops (docs/FLORA.md)."""
 from __future__ import annotations
 
+import math
 import sys
 import weakref
 from collections import defaultdict
@@ -9,9 +10,10 @@ from operator import attrgetter, is_, itemgetter
 
 import torch
 
-from . import _dcp, _sharded
+from . import _dcp, _quantized, _sharded
 from ._ops import next_seed, param_layout, register_compiled_plan, step_group_compiled_
 from ._param_groups import as_param_group
+from .hyperparams import BY_NAME as _BY_NAME
 from .hyperparams import MAX_INT64
 from .hyperparams import DEFAULTS as _DEFAULT
 from .hyperparams import GROUP_HYPER_PARAMETERS as _GROUP_HYPER_PARAMETERS
@@ -29,7 +31,7 @@ _META = attrgetter("layout", "dtype", "shape", "device")
 _STRIDE = torch.Tensor.stride
 # Flora's own state_dict groups hold these; a group without all of them is another optimizer's.
 _FLORA_GROUP_KEYS = ("kappa", "clip_threshold", "decay_rate")
-_FLORA_STATE_KEYS = frozenset(("step", "seed", *_STATE_TENSORS))
+_FLORA_STATE_KEYS = frozenset(("step", "seed", *_STATE_TENSORS, *_quantized.STATE_KEYS))
 
 
 def _self_overlapping(t):
@@ -104,8 +106,10 @@ def _state_signature(plan):
     """The data pointers and strides of a plan's state tensors: t.data = x changes one of
     them unless x is a view of t's own memory with t's strides (another dtype or a shorter
     slice: not re-checked; the first group's op still checks it)."""
-    return [(_DATA_PTR(t), _STRIDE(t))
-            for _, flat_states, _ in plan.batches for t in flat_states]
+    return ([(_DATA_PTR(t), _STRIDE(t))
+             for _, flat_states, _ in plan.batches for t in flat_states]
+            + [(_DATA_PTR(state[key]), _STRIDE(state[key]))  # quantization=True
+               for state in plan.states for key in _quantized.STATE_KEYS if key in state])
 
 
 def _pick(xs, index):
@@ -185,10 +189,10 @@ class Flora(torch.optim.Optimizer):
                  skip_nonfinite=_DEFAULT["skip_nonfinite"],
                  reuse_param_norms=_DEFAULT["reuse_param_norms"]):
         # The arguments and their defaults: flora_ext/hyperparams.py.
-        if quantization:
-            raise NotImplementedError(
-                "flora: quantization=True (8-bit optimizer states) is not implemented yet; "
-                "use quantization=False")
+        _BY_NAME["quantization"].validate(quantization)
+        # 8-bit momentum and unfactored second moments (flora_ext/_quantized.py); set
+        # before super().__init__, whose add_param_group reads it.
+        self.quantization = quantization
         arguments = locals()
         defaults = {hp.name: arguments[hp.name] for hp in _GROUP_HYPER_PARAMETERS}
         if isinstance(eps, list):
@@ -217,6 +221,7 @@ class Flora(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("reuse_param_norms", True)
         self.__dict__.setdefault("_nonfinite_skips", {})
+        self.__dict__.setdefault("quantization", False)
         self.defaults = as_param_group(self.defaults)
         self.param_groups = [as_param_group(g) for g in self.param_groups]
         self._plans = {}
@@ -237,6 +242,9 @@ class Flora(torch.optim.Optimizer):
             _sharded.check_group(group)  # FSDP2 (DTensor) parameters: what _sharded steps
             if _sharded.has_dtensors(group):
                 _refuse_sharded_skip(group)
+            if self.quantization and _sharded.has_dtensors(group):
+                raise TypeError("flora: quantization=True supports plain tensor parameters, "
+                                "not FSDP2 (DTensor) ones; use quantization=False with FSDP2")
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -298,7 +306,11 @@ class Flora(torch.optim.Optimizer):
         shapes, compressed = _expected_state_shapes(p, group)
         state["step"] = 0
         for name, shape in shapes.items():
-            state[name] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            if self.quantization and name in _quantized.SIGNED:
+                state[name], state[_quantized.ABSMAX[name]] = _quantized.zeros(
+                    name, shape, p.device)
+            else:
+                state[name] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         if compressed:
             state["seed"] = group["seed"] + self._param_number(p)
 
@@ -363,7 +375,9 @@ class Flora(torch.optim.Optimizer):
             # The first op call checks every tensor itself before it writes anything, so
             # the first group's reused plan (one call: one device) leaves the per-tensor
             # comparisons to it; a later group's call would come after a write.
-            trusted = not checked and plan is not None and len(plan.batches) == 1
+            # (With quantization=True the op sees a chunk at a time: Python checks all.)
+            trusted = (not checked and plan is not None and len(plan.batches) == 1
+                       and not self.quantization)
             if not self._reusable(plan, group, params, grads, compare_meta=not trusted):
                 plan, trusted = None, False
                 self._check_inputs(group, params, grads)
@@ -418,6 +432,11 @@ class Flora(torch.optim.Optimizer):
             raise RuntimeError(
                 "flora: step(closure) is not supported under torch.compile; call the closure "
                 "(forward and backward) before the compiled opt.step()")
+        if self.quantization:
+            raise RuntimeError(
+                "flora: torch.compile of opt.step() does not support quantization=True (its "
+                "step dequantizes and requantizes the 8-bit states around the op); step "
+                "eagerly, or compile a Flora with quantization=False")
         self._prepare_compiled_once()
         compiled = self._compiled
         # The traced code reads no param group: torch.compile's handling of self.param_groups
@@ -614,16 +633,15 @@ class Flora(torch.optim.Optimizer):
                     known = [int(v0 == v1 and d0 == d1)
                              for v0, v1, d0, d1 in zip(last[0], now[0], last[1], now[1])]
                 plan.written[b] = None  # until this call has succeeded
-                torch.ops.flora.step_group_(params, _pick(grads, index), flat_states,
-                                            _pick(steps, index), _pick(seeds, index),
-                                            param_norms=norms, norms_known=known,
-                                            nonfinite_skips=skips, **hyper_parameters)
+                self._step_group(params, _pick(grads, index), flat_states,
+                                 _pick(steps, index), _pick(seeds, index), hyper_parameters,
+                                 _pick(states, index), norms, known, skips)
                 # The op writes p in place without bumping its version: as read before.
                 plan.written[b] = now
             else:
-                torch.ops.flora.step_group_(params, _pick(grads, index), flat_states,
-                                            _pick(steps, index), _pick(seeds, index),
-                                            nonfinite_skips=skips, **hyper_parameters)
+                self._step_group(params, _pick(grads, index), flat_states,
+                                 _pick(steps, index), _pick(seeds, index), hyper_parameters,
+                                 _pick(states, index), skips=skips)
             for k in range(len(steps)) if index is None else index:
                 states[k]["step"] = steps[k]
             for k in compressed:
@@ -636,10 +654,34 @@ class Flora(torch.optim.Optimizer):
         plan.strides = list(map(_STRIDE, plan.params))
         plan.state_meta = _state_signature(plan)
 
+    def _step_group(self, params, grads, flat_states, steps, seeds, hyper_parameters,
+                    states, norms=None, known=(), skips=None):
+        """One step_group_ call, or with quantization=True the calls over 8-bit states."""
+        if self.quantization:
+            _quantized.step_group(params, grads, states, _STATE_TENSORS, steps, seeds,
+                                  hyper_parameters, norms, known, skips=skips)
+        elif norms is not None:
+            torch.ops.flora.step_group_(params, grads, flat_states, steps, seeds,
+                                        param_norms=norms, norms_known=known,
+                                        nonfinite_skips=skips, **hyper_parameters)
+        else:
+            torch.ops.flora.step_group_(params, grads, flat_states, steps, seeds,
+                                        nonfinite_skips=skips, **hyper_parameters)
+
     def _check_state(self, p, group, state, where="state"):
         """Raises ValueError when ``state`` does not fit ``p`` under ``group``."""
         shapes, compressed = _expected_state_shapes(p, group)
         expected_keys = {"step", *shapes, *(("seed",) if compressed else ())}
+        quantized = {}  # name -> shape of its absmax
+        if self.quantization:
+            quantized = {_quantized.ABSMAX[name]: (_quantized.blocks(math.prod(shape)),)
+                         for name, shape in shapes.items() if name in _quantized.SIGNED}
+            expected_keys |= set(quantized)
+        elif any(key in state for key in _quantized.STATE_KEYS):
+            raise ValueError(
+                f"flora: {where} of a parameter of shape {tuple(p.shape)} is 8-bit state "
+                f"(keys {sorted(state)}), made with quantization=True; this optimizer has "
+                f"quantization=False: construct Flora(..., quantization=True) to use it")
         if set(state) != expected_keys:
             raise ValueError(
                 f"flora: {where} of a parameter of shape {tuple(p.shape)} has keys "
@@ -651,13 +693,17 @@ class Flora(torch.optim.Optimizer):
         if compressed and (not _is_int(state["seed"]) or not 0 <= state["seed"] <= _MAX_SEED):
             raise ValueError(f"flora: {where} seed must be an int in [0, 2**63), "
                              f"got {state['seed']!r}")
-        for name, shape in shapes.items():
+        for name, shape in (*shapes.items(), *quantized.items()):
             t = state[name]
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"flora: {where} {name} of a parameter of shape "
                                  f"{tuple(p.shape)} must have shape {shape}, got {got}")
-            if t.dtype != torch.float32:
+            if self.quantization and name in _quantized.SIGNED:
+                if t.dtype != torch.uint8:
+                    raise ValueError(f"flora: {where} {name} must be uint8 (8-bit codes, "
+                                     f"quantization=True), got {t.dtype}")
+            elif t.dtype != torch.float32:
                 raise ValueError(f"flora: {where} {name} must be float32, got {t.dtype}")
             if t.device != p.device:
                 raise ValueError(f"flora: {where} {name} must be on {p.device} like its "
@@ -745,19 +791,45 @@ class Flora(torch.optim.Optimizer):
                 continue
             for key, v in state.items():
                 if isinstance(v, torch.Tensor):
+                    if key in _quantized.SIGNED and _quantized.ABSMAX[key] in state:
+                        if v.dtype != torch.uint8:  # 8-bit codes: kept as they are
+                            raise ValueError(f"flora: {where} {key} must be uint8 (8-bit "
+                                             f"codes, as {_quantized.ABSMAX[key]} says), "
+                                             f"got {v.dtype}")
+                        state[key] = v.to(device=p.device, memory_format=torch.contiguous_format,
+                                          copy=True)
+                        continue
                     if not v.is_floating_point():
-                        raise ValueError(f"flora: {where} {key} must be a float tensor, "
-                                         f"got {v.dtype}")
+                        hint = (f" ({key}_absmax is missing)" if key in _quantized.SIGNED
+                                and v.dtype == torch.uint8 else "")
+                        raise ValueError(f"flora: {where} {key} must be a float tensor"
+                                         f"{hint}, got {v.dtype}")
                     state[key] = v.to(device=p.device, dtype=torch.float32,
                                       memory_format=torch.contiguous_format, copy=True)
+            if self.quantization:
+                self._quantize_loaded(p, group, state)
             self._check_state(p, group, state, where=where)
             new_state[p] = state
         return new_state, new_groups
 
+    @staticmethod
+    def _quantize_loaded(p, group, state):
+        """quantization=True loading float32 state (of quantization=False): the momentum
+        and unfactored second moment are quantized on purpose, so that a float32
+        checkpoint resumes with 8-bit state (docs/FLORA.md §11). Only tensors of the
+        expected shape; _check_state names the others."""
+        shapes, _ = _expected_state_shapes(p, group)
+        for name, signed in _quantized.SIGNED.items():
+            t = state.get(name)
+            if (name in shapes and _quantized.ABSMAX[name] not in state
+                    and isinstance(t, torch.Tensor) and t.dtype == torch.float32
+                    and tuple(t.shape) == shapes[name]):
+                state[name], state[_quantized.ABSMAX[name]] = _quantized.quantize(name, t)
+
     def __getstate__(self):
         # torch.optim's keeps defaults, state and param_groups only.
         return {**super().__getstate__(), "reuse_param_norms": self.reuse_param_norms,
-                "_nonfinite_skips": self._nonfinite_skips}
+                "_nonfinite_skips": self._nonfinite_skips, "quantization": self.quantization}
 
 
 def _layout_key(group):

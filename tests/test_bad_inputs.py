@@ -260,6 +260,33 @@ def load(w):
     w.opt.load_state_dict(w.extra["sd"])
 
 
+def quantized_state_dict(into_quantized, edit=lambda sd: None):
+    """A Flora (quantization=into_quantized), and the edited state_dict of one stepped with
+    quantization=True to load into it."""
+    def build():
+        w = stepped(groups=2, quantization=into_quantized)
+        sd = copy.deepcopy(stepped(groups=2, quantization=True).opt.state_dict())
+        edit(sd)
+        w.extra["sd"] = sd
+        return w
+    return build
+
+
+def quantized_state_changed(key, make, quantization=True):
+    """Two groups stepped (quantization=True unless told): the second parameter's state
+    ``key`` replaced (removed when make returns None) before the next step."""
+    def build():
+        w = stepped(groups=2, quantization=quantization)
+        state = w.opt.state[w.extra["ps"][1]]
+        value = make(state)
+        if value is None:
+            state.pop(key)
+        else:
+            state[key] = value
+        return w
+    return build
+
+
 def step(w):
     w.opt.step()
 
@@ -469,6 +496,47 @@ CASES = [
     ("state_dict with a state of an unknown parameter",
      own_state_dict(lambda sd: sd["state"].__setitem__(7, dict(sd["state"][1]))), load,
      ValueError, "refers to parameter 7"),
+    # -- quantization=True's 8-bit state (docs/FLORA.md §11)
+    ("8-bit state_dict into quantization=False", quantized_state_dict(False), load,
+     ValueError, "made with quantization=True; this optimizer has quantization=False"),
+    ("8-bit state_dict with int8 codes",
+     quantized_state_dict(True, lambda sd: sd["state"][1].__setitem__(
+         "momentum", sd["state"][1]["momentum"].to(torch.int8))), load,
+     ValueError, "momentum must be uint8 (8-bit codes, as momentum_absmax says), got torch.int8"),
+    ("8-bit state_dict with uint8 codes but no absmax",
+     quantized_state_dict(True, lambda sd: sd["state"][1].pop("second_moment_absmax")), load,
+     ValueError, "second_moment must be a float tensor (second_moment_absmax is missing)"),
+    ("8-bit state_dict with an absmax of the wrong shape",
+     quantized_state_dict(True, lambda sd: sd["state"][1].__setitem__(
+         "momentum_absmax", torch.zeros(2))), load,
+     ValueError, "momentum_absmax of a parameter of shape (37,) must have shape (1,), got (2,)"),
+    ("8-bit state_dict with codes of the wrong shape",
+     quantized_state_dict(True, lambda sd: sd["state"][0].__setitem__(
+         "momentum", torch.zeros(4, 41, dtype=torch.uint8))), load,
+     ValueError, "momentum of a parameter of shape (16, 40) must have shape (4, 40)"),
+    ("8-bit state_dict with float codes beside an absmax",
+     quantized_state_dict(True, lambda sd: sd["state"][1].__setitem__(
+         "momentum", torch.zeros(37))), load,
+     ValueError, "momentum must be uint8 (8-bit codes, as momentum_absmax says), got torch.float32"),
+    ("quantization=True, float32 momentum put in the state",
+     quantized_state_changed("momentum", lambda st: torch.zeros(37)), step,
+     ValueError, "momentum must be uint8 (8-bit codes, quantization=True), got torch.float32"),
+    ("quantization=True, absmax removed from the state",
+     quantized_state_changed("second_moment_absmax", lambda st: None), step,
+     ValueError, "expected ['momentum', 'momentum_absmax', 'second_moment', "
+                 "'second_moment_absmax', 'step']"),
+    ("quantization=True, absmax of the wrong shape in the state",
+     quantized_state_changed("momentum_absmax", lambda st: torch.zeros(3)), step,
+     ValueError, "momentum_absmax of a parameter of shape (37,) must have shape (1,)"),
+    ("quantization=True, absmax on another dtype in the state",
+     quantized_state_changed("momentum_absmax", lambda st: st["momentum_absmax"].half()), step,
+     ValueError, "momentum_absmax must be float32, got torch.float16"),
+    ("quantization=False, 8-bit state put in the state",
+     quantized_state_changed("momentum_absmax", lambda st: torch.zeros(1), quantization=False),
+     step, ValueError, "made with quantization=True"),
+    ("quantization=True, torch.compile",
+     lambda: stepped(quantization=True), lambda w: torch.compile(w.opt.step, fullgraph=True)(),
+     RuntimeError, "does not support quantization=True"),
     # -- FloraAccumulator: a parameter without a gradient (issue 29 item 1)
     ("accumulator: b (nearer the output) got no gradient, next backward",
      accumulator_after(["ab", "a"]), backward_ab, RuntimeError,

@@ -62,13 +62,14 @@ def test_part1_smoke_and_resume(tmp_path, capsys):
     ddir = data.prepare(src, tmp_path / "cache", [".txt"])
     run_dir = tmp_path / "runs"
     argv = ["--part", "1", "--data", str(ddir), "--run-dir", str(run_dir),
-            "--optimizers", "flora:rank=8:kappa=10:lr=0.1,adamw:lr=0.01", "--seeds", "0",
+            "--optimizers", "flora:rank=8:kappa=10:lr=0.1,adamw:lr=0.01,flora:rank=8:kappa=10:lr=0.1:q8=1",
+            "--seeds", "0",
             "--model-size", "tiny", "--steps", "40", "--batch-size", "8",
             "--eval-every", "20", "--ckpt-every", "20", "--eval-windows", "32",
             "--device", "cpu", "--no-progress"]
     torch.manual_seed(0)
     logs = convergence.main(argv)
-    assert [lg["optimizer"]["name"] for lg in logs] == ["flora", "adamw"]
+    assert [lg["optimizer"]["name"] for lg in logs] == ["flora", "adamw", "flora"]
     for lg in logs:
         assert lg["finished"]
         first, last = lg["val"][0][1], lg["final_val_loss"]
@@ -80,10 +81,14 @@ def test_part1_smoke_and_resume(tmp_path, capsys):
         assert (run_dir / lg["run"] / "ckpt.pt").is_file()
     # Flora's compressed momentum holds less state than AdamW's two moments
     assert logs[0]["optimizer_state_bytes"] < logs[1]["optimizer_state_bytes"]
+    # q8=1 (quantization=True): less state again, and a loss close to float32 state's
+    assert logs[2]["run"].endswith("-q8-lr0.1-s0")
+    assert logs[2]["optimizer_state_bytes"] < logs[0]["optimizer_state_bytes"]
+    assert abs(logs[2]["final_val_loss"] - logs[0]["final_val_loss"]) < 0.05
     capsys.readouterr()
     again = convergence.main(argv)
     out = capsys.readouterr().out
-    assert out.count("[skip]") == 2
+    assert out.count("[skip]") == 3
     assert [lg["final_val_loss"] for lg in again] == [lg["final_val_loss"] for lg in logs]
 
 

@@ -42,7 +42,7 @@ BAD_CONSTRUCTOR = [
     (dict(stochastic_rounding=None), TypeError, "stochastic_rounding must be a bool"),
     (dict(lr=torch.tensor(0.1)), ValueError,
      r"^flora: lr as a Tensor is not supported; pass a Python float \(e.g. lr.item\(\)\)$"),
-    (dict(quantization=True), NotImplementedError, "quantization=True"),
+    (dict(quantization=1), TypeError, "quantization must be a bool"),
 ]
 
 

@@ -53,7 +53,7 @@ OPTIM_ARGS = {
     "rank": _INT_OR_NONE, "kappa": _INT, "beta1": _FLOAT_OR_NONE,
     "clip_threshold": _FLOAT, "decay_rate": _FLOAT, "eps1": _FLOAT, "eps2": _FLOAT,
     "scale_parameter": _BOOL, "factorize_second_moment": _BOOL, "seed": _INT, "tf32": _BOOL,
-    "stochastic_rounding": _BOOL, "reuse_param_norms": _BOOL,
+    "stochastic_rounding": _BOOL, "reuse_param_norms": _BOOL, "quantization": _BOOL,
 }
 # Keys that look like Flora's but must come from elsewhere under Trainer.
 _ELSEWHERE = {
@@ -64,7 +64,6 @@ _ELSEWHERE = {
     "relative_step": "Trainer's LR scheduler sets lr on every step, which relative_step=True "
                      "excludes; build Flora yourself and pass optimizers=(opt, scheduler)",
     "warmup_init": "it requires relative_step=True (see relative_step)",
-    "quantization": "8-bit optimizer states are not implemented",
 }
 _DEFAULT_EPS = (1e-30, 1e-3)  # Flora's default (eps1, eps2)
 

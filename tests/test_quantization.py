@@ -1,0 +1,467 @@
+"""quantization=True (docs/FLORA.md §11): the 8-bit format against a float64 model written
+from its description, the step against the float64 reference with the same quantization,
+state_dict round trips, and CPU against CUDA (those skip without a GPU)."""
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+import flora_ext
+from flora_ext import _quantized
+from tests.conftest import DEVICES, rel_err, requires_cuda
+from tests.reference import full_hp, init_state, layout_for, reference_step
+
+BLOCK = 256
+SIGNED_HALF_GAP = 0.9 / 64 / 2  # widest bin of the signed map: 64 bins in [0.1, 1]
+UNSIGNED_HALF_GAP = 0.9 / 128 / 2
+
+
+# ------------------------------------------------------------------ float64 model of the format
+
+
+def model_map(signed):
+    """The dynamic map from its description: decade i = 0..6 (scale 10^(i-6)), [0.1, 1] cut
+    into 2^i bins (2^(i+1) unsigned), the bins' midpoints; mirrored when signed; 0 and 1."""
+    codes = [0.0, 1.0]
+    for i in range(7):
+        bins = 2**i if signed else 2 ** (i + 1)
+        edges = torch.linspace(0.1, 1.0, bins + 1, dtype=torch.float64)
+        mids = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (i - 6)
+        codes += mids.tolist()
+        if signed:
+            codes += (-mids).tolist()
+    return torch.tensor(sorted(codes), dtype=torch.float64)
+
+
+def model_quantize(x, signed):
+    """float64 codes (index of the nearest map entry to x / absmax, ties low) and absmax."""
+    x = x.double().reshape(-1)
+    values = model_map(signed)
+    pad = (-x.numel()) % BLOCK
+    blocks = torch.cat([x, x.new_zeros(pad)]).view(-1, BLOCK)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = torch.where(absmax[:, None] > 0, blocks / absmax[:, None].clamp_min(1e-300), 0.0)
+    dist = (scaled[..., None] - values).abs()
+    codes = dist.argmin(dim=-1).reshape(-1)[: x.numel()]  # argmin: the first (lower) on ties
+    return codes, absmax
+
+
+def model_dequantize(codes, absmax, signed):
+    """value * absmax; the map's entries are stored as float32 (the product of two float32
+    numbers is exact in float64, so .float() of it rounds as a float32 multiplication)."""
+    values = model_map(signed).float().double()
+    block = torch.arange(codes.numel()) // BLOCK
+    return values[codes.long().reshape(-1)] * absmax[block]
+
+
+def op_quantize(x, signed):
+    codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty((x.numel() + BLOCK - 1) // BLOCK, device=x.device)
+    torch.ops.flora.quantize_blockwise_(x, codes, absmax, signed)
+    return codes, absmax
+
+
+def op_dequantize(codes, absmax, signed):
+    out = torch.empty(codes.shape, device=codes.device)
+    torch.ops.flora.dequantize_blockwise_(codes, absmax, out, signed)
+    return out
+
+
+def sample(numel, gen, signed):
+    """Values over many decades, as optimizer states are, with an outlier per 1000."""
+    x = torch.randn(numel, generator=gen, dtype=torch.float64)
+    x = x * torch.exp(3 * torch.randn(numel, generator=gen, dtype=torch.float64))
+    x[torch.rand(numel, generator=gen) < 1e-3] *= 100
+    return (x if signed else x.abs()).float()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_map_is_the_published_construction(signed):
+    op = torch.ops.flora.dynamic_map(signed)
+    assert op.dtype == torch.float32 and op.shape == (256,)
+    assert torch.equal(op, model_map(signed).float())
+    assert op.unique().numel() == 256 and op[-1] == 1.0 and (op == 0).sum() == 1
+    assert (op.min() < 0) == signed
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("numel", [1, 255, 256, 1000, 70001])
+def test_quantize_matches_the_float64_model(signed, numel):
+    gen = torch.Generator().manual_seed(numel)
+    x = sample(numel, gen, signed)
+    codes, absmax = op_quantize(x, signed)
+    want_codes, want_absmax = model_quantize(x, signed)
+    assert torch.equal(absmax.double(), want_absmax)  # a max is exact
+    # float32 division against the float64 model: only a value within rounding of the
+    # midpoint of two codes may pick the other one.
+    values = model_map(signed)
+    scaled = x.double() / want_absmax[torch.arange(numel) // BLOCK]
+    differ = codes.long() != want_codes
+    gap = (scaled[differ] - (values[codes.long()[differ]] + values[want_codes[differ]]) / 2).abs()
+    assert (gap <= 1e-6).all(), gap.max()
+    assert differ.sum() <= max(1, numel // 10000)
+    back = op_dequantize(codes, absmax, signed)
+    assert torch.equal(back.double(), model_dequantize(codes, absmax.double(), signed).float().double())
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_round_trip_error_is_within_half_a_bin_of_each_blocks_absmax(signed):
+    gen = torch.Generator().manual_seed(1)
+    x = sample(64 * BLOCK + 17, gen, signed)
+    back = op_dequantize(*op_quantize(x, signed), signed)
+    absmax = model_quantize(x, signed)[1].float()
+    bound = (SIGNED_HALF_GAP if signed else UNSIGNED_HALF_GAP) * absmax
+    err = (back - x).abs()
+    block = torch.arange(x.numel()) // BLOCK
+    assert (err <= bound[block] + 1e-6 * absmax[block]).all()  # (+ float32 rounding of the map)
+    # the stated bound is tight: some element comes close to it
+    assert (err / bound[block]).max() > 0.9
+    # a block's largest element comes back exact (code 1), or within 0.71% when it is
+    # negative (the signed map has no -1: its most negative code is -(1 - 0.9/128))
+    largest = back.view(-1)[:64 * BLOCK].view(64, BLOCK).abs().amax(1)
+    assert (largest >= absmax[:64] * (1 - 0.9 / 128) * (1 - 1e-6)).all()
+
+
+def test_an_outlier_costs_only_its_own_block():
+    x = torch.randn(4 * BLOCK)
+    x[BLOCK + 3] = 1e4
+    err = (op_dequantize(*op_quantize(x, True), True) - x).abs()
+    assert err[BLOCK:2 * BLOCK].max() > 1e-2  # its block lost the small values' precision
+    others = torch.cat([err[:BLOCK], err[2 * BLOCK:]])
+    assert others.max() <= SIGNED_HALF_GAP * x.abs().max() * 1e-3 * 10 + 0.03
+
+
+def test_zero_and_non_finite_blocks():
+    x = torch.zeros(3 * BLOCK)
+    x[2 * BLOCK + 5] = float("nan")
+    codes, absmax = op_quantize(x, True)
+    back = op_dequantize(codes, absmax, True)
+    assert torch.equal(back[:2 * BLOCK], x[:2 * BLOCK])
+    assert back[2 * BLOCK:].isnan().all()  # a NaN is not hidden: its block reads back NaN
+    assert int(codes[0]) == _quantized.zero_code(True)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda v, c, a: (v, c.to(torch.int8), a), "codes must be uint8"),
+    (lambda v, c, a: (v.double(), c, a), "values must be float32"),
+    (lambda v, c, a: (v, c, a[:-1]), "absmax must be a vector of 4 entries"),
+    (lambda v, c, a: (v, c[:-1], a), "codes must have the shape of values"),
+    (lambda v, c, a: (v[::2], c[::2], a[:2]), "must be contiguous"),
+])
+def test_format_ops_refuse_bad_arguments(change, match):
+    v, c, a = torch.randn(1000), torch.zeros(1000, dtype=torch.uint8), torch.zeros(4)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.flora.quantize_blockwise_(*change(v, c, a), True)
+
+
+# ------------------------------------------------------------------ the step
+
+
+HP = dict(lr=1e-2, beta1=0.9, rank=4, kappa=3)
+SHAPES = ((16, 40), (40, 16), (37,), (8, 100), (6, 5, 4), (300, 3))
+
+
+def params_for(shapes=SHAPES, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+
+
+def grads_for(ps, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=gen).to(p.device) for p in ps] for _ in range(steps)]
+
+
+def run(opt, ps, grads):
+    for gs in grads:
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        opt.step()
+
+
+def float_state(state):
+    """``state`` with its 8-bit tensors read back as float32 (CPU)."""
+    out = {}
+    for key, v in state.items():
+        if key in _quantized.STATE_KEYS:
+            continue
+        if key in _quantized.SIGNED and v.dtype == torch.uint8:
+            v = _quantized.dequantize(key, v, state[_quantized.ABSMAX[key]])
+        out[key] = v.cpu().clone() if isinstance(v, torch.Tensor) else v
+    return out
+
+
+def test_state_is_8_bit_where_documented():
+    ps = params_for()
+    opt = flora_ext.Flora(ps, **HP, quantization=True)
+    run(opt, ps, grads_for(ps, 1))
+    for p in ps:
+        state, lay = opt.state[p], layout_for(p.shape, full_hp(**{k: HP[k] for k in ("lr", "beta1", "rank", "kappa")}))
+        for name in ("momentum", "second_moment"):
+            if name in state:
+                assert state[name].dtype == torch.uint8 and state[name].shape == (
+                    p.shape if name == "second_moment" else lay["momentum_shape"])
+                assert state[_quantized.ABSMAX[name]].shape == (math.ceil(state[name].numel() / 256),)
+        if lay["factored"]:
+            assert state["row_second_moment"].dtype == torch.float32
+
+
+def test_step_matches_the_float64_reference_with_the_same_quantization():
+    """Every step starts the reference from the extension's state (read back from 8 bits),
+    steps it in float64 and quantizes with the float64 model: parameters and read-back
+    states agree, the codes but where float32 and float64 round differently at a midpoint."""
+    hp = full_hp(**HP)
+    ps = params_for()
+    opt = flora_ext.Flora(ps, **HP, quantization=True)
+    differing = total = 0
+    for t, gs in enumerate(grads_for(ps, 7)):
+        before = {p: (p.detach().double().clone(), float_state(opt.state[p]) if opt.state[p]
+                      else None) for p in ps}
+        for p, g in zip(ps, gs):
+            p.grad = g.clone()
+        opt.step()
+        for k, (p, g) in enumerate(zip(ps, gs)):
+            p0, state = before[p]
+            if state is None:
+                state = init_state(p, hp, seed=k + 1)
+            state = {key: v.double() if isinstance(v, torch.Tensor) else v for key, v in state.items()}
+            want = reference_step(p0, g, state, hp)
+            # the update itself, not only the parameter (float32 step: ~3e-5 here)
+            assert rel_err(p.detach().double() - p0, want - p0) < 2e-4, (t, k)
+            assert opt.state[p]["step"] == state["step"] and opt.state[p].get("seed") == state.get("seed")
+            for name, signed in _quantized.SIGNED.items():
+                if name not in state:
+                    continue
+                codes, absmax = model_quantize(state[name], signed)
+                got = opt.state[p][name].reshape(-1).long()
+                assert torch.allclose(opt.state[p][_quantized.ABSMAX[name]].double(), absmax,
+                                      rtol=1e-4, atol=0)
+                near = model_dequantize(codes, absmax, signed)
+                back = model_dequantize(got, absmax, signed)
+                gap = (SIGNED_HALF_GAP if signed else UNSIGNED_HALF_GAP) * 2
+                block = torch.arange(got.numel()) // BLOCK
+                assert ((back - near).abs() <= gap * absmax[block] + 1e-30).all()
+                differing += int((got != codes).sum())
+                total += got.numel()
+    assert differing <= total * 0.01, (differing, total)
+
+
+def test_quantized_and_float_training_stay_close():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8))
+    twin = copy.deepcopy(model)
+    starts = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(256, 32)
+    y = torch.tanh(x @ torch.randn(32, 8) / 4)  # learnable
+    opts = [flora_ext.Flora(m.parameters(), lr=3e-2, beta1=0.9, rank=8, quantization=q)
+            for m, q in ((model, False), (twin, True))]
+    losses = []
+    for m, opt in zip((model, twin), opts):
+        run_losses = []
+        for _ in range(30):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            loss.backward()
+            opt.step()
+            run_losses.append(loss.item())
+        losses.append(run_losses)
+    assert losses[1][-1] < 0.7 * losses[1][0], losses  # it trains
+    assert abs(losses[1][-1] - losses[0][-1]) <= 0.01 * losses[0][-1], losses  # 0.06% here
+    for a, b, start in zip(model.parameters(), twin.parameters(), starts):
+        # what 8 bits change, against how far training moved the parameter
+        assert rel_err(b.detach() - start, a.detach() - start) < 0.05  # 0.011-0.024 here
+
+
+def test_chunked_scratch_steps_bitwise_as_one_chunk(monkeypatch):
+    ps, qs = params_for(), params_for()
+    grads = grads_for(ps, 4)
+    whole = flora_ext.Flora(ps, **HP, quantization=True)
+    run(whole, ps, grads)
+    monkeypatch.setattr(_quantized, "SCRATCH_BYTES", 4 * 300)  # about a parameter a chunk
+    assert len(_quantized._chunks([640, 160, 74, 800, 240, 300], 300)) == 5
+    chunked = flora_ext.Flora(qs, **HP, quantization=True)
+    run(chunked, qs, grads)
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+        for key, v in whole.state[p].items():
+            assert torch.equal(v, chunked.state[q][key]) if isinstance(v, torch.Tensor) else v == chunked.state[q][key]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_dict_round_trip_and_bitwise_resume(device, dtype):
+    ps = [torch.nn.Parameter(p.detach().to(dtype)) for p in params_for(device=device)]
+    grads = [[g.to(dtype) for g in gs] for gs in grads_for(ps, 6)]
+    opt = flora_ext.Flora(ps, **HP, quantization=True)
+    run(opt, ps, grads[:3])
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    resumed = flora_ext.Flora(qs, **HP, quantization=True)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer))
+    for p, q in zip(ps, qs):
+        for key, v in opt.state[p].items():
+            got = resumed.state[q][key]
+            if isinstance(v, torch.Tensor):
+                assert got.dtype == v.dtype and got.device == v.device and torch.equal(got, v)
+                assert got.data_ptr() != v.data_ptr()
+    run(opt, ps, grads[3:])
+    run(resumed, qs, grads[3:])
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+        for key, v in opt.state[p].items():
+            assert torch.equal(v, resumed.state[q][key]) if isinstance(v, torch.Tensor) else v == resumed.state[q][key]
+
+
+def test_float_state_is_quantized_on_load():
+    ps = params_for()
+    grads = grads_for(ps, 2)
+    opt = flora_ext.Flora(ps, **HP)
+    run(opt, ps, grads)
+    sd = opt.state_dict()
+    qopt = flora_ext.Flora(ps, **HP, quantization=True)
+    qopt.load_state_dict(sd)
+    for p in ps:
+        for name in _quantized.SIGNED:
+            if name in opt.state[p]:
+                codes, absmax = _quantized.quantize(name, opt.state[p][name])
+                assert torch.equal(qopt.state[p][name], codes)
+                assert torch.equal(qopt.state[p][_quantized.ABSMAX[name]], absmax)
+        assert torch.equal(qopt.state[p]["row_second_moment" if p.dim() == 2 else "step"],
+                           opt.state[p]["row_second_moment" if p.dim() == 2 else "step"]) \
+            if p.dim() == 2 else qopt.state[p]["step"] == opt.state[p]["step"]
+    run(qopt, ps, grads_for(ps, 1, seed=5))  # and it steps
+
+
+def test_state_bytes_per_parameter():
+    """rank=256, beta1=0.9 on a 4096 x 4096 weight: 0.066 bytes/parameter in 8 bits (0.252 in
+    float32), as docs/FLORA.md §11 states; tests at a quarter of the width (rank 64)."""
+    p = torch.nn.Parameter(torch.zeros(1024, 1024))
+    sizes = {}
+    for q in (False, True):
+        opt = flora_ext.Flora([p], lr=1e-3, beta1=0.9, rank=64, quantization=q)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        sizes[q] = flora_ext.optimizer.state_bytes(opt)
+    assert sizes[False] == 4 * (1024 + 1024 + 1024 * 64)
+    assert sizes[True] == 4 * (1024 + 1024) + 1024 * 64 + 4 * (1024 * 64 // 256)
+
+
+def test_torch_compile_is_refused_clearly():
+    ps = params_for(shapes=((8, 8),))
+    opt = flora_ext.Flora(ps, lr=1e-2, quantization=True)
+    ps[0].grad = torch.randn(8, 8)
+    with pytest.raises(RuntimeError, match="does not support quantization=True"):
+        opt._compiled_step(None)
+
+
+def test_accumulator_steps_quantized_state():
+    ps = params_for(shapes=((16, 40), (37,)))
+    opt = flora_ext.Flora(ps, **HP, quantization=True)
+    acc = flora_ext.FloraAccumulator(opt, micro_batches=2)
+    for _ in range(2):
+        for _ in range(2):
+            loss = sum((p * torch.randn_like(p)).sum() for p in ps)
+            loss.backward()
+        opt.step()
+    for p in ps:
+        assert opt.state[p]["step"] == 2 and opt.state[p]["momentum"].dtype == torch.uint8
+    acc.remove()
+
+
+# ------------------------------------------------------------------ CUDA against CPU
+
+
+@requires_cuda
+@pytest.mark.parametrize("signed", [True, False])
+def test_cuda_format_is_bitwise_the_cpus(signed):
+    gen = torch.Generator().manual_seed(3)
+    x = sample(300 * BLOCK + 77, gen, signed)
+    codes, absmax = op_quantize(x, signed)
+    cuda_codes, cuda_absmax = op_quantize(x.cuda(), signed)
+    assert torch.equal(cuda_codes.cpu(), codes) and torch.equal(cuda_absmax.cpu(), absmax)
+    assert torch.equal(op_dequantize(cuda_codes, cuda_absmax, signed).cpu(),
+                       op_dequantize(codes, absmax, signed))
+
+
+@requires_cuda
+def test_cuda_step_matches_cpu_step():
+    """tf32=False; the float32 steps differ by rounding, and a value near a code midpoint
+    may then take the neighbouring code (a difference the next steps carry, decaying by
+    beta1): nearly all codes agree (>= 95%), the rest within a few code gaps of their block's
+    absmax; parameters within 3e-5."""
+    cpu_ps, cuda_ps = params_for(), params_for(device="cuda")
+    grads = grads_for(cpu_ps, 5)
+    cpu = flora_ext.Flora(cpu_ps, **HP, quantization=True, tf32=False)
+    gpu = flora_ext.Flora(cuda_ps, **HP, quantization=True, tf32=False)
+    run(cpu, cpu_ps, grads)
+    run(gpu, cuda_ps, [[g.cuda() for g in gs] for gs in grads])
+    for p, q in zip(cpu_ps, cuda_ps):
+        assert rel_err(q.detach().cpu(), p.detach()) < 3e-5  # CPU, 1e-4 gradient noise: 8e-6
+        a, b = float_state(cpu.state[p]), float_state(gpu.state[q])
+        for name, signed in _quantized.SIGNED.items():
+            if name in a:
+                absmax = cpu.state[p][_quantized.ABSMAX[name]]
+                block = torch.arange(a[name].numel()) // BLOCK
+                gap = 2 * (SIGNED_HALF_GAP if signed else UNSIGNED_HALF_GAP)
+                diff = (a[name] - b[name]).abs().reshape(-1)
+                assert (diff <= 3 * gap * absmax[block] * 1.01 + 1e-30).all()
+                codes = (cpu.state[p][name] != gpu.state[q][name].cpu()).double().mean()
+                assert codes <= 0.05, (name, codes.item())  # 0-1.9% at 1e-4 gradient noise on the CPU
+
+
+def test_a_fault_in_the_op_leaves_state_unchanged_or_says_what_stepped(monkeypatch):
+    """A run-time fault (out of memory) in the first op call changes nothing: the 8-bit
+    state is written only after each call; one in a later chunk names what stepped."""
+    ps = params_for()
+    opt = flora_ext.Flora(ps, **HP, quantization=True)
+    grads = grads_for(ps, 2)
+    run(opt, ps, grads[:1])
+    real, calls = torch.ops.flora.step_group_, []
+
+    def failing(*args, fail_at, **kwargs):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise torch.OutOfMemoryError("simulated: out of memory in the op")
+        return real(*args, **kwargs)
+
+    for p, g in zip(ps, grads[1]):
+        p.grad = g.clone()
+    before = [(p.detach().clone(), copy.deepcopy(opt.state[p])) for p in ps]
+    monkeypatch.setattr(torch.ops.flora, "step_group_",
+                        lambda *a, **k: failing(*a, fail_at=1, **k))
+    with pytest.raises(torch.OutOfMemoryError):
+        opt.step()
+    for p, (p0, state) in zip(ps, before):
+        assert torch.equal(p, p0)
+        for key, v in state.items():
+            assert torch.equal(opt.state[p][key], v) if isinstance(v, torch.Tensor) else opt.state[p][key] == v
+    calls.clear()
+    monkeypatch.setattr(_quantized, "SCRATCH_BYTES", 4 * 300)
+    monkeypatch.setattr(torch.ops.flora, "step_group_",
+                        lambda *a, **k: failing(*a, fail_at=2, **k))
+    with pytest.raises(torch.OutOfMemoryError) as info:
+        opt.step()
+    # scratch: the largest parameter's (300 x 3, dense: 960 floats, aligned to 64), chunks
+    # of 192 + 192 + 128 | 832 | 256 | 960
+    assert "had already stepped the first 3 of the 6 parameters" in str(info.value.__notes__)
+
+
+def test_fsdp2_groups_are_refused(monkeypatch):
+    monkeypatch.setattr(flora_ext.optimizer._sharded, "has_dtensors", lambda group: True)
+    with pytest.raises(TypeError, match="quantization=True supports plain tensor parameters"):
+        flora_ext.Flora(params_for(shapes=((8, 8),)), lr=1e-2, quantization=True)
+    flora_ext.Flora(params_for(shapes=((8, 8),)), lr=1e-2)  # the check is quantization's
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_keep_quantization_and_their_8_bit_state(how):
+    import pickle
+    ps = params_for(shapes=((16, 40), (37,)))
+    opt = flora_ext.Flora(ps, **HP, quantization=True)
+    run(opt, ps, grads_for(ps, 1))
+    copied = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert copied.quantization is True
+    assert all(state["momentum"].dtype == torch.uint8 for state in copied.state.values())
