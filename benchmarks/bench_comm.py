@@ -27,7 +27,6 @@ import contextlib
 import datetime
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -40,17 +39,9 @@ sys.path.insert(0, HERE)
 
 import flora_ext  # noqa: E402
 from flora_ext import distributed as fd  # noqa: E402
-from bench_step import llama_shapes  # noqa: E402  (the same LLaMA shapes)
+from bench_step import commit, llama_shapes  # noqa: E402  (the same LLaMA shapes)
 
 LLAMA_7B = (4096, 11008, 32, 32000)  # hidden, intermediate, layers, vocab
-
-
-def commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - outside a checkout
-        return "unknown"
 
 
 def measured_on(device):

@@ -31,7 +31,6 @@ import os
 import re
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,31 +42,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import flora_ext  # noqa: E402
+from bench_step import commit, llama_shapes, named_llama_shapes  # noqa: E402
 
 COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather_into_tensor",
                "reduce_scatter_single", "reduce_scatter_tensor", "all_gather",
                "all_gather_object", "broadcast", "reduce_scatter")
-
-
-def commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - outside a checkout
-        return "unknown"
-
-
-def llama_shapes(hidden, intermediate, layers, vocab):
-    """(name, shape) of every parameter, layer by layer (benchmarks/bench_step.py's shapes)."""
-    shapes = [("embed", (vocab, hidden))]
-    for i in range(layers):
-        shapes += [(f"layers.{i}.{name}", (hidden, hidden)) for name in "qkvo"]
-        shapes += [(f"layers.{i}.gate", (intermediate, hidden)),
-                   (f"layers.{i}.up", (intermediate, hidden)),
-                   (f"layers.{i}.down", (hidden, intermediate)),
-                   (f"layers.{i}.norm1", (hidden,)), (f"layers.{i}.norm2", (hidden,))]
-    shapes += [("norm", (hidden,)), ("head", (vocab, hidden))]
-    return shapes
 
 
 class Layer(torch.nn.Module):
@@ -79,14 +58,14 @@ class Layer(torch.nn.Module):
 
 
 class Model(torch.nn.Module):
-    """Parameters of the shapes of llama_shapes(), grouped as its layers."""
+    """Parameters of the shapes of named_llama_shapes(), grouped as its layers."""
 
     def __init__(self, dims, device):
         super().__init__()
         hidden, intermediate, layers, vocab = dims
         self.embed = torch.nn.Parameter(torch.randn(vocab, hidden, device=device).mul_(0.02))
         per_layer = [(name.split(".")[-1], shape)
-                     for name, shape in llama_shapes(hidden, intermediate, 1, vocab)
+                     for name, shape in named_llama_shapes(hidden, intermediate, 1, vocab)
                      if name.startswith("layers.0.")]
         self.layers = torch.nn.ModuleList(Layer(per_layer, device) for _ in range(layers))
         self.norm = torch.nn.Parameter(torch.ones(hidden, device=device))
@@ -98,7 +77,7 @@ def one_process_state_bytes(make, dims):
     state shapes Flora gives each parameter; AdamW: two fp32 moments)."""
     from flora_ext.optimizer import _expected_state_shapes
 
-    shapes = [shape for _, shape in llama_shapes(*dims)]
+    shapes = llama_shapes(*dims)
     probe = make([torch.nn.Parameter(torch.empty(2, 2))])
     if not isinstance(probe, flora_ext.Flora):
         return 8.0
@@ -224,7 +203,7 @@ def _worker(rank, world, args, device_name):
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    results["_numel"] = sum(math.prod(s) for _, s in llama_shapes(*args.dims))
+    results["_numel"] = sum(math.prod(s) for s in llama_shapes(*args.dims))
     results["_local_numel"] = local_numel
     results["_params"] = len(params)
     if device.type == "cuda":

@@ -17,6 +17,7 @@ import datetime
 import gc
 import os
 import statistics
+import subprocess
 import sys
 
 import torch
@@ -26,6 +27,16 @@ MODELS = {  # hidden, intermediate, layers, vocab (LLaMA family shapes of the Fl
     "0.35b": (1024, 2736, 24, 32000),
     "1.35b": (2048, 5504, 24, 32000),
 }
+
+
+def commit():
+    """The checkout's short commit hash, or "unknown" outside a checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                              cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - outside a checkout
+        return "unknown"
 
 
 def measured_on():
@@ -48,13 +59,22 @@ def report(text, out):
             f.write(text)
 
 
-def llama_shapes(hidden, intermediate, layers, vocab):
-    shapes = [(vocab, hidden)]
-    for _ in range(layers):
-        shapes += [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
-        shapes += [(hidden,), (hidden,)]
-    shapes += [(hidden,), (vocab, hidden)]
+def named_llama_shapes(hidden, intermediate, layers, vocab):
+    """(name, shape) of every parameter of a LLaMA decoder, layer by layer."""
+    shapes = [("embed", (vocab, hidden))]
+    for i in range(layers):
+        shapes += [(f"layers.{i}.{name}", (hidden, hidden)) for name in "qkvo"]
+        shapes += [(f"layers.{i}.gate", (intermediate, hidden)),
+                   (f"layers.{i}.up", (intermediate, hidden)),
+                   (f"layers.{i}.down", (hidden, intermediate)),
+                   (f"layers.{i}.norm1", (hidden,)), (f"layers.{i}.norm2", (hidden,))]
+    shapes += [("norm", (hidden,)), ("head", (vocab, hidden))]
     return shapes
+
+
+def llama_shapes(hidden, intermediate, layers, vocab):
+    """The shapes of named_llama_shapes, in its order."""
+    return [shape for _, shape in named_llama_shapes(hidden, intermediate, layers, vocab)]
 
 
 def make_params(shapes, dtype, seed=0):
