@@ -660,12 +660,9 @@ class Flora(torch.optim.Optimizer):
         if self.quantization:
             _quantized.step_group(params, grads, states, _STATE_TENSORS, steps, seeds,
                                   hyper_parameters, norms, known, skips=skips)
-        elif norms is not None:
+        else:  # (param_norms=None, norms_known=[]: the op's defaults, no norm cache)
             torch.ops.flora.step_group_(params, grads, flat_states, steps, seeds,
-                                        param_norms=norms, norms_known=known,
-                                        nonfinite_skips=skips, **hyper_parameters)
-        else:
-            torch.ops.flora.step_group_(params, grads, flat_states, steps, seeds,
+                                        param_norms=norms, norms_known=list(known),
                                         nonfinite_skips=skips, **hyper_parameters)
 
     def _check_state(self, p, group, state, where="state"):
