@@ -68,7 +68,9 @@ namespace flora {
   /* CUDA: projection GEMMs on tensor cores (TF32); false keeps them exact fp32. */         \
   X(bool, tf32, true)                                                                       \
   /* bfloat16 parameters: unbiased stochastic rounding of the written value. */             \
-  X(bool, stochastic_rounding, false)
+  X(bool, stochastic_rounding, false)                                                       \
+  /* Python only (flora_ext.Flora): device step counts for CUDA graph capture. */            \
+  X(bool, capturable, false)
 
 struct FloraOptions : public torch::optim::OptimizerCloneableOptions<FloraOptions> {
   // The bit of each option (kOption_lr, ...), and how many there are.
