@@ -10,7 +10,8 @@ from operator import attrgetter, is_, itemgetter
 import torch
 
 from . import _dcp, _sharded
-from ._ops import next_seed, param_layout, register_compiled_plan, step_group_compiled_
+from ._ops import (cuda_compiled, next_seed, param_layout, register_compiled_plan,
+                   step_group_compiled_)
 from ._param_groups import as_param_group
 from .hyperparams import MAX_INT64
 from .hyperparams import DEFAULTS as _DEFAULT
@@ -628,7 +629,7 @@ class Flora(torch.optim.Optimizer):
                     workspaces.pop(next(iter(workspaces)))
                 workspace = workspaces[key] = torch.empty(0, dtype=torch.float32,
                                                           device=device)
-                if device.type == "cuda":  # the op keeps the plan made for it until then
+                if device.type == "cuda" and cuda_compiled():  # the op keeps its plan till then
                     weakref.finalize(workspace, torch.ops.flora.forget_capturable,
                                      workspace.untyped_storage()._cdata)
             torch.ops.flora.step_group_capturable_(
