@@ -148,7 +148,8 @@ def _refuse_fsdp1_param(p):
 # device, which the op advances; the state_dict converts them as load_state_dict needs.
 _COUNTERS = ("step", "seed")
 # Workspaces kept per capturable group (one a device and set of stepped parameters): a
-# captured CUDA graph reads the tables in the one its capture used.
+# captured CUDA graph reads the tables in the one its capture used. At most this many sets
+# of several parameters a group (the parameters with a gradient can change between steps).
 _MAX_WORKSPACES = 8
 _WARM_UP = ("flora: capturable=True: a CUDA graph can capture opt.step() once every parameter "
             "has stepped eagerly with capturable=True (a warm-up step on a side stream, as "
@@ -625,8 +626,11 @@ class Flora(torch.optim.Optimizer):
             key = (device, tuple(map(id, params)))
             workspace = workspaces.get(key)
             if workspace is None:
-                if len(workspaces) >= _MAX_WORKSPACES:
-                    workspaces.pop(next(iter(workspaces)))
+                # One a parameter for step_param (FloraAccumulator's hooks), kept; at most
+                # _MAX_WORKSPACES sets of several (step()'s), the oldest dropped first.
+                sets = [k for k in workspaces if len(k[1]) > 1]
+                if len(params) > 1 and len(sets) >= _MAX_WORKSPACES:
+                    workspaces.pop(sets[0])
                 workspace = workspaces[key] = torch.empty(0, dtype=torch.float32,
                                                           device=device)
                 if device.type == "cuda" and cuda_compiled():  # the op keeps its plan till then

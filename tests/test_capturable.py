@@ -291,11 +291,24 @@ def test_capture_needs_a_warm_up_step_with_the_same_tensors():
             opt.step()
     assert not any(opt.state[p] for p in params)
     opt.step()
-    params[0].grad = params[0].grad.clone()  # another gradient tensor than the warm-up's
-    with pytest.raises(RuntimeError, match="run one eager opt.step\\(\\) right before capturing"):
+    grad = params[1].grad
+    params[1].grad = grad.clone()  # another gradient tensor than the warm-up's
+    with pytest.raises(RuntimeError, match=r"the gradient of parameter 1 \(shape \[128, 64\]\) "
+                                           r"is another tensor"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            opt.step()
+    params[1].grad = grad
+    opt.param_groups[0]["weight_decay"] = 0.5  # a setting the plan was made for
+    with pytest.raises(RuntimeError, match=r"run one eager opt.step\(\) right before capturing"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             opt.step()
     assert all(int(opt.state[p]["step"]) == 1 for p in params)
+    opt.param_groups[0]["weight_decay"] = 0.0  # as the plan was made: the capture goes through
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    graph.replay()
+    assert all(int(opt.state[p]["step"]) == 2 for p in params)
 
 
 @requires_cuda

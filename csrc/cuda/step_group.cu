@@ -382,6 +382,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
 struct CapturedCall {
   std::optional<c10::weak_intrusive_ptr<c10::StorageImpl>> owner;  // the workspace's storage
   std::vector<int64_t> key;
+  std::vector<const void*> grads;  // what a graph's capture most often finds changed
   PreparedCall call;
   const StepCounter* counters = nullptr;  // in the workspace
   int count = 0;
@@ -526,12 +527,26 @@ void run_group_capturable_cuda(at::TensorList params, at::TensorList grads,
   std::lock_guard<std::mutex> lock(captured_mutex);
   std::unique_ptr<CapturedCall>& slot = captured_calls[storage];
   if (!slot || slot->owner->expired() || slot->key != key) {
-    TORCH_CHECK(!capturing(stream),
-                "flora: capturable=True: a CUDA graph captures a step that an eager step "
-                "with the same parameters, gradients, state and settings prepared (its plan "
-                "and tables); run one eager opt.step() right before capturing (torch.cuda."
-                "graph's warm-up on a side stream does), and capture again after any of "
-                "them changes");
+    if (capturing(stream)) {
+      // Name the gradient that changed: torch's capture examples set the gradients to None
+      // before capturing, so that backward makes new ones inside the graph.
+      for (size_t k = 0; slot && k < params.size() && k < slot->grads.size(); ++k) {
+        TORCH_CHECK(grads[k].data_ptr() == slot->grads[k],
+                    "flora: capturable=True: the gradient of parameter ", k, " (shape ",
+                    params[k].sizes(), ") is another tensor than at the eager step that "
+                    "prepared this step's plan; a CUDA graph captures a step with the very "
+                    "gradient tensors of the eager step before it: keep them between the "
+                    "warm-up and the capture (zero_grad(set_to_none=False), or no zero_grad "
+                    "before the capture), or run one eager opt.step() with the new ones "
+                    "before capturing");
+      }
+      TORCH_CHECK(false,
+                  "flora: capturable=True: a CUDA graph captures a step that an eager step "
+                  "with the same parameters, gradients, state and settings prepared (its "
+                  "plan and tables); run one eager opt.step() right before capturing "
+                  "(torch.cuda.graph's warm-up on a side stream does), and capture again "
+                  "after any of them changes");
+    }
     slot.reset();
     for (auto it = captured_calls.begin(); it != captured_calls.end();) {
       if (it->second && it->second->owner->expired()) it = captured_calls.erase(it);
@@ -541,6 +556,7 @@ void run_group_capturable_cuda(at::TensorList params, at::TensorList grads,
     prepare_captured(*fresh, params, grads, entries, steps, seeds, workspace);
     fresh->owner.emplace(workspace.storage().getWeakStorageImpl());
     fresh->key = captured_key(params, grads, steps, seeds, entries, workspace, lr_tensor);
+    for (const at::Tensor& grad : grads) fresh->grads.push_back(grad.data_ptr());
     captured_calls[storage] = std::move(fresh);
   }
   CapturedCall& captured = *captured_calls[storage];
