@@ -114,6 +114,28 @@ def test_cpu_step_param_with_capturable():
     assert_same_run(params_a, opt_a, params_b, opt_b)
 
 
+def test_cpu_accumulator_steps_capturable_groups_as_plain_ones():
+    """FloraAccumulator steps each parameter alone (step_param) in its backward hook."""
+    def run(capturable):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(),
+                                  torch.nn.Linear(32, 8))
+        opt = flora_ext.Flora(net.parameters(), lr=1e-2, rank=4, beta1=0.9, kappa=2,
+                              capturable=capturable)
+        flora_ext.FloraAccumulator(opt, micro_batches=2, rank=4)
+        generator = torch.Generator().manual_seed(1)
+        for k in range(12):
+            (net(torch.randn(4, 16, generator=generator)).pow(2).mean() / 2).backward()
+            if k % 2:
+                opt.step()
+        return list(net.parameters()), opt
+
+    params_a, opt_a = run(False)
+    params_b, opt_b = run(True)
+    assert_same_run(params_a, opt_a, params_b, opt_b)
+    assert int(opt_b.state[params_b[0]]["step"]) == 6
+
+
 @pytest.mark.parametrize("first,second", [(True, False), (False, True)])
 def test_state_dict_round_trip_across_capturable(first, second):
     """Saved by one, loaded into the other: the run goes on bitwise as if uninterrupted."""
