@@ -129,6 +129,16 @@ class StreamRounds {
     return g.stream == 0 ? main_ : side_[g.stream - 1];
   }
 
+  // Ready for another call on the now current stream, with the same events (a kept
+  // capturable plan's: no event is made or destroyed while a graph captures).
+  void restart() {
+    main_ = at::cuda::getCurrentCUDAStream();
+    forked_.record(main_);
+    for (at::cuda::CUDAEvent& e : joined_) e.record(main_);
+    started_ = false;
+    side_used_ = 0;
+  }
+
   // The current stream waits for the side streams used.
   void join() {
     for (int s = 0; s < side_used_; ++s) {
@@ -140,7 +150,7 @@ class StreamRounds {
   }
 
  private:
-  const at::cuda::CUDAStream main_;
+  at::cuda::CUDAStream main_;
   const std::vector<at::cuda::CUDAStream>& side_;
   std::vector<at::cuda::CUDAEvent> joined_;
   at::cuda::CUDAEvent forked_;
@@ -300,13 +310,14 @@ void prepare_call(PreparedCall& call, const at::Tensor* workspace, int64_t extra
 // The cuBLAS workspaces torch gives each stream are allocated (through the caching
 // allocator) when the stream first gets the handle: get it now, for every stream a GEMM
 // of this call runs on, rather than inside the first GEMM after the stats pass wrote.
-// The events of the side streams are made here too.
+// The events of the side streams are made here too (a kept call's first: later ones
+// record the same events on the current stream).
 void prepare_streams(PreparedCall& call) {
   const StepPlan& plan = call.plan;
   if (plan.any_gemm) at::cuda::getCurrentCUDABlasHandle();
-  call.res.rounds.reset();
   if (!plan.fused_groups.empty()) {
-    call.res.rounds.emplace(plan.sides_used);
+    if (call.res.rounds) call.res.rounds->restart();
+    else call.res.rounds.emplace(plan.sides_used);
     const std::vector<at::cuda::CUDAStream>& sides =
         side_streams(call.items[0].param.device().index(), plan.sides_used);
     for (int s = 0; s < plan.sides_used; ++s) {
