@@ -319,6 +319,86 @@ void check_projection_output(const at::Tensor& out, int64_t seed, double scale) 
   TORCH_CHECK(std::isfinite(scale), "flora: scale must be finite, got ", scale);
 }
 
+void check_capturable_inputs(at::TensorList params, const std::vector<GroupEntry>& entries,
+                             at::TensorList steps, at::TensorList seeds,
+                             const at::Tensor& workspace,
+                             const std::optional<at::Tensor>& lr_tensor) {
+  const size_t count = params.size();
+  size_t compressed = 0;
+  for (const GroupEntry& entry : entries)
+    compressed += entry.layout.momentum == MomentumKind::kCompressed;
+  TORCH_CHECK(steps.size() == count, "flora: steps must have one tensor per parameter (",
+              count, "), got ", steps.size());
+  TORCH_CHECK(seeds.size() == compressed, "flora: seeds must have one tensor per parameter "
+              "with compressed momentum (", compressed, "), got ", seeds.size());
+  if (count == 0) return;
+  const at::Device device = params[0].device();
+  const auto check_counter = [&](const at::Tensor& t, const char* name, size_t k) {
+    TORCH_CHECK(t.defined() && t.scalar_type() == at::kLong && t.dim() == 0,
+                "flora: ", name, "[", k, "] must be a 0-d int64 tensor, got ",
+                t.defined() ? c10::str(t.scalar_type(), " of shape ", t.sizes())
+                            : std::string("an undefined tensor"));
+    TORCH_CHECK(t.device() == device, "flora: ", name, "[", k, "] must be on the parameters' "
+                "device ", device, ", got ", t.device());
+  };
+  for (size_t k = 0; k < count; ++k) check_counter(steps[k], "steps", k);
+  for (size_t j = 0; j < seeds.size(); ++j) check_counter(seeds[j], "seeds", j);
+  // One tensor written twice would advance twice (and race on CUDA).
+  std::vector<const void*> counters;
+  for (const at::Tensor& t : steps) counters.push_back(t.data_ptr());
+  for (const at::Tensor& t : seeds) counters.push_back(t.data_ptr());
+  std::sort(counters.begin(), counters.end());
+  TORCH_CHECK(std::adjacent_find(counters.begin(), counters.end()) == counters.end(),
+              "flora: steps and seeds must be distinct tensors (one a parameter)");
+  TORCH_CHECK(workspace.defined() && workspace.scalar_type() == at::kFloat &&
+                  workspace.dim() == 1 && workspace.device() == device,
+              "flora: workspace must be a 1-D float32 tensor on ", device);
+  if (lr_tensor.has_value() && lr_tensor->defined()) {
+    const at::Tensor& lr = *lr_tensor;
+    TORCH_CHECK(lr.dim() == 0 && (lr.scalar_type() == at::kFloat ||
+                                  lr.scalar_type() == at::kDouble),
+                "flora: lr_tensor must be a 0-d float32 or float64 tensor, got ",
+                lr.scalar_type(), " of shape ", lr.sizes());
+    TORCH_CHECK(lr.device() == device, "flora: lr_tensor must be on the parameters' device ",
+                device, ", got ", lr.device());
+    TORCH_CHECK(!entries[0].options.relative_step,
+                "flora: lr_tensor and relative_step=True are exclusive");
+  }
+}
+
+void capturable_on_host(GroupKernel kernel, at::TensorList params, at::TensorList grads,
+                        std::vector<GroupEntry>& entries, at::TensorList steps,
+                        at::TensorList seeds, const std::optional<at::Tensor>& lr_tensor) {
+  double lr = entries[0].options.lr;
+  if (lr_tensor.has_value() && lr_tensor->defined()) {
+    lr = lr_tensor->item<double>();
+    TORCH_CHECK(std::isfinite(lr) && lr >= 0.0,
+                "flora: lr_tensor must hold a finite value >= 0, got ", lr);
+  }
+  std::vector<int64_t> seed_index(entries.size(), -1);
+  int64_t compressed = 0;
+  for (size_t k = 0; k < entries.size(); ++k) {
+    StepOptions& o = entries[k].options;
+    const int64_t before = steps[k].item<int64_t>();
+    TORCH_CHECK(before >= 0 && before < std::numeric_limits<int64_t>::max(),
+                "flora: steps[", k, "] must hold a count in [0, 2**63 - 1), got ", before);
+    o.step = before + 1;
+    o.lr = lr;
+    if (entries[k].layout.momentum == MomentumKind::kCompressed) {
+      seed_index[k] = compressed;
+      o.seed = seeds[compressed++].item<int64_t>();
+      TORCH_CHECK(o.seed >= 0, "flora: seeds[", seed_index[k], "] must hold a seed >= 0, got ",
+                  o.seed);
+    }
+  }
+  kernel(params, grads, entries);
+  for (size_t k = 0; k < entries.size(); ++k) {
+    const StepOptions& o = entries[k].options;
+    steps[k].fill_(o.step);
+    if (seed_index[k] >= 0 && o.resample()) seeds[seed_index[k]].fill_(next_seed(o.seed));
+  }
+}
+
 }  // namespace detail
 
 void step_(at::Tensor& param, const at::Tensor& grad,
@@ -393,6 +473,11 @@ bool cuda_compiled_op() { return cuda_compiled(); }
 void reject_sparse(at::TensorList, at::TensorList, const std::vector<GroupEntry>&) {
   TORCH_CHECK(false, "flora: sparse tensors are not supported");
 }
+void reject_sparse_capturable(at::TensorList, at::TensorList, std::vector<GroupEntry>&,
+                              at::TensorList, at::TensorList, const at::Tensor&,
+                              const std::optional<at::Tensor>&) {
+  TORCH_CHECK(false, "flora: sparse tensors are not supported");
+}
 
 }  // namespace
 }  // namespace flora
@@ -400,10 +485,14 @@ void reject_sparse(at::TensorList, at::TensorList, const std::vector<GroupEntry>
 TORCH_LIBRARY_IMPL(flora, SparseCPU, m) {
   m.impl("step_", &flora::detail::step_op<&flora::reject_sparse>);
   m.impl("step_group_", &flora::detail::step_group_op<&flora::reject_sparse>);
+  m.impl("step_group_capturable_",
+         &flora::detail::step_group_capturable_op<&flora::reject_sparse_capturable>);
 }
 TORCH_LIBRARY_IMPL(flora, SparseCUDA, m) {
   m.impl("step_", &flora::detail::step_op<&flora::reject_sparse>);
   m.impl("step_group_", &flora::detail::step_group_op<&flora::reject_sparse>);
+  m.impl("step_group_capturable_",
+         &flora::detail::step_group_capturable_op<&flora::reject_sparse_capturable>);
 }
 
 TORCH_LIBRARY(flora, m) {
@@ -425,6 +514,16 @@ TORCH_LIBRARY(flora, m) {
       "bool factorize_second_moment, bool tf32=True, bool stochastic_rounding=False, "
       "bool skip_nonfinite=False, Tensor(c!)? param_norms=None, int[] norms_known=[], "
       "Tensor(d!)? nonfinite_skips=None) -> ()");
+  // capturable=True: the step counts (before the step) and the seeds of the compressed
+  // parameters are 0-d int64 tensors that the op advances; `workspace` keeps what the
+  // backend reuses between calls (CUDA: the plan and its tables, docs/cuda.md).
+  m.def(
+      "step_group_capturable_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, "
+      "Tensor(c!)[] steps, Tensor(d!)[] seeds, Tensor(e!) workspace, *, float lr, "
+      "float beta1, float eps1, float eps2, float clip_threshold, float decay_rate, "
+      "float weight_decay, int rank, int kappa, bool scale_parameter, bool relative_step, "
+      "bool warmup_init, bool factorize_second_moment, bool tf32=True, "
+      "bool stochastic_rounding=False, Tensor? lr_tensor=None) -> ()");
   m.def("fill_projection_(Tensor(a!) out, int seed, float scale) -> ()");
   // No tensor arguments: these run through their catch-all kernels on any device.
   m.def("next_seed(int seed) -> int", &flora::next_seed_op);

@@ -48,7 +48,7 @@ def init_state_if_checkpoint_step(optimizer) -> bool:
     if any(optimizer.state.values()):
         return False
     groups = optimizer.param_groups
-    # (DCP sets 0.0; Flora's lr is never a tensor)
+    # (DCP sets 0.0; a Tensor lr, which capturable groups may have, is not DCP's)
     if not all(type(group.get("lr")) in (int, float) and group["lr"] == 0 for group in groups):
         return False
     grads, meshes = [], {}

@@ -51,9 +51,18 @@ def _int64_at_least(low: int) -> Callable[[Any], bool]:
 
 def _step_size(lr) -> bool:
     if isinstance(lr, torch.Tensor):  # as torch.optim's optimizers without tensor lr say
-        raise ValueError("flora: lr as a Tensor is not supported; pass a Python float "
+        raise ValueError("flora: lr as a Tensor needs capturable=True; pass a Python float "
                          "(e.g. lr.item())")
     return _finite(lr) and lr >= 0
+
+
+def _check_tensor_lr(lr) -> None:
+    """lr as a Tensor (capturable=True): the step reads it on the device, so that a CUDA graph
+    replays with what an LR scheduler fill_()s in; its value is not checked here (reading a
+    CUDA tensor would wait for the device)."""
+    if lr.dim() != 0 or lr.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"flora: lr as a Tensor must be a 0-d float32 or float64 tensor, got "
+                         f"{lr.dtype} of shape {tuple(lr.shape)}")
 
 
 def _eps_pair(eps) -> bool:
@@ -65,6 +74,12 @@ def _lr_or_relative_step(group) -> None:
     if group["lr"] is not None and group["relative_step"]:
         raise ValueError("flora: lr and relative_step=True are exclusive: relative_step "
                          "computes the step size itself; pass lr=None or relative_step=False")
+
+
+def _capturable_without_skips(group) -> None:
+    if group["capturable"] and group["skip_nonfinite"]:
+        raise ValueError("flora: skip_nonfinite=True is not supported with capturable=True "
+                         "(the capturable step has no skip pass); pass one of them as False")
 
 
 def _warmup_needs_relative_step(group) -> None:
@@ -125,7 +140,7 @@ HYPER_PARAMETERS = (
     HyperParameter(
         "lr", float, None,
         "Step size; required (here or in every param group) unless relative_step=True, "
-        "exclusive with it.",
+        "exclusive with it. A 0-d tensor with capturable=True.",
         check=_step_size, expected="a finite float >= 0", nullable=True, invalid=-1.0,
         rules=(_lr_or_relative_step, _warmup_needs_relative_step)),
     HyperParameter(
@@ -194,6 +209,11 @@ HYPER_PARAMETERS = (
         "step (its step count advances); the skips are counted in opt.nonfinite_skips.",
         keyword_only=True, flora_opt=False),
     HyperParameter(
+        "capturable", bool, False,
+        "CUDA: step counts and seeds live in device tensors and the step plans once, so that "
+        "it can be captured in a CUDA graph and replayed (docs/cuda.md).",
+        keyword_only=True, flora_opt=False, op=False, rules=(_capturable_without_skips,)),
+    HyperParameter(
         "reuse_param_norms", bool, True,
         "CUDA: reuse the sum(p^2) the last step wrote instead of reading p again, unless p "
         "was written since.",
@@ -213,7 +233,11 @@ def validate_defaults(defaults) -> None:
     """The checks of validate_group but one: lr may be missing (None without relative_step)
     here, as every param group may set its own; each group is checked once they are merged."""
     for hp in _CHECK_ORDER:
-        hp.validate(defaults[hp.name])
+        value = defaults[hp.name]
+        if hp.name == "lr" and isinstance(value, torch.Tensor) and defaults["capturable"] is True:
+            _check_tensor_lr(value)
+        else:
+            hp.validate(value)
         for rule in hp.rules:
             rule(defaults)
 

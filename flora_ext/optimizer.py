@@ -11,7 +11,8 @@ from operator import attrgetter, is_, itemgetter
 import torch
 
 from . import _dcp, _quantized, _sharded
-from ._ops import next_seed, param_layout, register_compiled_plan, step_group_compiled_
+from ._ops import (cuda_compiled, next_seed, param_layout, register_compiled_plan,
+                   step_group_compiled_)
 from ._param_groups import as_param_group
 from .hyperparams import BY_NAME as _BY_NAME
 from .hyperparams import MAX_INT64
@@ -42,7 +43,7 @@ def _self_overlapping(t):
 _HYPER = itemgetter("rank", "kappa", "eps", "clip_threshold", "decay_rate", "beta1",
                     "weight_decay", "scale_parameter", "relative_step", "warmup_init",
                     "factorize_second_moment", "seed", "tf32", "stochastic_rounding",
-                    "skip_nonfinite")
+                    "skip_nonfinite", "capturable")
 _LAYOUT = itemgetter("rank", "beta1", "factorize_second_moment")
 
 
@@ -163,11 +164,55 @@ def _refuse_sharded_skip(group):
                          "parameters; use skip_nonfinite=False for them")
 
 
+# capturable=True keeps each parameter's step count and seed in 0-d int64 tensors on its
+# device, which the op advances; the state_dict converts them as load_state_dict needs.
+_COUNTERS = ("step", "seed")
+# Workspaces kept per capturable group (one a device and set of stepped parameters): a
+# captured CUDA graph reads the tables in the one its capture used. At most this many sets
+# of several parameters a group (the parameters with a gradient can change between steps).
+_MAX_WORKSPACES = 8
+_WARM_UP = ("flora: capturable=True: a CUDA graph can capture opt.step() once every parameter "
+            "has stepped eagerly with capturable=True (a warm-up step on a side stream, as "
+            "torch.cuda.graph's examples do); this one has no device step count yet")
+
+
+def _counters_to_tensors(state, device):
+    for key in _COUNTERS:
+        value = state.get(key)
+        if value is not None and not isinstance(value, torch.Tensor):
+            state[key] = torch.full((), value, dtype=torch.int64, device=device)
+
+
+def _counters_to_ints(state):
+    for key in _COUNTERS:
+        value = state.get(key)
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.is_floating_point() and key == "seed":
+                raise ValueError(f"flora: state {key} must be an int or a one-element int64 "
+                                 f"tensor, got a {value.dtype} tensor of shape "
+                                 f"{tuple(value.shape)}")
+            state[key] = int(value.item())
+
+
+def _capturing():
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+class _CapturableRun:
+    """A capturable group's parameters to step (no plan: the op keeps one per workspace)."""
+    __slots__ = ("group", "params")
+
+    def __init__(self, group, params):
+        self.group, self.params = group, list(params)
+
+
 def _op_hyper_parameters(group):
     """The keyword arguments of step_group_ for a checked ``group``."""
     eps1, eps2 = group["eps"]
+    lr = group["lr"]  # a Tensor (capturable) goes to the op as lr_tensor
     return dict(
-        lr=float(group["lr"] or 0.0), beta1=float(group["beta1"] or 0.0),
+        lr=0.0 if lr is None or isinstance(lr, torch.Tensor) else float(lr),
+        beta1=float(group["beta1"] or 0.0),
         eps1=float(eps1), eps2=float(eps2), clip_threshold=float(group["clip_threshold"]),
         decay_rate=float(group["decay_rate"]), weight_decay=float(group["weight_decay"]),
         rank=int(group["rank"] or 0), kappa=int(group["kappa"]),
@@ -195,6 +240,7 @@ class Flora(torch.optim.Optimizer):
                  seed=_DEFAULT["seed"], quantization=_DEFAULT["quantization"], *,
                  tf32=_DEFAULT["tf32"], stochastic_rounding=_DEFAULT["stochastic_rounding"],
                  skip_nonfinite=_DEFAULT["skip_nonfinite"],
+                 capturable=_DEFAULT["capturable"],
                  reuse_param_norms=_DEFAULT["reuse_param_norms"]):
         # The arguments and their defaults: flora_ext/hyperparams.py.
         _BY_NAME["quantization"].validate(quantization)
@@ -224,6 +270,8 @@ class Flora(torch.optim.Optimizer):
         # The torch.compile'd step's _CompiledStep (_prepare_compiled), or None.
         self._compiled = None
         self._prepare_compiled_once = _compile_preparer(self)
+        # capturable groups: id(group) -> (group, {(device, parameter ids): workspace})
+        self._workspaces = {}
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -235,6 +283,7 @@ class Flora(torch.optim.Optimizer):
         self._plans = {}
         self._compiled = None
         self._prepare_compiled_once = _compile_preparer(self)  # a copy is another optimizer
+        self._workspaces = {}
         self._group_count = len(self.param_groups)
 
     def add_param_group(self, param_group):
@@ -256,6 +305,10 @@ class Flora(torch.optim.Optimizer):
             if self.quantization:
                 for p in group["params"]:
                     _check_quantized_param(p)
+            if self.quantization and group["capturable"]:
+                raise ValueError("flora: capturable=True is not supported with "
+                                 "quantization=True (the 8-bit step runs in chunks planned "
+                                 "on the host); pass one of them as False")
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -324,6 +377,8 @@ class Flora(torch.optim.Optimizer):
                 state[name] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         if compressed:
             state["seed"] = group["seed"] + self._param_number(p)
+        if group["capturable"]:
+            _counters_to_tensors(state, p.device)
 
     def _owning_accumulator(self):
         """The live FloraAccumulator that steps some of these parameters in backward hooks."""
@@ -374,6 +429,16 @@ class Flora(torch.optim.Optimizer):
         checked = []
         sharded = []  # FSDP2 (DTensor) groups: stepped on each rank's shard by _sharded
         for index, group in enumerate(self.param_groups):
+            if group["capturable"]:
+                _validate_group(group, index)
+                if _sharded.has_dtensors(group):
+                    raise RuntimeError(
+                        "flora: capturable=True is not supported for FSDP2 (DTensor) "
+                        "parameters; pass capturable=False")
+                params, grads = self._stepped(group, accumulator)
+                self._check_inputs(group, params, grads)
+                checked.append((group, params, grads, None, False))
+                continue
             if _sharded.has_dtensors(group):
                 _validate_group(group, index)
                 _refuse_sharded_skip(group)
@@ -395,7 +460,8 @@ class Flora(torch.optim.Optimizer):
             checked.append((group, params, grads, plan, trusted))
         fresh = []  # states this call initialises: emptied again unless they were stepped
         try:
-            work = [(plan or self._new_plan(group, params, fresh=fresh), grads, trusted)
+            work = [(self._capturable_run(group, params, fresh) if group["capturable"]
+                     else plan or self._new_plan(group, params, fresh=fresh), grads, trusted)
                     for group, params, grads, plan, trusted in checked]
             for group, params, _, _, _ in checked:  # made before the first write, as state
                 for device in {p.device for p in params}:
@@ -405,6 +471,10 @@ class Flora(torch.optim.Optimizer):
                 # Kept only once the step succeeded: a failed op may have stepped a part.
                 self._plans.pop(id(plan.group), None)
                 try:
+                    if type(plan) is _CapturableRun:
+                        self._run_capturable(plan, grads)
+                        stepped += 1
+                        continue
                     self._run_plan(plan, grads)
                 except RuntimeError as err:
                     if trusted:  # the op refused its inputs: the error Python would have raised
@@ -421,11 +491,15 @@ class Flora(torch.optim.Optimizer):
                 run()
         except BaseException:  # e.g. out of memory while making state or inside an op
             for state in fresh:
-                if state.get("step") == 0:
+                if state.get("step") == 0:  # (a fresh capturable state: not capturing)
                     state.clear()
             raise
         if len(self._plans) > len(self.param_groups):  # groups were removed
-            self._plans = {id(plan.group): plan for plan, _, _ in work}
+            self._plans = {id(plan.group): plan for plan, _, _ in work
+                           if type(plan) is not _CapturableRun}
+        if len(self._workspaces) > len(self.param_groups):
+            live = set(map(id, self.param_groups))
+            self._workspaces = {k: v for k, v in self._workspaces.items() if k in live}
         return loss
 
     def _compiled_step(self, closure):
@@ -476,6 +550,7 @@ class Flora(torch.optim.Optimizer):
             raise RuntimeError(
                 "flora: torch.compile of opt.step() supports plain tensor parameters, not "
                 "FSDP2 (DTensor) ones; step an FSDP2 model's optimizer eagerly")
+        _refuse_compile_capturable(self.param_groups)
         work = []
         for group in self.param_groups:  # every check before any state is made
             _validate_group(group)
@@ -530,6 +605,7 @@ class Flora(torch.optim.Optimizer):
                 self._check_grad(p, grad)
                 state = self.state.get(p)  # no empty entry for a parameter never stepped
                 if state:
+                    self._match_counters(p, group, state)
                     self._check_state(p, group, state)
         except (TypeError, ValueError) as err:
             if suppress_context:
@@ -584,11 +660,75 @@ class Flora(torch.optim.Optimizer):
         self._check_inputs(group, [p], [grad])
         fresh = []
         try:
-            self._run_plan(self._new_plan(group, [p], norms=False, fresh=fresh), [grad])
+            if group["capturable"]:
+                self._run_capturable(self._capturable_run(group, [p], fresh), [grad])
+            else:
+                self._run_plan(self._new_plan(group, [p], norms=False, fresh=fresh), [grad])
         except BaseException:
             if fresh and fresh[0].get("step") == 0:
                 fresh[0].clear()
             raise
+
+    def _match_counters(self, p, group, state):
+        """Puts the step count and seed of ``state`` where ``group`` steps them: device
+        tensors when capturable (not while capturing: a CUDA graph needs them beforehand),
+        else ints (a .item() read each)."""
+        if not group["capturable"]:
+            if any(isinstance(state.get(key), torch.Tensor) for key in _COUNTERS):
+                _counters_to_ints(state)
+        elif any(not isinstance(state.get(key), torch.Tensor) for key in _COUNTERS
+                 if key in state):
+            if _capturing():
+                raise RuntimeError(_WARM_UP)
+            _counters_to_tensors(state, p.device)
+
+    def _capturable_run(self, group, params, fresh):
+        for p in params:
+            state = self.state[p]
+            if not state:
+                if _capturing():
+                    raise RuntimeError(_WARM_UP)
+                fresh.append(state)
+                self._init_state(p, group, state)
+        return _CapturableRun(group, params)
+
+    def _run_capturable(self, run, grads):
+        """One step_group_capturable_ call a device: the step counts and seeds are the
+        state's device tensors, which the op advances without reading them on the host."""
+        group = run.group
+        hyper_parameters = _op_hyper_parameters(group)
+        del hyper_parameters["skip_nonfinite"]  # refused with capturable=True (hyperparams)
+        if isinstance(group["lr"], torch.Tensor):
+            hyper_parameters["lr_tensor"] = group["lr"]
+        kept = self._workspaces.get(id(group))
+        if kept is None or kept[0] is not group:
+            kept = self._workspaces[id(group)] = (group, {})
+        workspaces = kept[1]
+        by_device = {}
+        for k, p in enumerate(run.params):
+            by_device.setdefault(p.device, []).append(k)
+        for device, index in by_device.items():
+            params = [run.params[k] for k in index]
+            states = [self.state[p] for p in params]
+            key = (device, tuple(map(id, params)))
+            workspace = workspaces.get(key)
+            if workspace is None:
+                # One a parameter for step_param (FloraAccumulator's hooks), kept; at most
+                # _MAX_WORKSPACES sets of several (step()'s), the oldest dropped first.
+                sets = [k for k in workspaces if len(k[1]) > 1]
+                if len(params) > 1 and len(sets) >= _MAX_WORKSPACES:
+                    workspaces.pop(sets[0])
+                workspace = workspaces[key] = torch.empty(0, dtype=torch.float32,
+                                                          device=device)
+                if device.type == "cuda" and cuda_compiled():  # the op keeps its plan till then
+                    weakref.finalize(workspace, torch.ops.flora.forget_capturable,
+                                     workspace.untyped_storage()._cdata)
+            torch.ops.flora.step_group_capturable_(
+                params, [grads[k] for k in index],
+                [state[name] for state in states for name in _STATE_TENSORS if name in state],
+                [state["step"] for state in states],
+                [state["seed"] for state in states if "seed" in state], workspace,
+                **hyper_parameters)
 
     def _new_plan(self, group, params, norms=True, fresh=None):
         """The plan of stepping ``params`` of ``group``, checked; initialises missing state
@@ -678,7 +818,7 @@ class Flora(torch.optim.Optimizer):
                                         param_norms=norms, norms_known=list(known),
                                         nonfinite_skips=skips, **hyper_parameters)
 
-    def _check_state(self, p, group, state, where="state"):
+    def _check_state(self, p, group, state, where="state", counters_as_ints=False):
         """Raises ValueError when ``state`` does not fit ``p`` under ``group``."""
         shapes, compressed = _expected_state_shapes(p, group)
         expected_keys = {"step", *shapes, *(("seed",) if compressed else ())}
@@ -698,11 +838,25 @@ class Flora(torch.optim.Optimizer):
                 f"{sorted(state)}, expected {sorted(expected_keys)} (rank={group['rank']}, "
                 f"beta1={group['beta1']}, factorize_second_moment="
                 f"{group['factorize_second_moment']})")
-        if not _is_int(state["step"]) or state["step"] < 0:
-            raise ValueError(f"flora: {where} step must be an int >= 0, got {state['step']!r}")
-        if compressed and (not _is_int(state["seed"]) or not 0 <= state["seed"] <= _MAX_SEED):
-            raise ValueError(f"flora: {where} seed must be an int in [0, 2**63), "
-                             f"got {state['seed']!r}")
+        if group["capturable"] and not counters_as_ints:
+            # The values are checked where they come from (load_state_dict, _init_state):
+            # reading them here would wait for the device.
+            for key in ("step", "seed") if compressed else ("step",):
+                t = state[key]
+                if (not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 0
+                        or t.device != p.device):
+                    got = (f"a {t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+                           if isinstance(t, torch.Tensor) else repr(t))
+                    raise ValueError(f"flora: {where} {key} of a capturable=True group must be "
+                                     f"a 0-d int64 tensor on {p.device}, got {got}")
+        else:
+            if not _is_int(state["step"]) or state["step"] < 0:
+                raise ValueError(f"flora: {where} step must be an int >= 0, "
+                                 f"got {state['step']!r}")
+            if compressed and (not _is_int(state["seed"])
+                               or not 0 <= state["seed"] <= _MAX_SEED):
+                raise ValueError(f"flora: {where} seed must be an int in [0, 2**63), "
+                                 f"got {state['seed']!r}")
         for name, shape in (*shapes.items(), *quantized.items()):
             t = state[name]
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
@@ -773,6 +927,15 @@ class Flora(torch.optim.Optimizer):
                                  f"{len(group['params'])}")
             new_group = {**self.defaults, **{key: v for key, v in saved.items() if key != "params"},
                          "params": group["params"]}
+            # Where the step counts live is this optimizer's choice, not the saved one's; a
+            # Tensor lr (capturable) is a float without it, and on the parameters' device.
+            new_group["capturable"] = group["capturable"]
+            lr = new_group.get("lr")
+            if isinstance(lr, torch.Tensor):
+                if not group["capturable"]:
+                    new_group["lr"] = float(lr.item()) if lr.numel() == 1 else lr
+                elif group["params"]:
+                    new_group["lr"] = lr.to(group["params"][0].device, copy=True)
             if "param_names" in group and "param_names" not in saved:
                 new_group["param_names"] = group["param_names"]  # as torch.optim keeps them
             if isinstance(new_group.get("eps"), list):
@@ -793,10 +956,9 @@ class Flora(torch.optim.Optimizer):
                 continue
             where = f"loaded state of parameter {saved_id}"
             state = dict(saved_state)
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = int(state["step"].item())
+            _counters_to_ints(state)  # (saved by a capturable Flora: device tensors)
             if _sharded.has_dtensors(group):  # placed as the FSDP2 step keeps it
-                self._check_state(p, group, state, where=where)
+                self._check_state(p, group, state, where=where, counters_as_ints=True)
                 new_state[p] = _sharded.load_state(p, group, state)
                 continue
             for key, v in state.items():
@@ -818,7 +980,9 @@ class Flora(torch.optim.Optimizer):
                                       memory_format=torch.contiguous_format, copy=True)
             if self.quantization:
                 self._quantize_loaded(p, group, state)
-            self._check_state(p, group, state, where=where)
+            self._check_state(p, group, state, where=where, counters_as_ints=True)
+            if group["capturable"]:
+                _counters_to_tensors(state, p.device)
             new_state[p] = state
         return new_state, new_groups
 
@@ -875,6 +1039,7 @@ class _CompiledPlan:
         group = self.group
         if not _same(_HYPER(group), self.hyper) or not _lr_ok(group):
             _validate_group(group)
+            _refuse_compile_capturable([group])
             if _layout_key(group) != self.layout:
                 raise RuntimeError(
                     f"flora: a parameter group's (rank, beta1 > 0, factorize_second_moment) "
@@ -944,6 +1109,14 @@ class _CompiledStep:
                                  f"of its {len(self.plans)} parameter groups")
                 raise
             p0, s0 = p1, s1
+
+
+def _refuse_compile_capturable(groups):
+    if any(group["capturable"] for group in groups):
+        raise RuntimeError(
+            "flora: torch.compile of opt.step() does not take capturable=True groups; capture "
+            "the eager opt.step() in a CUDA graph instead (docs/cuda.md), or compile a Flora "
+            "with capturable=False")
 
 
 def _compile_preparer(optimizer):

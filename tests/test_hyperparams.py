@@ -206,9 +206,13 @@ def test_op_takes_the_largest_int_the_table_accepts(name):
 
 
 def test_tensor_lr_is_a_value_error_as_in_torch_optim():
-    with pytest.raises(ValueError, match=r"^flora: lr as a Tensor is not supported; pass a "
+    with pytest.raises(ValueError, match=r"^flora: lr as a Tensor needs capturable=True; pass a "
                                          r"Python float \(e.g. lr.item\(\)\)$"):
         validate_group({**VALID_GROUP, "lr": torch.tensor(1e-3)})
+    validate_group({**VALID_GROUP, "lr": torch.tensor(1e-3), "capturable": True})
+    with pytest.raises(ValueError, match=r"^flora: lr as a Tensor must be a 0-d float32 or "
+                                         r"float64 tensor, got torch.int64 of shape \(\)$"):
+        validate_group({**VALID_GROUP, "lr": torch.tensor(1), "capturable": True})
 
 
 def test_eps1_must_survive_in_float32():

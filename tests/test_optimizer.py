@@ -41,8 +41,12 @@ BAD_CONSTRUCTOR = [
     (dict(tf32=1), TypeError, "tf32 must be a bool"),
     (dict(stochastic_rounding=None), TypeError, "stochastic_rounding must be a bool"),
     (dict(lr=torch.tensor(0.1)), ValueError,
-     r"^flora: lr as a Tensor is not supported; pass a Python float \(e.g. lr.item\(\)\)$"),
+     r"^flora: lr as a Tensor needs capturable=True; pass a Python float \(e.g. lr.item\(\)\)$"),
     (dict(quantization=1), TypeError, "quantization must be a bool"),
+    (dict(capturable=True, skip_nonfinite=True), ValueError,
+     "skip_nonfinite=True is not supported with capturable=True"),
+    (dict(capturable=True, quantization=True), ValueError,
+     "capturable=True is not supported with quantization=True"),
 ]
 
 
@@ -71,8 +75,10 @@ def test_defaults_match_flora_opt():
     expected = dict(lr=None, rank=None, kappa=1000, eps=(1e-30, 1e-3), clip_threshold=1.0,
                     decay_rate=-0.8, beta1=None, weight_decay=0.0, scale_parameter=True,
                     relative_step=True, warmup_init=False, factorize_second_moment=True, seed=0)
-    # ours on top: keyword-only, CUDA projection precision, bf16 rounding, non-finite skips
-    expected.update(tf32=True, stochastic_rounding=False, skip_nonfinite=False)
+    # ours on top: keyword-only, CUDA projection precision, bf16 rounding, non-finite
+    # skips, CUDA graphs
+    expected.update(tf32=True, stochastic_rounding=False, skip_nonfinite=False,
+                    capturable=False)
     assert opt.defaults == expected
 
 
@@ -476,7 +482,7 @@ def _assert_unchanged(ps, opt, snapshot):
 @pytest.mark.parametrize("lr,exc,match", [
     (-1.0, ValueError, "lr must be"), (float("nan"), ValueError, "lr must be"),
     (float("inf"), ValueError, "lr must be"), (None, ValueError, "lr is required"),
-    (torch.tensor(0.1), ValueError, "lr as a Tensor is not supported"),
+    (torch.tensor(0.1), ValueError, "lr as a Tensor needs capturable=True"),
     ("0.1", ValueError, "lr must be"),
 ])
 def test_invalid_lr_set_after_a_step_is_rejected(lr, exc, match):
@@ -762,7 +768,7 @@ def test_largest_int64_kappa_and_rank_step():
 
 def test_tensor_lr_in_a_param_group_is_refused_like_torch_optim():
     p = torch.nn.Parameter(torch.randn(6, 8))
-    with pytest.raises(ValueError, match="lr as a Tensor is not supported"):
+    with pytest.raises(ValueError, match="lr as a Tensor needs capturable=True"):
         flora_ext.Flora([{"params": [p], "lr": torch.tensor(1e-2)}])
     assert not flora_ext.Flora([p], lr=1e-2).state  # the refused optimizer left nothing
 

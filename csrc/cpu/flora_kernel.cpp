@@ -254,8 +254,21 @@ void run_group_cpu(at::TensorList params, at::TensorList grads,
 }  // namespace
 }  // namespace flora
 
+namespace flora {
+namespace {
+void run_group_capturable_cpu(at::TensorList params, at::TensorList grads,
+                              std::vector<GroupEntry>& entries, at::TensorList steps,
+                              at::TensorList seeds, const at::Tensor& /*workspace*/,
+                              const std::optional<at::Tensor>& lr_tensor) {
+  detail::capturable_on_host(&run_group_cpu, params, grads, entries, steps, seeds, lr_tensor);
+}
+}  // namespace
+}  // namespace flora
+
 TORCH_LIBRARY_IMPL(flora, CPU, m) {
   m.impl("step_", &flora::detail::step_op<&flora::run_group_cpu>);
   m.impl("step_group_", &flora::detail::step_group_op<&flora::run_group_cpu>);
+  m.impl("step_group_capturable_",
+         &flora::detail::step_group_capturable_op<&flora::run_group_capturable_cpu>);
   m.impl("fill_projection_", &flora::fill_projection_cpu);
 }

@@ -138,7 +138,7 @@ GroupShape group_shape(const Item& first) {
   s.kdim = s.left ? s.n : s.m;
   s.tsize = tiled_halves(s.r, s.kdim);
   s.tile_padding = s.r % kTileRank != 0 || s.kdim % kTileK != 0;
-  s.resample = first.entry->options.resample();  // the same for the whole group
+  s.resample = first.entry->options.plans_resample();  // the same for the whole group
   return s;
 }
 
@@ -272,6 +272,21 @@ void fill_fused_table(const FusedWork& w) {
       jobs[count + k] = next;
     }
   }
+}
+
+FusedCounterWords fused_counter_words(const FusedWork& w, int k) {
+  const int count = static_cast<int>(w.items.size());
+  const GroupShape s = group_shape(*w.items[0]);
+  auto* const words = const_cast<int64_t*>(w.device);  // the table in the workspace
+  FusedCounterWords c{words + kSeedNow * count + k, words + kSeedNext * count + k, nullptr,
+                      nullptr};
+  if (s.resample) {
+    auto* const jobs = reinterpret_cast<DownJob*>(words + kArrays * count);
+    const auto* const host_jobs = reinterpret_cast<const DownJob*>(w.host + kArrays * count);
+    c.next_base = &jobs[count + k].base;  // an address in device memory, not read here
+    c.base = host_jobs[count + k].base;
+  }
+  return c;
 }
 
 // The momentum work of fused tasks of one shape (same n, m, rank, dtype), before the

@@ -144,6 +144,41 @@ void fill_fused_table(const FusedWork& w);
 // Launches the group's momentum work on the current stream.
 void fused_momentum_group(const FusedWork& w, int64_t min_batched);
 
+// Where a fused task's step-dependent words lie in its group's uploaded table: the seeds
+// of its current and next projection, and the base of its next-basis down job (M moved
+// to the next basis on resample steps, none otherwise).
+struct FusedCounterWords {
+  int64_t* seed_now;
+  int64_t* seed_next;
+  const float** next_base;  // null when the group plans no change of basis
+  const float* base;        // what next_base holds on a resample step
+};
+FusedCounterWords fused_counter_words(const FusedWork& w, int k);
+
+// ---- capturable steps (capturable.cu) ----
+
+// One parameter of a capturable call: advance_kernel reads its step count and seed from
+// the state tensors, advances them, and writes what depends on them where the passes
+// read it (the Task, the fused group's words).
+struct StepCounter {
+  int64_t* step;             // state step: the count before this step
+  int64_t* seed;             // compressed: state seed; else null
+  Task* task;                // null: a parameter without elements
+  FusedCounterWords fused;   // all null unless fused
+  int64_t index;             // in the call: the stochastic rounding key's
+};
+
+struct AdvanceArgs {
+  double lr, decay_rate;
+  const float* lr_f32;   // lr_tensor, when it is float32
+  const double* lr_f64;  // ... float64
+  int64_t kappa;
+  int32_t relative_step, warmup_init;
+};
+
+void launch_advance(const StepCounter* counters, int count, const AdvanceArgs& args,
+                    cudaStream_t stream);
+
 // ---- host helpers (host_util.cu) ----
 
 // Row-major C (M x N, fp32) = alpha op(A) op(B) + beta C in cuBLAS; A and B of type `ab`

@@ -374,7 +374,7 @@ int64_t fused_temp_bytes(const Item& item) {
   const ParamLayout& l = item.entry->layout;
   const int64_t r = l.rank, pdim = std::min(l.rows, l.cols);
   const int64_t mdim = std::max(l.rows, l.cols), once = 8 * r * r;
-  return item.entry->options.resample()
+  return item.entry->options.plans_resample()
              ? once + 2 * r * pdim + 2 * tiled_halves(r, pdim) + 4 * r * r +
                    4 * r * mdim
              : once;
@@ -427,14 +427,14 @@ void plan_momentum(const std::vector<Item>& items, const Tuning& tuning, StepPla
       }
       if (done[k - b.first]) continue;
       const ParamLayout& lk = items[k].entry->layout;
-      const bool resample = items[k].entry->options.resample();
+      const bool resample = items[k].entry->options.plans_resample();
       FusedGroup g;
       int64_t group_temps = 0;
       for (int q = k; q < b.first + b.count; ++q) {
         const ParamLayout& lq = items[q].entry->layout;
         if (!plan.tasks[q].fused || done[q - b.first] || lq.rows != lk.rows ||
             lq.cols != lk.cols || lq.rank != lk.rank ||
-            items[q].entry->options.resample() != resample)
+            items[q].entry->options.plans_resample() != resample)
           continue;
         const int64_t temps = fused_temp_bytes(items[q]);
         if (!g.tasks.empty() && (group_temps + temps > limit || g.tasks.size() == 65535))

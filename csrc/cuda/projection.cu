@@ -125,7 +125,7 @@ CompressedTemps compressed_temps(const Item& item) {
   const auto shape = layout.projection_shape();
   c.prow = shape[0];
   c.pcol = shape[1];
-  c.resample = o.resample();
+  c.resample = o.plans_resample();
   // The down GEMM reads G as it is: 16-bit gradients meet a 16-bit scaled P
   // (tensor cores, fp32 accumulation) unless exact fp32 was asked for.
   c.exact_16bit = item.dtype != kF32 && !o.tf32;

@@ -48,8 +48,12 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string_view>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace flora {
@@ -127,6 +131,16 @@ class StreamRounds {
     return g.stream == 0 ? main_ : side_[g.stream - 1];
   }
 
+  // Ready for another call on the now current stream, with the same events (a kept
+  // capturable plan's: no event is made or destroyed while a graph captures).
+  void restart() {
+    main_ = at::cuda::getCurrentCUDAStream();
+    forked_.record(main_);
+    for (at::cuda::CUDAEvent& e : joined_) e.record(main_);
+    started_ = false;
+    side_used_ = 0;
+  }
+
   // The current stream waits for the side streams used.
   void join() {
     for (int s = 0; s < side_used_; ++s) {
@@ -138,7 +152,7 @@ class StreamRounds {
   }
 
  private:
-  const at::cuda::CUDAStream main_;
+  at::cuda::CUDAStream main_;
   const std::vector<at::cuda::CUDAStream>& side_;
   std::vector<at::cuda::CUDAEvent> joined_;
   at::cuda::CUDAEvent forked_;
@@ -210,6 +224,155 @@ class HostPhase {
   std::optional<at::RecordFunction> phase_;
 };
 
+// What a call launches from: its plan, workspace and tables, all made before the first
+// launch. A capturable step keeps one from call to call (CapturedCall).
+struct PreparedCall {
+  std::vector<GroupEntry> entries;  // capturable: the copy that `items` point at
+  std::vector<Item> items;
+  GroupArgs args{};
+  Tuning tuning;
+  StepPlan plan;
+  CallResources res;
+  at::Tensor workspace;  // unless the caller's
+  int64_t workspace_floats = 0;
+  at::DataPtr host_tables;  // the fused groups' GEMMs read their pointers here
+  int64_t tables_bytes = 0;
+  uint8_t* device_bytes = nullptr;
+  // skip_nonfinite: the call's counter, and one int32 flag a task (Task::skip) after the
+  // tables; null without the option.
+  int64_t* skip_counter = nullptr;
+  int32_t* skip_flags = nullptr;
+};
+
+// The workspace floats of a plan: the shared region (partials, work), the kept region,
+// the rounds of fused shape groups, the unfused tasks' temporaries, then the tables.
+struct WorkspaceLayout {
+  int64_t task_bytes, tables_bytes, rounds_at, unfused_at, tables_at, floats;
+};
+
+WorkspaceLayout workspace_layout(const StepPlan& plan) {
+  WorkspaceLayout w;
+  w.task_bytes = table_bytes(plan.tasks.size());
+  w.tables_bytes = w.task_bytes + plan.group_table_words * 8;
+  w.rounds_at = plan.shared_floats + plan.kept_floats;
+  w.unfused_at = w.rounds_at + ceil_div(plan.rounds_floats, 4) * 4;
+  w.tables_at = w.unfused_at + ceil_div(plan.unfused_floats, 4) * 4;
+  w.floats = w.tables_at + ceil_div(w.tables_bytes, 16) * 4;
+  return w;
+}
+
+// Plans `call.items` (collected from call.entries), allocates the workspace (or, when
+// `workspace` is given, resizes that one, with `extra_floats` after the tables, and keeps
+// no reference to it) and fills the tables in call.host_tables, for one upload.
+void prepare_call(PreparedCall& call, const at::Tensor* workspace, int64_t extra_floats = 0) {
+  call.tuning = call_tuning();  // read (and checked) before anything runs
+  call.plan = plan_step(call.items, call.args, call.tuning);
+  StepPlan& plan = call.plan;
+  const WorkspaceLayout layout = workspace_layout(plan);
+  const int64_t tasks = static_cast<int64_t>(plan.tasks.size());
+  const int64_t flag_floats = call.skip_counter ? ceil_div(tasks, 4) * 4 : 0;
+  at::Tensor workspace_tensor;
+  if (workspace != nullptr) {
+    workspace->resize_({layout.floats + flag_floats + extra_floats});
+    workspace_tensor = *workspace;
+  } else {
+    call.workspace = workspace_tensor = at::empty(
+        {layout.floats + flag_floats}, call.items[0].param.options().dtype(at::kFloat));
+  }
+  call.workspace_floats = layout.floats + flag_floats;
+  float* ws = workspace_tensor.data_ptr<float>();
+  float* kept = ws + plan.shared_floats;
+  bind_workspace(plan, ws, kept, call.args);
+  if (call.skip_counter != nullptr) {
+    call.skip_flags = reinterpret_cast<int32_t*>(ws + layout.floats);
+    for (int64_t k = 0; k < tasks; ++k) plan.tasks[k].skip = call.skip_flags + k;
+  }
+
+  CallResources& res = call.res;
+  if (plan.unfused_floats > 0)
+    res.unfused_temps = workspace_tensor.narrow(0, layout.unfused_at, plan.unfused_floats);
+  call.device_bytes = reinterpret_cast<uint8_t*>(ws + layout.tables_at);  // 16-byte aligned
+  call.tables_bytes = layout.tables_bytes;
+  call.host_tables = pinned_block(layout.tables_bytes);
+  auto* host_bytes = static_cast<uint8_t*>(call.host_tables.get());
+  res.table = fill_task_table(plan.tasks, host_bytes, call.device_bytes);
+  auto* host_groups = reinterpret_cast<int64_t*>(host_bytes + layout.task_bytes);
+  const auto* device_groups =
+      reinterpret_cast<const int64_t*>(call.device_bytes + layout.task_bytes);
+  res.fused.resize(plan.fused_groups.size());
+  for (size_t gi = 0; gi < plan.fused_groups.size(); ++gi) {
+    const FusedGroup& g = plan.fused_groups[gi];
+    FusedWork& w = res.fused[gi];
+    for (const int q : g.tasks) {
+      w.items.push_back(&call.items[q]);
+      w.tasks.push_back(&plan.tasks[q]);
+      const WorkspacePlan& p = plan.plans[q];
+      w.bufs.push_back({reinterpret_cast<uint16_t*>(ws + p.plain_t),
+                        reinterpret_cast<uint16_t*>(ws + p.momentum16),
+                        reinterpret_cast<uint16_t*>(ws + p.tiled),
+                        call.items[q].entry->layout.left ? ws + p.row_factor : nullptr});
+    }
+    w.temps = ws + layout.rounds_at + g.temps_at;
+    w.host = host_groups + g.table_at;
+    w.device = device_groups + g.table_at;
+    fill_fused_table(w);
+  }
+}
+
+// The cuBLAS workspaces torch gives each stream are allocated (through the caching
+// allocator) when the stream first gets the handle: get it now, for every stream a GEMM
+// of this call runs on, rather than inside the first GEMM after the stats pass wrote.
+// The events of the side streams are made here too (a kept call's first: later ones
+// record the same events on the current stream).
+void prepare_streams(PreparedCall& call) {
+  const StepPlan& plan = call.plan;
+  if (plan.any_gemm) at::cuda::getCurrentCUDABlasHandle();
+  if (!plan.fused_groups.empty()) {
+    if (call.res.rounds) call.res.rounds->restart();
+    else call.res.rounds.emplace(plan.sides_used);
+    const std::vector<at::cuda::CUDAStream>& sides =
+        side_streams(call.items[0].param.device().index(), plan.sides_used);
+    for (int s = 0; s < plan.sides_used; ++s) {
+      const c10::cuda::CUDAStreamGuard on_side(sides[s]);
+      at::cuda::getCurrentCUDABlasHandle();
+    }
+  }
+}
+
+// The passes of a prepared call, on the current stream (and the side streams).
+void launch_call(PreparedCall& call) {
+  const StepPlan& plan = call.plan;
+  const std::vector<Item>& items = call.items;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (call.skip_flags != nullptr) {
+    C10_CUDA_CHECK(cudaMemsetAsync(call.skip_flags, 0, plan.tasks.size() * sizeof(int32_t),
+                                   stream));
+  }
+  for (const StatsGroup& g : plan.groups) {
+    const TaskTable group_table = call.res.table.slice(g.first, g.count);
+    // skip_nonfinite: every flag is known before the stats pass writes any state.
+    if (call.skip_flags != nullptr) {
+      int64_t max_numel = 0;
+      for (int k = g.first; k < g.first + g.count; ++k)
+        max_numel = std::max(max_numel, plan.tasks[k].numel);
+      launch_nonfinite(items[g.first].dtype, group_table, max_numel, call.skip_counter, stream);
+    }
+    launch_stats(items[g.first].dtype, group_table, g.sblocks, g.smem, call.args, stream);
+    if (g.any_factored) launch_finalize(group_table, g.fblocks, stream);
+    for (int bi = g.first_batch; bi < g.first_batch + g.batches; ++bi) {
+      const Batch& b = plan.batches[bi];
+      launch_batch(items, plan, b, call.res.table.slice(b.first, b.count), call.args, call.res,
+                   call.tuning);
+    }
+  }
+}
+
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 // Every parameter of a call whose inputs the checks accepted.
 //
 // A step must leave params and state as they were when it fails, and a CUDA
@@ -222,110 +385,248 @@ class HostPhase {
 void run_group_cuda(at::TensorList params, at::TensorList grads,
                     const std::vector<GroupEntry>& entries) {
   c10::cuda::CUDAGuard guard(params[0].device());
+  // A graph would replay this step's plan, tables and step counts as they are now.
+  TORCH_CHECK(!capturing(at::cuda::getCurrentCUDAStream()),
+              "flora: capturing opt.step() in a CUDA graph needs Flora(..., capturable=True): "
+              "this step plans on the host from host step counts, which every replay would "
+              "repeat as they were at capture");
   HostPhase phase;
   phase.begin("flora::plan");
-  const GroupArgs args = group_args(entries[0].options);
-  const std::vector<Item> items = collect_items(params, grads, entries);
-  if (items.empty()) return;
-  const Tuning tuning = call_tuning();  // read (and checked) before anything runs
-  StepPlan plan = plan_step(items, args, tuning);
-
-  // The workspace: the shared region (partials, work), the kept region, the rounds of
-  // fused shape groups, the unfused tasks' temporaries, then the tables.
-  const int64_t task_bytes = table_bytes(plan.tasks.size());
-  const int64_t tables_bytes = task_bytes + plan.group_table_words * 8;
-  const int64_t rounds_at = plan.shared_floats + plan.kept_floats;
-  const int64_t unfused_at = rounds_at + ceil_div(plan.rounds_floats, 4) * 4;
-  const int64_t tables_at = unfused_at + ceil_div(plan.unfused_floats, 4) * 4;
-  // skip_nonfinite: one int32 flag a task (Task::skip), after the tables.
-  int64_t* const skip_counter = entries[0].nonfinite_skips;
-  const int64_t flags_at = tables_at + ceil_div(tables_bytes, 16) * 4;
-  const int64_t flag_floats = skip_counter ? ceil_div(static_cast<int64_t>(plan.tasks.size()), 4) * 4 : 0;
-  const int64_t workspace_floats = flags_at + flag_floats;
-  const auto f32 = items[0].param.options().dtype(at::kFloat);
-  at::Tensor workspace = at::empty({workspace_floats}, f32);
-  float* ws = workspace.data_ptr<float>();
-  float* kept = ws + plan.shared_floats;
-  bind_workspace(plan, ws, kept, args);
-  int32_t* const skip_flags = skip_counter ? reinterpret_cast<int32_t*>(ws + flags_at) : nullptr;
-  if (skip_flags != nullptr) {
-    for (size_t k = 0; k < plan.tasks.size(); ++k) plan.tasks[k].skip = skip_flags + k;
-  }
-
-  CallResources res;
-  if (plan.unfused_floats > 0)
-    res.unfused_temps = workspace.narrow(0, unfused_at, plan.unfused_floats);
-  auto* device_bytes = reinterpret_cast<uint8_t*>(ws + tables_at);  // 16-byte aligned
-  const at::DataPtr host_tables = pinned_block(tables_bytes);
-  auto* host_bytes = static_cast<uint8_t*>(host_tables.get());
-  res.table = fill_task_table(plan.tasks, host_bytes, device_bytes);
-  auto* host_groups = reinterpret_cast<int64_t*>(host_bytes + task_bytes);
-  const auto* device_groups = reinterpret_cast<const int64_t*>(device_bytes + task_bytes);
-  res.fused.resize(plan.fused_groups.size());
-  for (size_t gi = 0; gi < plan.fused_groups.size(); ++gi) {
-    const FusedGroup& g = plan.fused_groups[gi];
-    FusedWork& w = res.fused[gi];
-    for (const int q : g.tasks) {
-      w.items.push_back(&items[q]);
-      w.tasks.push_back(&plan.tasks[q]);
-      const WorkspacePlan& p = plan.plans[q];
-      w.bufs.push_back({reinterpret_cast<uint16_t*>(ws + p.plain_t),
-                        reinterpret_cast<uint16_t*>(ws + p.momentum16),
-                        reinterpret_cast<uint16_t*>(ws + p.tiled),
-                        items[q].entry->layout.left ? ws + p.row_factor : nullptr});
-    }
-    w.temps = ws + rounds_at + g.temps_at;
-    w.host = host_groups + g.table_at;
-    w.device = device_groups + g.table_at;
-    fill_fused_table(w);
-  }
-  // torch gives each stream its own cuBLAS workspace, allocated (through the caching
-  // allocator) when the stream first gets the handle: now, for every stream a GEMM of
-  // this call runs on, rather than inside the first GEMM after the stats pass wrote.
-  if (plan.any_gemm) at::cuda::getCurrentCUDABlasHandle();
-  if (!plan.fused_groups.empty()) {
-    res.rounds.emplace(plan.sides_used);
-    const std::vector<at::cuda::CUDAStream>& sides =
-        side_streams(params[0].device().index(), plan.sides_used);
-    for (int s = 0; s < plan.sides_used; ++s) {
-      const c10::cuda::CUDAStreamGuard on_side(sides[s]);
-      at::cuda::getCurrentCUDABlasHandle();
-    }
-  }
+  PreparedCall call;
+  call.args = group_args(entries[0].options);
+  call.items = collect_items(params, grads, entries);
+  if (call.items.empty()) return;
+  call.skip_counter = entries[0].nonfinite_skips;
+  prepare_call(call, nullptr);
+  prepare_streams(call);
 
   phase.begin("flora::launch");
-  upload(device_bytes, host_tables, tables_bytes);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (skip_flags != nullptr) {
-    C10_CUDA_CHECK(cudaMemsetAsync(skip_flags, 0, plan.tasks.size() * sizeof(int32_t), stream));
-  }
-  for (const StatsGroup& g : plan.groups) {
-    const TaskTable group_table = res.table.slice(g.first, g.count);
-    // skip_nonfinite: every flag is known before the stats pass writes any state.
-    if (skip_flags != nullptr) {
-      int64_t max_numel = 0;
-      for (int k = g.first; k < g.first + g.count; ++k)
-        max_numel = std::max(max_numel, plan.tasks[k].numel);
-      launch_nonfinite(items[g.first].dtype, group_table, max_numel, skip_counter, stream);
-    }
-    launch_stats(items[g.first].dtype, group_table, g.sblocks, g.smem, args, stream);
-    if (g.any_factored) launch_finalize(group_table, g.fblocks, stream);
-    for (int bi = g.first_batch; bi < g.first_batch + g.batches; ++bi) {
-      const Batch& b = plan.batches[bi];
-      launch_batch(items, plan, b, res.table.slice(b.first, b.count), args, res, tuning);
-    }
-  }
-  for (const Item& item : items) {
+  upload(call.device_bytes, call.host_tables, call.tables_bytes);
+  launch_call(call);
+  for (const Item& item : call.items) {
     if (!item.param.is_same(params[item.index])) params[item.index].copy_(item.param);
   }
+}
+
+// ---- capturable steps (step_group_capturable_; docs/cuda.md, "CUDA graphs") ----------
+
+// A capturable call's prepared call, kept from one call to the next with the same tensors
+// and settings: such a call launches the advance kernel and the passes, and plans,
+// allocates and uploads nothing, so a CUDA graph can capture it. Its device memory is
+// the caller's workspace tensor: the task tables, then the StepCounters.
+struct CapturedCall {
+  std::optional<c10::weak_intrusive_ptr<c10::StorageImpl>> owner;  // the workspace's storage
+  std::vector<int64_t> key;
+  std::vector<const void*> grads;  // what a graph's capture most often finds changed
+  PreparedCall call;
+  const StepCounter* counters = nullptr;  // in the workspace
+  int count = 0;
+  at::DataPtr host_counters;
+};
+
+// Everything a prepared capturable call was made for: where every tensor is, their
+// shapes and dtypes, and the settings but lr (an argument of the advance kernel).
+std::vector<int64_t> captured_key(at::TensorList params, at::TensorList grads,
+                                  at::TensorList steps, at::TensorList seeds,
+                                  const std::vector<GroupEntry>& entries,
+                                  const at::Tensor& workspace,
+                                  const std::optional<at::Tensor>& lr_tensor) {
+  std::vector<int64_t> key;
+  const auto add_ptr = [&](const void* p) { key.push_back(reinterpret_cast<intptr_t>(p)); };
+  const auto add_real = [&](double x) {
+    int64_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    key.push_back(bits);
+  };
+  key.push_back(params[0].device().index());
+  add_ptr(workspace.data_ptr());
+  key.push_back(static_cast<int64_t>(params.size()));
+  for (size_t k = 0; k < params.size(); ++k) {
+    add_ptr(params[k].data_ptr());
+    add_ptr(grads[k].data_ptr());
+    add_ptr(steps[k].data_ptr());
+    key.push_back(static_cast<int64_t>(params[k].scalar_type()));
+    key.push_back(params[k].dim());
+    for (const int64_t size : params[k].sizes()) key.push_back(size);
+    for (const int64_t stride : params[k].strides()) key.push_back(stride);
+    for (const int64_t stride : grads[k].strides()) key.push_back(stride);
+    const ParamState& st = entries[k].state;
+    for (const auto* t : {&st.row_second_moment, &st.col_second_moment, &st.second_moment,
+                          &st.momentum})
+      add_ptr(t->has_value() ? (*t)->data_ptr() : nullptr);
+  }
+  for (const at::Tensor& seed : seeds) add_ptr(seed.data_ptr());
+  const bool has_lr = lr_tensor.has_value() && lr_tensor->defined();
+  add_ptr(has_lr ? lr_tensor->data_ptr() : nullptr);
+  key.push_back(has_lr ? static_cast<int64_t>(lr_tensor->scalar_type()) : -1);
+  const StepOptions& o = entries[0].options;
+  for (const double x : {o.beta1, o.eps1, o.eps2, o.clip_threshold, o.decay_rate,
+                         o.weight_decay})
+    add_real(x);
+  for (const int64_t x : {o.rank, o.kappa})
+    key.push_back(x);
+  for (const bool x : {o.scale_parameter, o.relative_step, o.warmup_init,
+                       o.factorize_second_moment, o.tf32, o.stochastic_rounding})
+    key.push_back(x);
+  return key;
+}
+
+// Plans a capturable call into `captured` (its workspace resized to hold the tables and
+// the counters), uploads its tables and counters. Outside capture only.
+void prepare_captured(CapturedCall& captured, at::TensorList params, at::TensorList grads,
+                      const std::vector<GroupEntry>& entries, at::TensorList steps,
+                      at::TensorList seeds, const at::Tensor& workspace) {
+  for (size_t k = 0; k < params.size(); ++k) {
+    // A copy made here would be another tensor every call: the plan points at these.
+    TORCH_CHECK(params[k].is_contiguous() && grads[k].is_contiguous(),
+                "flora: capturable=True needs contiguous parameters and gradients; parameter ",
+                k, " (shape ", params[k].sizes(), ") has strides ", params[k].strides(),
+                " and its gradient ", grads[k].strides());
+  }
+  PreparedCall& call = captured.call;
+  call.entries = entries;
+  call.args = group_args(entries[0].options);
+  call.items = collect_items(params, grads, call.entries);
+  const int64_t counter_bytes = static_cast<int64_t>(params.size() * sizeof(StepCounter));
+  const int64_t counter_floats = ceil_div(counter_bytes, 16) * 4;
+  if (call.items.empty()) workspace.resize_({counter_floats});
+  else prepare_call(call, &workspace, counter_floats);
+  for (const Item& item : call.items) {
+    const Task& t = call.plan.tasks[&item - call.items.data()];
+    TORCH_CHECK(t.momentum_kind != static_cast<int>(MomentumKind::kCompressed) || t.fused,
+                "flora: capturable=True steps compressed momentum on the fused tensor-core "
+                "path only (tf32=True, stochastic_rounding=False, 16-byte aligned tensors, "
+                "n % 4 == 0, m % 8 == 0, rank % 8 == 0, an sm_80+ GPU with enough shared "
+                "memory); parameter ", item.index, " (shape ", item.param.sizes(), ", rank ",
+                item.entry->layout.rank, ") would take the unfused path: pass "
+                "capturable=False, or settings and shapes that fuse");
+  }
+  // The counters go after the tables, 16-byte aligned, in the same workspace.
+  std::vector<StepCounter> counters(params.size());
+  std::vector<int> task_of(params.size(), -1);
+  for (size_t q = 0; q < call.items.size(); ++q)
+    task_of[call.items[q].index] = static_cast<int>(q);
+  std::vector<std::pair<int, int>> fused_at(call.items.size(), {-1, -1});  // group, slot
+  for (size_t gi = 0; gi < call.plan.fused_groups.size(); ++gi) {
+    const std::vector<int>& tasks = call.plan.fused_groups[gi].tasks;
+    for (size_t slot = 0; slot < tasks.size(); ++slot)
+      fused_at[tasks[slot]] = {static_cast<int>(gi), static_cast<int>(slot)};
+  }
+  size_t next_seed_tensor = 0;
+  for (size_t k = 0; k < params.size(); ++k) {
+    StepCounter& c = counters[k];
+    c = StepCounter{};
+    c.step = steps[k].data_ptr<int64_t>();
+    c.index = static_cast<int64_t>(k);
+    if (entries[k].layout.momentum == MomentumKind::kCompressed)
+      c.seed = seeds[next_seed_tensor++].data_ptr<int64_t>();
+    const int q = task_of[k];
+    if (q < 0) continue;
+    c.task = const_cast<Task*>(call.res.table.tasks) + q;
+    if (fused_at[q].first >= 0)
+      c.fused = fused_counter_words(call.res.fused[fused_at[q].first], fused_at[q].second);
+  }
+  auto* counter_bytes_at =
+      reinterpret_cast<uint8_t*>(workspace.data_ptr<float>() + call.workspace_floats);
+  captured.host_counters = pinned_block(counter_bytes);
+  std::memcpy(captured.host_counters.get(), counters.data(), counter_bytes);
+  captured.counters = reinterpret_cast<const StepCounter*>(counter_bytes_at);
+  captured.count = static_cast<int>(counters.size());
+  if (!call.items.empty()) upload(call.device_bytes, call.host_tables, call.tables_bytes);
+  upload(counter_bytes_at, captured.host_counters, counter_bytes);
+}
+
+// The prepared calls of capturable steps, one a workspace tensor (a weak reference to its
+// storage tells a workspace from a later one at the same address). They hold the
+// parameters, gradients and state they were made for: the Python optimizer forgets the
+// one of a workspace it drops (forget_capturable). Never destroyed: tensors freed at exit
+// could outlive the allocator.
+std::mutex captured_mutex;
+auto& captured_calls =
+    *new std::unordered_map<const c10::StorageImpl*, std::unique_ptr<CapturedCall>>();
+
+void forget_capturable(int64_t workspace_storage) {
+  std::lock_guard<std::mutex> lock(captured_mutex);
+  captured_calls.erase(reinterpret_cast<const c10::StorageImpl*>(workspace_storage));
+}
+
+void run_group_capturable_cuda(at::TensorList params, at::TensorList grads,
+                               std::vector<GroupEntry>& entries, at::TensorList steps,
+                               at::TensorList seeds, const at::Tensor& workspace,
+                               const std::optional<at::Tensor>& lr_tensor) {
+  c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  std::vector<int64_t> key =
+      captured_key(params, grads, steps, seeds, entries, workspace, lr_tensor);
+  const c10::StorageImpl* storage = workspace.storage().unsafeGetStorageImpl();
+  std::lock_guard<std::mutex> lock(captured_mutex);
+  std::unique_ptr<CapturedCall>& slot = captured_calls[storage];
+  if (!slot || slot->owner->expired() || slot->key != key) {
+    if (capturing(stream)) {
+      // Name the gradient that changed: torch's capture examples set the gradients to None
+      // before capturing, so that backward makes new ones inside the graph.
+      for (size_t k = 0; slot && k < params.size() && k < slot->grads.size(); ++k) {
+        TORCH_CHECK(grads[k].data_ptr() == slot->grads[k],
+                    "flora: capturable=True: the gradient of parameter ", k, " (shape ",
+                    params[k].sizes(), ") is another tensor than at the eager step that "
+                    "prepared this step's plan; a CUDA graph captures a step with the very "
+                    "gradient tensors of the eager step before it: keep them between the "
+                    "warm-up and the capture (zero_grad(set_to_none=False), or no zero_grad "
+                    "before the capture), or run one eager opt.step() with the new ones "
+                    "before capturing");
+      }
+      TORCH_CHECK(false,
+                  "flora: capturable=True: a CUDA graph captures a step that an eager step "
+                  "with the same parameters, gradients, state and settings prepared (its "
+                  "plan and tables); run one eager opt.step() right before capturing "
+                  "(torch.cuda.graph's warm-up on a side stream does), and capture again "
+                  "after any of them changes");
+    }
+    slot.reset();
+    for (auto it = captured_calls.begin(); it != captured_calls.end();) {
+      if (it->second && it->second->owner->expired()) it = captured_calls.erase(it);
+      else ++it;
+    }
+    auto fresh = std::make_unique<CapturedCall>();
+    prepare_captured(*fresh, params, grads, entries, steps, seeds, workspace);
+    fresh->owner.emplace(workspace.storage().getWeakStorageImpl());
+    fresh->key = captured_key(params, grads, steps, seeds, entries, workspace, lr_tensor);
+    for (const at::Tensor& grad : grads) fresh->grads.push_back(grad.data_ptr());
+    captured_calls[storage] = std::move(fresh);
+  }
+  CapturedCall& captured = *captured_calls[storage];
+  PreparedCall& call = captured.call;
+  const StepOptions& o = entries[0].options;
+  AdvanceArgs args{};
+  args.lr = o.lr;
+  args.decay_rate = o.decay_rate;
+  args.kappa = o.kappa;
+  args.relative_step = o.relative_step;
+  args.warmup_init = o.warmup_init;
+  if (lr_tensor.has_value() && lr_tensor->defined()) {
+    if (lr_tensor->scalar_type() == at::kDouble) args.lr_f64 = lr_tensor->data_ptr<double>();
+    else args.lr_f32 = lr_tensor->data_ptr<float>();
+  }
+  if (!call.items.empty()) prepare_streams(call);
+  launch_advance(captured.counters, captured.count, args, stream);
+  if (!call.items.empty()) launch_call(call);
 }
 
 }  // namespace
 }  // namespace cuda_detail
 }  // namespace flora
 
+// No tensor argument: a catch-all kernel. Takes workspace.untyped_storage()._cdata.
+TORCH_LIBRARY_FRAGMENT(flora, m) {
+  m.def("forget_capturable(int workspace_storage) -> ()",
+        &flora::cuda_detail::forget_capturable);
+}
+
 TORCH_LIBRARY_IMPL(flora, CUDA, m) {
   m.impl("step_", &flora::detail::step_op<&flora::cuda_detail::run_group_cuda>);
   m.impl("step_group_", &flora::detail::step_group_op<&flora::cuda_detail::run_group_cuda>);
+  m.impl("step_group_capturable_",
+         &flora::detail::step_group_capturable_op<
+             &flora::cuda_detail::run_group_capturable_cuda>);
   m.impl("fill_projection_", &flora::cuda_detail::fill_projection_cuda);
 }

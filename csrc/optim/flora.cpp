@@ -39,6 +39,11 @@ c10::IValue read_value(torch::serialize::InputArchive& archive, const char* key,
   return value;
 }
 
+bool has_key(torch::serialize::InputArchive& archive, const char* key) {
+  c10::IValue value;
+  return archive.try_read(key, value);
+}
+
 // An option saved by FloraOptions::serialize, into `out`.
 void read_option(torch::serialize::InputArchive& archive, const char* key, double& out) {
   out = read_value(archive, key, "options").toDouble();
@@ -197,6 +202,10 @@ void FloraOptions::validate() const {
               "flora: weight_decay must be finite and >= 0, got ", weight_decay_);
   TORCH_CHECK(seed_ >= 0 && seed_ <= kMaxBaseSeed, "flora: seed must be in [0, 2^62], got ",
               seed_);
+  TORCH_CHECK(!capturable_,
+              "flora: capturable=true is not supported by the C++ flora::Flora, which keeps "
+              "its step counts on the host; use flora_ext.Flora(..., capturable=True) from "
+              "Python for CUDA graph capture, or capturable(false)");
 }
 
 FloraOptions FloraOptions::merged_with(const FloraOptions& group) const {
@@ -238,7 +247,10 @@ void FloraOptions::serialize(torch::serialize::OutputArchive& archive) const {
 }
 
 void FloraOptions::serialize(torch::serialize::InputArchive& archive) {
-#define FLORA_READ_OPTION(T, name, default_value) read_option(archive, #name, name##_);
+  // capturable came later: archives without it load with its default.
+#define FLORA_READ_OPTION(T, name, default_value) \
+  if (std::string_view(#name) != "capturable" || has_key(archive, #name))   \
+    read_option(archive, #name, name##_);
   FLORA_OPTIONS(FLORA_READ_OPTION)
 #undef FLORA_READ_OPTION
   explicitly_set_ = (uint32_t{1} << kNumOptions) - 1;  // a loaded group is complete

@@ -319,6 +319,8 @@ FLORA_TEST(bad_options_are_rejected_with_the_option_named) {
       {FloraOptions(1e-3).weight_decay(-0.1), "flora: weight_decay must be finite and >= 0"},
       {FloraOptions(1e-3).seed(-1), "flora: seed must be in [0, 2^62], got -1"},
       {FloraOptions(1e-3).seed((int64_t{1} << 62) + 1), "flora: seed must be in [0, 2^62]"},
+      {FloraOptions(1e-3).capturable(true),
+       "flora: capturable=true is not supported by the C++ flora::Flora"},
   };
   for (const auto& [options, message] : cases) {
     std::vector<at::Tensor> params = {initial_param(0, {3, 3})};

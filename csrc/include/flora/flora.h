@@ -71,7 +71,9 @@ namespace flora {
   X(bool, stochastic_rounding, false)                                                       \
   /* A parameter whose gradient holds a NaN or inf keeps its value and state on that step; */ \
   /* the skips are counted (Flora::nonfinite_skips). */                                      \
-  X(bool, skip_nonfinite, false)
+  X(bool, skip_nonfinite, false)                                                            \
+  /* Python only (flora_ext.Flora): device step counts for CUDA graph capture. */            \
+  X(bool, capturable, false)
 
 struct FloraOptions : public torch::optim::OptimizerCloneableOptions<FloraOptions> {
   // The bit of each option (kOption_lr, ...), and how many there are.

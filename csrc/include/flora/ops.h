@@ -69,6 +69,9 @@ struct StepOptions {
   // momentum on a resampling step: moved to the next basis, nothing added) and adds one
   // to the call's nonfinite_skips counter (docs/FLORA.md §4.8).
   bool skip_nonfinite = false;
+  // step_group_capturable_: the step count and seed are read on the device, so a CUDA
+  // step plans the change of basis every step and picks on the device (docs/cuda.md).
+  bool capturable = false;
 
   StepOptions for_parameter(int64_t param_step, int64_t param_seed) const {
     StepOptions o = *this;
@@ -79,6 +82,8 @@ struct StepOptions {
   double beta2() const;      // 1 - t^decay_rate
   double base_lr() const;    // lr, or the relative step size
   bool resample() const { return step % kappa == 0; }
+  // Whether a CUDA step plans (and runs) the change of basis.
+  bool plans_resample() const { return capturable || resample(); }
 };
 
 // Validates everything before a kernel writes anything; throws c10::Error
@@ -214,6 +219,54 @@ void step_group_op(at::TensorList params, at::TensorList grads, at::TensorList s
 }
 
 void check_projection_output(const at::Tensor& out, int64_t seed, double scale);
+
+// step_group_capturable_ (capturable=True): the step counts and seeds live in tensors that
+// the op advances in place; `entries` come from check_group_inputs with placeholder steps
+// (1) and seeds (0). A backend reads the real ones from the tensors: steps[k] is
+// parameter k's count before this step, seeds[j] the seed of the j-th parameter with
+// compressed momentum; lr_tensor, when defined, replaces lr. `workspace` is the backend's
+// to keep what it reuses from call to call (CUDA: the plan and its tables).
+using CapturableKernel = void (*)(at::TensorList params, at::TensorList grads,
+                                  std::vector<GroupEntry>& entries, at::TensorList steps,
+                                  at::TensorList seeds, const at::Tensor& workspace,
+                                  const std::optional<at::Tensor>& lr_tensor);
+
+// Checks steps, seeds and lr_tensor against the checked entries (0-d int64 tensors on the
+// parameters' device, one a parameter and one a compressed parameter; a 0-d floating
+// tensor there), before any kernel runs.
+void check_capturable_inputs(at::TensorList params, const std::vector<GroupEntry>& entries,
+                             at::TensorList steps, at::TensorList seeds,
+                             const at::Tensor& workspace,
+                             const std::optional<at::Tensor>& lr_tensor);
+
+template <CapturableKernel kernel>
+void step_group_capturable_op(at::TensorList params, at::TensorList grads, at::TensorList states,
+                              at::TensorList steps, at::TensorList seeds,
+                              const at::Tensor& workspace, double lr, double beta1, double eps1,
+                              double eps2, double clip_threshold, double decay_rate,
+                              double weight_decay, int64_t rank, int64_t kappa,
+                              bool scale_parameter, bool relative_step, bool warmup_init,
+                              bool factorize_second_moment, bool tf32, bool stochastic_rounding,
+                              const std::optional<at::Tensor>& lr_tensor) {
+  StepOptions group = options_from_schema(
+      1, 0, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
+      scale_parameter, relative_step, warmup_init, factorize_second_moment, tf32,
+      stochastic_rounding, /*skip_nonfinite=*/false);
+  group.capturable = true;
+  const std::vector<int64_t> placeholder_steps(params.size(), 1);
+  const std::vector<int64_t> placeholder_seeds(params.size(), 0);
+  std::vector<GroupEntry> entries =
+      check_group_inputs(params, grads, states, placeholder_steps, placeholder_seeds, group);
+  check_capturable_inputs(params, entries, steps, seeds, workspace, lr_tensor);
+  if (!params.empty()) kernel(params, grads, entries, steps, seeds, workspace, lr_tensor);
+}
+
+// What a backend that reads the tensors on the host (CPU) runs for step_group_capturable_:
+// each step count and seed into the entries, `kernel`, then the counts and seeds advanced
+// as the Python optimizer advances its ints.
+void capturable_on_host(GroupKernel kernel, at::TensorList params, at::TensorList grads,
+                        std::vector<GroupEntry>& entries, at::TensorList steps,
+                        at::TensorList seeds, const std::optional<at::Tensor>& lr_tensor);
 }  // namespace detail
 
 }  // namespace flora
