@@ -11,6 +11,8 @@ checkpointing on every decoder layer (non-reentrant), SDPA attention. Configurat
                         flora_ext.FloraAccumulator (compressed accumulation with --rank;
                         Flora steps in the backward hooks of the last micro-batch): the
                         headline, Flora as its users run it
+  flora_accum_q8        the same with quantization=True (8-bit momentum and unfactored
+                        second moments, docs/FLORA.md §11)
   flora_accum_defaults  the same with Flora's defaults (flora-opt's: no momentum)
   flora                 flora_ext.Flora (momentum as flora_accum), plain accumulation into
                         .grad, opt.step() after the last micro-batch
@@ -58,9 +60,11 @@ if (_REPO / "flora_ext" / "libflora.so").exists():
 
 # The headline is Flora as its users run it: momentum (beta1 0.9) kept at --flora-rank, with
 # compressed accumulation; Flora's defaults (no momentum) are the row beside it.
-CONFIGS = ("flora_accum", "flora_accum_defaults", "flora", "adamw", "flora_opt")
+CONFIGS = ("flora_accum", "flora_accum_q8", "flora_accum_defaults", "flora", "adamw",
+           "flora_opt")
 DESCRIPTIONS = {
     "flora_accum": "flora_ext.Flora(beta1={beta1}, rank={flora_rank}) + FloraAccumulator (rank {rank})",
+    "flora_accum_q8": "flora_accum with quantization=True (8-bit momentum)",
     "flora_accum_defaults": "flora_ext.Flora defaults (no momentum) + FloraAccumulator (rank {rank})",
     "flora": "flora_ext.Flora(beta1={beta1}, rank={flora_rank}), plain accumulation",
     "adamw": "torch.optim.AdamW(fused=True), plain accumulation",
@@ -128,11 +132,13 @@ def make_trainer(name, model, args, device):
     flora_kwargs = dict(lr=args.lr)
     if name not in DEFAULTS_CONFIGS:
         flora_kwargs.update(beta1=args.flora_beta1, rank=args.flora_rank)
+    if name == "flora_accum_q8":
+        flora_kwargs.update(quantization=True)
 
     def forward(ids):
         return model(input_ids=ids, labels=ids, use_cache=False).loss
 
-    if name in ("flora_accum", "flora_accum_defaults", "flora", "adamw"):
+    if name in ("flora_accum", "flora_accum_q8", "flora_accum_defaults", "flora", "adamw"):
         import flora_ext
 
         if name == "adamw":

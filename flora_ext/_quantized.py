@@ -20,7 +20,7 @@ STATE_KEYS = tuple(ABSMAX.values())
 SCRATCH_BYTES = 64 << 20
 
 # Each state's place in the scratch starts at a multiple of 64 floats (256 bytes), as a
-# fresh allocation would: the step's kernels take vectorised paths only on aligned state.
+# fresh allocation would: the CUDA kernels take vectorised paths only on aligned state.
 _ALIGN = 64
 _zero_code = {}
 

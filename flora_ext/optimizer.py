@@ -66,14 +66,6 @@ def _check_param(p, group):
                          f"of shape {tuple(p.shape)}")
 
 
-def _check_quantized_param(p):
-    """quantization=True: the 8-bit format has CPU kernels only (docs/FLORA.md §11)."""
-    if p.device.type != "cpu":
-        raise ValueError(f"flora: quantization=True steps CPU parameters only, got a parameter "
-                         f"on {p.device} (shape {tuple(p.shape)}); use quantization=False "
-                         f"for parameters on {p.device.type}")
-
-
 def _lr_ok(group):
     """Whether lr passes _validate_group, for a group whose other settings do: a quick
     check for the one setting that LR schedulers change on every step."""
@@ -302,9 +294,6 @@ class Flora(torch.optim.Optimizer):
             if self.quantization and _sharded.has_dtensors(group):
                 raise TypeError("flora: quantization=True supports plain tensor parameters, "
                                 "not FSDP2 (DTensor) ones; use quantization=False with FSDP2")
-            if self.quantization:
-                for p in group["params"]:
-                    _check_quantized_param(p)
             if self.quantization and group["capturable"]:
                 raise ValueError("flora: capturable=True is not supported with "
                                  "quantization=True (the 8-bit step runs in chunks planned "
@@ -600,8 +589,6 @@ class Flora(torch.optim.Optimizer):
         try:
             for p, grad in zip(params, grads):
                 _check_param(p, group)
-                if self.quantization:
-                    _check_quantized_param(p)
                 self._check_grad(p, grad)
                 state = self.state.get(p)  # no empty entry for a parameter never stepped
                 if state:

@@ -1,8 +1,8 @@
 // The 8-bit state format of quantization=True (docs/FLORA.md §11): blockwise dynamic
 // quantization. A float32 tensor, flat, is cut into blocks of kQuantBlock elements; each
 // block keeps its absolute maximum (float32) and one uint8 code per element, the index of
-// the entry of a 256-value code map nearest to element / absmax. The CPU kernels use it
-// (csrc/cpu/quantize.cpp); its inline parts are host/device-callable for a CUDA kernel.
+// the entry of a 256-value code map nearest to element / absmax. Shared by the CPU and
+// CUDA kernels, which therefore write the same bytes for the same input.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,7 +22,7 @@ constexpr int64_t kQuantBlock = 256;
 inline int64_t quant_blocks(int64_t numel) { return (numel + kQuantBlock - 1) / kQuantBlock; }
 
 // A code map, sorted ascending, and the 255 decision points between neighbours (their
-// midpoints): code q stands for value[q] * absmax. 2 KiB: a kernel can take it by value.
+// midpoints): code q stands for value[q] * absmax. Passed to CUDA kernels by value (2 KiB).
 struct QuantMap {
   float value[256];
   float threshold[255];

@@ -1,0 +1,99 @@
+// CUDA kernels of the 8-bit state format (csrc/common/quantize.h): the same map, the same
+// float32 operations (one IEEE division to scale, one multiplication to read back) and the
+// same tie rule as the CPU kernels, so both write the same bytes for the same input.
+#include "../common/quantize.h"
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace flora {
+namespace {
+
+static_assert(kQuantBlock == 256, "one thread per element of a block");
+constexpr int kMaxGrid = 65535;  // blocks loop over the rest
+
+__device__ inline float absmax_combine(float a, float b) {
+  return (b > a || isnan(b)) ? b : a;  // NaN sticks, as on the CPU
+}
+
+__global__ void quantize_kernel(const float* __restrict__ x, uint8_t* __restrict__ q,
+                                float* __restrict__ amax, int64_t numel, int64_t blocks,
+                                QuantMap map) {
+  __shared__ float threshold[255];
+  __shared__ float partial[kQuantBlock];
+  for (int k = threadIdx.x; k < 255; k += blockDim.x) threshold[k] = map.threshold[k];
+  __syncthreads();
+  for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
+    const int64_t e = b * kQuantBlock + threadIdx.x;
+    const float v = e < numel ? x[e] : 0.0f;
+    partial[threadIdx.x] = fabsf(v);
+    __syncthreads();
+    for (int stride = kQuantBlock / 2; stride > 0; stride >>= 1) {
+      if (threadIdx.x < stride)
+        partial[threadIdx.x] = absmax_combine(partial[threadIdx.x], partial[threadIdx.x + stride]);
+      __syncthreads();
+    }
+    const float a = partial[0];
+    if (threadIdx.x == 0) amax[b] = a;
+    if (e < numel) {
+      const float scaled = a > 0.0f ? __fdiv_rn(v, a) : 0.0f;
+      q[e] = encode_nearest(scaled, threshold);
+    }
+    __syncthreads();  // partial[0] is read before the next block overwrites it
+  }
+}
+
+__global__ void dequantize_kernel(const uint8_t* __restrict__ q, const float* __restrict__ amax,
+                                  float* __restrict__ x, int64_t numel, int64_t blocks,
+                                  QuantMap map) {
+  __shared__ float value[256];
+  for (int k = threadIdx.x; k < 256; k += blockDim.x) value[k] = map.value[k];
+  __syncthreads();
+  for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
+    const int64_t e = b * kQuantBlock + threadIdx.x;
+    if (e < numel) x[e] = __fmul_rn(value[q[e]], amax[b]);
+  }
+}
+
+int grid_for(int64_t blocks) {
+  return static_cast<int>(std::min<int64_t>(blocks, kMaxGrid));
+}
+
+void quantize_blockwise_cuda(const at::Tensor& values, const at::Tensor& codes,
+                             const at::Tensor& absmax, bool is_signed) {
+  check_quantized_args(values, codes, absmax);
+  const int64_t numel = values.numel();
+  if (numel == 0) return;
+  const c10::cuda::CUDAGuard guard(values.device());
+  const int64_t blocks = quant_blocks(numel);
+  quantize_kernel<<<grid_for(blocks), kQuantBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
+      values.data_ptr<float>(), codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), numel,
+      blocks, dynamic_map(is_signed));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& absmax,
+                               const at::Tensor& values, bool is_signed) {
+  check_quantized_args(values, codes, absmax);
+  const int64_t numel = values.numel();
+  if (numel == 0) return;
+  const c10::cuda::CUDAGuard guard(values.device());
+  const int64_t blocks = quant_blocks(numel);
+  dequantize_kernel<<<grid_for(blocks), kQuantBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
+      codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), values.data_ptr<float>(), numel,
+      blocks, dynamic_map(is_signed));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace flora
+
+TORCH_LIBRARY_IMPL(flora, CUDA, m) {
+  m.impl("quantize_blockwise_", &flora::quantize_blockwise_cuda);
+  m.impl("dequantize_blockwise_", &flora::dequantize_blockwise_cuda);
+}
