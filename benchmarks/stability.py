@@ -136,6 +136,109 @@ class MomentumTransfer:
             self.records.append([st["step"], self.names[p], before, after * c, c])
 
 
+PROJECTIONS = ("gaussian", "orthogonal")
+
+
+def orthogonalised(P, left):
+    """``P`` (r x n on the left, m x r on the right) with its r long vectors made orthonormal
+    by QR (signs fixed by R's diagonal, so the result is a function of the seed) and scaled to
+    the Gaussian's expected length sqrt(long / r). E[up(down(X))] = X as for the Gaussian,
+    but every singular value is sqrt(long / r) instead of spreading over the Marchenko-Pastur
+    range, (1 +- sqrt(r / long)) sqrt(long / r)."""
+    A = P.t() if left else P  # long x r
+    Q, R = torch.linalg.qr(A.double())
+    Q = Q * torch.sign(torch.diagonal(R)).clamp(min=0).mul(2).sub(1)[None, :]
+    Q = (Q * math.sqrt(A.shape[0] / A.shape[1])).to(P.dtype)
+    return Q.t().contiguous() if left else Q.contiguous()
+
+
+class ProbeFlora(torch.optim.Optimizer):
+    """Flora's step in plain torch (float32 state), for trying projections the extension does
+    not have. The formulas are tests/reference.py's (flora-opt's defaults: scale_parameter,
+    no relative step, decay_rate -0.8, clip 1, flora-opt's transfer), the layout and seeds
+    flora_ext.Flora's, so ``projection="gaussian"`` follows flora_ext.Flora up to rounding
+    (tests/test_stability.py checks it). ``orthogonal``: ``orthogonalised`` P. No host
+    synchronisation in the step."""
+
+    def __init__(self, params, lr, rank, kappa, beta1, seed, projection):
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+        super().__init__(params, dict(lr=lr, rank=rank, kappa=kappa, beta1=beta1))
+        self.base_seed, self.projection = seed, projection
+        self._p_cache = {}  # id(p) -> (seed, P)
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                index += 1
+                self.state[p]["index"] = index
+
+    def _proj(self, p, seed, rank):
+        hit = self._p_cache.get(id(p))
+        if hit is not None and hit[0] == seed:
+            return hit[1]
+        left = p.shape[0] < p.shape[1]
+        P = _projection(seed, tuple(p.shape), rank, p.device)
+        if self.projection == "orthogonal":
+            P = orthogonalised(P, left)
+        self._p_cache[id(p)] = (seed, P)
+        return P
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, rank, kappa, b1 = group["lr"], group["rank"], group["kappa"], group["beta1"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.float()
+                st = self.state[p]
+                factored = p.dim() == 2
+                if "step" not in st:
+                    st["step"] = 0
+                    if factored:
+                        n, m = p.shape
+                        st["row"] = torch.zeros(n, device=p.device)
+                        st["col"] = torch.zeros(m, device=p.device)
+                        if min(n, m) >= rank and max(n, m) / min(n, m) <= 4:
+                            st["seed"] = self.base_seed + st["index"]
+                            shape = (rank, m) if n < m else (n, rank)
+                            st["momentum"] = torch.zeros(shape, device=p.device)
+                    else:
+                        st["second"] = torch.zeros_like(g)
+                    if "momentum" not in st:
+                        st["momentum"] = torch.zeros_like(g)
+                st["step"] += 1
+                t = st["step"]
+                root_n = math.sqrt(p.numel())
+                lr_t = lr * (p.detach().float().norm() / root_n).clamp(min=1e-3)
+                beta2 = 1.0 - t ** -0.8
+                v = g * g + 1e-30
+                if factored:
+                    row, col = st["row"], st["col"]
+                    row.mul_(beta2).add_(v.mean(dim=1), alpha=1.0 - beta2)
+                    col.mul_(beta2).add_(v.mean(dim=0), alpha=1.0 - beta2)
+                    u = g * torch.rsqrt(row / row.mean())[:, None] * torch.rsqrt(col)[None, :]
+                else:
+                    st["second"].mul_(beta2).add_(v, alpha=1.0 - beta2)
+                    u = g * torch.rsqrt(st["second"])
+                M = st["momentum"]
+                if "seed" in st:
+                    left = p.shape[0] < p.shape[1]
+                    P = self._proj(p, st["seed"], rank)
+                    d = (1.0 - b1) * u + b1 * _up(P, M, left)
+                    if t % kappa == 0:
+                        st["seed"] = flora_ext.next_seed(st["seed"])
+                        P_new = self._proj(p, st["seed"], rank)
+                        M.copy_(_down(P_new, _up(P, M, left), left))
+                        P = P_new
+                    M.mul_(b1).add_(_down(P, u, left), alpha=1.0 - b1)
+                else:
+                    d = (1.0 - b1) * u + b1 * M
+                    M.copy_(d)
+                d = d / (d.norm() / math.sqrt(d.numel())).clamp(min=1.0)
+                p.sub_(lr_t * d.to(p.dtype))
+
+
 # ------------------------------------------------------------------ diagnostics
 
 
@@ -222,6 +325,9 @@ def build(args, model):
 
         opt = import_flora_opt().Flora(params, lr=args.lr, rank=args.rank, kappa=args.kappa,
                                        beta1=0.9, seed=args.proj_seed)
+    elif args.variant == "flora_py":  # ProbeFlora: projections the extension does not have
+        opt = ProbeFlora(params, lr=args.lr, rank=args.rank, kappa=args.kappa, beta1=0.9,
+                         seed=args.proj_seed, projection=args.projection)
     else:
         raise ValueError(f"unknown variant {args.variant!r}")
     return opt, names, named
@@ -236,7 +342,7 @@ def train(args):
     torch.manual_seed(INIT_SEED)
     model = conv.GPT(args.d_model, args.n_layers, args.n_heads, args.context).to(device)
     opt, names, named = build(args, model)
-    ext = args.variant != "flora_opt_pkg"
+    ext = args.variant not in ("flora_opt_pkg", "flora_py")
     mover = MomentumTransfer(opt, names, args.transfer) if ext else None
     diag = Diagnostics(opt, named) if ext else None
     sched = conv.make_scheduler(opt, args.steps, args.warmup)
@@ -323,6 +429,8 @@ def train(args):
 
 
 def run_name(variant, rank, transfer, seed, lr_scale=1.0):
+    if variant == "flora_py":  # transfer: the projection
+        return f"flora_py-r{rank}-{transfer}-proj{seed}"
     if variant == "adafactor_momentum":
         return f"adafactor_momentum-data{seed}"
     if variant == "flora_opt_pkg":
@@ -331,8 +439,34 @@ def run_name(variant, rank, transfer, seed, lr_scale=1.0):
     return f"flora-r{rank}-{transfer}{scaled}-proj{seed}"
 
 
+def plan_projection_runs(args):
+    """--plan projections: ProbeFlora with orthogonalised projections over --seeds at --rank
+    and a few seeds at --other-ranks; ProbeFlora with Gaussian ones (the extension's step) on
+    two seeds as its baseline; the extension at --other-ranks; Adafactor + momentum."""
+    seeds = list(range(args.seeds))
+    runs = [(0, run_name("adafactor_momentum", 0, "", s),
+             ["--variant", "adafactor_momentum", "--data-seed", str(s)])
+            for s in range(args.data_seeds)]
+
+    def probe(priority, rank, projection, s):
+        return (priority, run_name("flora_py", rank, projection, s),
+                ["--variant", "flora_py", "--rank", str(rank), "--projection", projection,
+                 "--proj-seed", str(s)])
+
+    runs += [probe(0, args.rank, "orthogonal", s) for s in seeds]
+    runs += [probe(0, args.rank, "gaussian", s) for s in seeds[:2]]
+    runs += [(1, run_name("flora", rank, "flora_opt", s),
+              ["--variant", "flora", "--rank", str(rank), "--transfer", "flora_opt",
+               "--proj-seed", str(s)])
+             for rank in args.other_ranks for s in seeds[:args.extra_seeds]]
+    runs += [probe(2, rank, "orthogonal", s) for rank in args.other_ranks for s in seeds[:2]]
+    return runs
+
+
 def plan_runs(args):
     """(priority, name, run arguments) of every run; lower priority number = kept first."""
+    if getattr(args, "plan", "transfers") == "projections":
+        return plan_projection_runs(args)
     seeds = list(range(args.seeds))
     runs = []
     for s in range(args.data_seeds):
@@ -531,6 +665,8 @@ def _row_key(a):
         return f"Adafactor + momentum (dense), lr={a['lr']:g}"
     if a["variant"] == "flora_opt_pkg":
         return f"flora-opt package r={a['rank']}, lr={a['lr']:g}"
+    if a["variant"] == "flora_py":
+        return f"ProbeFlora r={a['rank']}, {a['projection']} projection, lr={a['lr']:g}"
     return f"Flora r={a['rank']}, transfer={a['transfer']}, lr={a['lr']:g}"
 
 
@@ -602,7 +738,8 @@ def report(args):
     ref, rows = summarise(runs)
     any_run = next(iter(runs.values()))
     seeds = sorted({s for row in rows for s in row["vals"]})
-    lines = ["## Stability across projection seeds", ""]
+    head = "## " + args.section
+    lines = [head, ""]
     a = any_run["args"]
     lines.append(
         f"Device: {any_run.get('device_name', any_run['device'])}; torch {any_run['torch']}. "
@@ -653,7 +790,6 @@ def report(args):
     if args.md:
         md = pathlib.Path(args.md)
         text = md.read_text() if md.is_file() else ""
-        head = "## Stability across projection seeds"
         if head in text:
             before, _, rest = text.partition(head)
             nxt = rest.find("\n## ")
@@ -776,8 +912,10 @@ def main(argv=None):
     r = sub.add_parser("run", help="one training run")
     _model_args(r)
     r.add_argument("--out", required=True)
-    r.add_argument("--variant", choices=("flora", "adafactor_momentum", "flora_opt_pkg"),
-                   default="flora")
+    r.add_argument("--variant", default="flora",
+                   choices=("flora", "adafactor_momentum", "flora_opt_pkg", "flora_py"))
+    r.add_argument("--projection", choices=PROJECTIONS, default="gaussian",
+                   help="flora_py only: the projection ProbeFlora uses")
     r.add_argument("--transfer", choices=TRANSFERS, default="flora_opt")
     r.add_argument("--rank", type=int, default=128)
     r.add_argument("--kappa", type=int, default=240)
@@ -802,6 +940,9 @@ def main(argv=None):
                    help="lr factor of the lower-lr Flora runs")
     s.add_argument("--other-ranks", type=lambda v: [int(x) for x in v.split(",") if x],
                    default=[64, 256])
+    s.add_argument("--plan", choices=("transfers", "projections"), default="transfers",
+                   help="transfers: momentum transfers at resamples (the extension); "
+                        "projections: orthogonalised projections (ProbeFlora)")
     s.add_argument("--max-procs", type=int, default=24,
                    help="runs at most (by priority): memory and CPU cores of the machine")
     s.add_argument("--cal-steps", type=int, default=40)
@@ -818,6 +959,8 @@ def main(argv=None):
     q.add_argument("--md", default=None, help="convergence.md to add/replace the section in")
     q.add_argument("--plot", default=None)
     q.add_argument("--commit", default=None)
+    q.add_argument("--section", default="Stability across projection seeds",
+                   help="the convergence.md section (## title) to add or replace")
     args = p.parse_args(argv)
     if args.cmd == "run":
         train(args)

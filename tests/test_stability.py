@@ -1,5 +1,7 @@
 """benchmarks/stability.py (issue 27): its momentum transfers against the float64 reference
-(tests/reference.py, ``transfer``), and its spike count and report on made-up runs."""
+(tests/reference.py, ``transfer``), its plain-torch Flora (ProbeFlora) against the extension
+and, with orthogonalised projections, against the reference; its spike count and report on
+made-up runs."""
 import json
 import math
 import pathlib
@@ -73,6 +75,80 @@ def test_norm_preserving_differs_from_flora_opt_only_at_resamples():
 def test_reference_rejects_an_unknown_transfer():
     with pytest.raises(ValueError, match="transfer must be one of"):
         ref.transfer_scale("orthogonal", torch.ones(1), torch.ones(1))
+
+
+SHAPES = [(12, 40), (40, 12), (24, 24), (12, 60)]  # left, right, square, dense momentum
+
+
+def _probe_pair(projection, seed=11):
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in SHAPES]
+    params.append(torch.nn.Parameter(torch.randn(12, generator=gen) * 0.1))
+    opt = stability.ProbeFlora(params, lr=0.05, rank=6, kappa=3, beta1=0.9, seed=seed,
+                               projection=projection)
+    return params, opt, gen
+
+
+def test_probe_gaussian_follows_the_extension():
+    params, opt, gen = _probe_pair("gaussian")
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ext = flora_ext.Flora(twins, lr=0.05, rank=6, kappa=3, beta1=0.9, seed=11)
+    for t in range(1, 9):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        ext.step()
+        for p, q in zip(params, twins):
+            assert rel_err(p.detach(), q.detach()) < 2e-6, f"step {t}, shape {tuple(p.shape)}"
+            if "seed" in ext.state[q]:
+                assert opt.state[p]["seed"] == ext.state[q]["seed"]
+
+
+def _orthogonal_reference_projection(seed, rows, cols, rank):
+    left = rows == rank and cols != rank  # projection_matrix's r x n (left) or m x r (right)
+    return stability.orthogonalised(ref.ext_projection(seed, rows, cols, rank), left)
+
+
+def test_probe_orthogonal_matches_the_float64_reference():
+    params, opt, gen = _probe_pair("orthogonal")
+    hp = ref.full_hp(lr=0.05, rank=6, kappa=3, beta1=0.9)
+    refs = [p.detach().double().clone() for p in params]
+    states = [ref.init_state(r, hp, ref.param_seed(11, i + 1)) for i, r in enumerate(refs)]
+    for t in range(1, 9):
+        grads = [torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        for i, g in enumerate(grads):
+            refs[i] = ref.reference_step(refs[i], g.double(), states[i], hp,
+                                         projection=_orthogonal_reference_projection)
+        for p, r in zip(params, refs):
+            assert rel_err(p.detach(), r) < 2e-5, f"step {t}, shape {tuple(p.shape)}"
+
+
+@pytest.mark.parametrize("shape,left", [((12, 40), True), ((40, 12), False)])
+def test_orthogonalised_has_equal_singular_values(shape, left):
+    P = stability._projection(3, shape, 6, "cpu")
+    Q = stability.orthogonalised(P, left)
+    assert Q.shape == P.shape
+    long = P.shape[1] if left else P.shape[0]
+    sv = torch.linalg.svdvals(Q.double())
+    assert torch.allclose(sv, torch.full_like(sv, math.sqrt(long / 6)), rtol=1e-5)
+    sv_gauss = torch.linalg.svdvals(P.double())
+    assert sv_gauss.max() / sv_gauss.min() > 1.5  # the Gaussian's spread that it removes
+    assert torch.equal(Q, stability.orthogonalised(stability._projection(3, shape, 6, "cpu"),
+                                                   left))
+    # the same subspace as the Gaussian P: only the singular values change
+    A, B = (P.t(), Q.t()) if left else (P, Q)
+    proj = B @ torch.linalg.pinv(B)
+    assert torch.allclose(proj @ A, A, atol=1e-4)
+
+
+def test_probe_rejects_an_unknown_projection():
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="projection must be one of"):
+        stability.ProbeFlora([p], lr=0.1, rank=2, kappa=2, beta1=0.9, seed=0, projection="x")
 
 
 def test_spikes_counts_rises_above_the_running_low():
@@ -149,3 +225,16 @@ def test_diagnostics_direction_matches_the_parameter_change(clip_threshold):
         for update_rms, rms_d, _ in layers:
             want = min(rms_d, clip_threshold)
             assert update_rms == pytest.approx(want, rel=1e-3), f"step {step}"
+
+
+def test_projection_plan_names_its_runs():
+    args = stability.main.__globals__["argparse"].Namespace(
+        plan="projections", seeds=8, data_seeds=2, extra_seeds=4, rank=128,
+        other_ranks=[64, 256])
+    runs = stability.plan_runs(args)
+    names = [name for _, name, _ in runs]
+    assert len(names) == len(set(names)) == 2 + 8 + 2 + 8 + 4
+    assert [n for p, n, _ in runs if p == 0 and n.startswith("flora_py-r128-orthogonal")] == [
+        f"flora_py-r128-orthogonal-proj{s}" for s in range(8)]
+    extra = dict((n, a) for _, n, a in runs)["flora_py-r64-orthogonal-proj1"]
+    assert extra[extra.index("--projection") + 1] == "orthogonal"
