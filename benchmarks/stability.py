@@ -136,19 +136,22 @@ class MomentumTransfer:
             self.records.append([st["step"], self.names[p], before, after * c, c])
 
 
-PROJECTIONS = ("gaussian", "orthogonal")
+PROJECTIONS = ("gaussian", "orthogonal", "subspace")
 
 
-def orthogonalised(P, left):
+def orthogonalised(P, left, scale=True):
     """``P`` (r x n on the left, m x r on the right) with its r long vectors made orthonormal
     by QR (signs fixed by R's diagonal, so the result is a function of the seed) and scaled to
     the Gaussian's expected length sqrt(long / r). E[up(down(X))] = X as for the Gaussian,
     but every singular value is sqrt(long / r) instead of spreading over the Marchenko-Pastur
-    range, (1 +- sqrt(r / long)) sqrt(long / r)."""
+    range, (1 +- sqrt(r / long)) sqrt(long / r). ``scale=False``: orthonormal, so
+    up(down(X)) is the orthogonal projection of X on the subspace: the least-squares estimate
+    of X from its r coordinates, biased towards 0 (by r / long on average) but without
+    the unbiased estimate's noise, whose squared norm is about long / r times ||X||^2."""
     A = P.t() if left else P  # long x r
     Q, R = torch.linalg.qr(A.double())
     Q = Q * torch.sign(torch.diagonal(R)).clamp(min=0).mul(2).sub(1)[None, :]
-    Q = (Q * math.sqrt(A.shape[0] / A.shape[1])).to(P.dtype)
+    Q = (Q * (math.sqrt(A.shape[0] / A.shape[1]) if scale else 1.0)).to(P.dtype)
     return Q.t().contiguous() if left else Q.contiguous()
 
 
@@ -157,7 +160,8 @@ class ProbeFlora(torch.optim.Optimizer):
     not have. The formulas are tests/reference.py's (flora-opt's defaults: scale_parameter,
     no relative step, decay_rate -0.8, clip 1, flora-opt's transfer), the layout and seeds
     flora_ext.Flora's, so ``projection="gaussian"`` follows flora_ext.Flora up to rounding
-    (tests/test_stability.py checks it). ``orthogonal``: ``orthogonalised`` P. No host
+    (tests/test_stability.py checks it). ``orthogonal``: ``orthogonalised`` P;
+    ``subspace``: the same without its scale (orthonormal). No host
     synchronisation in the step."""
 
     def __init__(self, params, lr, rank, kappa, beta1, seed, projection):
@@ -178,8 +182,8 @@ class ProbeFlora(torch.optim.Optimizer):
             return hit[1]
         left = p.shape[0] < p.shape[1]
         P = _projection(seed, tuple(p.shape), rank, p.device)
-        if self.projection == "orthogonal":
-            P = orthogonalised(P, left)
+        if self.projection != "gaussian":
+            P = orthogonalised(P, left, scale=self.projection == "orthogonal")
         self._p_cache[id(p)] = (seed, P)
         return P
 
@@ -785,7 +789,8 @@ def report(args):
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
         lines += ["", "RMS(D) is the direction's RMS before the clip; the clip factor is "
                   "max(1, RMS(D)) (threshold 1). Per step, per layer values are in the run logs."]
-    lines += ["", "![stability](stability.svg)", ""]
+    svg = pathlib.Path(args.plot).name if args.plot else "stability.svg"
+    lines += ["", f"![stability]({svg})", ""]
     section = "\n".join(lines)
     if args.md:
         md = pathlib.Path(args.md)
