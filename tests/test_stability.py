@@ -145,6 +145,14 @@ def test_orthogonalised_has_equal_singular_values(shape, left):
     assert torch.allclose(proj @ A, A, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape,left", [((12, 40), True), ((40, 12), False)])
+def test_subspace_projection_is_orthonormal(shape, left):
+    P = stability._projection(3, shape, 6, "cpu")
+    Q = stability.orthogonalised(P, left, scale=False).double()
+    gram = Q @ Q.t() if left else Q.t() @ Q
+    assert torch.allclose(gram, torch.eye(6, dtype=torch.float64), atol=1e-5)
+
+
 def test_probe_rejects_an_unknown_projection():
     p = torch.nn.Parameter(torch.zeros(4, 4))
     with pytest.raises(ValueError, match="projection must be one of"):
