@@ -61,13 +61,14 @@ if (_REPO / "flora_ext" / "libflora.so").exists():
 # The headline is Flora as its users run it: momentum (beta1 0.9) kept at --flora-rank, with
 # compressed accumulation; Flora's defaults (no momentum) are the row beside it.
 CONFIGS = ("flora_accum", "flora_accum_q8", "flora_accum_defaults", "flora", "adamw",
-           "flora_opt")
+           "flora_opt", "adamw8bit")
 DESCRIPTIONS = {
     "flora_accum": "flora_ext.Flora(beta1={beta1}, rank={flora_rank}) + FloraAccumulator (rank {rank})",
     "flora_accum_q8": "flora_accum with quantization=True (8-bit momentum)",
     "flora_accum_defaults": "flora_ext.Flora defaults (no momentum) + FloraAccumulator (rank {rank})",
     "flora": "flora_ext.Flora(beta1={beta1}, rank={flora_rank}), plain accumulation",
     "adamw": "torch.optim.AdamW(fused=True), plain accumulation",
+    "adamw8bit": "torchao.optim.AdamW8bit (8-bit blockwise states), plain accumulation",
     "flora_opt": "flora-opt FloraAccelerator (rank {rank}) + flora_opt.Flora(beta1={beta1}, rank={flora_rank})",
 }
 # Configurations that run Flora with its defaults instead of --flora-beta1 / --flora-rank.
@@ -81,7 +82,18 @@ GIB = 2.0**30
 # ------------------------------------------------------------------------------- the child
 
 
-def build_model(shape, device, dtype):
+def model_shape(args):
+    """(hidden, intermediate, layers, heads, vocab, seq) of the run: LLaMA-7B's (or the tiny
+    model's) with --layers and --seq when given."""
+    shape = list(MODEL_TINY if args.tiny else MODEL_7B)
+    if getattr(args, "layers", None):
+        shape[2] = args.layers
+    if args.seq:
+        shape[5] = args.seq
+    return tuple(shape)
+
+
+def build_model(shape, device, dtype, checkpointing=True):
     """LlamaForCausalLM with random weights, created on ``device`` in ``dtype``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -106,6 +118,8 @@ def build_model(shape, device, dtype):
         if p.dtype != dtype:
             p.data = p.data.to(dtype)
     model.train()
+    if not checkpointing:
+        return model
     # transformers 5.x: activation_checkpointing_enable (gradient_checkpointing_enable is
     # its deprecated alias there); 4.x: gradient_checkpointing_enable.
     kwargs = {"use_reentrant": False}
@@ -138,11 +152,16 @@ def make_trainer(name, model, args, device):
     def forward(ids):
         return model(input_ids=ids, labels=ids, use_cache=False).loss
 
-    if name in ("flora_accum", "flora_accum_q8", "flora_accum_defaults", "flora", "adamw"):
+    if name in ("flora_accum", "flora_accum_q8", "flora_accum_defaults", "flora", "adamw",
+                "adamw8bit"):
         import flora_ext
 
         if name == "adamw":
             opt = torch.optim.AdamW(params, lr=args.lr, fused=True)
+        elif name == "adamw8bit":
+            from torchao.optim import AdamW8bit
+
+            opt = AdamW8bit(params, lr=args.lr)
         else:
             opt = flora_ext.Flora(params, **flora_kwargs)
         if name.startswith("flora_accum"):
@@ -196,8 +215,9 @@ def run_child(args):
     t_start = time.perf_counter()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    shape = MODEL_TINY if args.tiny else MODEL_7B
-    seq = args.seq or shape[5]
+    shape = model_shape(args)
+    seq = shape[5]
+    mbs = args.micro_batch_size
 
     def mem(fn):
         return fn(device) / GIB if cuda else None
@@ -216,7 +236,7 @@ def run_child(args):
         result["flora_ext_cuda_kernels"] = flora_ext.cuda_compiled()
         t0 = time.perf_counter()
         torch.manual_seed(0)  # the same initial weights for every configuration
-        model = build_model(shape, device, torch.bfloat16)
+        model = build_model(shape, device, torch.bfloat16, checkpointing=not args.no_checkpointing)
         if cuda:
             torch.cuda.synchronize(device)
         result["init_s"] = time.perf_counter() - t0
@@ -224,7 +244,7 @@ def run_child(args):
         result["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
         result["after_init_gib"] = mem(torch.cuda.memory_allocated)
         gen = torch.Generator().manual_seed(0)
-        batch = [torch.randint(0, shape[4], (1, seq), generator=gen).to(device)
+        batch = [torch.randint(0, shape[4], (mbs, seq), generator=gen).to(device)
                  for _ in range(args.micro_batches)]
         step, opt, notes = make_trainer(args.child, model, args, device)
         result.update(notes)
@@ -252,7 +272,7 @@ def run_child(args):
         median = statistics.median(timed)
         result.update(
             status="ok", step_times_s=times, median_step_s=median, min_step_s=min(timed),
-            tokens_per_s=args.micro_batches * seq / median, losses=losses,
+            tokens_per_s=args.micro_batches * mbs * seq / median, losses=losses,
             optimizer_state_gib=state_bytes(getattr(opt, "optimizer", opt)) / GIB)
     except torch.OutOfMemoryError as err:
         result.update(status="OOM", error=str(err).splitlines()[0][:300])
@@ -275,6 +295,11 @@ def child_command(args, name, result_path):
            "--lr", repr(args.lr)]
     if args.seq:
         cmd += ["--seq", str(args.seq)]
+    if getattr(args, "layers", None):
+        cmd += ["--layers", str(args.layers)]
+    cmd += ["--micro-batch-size", str(args.micro_batch_size)]
+    if args.no_checkpointing:
+        cmd.append("--no-checkpointing")
     if args.tiny:
         cmd.append("--tiny")
     cmd += ["--flora-beta1", repr(args.flora_beta1), "--flora-rank", str(args.flora_rank)]
@@ -338,8 +363,10 @@ def markdown(meta, results):
         f"LlamaForCausalLM, hidden {shape['hidden']}, intermediate {shape['intermediate']}, "
         f"{shape['layers']} layers, {shape['heads']} heads, vocabulary {shape['vocab']} "
         f"({fmt(meta.get('params'), ',')} parameters, random init, bf16), sequence "
-        f"{meta['seq']}, micro-batch 1, {meta['micro_batches']} micro-batches a step "
-        f"({meta['tokens_per_step']} tokens), activation checkpointing (non-reentrant), "
+        f"{meta['seq']}, micro-batch {meta['micro_batch_size']}, {meta['micro_batches']} "
+        f"micro-batches a step ({meta['tokens_per_step']} tokens), "
+        + ("activation checkpointing (non-reentrant), " if meta["checkpointing"]
+           else "no activation checkpointing, ") +
         f"attention {meta.get('attn_implementation', '?')}. Flora: {meta['flora']}. "
         f"Peak = torch.cuda.max_memory_allocated over {meta['warmup']} warm-up + "
         f"{meta['steps']} timed steps; step time = median of the timed steps (whole step, "
@@ -377,8 +404,8 @@ def run_parent(args):
     for name in configs:
         if name not in CONFIGS:
             raise SystemExit(f"unknown configuration {name!r}; choose from {', '.join(CONFIGS)}")
-    shape = MODEL_TINY if args.tiny else MODEL_7B
-    seq = args.seq or shape[5]
+    shape = model_shape(args)
+    seq = shape[5]
     started = datetime.datetime.now(datetime.timezone.utc)
     results = []
     for name in configs:
@@ -406,7 +433,9 @@ def run_parent(args):
         command="python " + " ".join(shlex.quote(a) for a in sys.argv),
         model=dict(zip(("hidden", "intermediate", "layers", "heads", "vocab"), shape[:5])),
         params=first_ok.get("params"), attn_implementation=first_ok.get("attn_implementation"),
-        seq=seq, micro_batches=args.micro_batches, tokens_per_step=seq * args.micro_batches,
+        seq=seq, micro_batches=args.micro_batches, micro_batch_size=args.micro_batch_size,
+        checkpointing=not args.no_checkpointing,
+        tokens_per_step=seq * args.micro_batches * args.micro_batch_size,
         rank=args.rank, lr=args.lr, flora=flora, beta1=args.flora_beta1,
         flora_rank=args.flora_rank, steps=args.steps, warmup=args.warmup,
         wall_s=args.budget - (deadline - time.monotonic()))
@@ -430,6 +459,12 @@ def main():
     ap.add_argument("--steps", type=int, default=4, help="timed optimizer steps (default 4)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     ap.add_argument("--micro-batches", type=int, default=4, help="per optimizer step (4)")
+    ap.add_argument("--micro-batch-size", type=int, default=1,
+                    help="sequences per micro-batch (1)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers (LLaMA-7B's 32; the tiny model's 2)")
+    ap.add_argument("--no-checkpointing", action="store_true",
+                    help="keep every activation instead of recomputing each layer's")
     ap.add_argument("--rank", type=int, default=None,
                     help="accumulation rank of flora_accum and flora_opt (256; 8 with --tiny)")
     ap.add_argument("--seq", type=int, default=None, help="sequence length (2048; 64 --tiny)")
@@ -457,8 +492,10 @@ def main():
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.steps < 1 or args.warmup < 0 or args.micro_batches < 1:
-        ap.error("--steps >= 1, --warmup >= 0 and --micro-batches >= 1")
+    if (args.steps < 1 or args.warmup < 0 or args.micro_batches < 1
+            or args.micro_batch_size < 1 or (args.layers is not None and args.layers < 1)):
+        ap.error("--steps >= 1, --warmup >= 0, --micro-batches, --micro-batch-size and "
+                 "--layers >= 1")
     if args.child:
         run_child(args)
     else:
