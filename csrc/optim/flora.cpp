@@ -125,16 +125,16 @@ const QuantizedField kQuantizedFields[] = {
 
 // Checks the codes and absmax of state `name` (expected: whether the layout has it, of
 // `shape`); returns an uninitialised float32 tensor of `shape` on the parameter's device for
-// check_step_inputs to check the rest against (it is freed at once), or an undefined tensor
-// when the codes are absent (check_step_inputs then says whether they should be there).
+// check_step_inputs to check the rest against (it is freed at once), or, where the codes are
+// absent or not expected, the codes as they are, for check_step_inputs to name.
 at::Tensor check_quantized(const at::Tensor& param, const char* name, const at::Tensor& codes,
                            const at::Tensor& absmax, bool expected, at::IntArrayRef shape) {
-  if (!expected || !codes.defined()) {
+  if (!expected) {
     TORCH_CHECK(!absmax.defined(), "flora: ", name, "_absmax must be None for a parameter of "
-                "shape ", param.sizes(), expected ? " without its codes " : " that has no ",
-                name, " (quantization=true)");
-    return codes;
+                "shape ", param.sizes(), ", which has no ", name);
+    return codes;  // check_step_inputs: `name` must be None
   }
+  if (!codes.defined()) return codes;  // check_step_inputs: `name` must be given
   TORCH_CHECK(codes.scalar_type() == at::kByte, "flora: ", name,
               " must be uint8 (8-bit codes, quantization=true), got ", codes.scalar_type());
   TORCH_CHECK(codes.sizes() == shape, "flora: ", name, " must have shape ", shape,

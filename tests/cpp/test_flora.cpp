@@ -943,6 +943,12 @@ FLORA_TEST(quantized_state_that_does_not_fit_is_reported_before_any_write) {
   state.second_moment(state.second_moment().reshape({20, 15}));
   REQUIRE_THROWS_WITH(optimizer.step(), "flora: second_moment must have shape [300]");
   state.second_moment(state.second_moment().reshape({300}));
+  FloraParamState& compressed = mutable_state(optimizer, params[0]);
+  compressed.second_moment_absmax(absmax.clone());  // a factored second moment has none
+  REQUIRE_THROWS_WITH(optimizer.step(), "flora: second_moment_absmax must be None for a "
+                                        "parameter of shape [16, 40], which has no "
+                                        "second_moment");
+  compressed.second_moment_absmax(at::Tensor());
   REQUIRE(same_tensors(params, saved));
   REQUIRE_EQ(optimizer.param_state(params[0])->step(), 1);
   REQUIRE(state.momentum().equal(codes));
