@@ -1058,13 +1058,15 @@ FLORA_TEST(cuda_quantized_state_matches_cpu) {
   }
   // As tests/test_quantization.py: the float32 steps of CPU and CUDA differ by rounding, so a
   // value near a code midpoint may take the neighbouring code, which later steps carry:
-  // nearly all codes agree (>= 95%), the rest within three code gaps of their block's absmax.
+  // nearly all codes agree (>= 95% over the scenario's ~2800: a tensor of 9 has too few to
+  // count alone), the rest within three code gaps of their block's absmax.
   Scenario s = scenario("quantized");
   s.defaults.tf32(false);
   Run cpu = start(s);
   Run cuda = start(s, at::kCUDA);
   advance(cpu, 1, s.steps);
   advance(cuda, 1, s.steps);
+  int64_t differing = 0, codes = 0;
   for (size_t i = 0; i < cpu.params.size(); ++i) {
     const FloraParamState& a = *cpu.optimizer->param_state(cpu.params[i]);
     const FloraParamState& b = *cuda.optimizer->param_state(cuda.params[i]);
@@ -1081,10 +1083,12 @@ FLORA_TEST(cuda_quantized_state_matches_cpu) {
       const at::Tensor cuda_absmax = fields[f][1].second->cpu();
       REQUIRE(fields[f][1].first->is_cuda());
       REQUIRE_EQ(cuda_codes.scalar_type(), at::kByte);
-      const double differ = cpu_codes.ne(cuda_codes).to(at::kDouble).mean().item<double>();
-      std::printf("parameter %zu %s: %.2f%% of the codes differ\n", i,
-                  is_signed ? "momentum" : "second_moment", 100.0 * differ);
-      REQUIRE(differ <= 0.05);
+      const int64_t differ = cpu_codes.ne(cuda_codes).sum().item<int64_t>();
+      std::printf("parameter %zu %s: %lld of %lld codes differ\n", i,
+                  is_signed ? "momentum" : "second_moment", static_cast<long long>(differ),
+                  static_cast<long long>(cpu_codes.numel()));
+      differing += differ;
+      codes += cpu_codes.numel();
       const double gap = is_signed ? 0.9 / 64 : 0.9 / 128;
       const at::Tensor block = at::arange(cpu_codes.numel(), at::kLong).div(256, "floor");
       const at::Tensor bound = cpu_absmax.index_select(0, block).mul(3 * gap * 1.01).add(1e-30);
@@ -1095,6 +1099,8 @@ FLORA_TEST(cuda_quantized_state_matches_cpu) {
       REQUIRE(diff.le(bound).all().item<bool>());
     }
   }
+  REQUIRE(codes > 2000);
+  REQUIRE(differing <= codes / 20);
 }
 
 FLORA_TEST(cuda_matches_cpu_and_checkpoints_move_between_devices) {
