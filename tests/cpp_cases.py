@@ -35,7 +35,7 @@ def has_gradient(scenario, k, t):
 
 
 # Trajectory scenarios: (defaults, groups of (shapes with dtypes, group overrides), steps,
-# optionally skip: see has_gradient).
+# optionally skip: see has_gradient, and scratch_bytes).
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 SCENARIOS = {
     # compressed left and right, resampling every 3 (group 0) or 2 (group 1) steps, dense
@@ -73,6 +73,20 @@ SCENARIOS = {
                  dict(beta1=0.0, decay_rate=-0.5, scale_parameter=False))],
         steps=9,
         skip=5),
+    # quantization=True: 8-bit compressed (left, right) and dense momentum (1-D, unfactored
+    # 2-D) and unfactored second moments, a group without momentum, bf16 with stochastic
+    # rounding; a scratch of 300 floats (scratch_bytes: flora_ext/_quantized.py's
+    # SCRATCH_BYTES, flora::Flora::quantization_scratch_bytes), so the groups are stepped in
+    # several chunks, whose boundaries key the stochastic rounding
+    "quantized": dict(
+        defaults=dict(lr=1e-2, beta1=0.9, rank=4, kappa=3, seed=5, quantization=True),
+        groups=[([((16, 40), F32), ((40, 16), F32), ((300,), F32)], {}),
+                ([((24, 30), BF16), ((9,), BF16), ((20, 10), F32)],
+                 dict(factorize_second_moment=False, stochastic_rounding=True, kappa=2)),
+                ([((10, 10), F32), ((70,), F32)], dict(beta1=0.0))],
+        steps=6,
+        skip=4,
+        scratch_bytes=4 * 300),
 }
 
 # The step checked against tests/reference.py (tests/cpp/reference_values.h).

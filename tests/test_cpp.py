@@ -1,8 +1,9 @@
 """The C++ optimizer flora::Flora against the Python one, and the C++ tests' reference values.
 
-Both step each device's parameters of a group in one flora::step_group_ call, so the scenarios
-of cpp_cases.py (param groups, dtypes, resampling, parameters without a gradient on some steps)
-must give bitwise the same parameters and state.
+Both step each device's parameters of a group in one flora::step_group_ call (with
+quantization=True, in the same chunks around it), so the scenarios of cpp_cases.py (param
+groups, dtypes, resampling, parameters without a gradient on some steps, 8-bit state) must give
+bitwise the same parameters and state.
 
 The C++ side is the test binary of the CMake build (tests/cpp/test_flora.cpp, `make cpp-test`):
 FLORA_CPP_TESTS names it, else build/cmake-cpu/tests/cpp/flora_cpp_tests is used. Without a
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 import flora_ext
+from flora_ext import _quantized
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "cpp"))
@@ -36,9 +38,11 @@ def cpp_binary():
     return path
 
 
-def run_python(name):
+def run_python(name, monkeypatch):
     """The scenario through flora_ext.Flora: {(key, k): list of floats or int}."""
     scenario = cpp_cases.SCENARIOS[name]
+    if "scratch_bytes" in scenario:
+        monkeypatch.setattr(_quantized, "SCRATCH_BYTES", scenario["scratch_bytes"])
     params, groups, k = [], [], 0
     for shapes, overrides in scenario["groups"]:
         group = []
@@ -78,9 +82,9 @@ def run_cpp(name):
 
 
 @pytest.mark.parametrize("name", sorted(cpp_cases.SCENARIOS))
-def test_same_inputs_and_seeds_give_the_same_trajectory_in_cpp_and_python(name):
+def test_same_inputs_and_seeds_give_the_same_trajectory_in_cpp_and_python(name, monkeypatch):
     cpp = run_cpp(name)
-    python = run_python(name)
+    python = run_python(name, monkeypatch)
     assert sorted(cpp) == sorted(python)
     for key in sorted(python):
         assert cpp[key] == python[key], f"{name}: {key} differs between C++ and Python"
@@ -89,6 +93,9 @@ def test_same_inputs_and_seeds_give_the_same_trajectory_in_cpp_and_python(name):
         assert any(key == "seed" for key, _ in python)
     initial = cpp_cases.initial_param(0, cpp_cases.SCENARIOS[name]["groups"][0][0][0][0])
     assert python[("param", 0)] != initial.double().flatten().tolist()
+    if cpp_cases.SCENARIOS[name]["defaults"].get("quantization"):
+        assert any(key == "momentum_absmax" for key, _ in python)
+        assert any(key == "second_moment_absmax" for key, _ in python)
 
 
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")

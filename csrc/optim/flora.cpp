@@ -2,6 +2,7 @@
 // conventions of flora_ext/optimizer.py (seeds, resampling, checks before any write).
 #include "flora/flora.h"
 
+#include "common/quantize.h"
 #include "common/random.h"
 
 #include <ATen/ATen.h>
@@ -12,6 +13,7 @@
 #include <torch/serialize/input-archive.h>
 #include <torch/serialize/output-archive.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -68,8 +70,95 @@ void read_option(torch::serialize::InputArchive& archive, const char* key,
   out = value.isNone() ? std::nullopt : std::optional<double>(value.toDouble());
 }
 
+// ---------------------------------------------------------------- 8-bit state (quantization)
+// The format is csrc/common/quantize.h's; the loop around the float32 step is that of
+// flora_ext/_quantized.py, with the same chunks, so both give bitwise the same steps.
+
+// Each state's place in the scratch starts at a multiple of 64 floats (256 bytes), as a fresh
+// allocation would: the CUDA kernels take vectorised paths only on aligned state.
+constexpr int64_t kScratchAlign = 64;
+
+int64_t scratch_aligned(int64_t numel) {
+  return (numel + kScratchAlign - 1) / kScratchAlign * kScratchAlign;
+}
+
+// The code of 0.0 in the map: what a fresh state holds.
+uint8_t zero_code(bool is_signed) {
+  const QuantMap& map = dynamic_map(is_signed);
+  for (int q = 0; q < 256; ++q) {
+    if (map.value[q] == 0.0f) return static_cast<uint8_t>(q);
+  }
+  TORCH_INTERNAL_ASSERT(false, "flora: the code map has no 0");
+}
+
+// torch.ops.flora.quantize_blockwise_ / dequantize_blockwise_ (CPU or CUDA, by the tensors).
+void quantize_blockwise(const at::Tensor& values, const at::Tensor& codes,
+                        const at::Tensor& absmax, bool is_signed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("flora::quantize_blockwise_", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   bool)>();
+  op.call(values, codes, absmax, is_signed);
+}
+
+void dequantize_blockwise(const at::Tensor& codes, const at::Tensor& absmax,
+                          const at::Tensor& values, bool is_signed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("flora::dequantize_blockwise_", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   bool)>();
+  op.call(codes, absmax, values, is_signed);
+}
+
+// The 8-bit tensors of a state: second_moment takes the unsigned map, momentum the signed one.
+struct QuantizedField {
+  const char* name;
+  bool is_signed;
+  at::Tensor& (FloraParamState::*codes)() noexcept;
+  at::Tensor& (FloraParamState::*absmax)() noexcept;
+};
+const QuantizedField kQuantizedFields[] = {
+    {"second_moment", false, &FloraParamState::second_moment,
+     &FloraParamState::second_moment_absmax},
+    {"momentum", true, &FloraParamState::momentum, &FloraParamState::momentum_absmax},
+};
+
+// Checks the codes and absmax of state `name` (expected: whether the layout has it, of
+// `shape`); returns an uninitialised float32 tensor of `shape` on the parameter's device for
+// check_step_inputs to check the rest against (it is freed at once), or, where the codes are
+// absent or not expected, the codes as they are, for check_step_inputs to name.
+at::Tensor check_quantized(const at::Tensor& param, const char* name, const at::Tensor& codes,
+                           const at::Tensor& absmax, bool expected, at::IntArrayRef shape) {
+  if (!expected) {
+    TORCH_CHECK(!absmax.defined(), "flora: ", name, "_absmax must be None for a parameter of "
+                "shape ", param.sizes(), ", which has no ", name);
+    return codes;  // check_step_inputs: `name` must be None
+  }
+  if (!codes.defined()) return codes;  // check_step_inputs: `name` must be given
+  TORCH_CHECK(codes.scalar_type() == at::kByte, "flora: ", name,
+              " must be uint8 (8-bit codes, quantization=true), got ", codes.scalar_type());
+  TORCH_CHECK(codes.sizes() == shape, "flora: ", name, " must have shape ", shape,
+              " for a parameter of shape ", param.sizes(), ", got ", codes.sizes());
+  TORCH_CHECK(codes.device() == param.device(), "flora: ", name, " must be on ",
+              param.device(), " like its parameter, got ", codes.device());
+  TORCH_CHECK(codes.is_contiguous(), "flora: ", name, " must be contiguous");
+  const int64_t blocks = quant_blocks(codes.numel());
+  TORCH_CHECK(absmax.defined(), "flora: ", name, "_absmax must be given with quantization=true "
+              "(one float32 absmax per block of ", kQuantBlock, " codes of ", name, ")");
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "flora: ", name,
+              "_absmax must be float32, got ", absmax.scalar_type());
+  TORCH_CHECK(absmax.dim() == 1 && absmax.numel() == blocks, "flora: ", name,
+              "_absmax must have shape [", blocks, "] (one entry per block of ", kQuantBlock,
+              " of the ", codes.numel(), " codes), got ", absmax.sizes());
+  TORCH_CHECK(absmax.device() == param.device(), "flora: ", name, "_absmax must be on ",
+              param.device(), " like its parameter, got ", absmax.device());
+  TORCH_CHECK(absmax.is_contiguous(), "flora: ", name, "_absmax must be contiguous");
+  return at::empty(shape, param.options().dtype(at::kFloat));
+}
+
 // Checks `state` against the layout `options` give `param`, and that one step with `grad`
-// can run: flora::check_step_inputs, the checks the kernels run, plus the seed rule.
+// can run: flora::check_step_inputs, the checks the kernels run, plus the seed rule and,
+// with quantization, the 8-bit tensors.
 void check_state(const at::Tensor& param, const at::Tensor& grad, const FloraOptions& options,
                  const FloraParamState& state) {
   const ParamLayout layout = param_layout(param.sizes(), options.rank(), options.beta1(),
@@ -80,9 +169,24 @@ void check_state(const at::Tensor& param, const at::Tensor& grad, const FloraOpt
               param.sizes(), compressed ? " needs a seed" : " must have no seed",
               " (momentum=", momentum_kind_name(layout.momentum), ", rank=", options.rank(),
               ", beta1=", options.beta1(), ")");
+  at::Tensor second_moment = state.second_moment(), momentum = state.momentum();
+  if (options.quantization()) {
+    second_moment = check_quantized(param, "second_moment", second_moment,
+                                    state.second_moment_absmax(), !layout.factored,
+                                    param.sizes());
+    momentum = check_quantized(param, "momentum", momentum, state.momentum_absmax(),
+                               layout.momentum != MomentumKind::kNone,
+                               layout.momentum_shape(param.sizes()));
+  } else {
+    TORCH_CHECK(!state.second_moment_absmax().defined() && !state.momentum_absmax().defined(),
+                "flora: the state of a parameter of shape ", param.sizes(), " is 8-bit state (",
+                state.momentum_absmax().defined() ? "momentum_absmax" : "second_moment_absmax",
+                " is set), made with quantization=true; this optimizer has quantization=false: "
+                "construct it with FloraOptions(...).quantization(true) to use it");
+  }
   check_step_inputs(param, grad, defined_or_none(state.row_second_moment()),
-                    defined_or_none(state.col_second_moment()),
-                    defined_or_none(state.second_moment()), defined_or_none(state.momentum()),
+                    defined_or_none(state.col_second_moment()), defined_or_none(second_moment),
+                    defined_or_none(momentum),
                     options.step_options(state.step() + 1, state.seed().value_or(0)));
 }
 
@@ -101,6 +205,15 @@ std::unique_ptr<FloraParamState> initial_state(const at::Tensor& param,
   }
   if (layout.momentum != MomentumKind::kNone) {
     state->momentum(at::zeros(layout.momentum_shape(param.sizes()), fp32));
+  }
+  if (options.quantization()) {
+    for (const QuantizedField& field : kQuantizedFields) {
+      at::Tensor& values = (state.get()->*field.codes)();
+      if (!values.defined()) continue;
+      (state.get()->*field.absmax)() = at::zeros({quant_blocks(values.numel())}, fp32);
+      values = at::full(values.sizes(), int64_t{zero_code(field.is_signed)},
+                        fp32.dtype(at::kByte));
+    }
   }
   if (layout.momentum == MomentumKind::kCompressed) {
     state->seed(options.seed() + number);
@@ -162,6 +275,117 @@ std::vector<std::vector<size_t>> by_device(const std::vector<Item>& items) {
   return batches;
 }
 
+// Consecutive ranges [k0, k1) of parameters whose scratch sizes sum to at most `limit`
+// (a parameter larger than `limit` alone), as flora_ext/_quantized.py's _chunks.
+std::vector<std::pair<size_t, size_t>> scratch_chunks(const std::vector<int64_t>& sizes,
+                                                      int64_t limit) {
+  std::vector<std::pair<size_t, size_t>> ranges;
+  size_t start = 0;
+  int64_t total = 0;
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    if (k > start && total + sizes[k] > limit) {
+      ranges.emplace_back(start, k);
+      start = k;
+      total = 0;
+    }
+    total += sizes[k];
+  }
+  if (start < sizes.size()) ranges.emplace_back(start, sizes.size());
+  return ranges;
+}
+
+// step_group over parameters (of one device) whose 8-bit states are read into a float32
+// scratch a chunk at a time, stepped there and quantized back (docs/FLORA.md §11). The
+// scratch is allocated before anything is written.
+void step_group_quantized(const std::vector<at::Tensor>& params,
+                          const std::vector<FloraParamState*>& states, const StepOptions& o,
+                          const std::optional<at::Tensor>& nonfinite_skips,
+                          int64_t scratch_bytes) {
+  if (params.empty()) return;
+  std::vector<int64_t> sizes;
+  for (FloraParamState* state : states) {
+    int64_t size = 0;
+    for (const QuantizedField& field : kQuantizedFields) {
+      const at::Tensor& codes = (state->*field.codes)();
+      if (codes.defined()) size += scratch_aligned(codes.numel());
+    }
+    sizes.push_back(size);
+  }
+  const int64_t limit =
+      std::max(scratch_bytes / 4, *std::max_element(sizes.begin(), sizes.end()));
+  const auto ranges = scratch_chunks(sizes, limit);
+  int64_t largest = 0;
+  for (const auto& [k0, k1] : ranges) {
+    int64_t total = 0;
+    for (size_t k = k0; k < k1; ++k) total += sizes[k];
+    largest = std::max(largest, total);
+  }
+  const at::Tensor scratch = at::empty({largest}, params[0].options().dtype(at::kFloat));
+  struct Pending {
+    at::Tensor values, codes, absmax;
+    bool is_signed;
+  };
+  for (const auto& [k0, k1] : ranges) {
+    GroupCall call;
+    call.nonfinite_skips = nonfinite_skips;
+    std::vector<Pending> pending;
+    int64_t offset = 0;
+    for (size_t k = k0; k < k1; ++k) {
+      FloraParamState& state = *states[k];
+      call.params.push_back(params[k]);
+      call.grads.push_back(params[k].grad());
+      // The order of GroupCall::add: row, col, second moment, momentum.
+      for (const at::Tensor* t : {&state.row_second_moment(), &state.col_second_moment()}) {
+        if (t->defined()) call.states.push_back(*t);
+      }
+      for (const QuantizedField& field : kQuantizedFields) {
+        const at::Tensor& codes = (state.*field.codes)();
+        if (!codes.defined()) continue;
+        const at::Tensor& absmax = (state.*field.absmax)();
+        at::Tensor values = scratch.narrow(0, offset, codes.numel()).view(codes.sizes());
+        offset += scratch_aligned(codes.numel());
+        dequantize_blockwise(codes, absmax, values, field.is_signed);
+        pending.push_back({values, codes, absmax, field.is_signed});
+        call.states.push_back(values);
+      }
+      call.steps.push_back(state.step() + 1);
+      call.seeds.push_back(state.seed().value_or(0));
+    }
+    try {
+      step_group(call, o);
+    } catch (c10::Error& err) {
+      // Only a fault at run time gets here (step() checked every input first): the chunks
+      // before this one stay stepped.
+      if (k0 > 0) {
+        err.add_context(c10::str("flora: quantization=true had already stepped the first ", k0,
+                                 " of the ", params.size(), " parameters of this call"));
+      }
+      throw;
+    }
+    for (const Pending& p : pending) quantize_blockwise(p.values, p.codes, p.absmax, p.is_signed);
+  }
+}
+
+// quantization loading float32 state (saved without it): the momentum and unfactored second
+// moment are quantized on purpose, so that a float32 checkpoint resumes with 8-bit state
+// (docs/FLORA.md §11). Only a tensor of the shape the layout expects; check_state names
+// the others.
+void quantize_loaded(const at::Tensor& param, const FloraOptions& options,
+                     const QuantizedField& field, at::Tensor& values, at::Tensor& absmax) {
+  const ParamLayout layout = param_layout(param.sizes(), options.rank(), options.beta1(),
+                                          options.factorize_second_moment());
+  const bool momentum = std::string_view(field.name) == "momentum";
+  const bool expected = momentum ? layout.momentum != MomentumKind::kNone : !layout.factored;
+  if (!expected) return;
+  const std::vector<int64_t> shape =
+      momentum ? layout.momentum_shape(param.sizes()) : param.sizes().vec();
+  if (values.sizes() != at::IntArrayRef(shape)) return;
+  at::Tensor codes = at::empty(values.sizes(), values.options().dtype(at::kByte));
+  absmax = at::empty({quant_blocks(values.numel())}, values.options());
+  quantize_blockwise(values, codes, absmax, field.is_signed);
+  values = codes;
+}
+
 bool is_supported_param_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
@@ -214,6 +438,7 @@ FloraOptions FloraOptions::merged_with(const FloraOptions& group) const {
   if (group.is_set(kOption_##name)) out.name(group.name());
   FLORA_OPTIONS(FLORA_MERGE_OPTION)
 #undef FLORA_MERGE_OPTION
+  if (group.quantization_is_set()) out.quantization(group.quantization());
   return out;
 }
 
@@ -235,7 +460,7 @@ void FloraOptions::set_lr(const double lr) { this->lr(lr); }
 
 bool operator==(const FloraOptions& a, const FloraOptions& b) {
 #define FLORA_SAME_OPTION(T, name, default_value) && a.name() == b.name()
-  return true FLORA_OPTIONS(FLORA_SAME_OPTION);
+  return true FLORA_OPTIONS(FLORA_SAME_OPTION) && a.quantization() == b.quantization();
 #undef FLORA_SAME_OPTION
 }
 
@@ -244,6 +469,7 @@ void FloraOptions::serialize(torch::serialize::OutputArchive& archive) const {
 #define FLORA_WRITE_OPTION(T, name, default_value) archive.write(#name, c10::IValue(name##_));
   FLORA_OPTIONS(FLORA_WRITE_OPTION)
 #undef FLORA_WRITE_OPTION
+  archive.write("quantization", c10::IValue(quantization_));
 }
 
 void FloraOptions::serialize(torch::serialize::InputArchive& archive) {
@@ -254,6 +480,11 @@ void FloraOptions::serialize(torch::serialize::InputArchive& archive) {
   FLORA_OPTIONS(FLORA_READ_OPTION)
 #undef FLORA_READ_OPTION
   explicitly_set_ = (uint32_t{1} << kNumOptions) - 1;  // a loaded group is complete
+  // What the saving optimizer had (absent before quantization existed: false); Flora::load
+  // replaces it with the loading optimizer's own, as load_state_dict keeps Python's.
+  quantization_ = has_key(archive, "quantization") &&
+                  read_value(archive, "quantization", "options").toBool();
+  quantization_set_ = true;
 }
 
 // --------------------------------------------------------------------------- FloraParamState
@@ -266,7 +497,9 @@ void FloraParamState::serialize(torch::serialize::OutputArchive& archive) const 
        {std::pair<const char*, const at::Tensor*>{"row_second_moment", &row_second_moment()},
         {"col_second_moment", &col_second_moment()},
         {"second_moment", &second_moment()},
-        {"momentum", &momentum()}}) {
+        {"momentum", &momentum()},
+        {"second_moment_absmax", &second_moment_absmax()},
+        {"momentum_absmax", &momentum_absmax()}}) {
     if (tensor->defined()) archive.write(key, *tensor);
   }
 }
@@ -285,6 +518,8 @@ void FloraParamState::serialize(torch::serialize::InputArchive& archive) {
   col_second_moment(read_tensor("col_second_moment"));
   second_moment(read_tensor("second_moment"));
   momentum(read_tensor("momentum"));
+  second_moment_absmax(read_tensor("second_moment_absmax"));
+  momentum_absmax(read_tensor("momentum_absmax"));
 }
 
 bool operator==(const FloraParamState& a, const FloraParamState& b) {
@@ -295,7 +530,9 @@ bool operator==(const FloraParamState& a, const FloraParamState& b) {
   return a.step() == b.step() && a.seed() == b.seed() &&
          same(a.row_second_moment(), b.row_second_moment()) &&
          same(a.col_second_moment(), b.col_second_moment()) &&
-         same(a.second_moment(), b.second_moment()) && same(a.momentum(), b.momentum());
+         same(a.second_moment(), b.second_moment()) && same(a.momentum(), b.momentum()) &&
+         same(a.second_moment_absmax(), b.second_moment_absmax()) &&
+         same(a.momentum_absmax(), b.momentum_absmax());
 }
 
 // ------------------------------------------------------------------------------------ Flora
@@ -368,6 +605,13 @@ void Flora::add_param_group(const torch::optim::OptimizerParamGroup& param_group
               "flora: lr is required unless relative_step=true; param group ", param_groups_.size(),
               " has none (give its FloraOptions an lr, or the optimizer's defaults)");
   options.validate();
+  TORCH_CHECK(options.quantization() == defaults_options().quantization(),
+              "flora: quantization is an option of the whole optimizer, not of a param group: "
+              "param group ", param_groups_.size(), " sets quantization=",
+              options.quantization() ? "true" : "false",
+              ", the optimizer's defaults quantization=",
+              defaults_options().quantization() ? "true" : "false",
+              "; set it in the defaults only");
   std::unordered_set<const c10::TensorImpl*> seen;
   for (const auto& group : param_groups_) {
     for (const auto& p : group.params()) seen.insert(p.unsafeGetTensorImpl());
@@ -407,9 +651,16 @@ torch::Tensor Flora::step(LossClosure closure) {
   // Everything is checked before the first write, so a step that throws changes nothing.
   std::vector<GroupStep> groups;
   int64_t number = 0;  // 1-based over all groups: the seed offset (docs/FLORA.md)
-  for (auto& group : param_groups_) {
+  const bool quantization = defaults_options().quantization();
+  for (size_t g = 0; g < param_groups_.size(); ++g) {
+    auto& group = param_groups_[g];
     const auto& options = static_cast<const FloraOptions&>(group.options());
     options.validate();  // options may have been changed since the group was added
+    TORCH_CHECK(options.quantization() == quantization,
+                "flora: quantization must be the same in every param group (an option of the "
+                "whole optimizer): param group ", g, " has quantization=",
+                options.quantization() ? "true" : "false",
+                ", the optimizer's defaults quantization=", quantization ? "true" : "false");
     GroupStep work{&options, {}};
     for (const auto& p : group.params()) {
       ++number;
@@ -438,15 +689,28 @@ torch::Tensor Flora::step(LossClosure closure) {
     }
     // One step_group_ call per device, as flora_ext.Flora makes them.
     for (const std::vector<size_t>& batch : by_device(group.items)) {
-      GroupCall call;
-      for (const size_t k : batch) {
-        const Pending& item = group.items[k];
-        call.add(item.param, *item.state);
-      }
+      std::optional<at::Tensor> skips;
       if (group.options->skip_nonfinite()) {
-        call.nonfinite_skips = skip_counter(call.params[0].device());
+        skips = skip_counter(group.items[batch[0]].param.device());
       }
-      step_group(call, group.options->step_options(1, 0));
+      if (quantization) {
+        std::vector<at::Tensor> params;
+        std::vector<FloraParamState*> states;
+        for (const size_t k : batch) {
+          params.push_back(group.items[k].param);
+          states.push_back(group.items[k].state);
+        }
+        step_group_quantized(params, states, group.options->step_options(1, 0), skips,
+                             quantization_scratch_bytes_);
+      } else {
+        GroupCall call;
+        for (const size_t k : batch) {
+          const Pending& item = group.items[k];
+          call.add(item.param, *item.state);
+        }
+        call.nonfinite_skips = skips;
+        step_group(call, group.options->step_options(1, 0));
+      }
       for (const size_t k : batch) {
         FloraParamState& state = *group.items[k].state;
         const int64_t t = state.step() + 1;
@@ -460,6 +724,11 @@ torch::Tensor Flora::step(LossClosure closure) {
   return loss;
 }
 
+void Flora::quantization_scratch_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "flora: quantization_scratch_bytes must be >= 0, got ", bytes);
+  quantization_scratch_bytes_ = bytes;
+}
+
 void Flora::save(torch::serialize::OutputArchive& archive) const {
   torch::optim::serialize<FloraParamState, FloraOptions>(archive, *this);
 }
@@ -471,6 +740,11 @@ void Flora::load(torch::serialize::InputArchive& archive) {
   for (const auto& group : param_groups_) previous_options.push_back(group.options().clone());
   try {
     torch::optim::serialize<FloraParamState, FloraOptions>(archive, *this);
+    // Whether the state is 8-bit is this optimizer's choice, not the saved one's: float32
+    // state is quantized, 8-bit state is refused without quantization (adopt_loaded_state).
+    for (auto& group : param_groups_) {
+      static_cast<FloraOptions&>(group.options()).quantization(defaults_options().quantization());
+    }
     adopt_loaded_state();
   } catch (...) {
     state_ = std::move(previous_state);
@@ -496,12 +770,35 @@ void Flora::adopt_loaded_state() {
       ++number;
       if (it == state_.end()) continue;
       auto& state = static_cast<FloraParamState&>(*it->second);
-      // float32 on the parameter's device, as flora_ext.Flora.load_state_dict does.
-      for (at::Tensor* t : {&state.row_second_moment(), &state.col_second_moment(),
-                            &state.second_moment(), &state.momentum()}) {
-        if (t->defined()) *t = t->to(p.device(), at::kFloat).contiguous();
-      }
       try {
+        // float32 on the parameter's device, as flora_ext.Flora.load_state_dict does; 8-bit
+        // codes (those with an absmax) stay uint8.
+        for (at::Tensor* t : {&state.row_second_moment(), &state.col_second_moment()}) {
+          if (t->defined()) *t = t->to(p.device(), at::kFloat).contiguous();
+        }
+        for (const QuantizedField& field : kQuantizedFields) {
+          at::Tensor& values = (state.*field.codes)();
+          at::Tensor& absmax = (state.*field.absmax)();
+          if (absmax.defined()) {
+            TORCH_CHECK(values.defined(), "flora: ", field.name, "_absmax is set but ",
+                        field.name, " is not");
+            TORCH_CHECK(values.scalar_type() == at::kByte, "flora: ", field.name,
+                        " must be uint8 (8-bit codes, as ", field.name, "_absmax says), got ",
+                        values.scalar_type());
+            values = values.to(p.device()).contiguous();
+            absmax = absmax.to(p.device(), at::kFloat).contiguous();
+            continue;
+          }
+          if (!values.defined()) continue;
+          TORCH_CHECK(values.is_floating_point(), "flora: ", field.name,
+                      " must be a float tensor",
+                      values.scalar_type() == at::kByte
+                          ? std::string(" (") + field.name + "_absmax is missing)"
+                          : std::string(),
+                      ", got ", values.scalar_type());
+          values = values.to(p.device(), at::kFloat).contiguous();
+          if (options.quantization()) quantize_loaded(p, options, field, values, absmax);
+        }
         // The parameter stands in for its gradient: only the state is being checked.
         check_state(p, p, options, state);
       } catch (const c10::Error& e) {

@@ -103,6 +103,18 @@ struct FloraOptions : public torch::optim::OptimizerCloneableOptions<FloraOption
 #undef FLORA_OPTION
 
  public:
+  // 8-bit momentum and unfactored second moments (docs/FLORA.md §11). An option of the whole
+  // optimizer, as flora_ext.Flora's quantization argument is (not a param group key there, so
+  // not in FLORA_OPTIONS): set it in the optimizer's defaults; a param group may repeat it
+  // but not differ.
+  inline FloraOptions& quantization(bool new_quantization) {
+    quantization_ = new_quantization;
+    quantization_set_ = true;
+    return *this;
+  }
+  inline bool quantization() const noexcept { return quantization_; }
+  bool quantization_is_set() const noexcept { return quantization_set_; }
+
   void serialize(torch::serialize::InputArchive& archive) override;
   void serialize(torch::serialize::OutputArchive& archive) const override;
   friend bool operator==(const FloraOptions& lhs, const FloraOptions& rhs);
@@ -121,11 +133,15 @@ struct FloraOptions : public torch::optim::OptimizerCloneableOptions<FloraOption
 
  private:
   uint32_t explicitly_set_ = 0;
+  bool quantization_ = false;
+  bool quantization_set_ = false;
 };
 
 // State of one parameter; which fields are defined follows flora::param_layout (docs/FLORA.md,
 // "Which state a parameter gets"), as the state dict of flora_ext.Flora does. All tensors
-// are float32, on the parameter's device.
+// are float32, on the parameter's device, except with quantization: then momentum and
+// second_moment hold uint8 codes (the float tensor's shape) and their *_absmax fields one
+// float32 absmax per block of 256 elements (docs/FLORA.md §11).
 struct FloraParamState : public torch::optim::OptimizerCloneableParamState<FloraParamState> {
   TORCH_ARG(int64_t, step) = 0;
   // Seed of the current projection; compressed momentum only.
@@ -134,6 +150,8 @@ struct FloraParamState : public torch::optim::OptimizerCloneableParamState<Flora
   TORCH_ARG(torch::Tensor, col_second_moment);  // (m,), factored
   TORCH_ARG(torch::Tensor, second_moment);      // like the parameter, not factored
   TORCH_ARG(torch::Tensor, momentum);           // r x m, n x r or like the parameter
+  TORCH_ARG(torch::Tensor, second_moment_absmax);  // quantization: ceil(numel / 256)
+  TORCH_ARG(torch::Tensor, momentum_absmax);       // quantization: ceil(numel / 256)
 
  public:
   void serialize(torch::serialize::InputArchive& archive) override;
@@ -174,7 +192,14 @@ class Flora : public torch::optim::Optimizer {
   // A copy; zero before any. Not saved by save().
   torch::Tensor nonfinite_skips(torch::Device device) const;
 
+  // With quantization: the bound of the float32 scratch that a step reads 8-bit state into,
+  // in bytes (default 64 MiB, as in Python; a parameter whose state needs more gets a
+  // scratch of its own size). Parameters are stepped in consecutive chunks that fit it.
+  int64_t quantization_scratch_bytes() const { return quantization_scratch_bytes_; }
+  void quantization_scratch_bytes(int64_t bytes);
+
  private:
+  int64_t quantization_scratch_bytes_ = int64_t{64} << 20;
   // The counters of skip_nonfinite, one a device, made by the first step that needs one.
   std::vector<torch::Tensor> nonfinite_skips_;
   torch::Tensor& skip_counter(torch::Device device);
