@@ -107,7 +107,9 @@ class HyperParameter:
     split: Optional[Tuple[str, str]] = None
     rules: Tuple[Callable[[dict], None], ...] = ()
     invalid: Any = None  # a value the check rejects (tests hold the op's checks to it)
-    group: bool = True  # a key of every param group, a field of flora::FloraOptions
+    # a key of every param group and a FLORA_OPTIONS field of flora::FloraOptions
+    # (FloraOptions also has optimizer-wide fields outside that list, such as quantization)
+    group: bool = True
     op: bool = True  # a keyword argument of the step ops (step_, step_group_)
     keyword_only: bool = False
     flora_opt: bool = True  # an argument of flora-opt's Flora too
