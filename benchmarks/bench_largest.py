@@ -135,7 +135,7 @@ def search_largest(trials, optimizer, args):
 
     lo, hi = None, None  # lo fits, hi does not
     layers = args.start_layers
-    while trials.left() >= args.min_trial_s and layers >= 1:
+    while trials.left() >= args.min_trial_s and 1 <= layers <= args.max_layers:
         if probe(layers):
             lo = layers
             if hi is not None:
@@ -143,11 +143,9 @@ def search_largest(trials, optimizer, args):
             layers += args.layer_step
         else:
             hi = layers
-            if lo is not None:
+            if lo is not None or layers == 1:
                 break
-            layers -= args.layer_step
-        if layers > args.max_layers:
-            break
+            layers = max(1, layers - args.layer_step)
     while lo is not None and hi is not None and hi - lo > args.resolution:
         if trials.left() < args.min_trial_s:
             break

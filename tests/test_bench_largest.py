@@ -1,0 +1,71 @@
+"""benchmarks/bench_largest.py: its grid parsing, the largest-model search (on a made-up
+memory limit, no child processes) and its MFU formula."""
+import argparse
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_largest as bl  # noqa: E402
+
+
+class FakeTrials:
+    """Trials whose model fits up to ``limit`` layers; records the layers probed."""
+
+    def __init__(self, limit, budget=10**6):
+        self.limit, self.budget, self.probed = limit, budget, []
+
+    def left(self):
+        return self.budget
+
+    def run(self, optimizer, layers, mbs, checkpointing, purpose):
+        self.probed.append(layers)
+        return {"status": "ok" if layers <= self.limit else "OOM"}
+
+
+def search_args(**kw):
+    base = dict(start_layers=96, layer_step=32, max_layers=400, resolution=4, min_trial_s=1)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.mark.parametrize("limit", [1, 40, 95, 96, 97, 150, 157, 158, 300])
+def test_largest_search_brackets_the_limit(limit):
+    trials = FakeTrials(limit)
+    lo, hi = bl.search_largest(trials, "flora_accum_q8", search_args())
+    assert lo is not None and lo <= limit < hi
+    assert hi - lo <= 4
+    assert len(trials.probed) == len(set(trials.probed))  # no layer count probed twice
+
+
+def test_largest_search_reports_nothing_when_nothing_fits():
+    lo, hi = bl.search_largest(FakeTrials(0), "adamw", search_args(start_layers=3,
+                                                                    layer_step=1))
+    assert lo is None and hi == 1
+
+
+def test_largest_search_stops_at_max_layers():
+    trials = FakeTrials(10**6)
+    lo, hi = bl.search_largest(trials, "adamw", search_args(max_layers=200))
+    assert hi is None and lo == max(trials.probed) <= 200
+
+
+def test_largest_search_stops_when_the_budget_is_spent():
+    trials = FakeTrials(150, budget=0)
+    assert bl.search_largest(trials, "adamw", search_args()) == (None, None)
+    assert trials.probed == []
+
+
+def test_grid_parsing():
+    assert bl.parse_grid("1:on 2:off") == [(1, True), (2, False)]
+    for bad in ("0:on", "2:maybe", "x:on", "2"):
+        with pytest.raises(argparse.ArgumentTypeError, match="MICRO_BATCH_SIZE"):
+            bl.parse_grid(bad)
+
+
+def test_mfu_counts_model_flops_only():
+    trial = {"status": "ok", "params": 7e9, "layers": 32, "tokens_per_s": 1000.0}
+    want = 1000.0 * (6 * 7e9 + 12 * 32 * 4096 * 2048) / 1e15
+    assert bl.mfu(trial, 1000.0, 4096, 2048) == pytest.approx(want)
+    assert bl.mfu(dict(trial, status="OOM"), 1000.0, 4096, 2048) is None
