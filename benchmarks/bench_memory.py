@@ -5,7 +5,9 @@ The model is transformers' LlamaForCausalLM (hidden 4096, intermediate 11008, 32
 32 heads, vocabulary 32000: 6.74B parameters), built from a LlamaConfig with random weights
 directly on the GPU in bf16 (nothing is downloaded). Training: bf16 parameters, sequences of
 2048 random tokens, micro-batch 1, 4 micro-batches per optimizer step, activation
-checkpointing on every decoder layer (non-reentrant), SDPA attention. Configurations:
+checkpointing on every decoder layer (non-reentrant), SDPA attention; --layers,
+--micro-batch-size and --no-checkpointing change them (benchmarks/bench_largest.py searches
+over them). Configurations:
 
   flora_accum           flora_ext.Flora(beta1=--flora-beta1, rank=--flora-rank) +
                         flora_ext.FloraAccumulator (compressed accumulation with --rank;
@@ -20,13 +22,16 @@ checkpointing on every decoder layer (non-reentrant), SDPA attention. Configurat
   flora_opt             the authors' flora_opt.FloraAccelerator(accumulation_compression_rank=
                         --rank) with flora_opt.Flora (momentum as flora_accum; flora-opt 0.0.3,
                         bitsandbytes stubbed when missing)
+  adamw8bit             torchao.optim.AdamW8bit, plain accumulation (needs torchao; not in
+                        the default list)
 
 Each configuration runs in its own subprocess, so
 that peaks and allocator caches are isolated, under a shared --budget of wall time. Reported:
 torch.cuda.max_memory_allocated over all steps (warm-up included: the optimizer state is
 created in the first step), max_memory_reserved, the median step time over --steps timed
 steps after --warmup steps (wall clock between torch.cuda.synchronize() calls, the whole
-step: forward, backward, optimizer) and tokens/s = micro_batches * seq / median step time.
+step: forward, backward, optimizer) and tokens/s = micro-batches * micro-batch size * seq /
+median step time.
 A configuration that runs out of memory is reported as OOM and the others still run.
 
     python benchmarks/bench_memory.py --out benchmarks/results/bench_memory.md
@@ -62,6 +67,7 @@ if (_REPO / "flora_ext" / "libflora.so").exists():
 # compressed accumulation; Flora's defaults (no momentum) are the row beside it.
 CONFIGS = ("flora_accum", "flora_accum_q8", "flora_accum_defaults", "flora", "adamw",
            "flora_opt", "adamw8bit")
+DEFAULT_CONFIGS = CONFIGS[:-1]  # adamw8bit needs torchao, which requirements do not pin
 DESCRIPTIONS = {
     "flora_accum": "flora_ext.Flora(beta1={beta1}, rank={flora_rank}) + FloraAccumulator (rank {rank})",
     "flora_accum_q8": "flora_accum with quantization=True (8-bit momentum)",
@@ -454,8 +460,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[2:]))
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), metavar="NAME",
-                    help=f"configurations to run, in order (default: {' '.join(CONFIGS)})")
+    ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), metavar="NAME",
+                    help=f"configurations to run, in order, of {', '.join(CONFIGS)} "
+                         f"(default: {' '.join(DEFAULT_CONFIGS)})")
     ap.add_argument("--steps", type=int, default=4, help="timed optimizer steps (default 4)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     ap.add_argument("--micro-batches", type=int, default=4, help="per optimizer step (4)")
