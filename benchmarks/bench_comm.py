@@ -265,6 +265,7 @@ def spawn(fn, nprocs, args, backend, timeout_s):
         for p in procs:
             if p.is_alive():
                 p.kill()
+                p.join(5)  # reap it, so that its exit code is set
         if hung or any(p.exitcode for p in procs):
             raise SystemExit(f"workers failed (exit codes {[p.exitcode for p in procs]}, "
                              f"timed out: {hung})")

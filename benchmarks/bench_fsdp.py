@@ -29,10 +29,8 @@ import datetime
 import math
 import os
 import re
-import socket
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -42,6 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import flora_ext  # noqa: E402
+from bench_comm import spawn  # noqa: E402  (process group per spawned worker)
 from bench_step import commit, llama_shapes, named_llama_shapes  # noqa: E402
 
 COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather_into_tensor",
@@ -235,50 +234,19 @@ def _profile_step(opt, params, gen, device, top=10):
                 device_time=cuda)
 
 
-def _child(rank, world, port, backend, out_dir, args, device_name):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+def _rank_worker(rank, world, args, device_name):
+    """One process of bench_comm.spawn: its GPU (ranks share GPUs round-robin over gloo),
+    the benchmark, then a barrier so that no rank leaves the group while others still time."""
     if device_name == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group(backend, rank=rank, world_size=world)
-    try:
-        result = _worker(rank, world, args, device_name)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    result = _worker(rank, world, args, device_name)
+    dist.barrier()
+    return result
 
 
 def run(args):
     """Spawns the processes; returns rank 0's results."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory() as out_dir:
-        port = _free_port()
-        procs = [ctx.Process(target=_child, args=(r, args.nprocs, port, args.backend, out_dir,
-                                                  args, args.device))
-                 for r in range(args.nprocs)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + args.timeout
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-        if hung or any(p.exitcode for p in procs):
-            raise SystemExit(f"bench_fsdp: workers failed (exit codes "
-                             f"{[p.exitcode for p in procs]}, timed out: {hung})")
-        return torch.load(os.path.join(out_dir, "rank0.pt"), weights_only=False)
+    return spawn(_rank_worker, args.nprocs, (args, args.device), args.backend, args.timeout)
 
 
 def _collectives(counts):
