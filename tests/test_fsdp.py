@@ -347,16 +347,19 @@ def _state_bytes(opt):
     return dict(total=total, replicated=replicated, uneven=uneven)
 
 
-def _dcp_save_worker(rank, world_size, device, path):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                         get_optimizer_state_dict,
-                                                         set_optimizer_state_dict)
-
-    device = _device(rank, device)
+def _stepped_to_checkpoint(world_size, device):
+    """A sharded model and its Flora (DCP_CONFIG) after SAVED_AT steps."""
     model = sharded_model(world_size, torch.float32, device)
     opt = flora_ext.Flora(model.parameters(), **DCP_CONFIG, tf32=False)
     _steps(model, opt, 0, SAVED_AT, torch.float32, device)
+    return model, opt
+
+
+def _dcp_save_worker(rank, world_size, device, path):
+    import torch.distributed.checkpoint as dcp
+
+    device = _device(rank, device)
+    model, opt = _stepped_to_checkpoint(world_size, device)
     dcp.save(_state_dicts(model, opt), checkpoint_id=path)
     _steps(model, opt, SAVED_AT, LAST, torch.float32, device)
     uninterrupted = [_full(p) for p in model.parameters()]
@@ -462,9 +465,7 @@ def _full_state_dict_worker(rank, world_size, device):
                                                          set_optimizer_state_dict)
 
     device = _device(rank, device)
-    model2 = sharded_model(world_size, torch.float32, device)
-    opt2 = flora_ext.Flora(model2.parameters(), **DCP_CONFIG, tf32=False)
-    _steps(model2, opt2, 0, SAVED_AT, torch.float32, device)
+    model2, opt2 = _stepped_to_checkpoint(world_size, device)
     full = get_optimizer_state_dict(model2, opt2, options=StateDictOptions(full_state_dict=True))
     for fqn, state in full["state"].items():
         for key, value in state.items():
