@@ -37,16 +37,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import pathlib
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 
-HERE = pathlib.Path(__file__).resolve().parent
-BENCH_MEMORY = HERE / "bench_memory.py"
+import bench_memory  # its children run every trial (benchmarks/ is on sys.path)
+
 OPTIMIZERS = ("flora_accum", "flora_accum_q8", "adamw", "adamw8bit")
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense bf16, SXM
 HIDDEN, SEQ = 4096, 2048
@@ -85,37 +83,20 @@ class Trials:
         micro_batches = a.tokens_per_step // (mbs * seq)
         trial = dict(optimizer=optimizer, layers=layers, micro_batch_size=mbs,
                      micro_batches=micro_batches, checkpointing=checkpointing, purpose=purpose)
-        left = self.left()
-        if left < a.min_trial_s:
-            trial.update(status="skipped", error="time budget spent")
-            self.results.append(trial)
-            return trial
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "result.json")
-            cmd = [sys.executable, str(BENCH_MEMORY), "--child", optimizer, "--result", path,
-                   "--device", a.device, "--steps", str(a.steps), "--warmup", str(a.warmup),
-                   "--micro-batches", str(micro_batches), "--micro-batch-size", str(mbs),
-                   "--layers", str(layers), "--lr", "1e-4"]
-            if not checkpointing:
-                cmd.append("--no-checkpointing")
-            if a.tiny:
-                cmd.append("--tiny")
-            t0 = time.monotonic()
-            try:
-                subprocess.run(cmd, timeout=min(left, a.trial_timeout_s),
-                               stdout=subprocess.DEVNULL if a.quiet else None)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            child = json.loads(pathlib.Path(path).read_text()) if os.path.exists(path) else {}
+        rank = 8 if a.tiny else 256  # bench_memory's default ranks
+        child_args = argparse.Namespace(
+            device=a.device, steps=a.steps, warmup=a.warmup, micro_batches=micro_batches,
+            micro_batch_size=mbs, layers=layers, no_checkpointing=not checkpointing,
+            tiny=a.tiny, seq=None, lr=1e-4, rank=rank, flora_rank=rank, flora_beta1=0.9,
+            min_config_s=a.min_trial_s, budget=a.budget)
+        deadline = min(self.deadline, time.monotonic() + a.trial_timeout_s)
+        child = bench_memory.run_config(child_args, optimizer, deadline,
+                                        stdout=subprocess.DEVNULL if a.quiet else None)
         trial.update({k: child[k] for k in ("status", "error", "params", "peak_allocated_gib",
                                             "peak_reserved_gib", "median_step_s",
                                             "tokens_per_s", "optimizer_state_gib", "versions")
                       if k in child})
-        if timed_out:
-            trial.update(status="timeout", error=f"killed after {time.monotonic() - t0:.0f} s")
-        trial.setdefault("status", "error")
-        trial["wall_s"] = round(time.monotonic() - t0, 1)
+        trial["wall_s"] = round(child.get("wall_s", 0.0), 1)
         self.results.append(trial)
         print(f"[trial] {optimizer} L={layers} mbs={mbs} ckpt={'on' if checkpointing else 'off'}"
               f": {trial['status']}, peak {fmt(trial.get('peak_allocated_gib'), '.2f')} GiB,"

@@ -312,7 +312,9 @@ def child_command(args, name, result_path):
     return cmd
 
 
-def run_config(args, name, deadline):
+def run_config(args, name, deadline, stdout=None):
+    """Runs configuration ``name`` in a child process until ``deadline`` (time.monotonic);
+    returns its result dict (status skipped, timeout or error when it gave none)."""
     left = deadline - time.monotonic()
     if left < args.min_config_s:
         return {"config": name, "status": "skipped",
@@ -321,7 +323,7 @@ def run_config(args, name, deadline):
         path = os.path.join(tmp, "result.json")
         start = time.monotonic()
         try:
-            proc = subprocess.run(child_command(args, name, path), timeout=left)
+            proc = subprocess.run(child_command(args, name, path), timeout=left, stdout=stdout)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = None
