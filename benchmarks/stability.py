@@ -150,7 +150,7 @@ def orthogonalised(P, left, scale=True):
     the unbiased estimate's noise, whose squared norm is about long / r times ||X||^2."""
     A = P.t() if left else P  # long x r
     Q, R = torch.linalg.qr(A.double())
-    Q = Q * torch.sign(torch.diagonal(R)).clamp(min=0).mul(2).sub(1)[None, :]
+    Q = Q * torch.where(torch.diagonal(R) > 0, 1.0, -1.0).to(Q.dtype)[None, :]
     Q = (Q * (math.sqrt(A.shape[0] / A.shape[1]) if scale else 1.0)).to(P.dtype)
     return Q.t().contiguous() if left else Q.contiguous()
 
