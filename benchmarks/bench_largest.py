@@ -9,6 +9,8 @@ itself. Optimizers (bench_memory's configurations):
 
   flora_accum     flora_ext.Flora(beta1=0.9, rank=256) + FloraAccumulator(rank=256)
   flora_accum_q8  the same with quantization=True (8-bit momentum)
+  flora_accum_defaults  Flora's defaults (no momentum) + FloraAccumulator(rank=256), beside
+                  the headline
   adamw           torch.optim.AdamW(fused=True)
   adamw8bit       torchao.optim.AdamW8bit (when torchao imports; else reported as error)
 
@@ -45,7 +47,7 @@ import time
 
 import bench_memory  # its children run every trial (benchmarks/ is on sys.path)
 
-OPTIMIZERS = ("flora_accum", "flora_accum_q8", "adamw", "adamw8bit")
+OPTIMIZERS = ("flora_accum", "flora_accum_q8", "flora_accum_defaults", "adamw", "adamw8bit")
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense bf16, SXM
 HIDDEN, SEQ = 4096, 2048
 TINY_HIDDEN, TINY_SEQ = 64, 64
