@@ -309,6 +309,47 @@ def test_quantized_momentum_follows_the_orthogonal_projection():
     assert rel_err(states["orthogonal", True], states["gaussian", False]) > 0.1
 
 
+def _accumulated_run(projection, micro_batches, cycles, hooks=True):
+    """Two linear layers (16 x 40: left, 40 x 16: right) trained ``cycles`` optimizer steps
+    of ``micro_batches`` backward passes, through a FloraAccumulator (``hooks``) or plain
+    backward + step()."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 40, bias=False),
+                                torch.nn.Linear(40, 16, bias=False))
+    opt = flora_ext.Flora(model.parameters(), lr=0.05, rank=4, kappa=2, beta1=0.9,
+                          projection=projection)
+    if hooks:
+        flora_ext.FloraAccumulator(opt, micro_batches=micro_batches, rank=4)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(cycles):
+        for _ in range(micro_batches):
+            x = torch.randn(8, 16, generator=gen)
+            (model(x).square().mean() / micro_batches).backward()
+        opt.step()
+        if not hooks:
+            opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
+def test_accumulator_steps_with_the_orthogonal_projection():
+    """micro_batches=1 (steps in the backward hooks): bitwise backward + step()."""
+    hooked, _ = _accumulated_run("orthogonal", 1, 5)
+    plain, _ = _accumulated_run("orthogonal", 1, 5, hooks=False)
+    gaussian, _ = _accumulated_run("gaussian", 1, 5)
+    assert all(torch.equal(a, b) for a, b in zip(hooked, plain))
+    assert all(rel_err(a, b) > 1e-4 for a, b in zip(hooked, gaussian))
+
+
+def test_accumulation_projections_stay_gaussian():
+    """The compressed accumulation of 3 micro-batches does not depend on ``projection``: the
+    first step (no momentum in its direction yet) gives the same parameters either way."""
+    ortho, opt_o = _accumulated_run("orthogonal", 3, 1)
+    gauss, opt_g = _accumulated_run("gaussian", 3, 1)
+    assert all(torch.equal(a, b) for a, b in zip(ortho, gauss))
+    for p, q in zip(opt_o.param_groups[0]["params"], opt_g.param_groups[0]["params"]):
+        assert rel_err(opt_o.state[p]["momentum"], opt_g.state[q]["momentum"]) > 0.05
+
+
 # ----------------------------------------------------------------------------- refusals
 
 
