@@ -221,7 +221,9 @@ void run_step_cpu(const at::Tensor& param, const at::Tensor& grad, const GroupEn
   const float* gp = g.data_ptr<float>();
   float* pp = p.data_ptr<float>();
 
-  // The projections first: orthogonal_down may refuse its P, before anything is written.
+  // The projections first, so that orthogonal_down's check (a Gram that is not positive
+  // definite: in practice never, for a Gaussian P with r <= long) throws before this
+  // parameter or its state is written.
   StepProjections proj;
   if (layout.momentum == MomentumKind::kCompressed) proj = step_projections(o, layout);
 
