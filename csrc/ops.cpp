@@ -69,6 +69,17 @@ const char* momentum_kind_name(MomentumKind kind) {
   return "?";
 }
 
+Projection projection_from_name(c10::string_view name) {
+  if (name == "gaussian") return Projection::kGaussian;
+  TORCH_CHECK(name == "orthogonal", "flora: projection must be 'gaussian' or 'orthogonal', "
+              "got '", std::string(name), "'");
+  return Projection::kOrthogonal;
+}
+
+const char* projection_name(Projection projection) {
+  return projection == Projection::kOrthogonal ? "orthogonal" : "gaussian";
+}
+
 double StepOptions::beta2() const {
   return 1.0 - std::pow(static_cast<double>(step), decay_rate);
 }
@@ -127,6 +138,10 @@ ParamLayout check_step_inputs(const at::Tensor& param, const at::Tensor& grad,
               "flora: param must not have elements that share memory (an expanded or "
               "otherwise self-overlapping tensor, strides ", param.strides(),
               "); pass a tensor with its own memory, e.g. p.contiguous()");
+  // Checked before anything is written: the CUDA kernels have only the Gaussian projection.
+  TORCH_CHECK(o.projection == Projection::kGaussian || param.device().is_cpu(),
+              "flora: projection='orthogonal' is supported on CPU parameters only for now, "
+              "got a parameter on ", param.device(), "; use projection='gaussian' there");
   TORCH_CHECK(grad.defined(), "flora: grad must be a defined tensor");
   TORCH_CHECK(grad.layout() == at::kStrided,
               "flora: sparse gradients are not supported (grad layout ", grad.layout(), ")");
@@ -287,7 +302,8 @@ StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double be
                                 double decay_rate, double weight_decay, int64_t rank,
                                 int64_t kappa, bool scale_parameter, bool relative_step,
                                 bool warmup_init, bool factorize_second_moment, bool tf32,
-                                bool stochastic_rounding, bool skip_nonfinite) {
+                                bool stochastic_rounding, bool skip_nonfinite,
+                                c10::string_view projection) {
   StepOptions o;
   o.step = step;
   o.seed = seed;
@@ -307,6 +323,7 @@ StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double be
   o.tf32 = tf32;
   o.stochastic_rounding = stochastic_rounding;
   o.skip_nonfinite = skip_nonfinite;
+  o.projection = projection_from_name(projection);
   return o;
 }
 
@@ -416,12 +433,12 @@ void step_(at::Tensor& param, const at::Tensor& grad,
                                    const std::optional<at::Tensor>&, int64_t, int64_t,
                                    double, double, double, double, double, double, double,
                                    int64_t, int64_t, bool, bool, bool, bool, bool, bool, bool,
-                                   const std::optional<at::Tensor>&)>();
+                                   c10::string_view, const std::optional<at::Tensor>&)>();
   op.call(param, grad, row_second_moment, col_second_moment, second_moment, momentum,
           o.step, o.seed, o.lr, o.beta1, o.eps1, o.eps2, o.clip_threshold, o.decay_rate,
           o.weight_decay, o.rank, o.kappa, o.scale_parameter, o.relative_step,
           o.warmup_init, o.factorize_second_moment, o.tf32, o.stochastic_rounding,
-          o.skip_nonfinite, nonfinite_skips);
+          o.skip_nonfinite, projection_name(o.projection), nonfinite_skips);
 }
 
 at::Tensor projection(int64_t seed, int64_t rows, int64_t cols, double scale,
@@ -503,7 +520,8 @@ TORCH_LIBRARY(flora, m) {
       "float clip_threshold, float decay_rate, float weight_decay, int rank, int kappa, "
       "bool scale_parameter, bool relative_step, bool warmup_init, "
       "bool factorize_second_moment, bool tf32=True, bool stochastic_rounding=False, "
-      "bool skip_nonfinite=False, Tensor(f!)? nonfinite_skips=None) -> ()");
+      "bool skip_nonfinite=False, str projection=\"gaussian\", "
+      "Tensor(f!)? nonfinite_skips=None) -> ()");
   // Every parameter of a param group (on one device) in one call: the per-call
   // overhead of Python and the dispatcher is paid once, not once a parameter.
   m.def(
@@ -512,7 +530,8 @@ TORCH_LIBRARY(flora, m) {
       "float eps1, float eps2, float clip_threshold, float decay_rate, float weight_decay, "
       "int rank, int kappa, bool scale_parameter, bool relative_step, bool warmup_init, "
       "bool factorize_second_moment, bool tf32=True, bool stochastic_rounding=False, "
-      "bool skip_nonfinite=False, Tensor(c!)? param_norms=None, int[] norms_known=[], "
+      "bool skip_nonfinite=False, str projection=\"gaussian\", Tensor(c!)? param_norms=None, "
+      "int[] norms_known=[], "
       "Tensor(d!)? nonfinite_skips=None) -> ()");
   // capturable=True: the step counts (before the step) and the seeds of the compressed
   // parameters are 0-d int64 tensors that the op advances; `workspace` keeps what the

@@ -64,7 +64,8 @@ def projection(seed: int, rows: int, cols: int, rank: int, device="cpu") -> torc
 def _step_fake(param, grad, row_second_moment, col_second_moment, second_moment, momentum, *,
                step, seed, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay,
                rank, kappa, scale_parameter, relative_step, warmup_init,
-               factorize_second_moment, tf32=True, stochastic_rounding=False):
+               factorize_second_moment, tf32=True, stochastic_rounding=False,
+               skip_nonfinite=False, projection="gaussian", nonfinite_skips=None):
     torch._check(grad.shape == param.shape, lambda: "flora: grad must have the shape of param")
     return None
 

@@ -32,6 +32,9 @@ number of ranks, or into a single-process optimizer.
 ``Replicate()`` DTensor parameters (1-D mesh) step on the full tensor with no collective but
 the check.
 
+projection="orthogonal" compresses with the down matrix of docs/FLORA.md §5.1 in place of P'
+(every rank computes it from the whole P', float64 r x r Gram): the same collectives.
+
 Not supported, with an error that says so: other parameter placements (``Shard(1)``,
 ``Partial``), meshes of more than one dimension (HSDP, FSDP with tensor parallelism), groups
 mixing DTensors and plain tensors, stochastic rounding, and FSDP1's flattened parameters. The
@@ -603,6 +606,8 @@ def _compressed(it, u, group, beta1, second):
     p_now = projection(it.seed, *shape, r, device=device)
     resample = it.t % group["kappa"] == 0
     p_down = projection(next_seed(it.seed), *shape, r, device=device) if resample else p_now
+    if group["projection"] == "orthogonal":  # compress with s^2 (P P^T)^-1 P (docs/FLORA.md §5.1)
+        p_down = orthogonal_down(p_down, left)
     momentum = it.state["momentum"].to_local()  # left and row-sharded: this rank's columns
     if left:
         rows = slice(it.start, it.start + it.rows)
@@ -618,6 +623,17 @@ def _compressed(it, u, group, beta1, second):
         base = momentum.mm(p_now.t().mm(p_down)) if resample else momentum
         it.D = u * (1.0 - beta1) + up * beta1
         it.new["momentum"] = base * beta1 + u.mm(p_down) * (1.0 - beta1)
+
+
+def orthogonal_down(P, left):
+    """projection="orthogonal"'s down matrix for the Gaussian ``P`` (docs/FLORA.md §5.1):
+    s^2 (P P^T)^-1 P on the left (r x n), s^2 P (P^T P)^-1 on the right (m x r), s^2 = long /
+    r; as the CPU kernel's orthogonal_down computes it (float64 Gram, Cholesky solve)."""
+    a = (P if left else P.t()).double()  # r x long
+    rank, length = a.shape
+    factor = torch.linalg.cholesky(a @ a.t())
+    w = torch.cholesky_solve(a, factor).mul_(length / rank).float()
+    return w if left else w.t().contiguous()
 
 
 def _scalars(sums, slots):

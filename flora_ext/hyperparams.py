@@ -31,6 +31,8 @@ MAX_INT64 = 2**63 - 1  # the ops take ints as int64
 # float32's smallest normal: eps1 is added in float32, and a smaller eps1 is lost there (below
 # about 1e-45, or where denormals are flushed to zero), so a zero gradient row gives 0 / 0.
 MIN_EPS1 = 2.0**-126
+# The values of the projection hyper-parameter (docs/FLORA.md §5.1).
+PROJECTIONS = ("gaussian", "orthogonal")
 
 
 def is_number(x) -> bool:
@@ -82,6 +84,13 @@ def _capturable_without_skips(group) -> None:
                          "(the capturable step has no skip pass); pass one of them as False")
 
 
+def _orthogonal_without_capture(group) -> None:
+    if group["capturable"] and group["projection"] != "gaussian":
+        raise ValueError("flora: projection='orthogonal' is not supported with capturable=True "
+                         "(the capturable step is CUDA's, whose kernels have the Gaussian "
+                         "projection only); pass projection='gaussian' or capturable=False")
+
+
 def _warmup_needs_relative_step(group) -> None:
     if group["warmup_init"] and not group["relative_step"]:
         raise ValueError("flora: warmup_init=True requires relative_step=True")
@@ -97,7 +106,7 @@ class HyperParameter:
     whose bools are checked first), run right after this one's own.
     """
     name: str
-    type: type  # of the value, or of each element of a pair
+    type: type  # of the value, or of each element of a pair (float, int, bool or str)
     default: Any
     doc: str
     check: Optional[Callable[[Any], bool]] = None  # None: a bool
@@ -210,6 +219,14 @@ HYPER_PARAMETERS = (
         "A parameter whose gradient holds a NaN or inf keeps its value and state on that "
         "step (its step count advances); the skips are counted in opt.nonfinite_skips.",
         keyword_only=True, flora_opt=False),
+    HyperParameter(
+        "projection", str, "gaussian",
+        "Compressed momentum's down projection: 'gaussian' (flora-opt's) or 'orthogonal' (the "
+        "Gaussian basis orthonormalised, scaled by sqrt(long side / r); less noise; CPU "
+        "parameters only for now; docs/FLORA.md §5.1).",
+        check=lambda v: isinstance(v, str) and v in PROJECTIONS,
+        expected="'gaussian' or 'orthogonal'", invalid="uniform",
+        keyword_only=True, flora_opt=False, rules=(_orthogonal_without_capture,)),
     HyperParameter(
         "capturable", bool, False,
         "CUDA: step counts and seeds live in device tensors and the step plans once, so that "

@@ -43,7 +43,7 @@ def _self_overlapping(t):
 _HYPER = itemgetter("rank", "kappa", "eps", "clip_threshold", "decay_rate", "beta1",
                     "weight_decay", "scale_parameter", "relative_step", "warmup_init",
                     "factorize_second_moment", "seed", "tf32", "stochastic_rounding",
-                    "skip_nonfinite", "capturable")
+                    "skip_nonfinite", "projection", "capturable")
 _LAYOUT = itemgetter("rank", "beta1", "factorize_second_moment")
 
 
@@ -60,6 +60,10 @@ def _check_param(p, group):
                          f"one of shape {tuple(p.shape)} with strides {p.stride()} (an "
                          f"expanded tensor?); give it its own memory, e.g. "
                          f"nn.Parameter(t.contiguous())")
+    if group["projection"] != "gaussian" and p.device.type != "cpu":
+        raise ValueError(f"flora: projection={group['projection']!r} is supported on CPU "
+                         f"parameters only for now, got a parameter on {p.device} (shape "
+                         f"{tuple(p.shape)}); use projection='gaussian' there")
     if group["stochastic_rounding"] and p.dtype == torch.float16:
         raise ValueError("flora: stochastic_rounding supports bfloat16 (and float32, "
                          "where it does nothing) parameters, got a float16 parameter "
@@ -212,7 +216,7 @@ def _op_hyper_parameters(group):
         warmup_init=group["warmup_init"],
         factorize_second_moment=group["factorize_second_moment"], tf32=group["tf32"],
         stochastic_rounding=group["stochastic_rounding"],
-        skip_nonfinite=group["skip_nonfinite"])
+        skip_nonfinite=group["skip_nonfinite"], projection=group["projection"])
 
 
 class Flora(torch.optim.Optimizer):
@@ -232,6 +236,7 @@ class Flora(torch.optim.Optimizer):
                  seed=_DEFAULT["seed"], quantization=_DEFAULT["quantization"], *,
                  tf32=_DEFAULT["tf32"], stochastic_rounding=_DEFAULT["stochastic_rounding"],
                  skip_nonfinite=_DEFAULT["skip_nonfinite"],
+                 projection=_DEFAULT["projection"],
                  capturable=_DEFAULT["capturable"],
                  reuse_param_norms=_DEFAULT["reuse_param_norms"]):
         # The arguments and their defaults: flora_ext/hyperparams.py.
@@ -685,6 +690,7 @@ class Flora(torch.optim.Optimizer):
         group = run.group
         hyper_parameters = _op_hyper_parameters(group)
         del hyper_parameters["skip_nonfinite"]  # refused with capturable=True (hyperparams)
+        del hyper_parameters["projection"]  # likewise but the Gaussian
         if isinstance(group["lr"], torch.Tensor):
             hyper_parameters["lr_tensor"] = group["lr"]
         kept = self._workspaces.get(id(group))

@@ -87,6 +87,14 @@ SCENARIOS = {
         steps=6,
         skip=4,
         scratch_bytes=4 * 300),
+    # projection="orthogonal" (docs/FLORA.md §5.1): left, right, square bf16, dense momentum
+    # and 1-D in one group, resampling every 2 steps; a second group back on the Gaussian
+    "orthogonal": dict(
+        defaults=dict(lr=2e-2, beta1=0.9, rank=4, kappa=2, seed=3, projection="orthogonal"),
+        groups=[([((16, 40), F32), ((40, 16), F32), ((24, 24), BF16), ((8, 64), F32),
+                  ((9,), F32)], {}),
+                ([((12, 30), F32)], dict(projection="gaussian"))],
+        steps=7),
 }
 
 # The step checked against tests/reference.py (tests/cpp/reference_values.h).

@@ -97,6 +97,24 @@ def up(P, C, left):
     return P.t() @ C if left else C @ P.t()
 
 
+PROJECTIONS = ("gaussian", "orthogonal")
+
+
+def down_matrix(P, left, projection="gaussian"):
+    """The matrix that ``down`` compresses with (docs/FLORA.md §5.1): P itself ("gaussian"),
+    or ("orthogonal") s^2 (P P^T)^-1 P on the left and s^2 P (P^T P)^-1 on the right, s^2 =
+    long / r for P's long side, so that up(down(X)) = s^2 times the orthogonal projection of
+    X on P's row (left) or column (right) space."""
+    if projection == "gaussian":
+        return P
+    if projection != "orthogonal":
+        raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    A = (P if left else P.t()).to(torch.float64)  # r x long
+    r, long = A.shape
+    W = torch.linalg.solve(A @ A.t(), A) * (long / r)
+    return W if left else W.t()
+
+
 # --------------------------------------------------------------------------- layout and state
 
 
@@ -171,7 +189,8 @@ def step_size(hp, t, param_rms):
     return lr
 
 
-def skipped_step(param64, state, hp, projection=ext_projection, next_seed_fn=next_seed):
+def skipped_step(param64, state, hp, projection=ext_projection, next_seed_fn=next_seed,
+                 down_projection="gaussian"):
     """skip_nonfinite's step of a parameter whose gradient is not finite (docs/FLORA.md
     §4.8): the step count advances, the parameter and its state stay, but compressed
     momentum moves to the next basis on a resampling step, with nothing added."""
@@ -183,7 +202,8 @@ def skipped_step(param64, state, hp, projection=ext_projection, next_seed_fn=nex
         P = projection_matrix(projection, s, n, m, r)
         s_new = next_seed_fn(s)
         P_new = projection_matrix(projection, s_new, n, m, r)
-        state["momentum"].copy_(down(P_new, up(P, state["momentum"], left), left))
+        W_new = down_matrix(P_new, left, down_projection)
+        state["momentum"].copy_(down(W_new, up(P, state["momentum"], left), left))
         state["seed"] = s_new
     return param64.to(torch.float64).clone()
 
@@ -211,7 +231,7 @@ def transfer_scale(transfer, up_old, up_new):
 
 
 def reference_step(param64, grad64, state, hp, projection=ext_projection, next_seed_fn=next_seed,
-                   skip_nonfinite=False, transfer="flora_opt"):
+                   skip_nonfinite=False, transfer="flora_opt", down_projection="gaussian"):
     """One Flora step in float64. Updates ``state`` in place and returns the new parameter.
 
     ``projection(seed, rows, cols, rank)`` gives the projection matrices (the extension's by
@@ -219,9 +239,11 @@ def reference_step(param64, grad64, state, hp, projection=ext_projection, next_s
     that the same formulas can be run with flora-opt's projections. ``skip_nonfinite``: a
     gradient with a NaN or inf gives skipped_step instead. ``transfer`` picks how the
     momentum moves to a new basis (``transfer_scale``; flora-opt's by default).
+    ``down_projection`` is the optimizer's ``projection`` ("gaussian" or "orthogonal",
+    ``down_matrix``); ``projection`` here is the generator of P.
     """
     if skip_nonfinite and not torch.isfinite(grad64).all():
-        return skipped_step(param64, state, hp, projection, next_seed_fn)
+        return skipped_step(param64, state, hp, projection, next_seed_fn, down_projection)
     p = param64.to(torch.float64).clone()
     G = grad64.to(torch.float64)
     lay = layout_for(p.shape, hp)
@@ -271,12 +293,12 @@ def reference_step(param64, grad64, state, hp, projection=ext_projection, next_s
             s_new = next_seed_fn(s)
             P_new = projection_matrix(projection, s_new, n, m, r)
             up_old = up(P, M, left)
-            moved = down(P_new, up_old, left)
+            moved = down(down_matrix(P_new, left, down_projection), up_old, left)
             M.copy_(transfer_scale(transfer, up_old, up(P_new, moved, left)) * moved)
             state["seed"] = s_new
             P = P_new
         # c. accumulate this step's U (in the possibly new basis)
-        M.copy_(beta1 * M + (1.0 - beta1) * down(P, U, left))
+        M.copy_(beta1 * M + (1.0 - beta1) * down(down_matrix(P, left, down_projection), U, left))
 
     # 5. update clipping
     D = D / max_nan(1.0, rms(D) / hp["clip_threshold"])

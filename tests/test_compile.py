@@ -245,6 +245,24 @@ def test_replaced_state_is_used():
     assert len(backend.graphs) == 1
 
 
+def test_orthogonal_projection_compiles_bitwise_eager():
+    """projection="orthogonal" (CPU only for now) goes through the same compiled op."""
+    eager_net, eager_opt = make("cpu", projection="orthogonal")
+    net, opt = make("cpu", projection="orthogonal")
+    gaussian_net, gaussian_opt = make("cpu")
+    backend = CountingInductor()
+    step = torch.compile(opt.step, backend=backend, fullgraph=True)
+    for k in range(STEPS):
+        for n in (net, eager_net, gaussian_net):
+            backward(n, k, "cpu")
+        step()
+        eager_opt.step()
+        gaussian_opt.step()
+        assert_same(net, opt, eager_net, eager_opt)
+    assert len(backend.graphs) == 1
+    assert not torch.equal(net.a.weight, gaussian_net.a.weight)
+
+
 def test_hyper_parameters_change_without_a_new_trace():
     """Hyper-parameters are read when the step runs: changing beta1 (as OneCycleLR's
     cycle_momentum does) or weight_decay needs no new trace, and matches eager."""

@@ -138,9 +138,9 @@ def sharded_model(world_size, dtype, device, shapes=SHAPES):
 # --------------------------------------------------------------------------- FSDP2 vs one process
 
 
-def _compare_configs(world_size, dtype, device):
+def _compare_configs(world_size, dtype, device, configs=CONFIGS):
     worst = {}
-    for name, config in CONFIGS.items():
+    for name, config in configs.items():
         model = sharded_model(world_size, dtype, device)
         reference = Params(SHAPES, dtype, device)
         sharded_params, plain_params = list(model.parameters()), list(reference.parameters())
@@ -243,6 +243,34 @@ def test_fsdp2_equals_one_process(tmp_path, device):
         for name, diff in worst.items():
             limit = 2 ** -7 if name.startswith("torch.bfloat16") else TOLERANCE
             assert diff <= limit, (rank, name, diff)
+
+
+def _orthogonal_worker(rank, world_size):
+    config = dict(CONFIGS["compressed"], projection="orthogonal")
+    worst = _compare_configs(world_size, torch.float32, torch.device("cpu"),
+                             {"orthogonal": config})
+    # and it is not the Gaussian step: the same run with projection="gaussian" ends elsewhere
+    model = sharded_model(world_size, torch.float32, torch.device("cpu"))
+    twin = sharded_model(world_size, torch.float32, torch.device("cpu"))
+    opts = [flora_ext.Flora(list(m.parameters()), **dict(config, projection=projection))
+            for m, projection in ((model, "orthogonal"), (twin, "gaussian"))]
+    for step in range(STEPS):
+        for m, opt in zip((model, twin), opts):
+            set_grads(list(m.parameters()), full_grads(SHAPES, step, torch.float32,
+                                                       torch.device("cpu")))
+            opt.step()
+    worst["vs_gaussian"] = max(rel_diff(local_of(p), local_of(q)) for p, q in
+                               zip(model.parameters(), twin.parameters()))
+    return worst
+
+
+def test_fsdp2_orthogonal_projection_equals_one_process(tmp_path):
+    """projection="orthogonal" (docs/FLORA.md §5.1; CPU only for now): FSDP2 on 2 ranks
+    against one process, as test_fsdp2_equals_one_process, 7 steps and 2 resamples."""
+    for rank, worst in enumerate(run_ranks(_orthogonal_worker)):
+        assert worst.pop("vs_gaussian") > 1e-3, rank
+        for name, diff in worst.items():
+            assert diff <= TOLERANCE, (rank, name, diff)
 
 
 def _nonfinite_worker(rank, world_size, device):

@@ -94,7 +94,7 @@ def test_cpp_options_are_the_table():
     assert names == [name for name, _ in expected], \
         "FLORA_OPTIONS in csrc/include/flora/flora.h must list the table's group arguments"
     for name, cpp_type, text, (_, hp) in zip(names, types, defaults, expected):
-        want_type = {float: "float", int: "int", bool: "bool"}[hp.type]
+        want_type = {float: "float", int: "int", bool: "bool", str: "str"}[hp.type]
         if hp.nullable and hp.cpp_values(None) == (None,):
             want_type += "?"
         assert cpp_type == want_type, f"FloraOptions::{name} is {cpp_type}, expected {want_type}"
@@ -106,6 +106,8 @@ def test_cpp_options_are_the_table():
             values.append(float.fromhex(text))
         elif cpp_type == "int":
             values.append(int(text))
+        elif cpp_type == "str":
+            values.append(text)
         else:
             assert text in ("True", "False")
             values.append(text == "True")
@@ -115,7 +117,7 @@ def test_cpp_options_are_the_table():
 
 
 def _schema_type(hp):
-    return {float: "float", int: "int", bool: "bool"}[hp.type]
+    return {float: "float", int: "int", bool: "bool", str: "str"}[hp.type]
 
 
 @pytest.mark.parametrize("op", sorted(NOT_HYPER))
@@ -228,7 +230,8 @@ def test_eps1_must_survive_in_float32():
 @pytest.mark.parametrize("settings", [
     dict(lr=3e-3, rank=2, kappa=7, eps=(1e-20, 1e-2), clip_threshold=0.7, decay_rate=-0.6,
          beta1=0.5, weight_decay=0.01, scale_parameter=False, factorize_second_moment=False,
-         seed=9, tf32=False, stochastic_rounding=True, skip_nonfinite=True),
+         seed=9, tf32=False, stochastic_rounding=True, skip_nonfinite=True,
+         projection="orthogonal"),
     dict(lr=None, relative_step=True, warmup_init=True),
 ], ids=["lr", "relative_step"])
 def test_the_optimizer_passes_every_op_hyper_parameter_to_the_op(settings):

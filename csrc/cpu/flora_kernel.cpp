@@ -105,10 +105,12 @@ void full_update(const float* g, int64_t numel, double beta2, double eps1, float
 }
 
 // down_new(up_now(M)): the compressed momentum moved to the basis of the next seed, through
-// the r x r product of the two bases (docs/FLORA.md, step 4b).
+// the r x r product of the two bases (docs/FLORA.md, step 4b). `down_next` is the matrix that
+// projects down into the next basis: its Gaussian P, or orthogonal_down of it.
 at::Tensor momentum_in_next_basis(const at::Tensor& momentum, const at::Tensor& p_now,
-                                  const at::Tensor& p_next, const ParamLayout& layout) {
-  return layout.left ? p_next.mm(p_now.t()).mm(momentum) : momentum.mm(p_now.t().mm(p_next));
+                                  const at::Tensor& down_next, const ParamLayout& layout) {
+  return layout.left ? down_next.mm(p_now.t()).mm(momentum)
+                     : momentum.mm(p_now.t().mm(down_next));
 }
 
 at::Tensor projection_of(int64_t seed, const ParamLayout& layout) {
@@ -117,20 +119,48 @@ at::Tensor projection_of(int64_t seed, const ParamLayout& layout) {
   return projection(seed, shape[0], shape[1], scale, at::Device(at::kCPU));
 }
 
+// The down projection of projection="orthogonal" for the Gaussian P (docs/FLORA.md,
+// "Orthogonalised projections"): s^2 (P P^T)^-1 P (left, r x n) or s^2 P (P^T P)^-1 (right,
+// m x r), s^2 = long / r for P's long side. With up(Z) unchanged, up(down(X)) is s^2 times
+// the orthogonal projection of X on P's span. The r x r Gram and its Cholesky solve run in
+// float64: a Gaussian P is full rank, but its Gram's condition number grows as r nears long.
+at::Tensor orthogonal_down(const at::Tensor& p, const ParamLayout& layout) {
+  const at::Tensor a = (layout.left ? p : p.t()).to(at::kDouble);  // r x long
+  const int64_t rank = a.size(0), length = a.size(1);
+  const auto [factor, info] = at::linalg_cholesky_ex(a.mm(a.t()));
+  TORCH_CHECK(info.item<int64_t>() == 0, "flora: projection='orthogonal': the ", rank, " x ",
+              rank, " Gram matrix of the projection is not positive definite (a rank-deficient "
+              "projection of shape ", p.sizes(), ")");
+  const at::Tensor w = at::cholesky_solve(a, factor)
+                           .mul_(static_cast<double>(length) / static_cast<double>(rank))
+                           .to(at::kFloat);
+  return layout.left ? w : w.t().contiguous();
+}
+
+// The matrices of one compressed step: `now` (P of the current seed, which up() uses) and
+// `down` (what compresses into the basis after this step: the next seed's on a resample).
+struct StepProjections {
+  at::Tensor now, down;
+};
+
+StepProjections step_projections(const StepOptions& o, const ParamLayout& layout) {
+  StepProjections out;
+  out.now = projection_of(o.seed, layout);
+  const at::Tensor basis = o.resample() ? projection_of(next_seed(o.seed), layout) : out.now;
+  out.down = o.projection == Projection::kOrthogonal ? orthogonal_down(basis, layout) : basis;
+  return out;
+}
+
 // Compressed momentum (docs/FLORA.md, step 4): returns D, updates momentum in place.
 at::Tensor compressed_momentum_update(const at::Tensor& u, at::Tensor& momentum,
-                                      const ParamLayout& layout, const StepOptions& o) {
-  const at::Tensor p_now = projection_of(o.seed, layout);
-  const at::Tensor up = layout.left ? p_now.t().mm(momentum) : momentum.mm(p_now.t());
+                                      const ParamLayout& layout, const StepOptions& o,
+                                      const StepProjections& proj) {
+  const at::Tensor up = layout.left ? proj.now.t().mm(momentum) : momentum.mm(proj.now.t());
   at::Tensor d = u * (1.0 - o.beta1) + up * o.beta1;
 
-  at::Tensor base = momentum;
-  at::Tensor p_down = p_now;
-  if (o.resample()) {
-    p_down = projection_of(next_seed(o.seed), layout);
-    base = momentum_in_next_basis(momentum, p_now, p_down, layout);
-  }
-  const at::Tensor down_u = layout.left ? p_down.mm(u) : u.mm(p_down);
+  const at::Tensor base =
+      o.resample() ? momentum_in_next_basis(momentum, proj.now, proj.down, layout) : momentum;
+  const at::Tensor down_u = layout.left ? proj.down.mm(u) : u.mm(proj.down);
   momentum.copy_(base * o.beta1 + down_u * (1.0 - o.beta1));
   return d;
 }
@@ -165,9 +195,8 @@ void skip_step(const GroupEntry& entry) {
   const StepOptions& o = entry.options;
   if (entry.layout.momentum == MomentumKind::kCompressed && o.resample()) {
     at::Tensor momentum = *entry.state.momentum;  // a handle: copy_ writes the state
-    const at::Tensor p_now = projection_of(o.seed, entry.layout);
-    const at::Tensor p_next = projection_of(next_seed(o.seed), entry.layout);
-    momentum.copy_(momentum_in_next_basis(momentum, p_now, p_next, entry.layout));
+    const StepProjections proj = step_projections(o, entry.layout);
+    momentum.copy_(momentum_in_next_basis(momentum, proj.now, proj.down, entry.layout));
   }
   ++*entry.nonfinite_skips;
 }
@@ -191,6 +220,12 @@ void run_step_cpu(const at::Tensor& param, const at::Tensor& grad, const GroupEn
   at::Tensor p = in_place ? param : param.to(at::kFloat).contiguous();
   const float* gp = g.data_ptr<float>();
   float* pp = p.data_ptr<float>();
+
+  // The projections first, so that orthogonal_down's check (a Gram that is not positive
+  // definite: in practice never, for a Gaussian P with r <= long) throws before this
+  // parameter or its state is written.
+  StepProjections proj;
+  if (layout.momentum == MomentumKind::kCompressed) proj = step_projections(o, layout);
 
   // Step 1: learning rate of this step, scaled by the parameter's RMS.
   const double param_sq = chunked_sum(numel, [&](int64_t e) { return double(pp[e]) * pp[e]; });
@@ -216,7 +251,7 @@ void run_step_cpu(const at::Tensor& param, const at::Tensor& grad, const GroupEn
     d = m;
   } else if (layout.momentum == MomentumKind::kCompressed) {
     at::Tensor m = *state.momentum;
-    d = compressed_momentum_update(u.view({layout.rows, layout.cols}), m, layout, o)
+    d = compressed_momentum_update(u.view({layout.rows, layout.cols}), m, layout, o, proj)
             .contiguous()
             .view({numel});
   }

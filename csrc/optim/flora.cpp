@@ -62,6 +62,16 @@ void read_option(torch::serialize::InputArchive& archive, const char* key, bool&
   }
   out = read_value(archive, key, "options").toBool();
 }
+void read_option(torch::serialize::InputArchive& archive, const char* key, std::string& out) {
+  c10::IValue value;
+  // Archives saved before projection existed lack it: the Gaussian, as it was then.
+  if (!archive.try_read(key, value)) {
+    out = "gaussian";
+    return;
+  }
+  TORCH_CHECK(value.isString(), "flora: saved ", key, " must be a str, got ", value.tagKind());
+  out = value.toStringRef();
+}
 void read_option(torch::serialize::InputArchive& archive, const char* key,
                  std::optional<double>& out) {
   const c10::IValue value = read_value(archive, key, "options");
@@ -248,12 +258,13 @@ void step_group(const GroupCall& call, const StepOptions& o) {
           .typed<void(at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef,
                       at::IntArrayRef, double, double, double, double, double, double, double,
                       int64_t, int64_t, bool, bool, bool, bool, bool, bool, bool,
-                      const std::optional<at::Tensor>&, at::IntArrayRef,
+                      c10::string_view, const std::optional<at::Tensor>&, at::IntArrayRef,
                       const std::optional<at::Tensor>&)>();
   op.call(call.params, call.grads, call.states, call.steps, call.seeds, o.lr, o.beta1, o.eps1,
           o.eps2, o.clip_threshold, o.decay_rate, o.weight_decay, o.rank, o.kappa,
           o.scale_parameter, o.relative_step, o.warmup_init, o.factorize_second_moment, o.tf32,
-          o.stochastic_rounding, o.skip_nonfinite, /*param_norms=*/std::nullopt,
+          o.stochastic_rounding, o.skip_nonfinite, projection_name(o.projection),
+          /*param_norms=*/std::nullopt,
           /*norms_known=*/{}, call.nonfinite_skips);
 }
 
@@ -426,6 +437,9 @@ void FloraOptions::validate() const {
               "flora: weight_decay must be finite and >= 0, got ", weight_decay_);
   TORCH_CHECK(seed_ >= 0 && seed_ <= kMaxBaseSeed, "flora: seed must be in [0, 2^62], got ",
               seed_);
+  TORCH_CHECK(projection_ == "gaussian" || projection_ == "orthogonal",
+              "flora: projection must be \"gaussian\" or \"orthogonal\", got \"", projection_,
+              "\"");
   TORCH_CHECK(!capturable_,
               "flora: capturable=true is not supported by the C++ flora::Flora, which keeps "
               "its step counts on the host; use flora_ext.Flora(..., capturable=True) from "
@@ -447,7 +461,7 @@ StepOptions FloraOptions::step_options(int64_t step, int64_t seed) const {
                                      clip_threshold_, decay_rate_, weight_decay_, rank_, kappa_,
                                      scale_parameter_, relative_step_, warmup_init_,
                                      factorize_second_moment_, tf32_, stochastic_rounding_,
-                                     skip_nonfinite_);
+                                     skip_nonfinite_, projection_);
 }
 
 double FloraOptions::get_lr() const {
@@ -816,6 +830,7 @@ const char* option_type(double) { return "float"; }
 const char* option_type(int64_t) { return "int"; }
 const char* option_type(bool) { return "bool"; }
 const char* option_type(const std::optional<double>&) { return "float?"; }
+const char* option_type(const std::string&) { return "str"; }
 
 std::string option_value(double v) {
   char text[64];
@@ -823,6 +838,7 @@ std::string option_value(double v) {
   return text;
 }
 std::string option_value(int64_t v) { return std::to_string(v); }
+std::string option_value(const std::string& v) { return v; }
 std::string option_value(bool v) { return v ? "True" : "False"; }
 std::string option_value(const std::optional<double>& v) {
   return v.has_value() ? option_value(*v) : "None";

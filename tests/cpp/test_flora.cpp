@@ -114,7 +114,8 @@ struct Scenario {
   int64_t scratch_bytes = -1;  // Flora::quantization_scratch_bytes, when >= 0
 };
 
-const char* const kScenarios[] = {"compressed", "relative_step", "half", "groups", "quantized"};
+const char* const kScenarios[] = {"compressed", "relative_step", "half",
+                                  "groups",     "quantized",     "orthogonal"};
 
 // The SCENARIOS of tests/cpp_cases.py.
 Scenario scenario(const std::string& name) {
@@ -171,9 +172,19 @@ Scenario scenario(const std::string& name) {
     s.steps = 6;
     s.skip = 4;
     s.scratch_bytes = 4 * 300;
+  } else if (name == "orthogonal") {
+    s.defaults = FloraOptions(2e-2).beta1(0.9).rank(4).kappa(2).seed(3).projection("orthogonal");
+    s.groups.push_back({{{{16, 40}, at::kFloat},
+                         {{40, 16}, at::kFloat},
+                         {{24, 24}, at::kBFloat16},
+                         {{8, 64}, at::kFloat},
+                         {{9}, at::kFloat}},
+                        std::nullopt});
+    s.groups.push_back({{{{12, 30}, at::kFloat}}, FloraOptions().projection("gaussian")});
+    s.steps = 7;
   } else {
     TORCH_CHECK(false, "unknown scenario '", name,
-                "' (compressed, relative_step, half, groups, quantized)");
+                "' (compressed, relative_step, half, groups, quantized, orthogonal)");
   }
   return s;
 }
@@ -264,6 +275,7 @@ FLORA_TEST(options_defaults_are_pythons) {
   REQUIRE(!o.warmup_init());
   REQUIRE(o.factorize_second_moment());
   REQUIRE_EQ(o.seed(), 0);
+  REQUIRE(o.projection() == "gaussian");
   for (int bit = 0; bit < FloraOptions::kNumOptions; ++bit) REQUIRE(!o.is_set(bit));
   REQUIRE_EQ(FloraOptions(2e-3).lr().value(), 2e-3);
   REQUIRE(FloraOptions(2e-3).is_set(0));
@@ -335,6 +347,8 @@ FLORA_TEST(bad_options_are_rejected_with_the_option_named) {
       {FloraOptions(1e-3).weight_decay(-0.1), "flora: weight_decay must be finite and >= 0"},
       {FloraOptions(1e-3).seed(-1), "flora: seed must be in [0, 2^62], got -1"},
       {FloraOptions(1e-3).seed((int64_t{1} << 62) + 1), "flora: seed must be in [0, 2^62]"},
+      {FloraOptions(1e-3).projection("qr"),
+       "flora: projection must be \"gaussian\" or \"orthogonal\", got \"qr\""},
       {FloraOptions(1e-3).capturable(true),
        "flora: capturable=true is not supported by the C++ flora::Flora"},
   };
@@ -1110,6 +1124,12 @@ FLORA_TEST(cuda_matches_cpu_and_checkpoints_move_between_devices) {
   }
   for (const char* name : kScenarios) {
     Scenario s = scenario(name);
+    if (s.defaults.projection() == "orthogonal") {  // CPU only for now: the op refuses CUDA
+      Run cuda = start(s, at::kCUDA);
+      REQUIRE_THROWS_WITH(advance(cuda, 1, 1), "flora: projection='orthogonal' is supported on "
+                                               "CPU parameters only for now");
+      continue;
+    }
     s.defaults.tf32(false);  // exact fp32 projection GEMMs: CUDA == CPU within 1e-5
     Run cpu = start(s);
     Run cuda = start(s, at::kCUDA);

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace flora {
@@ -72,6 +73,9 @@ namespace flora {
   /* A parameter whose gradient holds a NaN or inf keeps its value and state on that step; */ \
   /* the skips are counted (Flora::nonfinite_skips). */                                      \
   X(bool, skip_nonfinite, false)                                                            \
+  /* Compressed momentum's down projection: "gaussian" (flora-opt's) or "orthogonal" */      \
+  /* (CPU only for now; docs/FLORA.md, "Orthogonalised projections"). */                    \
+  X(std::string, projection, "gaussian")                                                    \
   /* Python only (flora_ext.Flora): device step counts for CUDA graph capture. */            \
   X(bool, capturable, false)
 

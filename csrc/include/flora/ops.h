@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/record_function.h>
 #include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 #include <cstdint>
 #include <limits>
@@ -15,6 +16,16 @@
 namespace flora {
 
 enum class MomentumKind : int { kNone = 0, kDense = 1, kCompressed = 2 };
+
+// How compressed momentum is projected down (docs/FLORA.md, "Orthogonalised projections"):
+// by the Gaussian P itself (flora-opt's math), or by s^2 (P P^T)^-1 P (left; P (P^T P)^-1 s^2
+// right), which makes up(down(X)) s^2 times the orthogonal projection on P's span.
+enum class Projection : int { kGaussian = 0, kOrthogonal = 1 };
+
+// The op schemas' projection argument: "gaussian" or "orthogonal"; anything else throws
+// naming the argument.
+Projection projection_from_name(c10::string_view name);
+const char* projection_name(Projection projection);
 
 // Which state a parameter gets (docs/FLORA.md, "Which state a parameter gets").
 // The one implementation of the rule: the Python optimizer asks for it too.
@@ -69,6 +80,9 @@ struct StepOptions {
   // momentum on a resampling step: moved to the next basis, nothing added) and adds one
   // to the call's nonfinite_skips counter (docs/FLORA.md §4.8).
   bool skip_nonfinite = false;
+  // Compressed momentum: the down projection (see Projection). CPU only for now: a CUDA
+  // parameter with kOrthogonal is refused by check_step_inputs.
+  Projection projection = Projection::kGaussian;
   // step_group_capturable_: the step count and seed are read on the device, so a CUDA
   // step plans the change of basis every step and picks on the device (docs/cuda.md).
   bool capturable = false;
@@ -166,7 +180,8 @@ StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double be
                                 double decay_rate, double weight_decay, int64_t rank,
                                 int64_t kappa, bool scale_parameter, bool relative_step,
                                 bool warmup_init, bool factorize_second_moment, bool tf32,
-                                bool stochastic_rounding, bool skip_nonfinite);
+                                bool stochastic_rounding, bool skip_nonfinite,
+                                c10::string_view projection);
 // The op entry points of every backend: options from the schema, the checks,
 // then the backend's kernel. The argument lists are the op schemas'; a backend
 // registers m.impl("step_", &detail::step_op<&its_group_kernel>) and likewise
@@ -180,14 +195,14 @@ void step_op(const at::Tensor& param, const at::Tensor& grad,
              double beta1, double eps1, double eps2, double clip_threshold, double decay_rate,
              double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
              bool relative_step, bool warmup_init, bool factorize_second_moment, bool tf32,
-             bool stochastic_rounding, bool skip_nonfinite,
+             bool stochastic_rounding, bool skip_nonfinite, c10::string_view projection,
              const std::optional<at::Tensor>& nonfinite_skips) {
   std::vector<GroupEntry> entries(1);
   GroupEntry& entry = entries[0];
   entry.options = options_from_schema(step, seed, lr, beta1, eps1, eps2, clip_threshold,
                                       decay_rate, weight_decay, rank, kappa, scale_parameter,
                                       relative_step, warmup_init, factorize_second_moment, tf32,
-                                      stochastic_rounding, skip_nonfinite);
+                                      stochastic_rounding, skip_nonfinite, projection);
   entry.state = ParamState{row_second_moment, col_second_moment, second_moment, momentum};
   entry.layout = check_step_inputs(param, grad, row_second_moment, col_second_moment,
                                    second_moment, momentum, entry.options);
@@ -201,13 +216,13 @@ void step_group_op(at::TensorList params, at::TensorList grads, at::TensorList s
                    double eps1, double eps2, double clip_threshold, double decay_rate,
                    double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
                    bool relative_step, bool warmup_init, bool factorize_second_moment, bool tf32,
-                   bool stochastic_rounding, bool skip_nonfinite,
+                   bool stochastic_rounding, bool skip_nonfinite, c10::string_view projection,
                    const std::optional<at::Tensor>& param_norms, at::IntArrayRef norms_known,
                    const std::optional<at::Tensor>& nonfinite_skips) {
   const StepOptions group = options_from_schema(
       1, 0, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
       scale_parameter, relative_step, warmup_init, factorize_second_moment, tf32,
-      stochastic_rounding, skip_nonfinite);
+      stochastic_rounding, skip_nonfinite, projection);
   std::vector<GroupEntry> entries;
   {
     RECORD_USER_SCOPE("flora::check_inputs");  // for torch.profiler: host time of the checks
@@ -251,7 +266,7 @@ void step_group_capturable_op(at::TensorList params, at::TensorList grads, at::T
   StepOptions group = options_from_schema(
       1, 0, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
       scale_parameter, relative_step, warmup_init, factorize_second_moment, tf32,
-      stochastic_rounding, /*skip_nonfinite=*/false);
+      stochastic_rounding, /*skip_nonfinite=*/false, "gaussian");
   group.capturable = true;
   const std::vector<int64_t> placeholder_steps(params.size(), 1);
   const std::vector<int64_t> placeholder_seeds(params.size(), 0);
