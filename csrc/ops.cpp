@@ -138,10 +138,6 @@ ParamLayout check_step_inputs(const at::Tensor& param, const at::Tensor& grad,
               "flora: param must not have elements that share memory (an expanded or "
               "otherwise self-overlapping tensor, strides ", param.strides(),
               "); pass a tensor with its own memory, e.g. p.contiguous()");
-  // Checked before anything is written: the CUDA kernels have only the Gaussian projection.
-  TORCH_CHECK(o.projection == Projection::kGaussian || param.device().is_cpu(),
-              "flora: projection='orthogonal' is supported on CPU parameters only for now, "
-              "got a parameter on ", param.device(), "; use projection='gaussian' there");
   TORCH_CHECK(grad.defined(), "flora: grad must be a defined tensor");
   TORCH_CHECK(grad.layout() == at::kStrided,
               "flora: sparse gradients are not supported (grad layout ", grad.layout(), ")");

@@ -222,8 +222,8 @@ HYPER_PARAMETERS = (
     HyperParameter(
         "projection", str, "gaussian",
         "Compressed momentum's down projection: 'gaussian' (flora-opt's) or 'orthogonal' (the "
-        "Gaussian basis orthonormalised, scaled by sqrt(long side / r); less noise; CPU "
-        "parameters only for now; docs/FLORA.md §5.1).",
+        "Gaussian basis orthonormalised, scaled by sqrt(long side / r); less noise; "
+        "docs/FLORA.md §5.1).",
         check=lambda v: isinstance(v, str) and v in PROJECTIONS,
         expected="'gaussian' or 'orthogonal'", invalid="uniform",
         keyword_only=True, flora_opt=False, rules=(_orthogonal_without_capture,)),

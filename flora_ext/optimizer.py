@@ -60,10 +60,6 @@ def _check_param(p, group):
                          f"one of shape {tuple(p.shape)} with strides {p.stride()} (an "
                          f"expanded tensor?); give it its own memory, e.g. "
                          f"nn.Parameter(t.contiguous())")
-    if group["projection"] != "gaussian" and p.device.type != "cpu":
-        raise ValueError(f"flora: projection={group['projection']!r} is supported on CPU "
-                         f"parameters only for now, got a parameter on {p.device} (shape "
-                         f"{tuple(p.shape)}); use projection='gaussian' there")
     if group["stochastic_rounding"] and p.dtype == torch.float16:
         raise ValueError("flora: stochastic_rounding supports bfloat16 (and float32, "
                          "where it does nothing) parameters, got a float16 parameter "

@@ -246,7 +246,7 @@ def test_replaced_state_is_used():
 
 
 def test_orthogonal_projection_compiles_bitwise_eager():
-    """projection="orthogonal" (CPU only for now) goes through the same compiled op."""
+    """projection="orthogonal" goes through the same compiled op."""
     eager_net, eager_opt = make("cpu", projection="orthogonal")
     net, opt = make("cpu", projection="orthogonal")
     gaussian_net, gaussian_opt = make("cpu")

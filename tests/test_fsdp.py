@@ -265,7 +265,7 @@ def _orthogonal_worker(rank, world_size):
 
 
 def test_fsdp2_orthogonal_projection_equals_one_process(tmp_path):
-    """projection="orthogonal" (docs/FLORA.md §5.1; CPU only for now): FSDP2 on 2 ranks
+    """projection="orthogonal" (docs/FLORA.md §5.1): FSDP2 on 2 ranks
     against one process, as test_fsdp2_equals_one_process, 7 steps and 2 resamples."""
     for rank, worst in enumerate(run_ranks(_orthogonal_worker)):
         assert worst.pop("vs_gaussian") > 1e-3, rank

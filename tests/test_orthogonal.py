@@ -1,7 +1,8 @@
 """projection="orthogonal" (docs/FLORA.md §5.1): its algebra, the CPU kernels against the
 float64 reference (tests/reference.py, ``down_projection``), the equivalence with a step that
 stores the momentum in the orthonormalised basis (benchmarks/stability.py's ProbeFlora),
-state_dict round trips, skip_nonfinite, 8-bit state, and the refusals."""
+state_dict round trips, skip_nonfinite, 8-bit state, the refusals, and the CUDA path against
+the CPU kernels."""
 import copy
 import math
 import pathlib
@@ -387,38 +388,243 @@ def test_capturable_is_refused():
     assert not p.detach().any()
 
 
-def test_a_parameter_off_the_cpu_is_refused_when_added():
-    """Checked without a GPU on a meta parameter: the same check refuses CUDA ones."""
-    p = torch.nn.Parameter(torch.empty(4, 6, device="meta"))
-    with pytest.raises(ValueError, match=r"^flora: projection='orthogonal' is supported on "
-                                         r"CPU parameters only for now, got a parameter on meta"):
-        flora_ext.Flora([p], lr=1e-3, projection="orthogonal")
-
-
 CUDA = pytest.mark.skipif(not torch.cuda.is_available() or not flora_ext.cuda_compiled(),
                           reason="needs a CUDA device and a CUDA build of flora_ext")
 
 
-@CUDA
-def test_cuda_parameters_are_refused_by_the_optimizer_and_the_op():
-    p = torch.nn.Parameter(torch.ones(12, 40, device="cuda"))
-    with pytest.raises(ValueError, match="flora: projection='orthogonal' is supported on CPU "
-                                         "parameters only for now, got a parameter on cuda"):
-        flora_ext.Flora([p], lr=1e-3, rank=RANK, beta1=0.9, projection="orthogonal")
-    opt = flora_ext.Flora([p], lr=1e-3, rank=RANK, beta1=0.9)
-    opt.param_groups[0]["projection"] = "orthogonal"  # changed after construction
-    p.grad = torch.ones(12, 40, device="cuda")
-    with pytest.raises(ValueError, match="supported on CPU parameters only"):
+# ------------------------------------------------------------------ CUDA against the CPU
+#
+# Tolerances are those of tests/test_cuda.py's CUDA-vs-CPU tests of the same path:
+# unfused with exact fp32 GEMMs (tf32=False) 1e-5 on parameters and state
+# (test_cuda_step_matches_cpu), 16-bit parameters 1e-2 / 1e-3 (bfloat16 / float16,
+# test_cuda_half_params_match_cpu); fused (tf32=True, fp16 projection operands) on the summed
+# update 2e-3 / 2e-2 / 5e-3 (float32 / bfloat16 / float16) and 5x that on the momentum
+# (test_fused_momentum_matches_cpu). kappa = 3 over 8 steps: resamples at steps 3 and 6.
+
+ORTHO_CUDA = dict(lr=1e-2, beta1=0.9, kappa=3, projection="orthogonal")
+FUSED_TOL = {torch.float32: 2e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@pytest.fixture
+def tuning():
+    set_tuning = torch.ops.flora._set_tuning
+    set_tuning(reset=True)
+    yield set_tuning
+    set_tuning(reset=True)
+
+
+def _cuda_run(shape, device, dtype=torch.float32, steps=8, seed=2, nan_at=None, **hp):
+    """Flora(projection="orthogonal") for `steps` steps on `device`; `nan_at`: the step
+    (1-based) whose gradient gets a NaN. The data of 8 steps is drawn whatever `steps` is.
+    Returns (p0, p after each step, optimizer, p)."""
+    gen = torch.Generator().manual_seed(seed)
+    p0 = torch.randn(shape, generator=gen).to(dtype)
+    grads = [(torch.randn(shape, generator=gen) * (0.1 + t)).to(dtype)
+             for t in range(max(steps, 8))][:steps]
+    if nan_at is not None and nan_at <= steps:
+        grads[nan_at - 1].view(-1)[3] = float("nan")
+    p = torch.nn.Parameter(p0.to(device, copy=True))
+    opt = flora_ext.Flora([p], **dict(ORTHO_CUDA, **hp))
+    history = []
+    for g in grads:
+        p.grad = g.to(device)
         opt.step()
-    assert torch.equal(p.detach(), torch.ones(12, 40, device="cuda")) and not opt.state[p]
-    momentum = torch.zeros(RANK, 40, device="cuda")
-    rows, cols = torch.zeros(12, device="cuda"), torch.zeros(40, device="cuda")
-    with pytest.raises(RuntimeError, match="flora: projection='orthogonal' is supported on "
-                                           "CPU parameters only for now"):
-        torch.ops.flora.step_(p.detach(), p.grad, rows, cols, None, momentum, step=1, seed=1,
-                              lr=0.1, beta1=0.9, eps1=1e-30, eps2=1e-3, clip_threshold=1.0,
-                              decay_rate=-0.8, weight_decay=0.0, rank=RANK, kappa=3,
-                              scale_parameter=True, relative_step=False, warmup_init=False,
-                              factorize_second_moment=True, projection="orthogonal")
-    assert torch.equal(p.detach(), torch.ones(12, 40, device="cuda"))
-    assert not momentum.any() and not rows.any()
+        history.append(p.detach().cpu().clone())
+    return p0, history, opt, p
+
+
+def _assert_states_close(sa, sb, tol):
+    assert sa.keys() == sb.keys()
+    for key, value in sa.items():
+        if isinstance(value, torch.Tensor):
+            assert rel_err(value.cpu(), sb[key].cpu()) <= tol, key
+        else:
+            assert value == sb[key], key
+
+
+# left (n < m) and right (n >= m), ranks that keep the unfused passes or run tf32=False
+UNFUSED_CASES = [((16, 40), 4), ((40, 16), 4), ((96, 200), 32), ((200, 96), 8)]
+
+
+@CUDA
+@pytest.mark.parametrize("shape,rank", UNFUSED_CASES, ids=str)
+def test_cuda_unfused_matches_cpu(shape, rank):
+    """tf32=False: P in fp32, Gram and K X by exact cuBLAS GEMMs, K by the float64 inverse."""
+    _, hc, oc, pc = _cuda_run(shape, "cuda", rank=rank, tf32=False)
+    _, hp, op, pp = _cuda_run(shape, "cpu", rank=rank, tf32=False)
+    assert rel_err(hc[-1], hp[-1]) <= 1e-5
+    _assert_states_close(oc.state[pc], op.state[pp], 1e-5)
+    # and it is not the Gaussian projection's result
+    _, hg, og, pg = _cuda_run(shape, "cuda", rank=rank, tf32=False, projection="gaussian")
+    assert rel_err(og.state[pg]["momentum"].cpu(), op.state[pp]["momentum"]) > 1e-3
+
+
+@CUDA
+@pytest.mark.parametrize("dtype,stochastic_rounding",
+                         [(torch.bfloat16, False), (torch.bfloat16, True),
+                          (torch.float16, False)], ids=str)
+@pytest.mark.parametrize("shape", [(16, 40), (40, 16)], ids=str)
+def test_cuda_unfused_half_params_match_cpu(shape, dtype, stochastic_rounding):
+    hp = dict(rank=4, tf32=False, stochastic_rounding=stochastic_rounding)
+    _, hc, oc, pc = _cuda_run(shape, "cuda", dtype, **hp)
+    _, hp_, op, pp = _cuda_run(shape, "cpu", dtype, **hp)
+    assert hc[-1].dtype == dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-3
+    assert rel_err(hc[-1], hp_[-1]) <= tol
+    assert rel_err(oc.state[pc]["momentum"].cpu(), op.state[pp]["momentum"]) <= 5 * tol
+
+
+# Shapes that fuse (n % 4 == 0, m % 8 == 0, rank % 8 == 0): left and right, a rank slice
+# with partial edges (40), 16-bit parameters.
+FUSED_ORTHO_CASES = [
+    ((256, 1024), torch.float32, 64),
+    ((1024, 512), torch.float32, 40),
+    ((512, 2048), torch.bfloat16, 64),
+    ((1024, 256), torch.float16, 32),
+]
+
+
+@CUDA
+@pytest.mark.parametrize("shape,dtype,rank", FUSED_ORTHO_CASES, ids=str)
+def test_cuda_fused_matches_cpu(shape, dtype, rank):
+    """tf32=True (the default): Gram and K from the fp16 P the GEMMs use, the down GEMM's
+    epilogue leaves (1 - beta1) down(U) to the batched GEMM M += K xout (or xout K)."""
+    p0, hc, oc, pc = _cuda_run(shape, "cuda", dtype, rank=rank)
+    _, hp, op, pp = _cuda_run(shape, "cpu", dtype, rank=rank)
+    dc, dp = hc[-1].double() - p0.double(), hp[-1].double() - p0.double()
+    assert dp.abs().max() > 0
+    tol = FUSED_TOL[dtype]
+    assert rel_err(dc, dp) <= tol
+    assert rel_err(oc.state[pc]["momentum"].cpu(), op.state[pp]["momentum"]) <= 5 * tol
+    assert oc.state[pc]["seed"] == op.state[pp]["seed"]
+
+
+@CUDA
+@pytest.mark.parametrize("shape,dtype,rank", [FUSED_ORTHO_CASES[0], FUSED_ORTHO_CASES[1]],
+                         ids=str)
+def test_cuda_fused_and_unfused_agree(shape, dtype, rank, tuning):
+    """fused_momentum=0 takes the unfused passes (both TF32): the two must differ, a little,
+    which also shows that the fused case above ran the fused passes."""
+    runs = {}
+    for flag in (0, 1):
+        tuning(fused_momentum=flag)
+        p0, h, o, p = _cuda_run(shape, "cuda", dtype, rank=rank)
+        runs[flag] = (h[-1].double() - p0.double(), o.state[p]["momentum"].cpu())
+    (d0, m0), (d1, m1) = runs[0], runs[1]
+    assert not torch.equal(d0, d1)
+    assert rel_err(d1, d0) <= 2e-3
+    assert rel_err(m1, m0) <= 1e-2
+
+
+def _group_run(device, projections, groups=None, shape=(256, 520), steps=4, seed=17):
+    """Param groups of two tensors of `shape` each, one a projection (the same shape in
+    every group: one fused shape group each); the optimizer takes the first `groups` of
+    them (all by default), the data is drawn for all. Returns the updates of those."""
+    groups = len(projections) if groups is None else groups
+    gen = torch.Generator().manual_seed(seed)
+    p0 = [[torch.randn(shape, generator=gen) for _ in range(2)] for _ in projections]
+    params = [[torch.nn.Parameter(p.to(device, copy=True)) for p in ps] for ps in p0]
+    opt = flora_ext.Flora([dict(params=ps, projection=proj)
+                           for ps, proj in zip(params[:groups], projections)],
+                          lr=1e-2, beta1=0.9, rank=32, kappa=2)
+    for _ in range(steps):
+        for ps in params:
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen).to(device)
+        opt.step()
+    return [[p.detach().cpu().double() - q.double() for p, q in zip(ps, qs)]
+            for ps, qs in zip(params[:groups], p0)]
+
+
+@CUDA
+@pytest.mark.parametrize("min_batched", [2, 4])
+def test_cuda_gaussian_and_orthogonal_groups_in_one_step(min_batched, tuning):
+    """Two param groups of the same shape, one Gaussian, one orthogonal, in one step, each
+    a fused shape group of two tensors (min_batched 2: batched cuBLAS; 4: one GEMM a
+    tensor): both as the CPU path; the Gaussian group's bits as without the other group."""
+    tuning(min_batched=min_batched)
+    projections = ["gaussian", "orthogonal"]
+    mixed = _group_run("cuda", projections)
+    cpu = _group_run("cpu", projections)
+    for a_group, b_group in zip(mixed, cpu):
+        for a, b in zip(a_group, b_group):
+            assert b.abs().max() > 0
+            assert rel_err(a, b) <= FUSED_TOL[torch.float32]
+    gaussian_alone = _group_run("cuda", projections, groups=1)
+    for a, b in zip(mixed[0], gaussian_alone[0]):
+        assert torch.equal(a, b)
+    # the same data through the Gaussian projection: the orthogonal group's result differs
+    all_gaussian = _group_run("cuda", ["gaussian", "gaussian"])
+    assert rel_err(mixed[1][0], all_gaussian[1][0]) > 1e-3
+
+
+@CUDA
+@pytest.mark.parametrize("tf32", [True, False], ids=["fused", "unfused"])
+def test_cuda_skip_nonfinite_on_a_resample_step(tf32):
+    """A NaN gradient on a resample step (3): the parameter and its second moment stay,
+    the momentum moves to the next basis with K' (nothing added), as on the CPU."""
+    shape, rank = (256, 520), 32
+    hp = dict(rank=rank, tf32=tf32, skip_nonfinite=True)
+    _, hc, oc, pc = _cuda_run(shape, "cuda", nan_at=3, steps=5, **hp)
+    _, hp_, op, pp = _cuda_run(shape, "cpu", nan_at=3, steps=5, **hp)
+    assert torch.equal(hc[2], hc[1])  # step 3 skipped
+    assert not torch.equal(hc[3], hc[2])
+    assert oc.nonfinite_skips.item() == op.nonfinite_skips.item() == 1
+    tol = 2e-3 if tf32 else 1e-5
+    assert rel_err(hc[-1], hp_[-1]) <= tol
+    assert rel_err(oc.state[pc]["momentum"].cpu(), op.state[pp]["momentum"]) <= 5 * tol
+    assert oc.state[pc]["seed"] == op.state[pp]["seed"]
+
+    # Stopped right after the skip: the momentum moved (not kept), the rest unchanged.
+    _, h2, o2, p2 = _cuda_run(shape, "cuda", nan_at=3, steps=3, **hp)
+    _, _, o1, p1 = _cuda_run(shape, "cuda", nan_at=3, steps=2, **hp)
+    _, _, oq, pq = _cuda_run(shape, "cpu", nan_at=3, steps=3, **hp)
+    s2, s1 = o2.state[p2], o1.state[p1]
+    assert torch.equal(p2.detach(), p1.detach())
+    for key in ("row_second_moment", "col_second_moment"):
+        assert torch.equal(s2[key], s1[key]), key
+    assert not torch.equal(s2["momentum"], s1["momentum"])
+    assert rel_err(s2["momentum"].cpu(), oq.state[pq]["momentum"]) <= 5 * tol
+
+
+def _resume_across(first, second):
+    """Steps 1-7 on `first`, a checkpoint, steps 8-12 on `second`; against 12 steps on
+    the CPU (tf32=False, exact fp32 GEMMs)."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(16, 40), (40, 16), (37,)]
+    params0 = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(12)]
+
+    def make(device, params):
+        ps = [torch.nn.Parameter(p.detach().clone().to(device)) for p in params]
+        return ps, flora_ext.Flora(ps, lr=1e-2, beta1=0.9, rank=4, kappa=5, tf32=False,
+                                   projection="orthogonal")
+
+    def steps(ps, opt, gs):
+        for g in gs:
+            for p, gi in zip(ps, g):
+                p.grad = gi.to(p.device)
+            opt.step()
+
+    ref_ps, ref_opt = make("cpu", params0)
+    steps(ref_ps, ref_opt, grads)
+    a_ps, a_opt = make(first, params0)
+    steps(a_ps, a_opt, grads[:7])
+    b_ps, b_opt = make(second, [p.cpu() for p in a_ps])
+    b_opt.load_state_dict(copy.deepcopy(a_opt.state_dict()))
+    assert all(t.device.type == second for s in b_opt.state.values()
+               for t in s.values() if isinstance(t, torch.Tensor))
+    assert b_opt.param_groups[0]["projection"] == "orthogonal"
+    steps(b_ps, b_opt, grads[7:])
+    for a, b in zip(b_ps, ref_ps):
+        assert rel_err(a.detach().cpu(), b.detach()) <= 1e-5
+
+
+@CUDA
+def test_cpu_checkpoint_resumes_on_cuda():
+    _resume_across("cpu", "cuda")
+
+
+@CUDA
+def test_cuda_checkpoint_resumes_on_cpu():
+    _resume_across("cuda", "cpu")

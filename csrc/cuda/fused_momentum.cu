@@ -111,15 +111,18 @@ __global__ void __launch_bounds__(kThreads)
 
 // The arrays of a shape group's table: one pointer (or seed) a task each, then the down
 // GEMM's jobs (one pass, two on resample steps).
+// projection="orthogonal" adds Gram' of the next basis (resample steps), bases = K' times
+// the raw change of basis (kTurn*), and M += K xout (kMix*).
 enum { kGramA, kGramC, kSqA, kSqC, kBasesA, kBasesB, kBasesC, kBaseA, kBaseB, kBaseC,
-       kProjNow, kProjNext, kPlainNow, kPlainNext, kSeedNow, kSeedNext, kArrays };
+       kProjNow, kProjNext, kPlainNow, kPlainNext, kSeedNow, kSeedNext, kGramNextC, kTurnA,
+       kTurnB, kTurnC, kMixA, kMixB, kMixC, kArrays };
 static_assert(sizeof(DownJob) % sizeof(int64_t) == 0, "jobs follow the arrays aligned");
 constexpr int64_t kJobWords = int64_t(sizeof(DownJob) / sizeof(int64_t));
 
 // The shape every task of a group shares.
 struct GroupShape {
   int64_t n, m, r, prow, pcol, psize, msize, kdim, tsize;
-  bool left, resample, tile_padding;
+  bool left, resample, tile_padding, orthogonal;
 };
 
 GroupShape group_shape(const Item& first) {
@@ -139,14 +142,18 @@ GroupShape group_shape(const Item& first) {
   s.tsize = tiled_halves(s.r, s.kdim);
   s.tile_padding = s.r % kTileRank != 0 || s.kdim % kTileK != 0;
   s.resample = first.entry->options.plans_resample();  // the same for the whole group
+  s.orthogonal = first.entry->options.projection == Projection::kOrthogonal;  // likewise
   return s;
 }
 
 // Where a group's temporaries lie in its share of the workspace (offsets in floats, each
 // array 16-byte aligned): Gram and S (count r x r each); on resample steps the next P^T
-// and tiled P (fp16), the change of basis (count r x r) and M in the next basis.
+// and tiled P (fp16), the change of basis (count r x r) and M in the next basis;
+// projection="orthogonal": K (count r x r), Gram' of the next basis (resample steps;
+// then the raw change of basis), xout (count x the momentum) and the inverse's scratch.
 struct GroupTemps {
-  int64_t gram = 0, sq = 0, next_t = 0, next_p = 0, bases = 0, base = 0, floats = 0;
+  int64_t gram = 0, sq = 0, next_t = 0, next_p = 0, bases = 0, base = 0;
+  int64_t kmat = 0, gram_next = 0, xout = 0, inverse_work = 0, floats = 0;
 };
 
 GroupTemps group_temps(const GroupShape& s, int count) {
@@ -165,6 +172,12 @@ GroupTemps group_temps(const GroupShape& s, int count) {
     g.next_p = take(ceil_div(int64_t(count) * s.tsize, 2));
     g.bases = take(rr);
     g.base = take(int64_t(count) * s.msize);
+  }
+  if (s.orthogonal) {
+    g.kmat = take(rr);
+    if (s.resample) g.gram_next = take(rr);
+    g.xout = take(int64_t(count) * s.msize);
+    g.inverse_work = take(scaled_inverse_work_floats(s.r, count));
   }
   g.floats = at;
   return g;
@@ -185,18 +198,19 @@ struct GroupArrays {
 // shapes, an early version: 24 against 31 ms a step). Now the batched calls win: bf16
 // 1.35B cuBLAS time 0.73 against 0.94 ms a step (48 launches against 104), the resample
 // step ~1 ms shorter, and each call saved is ~10 us of host time on small models.
+// beta = 1 adds to C.
 void group_gemm_of(const GroupArrays& g, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
-                   int a, int b, int type, int c) {
+                   int a, int b, int type, int c, float beta = 0.f) {
   const int count = g.count;
   if (count >= g.min_batched) {
     const auto arr = [&](int array) { return g.device + array * count; };
     gemm_batched(ta, tb, M, N, K, 1.f, reinterpret_cast<const void* const*>(arr(a)),
-                 reinterpret_cast<const void* const*>(arr(b)), type, 0.f,
+                 reinterpret_cast<const void* const*>(arr(b)), type, beta,
                  reinterpret_cast<void* const*>(arr(c)), count, true);
     return;
   }
   for (int k = 0; k < count; ++k)
-    gemm(ta, tb, M, N, K, 1.f, g.host[a * count + k], g.host[b * count + k], type, 0.f,
+    gemm(ta, tb, M, N, K, 1.f, g.host[a * count + k], g.host[b * count + k], type, beta,
          static_cast<float*>(const_cast<void*>(g.host[c * count + k])), true);
 }
 
@@ -225,6 +239,9 @@ void fill_fused_table(const FusedWork& w) {
   auto* const next_p = reinterpret_cast<uint16_t*>(w.temps + g.next_p);
   float* const bases = w.temps + g.bases;
   float* const base = w.temps + g.base;
+  float* const kmat = w.temps + g.kmat;
+  float* const gram_next = w.temps + g.gram_next;
+  float* const xout = w.temps + g.xout;
   int64_t* const words = w.host;
   auto* ptrs = reinterpret_cast<const void**>(words);
   const auto set = [&](int array, int k, const void* p) { ptrs[array * count + k] = p; };
@@ -239,6 +256,12 @@ void fill_fused_table(const FusedWork& w) {
     uint16_t* next_p_k = s.resample ? next_p + k * s.tsize : nullptr;
     float* bases_k = s.resample ? bases + k * r * r : nullptr;
     float* base_k = s.resample ? base + k * s.msize : nullptr;
+    // Orthogonal: K of the basis the step compresses into, Gram' of the next basis (whose
+    // buffer then takes the raw change of basis) and xout; else null, unread.
+    float* kmat_k = s.orthogonal ? kmat + k * r * r : nullptr;
+    float* gram_next_k = s.orthogonal && s.resample ? gram_next + k * r * r : nullptr;
+    float* xout_k = s.orthogonal ? xout + k * s.msize : nullptr;
+    float* raw_k = s.orthogonal ? gram_next_k : bases_k;
     set(kGramA, k, buf.plain_t);
     set(kGramC, k, gram + k * r * r);
     set(kSqA, k, buf.momentum16);  // written by the down GEMM before S
@@ -246,7 +269,7 @@ void fill_fused_table(const FusedWork& w) {
     // bases = P_next P_now^T (left) or P_now^T P_next (right), from the transposes.
     set(kBasesA, k, s.left ? static_cast<const void*>(next_t_k) : buf.plain_t);
     set(kBasesB, k, s.left ? static_cast<const void*>(buf.plain_t) : next_t_k);
-    set(kBasesC, k, bases_k);
+    set(kBasesC, k, raw_k);
     set(kBaseA, k, s.left ? static_cast<const void*>(bases_k) : mom);
     set(kBaseB, k, s.left ? static_cast<const void*>(mom) : bases_k);
     set(kBaseC, k, base_k);
@@ -254,6 +277,14 @@ void fill_fused_table(const FusedWork& w) {
     set(kProjNext, k, next_t_k);
     set(kPlainNow, k, buf.tiled);
     set(kPlainNext, k, next_p_k);
+    set(kGramNextC, k, gram_next_k);
+    // bases = K' raw (left) or raw K' (right); M += K xout (left) or xout K (right).
+    set(kTurnA, k, s.left ? static_cast<const void*>(kmat_k) : raw_k);
+    set(kTurnB, k, s.left ? static_cast<const void*>(raw_k) : kmat_k);
+    set(kTurnC, k, bases_k);
+    set(kMixA, k, s.left ? static_cast<const void*>(kmat_k) : xout_k);
+    set(kMixB, k, s.left ? static_cast<const void*>(xout_k) : kmat_k);
+    set(kMixC, k, mom);
     words[kSeedNow * count + k] = static_cast<int64_t>(o.seed);
     words[kSeedNext * count + k] = static_cast<int64_t>(next_seed(o.seed));
     DownJob now{w.items[k]->grad.data_ptr(), buf.plain_t,
@@ -261,6 +292,7 @@ void fill_fused_table(const FusedWork& w) {
                 t.terms + 1, gram + k * r * r, sq + k * r * r, t.row, t.scalars, t.col_factor,
                 buf.row_factor};
     now.skip = t.skip;
+    now.xout = s.resample ? nullptr : xout_k;  // set on the pass that updates M
     jobs[k] = now;
     if (s.resample) {
       DownJob next = now;
@@ -269,6 +301,7 @@ void fill_fused_table(const FusedWork& w) {
       next.base = base_k;
       next.momentum16 = nullptr;
       next.partials = nullptr;
+      next.xout = xout_k;
       jobs[count + k] = next;
     }
   }
@@ -333,15 +366,32 @@ void fused_momentum_group(const FusedWork& w, int64_t min_batched) {
 
   const GroupArrays arrays{ptrs, dwords, count, min_batched};
   const auto group_gemm = [&](bool ta, bool tb, int64_t M, int64_t N, int64_t K, int a, int b,
-                              int type, int c) {
-    group_gemm_of(arrays, ta, tb, M, N, K, a, b, type, c);
+                              int type, int c, float beta = 0.f) {
+    group_gemm_of(arrays, ta, tb, M, N, K, a, b, type, c, beta);
   };
   // Gram = P P^T (left) or P^T P (right).
   if (left) group_gemm(true, false, r, r, n, kGramA, kGramA, kF16, kGramC);
   else group_gemm(false, true, r, r, m, kGramA, kGramA, kF16, kGramC);
+  // projection="orthogonal": K = s^2 Gram^-1 of the basis the step compresses into (the
+  // next one on resample steps: Gram' first), from the fp16 P that the GEMMs use.
+  if (s.orthogonal) {
+    const double s2 = static_cast<double>(s.kdim) / static_cast<double>(r);
+    const float* gram_down = w.temps + g.gram;
+    if (resample) {
+      if (left) group_gemm(true, false, r, r, n, kProjNext, kProjNext, kF16, kGramNextC);
+      else group_gemm(false, true, r, r, m, kProjNext, kProjNext, kF16, kGramNextC);
+      gram_down = w.temps + g.gram_next;
+    }
+    launch_scaled_inverse(gram_down, w.temps + g.kmat,
+                          reinterpret_cast<double*>(w.temps + g.inverse_work), r, count, s2,
+                          stream);
+  }
   if (resample) {
+    // Orthogonal: the raw change of basis goes to Gram''s buffer (consumed by now), then
+    // bases = K' raw (left) or raw K' (right).
     if (left) group_gemm(true, false, r, r, n, kBasesA, kBasesB, kF16, kBasesC);
     else group_gemm(false, true, r, r, m, kBasesA, kBasesB, kF16, kBasesC);
+    if (s.orthogonal) group_gemm(false, false, r, r, r, kTurnA, kTurnB, kF32, kTurnC);
     // M' = down_next(up_now(M)) = bases M (left) or M bases (right).
     if (left) group_gemm(false, false, r, m, r, kBaseA, kBaseB, kF32, kBaseC);
     else group_gemm(false, false, n, r, r, kBaseA, kBaseB, kF32, kBaseC);
@@ -361,6 +411,12 @@ void fused_momentum_group(const FusedWork& w, int64_t min_batched) {
     const bool update = !resample || pass == 1;
     launch_down(first.dtype, left, dgrid, djobs + pass * count, ni, mi, ri, beta1, update,
                 stream);
+  }
+  // Orthogonal: the update pass left M = beta1 M' and xout = (1 - beta1) down(U) (Gaussian
+  // P); M += K xout (left) or xout K (right) makes it the orthogonal down projection.
+  if (s.orthogonal) {
+    if (left) group_gemm(false, false, r, m, r, kMixA, kMixB, kF32, kMixC, 1.f);
+    else group_gemm(false, false, n, r, r, kMixA, kMixB, kF32, kMixC, 1.f);
   }
   // S = M M^T (left) or M^T M (right) of fp16(M) before this step, which the down GEMM
   // left for the up GEMM: fp16 tensor cores at half the bytes of M (TF32 from M took

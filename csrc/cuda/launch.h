@@ -125,7 +125,7 @@ void compressed_momentum(const Item& item, const Task& t, const at::Tensor& mome
 void fill_projection_cuda(const at::Tensor& out, int64_t seed, double scale);
 
 // fused_momentum.cu: the fused tasks of one shape group (same n, m, rank, dtype, resample
-// step or not), in call order.
+// step or not, projection), in call order.
 struct FusedWork {
   std::vector<const Item*> items;
   std::vector<const Task*> tasks;
@@ -154,6 +154,14 @@ struct FusedCounterWords {
   const float* base;        // what next_base holds on a resample step
 };
 FusedCounterWords fused_counter_words(const FusedWork& w, int k);
+
+// orthogonal.cu: K_k = scale Gram_k^-1 (fp32, r x r each; K of projection="orthogonal",
+// scale = s^2) for `count` symmetric positive definite Grams stored one after another;
+// `work`: scaled_inverse_work_floats(r, count) of the workspace (float64 scratch, 8-byte
+// aligned). A Gram that is not positive definite gets an all-NaN K (a kernel cannot raise).
+int64_t scaled_inverse_work_floats(int64_t r, int64_t count);
+void launch_scaled_inverse(const float* grams, float* outs, double* work, int64_t r,
+                           int64_t count, double scale, cudaStream_t stream);
 
 // ---- capturable steps (capturable.cu) ----
 

@@ -368,22 +368,27 @@ void plan_grids(const std::vector<Item>& items, const GroupArgs& args, StepPlan&
 
 // Bytes of temporaries the fused momentum work of item q holds while its group runs:
 // the two r x r products; on resample steps also the next P^T and tiled P, the change
-// of basis and M in the next basis. (The limit of a round; the region itself is sized
-// by fused_temp_floats.)
+// of basis and M in the next basis; projection="orthogonal" adds K, Gram' on resample
+// steps, xout and the inverse's float64 scratch. (The limit of a round; the region itself
+// is sized by fused_temp_floats.)
 int64_t fused_temp_bytes(const Item& item) {
   const ParamLayout& l = item.entry->layout;
+  const StepOptions& o = item.entry->options;
   const int64_t r = l.rank, pdim = std::min(l.rows, l.cols);
   const int64_t mdim = std::max(l.rows, l.cols), once = 8 * r * r;
-  return item.entry->options.plans_resample()
-             ? once + 2 * r * pdim + 2 * tiled_halves(r, pdim) + 4 * r * r +
-                   4 * r * mdim
-             : once;
+  int64_t bytes = o.plans_resample()
+                      ? once + 2 * r * pdim + 2 * tiled_halves(r, pdim) + 4 * r * r +
+                            4 * r * mdim
+                      : once;
+  if (o.projection == Projection::kOrthogonal)
+    bytes += 4 * r * r * (o.plans_resample() ? 2 : 1) + 4 * r * mdim + 8 * (r * r + r);
+  return bytes;
 }
 
 // The compressed-momentum work of every batch, planned with the call so that its
 // temporaries and tables are part of the call's one workspace and pinned upload:
-// fused tasks in groups of one shape (n, m, rank, resample step or not; call order
-// within a group) whose temporaries stay within the group limit (at least one task;
+// fused tasks in groups of one shape (n, m, rank, resample step or not, projection; call
+// order within a group) whose temporaries stay within the group limit (at least one task;
 // a group is one launch's grid.y: at most 65535 tasks), their rounds and streams; and
 // the largest unfused task's temporaries.
 void plan_momentum(const std::vector<Item>& items, const Tuning& tuning, StepPlan& plan) {
@@ -428,13 +433,15 @@ void plan_momentum(const std::vector<Item>& items, const Tuning& tuning, StepPla
       if (done[k - b.first]) continue;
       const ParamLayout& lk = items[k].entry->layout;
       const bool resample = items[k].entry->options.plans_resample();
+      const Projection projection = items[k].entry->options.projection;
       FusedGroup g;
       int64_t group_temps = 0;
       for (int q = k; q < b.first + b.count; ++q) {
         const ParamLayout& lq = items[q].entry->layout;
         if (!plan.tasks[q].fused || done[q - b.first] || lq.rows != lk.rows ||
             lq.cols != lk.cols || lq.rank != lk.rank ||
-            items[q].entry->options.plans_resample() != resample)
+            items[q].entry->options.plans_resample() != resample ||
+            items[q].entry->options.projection != projection)
           continue;
         const int64_t temps = fused_temp_bytes(items[q]);
         if (!g.tasks.empty() && (group_temps + temps > limit || g.tasks.size() == 65535))

@@ -1124,12 +1124,6 @@ FLORA_TEST(cuda_matches_cpu_and_checkpoints_move_between_devices) {
   }
   for (const char* name : kScenarios) {
     Scenario s = scenario(name);
-    if (s.defaults.projection() == "orthogonal") {  // CPU only for now: the op refuses CUDA
-      Run cuda = start(s, at::kCUDA);
-      REQUIRE_THROWS_WITH(advance(cuda, 1, 1), "flora: projection='orthogonal' is supported on "
-                                               "CPU parameters only for now");
-      continue;
-    }
     s.defaults.tf32(false);  // exact fp32 projection GEMMs: CUDA == CPU within 1e-5
     Run cpu = start(s);
     Run cuda = start(s, at::kCUDA);

@@ -74,7 +74,7 @@ namespace flora {
   /* the skips are counted (Flora::nonfinite_skips). */                                      \
   X(bool, skip_nonfinite, false)                                                            \
   /* Compressed momentum's down projection: "gaussian" (flora-opt's) or "orthogonal" */      \
-  /* (CPU only for now; docs/FLORA.md, "Orthogonalised projections"). */                    \
+  /* (docs/FLORA.md, "Orthogonalised projections"). */                                      \
   X(std::string, projection, "gaussian")                                                    \
   /* Python only (flora_ext.Flora): device step counts for CUDA graph capture. */            \
   X(bool, capturable, false)

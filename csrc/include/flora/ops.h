@@ -80,8 +80,7 @@ struct StepOptions {
   // momentum on a resampling step: moved to the next basis, nothing added) and adds one
   // to the call's nonfinite_skips counter (docs/FLORA.md §4.8).
   bool skip_nonfinite = false;
-  // Compressed momentum: the down projection (see Projection). CPU only for now: a CUDA
-  // parameter with kOrthogonal is refused by check_step_inputs.
+  // Compressed momentum: the down projection (see Projection).
   Projection projection = Projection::kGaussian;
   // step_group_capturable_: the step count and seed are read on the device, so a CUDA
   // step plans the change of basis every step and picks on the device (docs/cuda.md).
