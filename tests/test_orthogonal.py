@@ -628,3 +628,23 @@ def test_cpu_checkpoint_resumes_on_cuda():
 @CUDA
 def test_cuda_checkpoint_resumes_on_cpu():
     _resume_across("cuda", "cpu")
+
+
+@CUDA
+def test_cuda_quantized_state_matches_cpu():
+    """quantization=True runs the same op on dequantized state: as tests/test_quantization.py's
+    CUDA-vs-CPU step (tf32=False), parameters within 3e-5."""
+    shapes = [(16, 40), (40, 16)]
+
+    def train(device):
+        gen = torch.Generator().manual_seed(8)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in shapes]
+        opt = flora_ext.Flora(ps, **dict(ORTHO_CUDA, rank=4), tf32=False, quantization=True)
+        for t in range(6):
+            for p in ps:
+                p.grad = (torch.randn(p.shape, generator=gen) * (0.1 + t)).to(device)
+            opt.step()
+        return [p.detach().cpu() for p in ps]
+
+    for a, b in zip(train("cuda"), train("cpu")):
+        assert rel_err(a, b) < 3e-5
