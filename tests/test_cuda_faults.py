@@ -102,7 +102,11 @@ def capped_step(ps, opt, extra_bytes):
     (torch.float32, dict(tf32=True)),     # fused compressed momentum
     (torch.float32, dict(tf32=False)),    # exact GEMMs, unfused
     (torch.bfloat16, dict(tf32=True)),
-], ids=["fp32-tf32", "fp32-exact", "bf16-tf32"])
+    # projection="orthogonal": K, Gram', xout and the inverse's scratch are planned too
+    (torch.float32, dict(tf32=True, projection="orthogonal")),
+    (torch.float32, dict(tf32=False, projection="orthogonal")),
+], ids=["fp32-tf32", "fp32-exact", "bf16-tf32", "fp32-tf32-orthogonal",
+        "fp32-exact-orthogonal"])
 @pytest.mark.parametrize("first_step", [False, True], ids=["with-state", "first-step"])
 def test_out_of_memory_mid_step_changes_nothing(dtype, hp, first_step):
     hp = dict(lr=1e-2, beta1=0.9, rank=64, kappa=2, **hp)
