@@ -155,13 +155,22 @@ struct FusedCounterWords {
 };
 FusedCounterWords fused_counter_words(const FusedWork& w, int k);
 
-// orthogonal.cu: K_k = scale Gram_k^-1 (fp32, r x r each; K of projection="orthogonal",
-// scale = s^2) for `count` symmetric positive definite Grams stored one after another;
-// `work`: scaled_inverse_work_floats(r, count) of the workspace (float64 scratch, 8-byte
-// aligned). A Gram that is not positive definite gets an all-NaN K (a kernel cannot raise).
+// orthogonal.cu: K_k = scale Gram_k^-1 (r x r each; K of projection="orthogonal",
+// scale = s^2) for `count` symmetric positive definite Grams stored one after another,
+// from fp32 `grams`, or (grams null) from the float64 Grams already in `work`;
+// `work`: scaled_inverse_work_floats(r, count) of the workspace (float64, 8-byte aligned),
+// matrix k at 2 k (r r + r) floats, K in float64 there afterwards; `outs` (unless null) gets
+// K in fp32. A Gram that is not positive definite gets an all-NaN K (a kernel cannot raise).
 int64_t scaled_inverse_work_floats(int64_t r, int64_t count);
 void launch_scaled_inverse(const float* grams, float* outs, double* work, int64_t r,
                            int64_t count, double scale, cudaStream_t stream);
+// The unfused path's float64 Gram of one fp32 P (r x length left, length x r right) into
+// `gram` (r x r float64, e.g. the inverse's work), and out = K x (left, x r x others) or
+// x K (right, x others x r) accumulated in float64 from K in float64.
+void launch_gram_f64(const float* p, double* gram, int64_t r, int64_t length, bool left,
+                     cudaStream_t stream);
+void launch_apply_f64(const double* k, const float* x, float* out, int64_t r, int64_t others,
+                      bool left, cudaStream_t stream);
 
 // ---- capturable steps (capturable.cu) ----
 

@@ -1,6 +1,7 @@
 // projection="orthogonal" on the CUDA path (docs/FLORA.md §5.1): its down projection is
 // K (P X) (left) or (X P) K (right), K = s^2 Gram^-1 (r x r), Gram = P P^T or P^T P. This
-// file computes K from the Gram, a batch of matrices at a time.
+// file computes K from the Gram, a batch of matrices at a time, and, for the unfused path,
+// the Gram and the products with K in float64.
 #include "config.cuh"
 #include "launch.h"
 
@@ -13,9 +14,12 @@ namespace cuda_detail {
 namespace {
 
 constexpr int kInverseThreads = 1024;
+constexpr int kGramTile = 16;
 
-// One block a matrix: out = scale * gram^-1 by Gauss-Jordan elimination in float64 in
-// `work` (r x r, then a column of r). Without pivoting: for a symmetric positive definite
+// One block a matrix: K = scale * gram^-1 by Gauss-Jordan elimination in float64 in `work`
+// (r x r, then a column of r), which holds K in float64 afterwards; `outs` (unless null)
+// gets K in float32. `grams` (float32) is copied into `work` first; when null, `work`
+// already holds the Gram in float64. Without pivoting: for a symmetric positive definite
 // matrix every pivot is positive (a Schur complement's diagonal), and elimination in that
 // order is stable. A pivot that is not positive or not finite means the Gram is not
 // positive definite: a kernel cannot raise, so that matrix's K is all NaN.
@@ -23,11 +27,12 @@ __global__ void __launch_bounds__(kInverseThreads)
     scaled_inverse_kernel(const float* __restrict__ grams, float* __restrict__ outs,
                           double* __restrict__ works, int r, double scale) {
   const int64_t rr = int64_t(r) * r;
-  const float* gram = grams + blockIdx.x * rr;
-  float* out = outs + blockIdx.x * rr;
   double* a = works + blockIdx.x * (rr + r);
   double* col = a + rr;
-  for (int64_t e = threadIdx.x; e < rr; e += blockDim.x) a[e] = gram[e];
+  if (grams != nullptr) {
+    const float* gram = grams + blockIdx.x * rr;
+    for (int64_t e = threadIdx.x; e < rr; e += blockDim.x) a[e] = gram[e];
+  }
   __syncthreads();
   bool definite = true;
   for (int p = 0; p < r; ++p) {
@@ -53,8 +58,57 @@ __global__ void __launch_bounds__(kInverseThreads)
     }
     __syncthreads();
   }
-  for (int64_t e = threadIdx.x; e < rr; e += blockDim.x)
-    out[e] = definite ? static_cast<float>(scale * a[e]) : NAN;
+  float* out = outs != nullptr ? outs + blockIdx.x * rr : nullptr;
+  for (int64_t e = threadIdx.x; e < rr; e += blockDim.x) {
+    const double k = definite ? scale * a[e] : NAN;
+    a[e] = k;
+    if (out != nullptr) out[e] = static_cast<float>(k);
+  }
+}
+
+// gram = A A^T in float64 (r x r), A (r x length) being P (left, r x length row-major) or
+// P^T (right, P length x r). Tiles of kGramTile^2 outputs a block, the operands staged in
+// shared memory along the contraction; loads coalesce along P's rows either way.
+__global__ void gram_f64_kernel(const float* __restrict__ p, double* __restrict__ gram, int r,
+                                int64_t length, bool left) {
+  __shared__ double a_tile[kGramTile][kGramTile + 1];  // [row of A][l]
+  __shared__ double b_tile[kGramTile][kGramTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int i0 = blockIdx.y * kGramTile, j0 = blockIdx.x * kGramTile;
+  const auto at = [&](int row, int64_t l) -> double {  // A[row][l], 0 outside
+    if (row >= r || l >= length) return 0.0;
+    return left ? p[int64_t(row) * length + l] : p[l * r + row];
+  };
+  double sum = 0.0;
+  for (int64_t l0 = 0; l0 < length; l0 += kGramTile) {
+    // left: threads along l read along a row of P; right: along A's rows (P's columns).
+    const int row = left ? ty : tx, l = left ? tx : ty;
+    a_tile[row][l] = at(i0 + row, l0 + l);
+    b_tile[row][l] = at(j0 + row, l0 + l);
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < kGramTile; ++q) sum += a_tile[ty][q] * b_tile[tx][q];
+    __syncthreads();
+  }
+  if (i0 + ty < r && j0 + tx < r) gram[int64_t(i0 + ty) * r + j0 + tx] = sum;
+}
+
+// out = K x (left: x r x cols, out r x cols) or x K (right: x rows x r, out rows x r) with
+// float64 accumulation, K (r x r) in float64; `others` = cols (left) or rows (right).
+// One thread an output; neighbouring threads take neighbouring columns.
+__global__ void apply_f64_kernel(const double* __restrict__ k, const float* __restrict__ x,
+                                 float* __restrict__ out, int r, int64_t others, bool left) {
+  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (e >= others * r) return;
+  double sum = 0.0;
+  if (left) {  // out[a][j] = sum_l K[a][l] x[l][j]
+    const int64_t a = e / others, j = e % others;
+    for (int l = 0; l < r; ++l) sum += k[a * r + l] * double(x[l * others + j]);
+  } else {  // out[i][c] = sum_l x[i][l] K[l][c]
+    const int64_t i = e / r, c = e % r;
+    for (int l = 0; l < r; ++l) sum += double(x[i * r + l]) * k[int64_t(l) * r + c];
+  }
+  out[e] = static_cast<float>(sum);
 }
 
 }  // namespace
@@ -71,6 +125,24 @@ void launch_scaled_inverse(const float* grams, float* outs, double* work, int64_
   if (count == 0 || r == 0) return;
   scaled_inverse_kernel<<<static_cast<unsigned>(count), kInverseThreads, 0, stream>>>(
       grams, outs, work, static_cast<int>(r), scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_gram_f64(const float* p, double* gram, int64_t r, int64_t length, bool left,
+                     cudaStream_t stream) {
+  if (r == 0) return;
+  const unsigned tiles = static_cast<unsigned>(ceil_div(r, kGramTile));
+  gram_f64_kernel<<<dim3(tiles, tiles), dim3(kGramTile, kGramTile), 0, stream>>>(
+      p, gram, static_cast<int>(r), length, left);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_apply_f64(const double* k, const float* x, float* out, int64_t r, int64_t others,
+                      bool left, cudaStream_t stream) {
+  const int64_t numel = r * others;
+  if (numel == 0) return;
+  apply_f64_kernel<<<static_cast<unsigned>(ceil_div(numel, kThreads)), kThreads, 0, stream>>>(
+      k, x, out, static_cast<int>(r), others, left);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

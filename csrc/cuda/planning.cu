@@ -193,14 +193,20 @@ int64_t make_task(const Item& item, const GroupArgs& args, const Tuning& tuning,
       t.momentum = e.state.momentum->data_ptr<float>();
     t.vec = vec;
     // Fused compressed momentum: TF32 asked for, 16-byte rows of every GEMM operand,
-    // round-to-nearest writes (stochastic rounding keeps the unfused passes).
+    // round-to-nearest writes (stochastic rounding keeps the unfused passes);
+    // projection="orthogonal" only up to r = half of P's long side (the shorter side):
+    // K's TF32 product loses about cond(Gram) times TF32's rounding, and the Gram's
+    // condition number, ((1 + sqrt(c)) / (1 - sqrt(c)))^2 at c = r / long, is 34 at 1/2
+    // and without bound as c nears 1.
     const bool compressed = layout.momentum == MomentumKind::kCompressed;
     // 32-bit index arithmetic in the projection and momentum kernels.
     t.fused = compressed && fused_on && e.options.tf32 && !args.stochastic_rounding &&
               aligned_to(t.param, 16) && aligned_to(t.grad, 16) && aligned_to(t.row, 16) &&
               aligned_to(e.state.momentum->data_ptr(), 16) && t.n % 4 == 0 &&
               t.m % 8 == 0 && layout.rank % 8 == 0 &&
-              layout.rank * std::max(t.n, t.m) < INT_MAX;
+              layout.rank * std::max(t.n, t.m) < INT_MAX &&
+              (e.options.projection == Projection::kGaussian ||
+               2 * layout.rank <= std::min(t.n, t.m));
     if (row_stats_on && (layout.momentum == MomentumKind::kNone || t.fused))
       stats_smem = plan_row_stats(t, elem, lane_elems, smem_limit, stages);
     t.needs_rms = !t.row_stats;

@@ -105,14 +105,14 @@ namespace {
 // the call's workspace (offsets in floats, each array 16-byte aligned): P now (fp32),
 // P scaled (the down GEMM's dtype), X = the down GEMM's result; on resample steps the
 // next P, the change of basis and M in the next basis; for exact 16-bit projections an
-// fp32 copy of G; for projection="orthogonal" the Gram of the down basis, its K, the
-// down GEMM's result before K and the inverse's float64 scratch.
+// fp32 copy of G; for projection="orthogonal" the down GEMM's result before K, the
+// inverse's float64 scratch (Gram, then K) and on resample steps the raw change of basis.
 struct CompressedTemps {
   int64_t n, m, r, prow, pcol;
-  bool left, resample, exact_16bit, orthogonal;
+  bool left, resample, exact_16bit, orthogonal, tf32;
   int down_type;
   int64_t p_now = 0, p_next = 0, scaled = 0, x = 0, bases = 0, base = 0, grad32 = 0;
-  int64_t gram = 0, kmat = 0, x_raw = 0, inverse_work = 0;
+  int64_t x_raw = 0, inverse_work = 0, raw_bases = 0;
   int64_t floats = 0;
 };
 
@@ -129,10 +129,15 @@ CompressedTemps compressed_temps(const Item& item) {
   c.pcol = shape[1];
   c.resample = o.plans_resample();
   // The down GEMM reads G as it is: 16-bit gradients meet a 16-bit scaled P
-  // (tensor cores, fp32 accumulation) unless exact fp32 was asked for.
-  c.exact_16bit = item.dtype != kF32 && !o.tf32;
-  c.down_type = c.exact_16bit ? kF32 : item.dtype;
+  // (tensor cores, fp32 accumulation) unless exact fp32 was asked for. projection=
+  // "orthogonal" keeps every GEMM exact whatever tf32 says: K (P X) and up(M) = P^T M lose
+  // about cond(Gram) (and cond(P)) times their rounding, and the Gram's condition number
+  // grows as r nears P's long side (the fused path, TF32 throughout, takes only r <= half
+  // of it).
   c.orthogonal = o.projection == Projection::kOrthogonal;
+  c.tf32 = o.tf32 && !c.orthogonal;
+  c.exact_16bit = item.dtype != kF32 && !c.tf32;
+  c.down_type = c.exact_16bit ? kF32 : item.dtype;
   const int64_t psize = c.prow * c.pcol;
   const int64_t msize = item.entry->state.momentum->numel();
   int64_t at = 0;
@@ -151,10 +156,9 @@ CompressedTemps compressed_temps(const Item& item) {
   }
   if (c.exact_16bit) c.grad32 = take(item.grad.numel());
   if (c.orthogonal) {
-    c.gram = take(c.r * c.r);
-    c.kmat = take(c.r * c.r);
     c.x_raw = take(msize);
     c.inverse_work = take(scaled_inverse_work_floats(c.r, 1));
+    if (c.resample) c.raw_bases = take(c.r * c.r);
   }
   c.floats = at;
   return c;
@@ -217,33 +221,31 @@ void compressed_momentum(const Item& item, const Task& t, const at::Tensor& mome
   float* const x = ws + c.x;
   float* const down_x = c.orthogonal ? ws + c.x_raw : x;
   if (left) {
-    gemm(false, false, r, m, n, 1.f, scaled, grad, down_type, 0.f, down_x, o.tf32);
+    gemm(false, false, r, m, n, 1.f, scaled, grad, down_type, 0.f, down_x, c.tf32);
   } else {
-    gemm(false, false, n, r, m, 1.f, grad, scaled, down_type, 0.f, down_x, o.tf32);
+    gemm(false, false, n, r, m, 1.f, grad, scaled, down_type, 0.f, down_x, c.tf32);
   }
   // projection="orthogonal": X = K X (left) or X K (right), K = s^2 Gram^-1 of the basis
-  // the step compresses into (the next one on resample steps). The diagonal scaling along
-  // the other dimension (momentum_mix_kernel's) commutes with K. The Gram in exact fp32
-  // whatever tf32 says: K's error is the Gram's times its condition number.
-  float* const kmat = c.orthogonal ? ws + c.kmat : nullptr;
-  float* const gram = c.orthogonal ? ws + c.gram : nullptr;
+  // the step compresses into (the next one on resample steps), all in float64 from the
+  // fp32 P: Gram, inverse and the product (K's entries grow with the Gram's condition
+  // number, and an fp32 product would lose that much). The diagonal scaling along the
+  // other dimension (momentum_mix_kernel's) commutes with K.
+  double* const kmat = c.orthogonal ? reinterpret_cast<double*>(ws + c.inverse_work) : nullptr;
   if (c.orthogonal) {
     const float* p_down = resample ? p_next : p_now;
-    const double s2 = static_cast<double>(left ? pcol : prow) / static_cast<double>(r);
-    if (left) gemm(false, true, r, r, n, 1.f, p_down, p_down, kF32, 0.f, gram, false);
-    else gemm(true, false, r, r, m, 1.f, p_down, p_down, kF32, 0.f, gram, false);
-    launch_scaled_inverse(gram, kmat, reinterpret_cast<double*>(ws + c.inverse_work), r, 1, s2,
-                          stream);
-    if (left) gemm(false, false, r, m, r, 1.f, kmat, down_x, kF32, 0.f, x, o.tf32);
-    else gemm(false, false, n, r, r, 1.f, down_x, kmat, kF32, 0.f, x, o.tf32);
+    const int64_t length = left ? pcol : prow;  // P's long side
+    const double s2 = static_cast<double>(length) / static_cast<double>(r);
+    launch_gram_f64(p_down, kmat, r, length, left, stream);
+    launch_scaled_inverse(nullptr, nullptr, kmat, r, 1, s2, stream);
+    launch_apply_f64(kmat, down_x, x, r, left ? m : n, left, stream);
   }
   // update = beta1 up_now(M): P^T M (left) or M P^T (right), from the old M.
   const float b1 = static_cast<float>(o.beta1);
   float* mom = momentum.data_ptr<float>();
   if (left) {
-    gemm(true, false, n, m, r, b1, p_now, mom, kF32, 0.f, t.update, o.tf32);
+    gemm(true, false, n, m, r, b1, p_now, mom, kF32, 0.f, t.update, c.tf32);
   } else {
-    gemm(false, true, n, m, r, b1, mom, p_now, kF32, 0.f, t.update, o.tf32);
+    gemm(false, true, n, m, r, b1, mom, p_now, kF32, 0.f, t.update, c.tf32);
   }
   // M' = down_next(up_now(M)) through the r x r product of the two bases; orthogonal:
   // K' (P' P^T) (left) or (P^T P') K' (right), K' the next basis' (kmat on resample steps).
@@ -251,15 +253,15 @@ void compressed_momentum(const Item& item, const Task& t, const at::Tensor& mome
   if (resample) {
     float* const bases = ws + c.bases;
     float* const next_base = ws + c.base;
-    float* const raw = c.orthogonal ? gram : bases;  // the Gram is consumed by now
+    float* const raw = c.orthogonal ? ws + c.raw_bases : bases;
     if (left) {
-      gemm(false, true, r, r, n, 1.f, p_next, p_now, kF32, 0.f, raw, o.tf32);
-      if (c.orthogonal) gemm(false, false, r, r, r, 1.f, kmat, raw, kF32, 0.f, bases, o.tf32);
-      gemm(false, false, r, m, r, 1.f, bases, mom, kF32, 0.f, next_base, o.tf32);
+      gemm(false, true, r, r, n, 1.f, p_next, p_now, kF32, 0.f, raw, c.tf32);
+      if (c.orthogonal) launch_apply_f64(kmat, raw, bases, r, r, true, stream);
+      gemm(false, false, r, m, r, 1.f, bases, mom, kF32, 0.f, next_base, c.tf32);
     } else {
-      gemm(true, false, r, r, m, 1.f, p_now, p_next, kF32, 0.f, raw, o.tf32);
-      if (c.orthogonal) gemm(false, false, r, r, r, 1.f, raw, kmat, kF32, 0.f, bases, o.tf32);
-      gemm(false, false, n, r, r, 1.f, mom, bases, kF32, 0.f, next_base, o.tf32);
+      gemm(true, false, r, r, m, 1.f, p_now, p_next, kF32, 0.f, raw, c.tf32);
+      if (c.orthogonal) launch_apply_f64(kmat, raw, bases, r, r, false, stream);
+      gemm(false, false, n, r, r, 1.f, mom, bases, kF32, 0.f, next_base, c.tf32);
     }
     base = next_base;
   }
