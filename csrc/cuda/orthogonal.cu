@@ -93,22 +93,46 @@ __global__ void gram_f64_kernel(const float* __restrict__ p, double* __restrict_
   if (i0 + ty < r && j0 + tx < r) gram[int64_t(i0 + ty) * r + j0 + tx] = sum;
 }
 
-// out = K x (left: x r x cols, out r x cols) or x K (right: x rows x r, out rows x r) with
-// float64 accumulation, K (r x r) in float64; `others` = cols (left) or rows (right).
-// One thread an output; neighbouring threads take neighbouring columns.
+// out = K x (left: x r x others, out r x others) or x K (right: x others x r, out
+// others x r) with float64 accumulation, K (r x r) in float64. Tiles of kGramTile^2
+// outputs a block (grid.x along `others`, grid.y along r), K and x staged in shared memory
+// along the contraction; loads coalesce along rows.
+template <bool kLeft>
 __global__ void apply_f64_kernel(const double* __restrict__ k, const float* __restrict__ x,
-                                 float* __restrict__ out, int r, int64_t others, bool left) {
-  const int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (e >= others * r) return;
+                                 float* __restrict__ out, int r, int64_t others) {
+  __shared__ double k_tile[kGramTile][kGramTile + 1];
+  __shared__ double x_tile[kGramTile][kGramTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t o0 = int64_t(blockIdx.x) * kGramTile;
+  const int r0 = blockIdx.y * kGramTile;
   double sum = 0.0;
-  if (left) {  // out[a][j] = sum_l K[a][l] x[l][j]
-    const int64_t a = e / others, j = e % others;
-    for (int l = 0; l < r; ++l) sum += k[a * r + l] * double(x[l * others + j]);
-  } else {  // out[i][c] = sum_l x[i][l] K[l][c]
-    const int64_t i = e / r, c = e % r;
-    for (int l = 0; l < r; ++l) sum += double(x[i * r + l]) * k[int64_t(l) * r + c];
+  for (int l0 = 0; l0 < r; l0 += kGramTile) {
+    if constexpr (kLeft) {  // out[a][j] = sum_l K[a][l] x[l][j], a = r0 + ty, j = o0 + tx
+      const int a = r0 + ty, l = l0 + ty;
+      const int64_t j = o0 + tx;
+      k_tile[ty][tx] = a < r && l0 + tx < r ? k[int64_t(a) * r + l0 + tx] : 0.0;
+      x_tile[ty][tx] = l < r && j < others ? double(x[int64_t(l) * others + j]) : 0.0;
+      __syncthreads();
+#pragma unroll
+      for (int q = 0; q < kGramTile; ++q) sum += k_tile[ty][q] * x_tile[q][tx];
+    } else {  // out[i][c] = sum_l x[i][l] K[l][c], i = o0 + ty, c = r0 + tx
+      const int64_t i = o0 + ty;
+      const int l = l0 + ty, c = r0 + tx;
+      x_tile[ty][tx] = i < others && l0 + tx < r ? double(x[i * r + l0 + tx]) : 0.0;
+      k_tile[ty][tx] = l < r && c < r ? k[int64_t(l) * r + c] : 0.0;
+      __syncthreads();
+#pragma unroll
+      for (int q = 0; q < kGramTile; ++q) sum += x_tile[ty][q] * k_tile[q][tx];
+    }
+    __syncthreads();
   }
-  out[e] = static_cast<float>(sum);
+  if constexpr (kLeft) {
+    if (r0 + ty < r && o0 + tx < others)
+      out[int64_t(r0 + ty) * others + o0 + tx] = static_cast<float>(sum);
+  } else {
+    if (o0 + ty < others && r0 + tx < r)
+      out[(o0 + ty) * r + r0 + tx] = static_cast<float>(sum);
+  }
 }
 
 }  // namespace
@@ -139,10 +163,15 @@ void launch_gram_f64(const float* p, double* gram, int64_t r, int64_t length, bo
 
 void launch_apply_f64(const double* k, const float* x, float* out, int64_t r, int64_t others,
                       bool left, cudaStream_t stream) {
-  const int64_t numel = r * others;
-  if (numel == 0) return;
-  apply_f64_kernel<<<static_cast<unsigned>(ceil_div(numel, kThreads)), kThreads, 0, stream>>>(
-      k, x, out, static_cast<int>(r), others, left);
+  if (r == 0 || others == 0) return;
+  const dim3 grid(static_cast<unsigned>(ceil_div(others, kGramTile)),
+                  static_cast<unsigned>(ceil_div(r, kGramTile)));
+  const dim3 block(kGramTile, kGramTile);
+  if (left) {
+    apply_f64_kernel<true><<<grid, block, 0, stream>>>(k, x, out, static_cast<int>(r), others);
+  } else {
+    apply_f64_kernel<false><<<grid, block, 0, stream>>>(k, x, out, static_cast<int>(r), others);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
