@@ -16,22 +16,28 @@ namespace {
 constexpr int kInverseThreads = 1024;
 constexpr int kGramTile = 16;
 
-// One block a matrix: K = scale * gram^-1 by Gauss-Jordan elimination in float64 in `work`
-// (r x r, then a column of r), which holds K in float64 afterwards; `outs` (unless null)
-// gets K in float32. `grams` (float32) is copied into `work` first; when null, `work`
-// already holds the Gram in float64. Without pivoting: for a symmetric positive definite
+// One block a matrix: K = scale * gram^-1 by Gauss-Jordan elimination in float64 (r x r,
+// then a column of r) in shared memory when `in_shared` (the matrix fits), else in `work`,
+// which holds K in float64 afterwards either way; `outs` (unless null) gets K in float32.
+// The Gram comes from `grams` (float32) or, when that is null, from `work` (float64).
+// Every elimination step passes over the whole matrix: shared memory spares r round trips
+// to L2. Without pivoting: for a symmetric positive definite
 // matrix every pivot is positive (a Schur complement's diagonal), and elimination in that
 // order is stable. A pivot that is not positive or not finite means the Gram is not
 // positive definite: a kernel cannot raise, so that matrix's K is all NaN.
 __global__ void __launch_bounds__(kInverseThreads)
     scaled_inverse_kernel(const float* __restrict__ grams, float* __restrict__ outs,
-                          double* __restrict__ works, int r, double scale) {
+                          double* __restrict__ works, int r, double scale, bool in_shared) {
+  extern __shared__ double staged[];
   const int64_t rr = int64_t(r) * r;
-  double* a = works + blockIdx.x * (rr + r);
+  double* work = works + blockIdx.x * (rr + r);
+  double* a = in_shared ? staged : work;
   double* col = a + rr;
   if (grams != nullptr) {
     const float* gram = grams + blockIdx.x * rr;
     for (int64_t e = threadIdx.x; e < rr; e += blockDim.x) a[e] = gram[e];
+  } else if (in_shared) {
+    for (int64_t e = threadIdx.x; e < rr; e += blockDim.x) a[e] = work[e];
   }
   __syncthreads();
   bool definite = true;
@@ -61,7 +67,7 @@ __global__ void __launch_bounds__(kInverseThreads)
   float* out = outs != nullptr ? outs + blockIdx.x * rr : nullptr;
   for (int64_t e = threadIdx.x; e < rr; e += blockDim.x) {
     const double k = definite ? scale * a[e] : NAN;
-    a[e] = k;
+    work[e] = k;
     if (out != nullptr) out[e] = static_cast<float>(k);
   }
 }
@@ -147,8 +153,12 @@ int64_t scaled_inverse_work_floats(int64_t r, int64_t count) {
 void launch_scaled_inverse(const float* grams, float* outs, double* work, int64_t r,
                            int64_t count, double scale, cudaStream_t stream) {
   if (count == 0 || r == 0) return;
-  scaled_inverse_kernel<<<static_cast<unsigned>(count), kInverseThreads, 0, stream>>>(
-      grams, outs, work, static_cast<int>(r), scale);
+  const int64_t bytes = (r * r + r) * static_cast<int64_t>(sizeof(double));
+  const bool in_shared = bytes <= smem_optin();  // r <= 167 on an H100, 142 on an A100
+  if (in_shared) allow_smem(scaled_inverse_kernel, bytes);
+  scaled_inverse_kernel<<<static_cast<unsigned>(count), kInverseThreads,
+                          in_shared ? static_cast<size_t>(bytes) : 0, stream>>>(
+      grams, outs, work, static_cast<int>(r), scale, in_shared);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
