@@ -100,6 +100,13 @@ def optimizers(rank):
         f"flora_r{rank}_b0.9_exact": flora(rank=rank, beta1=0.9, kappa=1000, tf32=False),
         f"flora_r{rank}_b0.9_unfused": (flora(rank=rank, beta1=0.9, kappa=1000),
                                         {"fused_momentum": 0}),
+        # projection="orthogonal": K = s^2 Gram^-1 computed every step (docs/cuda.md)
+        f"flora_r{rank}_b0.9_orthogonal": flora(rank=rank, beta1=0.9, kappa=1000,
+                                                projection="orthogonal"),
+        f"flora_r{rank}_b0.9_orthogonal_resample": flora(rank=rank, beta1=0.9, kappa=1,
+                                                         projection="orthogonal"),
+        f"flora_r{rank}_b0.9_orthogonal_exact": flora(rank=rank, beta1=0.9, kappa=1000,
+                                                      tf32=False, projection="orthogonal"),
         "flora_nomomentum": flora(beta1=None),
         # The same optimizer with a tuning knob changed for its steps (A/B in one process):
         # FLORA_* environment variables, or torch.ops.flora._set_tuning's variants.
