@@ -21,10 +21,10 @@ constexpr int kGramTile = 16;
 // which holds K in float64 afterwards either way; `outs` (unless null) gets K in float32.
 // The Gram comes from `grams` (float32) or, when that is null, from `work` (float64).
 // Every elimination step passes over the whole matrix: shared memory spares r round trips
-// to L2. Without pivoting: for a symmetric positive definite
-// matrix every pivot is positive (a Schur complement's diagonal), and elimination in that
-// order is stable. A pivot that is not positive or not finite means the Gram is not
-// positive definite: a kernel cannot raise, so that matrix's K is all NaN.
+// to L2. Without pivoting: for a symmetric positive definite matrix every pivot is positive
+// (a Schur complement's diagonal), and elimination in that order is stable. A pivot that is
+// not positive or not finite means the Gram is not positive definite: a kernel cannot
+// raise, so that matrix's K is all NaN.
 __global__ void __launch_bounds__(kInverseThreads)
     scaled_inverse_kernel(const float* __restrict__ grams, float* __restrict__ outs,
                           double* __restrict__ works, int r, double scale, bool in_shared) {
