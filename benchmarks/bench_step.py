@@ -26,6 +26,7 @@ MODELS = {  # hidden, intermediate, layers, vocab (LLaMA family shapes of the Fl
     "0.1b": (768, 2048, 12, 32000),
     "0.35b": (1024, 2736, 24, 32000),
     "1.35b": (2048, 5504, 24, 32000),
+    "1b-128k": (2048, 8192, 16, 128256),  # LLaMA-3.2-1B widths: a large vocabulary
 }
 
 
