@@ -20,7 +20,7 @@ namespace {
 // for the kernel's static shared memory.
 int64_t stats_smem_limit() { return std::max<int64_t>(0, smem_optin() - 8 * 1024); }
 
-// Sets up row stats for factored task t (no momentum, 16-byte aligned rows) when its
+// Sets up row stats for factored task t (16-byte aligned rows) when its
 // rows are wide enough to keep a block's threads busy and the stages (plus, for rows
 // too wide for register accumulators, the column accumulators) fit in shared memory;
 // returns the shared memory a block needs, or 0 (tile passes).
@@ -201,9 +201,14 @@ int64_t make_task(const Item& item, const GroupArgs& args, const Tuning& tuning,
               aligned_to(e.state.momentum->data_ptr(), 16) && t.n % 4 == 0 &&
               t.m % 8 == 0 && layout.rank % 8 == 0 &&
               layout.rank * std::max(t.n, t.m) < INT_MAX;
-    if (row_stats_on && (layout.momentum == MomentumKind::kNone || t.fused))
+    // Dense momentum (row_stats_dense) takes row stats for the row EMA and the column
+    // sums only: D = (1 - beta1) U + beta1 M and sum D^2 still come from the rms pass,
+    // which also writes M, so the stats pass's sum U^2 goes unused there.
+    const bool dense = layout.momentum == MomentumKind::kDense;
+    if (row_stats_on &&
+        (layout.momentum == MomentumKind::kNone || t.fused || (dense && tuning.row_stats_dense)))
       stats_smem = plan_row_stats(t, elem, lane_elems, smem_limit, stages);
-    t.needs_rms = !t.row_stats;
+    t.needs_rms = !t.row_stats || dense;
     // Without a valid norm cache, sum p^2 of these comes from fused_p2_kernel or
     // tile_p2_kernel (in the apply pass's order) rather than the stats pass.
     if ((t.fused || t.row_stats) && t.param_sq != nullptr && !t.p2_known) t.stats_p = 0;
