@@ -223,10 +223,19 @@ def resume_matches(shape, dtype, hp):
 
 @pytest.mark.parametrize("shape,dtype", [((1000, 4096), torch.float32),
                                          ((2100, 520), torch.float32),
-                                         ((64, 4096), torch.bfloat16)], ids=str)
+                                         ((64, 4096), torch.bfloat16),
+                                         ((33, 8192), torch.bfloat16)], ids=str)
 def test_dense_row_stats_resume_is_bitwise(shape, dtype, tuning):
     tuning(row_stats_dense=1)
     assert resume_matches(shape, dtype, dict(beta1=0.9, rank=RANK))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_wide_16bit_rows_resume_is_bitwise(dtype):
+    # 8192 16-bit columns: past the register accumulators, the column sums are added a
+    # stage at a time. A stage holds the same rows (two of G) whether or not the norm
+    # cache is valid, so the first step after a resume sums as every other step does.
+    assert resume_matches((33, 8192), dtype, dict(beta1=None))
 
 
 def test_bad_row_stats_dense_is_a_clear_error(tuning):
