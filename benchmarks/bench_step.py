@@ -101,6 +101,13 @@ def optimizers(rank):
         f"flora_r{rank}_b0.9_exact": flora(rank=rank, beta1=0.9, kappa=1000, tf32=False),
         f"flora_r{rank}_b0.9_unfused": (flora(rank=rank, beta1=0.9, kappa=1000),
                                         {"fused_momentum": 0}),
+        # Factored tensors with dense momentum (embedding and head past the aspect-ratio
+        # limit) gathering their statistics by row stats or by the tile passes; they
+        # weigh most on --model 1b-128k (two 128256 x 2048 tensors, 0.5B parameters).
+        f"flora_r{rank}_b0.9_dense_row_stats": (flora(rank=rank, beta1=0.9, kappa=1000),
+                                                {"row_stats_dense": 1}),
+        f"flora_r{rank}_b0.9_dense_tile_passes": (flora(rank=rank, beta1=0.9, kappa=1000),
+                                                  {"row_stats_dense": 0}),
         "flora_nomomentum": flora(beta1=None),
         # The same optimizer with a tuning knob changed for its steps (A/B in one process):
         # FLORA_* environment variables, or torch.ops.flora._set_tuning's variants.
