@@ -33,6 +33,8 @@ CASES = [
     # rows past the last full block, m not a multiple of the 128-column tile
     ((2100, 520), torch.float32, dict(weight_decay=0.1)),
     ((33, 8192), torch.float32, dict(scale_parameter=False)),  # shared-memory accumulators
+    # no norm cache: the row-stats pass reads p for sum p^2 on every step
+    ((2100, 520), torch.float32, dict(reuse_param_norms=False, clip_threshold=0.05)),
     ((4096, 64), torch.float32, dict()),                       # too narrow: tile passes
     ((64, 4096), torch.bfloat16, dict()),
     ((4200, 1024), torch.bfloat16, dict(clip_threshold=0.05)),  # many row blocks
@@ -192,6 +194,52 @@ def test_dense_row_stats_skip_a_nonfinite_gradient(shape, dtype, tuning):
             for key, value in sa.items():
                 if isinstance(value, torch.Tensor):
                     assert rel_err(value, sb[key]) <= 1e-4, (f"step {k + 1}", key)
+
+
+def test_dense_row_stats_in_a_replayed_graph(tuning):
+    # capturable=True: a CUDA graph of the step, replayed, is bitwise the eager steps.
+    tuning(row_stats_dense=1)
+    shapes = [(64, 4096), (2100, 520)]
+    gen = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(s, generator=gen).cuda() for s in shapes] for _ in range(5)]
+
+    def make():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
+        return params, flora_ext.Flora(params, lr=1e-2, beta1=0.9, rank=RANK,
+                                       capturable=True, clip_threshold=0.05)
+
+    def set_grads(params, gs):
+        for p, g in zip(params, gs):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+
+    eager, eager_opt = make()
+    replayed, replayed_opt = make()
+    set_grads(eager, grads[0])
+    eager_opt.step()
+    set_grads(replayed, grads[0])  # a warm-up step on a side stream, then the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        replayed_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed_opt.step()
+    for gs in grads[1:]:
+        set_grads(eager, gs)
+        set_grads(replayed, gs)
+        eager_opt.step()
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, replayed):
+        assert torch.equal(a, b)
+        for key in ("row_second_moment", "col_second_moment", "momentum"):
+            assert torch.equal(eager_opt.state[a][key], replayed_opt.state[b][key]), key
+    assert int(replayed_opt.state[replayed[0]]["step"]) == len(grads)
 
 
 def resume_matches(shape, dtype, hp):
