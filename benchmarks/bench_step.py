@@ -26,6 +26,7 @@ MODELS = {  # hidden, intermediate, layers, vocab (LLaMA family shapes of the Fl
     "0.1b": (768, 2048, 12, 32000),
     "0.35b": (1024, 2736, 24, 32000),
     "1.35b": (2048, 5504, 24, 32000),
+    "1b-128k": (2048, 8192, 16, 128256),  # LLaMA-3.2-1B widths: a large vocabulary
 }
 
 
@@ -107,6 +108,13 @@ def optimizers(rank):
                                                          projection="orthogonal"),
         f"flora_r{rank}_b0.9_orthogonal_exact": flora(rank=rank, beta1=0.9, kappa=1000,
                                                       tf32=False, projection="orthogonal"),
+        # Factored tensors with dense momentum (embedding and head past the aspect-ratio
+        # limit) gathering their statistics by row stats or by the tile passes; they
+        # weigh most on --model 1b-128k (two 128256 x 2048 tensors, 0.5B parameters).
+        f"flora_r{rank}_b0.9_dense_row_stats": (flora(rank=rank, beta1=0.9, kappa=1000),
+                                                {"row_stats_dense": 1}),
+        f"flora_r{rank}_b0.9_dense_tile_passes": (flora(rank=rank, beta1=0.9, kappa=1000),
+                                                  {"row_stats_dense": 0}),
         "flora_nomomentum": flora(beta1=None),
         # The same optimizer with a tuning knob changed for its steps (A/B in one process):
         # FLORA_* environment variables, or torch.ops.flora._set_tuning's variants.

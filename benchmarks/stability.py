@@ -137,6 +137,13 @@ class MomentumTransfer:
 
 
 PROJECTIONS = ("gaussian", "orthogonal", "subspace")
+# ProbeFlora's direction D from U and the momentum M (Pi: the projector on P's span,
+# s^2 = long / r, up(M) = s^2 Pi m for orthogonal projections):
+#   flora   (1 - beta1) U + beta1 up(M)                  Flora's
+#   shrink  (1 - beta1) U + beta1 up(M) / s              less projection noise, less momentum
+#   split   Pi((1 - beta1) U + beta1 m) + gamma (I - Pi) U: momentum inside the subspace only,
+#           the gradient outside it; the transfer carries Pi m (orthogonal projections)
+DIRECTIONS = ("flora", "shrink", "split")
 
 
 def orthogonalised(P, left, scale=True):
@@ -164,11 +171,17 @@ class ProbeFlora(torch.optim.Optimizer):
     ``subspace``: the same without its scale (orthonormal). No host
     synchronisation in the step."""
 
-    def __init__(self, params, lr, rank, kappa, beta1, seed, projection):
+    def __init__(self, params, lr, rank, kappa, beta1, seed, projection, direction="flora",
+                 gamma=1.0):
         if projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+        if direction == "split" and projection != "orthogonal":
+            raise ValueError("direction='split' needs projection='orthogonal' (a projector)")
         super().__init__(params, dict(lr=lr, rank=rank, kappa=kappa, beta1=beta1))
         self.base_seed, self.projection = seed, projection
+        self.direction, self.gamma = direction, gamma
         self._p_cache = {}  # id(p) -> (seed, P)
         index = 0
         for group in self.param_groups:
@@ -229,11 +242,21 @@ class ProbeFlora(torch.optim.Optimizer):
                 if "seed" in st:
                     left = p.shape[0] < p.shape[1]
                     P = self._proj(p, st["seed"], rank)
-                    d = (1.0 - b1) * u + b1 * _up(P, M, left)
+                    s2 = (p.shape[0] if left else p.shape[1]) / rank  # long / r
+                    up_m = _up(P, M, left)
+                    if self.direction == "flora":
+                        d = (1.0 - b1) * u + b1 * up_m
+                    elif self.direction == "shrink":
+                        d = (1.0 - b1) * u + (b1 / math.sqrt(s2)) * up_m
+                    else:  # split: momentum inside P's span, gamma U outside it
+                        pu = _up(P, _down(P, u, left), left) / s2
+                        d = self.gamma * u + (1.0 - b1 - self.gamma) * pu + (b1 / s2) * up_m
                     if t % kappa == 0:
                         st["seed"] = flora_ext.next_seed(st["seed"])
                         P_new = self._proj(p, st["seed"], rank)
-                        M.copy_(_down(P_new, _up(P, M, left), left))
+                        moved = _down(P_new, up_m, left)
+                        # split tracks the projected momentum: carry Pi m, not s^2 Pi m
+                        M.copy_(moved / s2 if self.direction == "split" else moved)
                         P = P_new
                     M.mul_(b1).add_(_down(P, u, left), alpha=1.0 - b1)
                 else:
@@ -331,7 +354,8 @@ def build(args, model):
                                        beta1=0.9, seed=args.proj_seed)
     elif args.variant == "flora_py":  # ProbeFlora: projections the extension does not have
         opt = ProbeFlora(params, lr=args.lr, rank=args.rank, kappa=args.kappa, beta1=0.9,
-                         seed=args.proj_seed, projection=args.projection)
+                         seed=args.proj_seed, projection=args.projection,
+                         direction=args.direction, gamma=args.gamma)
     else:
         raise ValueError(f"unknown variant {args.variant!r}")
     return opt, names, named
@@ -432,9 +456,10 @@ def train(args):
 # ------------------------------------------------------------------ the sweep
 
 
-def run_name(variant, rank, transfer, seed, lr_scale=1.0):
+def run_name(variant, rank, transfer, seed, lr_scale=1.0, direction="flora", gamma=1.0):
     if variant == "flora_py":  # transfer: the projection
-        return f"flora_py-r{rank}-{transfer}-proj{seed}"
+        how = {"flora": "", "shrink": "-shrink", "split": f"-split{gamma:g}"}[direction]
+        return f"flora_py-r{rank}-{transfer}{how}-proj{seed}"
     if variant == "adafactor_momentum":
         return f"adafactor_momentum-data{seed}"
     if variant == "flora_opt_pkg":
@@ -467,10 +492,38 @@ def plan_projection_runs(args):
     return runs
 
 
+def plan_direction_runs(args):
+    """--plan directions: ProbeFlora with orthogonal projections and the directions of
+    DIRECTIONS at --rank over --seeds (split with gamma 1 and 0.5; 'subspace' projections are
+    split with gamma = 1 - beta1), Flora's own direction on two seeds as the baseline, split
+    (gamma 1) at --other-ranks, Adafactor + momentum."""
+    seeds = list(range(args.seeds))
+    runs = [(0, run_name("adafactor_momentum", 0, "", s),
+             ["--variant", "adafactor_momentum", "--data-seed", str(s)])
+            for s in range(args.data_seeds)]
+
+    def probe(priority, rank, projection, s, direction="flora", gamma=1.0):
+        return (priority, run_name("flora_py", rank, projection, s, direction=direction,
+                                   gamma=gamma),
+                ["--variant", "flora_py", "--rank", str(rank), "--projection", projection,
+                 "--direction", direction, "--gamma", f"{gamma:g}", "--proj-seed", str(s)])
+
+    runs += [probe(0, args.rank, "orthogonal", s, "split", 1.0) for s in seeds]
+    runs += [probe(0, args.rank, "orthogonal", s, "split", 0.5) for s in seeds]
+    runs += [probe(0, args.rank, "orthogonal", s, "shrink") for s in seeds]
+    runs += [probe(0, args.rank, "subspace", s) for s in seeds]
+    runs += [probe(0, args.rank, "orthogonal", s) for s in seeds[:2]]
+    runs += [probe(1, rank, "orthogonal", s, "split", 1.0)
+             for rank in args.other_ranks for s in seeds[:args.extra_seeds]]
+    return runs
+
+
 def plan_runs(args):
     """(priority, name, run arguments) of every run; lower priority number = kept first."""
     if getattr(args, "plan", "transfers") == "projections":
         return plan_projection_runs(args)
+    if getattr(args, "plan", "transfers") == "directions":
+        return plan_direction_runs(args)
     seeds = list(range(args.seeds))
     runs = []
     for s in range(args.data_seeds):
@@ -670,7 +723,10 @@ def _row_key(a):
     if a["variant"] == "flora_opt_pkg":
         return f"flora-opt package r={a['rank']}, lr={a['lr']:g}"
     if a["variant"] == "flora_py":
-        return f"ProbeFlora r={a['rank']}, {a['projection']} projection, lr={a['lr']:g}"
+        how = {"flora": "", "shrink": ", direction shrink",
+               "split": f", direction split (gamma {a.get('gamma', 1.0):g})"}[
+                   a.get("direction", "flora")]
+        return f"ProbeFlora r={a['rank']}, {a['projection']} projection{how}, lr={a['lr']:g}"
     return f"Flora r={a['rank']}, transfer={a['transfer']}, lr={a['lr']:g}"
 
 
@@ -921,6 +977,10 @@ def main(argv=None):
                    choices=("flora", "adafactor_momentum", "flora_opt_pkg", "flora_py"))
     r.add_argument("--projection", choices=PROJECTIONS, default="gaussian",
                    help="flora_py only: the projection ProbeFlora uses")
+    r.add_argument("--direction", choices=DIRECTIONS, default="flora",
+                   help="flora_py only: how ProbeFlora forms D (DIRECTIONS)")
+    r.add_argument("--gamma", type=float, default=1.0,
+                   help="flora_py, direction split: the gradient's weight outside the subspace")
     r.add_argument("--transfer", choices=TRANSFERS, default="flora_opt")
     r.add_argument("--rank", type=int, default=128)
     r.add_argument("--kappa", type=int, default=240)
@@ -945,9 +1005,11 @@ def main(argv=None):
                    help="lr factor of the lower-lr Flora runs")
     s.add_argument("--other-ranks", type=lambda v: [int(x) for x in v.split(",") if x],
                    default=[64, 256])
-    s.add_argument("--plan", choices=("transfers", "projections"), default="transfers",
+    s.add_argument("--plan", choices=("transfers", "projections", "directions"),
+                   default="transfers",
                    help="transfers: momentum transfers at resamples (the extension); "
-                        "projections: orthogonalised projections (ProbeFlora)")
+                        "projections: orthogonalised projections (ProbeFlora); "
+                        "directions: ProbeFlora's directions (DIRECTIONS)")
     s.add_argument("--max-procs", type=int, default=24,
                    help="runs at most (by priority): memory and CPU cores of the machine")
     s.add_argument("--cal-steps", type=int, default=40)

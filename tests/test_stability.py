@@ -246,3 +246,73 @@ def test_projection_plan_names_its_runs():
         f"flora_py-r128-orthogonal-proj{s}" for s in range(8)]
     extra = dict((n, a) for _, n, a in runs)["flora_py-r64-orthogonal-proj1"]
     assert extra[extra.index("--projection") + 1] == "orthogonal"
+
+
+def _probe_run(projection, direction="flora", gamma=1.0, steps=8):
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in SHAPES]
+    opt = stability.ProbeFlora(params, lr=0.05, rank=6, kappa=3, beta1=0.9, seed=11,
+                               projection=projection, direction=direction, gamma=gamma)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def test_split_with_gamma_one_minus_beta1_is_the_subspace_projection():
+    # Pi((1 - b1) U + b1 m) + (1 - b1)(I - Pi) U = (1 - b1) U + b1 Pi m: the orthonormal
+    # ('subspace') projection's Flora step, transfers included (kappa 3, 8 steps)
+    split = _probe_run("orthogonal", "split", gamma=0.1)
+    subspace = _probe_run("subspace")
+    for a, b in zip(split, subspace):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_split_uses_the_gradient_outside_the_subspace():
+    # First step (M = 0): split with gamma 1 steps along (1 - b1) Pi U + (I - Pi) U, Flora's
+    # subspace direction (gamma = 1 - b1) along (1 - b1) U: the same outside the subspace up
+    # to the factor 1 / (1 - b1), the same inside it (each up to its clip and lr_t)
+    def first_step(gamma):
+        gen = torch.Generator().manual_seed(5)
+        p = torch.nn.Parameter(torch.randn(12, 40, generator=gen) * 0.1)
+        p0 = p.detach().clone()
+        opt = stability.ProbeFlora([p], lr=0.05, rank=6, kappa=3, beta1=0.9, seed=11,
+                                   projection="orthogonal", direction="split", gamma=gamma)
+        p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        P = opt._p_cache[id(p)][1]  # r x n (left), orthonormal rows times s
+        proj = P.t() @ P / (12 / 6)  # Pi on the row side
+        d = p0 - p.detach()
+        return proj @ d, d - proj @ d
+
+    in1, out1 = first_step(1.0)
+    in0, out0 = first_step(0.1)
+    assert rel_err(in1 / in1.norm(), in0 / in0.norm()) < 1e-4
+    assert rel_err(out1 / out1.norm(), out0 / out0.norm()) < 1e-4
+    ratio1, ratio0 = (in1.norm() / out1.norm()).item(), (in0.norm() / out0.norm()).item()
+    assert ratio1 == pytest.approx(0.1 * ratio0, rel=1e-4)
+
+
+def test_direction_needs_a_projector_and_a_known_name():
+    p = torch.nn.Parameter(torch.zeros(8, 8))
+    with pytest.raises(ValueError, match="direction must be one of"):
+        stability.ProbeFlora([p], lr=0.1, rank=2, kappa=2, beta1=0.9, seed=0,
+                             projection="orthogonal", direction="x")
+    with pytest.raises(ValueError, match="needs projection='orthogonal'"):
+        stability.ProbeFlora([p], lr=0.1, rank=2, kappa=2, beta1=0.9, seed=0,
+                             projection="gaussian", direction="split")
+
+
+def test_direction_plan_names_its_runs():
+    args = stability.main.__globals__["argparse"].Namespace(
+        plan="directions", seeds=3, data_seeds=2, extra_seeds=2, rank=128,
+        other_ranks=[64, 256])
+    runs = stability.plan_runs(args)
+    names = [name for _, name, _ in runs]
+    assert len(names) == len(set(names)) == 2 + 4 * 3 + 2 + 4
+    assert "flora_py-r128-orthogonal-split0.5-proj2" in names
+    assert "flora_py-r128-orthogonal-shrink-proj0" in names
+    extra = dict((n, a) for _, n, a in runs)["flora_py-r256-orthogonal-split1-proj1"]
+    assert extra[extra.index("--direction") + 1] == "split"
+    assert extra[extra.index("--gamma") + 1] == "1"

@@ -20,15 +20,15 @@ namespace {
 // for the kernel's static shared memory.
 int64_t stats_smem_limit() { return std::max<int64_t>(0, smem_optin() - 8 * 1024); }
 
-// Sets up row stats for factored task t (no momentum, 16-byte aligned rows) when its
+// Sets up row stats for factored task t (16-byte aligned rows) when its
 // rows are wide enough to keep a block's threads busy and the stages (plus, for rows
 // too wide for register accumulators, the column accumulators) fit in shared memory;
 // returns the shared memory a block needs, or 0 (tile passes).
 int64_t plan_row_stats(Task& t, int64_t elem, int64_t lane_elems, int64_t smem_limit,
-                       int64_t stages) {
+                       int64_t stages, bool reads_p) {
   const int64_t mv = t.m / lane_elems;
   if (!t.vec || t.m % lane_elems != 0 || mv < kThreads / 2 || mv > INT_MAX / 4) return 0;
-  const int64_t row_bytes = t.m * elem * (t.stats_p ? 2 : 1);
+  const int64_t row_bytes = t.m * elem * (reads_p ? 2 : 1);
   const int64_t rows = stage_rows_of(row_bytes);
   const int64_t stage = rows * row_bytes;
   if (stages == 0) stages = elem == 4 ? 3 : 2;  // default
@@ -207,9 +207,19 @@ int64_t make_task(const Item& item, const GroupArgs& args, const Tuning& tuning,
               layout.rank * std::max(t.n, t.m) < INT_MAX &&
               (e.options.projection == Projection::kGaussian ||
                2 * layout.rank <= std::min(t.n, t.m));
-    if (row_stats_on && (layout.momentum == MomentumKind::kNone || t.fused))
-      stats_smem = plan_row_stats(t, elem, lane_elems, smem_limit, stages);
-    t.needs_rms = !t.row_stats;
+    // Dense momentum (row_stats_dense) takes row stats for the row EMA and the column
+    // sums only: D = (1 - beta1) U + beta1 M and sum D^2 still come from the rms pass,
+    // which also writes M, so the stats pass's sum U^2 goes unused there.
+    const bool dense = layout.momentum == MomentumKind::kDense;
+    // A row-stats stats pass reads p only where no norm cache exists (else, while the
+    // cache is not valid, tile_p2_kernel sums p): its stages then hold the same rows on
+    // the first step after a resume as on every later step, and so do the per-stage
+    // column sums of rows too wide for register accumulators.
+    if (row_stats_on &&
+        (layout.momentum == MomentumKind::kNone || t.fused || (dense && tuning.row_stats_dense)))
+      stats_smem = plan_row_stats(t, elem, lane_elems, smem_limit, stages,
+                                  t.stats_p && t.param_sq == nullptr);
+    t.needs_rms = !t.row_stats || dense;
     // Without a valid norm cache, sum p^2 of these comes from fused_p2_kernel or
     // tile_p2_kernel (in the apply pass's order) rather than the stats pass.
     if ((t.fused || t.row_stats) && t.param_sq != nullptr && !t.p2_known) t.stats_p = 0;

@@ -46,6 +46,10 @@ constexpr int kMinBatched = 2;
 // Row stats (one stats pass, no rms pass) for factored tensors without momentum or with
 // fused momentum; off, the tile passes serve every tensor.
 constexpr bool kRowStats = true;
+// Row stats also for factored tensors with dense momentum (embeddings and heads past the
+// aspect-ratio limit) when kRowStats is on; their rms pass still runs (it forms D from U
+// and M and updates M). Off: the tile passes gather their statistics.
+constexpr bool kRowStatsDense = false;
 // Buffers in a row-stats block's ring of stages (2-4); 0: 3 for fp32, 2 for 16-bit.
 constexpr int64_t kStatsStages = 0;
 // Fused compressed momentum where TF32 is on (else an n x m update buffer and the rms
@@ -56,6 +60,7 @@ struct Tuning {
   int64_t batch_bytes = kBatchBytes;  // FLORA_BATCH_BYTES
   int side_streams = kSideStreams;    // FLORA_SIDE_STREAMS
   bool row_stats = kRowStats;
+  bool row_stats_dense = kRowStatsDense;
   int64_t stats_stages = kStatsStages;
   bool fused_momentum = kFusedMomentum;
   int64_t fused_share = kFusedShare;
@@ -72,7 +77,8 @@ Tuning call_tuning();
 // then nothing is set.
 void set_tuning_for_testing(bool reset, int64_t row_stats, int64_t stats_stages,
                             int64_t fused_momentum, int64_t fused_share,
-                            int64_t fused_min_bytes, int64_t min_batched);
+                            int64_t fused_min_bytes, int64_t min_batched,
+                            int64_t row_stats_dense);
 
 }  // namespace cuda_detail
 }  // namespace flora
