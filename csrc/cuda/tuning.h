@@ -48,8 +48,9 @@ constexpr int kMinBatched = 2;
 constexpr bool kRowStats = true;
 // Row stats also for factored tensors with dense momentum (embeddings and heads past the
 // aspect-ratio limit) when kRowStats is on; their rms pass still runs (it forms D from U
-// and M and updates M). Off: the tile passes gather their statistics.
-constexpr bool kRowStatsDense = false;
+// and M and updates M). Off: the tile passes gather their statistics (1.05x the fp32
+// step on a 128256-token vocabulary, H100: docs/cuda.md §6).
+constexpr bool kRowStatsDense = true;
 // Buffers in a row-stats block's ring of stages (2-4); 0: 3 for fp32, 2 for 16-bit.
 constexpr int64_t kStatsStages = 0;
 // Fused compressed momentum where TF32 is on (else an n x m update buffer and the rms
