@@ -81,9 +81,11 @@ def capped_step(ps, opt, extra_bytes):
     """opt.step() with the allocator capped at what is reserved now plus extra_bytes;
     True when it ran out of memory. The cuBLAS workspaces torch keeps for each stream
     are dropped first, so that the step allocates them under the cap, as the first step
-    of a process does."""
+    of a process does; so is the K cache of projection="orthogonal"."""
     free()
     torch._C._cuda_clearCublasWorkspaces()
+    # projection="orthogonal": every K is a miss, allocated under the cap
+    torch.ops.flora._clear_orthogonal_cache()
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
     limit = torch.cuda.memory_reserved() + int(extra_bytes)

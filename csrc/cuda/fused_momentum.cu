@@ -149,8 +149,9 @@ GroupShape group_shape(const Item& first) {
 // Where a group's temporaries lie in its share of the workspace (offsets in floats, each
 // array 16-byte aligned): Gram and S (count r x r each); on resample steps the next P^T
 // and tiled P (fp16), the change of basis (count r x r) and M in the next basis;
-// projection="orthogonal": K (count r x r), Gram' of the next basis (resample steps;
-// then the raw change of basis), xout (count x the momentum) and the inverse's scratch.
+// projection="orthogonal": K as computed (count r x r; the cache's misses are copied from
+// there to FusedWork::kslots), Gram' of the next basis (resample steps; then the raw change
+// of basis), xout (count x the momentum) and the inverse's scratch.
 struct GroupTemps {
   int64_t gram = 0, sq = 0, next_t = 0, next_p = 0, bases = 0, base = 0;
   int64_t kmat = 0, gram_next = 0, xout = 0, inverse_work = 0, floats = 0;
@@ -239,7 +240,6 @@ void fill_fused_table(const FusedWork& w) {
   auto* const next_p = reinterpret_cast<uint16_t*>(w.temps + g.next_p);
   float* const bases = w.temps + g.bases;
   float* const base = w.temps + g.base;
-  float* const kmat = w.temps + g.kmat;
   float* const gram_next = w.temps + g.gram_next;
   float* const xout = w.temps + g.xout;
   int64_t* const words = w.host;
@@ -258,7 +258,7 @@ void fill_fused_table(const FusedWork& w) {
     float* base_k = s.resample ? base + k * s.msize : nullptr;
     // Orthogonal: K of the basis the step compresses into, Gram' of the next basis (whose
     // buffer then takes the raw change of basis) and xout; else null, unread.
-    float* kmat_k = s.orthogonal ? kmat + k * r * r : nullptr;
+    float* kmat_k = s.orthogonal ? w.kslots[k].k.data_ptr<float>() : nullptr;
     float* gram_next_k = s.orthogonal && s.resample ? gram_next + k * r * r : nullptr;
     float* xout_k = s.orthogonal ? xout + k * s.msize : nullptr;
     float* raw_k = s.orthogonal ? gram_next_k : bases_k;
@@ -373,18 +373,35 @@ void fused_momentum_group(const FusedWork& w, int64_t min_batched) {
   if (left) group_gemm(true, false, r, r, n, kGramA, kGramA, kF16, kGramC);
   else group_gemm(false, true, r, r, m, kGramA, kGramA, kF16, kGramC);
   // projection="orthogonal": K = s^2 Gram^-1 of the basis the step compresses into (the
-  // next one on resample steps: Gram' first), from the fp16 P that the GEMMs use.
+  // next one on resample steps: Gram' first), from the fp16 P that the GEMMs use. Only
+  // when the K cache misses one of the group: then for the whole group in one launch (one
+  // block a matrix: a matrix's bits do not depend on the others), the misses copied to
+  // their cache tensors.
   if (s.orthogonal) {
-    const double s2 = static_cast<double>(s.kdim) / static_cast<double>(r);
-    const float* gram_down = w.temps + g.gram;
-    if (resample) {
-      if (left) group_gemm(true, false, r, r, n, kProjNext, kProjNext, kF16, kGramNextC);
-      else group_gemm(false, true, r, r, m, kProjNext, kProjNext, kF16, kGramNextC);
-      gram_down = w.temps + g.gram_next;
+    bool any_miss = false;
+    for (const KSlot& slot : w.kslots) any_miss = any_miss || slot.miss;
+    if (any_miss) {
+      const double s2 = static_cast<double>(s.kdim) / static_cast<double>(r);
+      const float* gram_down = w.temps + g.gram;
+      if (resample) {
+        if (left) group_gemm(true, false, r, r, n, kProjNext, kProjNext, kF16, kGramNextC);
+        else group_gemm(false, true, r, r, m, kProjNext, kProjNext, kF16, kGramNextC);
+        gram_down = w.temps + g.gram_next;
+      }
+      launch_scaled_inverse(gram_down, w.temps + g.kmat,
+                            reinterpret_cast<double*>(w.temps + g.inverse_work), r, count, s2,
+                            stream);
     }
-    launch_scaled_inverse(gram_down, w.temps + g.kmat,
-                          reinterpret_cast<double*>(w.temps + g.inverse_work), r, count, s2,
-                          stream);
+    for (int k = 0; k < count; ++k) {
+      const KSlot& slot = w.kslots[k];
+      if (!slot.miss) {
+        k_ready(slot);
+        continue;
+      }
+      C10_CUDA_CHECK(cudaMemcpyAsync(slot.k.data_ptr<float>(), w.temps + g.kmat + k * r * r,
+                                     r * r * sizeof(float), cudaMemcpyDeviceToDevice, stream));
+      k_publish(slot);
+    }
   }
   if (resample) {
     // Orthogonal: the raw change of basis goes to Gram''s buffer (consumed by now), then

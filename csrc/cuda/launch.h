@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <type_traits>
 #include <utility>
@@ -120,9 +121,46 @@ void launch_down(int dtype, bool left, dim3 grid, const DownJob* jobs, int n, in
 // projection.cu: the unfused compressed momentum of one task, and the projection op.
 // `temps`: fp32, compressed_temp_floats(item) of the call's workspace.
 int64_t compressed_temp_floats(const Item& item);
+// projection="orthogonal": `kslot`, the K of the basis the step compresses into.
+struct KSlot;
 void compressed_momentum(const Item& item, const Task& t, const at::Tensor& momentum,
-                         const at::Tensor& temps);
+                         const at::Tensor& temps, const KSlot* kslot);
 void fill_projection_cuda(const at::Tensor& out, int64_t seed, double scale);
+
+// The K cache (orthogonal.cu; docs/cuda.md §4): K depends only on the seed, the rank,
+// P's long side and side, and how it was computed (the fused path's from cuBLAS's Gram of
+// the fp16 P, batched over `batch` tensors or 1; the unfused path's in float64: batch 0),
+// so a process keeps each K until its tensor changes basis. A call takes a slot a K it
+// needs while it plans (the misses' tensors are allocated then, before any write), waits
+// for a hit (k_ready) or computes a miss into slot.k and publishes it (k_publish), then
+// drops the K of the bases it left (k_drop).
+struct KCacheKey {
+  int device = 0;
+  int64_t seed = 0, r = 0, length = 0, batch = 0;
+  bool left = false, fused = false;
+  bool operator==(const KCacheKey& o) const {
+    return device == o.device && seed == o.seed && r == o.r && length == o.length &&
+           batch == o.batch && left == o.left && fused == o.fused;
+  }
+};
+struct KReadyEvent;  // a CUDA event recorded after a K was written
+struct KSlot {
+  KCacheKey key;
+  at::Tensor k;  // r x r: float32 (fused) or float64 (unfused)
+  bool miss = false;
+  std::shared_ptr<KReadyEvent> ready;
+};
+// Looks `key` up; on a miss allocates an empty K (and its event) that is not yet cached.
+KSlot k_take(const KCacheKey& key);
+// A hit: the current stream waits for the call that wrote K.
+void k_ready(const KSlot& slot);
+// A miss, once the kernel that writes slot.k is queued on the current stream: cached.
+void k_publish(const KSlot& slot);
+// Drops the entries of `key` whatever their batch (a tensor left that basis).
+void k_drop(const KCacheKey& key);
+// Test hooks: the number of entries dropped / cached.
+int64_t k_cache_clear();
+int64_t k_cache_entries();
 
 // fused_momentum.cu: the fused tasks of one shape group (same n, m, rank, dtype, resample
 // step or not, projection), in call order.
@@ -133,6 +171,9 @@ struct FusedWork {
   float* temps = nullptr;        // fused_temp_floats of the workspace
   int64_t* host = nullptr;       // fused_table_words of the call's pinned table
   const int64_t* device = nullptr;  // the same words in the workspace
+  // projection="orthogonal": the K of each task's basis the step compresses into (the
+  // next one on resample steps), taken while the call is planned.
+  std::vector<KSlot> kslots;
 };
 // Floats of workspace the group's temporaries take (Gram and S; on resample steps also
 // the next P^T and tiled P, the change of basis and M in the next basis).

@@ -5,9 +5,17 @@
 #include "config.cuh"
 #include "launch.h"
 
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 
 #include <cmath>
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
 
 namespace flora {
 namespace cuda_detail {
@@ -183,6 +191,115 @@ void launch_apply_f64(const double* k, const float* x, float* out, int64_t r, in
     apply_f64_kernel<false><<<grid, block, 0, stream>>>(k, x, out, static_cast<int>(r), others);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+
+// ---- the K cache ------------------------------------------------------------
+
+struct KReadyEvent {
+  cudaEvent_t event = nullptr;
+  KReadyEvent() { C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming)); }
+  ~KReadyEvent() {
+    if (event != nullptr) (void)cudaEventDestroy(event);  // released once it has completed
+  }
+  KReadyEvent(const KReadyEvent&) = delete;
+  KReadyEvent& operator=(const KReadyEvent&) = delete;
+};
+
+namespace {
+
+// All of them together: past this many bytes the cache starts again empty.
+constexpr int64_t kKCacheBytes = int64_t(1) << 30;
+
+struct KKeyHash {
+  size_t operator()(const KCacheKey& k) const {
+    size_t h = std::hash<int64_t>()(k.seed);
+    for (const int64_t v : {int64_t(k.device), k.r, k.length, k.batch,
+                            int64_t(k.left) * 2 + int64_t(k.fused)})
+      h = h * 1000003u ^ std::hash<int64_t>()(v);
+    return h;
+  }
+};
+
+struct KEntry {
+  at::Tensor k;
+  std::shared_ptr<KReadyEvent> ready;
+};
+
+// Never destroyed: tensors freed at exit could outlive the allocator.
+std::mutex k_mutex;
+auto& k_entries = *new std::unordered_map<KCacheKey, KEntry, KKeyHash>();
+int64_t k_bytes = 0;
+
+int64_t bytes_of(const at::Tensor& t) { return t.numel() * static_cast<int64_t>(t.element_size()); }
+
+}  // namespace
+
+KSlot k_take(const KCacheKey& key) {
+  KSlot slot;
+  slot.key = key;
+  {
+    std::lock_guard<std::mutex> lock(k_mutex);
+    const auto it = k_entries.find(key);
+    if (it != k_entries.end()) {
+      slot.k = it->second.k;  // the slot's reference outlives an eviction
+      slot.ready = it->second.ready;
+      return slot;
+    }
+  }
+  slot.miss = true;
+  slot.k = at::empty({key.r, key.r}, at::TensorOptions()
+                                         .device(at::Device(at::kCUDA, key.device))
+                                         .dtype(key.fused ? at::kFloat : at::kDouble));
+  slot.ready = std::make_shared<KReadyEvent>();
+  return slot;
+}
+
+void k_ready(const KSlot& slot) {
+  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+  // Freed later, the block must wait for this stream's reads too.
+  c10::cuda::CUDACachingAllocator::recordStream(slot.k.storage().data_ptr(), stream);
+  C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), slot.ready->event, 0));
+}
+
+void k_publish(const KSlot& slot) {
+  const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
+  c10::cuda::CUDACachingAllocator::recordStream(slot.k.storage().data_ptr(), stream);
+  C10_CUDA_CHECK(cudaEventRecord(slot.ready->event, stream.stream()));
+  std::lock_guard<std::mutex> lock(k_mutex);
+  const int64_t bytes = bytes_of(slot.k);
+  if (k_bytes + bytes > kKCacheBytes) {
+    k_entries.clear();
+    k_bytes = 0;
+  }
+  if (k_entries.try_emplace(slot.key, KEntry{slot.k, slot.ready}).second) k_bytes += bytes;  // else another thread's equal K is cached already
+}
+
+void k_drop(const KCacheKey& key) {
+  std::lock_guard<std::mutex> lock(k_mutex);
+  for (auto it = k_entries.begin(); it != k_entries.end();) {
+    KCacheKey any_batch = it->first;
+    any_batch.batch = key.batch;
+    if (any_batch == key) {
+      k_bytes -= bytes_of(it->second.k);
+      it = k_entries.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+int64_t k_cache_clear() {
+  std::lock_guard<std::mutex> lock(k_mutex);
+  const int64_t count = static_cast<int64_t>(k_entries.size());
+  k_entries.clear();
+  k_bytes = 0;
+  return count;
+}
+
+int64_t k_cache_entries() {
+  std::lock_guard<std::mutex> lock(k_mutex);
+  return static_cast<int64_t>(k_entries.size());
 }
 
 }  // namespace cuda_detail

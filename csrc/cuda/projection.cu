@@ -174,7 +174,7 @@ int64_t compressed_temp_floats(const Item& item) { return compressed_temps(item)
 // temporaries are `temps` (compressed_temp_floats of the call's workspace, fp32):
 // nothing is allocated here.
 void compressed_momentum(const Item& item, const Task& t, const at::Tensor& momentum,
-                         const at::Tensor& temps) {
+                         const at::Tensor& temps, const KSlot* kslot) {
   const GroupEntry& entry = *item.entry;
   const StepOptions& o = entry.options;
   const CompressedTemps c = compressed_temps(item);
@@ -230,13 +230,26 @@ void compressed_momentum(const Item& item, const Task& t, const at::Tensor& mome
   // fp32 P: Gram, inverse and the product (K's entries grow with the Gram's condition
   // number, and an fp32 product would lose that much). The diagonal scaling along the
   // other dimension (momentum_mix_kernel's) commutes with K.
-  double* const kmat = c.orthogonal ? reinterpret_cast<double*>(ws + c.inverse_work) : nullptr;
+  // K comes from the cache (kslot), computed here on a miss: in the inverse's scratch, then
+  // copied to the cache's tensor.
+  const double* kmat = nullptr;
   if (c.orthogonal) {
-    const float* p_down = resample ? p_next : p_now;
-    const int64_t length = left ? pcol : prow;  // P's long side
-    const double s2 = static_cast<double>(length) / static_cast<double>(r);
-    launch_gram_f64(p_down, kmat, r, length, left, stream);
-    launch_scaled_inverse(nullptr, nullptr, kmat, r, 1, s2, stream);
+    TORCH_INTERNAL_ASSERT(kslot != nullptr && kslot->k.scalar_type() == at::kDouble);
+    double* const kmat_k = kslot->k.data_ptr<double>();
+    if (kslot->miss) {
+      double* const work = reinterpret_cast<double*>(ws + c.inverse_work);
+      const float* p_down = resample ? p_next : p_now;
+      const int64_t length = left ? pcol : prow;  // P's long side
+      const double s2 = static_cast<double>(length) / static_cast<double>(r);
+      launch_gram_f64(p_down, work, r, length, left, stream);
+      launch_scaled_inverse(nullptr, nullptr, work, r, 1, s2, stream);
+      C10_CUDA_CHECK(cudaMemcpyAsync(kmat_k, work, r * r * sizeof(double),
+                                     cudaMemcpyDeviceToDevice, stream));
+      k_publish(*kslot);
+    } else {
+      k_ready(*kslot);
+    }
+    kmat = kmat_k;
     launch_apply_f64(kmat, down_x, x, r, left ? m : n, left, stream);
   }
   // update = beta1 up_now(M): P^T M (left) or M P^T (right), from the old M.

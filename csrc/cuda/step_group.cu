@@ -38,6 +38,7 @@
 #include "planning.h"
 #include "tuning.h"
 #include "flora/ops.h"
+#include "../common/random.h"
 
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
@@ -167,7 +168,34 @@ struct CallResources {
   std::vector<FusedWork> fused;       // one a plan.fused_groups entry
   std::optional<StreamRounds> rounds;  // when there are fused groups
   at::Tensor unfused_temps;           // fp32, plan.unfused_floats
+  std::vector<KSlot> unfused_k;       // a task each: the K of unfused orthogonal tasks
+  std::vector<KCacheKey> k_left;      // the K of the bases resample steps leave
 };
+
+// The K cache's key of a task's projection with `seed` (docs/cuda.md §4).
+KCacheKey k_key(const Item& item, int64_t seed, bool fused, int64_t batch) {
+  const ParamLayout& layout = item.entry->layout;
+  const std::vector<int64_t> shape = layout.projection_shape();
+  KCacheKey key;
+  key.device = item.param.device().index();
+  key.seed = seed;
+  key.r = layout.rank;
+  key.length = layout.left ? shape[1] : shape[0];  // P's long side
+  key.left = layout.left;
+  key.fused = fused;
+  key.batch = fused ? batch : 0;
+  return key;
+}
+
+bool orthogonal(const Item& item) {
+  return item.entry->options.projection == Projection::kOrthogonal;
+}
+
+// The seed of the basis a step compresses into: the next one on resample steps.
+int64_t down_seed(const Item& item) {
+  const StepOptions& o = item.entry->options;
+  return o.plans_resample() ? next_seed(o.seed) : o.seed;
+}
 
 // The compressed-momentum work of batch b, between its scalars and rms passes: its
 // fused shape groups (plan_momentum) and unfused tasks, in call order.
@@ -181,7 +209,9 @@ void compressed_work(const std::vector<Item>& items, const StepPlan& plan, const
           res.rounds->stream_for(plan.fused_groups[group]));
       fused_momentum_group(res.fused[group], tuning.min_batched);
     } else if (!t.fused && t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
-      compressed_momentum(items[k], t, *items[k].entry->state.momentum, res.unfused_temps);
+      const KSlot* kslot = res.unfused_k.empty() ? nullptr : &res.unfused_k[k];
+      compressed_momentum(items[k], t, *items[k].entry->state.momentum, res.unfused_temps,
+                          kslot);
     }
   }
   if (res.rounds) res.rounds->join();
@@ -315,7 +345,27 @@ void prepare_call(PreparedCall& call, const at::Tensor* workspace, int64_t extra
     w.temps = ws + layout.rounds_at + g.temps_at;
     w.host = host_groups + g.table_at;
     w.device = device_groups + g.table_at;
+    // projection="orthogonal" (a whole group or none): the cached K, or a tensor for it.
+    const int64_t count = static_cast<int64_t>(g.tasks.size());
+    const int64_t batch = count >= call.tuning.min_batched ? count : 1;
+    for (const Item* item : w.items) {
+      if (orthogonal(*item))
+        w.kslots.push_back(k_take(k_key(*item, down_seed(*item), true, batch)));
+    }
     fill_fused_table(w);
+  }
+  // The unfused orthogonal tasks' K, and the bases every orthogonal resample step leaves.
+  for (size_t q = 0; q < call.items.size(); ++q) {
+    const Item& item = call.items[q];
+    const Task& t = plan.tasks[q];
+    if (t.momentum_kind != static_cast<int>(MomentumKind::kCompressed) || !orthogonal(item))
+      continue;
+    if (!t.fused) {
+      if (res.unfused_k.empty()) res.unfused_k.resize(call.items.size());
+      res.unfused_k[q] = k_take(k_key(item, down_seed(item), false, 0));
+    }
+    if (item.entry->options.plans_resample())
+      res.k_left.push_back(k_key(item, item.entry->options.seed, t.fused, 0));
   }
 }
 
@@ -403,6 +453,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   phase.begin("flora::launch");
   upload(call.device_bytes, call.host_tables, call.tables_bytes);
   launch_call(call);
+  for (const KCacheKey& key : call.res.k_left) k_drop(key);
   for (const Item& item : call.items) {
     if (!item.param.is_same(params[item.index])) params[item.index].copy_(item.param);
   }
@@ -482,6 +533,11 @@ void prepare_captured(CapturedCall& captured, at::TensorList params, at::TensorL
                 "flora: capturable=True needs contiguous parameters and gradients; parameter ",
                 k, " (shape ", params[k].sizes(), ") has strides ", params[k].strides(),
                 " and its gradient ", grads[k].strides());
+  }
+  for (const GroupEntry& entry : entries) {
+    // Its K would be the one of the seed at capture: the cache works from host seeds.
+    TORCH_CHECK(entry.options.projection != Projection::kOrthogonal,
+                "flora: projection='orthogonal' is not supported with capturable=True");
   }
   PreparedCall& call = captured.call;
   call.entries = entries;
@@ -620,6 +676,9 @@ void run_group_capturable_cuda(at::TensorList params, at::TensorList grads,
 TORCH_LIBRARY_FRAGMENT(flora, m) {
   m.def("forget_capturable(int workspace_storage) -> ()",
         &flora::cuda_detail::forget_capturable);
+  // Test hooks of the K cache (docs/cuda.md §4): entries dropped / cached.
+  m.def("_clear_orthogonal_cache() -> int", &flora::cuda_detail::k_cache_clear);
+  m.def("_orthogonal_cache_entries() -> int", &flora::cuda_detail::k_cache_entries);
 }
 
 TORCH_LIBRARY_IMPL(flora, CUDA, m) {
