@@ -481,7 +481,12 @@ def test_cuda_unfused_half_params_match_cpu(shape, dtype, stochastic_rounding):
 FUSED_ORTHO_CASES = [
     ((256, 1024), torch.float32, 64),
     ((128, 512), torch.float32, 64),  # r = half of P's long side: the largest that fuses
-    ((512, 1024), torch.float32, 176),  # the inverse in global memory (r > 167)
+    # K's inverse past the float64 matrix in shared memory (r > 167 on an H100): the packed
+    # triangle in float64 (r <= 238), in float32 (r <= 337), then in global memory
+    ((512, 1024), torch.float32, 176),
+    ((512, 1024), torch.float32, 256),
+    ((1024, 512), torch.bfloat16, 256),
+    ((768, 1024), torch.float32, 344),
     ((1024, 512), torch.float32, 40),
     ((512, 2048), torch.bfloat16, 64),
     ((1024, 256), torch.float16, 32),

@@ -201,7 +201,9 @@ FusedCounterWords fused_counter_words(const FusedWork& w, int k);
 // from fp32 `grams`, or (grams null) from the float64 Grams already in `work`;
 // `work`: scaled_inverse_work_floats(r, count) of the workspace (float64, 8-byte aligned),
 // matrix k at 2 k (r r + r) floats, K in float64 there afterwards; `outs` (unless null) gets
-// K in fp32. A Gram that is not positive definite gets an all-NaN K (a kernel cannot raise).
+// K in fp32. With fp32 `grams` and `outs` and r past the float64 matrix in shared memory,
+// the packed triangle's kernel writes `outs` only. A Gram that is not positive definite
+// gets an all-NaN K (a kernel cannot raise).
 int64_t scaled_inverse_work_floats(int64_t r, int64_t count);
 void launch_scaled_inverse(const float* grams, float* outs, double* work, int64_t r,
                            int64_t count, double scale, cudaStream_t stream);

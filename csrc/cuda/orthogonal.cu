@@ -80,6 +80,67 @@ __global__ void __launch_bounds__(kInverseThreads)
   }
 }
 
+// The fused path's K where the float64 matrix does not fit shared memory (r > 167 on an
+// H100): one block a matrix, K = scale * gram^-1 by the sweep operator on the upper
+// triangle only, in shared memory in T (double up to r = 238, float up to r = 337 on an
+// H100). Sweeping pivot k of a symmetric matrix keeps it symmetric (a_ij -= a_ik a_kj / d
+// for i, j != k; a_ik /= d; a_kk = -1 / d, d = a_kk) and leaves -gram^-1 after every
+// pivot; each pivot is a Schur complement's diagonal, positive for a positive definite
+// Gram. In float: the fused path takes only r <= half of P's long side, where cond(Gram)
+// <= ~34, so K keeps ~1e-5 relative, far inside the TF32 product that applies it. Reads the
+// Gram's upper triangle; a pivot that is not positive or not finite gives an all-NaN K.
+template <typename T>
+__global__ void __launch_bounds__(kInverseThreads)
+    packed_inverse_kernel(const float* __restrict__ grams, float* __restrict__ outs, int r,
+                          double scale) {
+  extern __shared__ __align__(16) unsigned char packed_raw[];
+  T* const tri = reinterpret_cast<T*>(packed_raw);  // row i: (i, i) .. (i, r - 1)
+  T* const col = tri + r * (r + 1) / 2;             // a_ik of the pivot k, every i
+  const int64_t rr = int64_t(r) * r;
+  const float* gram = grams + blockIdx.x * rr;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warps = blockDim.x / 32;
+  const auto row_at = [r](int i) { return i * r - i * (i - 1) / 2; };  // where (i, i) is
+  for (int i = warp; i < r; i += warps) {
+    const int at = row_at(i) - i;
+    for (int j = i + lane; j < r; j += 32) tri[at + j] = static_cast<T>(gram[i * r + j]);
+  }
+  __syncthreads();
+  bool definite = true;
+  for (int k = 0; k < r; ++k) {
+    const T d = tri[row_at(k)];  // the same value in every thread
+    for (int i = threadIdx.x; i < r; i += blockDim.x)
+      col[i] = i <= k ? tri[row_at(i) + k - i] : tri[row_at(k) + i - k];
+    __syncthreads();  // col complete, d read, before row k is rewritten
+    if (!(d > T(0)) || !isfinite(d)) {
+      definite = false;
+      break;
+    }
+    const T inv = T(1) / d;
+    for (int i = warp; i < r; i += warps) {
+      const int at = row_at(i) - i;
+      const T ci = col[i];
+      for (int j = i + lane; j < r; j += 32) {
+        T v;
+        if (i == k && j == k) v = -inv;
+        else if (i == k) v = col[j] * inv;
+        else if (j == k) v = ci * inv;
+        else v = tri[at + j] - ci * (col[j] * inv);
+        tri[at + j] = v;
+      }
+    }
+    __syncthreads();
+  }
+  float* out = outs + blockIdx.x * rr;
+  for (int64_t e = threadIdx.x; e < rr; e += blockDim.x) {
+    const int i = static_cast<int>(e / r), j = static_cast<int>(e % r);
+    const int lo = i < j ? i : j, hi = i < j ? j : i;
+    out[e] = definite ? static_cast<float>(-scale * static_cast<double>(
+                                                        tri[row_at(lo) + hi - lo]))
+                      : NAN;
+  }
+}
+
 // gram = A A^T in float64 (r x r), A (r x length) being P (left, r x length row-major) or
 // P^T (right, P length x r). Tiles of kGramTile^2 outputs a block, the operands staged in
 // shared memory along the contraction; loads coalesce along P's rows either way.
@@ -163,6 +224,25 @@ void launch_scaled_inverse(const float* grams, float* outs, double* work, int64_
   if (count == 0 || r == 0) return;
   const int64_t bytes = (r * r + r) * static_cast<int64_t>(sizeof(double));
   const bool in_shared = bytes <= smem_optin();  // r <= 167 on an H100, 142 on an A100
+  // The fused path (fp32 Grams in, fp32 K out) past that: the packed triangle.
+  const int64_t packed = r * (r + 1) / 2 + r;
+  const auto packed_launch = [&](auto kernel, int64_t packed_bytes) {
+    allow_smem(kernel, packed_bytes);
+    kernel<<<static_cast<unsigned>(count), kInverseThreads,
+             static_cast<size_t>(packed_bytes), stream>>>(grams, outs, static_cast<int>(r),
+                                                          scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (!in_shared && grams != nullptr && outs != nullptr) {
+    if (packed * int64_t(sizeof(double)) <= smem_optin()) {
+      packed_launch(packed_inverse_kernel<double>, packed * int64_t(sizeof(double)));
+      return;
+    }
+    if (packed * int64_t(sizeof(float)) <= smem_optin()) {
+      packed_launch(packed_inverse_kernel<float>, packed * int64_t(sizeof(float)));
+      return;
+    }
+  }
   if (in_shared) allow_smem(scaled_inverse_kernel, bytes);
   scaled_inverse_kernel<<<static_cast<unsigned>(count), kInverseThreads,
                           in_shared ? static_cast<size_t>(bytes) : 0, stream>>>(
