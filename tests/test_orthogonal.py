@@ -482,7 +482,7 @@ FUSED_ORTHO_CASES = [
     ((256, 1024), torch.float32, 64),
     ((128, 512), torch.float32, 64),  # r = half of P's long side: the largest that fuses
     # K's inverse past the float64 matrix in shared memory (r > 167 on an H100): the packed
-    # triangle in float64 (r <= 238), in float32 (r <= 337), then in global memory
+    # triangle in float64 (r <= 239), in float32 (r <= 339), then in global memory
     ((512, 1024), torch.float32, 176),
     ((512, 1024), torch.float32, 256),
     ((1024, 512), torch.bfloat16, 256),

@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kInverseThreads)
 
 // The fused path's K where the float64 matrix does not fit shared memory (r > 167 on an
 // H100): one block a matrix, K = scale * gram^-1 by the sweep operator on the upper
-// triangle only, in shared memory in T (double up to r = 238, float up to r = 337 on an
+// triangle only, in shared memory in T (double up to r = 239, float up to r = 339 on an
 // H100). Sweeping pivot k of a symmetric matrix keeps it symmetric (a_ij -= a_ik a_kj / d
 // for i, j != k; a_ik /= d; a_kk = -1 / d, d = a_kk) and leaves -gram^-1 after every
 // pivot; each pivot is a Schur complement's diagonal, positive for a positive definite
