@@ -147,3 +147,26 @@ def test_gaussian_projection_caches_nothing():
     for g in grads:
         step(ps, opt, g)
     assert entries() == 0
+
+
+@pytest.mark.parametrize("path", PATHS, ids=["fused", "exact"])
+def test_hit_on_another_stream(path):
+    """Steps alternate between the default stream and a side stream: each hit waits for
+    the K that the other stream's call wrote; bitwise a run that computes every K."""
+    params, grads = data(torch.float32, seed=11)
+    side = torch.cuda.Stream()
+    runs = []
+    for clear_every_step in (False, True):
+        clear()
+        ps, opt = make(params, **path)
+        for t in range(STEPS):
+            if clear_every_step:
+                clear()
+            stream = side if t % 2 else torch.cuda.current_stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                step(ps, opt, grads[t])
+            torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        runs.append(snapshot(ps, opt))
+    assert_bitwise(runs[0], runs[1], "side stream")
