@@ -536,7 +536,8 @@ void prepare_captured(CapturedCall& captured, at::TensorList params, at::TensorL
   }
   for (const GroupEntry& entry : entries) {
     // Its K would be the one of the seed at capture: the cache works from host seeds.
-    TORCH_CHECK(entry.options.projection != Projection::kOrthogonal,
+    TORCH_CHECK(entry.layout.momentum != MomentumKind::kCompressed ||
+                    entry.options.projection != Projection::kOrthogonal,
                 "flora: projection='orthogonal' is not supported with capturable=True");
   }
   PreparedCall& call = captured.call;
