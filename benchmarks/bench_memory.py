@@ -36,6 +36,12 @@ A configuration that runs out of memory is reported as OOM and the others still 
 
     python benchmarks/bench_memory.py --out benchmarks/results/bench_memory.md
     python benchmarks/bench_memory.py --tiny --device cpu --out /tmp/bench_memory.md   # smoke
+    python benchmarks/bench_memory.py --configs flora_accum adamw --profile /tmp/prof
+
+--profile DIR profiles one more step of each configuration: DIR/<config>.txt holds its top
+kernels and host ops, and the JSON its wall time against the GPU's busy time by kernel kind
+(flora_ext, GEMMs, attention, other), so a step slower than AdamW's shows whether the time
+went to the optimizer's kernels or to a GPU waiting for the host (backward hooks, Python).
 
 Needs transformers (and accelerate + flora-opt for flora_opt): requirements-bench.txt.
 The Markdown table goes to --out and the same results as JSON next to it (.json).
@@ -213,6 +219,56 @@ def make_trainer(name, model, args, device):
     raise ValueError(f"unknown configuration {name!r}")
 
 
+def kernel_kind(name):
+    """The bucket of a CUDA kernel in a profile: flora_ext's own, GEMMs (cuBLAS, CUTLASS),
+    attention, or other (elementwise, norms, copies, the loss)."""
+    low = name.lower()
+    if "flora" in low:
+        return "flora"
+    if any(k in low for k in ("gemm", "cutlass", "xmma", "sm90_", "cublas")):
+        return "gemm"
+    if any(k in low for k in ("flash", "attention", "fmha")):
+        return "attention"
+    return "other"
+
+
+def profile_step(step, batch, device, out_dir, name):
+    """One more optimizer step (all its micro-batches) under torch.profiler. Writes
+    OUT_DIR/NAME.txt (the top kernels and host ops) and returns the split of the step's wall
+    time: GPU busy time per kernel kind, and the rest, during which the GPU waited for the
+    host (hooks, Python, launches)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        step(batch)
+        if cuda:
+            torch.cuda.synchronize(device)
+    wall = time.perf_counter() - t0
+    kinds = {"flora": 0.0, "gemm": 0.0, "attention": 0.0, "other": 0.0}
+    if cuda:
+        for ev in prof.events():  # the kernels themselves (summed: overlapping streams twice)
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                kinds[kernel_kind(ev.name)] += ev.time_range.elapsed_us() / 1e6
+    summary = {"wall_s": wall}
+    if cuda:
+        busy = sum(kinds.values())
+        summary.update(gpu_busy_s=busy, gpu_idle_s=max(0.0, wall - busy),
+                       **{f"gpu_{k}_s": v for k, v in kinds.items()})
+    os.makedirs(out_dir, exist_ok=True)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30)
+    host = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    pathlib.Path(out_dir, f"{name}.txt").write_text(
+        f"{name}: one optimizer step, {json.dumps(summary)}\n\n{table}\n\nhost:\n{host}\n")
+    return summary
+
+
 def run_child(args):
     """Measures one configuration; writes its result dict as JSON to args.result."""
     import torch
@@ -271,6 +327,8 @@ def run_child(args):
                   f"loss {losses[-1]:.4f}"
                   + (f", peak {mem(torch.cuda.max_memory_allocated):.2f} GiB" if cuda else ""),
                   flush=True)
+        if args.profile:
+            result["profile"] = profile_step(step, batch, device, args.profile, args.child)
         steps_taken = [s.get("step") for s in getattr(opt, "optimizer", opt).state.values()]
         steps_taken = [int(s) for s in steps_taken if s is not None]
         result["optimizer_steps"] = (min(steps_taken), max(steps_taken)) if steps_taken else None
@@ -309,6 +367,8 @@ def child_command(args, name, result_path):
     if args.tiny:
         cmd.append("--tiny")
     cmd += ["--flora-beta1", repr(args.flora_beta1), "--flora-rank", str(args.flora_rank)]
+    if getattr(args, "profile", None):
+        cmd += ["--profile", os.path.abspath(args.profile)]
     return cmd
 
 
@@ -485,6 +545,10 @@ def main():
     ap.add_argument("--tiny", action="store_true",
                     help="a tiny LLaMA (hidden 64, 2 layers) that runs on the CPU, for testing")
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="after the timed steps, profile one more step of each configuration: "
+                         "DIR/<config>.txt, and the GPU busy time by kernel kind against the "
+                         "wall time in the results (where a slower step's time goes)")
     ap.add_argument("--out", default="benchmarks/results/bench_memory.md",
                     help="Markdown output; the JSON goes next to it (default %(default)s)")
     ap.add_argument("--budget", type=float, default=330.0,
