@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flora_ext
-from conftest import DEVICES, requires_cuda
+from conftest import DEVICES, requires_cuda, set_grads
 
 KAPPA = 3
 STEPS = 3 * KAPPA - 1  # resamples at steps 3 and 6
@@ -46,14 +46,6 @@ def gradients(params, steps=STEPS):
     generator = torch.Generator().manual_seed(1)
     return [[torch.randn(p.shape, generator=generator).to(p.dtype).to(p.device) for p in params]
             for _ in range(steps)]
-
-
-def set_grads(params, grads):
-    for p, g in zip(params, grads):
-        if p.grad is None:
-            p.grad = g.clone()
-        else:
-            p.grad.copy_(g)
 
 
 def assert_same_run(params_a, opt_a, params_b, opt_b):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import flora_ext
-from conftest import rel_err, requires_cuda
+from conftest import assert_states_close, rel_err, requires_cuda, resumed_and_uninterrupted
 
 pytestmark = requires_cuda
 
@@ -55,12 +55,7 @@ def run(shape, hp, device, dtype=torch.float32, steps=15, seed=0):
 def assert_close_run(a, b, tol):
     (pa, sa), (pb, sb) = a, b
     assert rel_err(pa.cpu(), pb.cpu()) <= tol
-    assert sa.keys() == sb.keys()
-    for key, value in sa.items():
-        if isinstance(value, torch.Tensor):
-            assert rel_err(value.cpu(), sb[key].cpu()) <= tol, key
-        else:
-            assert value == sb[key], key
+    assert_states_close(sa, sb, tol)
 
 
 @pytest.mark.parametrize("shape,hp", CASES, ids=[f"{s}-{h}" for s, h in CASES])
@@ -725,23 +720,7 @@ def test_resume_is_bitwise_on_cuda(shape, hp, dtype):
     gen = torch.Generator().manual_seed(5)
     p0 = torch.randn(shape, generator=gen).to(dtype)
     grads = [torch.randn(shape, generator=gen).to(dtype) for _ in range(6)]
-    kw = dict(lr=1e-2, kappa=4, **hp)
-
-    def steps(p, opt, gs):
-        for g in gs:
-            p.grad = g.cuda()
-            opt.step()
-
-    ref = torch.nn.Parameter(p0.cuda())
-    ref_opt = flora_ext.Flora([ref], **kw)
-    steps(ref, ref_opt, grads)
-    p = torch.nn.Parameter(p0.cuda())
-    opt = flora_ext.Flora([p], **kw)
-    steps(p, opt, grads[:3])
-    resumed = torch.nn.Parameter(p.detach().clone())
-    opt2 = flora_ext.Flora([resumed], **kw)
-    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
-    steps(resumed, opt2, grads[3:])
+    resumed, _, ref, _ = resumed_and_uninterrupted(p0, grads, lr=1e-2, kappa=4, **hp)
     assert torch.equal(resumed, ref)
 
 

@@ -18,6 +18,7 @@ import reference as ref  # noqa: E402
 import stability  # noqa: E402
 
 import flora_ext  # noqa: E402
+from conftest import assert_states_close, rel_err  # noqa: E402
 from flora_ext import _quantized  # noqa: E402
 
 RANK, KAPPA = 6, 3
@@ -25,11 +26,6 @@ HP = ref.full_hp(lr=0.05, rank=RANK, kappa=KAPPA, beta1=0.9)
 # left (n < m), right (n > m), square (right), dense momentum (aspect > 4), 1-D (dense)
 COMPRESSED = [(12, 40), (40, 12), (24, 24)]
 SHAPES = COMPRESSED + [(12, 60), (37,)]
-
-
-def rel_err(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 # ----------------------------------------------------------------------------- the algebra
@@ -405,14 +401,6 @@ ORTHO_CUDA = dict(lr=1e-2, beta1=0.9, kappa=3, projection="orthogonal")
 FUSED_TOL = {torch.float32: 2e-3, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
-@pytest.fixture
-def tuning():
-    set_tuning = torch.ops.flora._set_tuning
-    set_tuning(reset=True)
-    yield set_tuning
-    set_tuning(reset=True)
-
-
 def _cuda_run(shape, device, dtype=torch.float32, steps=8, seed=2, nan_at=None, **hp):
     """Flora(projection="orthogonal") for `steps` steps on `device`; `nan_at`: the step
     (1-based) whose gradient gets a NaN. The data of 8 steps is drawn whatever `steps` is.
@@ -433,15 +421,6 @@ def _cuda_run(shape, device, dtype=torch.float32, steps=8, seed=2, nan_at=None, 
     return p0, history, opt, p
 
 
-def _assert_states_close(sa, sb, tol):
-    assert sa.keys() == sb.keys()
-    for key, value in sa.items():
-        if isinstance(value, torch.Tensor):
-            assert rel_err(value.cpu(), sb[key].cpu()) <= tol, key
-        else:
-            assert value == sb[key], key
-
-
 # left (n < m) and right (n >= m), ranks that keep the unfused passes or run tf32=False;
 # rank 176: K's float64 inverse too large for shared memory (the global-memory variant)
 UNFUSED_CASES = [((16, 40), 4), ((40, 16), 4), ((96, 200), 32), ((200, 96), 8),
@@ -455,7 +434,7 @@ def test_cuda_unfused_matches_cpu(shape, rank):
     _, hc, oc, pc = _cuda_run(shape, "cuda", rank=rank, tf32=False)
     _, hp, op, pp = _cuda_run(shape, "cpu", rank=rank, tf32=False)
     assert rel_err(hc[-1], hp[-1]) <= 1e-5
-    _assert_states_close(oc.state[pc], op.state[pp], 1e-5)
+    assert_states_close(oc.state[pc], op.state[pp], 1e-5)
     # and it is not the Gaussian projection's result
     _, hg, og, pg = _cuda_run(shape, "cuda", rank=rank, tf32=False, projection="gaussian")
     assert rel_err(og.state[pg]["momentum"].cpu(), op.state[pp]["momentum"]) > 1e-3

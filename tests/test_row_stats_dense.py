@@ -2,27 +2,17 @@
 aspect-ratio limit): the row_stats_dense variant of the CUDA path (torch.ops.flora._set_tuning,
 docs/cuda.md §2). The stats pass gathers their row EMA and column sums by rows; the rms pass
 still forms D = (1 - beta1) U + beta1 M, sums D^2 and writes M. Checked against the CPU
-path, against the tile passes (the default), with skip_nonfinite and across a resume."""
-import copy
+path, against the tile passes (the variant off), with skip_nonfinite and across a resume."""
 
 import pytest
 import torch
 
 import flora_ext
-from conftest import rel_err, requires_cuda
+from conftest import rel_err, requires_cuda, resumed_and_uninterrupted, set_grads
 
 pytestmark = requires_cuda
 
 RANK = 256  # every shape below keeps dense momentum at this rank (aspect ratio > 4)
-
-
-@pytest.fixture
-def tuning():
-    """torch.ops.flora._set_tuning for one test, restored to the constants afterwards."""
-    set_tuning = torch.ops.flora._set_tuning
-    set_tuning(reset=True)
-    yield set_tuning
-    set_tuning(reset=True)
 
 
 # (shape, dtype, hyper-parameters). Row stats need 16-byte rows of >= 128 vectors (fp32
@@ -209,13 +199,6 @@ def test_dense_row_stats_in_a_replayed_graph(tuning):
         return params, flora_ext.Flora(params, lr=1e-2, beta1=0.9, rank=RANK,
                                        capturable=True, clip_threshold=0.05)
 
-    def set_grads(params, gs):
-        for p, g in zip(params, gs):
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.copy_(g)
-
     eager, eager_opt = make()
     replayed, replayed_opt = make()
     set_grads(eager, grads[0])
@@ -247,23 +230,7 @@ def resume_matches(shape, dtype, hp):
     give the same bits as six uninterrupted steps (the first step after the resume sums
     p^2 from p, the uninterrupted one takes the norm cache of the last apply pass)."""
     p0, grads = make_run(shape, dtype)
-    kw = dict(lr=1e-2, **hp)
-
-    def steps(p, opt, gs):
-        for g in gs:
-            p.grad = g.cuda()
-            opt.step()
-
-    ref = torch.nn.Parameter(p0.cuda())
-    ref_opt = flora_ext.Flora([ref], **kw)
-    steps(ref, ref_opt, grads)
-    p = torch.nn.Parameter(p0.cuda())
-    opt = flora_ext.Flora([p], **kw)
-    steps(p, opt, grads[:3])
-    resumed = torch.nn.Parameter(p.detach().clone())
-    opt2 = flora_ext.Flora([resumed], **kw)
-    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
-    steps(resumed, opt2, grads[3:])
+    resumed, opt2, ref, ref_opt = resumed_and_uninterrupted(p0, grads, lr=1e-2, **hp)
     return torch.equal(resumed, ref) and all(
         torch.equal(opt2.state[resumed][k], ref_opt.state[ref][k])
         for k in ("row_second_moment", "col_second_moment"))

@@ -17,11 +17,7 @@ import reference as ref  # noqa: E402
 import stability  # noqa: E402
 
 import flora_ext  # noqa: E402
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+from conftest import rel_err  # noqa: E402
 
 
 @pytest.mark.parametrize("transfer", stability.TRANSFERS)
