@@ -468,27 +468,35 @@ def run_name(variant, rank, transfer, seed, lr_scale=1.0, direction="flora", gam
     return f"flora-r{rank}-{transfer}{scaled}-proj{seed}"
 
 
+def _adafactor_momentum_runs(args):
+    """Adafactor + momentum over --data-seeds data orders, the reference of every plan."""
+    return [(0, run_name("adafactor_momentum", 0, "", s),
+             ["--variant", "adafactor_momentum", "--data-seed", str(s)])
+            for s in range(args.data_seeds)]
+
+
+def _probe_run(priority, rank, projection, seed, direction="flora", gamma=1.0):
+    """A ProbeFlora run: (priority, name, run arguments)."""
+    how = [] if direction == "flora" else ["--direction", direction, "--gamma", f"{gamma:g}"]
+    return (priority, run_name("flora_py", rank, projection, seed, direction=direction,
+                               gamma=gamma),
+            ["--variant", "flora_py", "--rank", str(rank), "--projection", projection, *how,
+             "--proj-seed", str(seed)])
+
+
 def plan_projection_runs(args):
     """--plan projections: ProbeFlora with orthogonalised projections over --seeds at --rank
     and a few seeds at --other-ranks; ProbeFlora with Gaussian ones (the extension's step) on
     two seeds as its baseline; the extension at --other-ranks; Adafactor + momentum."""
     seeds = list(range(args.seeds))
-    runs = [(0, run_name("adafactor_momentum", 0, "", s),
-             ["--variant", "adafactor_momentum", "--data-seed", str(s)])
-            for s in range(args.data_seeds)]
-
-    def probe(priority, rank, projection, s):
-        return (priority, run_name("flora_py", rank, projection, s),
-                ["--variant", "flora_py", "--rank", str(rank), "--projection", projection,
-                 "--proj-seed", str(s)])
-
-    runs += [probe(0, args.rank, "orthogonal", s) for s in seeds]
-    runs += [probe(0, args.rank, "gaussian", s) for s in seeds[:2]]
+    runs = _adafactor_momentum_runs(args)
+    runs += [_probe_run(0, args.rank, "orthogonal", s) for s in seeds]
+    runs += [_probe_run(0, args.rank, "gaussian", s) for s in seeds[:2]]
     runs += [(1, run_name("flora", rank, "flora_opt", s),
               ["--variant", "flora", "--rank", str(rank), "--transfer", "flora_opt",
                "--proj-seed", str(s)])
              for rank in args.other_ranks for s in seeds[:args.extra_seeds]]
-    runs += [probe(2, rank, "orthogonal", s) for rank in args.other_ranks for s in seeds[:2]]
+    runs += [_probe_run(2, rank, "orthogonal", s) for rank in args.other_ranks for s in seeds[:2]]
     return runs
 
 
@@ -498,22 +506,13 @@ def plan_direction_runs(args):
     split with gamma = 1 - beta1), Flora's own direction on two seeds as the baseline, split
     (gamma 1) at --other-ranks, Adafactor + momentum."""
     seeds = list(range(args.seeds))
-    runs = [(0, run_name("adafactor_momentum", 0, "", s),
-             ["--variant", "adafactor_momentum", "--data-seed", str(s)])
-            for s in range(args.data_seeds)]
-
-    def probe(priority, rank, projection, s, direction="flora", gamma=1.0):
-        return (priority, run_name("flora_py", rank, projection, s, direction=direction,
-                                   gamma=gamma),
-                ["--variant", "flora_py", "--rank", str(rank), "--projection", projection,
-                 "--direction", direction, "--gamma", f"{gamma:g}", "--proj-seed", str(s)])
-
-    runs += [probe(0, args.rank, "orthogonal", s, "split", 1.0) for s in seeds]
-    runs += [probe(0, args.rank, "orthogonal", s, "split", 0.5) for s in seeds]
-    runs += [probe(0, args.rank, "orthogonal", s, "shrink") for s in seeds]
-    runs += [probe(0, args.rank, "subspace", s) for s in seeds]
-    runs += [probe(0, args.rank, "orthogonal", s) for s in seeds[:2]]
-    runs += [probe(1, rank, "orthogonal", s, "split", 1.0)
+    runs = _adafactor_momentum_runs(args)
+    runs += [_probe_run(0, args.rank, "orthogonal", s, "split", 1.0) for s in seeds]
+    runs += [_probe_run(0, args.rank, "orthogonal", s, "split", 0.5) for s in seeds]
+    runs += [_probe_run(0, args.rank, "orthogonal", s, "shrink") for s in seeds]
+    runs += [_probe_run(0, args.rank, "subspace", s) for s in seeds]
+    runs += [_probe_run(0, args.rank, "orthogonal", s) for s in seeds[:2]]
+    runs += [_probe_run(1, rank, "orthogonal", s, "split", 1.0)
              for rank in args.other_ranks for s in seeds[:args.extra_seeds]]
     return runs
 
@@ -525,10 +524,7 @@ def plan_runs(args):
     if getattr(args, "plan", "transfers") == "directions":
         return plan_direction_runs(args)
     seeds = list(range(args.seeds))
-    runs = []
-    for s in range(args.data_seeds):
-        runs.append((0, run_name("adafactor_momentum", 0, "", s),
-                     ["--variant", "adafactor_momentum", "--data-seed", str(s)]))
+    runs = _adafactor_momentum_runs(args)
     for transfer in ("flora_opt", "norm_preserving"):
         for s in seeds:
             runs.append((0, run_name("flora", args.rank, transfer, s),
