@@ -27,6 +27,7 @@ MODELS = {  # hidden, intermediate, layers, vocab (LLaMA family shapes of the Fl
     "0.35b": (1024, 2736, 24, 32000),
     "1.35b": (2048, 5504, 24, 32000),
     "1b-128k": (2048, 8192, 16, 128256),  # LLaMA-3.2-1B widths: a large vocabulary
+    "7b": (4096, 11008, 32, 32000),  # bench_memory.py's model: its step, without the model
 }
 
 
@@ -86,11 +87,30 @@ def make_params(shapes, dtype, seed=0):
     return params, grads
 
 
+class PerParamSteps:
+    """A Flora whose step() steps each parameter in its own call, last parameter first: what
+    FloraAccumulator's backward hooks do (one ``_step_param`` a parameter, no kept norms)."""
+
+    def __init__(self, opt, params):
+        self.opt, self.params = opt, list(params)
+
+    @property
+    def state(self):
+        return self.opt.state
+
+    def step(self):
+        for p in reversed(self.params):
+            self.opt._step_param(p, p.grad)
+
+
 def optimizers(rank):
     import flora_ext
 
     def flora(**kw):
         return lambda ps: flora_ext.Flora(ps, lr=1e-3, **kw)
+
+    def per_param(**kw):
+        return lambda ps: PerParamSteps(flora_ext.Flora(ps, lr=1e-3, **kw), ps)
 
     table = {
         "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
@@ -98,6 +118,9 @@ def optimizers(rank):
         "torch_adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
         f"flora_r{rank}_b0.9": flora(rank=rank, beta1=0.9, kappa=1000),
         f"flora_r{rank}_b0.9_resample": flora(rank=rank, beta1=0.9, kappa=1),
+        # one call a parameter, as in FloraAccumulator's hooks (layer-by-layer stepping)
+        f"flora_r{rank}_b0.9_per_param": per_param(rank=rank, beta1=0.9, kappa=1000),
+        "flora_nomomentum_per_param": per_param(beta1=None),
         f"flora_r{rank}_b0.9_exact": flora(rank=rank, beta1=0.9, kappa=1000, tf32=False),
         f"flora_r{rank}_b0.9_unfused": (flora(rank=rank, beta1=0.9, kappa=1000),
                                         {"fused_momentum": 0}),

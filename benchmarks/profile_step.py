@@ -18,11 +18,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import (MODELS, llama_shapes, make_params, measured_by,  # noqa: E402
-                        measured_on, report)
+from bench_step import (MODELS, PerParamSteps, llama_shapes, make_params,  # noqa: E402
+                        measured_by, measured_on, report)
 
 
-def pass_bytes(params, opt):
+def pass_bytes(params, opt, per_param=False):
     """Bytes each of Flora's passes must move in a steady-state step, from the state
     layouts: the stats pass reads p only without reuse_param_norms (sum p^2 is kept from
     the last step), and factored tensors without momentum have no rms pass (row stats).
@@ -32,7 +32,8 @@ def pass_bytes(params, opt):
     from flora_ext import param_layout
 
     group = opt.param_groups[0]
-    p_read = 0 if opt.reuse_param_norms and group["scale_parameter"] else 1
+    # one call a parameter keeps no norms (FloraAccumulator's path reads p every step)
+    p_read = 0 if opt.reuse_param_norms and group["scale_parameter"] and not per_param else 1
     total = defaultdict(int)
     for p in params:
         e = p.element_size()
@@ -68,6 +69,9 @@ def main():
     ap.add_argument("--rank", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out")
+    ap.add_argument("--per-param", action="store_true",
+                    help="step each parameter in its own call, last first, as FloraAccumulator's "
+                         "hooks do, instead of one opt.step()")
     ap.add_argument("--configs", nargs="*", default=["none", "compressed"],
                     help="none (beta1=None) and/or compressed (rank --rank, beta1 0.9)")
     args = ap.parse_args()
@@ -75,12 +79,15 @@ def main():
 
     dtype = getattr(torch, args.dtype)
     params, grads = make_params(llama_shapes(*MODELS[args.model]), dtype)
-    text = (f"\n### Kernel profile, LLaMA {args.model} shapes, {args.dtype} params\n\n"
+    how = ", one call a parameter (--per-param)" if args.per_param else ""
+    text = (f"\n### Kernel profile, LLaMA {args.model} shapes, {args.dtype} params{how}\n\n"
             f"{measured_on()}, {measured_by()}\n")
     configs = {"none": ("no momentum", dict(beta1=None)),
                "compressed": (f"rank {args.rank}, beta1 0.9, TF32", dict(beta1=0.9, rank=args.rank))}
     for label, kw in (configs[c] for c in args.configs):
         opt = flora_ext.Flora(params, lr=1e-3, **kw)
+        if args.per_param:
+            opt = PerParamSteps(opt, params)
         for _ in range(2):
             for p, g in zip(params, grads):
                 p.grad = g
@@ -97,7 +104,7 @@ def main():
             name = short_name(evt.name)
             times[name] += evt.time_range.elapsed_us() / 1e3 / args.steps   # ms per step
             counts[name] += 1
-        floor = pass_bytes(params, opt)
+        floor = pass_bytes(params, getattr(opt, "opt", opt), args.per_param)
         total = sum(times.values())
         text += (f"\n{label}: kernel time {total:.2f} ms a step\n\n"
                    "| kernel | ms / step | launches / step | bytes moved (floor) | GB/s |\n"
