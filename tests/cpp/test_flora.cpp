@@ -359,6 +359,9 @@ FLORA_TEST(bad_options_are_rejected_with_the_option_named) {
        "flora: projection must be \"gaussian\" or \"orthogonal\", got \"qr\""},
       {FloraOptions(1e-3).capturable(true),
        "flora: capturable=true is not supported by the C++ flora::Flora"},
+      {FloraOptions(1e-3).max_aspect_ratio(0.5),
+       "flora: max_aspect_ratio must be 0 (no limit) or a finite value >= 1, got 0.5"},
+      {FloraOptions(1e-3).max_aspect_ratio(inf), "flora: max_aspect_ratio must be 0"},
   };
   for (const auto& [options, message] : cases) {
     std::vector<at::Tensor> params = {initial_param(0, {3, 3})};
