@@ -57,12 +57,17 @@ int64_t plan_row_stats(Task& t, int64_t elem, int64_t lane_elems, int64_t smem_l
 // last ones), a whole number of stages each.
 void set_block_rows(Task& t, int64_t row_bytes, int64_t bytes) {
   const int64_t elem = row_bytes / t.m;
-  const int64_t wanted = std::clamp(ceil_div(ceil_div(bytes, kStatsBlocksTarget), row_bytes),
-                                    ceil_div(kRowBlockMinColBytes, elem),
-                                    kRowBlockMaxColBytes / elem);
   // Whole stages of G alone: a step whose stages also hold p (fewer rows) sums each
   // column over the same blocks of rows, so in the same order.
   const int64_t g_rows = stage_rows_of(row_bytes);
+  // The floor keeps the column sums' workspace small next to a launch of many tensors,
+  // but would leave a tensor stepped alone (FloraAccumulator steps one a call) with a
+  // few dozen blocks: it gives way to kStatsTaskBlocks blocks a tensor. A function of the
+  // tensor only, so batching still does not change a small tensor's sums.
+  const int64_t floor_rows = std::min(ceil_div(kRowBlockMinColBytes, elem),
+                                      std::max(g_rows, ceil_div(t.n, kStatsTaskBlocks)));
+  const int64_t wanted = std::clamp(ceil_div(ceil_div(bytes, kStatsBlocksTarget), row_bytes),
+                                    floor_rows, kRowBlockMaxColBytes / elem);
   t.block_rows = static_cast<int32_t>(ceil_div(wanted, g_rows) * g_rows);
   t.rchunks = static_cast<int32_t>(ceil_div(t.n, t.block_rows));
 }
