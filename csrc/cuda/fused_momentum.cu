@@ -174,7 +174,7 @@ GroupShape group_shape(const Item& first) {
 // array 16-byte aligned): Gram and S (count r x r each); on resample steps the next P^T
 // and tiled P (fp16), the change of basis (count r x r) and M in the next basis;
 // projection="orthogonal": W as computed (count r x r fp16; the cache's misses are copied
-// from there to FusedWork::kslots), Gram' of the next Gaussian P (resample steps), W P in
+// from there to FusedWork::wslots), Gram' of the next Gaussian P (resample steps), W P in
 // fp32 (count x P) and W's scratch.
 struct GroupTemps {
   int64_t gram = 0, sq = 0, next_t = 0, next_p = 0, bases = 0, base = 0;
@@ -281,8 +281,8 @@ void fill_fused_table(const FusedWork& w) {
     float* bases_k = s.resample ? bases + k * r * r : nullptr;
     float* base_k = s.resample ? base + k * s.msize : nullptr;
     // Orthogonal: W of both bases, Gram' of the next Gaussian P and W P; else null, unread.
-    const void* w_now_k = s.orthogonal ? w.kslots[k].k.data_ptr() : nullptr;
-    const void* w_next_k = s.orthogonal && s.resample ? w.kslots_next[k].k.data_ptr() : nullptr;
+    const void* w_now_k = s.orthogonal ? w.wslots[k].w.data_ptr() : nullptr;
+    const void* w_next_k = s.orthogonal && s.resample ? w.wslots_next[k].w.data_ptr() : nullptr;
     float* gram_next_k = s.orthogonal && s.resample ? gram_next + k * r * r : nullptr;
     float* raw_k = s.orthogonal ? raw + k * s.psize : nullptr;
     set(kGramA, k, buf.plain_t);
@@ -395,10 +395,10 @@ void fused_momentum_group(const FusedWork& w, int64_t min_batched) {
   if (s.orthogonal) {
     const double sw = std::sqrt(static_cast<double>(s.kdim) / static_cast<double>(r));
     auto* const w16 = reinterpret_cast<uint16_t*>(w.temps + g.w16);
-    const auto ensure_w = [&](const std::vector<KSlot>& slots, int proj, int gram_c,
+    const auto ensure_w = [&](const std::vector<WSlot>& slots, int proj, int gram_c,
                               int64_t gram_at) {
       bool any_miss = false;
-      for (const KSlot& slot : slots) any_miss = any_miss || slot.miss;
+      for (const WSlot& slot : slots) any_miss = any_miss || slot.miss;
       if (any_miss) {
         if (left) group_gemm(true, false, r, r, n, proj, proj, kF16, gram_c);
         else group_gemm(false, true, r, r, m, proj, proj, kF16, gram_c);
@@ -406,15 +406,15 @@ void fused_momentum_group(const FusedWork& w, int64_t min_batched) {
                        w16, nullptr, r, count, sw, stream);
       }
       for (int k = 0; k < count; ++k) {
-        const KSlot& slot = slots[k];
+        const WSlot& slot = slots[k];
         if (!slot.miss) {
-          k_ready(slot);
+          w_ready(slot);
           continue;
         }
-        C10_CUDA_CHECK(cudaMemcpyAsync(slot.k.data_ptr(), w16 + k * r * r,
+        C10_CUDA_CHECK(cudaMemcpyAsync(slot.w.data_ptr(), w16 + k * r * r,
                                        r * r * sizeof(uint16_t), cudaMemcpyDeviceToDevice,
                                        stream));
-        k_publish(slot);
+        w_publish(slot);
       }
     };
     const auto to_basis = [&](int proj, int plain, int wmat) {
@@ -426,10 +426,10 @@ void fused_momentum_group(const FusedWork& w, int64_t min_batched) {
           static_cast<int>(prow), static_cast<int>(pcol));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    ensure_w(w.kslots, kProjNow, kGramC, g.gram);
+    ensure_w(w.wslots, kProjNow, kGramC, g.gram);
     to_basis(kProjNow, kPlainNow, kWNow);
     if (resample) {
-      ensure_w(w.kslots_next, kProjNext, kGramNextC, g.gram_next);
+      ensure_w(w.wslots_next, kProjNext, kGramNextC, g.gram_next);
       to_basis(kProjNext, kPlainNext, kWNext);
     }
   }

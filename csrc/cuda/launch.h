@@ -123,9 +123,9 @@ void launch_down(int dtype, bool left, dim3 grid, const DownJob* jobs, int n, in
 int64_t compressed_temp_floats(const Item& item);
 // projection="orthogonal": `w_now` and (resample steps) `w_next`, the W of the current and
 // the next basis; null otherwise.
-struct KSlot;
+struct WSlot;
 void compressed_momentum(const Item& item, const Task& t, const at::Tensor& momentum,
-                         const at::Tensor& temps, const KSlot* w_now, const KSlot* w_next);
+                         const at::Tensor& temps, const WSlot* w_now, const WSlot* w_next);
 void fill_projection_cuda(const at::Tensor& out, int64_t seed, double scale);
 
 // The W cache (orthogonal.cu; docs/cuda.md §4): W = s R^-T of projection="orthogonal"
@@ -133,35 +133,35 @@ void fill_projection_cuda(const at::Tensor& out, int64_t seed, double scale);
 // fused path's from cuBLAS's Gram of the fp16 P, batched over `batch` tensors or 1; the
 // unfused path's in float64: batch 0), so a process keeps each W until its tensor changes
 // basis. A call takes a slot a W it needs while it plans (the misses' tensors are allocated
-// then, before any write), waits for a hit (k_ready) or computes a miss into slot.k and
-// publishes it (k_publish), then drops the W of the bases it left (k_drop).
-struct KCacheKey {
+// then, before any write), waits for a hit (w_ready) or computes a miss into slot.w and
+// publishes it (w_publish), then drops the W of the bases it left (w_drop).
+struct WCacheKey {
   int device = 0;
   int64_t seed = 0, r = 0, length = 0, batch = 0;
   bool left = false, fused = false;
-  bool operator==(const KCacheKey& o) const {
+  bool operator==(const WCacheKey& o) const {
     return device == o.device && seed == o.seed && r == o.r && length == o.length &&
            batch == o.batch && left == o.left && fused == o.fused;
   }
 };
-struct KReadyEvent;  // a CUDA event recorded after a K was written
-struct KSlot {
-  KCacheKey key;
-  at::Tensor k;  // W, r x r: fp16 (fused) or float64 (unfused)
+struct WReadyEvent;  // a CUDA event recorded after a W was written
+struct WSlot {
+  WCacheKey key;
+  at::Tensor w;  // W, r x r: fp16 (fused) or float64 (unfused)
   bool miss = false;
-  std::shared_ptr<KReadyEvent> ready;
+  std::shared_ptr<WReadyEvent> ready;
 };
 // Looks `key` up; on a miss allocates an empty W (and its event) that is not yet cached.
-KSlot k_take(const KCacheKey& key);
+WSlot w_take(const WCacheKey& key);
 // A hit: the current stream waits for the call that wrote W.
-void k_ready(const KSlot& slot);
-// A miss, once the copy that writes slot.k is queued on the current stream: cached.
-void k_publish(const KSlot& slot);
+void w_ready(const WSlot& slot);
+// A miss, once the copy that writes slot.w is queued on the current stream: cached.
+void w_publish(const WSlot& slot);
 // Drops the entries of `key` whatever their batch (a tensor left that basis).
-void k_drop(const KCacheKey& key);
+void w_drop(const WCacheKey& key);
 // Test hooks: the number of entries dropped / cached.
-int64_t k_cache_clear();
-int64_t k_cache_entries();
+int64_t w_cache_clear();
+int64_t w_cache_entries();
 
 // fused_momentum.cu: the fused tasks of one shape group (same n, m, rank, dtype, resample
 // step or not, projection), in call order.
@@ -174,7 +174,7 @@ struct FusedWork {
   const int64_t* device = nullptr;  // the same words in the workspace
   // projection="orthogonal": the W of each task's current basis and (resample steps) of
   // its next one, taken while the call is planned.
-  std::vector<KSlot> kslots, kslots_next;
+  std::vector<WSlot> wslots, wslots_next;
 };
 // Floats of workspace the group's temporaries take (Gram and S; on resample steps also
 // the next P^T and tiled P, the change of basis and M in the next basis).

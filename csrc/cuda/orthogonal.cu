@@ -235,23 +235,23 @@ void launch_basis_f64(const double* w, const float* x, float* out, int64_t r, in
 
 // ---- the W cache ------------------------------------------------------------
 
-struct KReadyEvent {
+struct WReadyEvent {
   cudaEvent_t event = nullptr;
-  KReadyEvent() { C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming)); }
-  ~KReadyEvent() {
+  WReadyEvent() { C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming)); }
+  ~WReadyEvent() {
     if (event != nullptr) (void)cudaEventDestroy(event);  // released once it has completed
   }
-  KReadyEvent(const KReadyEvent&) = delete;
-  KReadyEvent& operator=(const KReadyEvent&) = delete;
+  WReadyEvent(const WReadyEvent&) = delete;
+  WReadyEvent& operator=(const WReadyEvent&) = delete;
 };
 
 namespace {
 
 // All of them together: past this many bytes the cache starts again empty.
-constexpr int64_t kKCacheBytes = int64_t(1) << 30;
+constexpr int64_t kWCacheBytes = int64_t(1) << 30;
 
-struct KKeyHash {
-  size_t operator()(const KCacheKey& k) const {
+struct WKeyHash {
+  size_t operator()(const WCacheKey& k) const {
     size_t h = std::hash<int64_t>()(k.seed);
     for (const int64_t v : {int64_t(k.device), k.r, k.length, k.batch,
                             int64_t(k.left) * 2 + int64_t(k.fused)})
@@ -260,85 +260,85 @@ struct KKeyHash {
   }
 };
 
-struct KEntry {
-  at::Tensor k;
-  std::shared_ptr<KReadyEvent> ready;
+struct WEntry {
+  at::Tensor w;
+  std::shared_ptr<WReadyEvent> ready;
 };
 
 // Never destroyed: tensors freed at exit could outlive the allocator.
-std::mutex k_mutex;
-auto& k_entries = *new std::unordered_map<KCacheKey, KEntry, KKeyHash>();
-int64_t k_bytes = 0;
+std::mutex w_mutex;
+auto& w_entries = *new std::unordered_map<WCacheKey, WEntry, WKeyHash>();
+int64_t w_bytes = 0;
 
 int64_t bytes_of(const at::Tensor& t) { return t.numel() * static_cast<int64_t>(t.element_size()); }
 
 }  // namespace
 
-KSlot k_take(const KCacheKey& key) {
-  KSlot slot;
+WSlot w_take(const WCacheKey& key) {
+  WSlot slot;
   slot.key = key;
   {
-    std::lock_guard<std::mutex> lock(k_mutex);
-    const auto it = k_entries.find(key);
-    if (it != k_entries.end()) {
-      slot.k = it->second.k;  // the slot's reference outlives an eviction
+    std::lock_guard<std::mutex> lock(w_mutex);
+    const auto it = w_entries.find(key);
+    if (it != w_entries.end()) {
+      slot.w = it->second.w;  // the slot's reference outlives an eviction
       slot.ready = it->second.ready;
       return slot;
     }
   }
   slot.miss = true;
-  slot.k = at::empty({key.r, key.r}, at::TensorOptions()
+  slot.w = at::empty({key.r, key.r}, at::TensorOptions()
                                          .device(at::Device(at::kCUDA, key.device))
                                          .dtype(key.fused ? at::kHalf : at::kDouble));
-  slot.ready = std::make_shared<KReadyEvent>();
+  slot.ready = std::make_shared<WReadyEvent>();
   return slot;
 }
 
-void k_ready(const KSlot& slot) {
+void w_ready(const WSlot& slot) {
   const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
   // Freed later, the block must wait for this stream's reads too.
-  c10::cuda::CUDACachingAllocator::recordStream(slot.k.storage().data_ptr(), stream);
+  c10::cuda::CUDACachingAllocator::recordStream(slot.w.storage().data_ptr(), stream);
   C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), slot.ready->event, 0));
 }
 
-void k_publish(const KSlot& slot) {
+void w_publish(const WSlot& slot) {
   const at::cuda::CUDAStream stream = at::cuda::getCurrentCUDAStream();
-  c10::cuda::CUDACachingAllocator::recordStream(slot.k.storage().data_ptr(), stream);
+  c10::cuda::CUDACachingAllocator::recordStream(slot.w.storage().data_ptr(), stream);
   C10_CUDA_CHECK(cudaEventRecord(slot.ready->event, stream.stream()));
-  std::lock_guard<std::mutex> lock(k_mutex);
-  const int64_t bytes = bytes_of(slot.k);
-  if (k_bytes + bytes > kKCacheBytes) {
-    k_entries.clear();
-    k_bytes = 0;
+  std::lock_guard<std::mutex> lock(w_mutex);
+  const int64_t bytes = bytes_of(slot.w);
+  if (w_bytes + bytes > kWCacheBytes) {
+    w_entries.clear();
+    w_bytes = 0;
   }
-  if (k_entries.try_emplace(slot.key, KEntry{slot.k, slot.ready}).second) k_bytes += bytes;  // else another thread's equal W is cached already
+  if (w_entries.try_emplace(slot.key, WEntry{slot.w, slot.ready}).second) w_bytes += bytes;  // else another thread's equal W is cached already
 }
 
-void k_drop(const KCacheKey& key) {
-  std::lock_guard<std::mutex> lock(k_mutex);
-  for (auto it = k_entries.begin(); it != k_entries.end();) {
-    KCacheKey any_batch = it->first;
+void w_drop(const WCacheKey& key) {
+  std::lock_guard<std::mutex> lock(w_mutex);
+  for (auto it = w_entries.begin(); it != w_entries.end();) {
+    WCacheKey any_batch = it->first;
     any_batch.batch = key.batch;
     if (any_batch == key) {
-      k_bytes -= bytes_of(it->second.k);
-      it = k_entries.erase(it);
+      w_bytes -= bytes_of(it->second.w);
+      it = w_entries.erase(it);
     } else {
       ++it;
     }
   }
 }
 
-int64_t k_cache_clear() {
-  std::lock_guard<std::mutex> lock(k_mutex);
-  const int64_t count = static_cast<int64_t>(k_entries.size());
-  k_entries.clear();
-  k_bytes = 0;
+int64_t w_cache_clear() {
+  std::lock_guard<std::mutex> lock(w_mutex);
+  const int64_t count = static_cast<int64_t>(w_entries.size());
+  w_entries.clear();
+  w_bytes = 0;
   return count;
 }
 
-int64_t k_cache_entries() {
-  std::lock_guard<std::mutex> lock(k_mutex);
-  return static_cast<int64_t>(k_entries.size());
+int64_t w_cache_entries() {
+  std::lock_guard<std::mutex> lock(w_mutex);
+  return static_cast<int64_t>(w_entries.size());
 }
 
 }  // namespace cuda_detail

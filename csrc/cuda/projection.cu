@@ -190,7 +190,7 @@ int64_t compressed_temp_floats(const Item& item) { return compressed_temps(item)
 // temporaries are `temps` (compressed_temp_floats of the call's workspace, fp32):
 // nothing is allocated here.
 void compressed_momentum(const Item& item, const Task& t, const at::Tensor& momentum,
-                         const at::Tensor& temps, const KSlot* w_now, const KSlot* w_next) {
+                         const at::Tensor& temps, const WSlot* w_now, const WSlot* w_next) {
   const GroupEntry& entry = *item.entry;
   const StepOptions& o = entry.options;
   const CompressedTemps c = compressed_temps(item);
@@ -235,21 +235,21 @@ void compressed_momentum(const Item& item, const Task& t, const at::Tensor& mome
   // (into the slot's tensor), then the product in float64: W's entries grow with the
   // Gram's condition number, and an fp32 product would lose that much.
   const int64_t length = left ? pcol : prow;  // P's long side
-  const auto fill_basis = [&](float* plain, int64_t seed, const KSlot* slot) {
-    TORCH_INTERNAL_ASSERT(slot != nullptr && slot->k.scalar_type() == at::kDouble);
+  const auto fill_basis = [&](float* plain, int64_t seed, const WSlot* slot) {
+    TORCH_INTERNAL_ASSERT(slot != nullptr && slot->w.scalar_type() == at::kDouble);
     float* const raw = ws + c.p_raw;
     fill_projection_kernel<<<blocks, kThreads, 0, stream>>>(raw, prow * pcol,
                                                             static_cast<uint64_t>(seed), scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    double* const w = slot->k.data_ptr<double>();
+    double* const w = slot->w.data_ptr<double>();
     if (slot->miss) {
       double* const work = reinterpret_cast<double*>(ws + c.basis_work);
       launch_gram_f64(raw, work, r, length, left, stream);
       launch_basis_w(nullptr, work, nullptr, w, r, 1,
                      std::sqrt(static_cast<double>(length) / static_cast<double>(r)), stream);
-      k_publish(*slot);
+      w_publish(*slot);
     } else {
-      k_ready(*slot);
+      w_ready(*slot);
     }
     launch_basis_f64(w, raw, plain, r, left ? pcol : prow, left, stream);
   };

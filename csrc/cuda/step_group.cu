@@ -169,15 +169,15 @@ struct CallResources {
   std::optional<StreamRounds> rounds;  // when there are fused groups
   at::Tensor unfused_temps;           // fp32, plan.unfused_floats
   // A task each: the W of unfused orthogonal tasks' current and (resample) next bases.
-  std::vector<KSlot> unfused_w, unfused_w_next;
-  std::vector<KCacheKey> k_left;      // the W of the bases resample steps leave
+  std::vector<WSlot> unfused_w, unfused_w_next;
+  std::vector<WCacheKey> w_left;      // the W of the bases resample steps leave
 };
 
 // The W cache's key of a task's projection with `seed` (docs/cuda.md §4).
-KCacheKey k_key(const Item& item, int64_t seed, bool fused, int64_t batch) {
+WCacheKey w_key(const Item& item, int64_t seed, bool fused, int64_t batch) {
   const ParamLayout& layout = item.entry->layout;
   const std::vector<int64_t> shape = layout.projection_shape();
-  KCacheKey key;
+  WCacheKey key;
   key.device = item.param.device().index();
   key.seed = seed;
   key.r = layout.rank;
@@ -205,8 +205,8 @@ void compressed_work(const std::vector<Item>& items, const StepPlan& plan, const
           res.rounds->stream_for(plan.fused_groups[group]));
       fused_momentum_group(res.fused[group], tuning.min_batched);
     } else if (!t.fused && t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
-      const bool with_w = !res.unfused_w.empty() && res.unfused_w[k].k.defined();
-      const bool with_next = with_w && res.unfused_w_next[k].k.defined();
+      const bool with_w = !res.unfused_w.empty() && res.unfused_w[k].w.defined();
+      const bool with_next = with_w && res.unfused_w_next[k].w.defined();
       compressed_momentum(items[k], t, *items[k].entry->state.momentum, res.unfused_temps,
                           with_w ? &res.unfused_w[k] : nullptr,
                           with_next ? &res.unfused_w_next[k] : nullptr);
@@ -350,9 +350,9 @@ void prepare_call(PreparedCall& call, const at::Tensor* workspace, int64_t extra
     for (const Item* item : w.items) {
       if (!orthogonal(*item)) continue;
       const StepOptions& o = item->entry->options;
-      w.kslots.push_back(k_take(k_key(*item, o.seed, true, batch)));
+      w.wslots.push_back(w_take(w_key(*item, o.seed, true, batch)));
       if (o.plans_resample())
-        w.kslots_next.push_back(k_take(k_key(*item, next_seed(o.seed), true, batch)));
+        w.wslots_next.push_back(w_take(w_key(*item, next_seed(o.seed), true, batch)));
     }
     fill_fused_table(w);
   }
@@ -368,12 +368,12 @@ void prepare_call(PreparedCall& call, const at::Tensor* workspace, int64_t extra
         res.unfused_w.resize(call.items.size());
         res.unfused_w_next.resize(call.items.size());
       }
-      res.unfused_w[q] = k_take(k_key(item, o.seed, false, 0));
+      res.unfused_w[q] = w_take(w_key(item, o.seed, false, 0));
       if (o.plans_resample())
-        res.unfused_w_next[q] = k_take(k_key(item, next_seed(o.seed), false, 0));
+        res.unfused_w_next[q] = w_take(w_key(item, next_seed(o.seed), false, 0));
     }
     if (item.entry->options.plans_resample())
-      res.k_left.push_back(k_key(item, item.entry->options.seed, t.fused, 0));
+      res.w_left.push_back(w_key(item, item.entry->options.seed, t.fused, 0));
   }
 }
 
@@ -461,7 +461,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   phase.begin("flora::launch");
   upload(call.device_bytes, call.host_tables, call.tables_bytes);
   launch_call(call);
-  for (const KCacheKey& key : call.res.k_left) k_drop(key);
+  for (const WCacheKey& key : call.res.w_left) w_drop(key);
   for (const Item& item : call.items) {
     if (!item.param.is_same(params[item.index])) params[item.index].copy_(item.param);
   }
@@ -543,7 +543,7 @@ void prepare_captured(CapturedCall& captured, at::TensorList params, at::TensorL
                 " and its gradient ", grads[k].strides());
   }
   for (const GroupEntry& entry : entries) {
-    // Its K would be the one of the seed at capture: the cache works from host seeds.
+    // Its W would be the one of the seed at capture: the cache works from host seeds.
     TORCH_CHECK(entry.layout.momentum != MomentumKind::kCompressed ||
                     entry.options.projection != Projection::kOrthogonal,
                 "flora: projection='orthogonal' is not supported with capturable=True");
@@ -686,8 +686,8 @@ TORCH_LIBRARY_FRAGMENT(flora, m) {
   m.def("forget_capturable(int workspace_storage) -> ()",
         &flora::cuda_detail::forget_capturable);
   // Test hooks of the W cache (docs/cuda.md §4): entries dropped / cached.
-  m.def("_clear_orthogonal_cache() -> int", &flora::cuda_detail::k_cache_clear);
-  m.def("_orthogonal_cache_entries() -> int", &flora::cuda_detail::k_cache_entries);
+  m.def("_clear_orthogonal_cache() -> int", &flora::cuda_detail::w_cache_clear);
+  m.def("_orthogonal_cache_entries() -> int", &flora::cuda_detail::w_cache_entries);
 }
 
 TORCH_LIBRARY_IMPL(flora, CUDA, m) {
