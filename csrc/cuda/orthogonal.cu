@@ -40,8 +40,8 @@ __device__ __forceinline__ int64_t packed_at(int64_t a, int64_t b, int64_t r) {
 // L^-1's entry (b, a), whose column a retired with pivot a; (a, a) keeps the pivot D_a.
 // Pivot p then updates every slot (a, b) with b > p: (p, b) becomes -c_b = -a_pb / d, any
 // other loses col_a col_b / d, col being the pivot's row before the update (its Schur row
-// right of p, L^-1's row p left of it). In shared memory when `in_shared`, else in `work`
-// (packed_floats_of), T float (fused path: r <= half of P's long side, cond(Gram) <= ~34)
+// right of p, L^-1's row p left of it). In shared memory when `in_shared`, else in `works`
+// (basis_work_floats), T float (fused path: r <= half of P's long side, cond(Gram) <= ~34)
 // or double. The Gram comes from `grams32` (fp32) or `grams64` (float64), r x r row-major;
 // W goes to `outs16` (fp16 bits) or `outs64` (float64), whichever is not null. Without
 // pivoting every pivot of a positive definite matrix is positive (a Schur complement's
@@ -199,7 +199,7 @@ void launch_basis_w(const float* grams32, double* work, uint16_t* outs16, double
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   // The fused path's Grams (fp32, cond <= ~34) in float where double does not fit shared
-  // memory (r > 237 on an H100) but float does (r <= 336); float64 otherwise.
+  // memory (r > 239 on an H100) but float does (r <= 339); float64 otherwise.
   const bool float_fits = elems * int64_t(sizeof(float)) <= smem_optin();
   const bool double_fits = elems * int64_t(sizeof(double)) <= smem_optin();
   if (grams32 != nullptr && outs16 != nullptr && !double_fits && float_fits) {
