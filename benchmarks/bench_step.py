@@ -124,7 +124,7 @@ def optimizers(rank):
         f"flora_r{rank}_b0.9_exact": flora(rank=rank, beta1=0.9, kappa=1000, tf32=False),
         f"flora_r{rank}_b0.9_unfused": (flora(rank=rank, beta1=0.9, kappa=1000),
                                         {"fused_momentum": 0}),
-        # projection="orthogonal": K = s^2 Gram^-1 cached, computed on a tensor's first and
+        # projection="orthogonal": W = s R^-T cached, computed on a tensor's first and
         # resample steps only (docs/cuda.md §4): kappa=1 computes it every step
         f"flora_r{rank}_b0.9_orthogonal": flora(rank=rank, beta1=0.9, kappa=1000,
                                                 projection="orthogonal"),

@@ -200,9 +200,9 @@ int64_t make_task(const Item& item, const GroupArgs& args, const Tuning& tuning,
     // Fused compressed momentum: TF32 asked for, 16-byte rows of every GEMM operand,
     // round-to-nearest writes (stochastic rounding keeps the unfused passes);
     // projection="orthogonal" only up to r = half of P's long side (the shorter side):
-    // K's TF32 product loses about cond(Gram) times TF32's rounding, and the Gram's
-    // condition number, ((1 + sqrt(c)) / (1 - sqrt(c)))^2 at c = r / long, is 34 at 1/2
-    // and without bound as c nears 1.
+    // W = s R^-T from the Gram of the fp16 P loses about cond(Gram) times its rounding in
+    // orthonormality, and the Gram's condition number, ((1 + sqrt(c)) / (1 - sqrt(c)))^2
+    // at c = r / long, is 34 at 1/2 and without bound as c nears 1.
     const bool compressed = layout.momentum == MomentumKind::kCompressed;
     // 32-bit index arithmetic in the projection and momentum kernels.
     t.fused = compressed && fused_on && e.options.tf32 && !args.stochastic_rounding &&
@@ -389,8 +389,8 @@ void plan_grids(const std::vector<Item>& items, const GroupArgs& args, StepPlan&
 
 // Bytes of temporaries the fused momentum work of item q holds while its group runs:
 // the two r x r products; on resample steps also the next P^T and tiled P, the change
-// of basis and M in the next basis; projection="orthogonal" adds K, Gram' on resample
-// steps, xout and the inverse's float64 scratch. (The limit of a round; the region itself
+// of basis and M in the next basis; projection="orthogonal" adds W (fp16), Gram' on
+// resample steps, W P in fp32 and W's float64 scratch. (The limit of a round; the region itself
 // is sized by fused_temp_floats.)
 int64_t fused_temp_bytes(const Item& item) {
   const ParamLayout& l = item.entry->layout;
@@ -402,7 +402,8 @@ int64_t fused_temp_bytes(const Item& item) {
                             4 * r * mdim
                       : once;
   if (o.projection == Projection::kOrthogonal)
-    bytes += 4 * r * r * (o.plans_resample() ? 2 : 1) + 4 * r * mdim + 8 * (r * r + r);
+    bytes += 2 * r * r + (o.plans_resample() ? 4 * r * r : 0) + 4 * r * pdim +
+             4 * basis_work_floats(r, 1);
   return bytes;
 }
 
