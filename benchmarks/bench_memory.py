@@ -15,6 +15,10 @@ over them). Configurations:
                         headline, Flora as its users run it
   flora_accum_q8        the same with quantization=True (8-bit momentum and unfactored
                         second moments, docs/FLORA.md §11)
+  flora_accum_lean      flora_accum with FloraAccumulator(buffer_dtype=torch.bfloat16) and
+                        Flora(max_aspect_ratio=None): bf16 accumulation buffers, compressed
+                        momentum for the embedding and the head too
+  flora_accum_q8_lean   flora_accum_lean with quantization=True
   flora_accum_defaults  the same with Flora's defaults (flora-opt's: no momentum)
   flora                 flora_ext.Flora (momentum as flora_accum), plain accumulation into
                         .grad, opt.step() after the last micro-batch
@@ -34,9 +38,19 @@ step: forward, backward, optimizer) and tokens/s = micro-batches * micro-batch s
 median step time.
 A configuration that runs out of memory is reported as OOM and the others still run.
 
+--chunked-loss, for every configuration alike: the causal-LM loss is computed from the
+model's final hidden states 512 positions at a time (--loss-chunk), each chunk's lm_head and
+float32 cross-entropy under torch.utils.checkpoint (non-reentrant), so the full float32
+logits of the sequence and their gradient never exist (one chunk's at a time, in forward
+and again in backward). Same loss as the model's own (the mean cross-entropy of each next
+token), up to float32 summation order; tests/test_bench_memory.py checks it on the tiny
+model. The table's "flags" column says which rows ran with it.
+
     python benchmarks/bench_memory.py --out benchmarks/results/bench_memory.md
     python benchmarks/bench_memory.py --tiny --device cpu --out /tmp/bench_memory.md   # smoke
     python benchmarks/bench_memory.py --configs flora_accum adamw --profile /tmp/prof
+    python benchmarks/bench_memory.py --configs flora_accum flora_accum_lean
+        flora_accum_q8_lean --chunked-loss --budget 200 --min-config-s 40 --out /tmp/m.md
 
 --profile DIR profiles one more step of each configuration: DIR/<config>.txt holds its top
 kernels and host ops, and the JSON its wall time against the GPU's busy time by kernel kind
@@ -71,12 +85,20 @@ if (_REPO / "flora_ext" / "libflora.so").exists():
 
 # The headline is Flora as its users run it: momentum (beta1 0.9) kept at --flora-rank, with
 # compressed accumulation; Flora's defaults (no momentum) are the row beside it.
-CONFIGS = ("flora_accum", "flora_accum_q8", "flora_accum_defaults", "flora", "adamw",
-           "flora_opt", "adamw8bit")
-DEFAULT_CONFIGS = CONFIGS[:-1]  # adamw8bit needs torchao, which requirements do not pin
+CONFIGS = ("flora_accum", "flora_accum_q8", "flora_accum_lean", "flora_accum_q8_lean",
+           "flora_accum_defaults", "flora", "adamw", "flora_opt", "adamw8bit")
+# adamw8bit needs torchao, which requirements do not pin; the lean rows are asked for by name
+DEFAULT_CONFIGS = ("flora_accum", "flora_accum_q8", "flora_accum_defaults", "flora", "adamw",
+                   "flora_opt")
+# Memory options on top of flora_accum: (Flora kwargs, FloraAccumulator kwargs), by name.
+LEAN = {"flora_accum_lean": (dict(max_aspect_ratio=None), "bf16"),
+        "flora_accum_q8_lean": (dict(max_aspect_ratio=None, quantization=True), "bf16")}
 DESCRIPTIONS = {
     "flora_accum": "flora_ext.Flora(beta1={beta1}, rank={flora_rank}) + FloraAccumulator (rank {rank})",
     "flora_accum_q8": "flora_accum with quantization=True (8-bit momentum)",
+    "flora_accum_lean": "flora_accum with max_aspect_ratio=None (embedding and head compressed) "
+                        "and FloraAccumulator(buffer_dtype=torch.bfloat16)",
+    "flora_accum_q8_lean": "flora_accum_lean with quantization=True",
     "flora_accum_defaults": "flora_ext.Flora defaults (no momentum) + FloraAccumulator (rank {rank})",
     "flora": "flora_ext.Flora(beta1={beta1}, rank={flora_rank}), plain accumulation",
     "adamw": "torch.optim.AdamW(fused=True), plain accumulation",
@@ -142,6 +164,40 @@ def build_model(shape, device, dtype, checkpointing=True):
     return model
 
 
+def chunked_causal_lm_loss(model, ids, chunk):
+    """LlamaForCausalLM's causal-LM loss (the mean float32 cross-entropy of each next token,
+    as model(input_ids=ids, labels=ids).loss) from the final hidden states, ``chunk``
+    positions at a time: each chunk's lm_head and cross-entropy run under
+    torch.utils.checkpoint (non-reentrant), so one chunk's logits exist at a time, in the
+    forward and again in the backward, never the whole sequence's."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    hidden = model.model(input_ids=ids, use_cache=False)[0]  # after the final norm
+    head = model.get_output_embeddings()
+
+    def chunk_loss(h, targets):
+        logits = head(h).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               reduction="sum")
+
+    batch, seq = ids.shape
+    inputs, targets = hidden[:, :-1], ids[:, 1:]  # position i predicts token i + 1
+    total = None
+    for start in range(0, seq - 1, chunk):
+        part = checkpoint(chunk_loss, inputs[:, start:start + chunk],
+                          targets[:, start:start + chunk], use_reentrant=False)
+        total = part if total is None else total + part
+    return total / (batch * (seq - 1))
+
+
+def row_flags(args):
+    """The flags of a run that change what a row measures, for the table (none: '-')."""
+    chunk = getattr(args, "chunked_loss", None)
+    return f"--chunked-loss ({chunk} positions)" if chunk else "-"
+
+
 def state_bytes(opt):
     import torch
 
@@ -160,12 +216,19 @@ def make_trainer(name, model, args, device):
         flora_kwargs.update(beta1=args.flora_beta1, rank=args.flora_rank)
     if name == "flora_accum_q8":
         flora_kwargs.update(quantization=True)
+    accumulator_kwargs = {}
+    if name in LEAN:
+        flora_kwargs.update(LEAN[name][0])
+        accumulator_kwargs.update(buffer_dtype=torch.bfloat16)
+    chunk = getattr(args, "chunked_loss", None)
 
     def forward(ids):
+        if chunk:
+            return chunked_causal_lm_loss(model, ids, chunk)
         return model(input_ids=ids, labels=ids, use_cache=False).loss
 
-    if name in ("flora_accum", "flora_accum_q8", "flora_accum_defaults", "flora", "adamw",
-                "adamw8bit"):
+    if name in ("flora_accum", "flora_accum_q8", "flora_accum_lean", "flora_accum_q8_lean",
+                "flora_accum_defaults", "flora", "adamw", "adamw8bit"):
         import flora_ext
 
         if name == "adamw":
@@ -177,7 +240,8 @@ def make_trainer(name, model, args, device):
         else:
             opt = flora_ext.Flora(params, **flora_kwargs)
         if name.startswith("flora_accum"):
-            flora_ext.FloraAccumulator(opt, micro_batches=k, rank=args.rank, model=model)
+            flora_ext.FloraAccumulator(opt, micro_batches=k, rank=args.rank, model=model,
+                                       **accumulator_kwargs)
 
         def step(batch):
             losses = []
@@ -310,6 +374,7 @@ def run_child(args):
                  for _ in range(args.micro_batches)]
         step, opt, notes = make_trainer(args.child, model, args, device)
         result.update(notes)
+        result["flags"] = row_flags(args)
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -369,6 +434,8 @@ def child_command(args, name, result_path):
     cmd += ["--flora-beta1", repr(args.flora_beta1), "--flora-rank", str(args.flora_rank)]
     if getattr(args, "profile", None):
         cmd += ["--profile", os.path.abspath(args.profile)]
+    if getattr(args, "chunked_loss", None):
+        cmd += ["--chunked-loss", "--loss-chunk", str(args.chunked_loss)]
     return cmd
 
 
@@ -440,14 +507,15 @@ def markdown(meta, results):
         f"{meta['steps']} timed steps; step time = median of the timed steps (whole step, "
         f"CUDA-synchronised); weights = memory allocated after building the model.",
         "",
-        "| config | what | peak allocated (GiB) | peak reserved (GiB) | weights (GiB) "
+        "| config | what | flags | peak allocated (GiB) | peak reserved (GiB) | weights (GiB) "
         "| optimizer state (GiB) | median step (s) | tokens/s | x AdamW tokens/s | status |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     adamw = next((r for r in results if r["config"] == "adamw" and r["status"] == "ok"), None)
     for r in results:
         what = DESCRIPTIONS[r["config"]].format(rank=meta["rank"], beta1=meta["beta1"],
                                                 flora_rank=meta["flora_rank"])
+        what += f" | {r.get('flags', meta.get('flags', '-'))}"
         if r["status"] == "ok":
             rel = (fmt(r["tokens_per_s"] / adamw["tokens_per_s"], ".2f") if adamw else "-")
             lines.append(
@@ -505,6 +573,7 @@ def run_parent(args):
         checkpointing=not args.no_checkpointing,
         tokens_per_step=seq * args.micro_batches * args.micro_batch_size,
         rank=args.rank, lr=args.lr, flora=flora, beta1=args.flora_beta1,
+        flags=row_flags(args),
         flora_rank=args.flora_rank, steps=args.steps, warmup=args.warmup,
         wall_s=args.budget - (deadline - time.monotonic()))
     table = markdown(meta, results)
@@ -549,6 +618,12 @@ def main():
                     help="after the timed steps, profile one more step of each configuration: "
                          "DIR/<config>.txt, and the GPU busy time by kernel kind against the "
                          "wall time in the results (where a slower step's time goes)")
+    ap.add_argument("--chunked-loss", action="store_true",
+                    help="every configuration: the loss from the final hidden states in chunks "
+                         "of --loss-chunk positions, each chunk's lm_head and float32 "
+                         "cross-entropy checkpointed, so the full float32 logits never exist")
+    ap.add_argument("--loss-chunk", type=int, default=512,
+                    help="positions a chunk with --chunked-loss (default %(default)s)")
     ap.add_argument("--out", default="benchmarks/results/bench_memory.md",
                     help="Markdown output; the JSON goes next to it (default %(default)s)")
     ap.add_argument("--budget", type=float, default=330.0,
@@ -565,6 +640,10 @@ def main():
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.loss_chunk < 1:
+        ap.error("--loss-chunk must be >= 1")
+    # from here on: the chunk size with --chunked-loss, else None
+    args.chunked_loss = args.loss_chunk if args.chunked_loss else None
     if (args.steps < 1 or args.warmup < 0 or args.micro_batches < 1
             or args.micro_batch_size < 1 or (args.layers is not None and args.layers < 1)):
         ap.error("--steps >= 1, --warmup >= 0, --micro-batches, --micro-batch-size and "

@@ -2,6 +2,7 @@
 // checks that every backend runs before it writes anything.
 #include "flora/ops.h"
 #include "common/random.h"
+#include "common/rules.h"
 
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
@@ -34,7 +35,7 @@ std::vector<int64_t> ParamLayout::projection_shape() const {
 }
 
 ParamLayout param_layout(at::IntArrayRef shape, int64_t rank, double beta1,
-                         bool factorize_second_moment) {
+                         bool factorize_second_moment, double max_aspect_ratio) {
   ParamLayout layout;
   layout.factored = factorize_second_moment && shape.size() == 2;
   if (layout.factored) {
@@ -45,11 +46,9 @@ ParamLayout param_layout(at::IntArrayRef shape, int64_t rank, double beta1,
     layout.momentum = MomentumKind::kNone;
     return layout;
   }
-  const int64_t shorter = std::min(layout.rows, layout.cols);
-  const int64_t longer = std::max(layout.rows, layout.cols);
-  // The aspect-ratio limit keeps embeddings and output heads dense (docs/FLORA.md).
-  const bool compressible = layout.factored && rank > 0 && shorter >= rank &&
-                            longer <= 4 * shorter;
+  // The aspect-ratio limit keeps embeddings and output heads dense (docs/FLORA.md §3).
+  const bool compressible = layout.factored && momentum_compressible(layout.rows, layout.cols,
+                                                                     rank, max_aspect_ratio);
   if (compressible) {
     layout.momentum = MomentumKind::kCompressed;
     layout.left = layout.rows < layout.cols;
@@ -171,12 +170,17 @@ ParamLayout check_step_inputs(const at::Tensor& param, const at::Tensor& grad,
               "flora: weight_decay must be finite and >= 0, got ", o.weight_decay);
   TORCH_CHECK(!o.warmup_init || o.relative_step,
               "flora: warmup_init requires relative_step=True");
+  TORCH_CHECK(o.max_aspect_ratio == 0.0 ||
+                  (std::isfinite(o.max_aspect_ratio) && o.max_aspect_ratio >= 1.0),
+              "flora: max_aspect_ratio must be 0 (no limit) or a finite float >= 1, got ",
+              o.max_aspect_ratio);
   TORCH_CHECK(!o.stochastic_rounding || param.scalar_type() != at::kHalf,
               "flora: stochastic_rounding supports bfloat16 (and float32, where it does "
               "nothing) parameters, got a float16 parameter of shape ", param.sizes());
 
   const ParamLayout layout =
-      param_layout(param.sizes(), o.rank, o.beta1, o.factorize_second_moment);
+      param_layout(param.sizes(), o.rank, o.beta1, o.factorize_second_moment,
+                   o.max_aspect_ratio);
   std::vector<int64_t> no_shape;
   std::vector<int64_t> row_shape{layout.rows}, col_shape{layout.cols};
   check_state_tensor(row_second_moment, "row_second_moment", layout.factored, row_shape,
@@ -215,7 +219,8 @@ std::vector<GroupEntry> check_group_inputs(at::TensorList params, at::TensorList
     entry.options = group_options.for_parameter(steps[k], seeds[k]);
     const ParamLayout layout = param_layout(params[k].sizes(), entry.options.rank,
                                             entry.options.beta1,
-                                            entry.options.factorize_second_moment);
+                                            entry.options.factorize_second_moment,
+                                            entry.options.max_aspect_ratio);
     if (layout.factored) {
       entry.state.row_second_moment = take_state(k, "row_second_moment");
       entry.state.col_second_moment = take_state(k, "col_second_moment");
@@ -299,7 +304,7 @@ StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double be
                                 int64_t kappa, bool scale_parameter, bool relative_step,
                                 bool warmup_init, bool factorize_second_moment, bool tf32,
                                 bool stochastic_rounding, bool skip_nonfinite,
-                                c10::string_view projection) {
+                                c10::string_view projection, double max_aspect_ratio) {
   StepOptions o;
   o.step = step;
   o.seed = seed;
@@ -320,6 +325,7 @@ StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double be
   o.stochastic_rounding = stochastic_rounding;
   o.skip_nonfinite = skip_nonfinite;
   o.projection = projection_from_name(projection);
+  o.max_aspect_ratio = max_aspect_ratio;
   return o;
 }
 
@@ -429,12 +435,14 @@ void step_(at::Tensor& param, const at::Tensor& grad,
                                    const std::optional<at::Tensor>&, int64_t, int64_t,
                                    double, double, double, double, double, double, double,
                                    int64_t, int64_t, bool, bool, bool, bool, bool, bool, bool,
-                                   c10::string_view, const std::optional<at::Tensor>&)>();
+                                   c10::string_view, const std::optional<at::Tensor>&,
+                                   double)>();
   op.call(param, grad, row_second_moment, col_second_moment, second_moment, momentum,
           o.step, o.seed, o.lr, o.beta1, o.eps1, o.eps2, o.clip_threshold, o.decay_rate,
           o.weight_decay, o.rank, o.kappa, o.scale_parameter, o.relative_step,
           o.warmup_init, o.factorize_second_moment, o.tf32, o.stochastic_rounding,
-          o.skip_nonfinite, projection_name(o.projection), nonfinite_skips);
+          o.skip_nonfinite, projection_name(o.projection), nonfinite_skips,
+          o.max_aspect_ratio);
 }
 
 at::Tensor projection(int64_t seed, int64_t rows, int64_t cols, double scale,
@@ -468,13 +476,19 @@ int64_t next_seed_op(int64_t seed) {
 }
 
 std::tuple<bool, std::string, std::vector<int64_t>, bool, int64_t> param_layout_op(
-    at::IntArrayRef shape, int64_t rank, double beta1, bool factorize_second_moment) {
+    at::IntArrayRef shape, int64_t rank, double beta1, bool factorize_second_moment,
+    double max_aspect_ratio) {
   for (const int64_t size : shape) {
     TORCH_CHECK(size >= 0, "flora: shape must have sizes >= 0, got ", shape);
   }
   TORCH_CHECK(rank >= 0, "flora: rank must be >= 0, got ", rank);
   TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, "flora: beta1 must be in [0, 1), got ", beta1);
-  const ParamLayout layout = param_layout(shape, rank, beta1, factorize_second_moment);
+  TORCH_CHECK(max_aspect_ratio == 0.0 ||
+                  (std::isfinite(max_aspect_ratio) && max_aspect_ratio >= 1.0),
+              "flora: max_aspect_ratio must be 0 (no limit) or a finite float >= 1, got ",
+              max_aspect_ratio);
+  const ParamLayout layout =
+      param_layout(shape, rank, beta1, factorize_second_moment, max_aspect_ratio);
   return {layout.factored, momentum_kind_name(layout.momentum), layout.momentum_shape(shape),
           layout.left, layout.rank};
 }
@@ -517,7 +531,7 @@ TORCH_LIBRARY(flora, m) {
       "bool scale_parameter, bool relative_step, bool warmup_init, "
       "bool factorize_second_moment, bool tf32=True, bool stochastic_rounding=False, "
       "bool skip_nonfinite=False, str projection=\"gaussian\", "
-      "Tensor(f!)? nonfinite_skips=None) -> ()");
+      "Tensor(f!)? nonfinite_skips=None, float max_aspect_ratio=4.0) -> ()");
   // Every parameter of a param group (on one device) in one call: the per-call
   // overhead of Python and the dispatcher is paid once, not once a parameter.
   m.def(
@@ -528,7 +542,7 @@ TORCH_LIBRARY(flora, m) {
       "bool factorize_second_moment, bool tf32=True, bool stochastic_rounding=False, "
       "bool skip_nonfinite=False, str projection=\"gaussian\", Tensor(c!)? param_norms=None, "
       "int[] norms_known=[], "
-      "Tensor(d!)? nonfinite_skips=None) -> ()");
+      "Tensor(d!)? nonfinite_skips=None, float max_aspect_ratio=4.0) -> ()");
   // capturable=True: the step counts (before the step) and the seeds of the compressed
   // parameters are 0-d int64 tensors that the op advances; `workspace` keeps what the
   // backend reuses between calls (CUDA: the plan and its tables, docs/cuda.md).
@@ -538,12 +552,14 @@ TORCH_LIBRARY(flora, m) {
       "float beta1, float eps1, float eps2, float clip_threshold, float decay_rate, "
       "float weight_decay, int rank, int kappa, bool scale_parameter, bool relative_step, "
       "bool warmup_init, bool factorize_second_moment, bool tf32=True, "
-      "bool stochastic_rounding=False, Tensor? lr_tensor=None) -> ()");
+      "bool stochastic_rounding=False, Tensor? lr_tensor=None, "
+      "float max_aspect_ratio=4.0) -> ()");
   m.def("fill_projection_(Tensor(a!) out, int seed, float scale) -> ()");
   // No tensor arguments: these run through their catch-all kernels on any device.
   m.def("next_seed(int seed) -> int", &flora::next_seed_op);
   m.def(
-      "param_layout(int[] shape, int rank, float beta1, bool factorize_second_moment) -> "
+      "param_layout(int[] shape, int rank, float beta1, bool factorize_second_moment, "
+      "float max_aspect_ratio=4.0) -> "
       "(bool factored, str momentum, int[] momentum_shape, bool left, int rank)",
       &flora::param_layout_op);
   m.def("cuda_compiled() -> bool", &flora::cuda_compiled_op);

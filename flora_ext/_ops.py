@@ -21,19 +21,21 @@ def next_seed(seed: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _param_layout(shape, rank, beta1, factorize_second_moment):
+def _param_layout(shape, rank, beta1, factorize_second_moment, max_aspect_ratio):
     # A pure function of its arguments, asked for every parameter on every step: cached, as a
     # dispatcher call from Python costs microseconds.
     factored, momentum, momentum_shape, left, layout_rank = torch.ops.flora.param_layout(
-        list(shape), rank, beta1, factorize_second_moment)
+        list(shape), rank, beta1, factorize_second_moment, max_aspect_ratio)
     return factored, momentum, tuple(momentum_shape), left, layout_rank
 
 
-def param_layout(shape, rank: int | None, beta1: float | None, factorize_second_moment: bool):
-    """Which state a parameter gets: dict(factored, momentum, momentum_shape, left, rank)."""
+def param_layout(shape, rank: int | None, beta1: float | None, factorize_second_moment: bool,
+                 max_aspect_ratio: float | None = 4.0):
+    """Which state a parameter gets: dict(factored, momentum, momentum_shape, left, rank);
+    max_aspect_ratio None: compressed momentum whatever the shape's aspect ratio."""
     factored, momentum, momentum_shape, left, layout_rank = _param_layout(
         tuple(int(s) for s in shape), int(rank or 0), float(beta1 or 0.0),
-        bool(factorize_second_moment))
+        bool(factorize_second_moment), float(max_aspect_ratio or 0.0))
     return dict(factored=factored, momentum=momentum, momentum_shape=list(momentum_shape),
                 left=left, rank=layout_rank)
 
@@ -65,7 +67,8 @@ def _step_fake(param, grad, row_second_moment, col_second_moment, second_moment,
                step, seed, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay,
                rank, kappa, scale_parameter, relative_step, warmup_init,
                factorize_second_moment, tf32=True, stochastic_rounding=False,
-               skip_nonfinite=False, projection="gaussian", nonfinite_skips=None):
+               skip_nonfinite=False, projection="gaussian", nonfinite_skips=None,
+               max_aspect_ratio=4.0):
     torch._check(grad.shape == param.shape, lambda: "flora: grad must have the shape of param")
     return None
 

@@ -15,7 +15,7 @@ except ImportError as err:  # pragma: no cover - exercised only without accelera
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .accumulation import FloraAccumulator, _is_int
+from .accumulation import FloraAccumulator, _is_int, check_buffer_dtype
 from .optimizer import Flora
 
 
@@ -38,7 +38,8 @@ class FloraAccelerator(Accelerator):
     micro-batches, and at the end of the data loader), so a short last window steps too.
     Gradients are compressed with rank ``accumulation_compression_rank`` when it is set and
     ``gradient_accumulation_steps > 1``; otherwise they are summed densely (with one step per
-    micro-batch, that is flora-opt's layer-wise mode). ``accelerator.backward`` divides the
+    micro-batch, that is flora-opt's layer-wise mode); ``accumulation_buffer_dtype``
+    (torch.float32 or torch.bfloat16) is the accumulators' ``buffer_dtype``. ``accelerator.backward`` divides the
     loss by ``gradient_accumulation_steps``, so the step sees the mean gradient, as with a
     plain Accelerator. The accumulation seeds are registered for ``save_state`` /
     ``load_state``. No fp16 GradScaler (bf16 or fp32): the steps happen inside backward,
@@ -53,13 +54,16 @@ class FloraAccelerator(Accelerator):
     rank takes the same step. FSDP and DeepSpeed are refused.
     """
 
-    def __init__(self, accumulation_compression_rank: int | None = None, *args, **kwargs):
+    def __init__(self, accumulation_compression_rank: int | None = None, *args,
+                 accumulation_buffer_dtype: torch.dtype = torch.float32, **kwargs):
         if accumulation_compression_rank is not None and (
                 not _is_int(accumulation_compression_rank) or accumulation_compression_rank < 1):
             raise ValueError(f"flora: accumulation_compression_rank must be None or an int >= "
                              f"1, got {accumulation_compression_rank!r}")
+        check_buffer_dtype(accumulation_buffer_dtype, "accumulation_buffer_dtype")
         super().__init__(*args, **kwargs)
         self.accumulation_compression_rank = accumulation_compression_rank
+        self.accumulation_buffer_dtype = accumulation_buffer_dtype
         self.flora_accumulators: list[FloraAccumulator] = []
         self._flora_ddp_models: list[DistributedDataParallel] = []
 
@@ -93,7 +97,9 @@ class FloraAccelerator(Accelerator):
         compress = self.accumulation_compression or (
             ddp is not None and self.accumulation_compression_rank is not None)
         rank = self.accumulation_compression_rank if compress else None
-        accumulator = FloraAccumulator(optimizer, rank=rank, model=ddp, _sync=self._flora_sync)
+        accumulator = FloraAccumulator(optimizer, rank=rank, model=ddp,
+                                       buffer_dtype=self.accumulation_buffer_dtype,
+                                       _sync=self._flora_sync)
         self.flora_accumulators.append(accumulator)
         self.register_for_checkpointing(accumulator)
         return super().prepare_optimizer(optimizer, device_placement)

@@ -8,7 +8,9 @@ accumulated gradient and runs the Flora step for that parameter right there, lay
 so that at most one full-size gradient is alive at a time.
 
 - compressed (2-D parameter, ``rank < min(n, m)``, more than one micro-batch): the buffer is
-  C = sum of down_s(G) over the cycle's micro-batches but the last, in float32; the last
+  C = sum of down_s(G) over the cycle's micro-batches but the last, in float32 (or bfloat16,
+  ``buffer_dtype``: each product is still formed in float32 and added in float32, and the
+  sum is rounded to bfloat16 once per micro-batch); the last
   micro-batch's gradient is used as is: G~ = G_last + up_s(C) (unbiased, E[up(down(X))] = X).
   P is r x n (left, n < m: down(X) = P X, up(C) = P^T C) or m x r (right: down(X) = X P,
   up(C) = C P^T), drawn by flora_ext.projection, the momentum's Philox generator.
@@ -137,14 +139,22 @@ def _cuda_half(t):
     return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
 
 
-def down_project(grad: torch.Tensor, seed: int, rank: int, out: torch.Tensor | None = None):
-    """``out + down_seed(grad)`` as a float32 r x m (n < m) or n x r matrix; in place into
-    ``out`` when given.
+def down_project(grad: torch.Tensor, seed: int, rank: int, out: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32):
+    """``out + down_seed(grad)`` as an r x m (n < m) or n x r matrix of ``dtype`` (float32,
+    or bfloat16); in place into ``out`` (of ``dtype``) when given.
+
+    bfloat16: the product is formed in float32 as below, added to ``out`` in float32 and
+    the sum rounded to bfloat16 once (``out.add_(float32 product)``); a float32 temporary of
+    the compressed size (r x m or n x r) exists meanwhile.
 
     bf16/fp16 gradients on CUDA: one tensor-core GEMM with the projection rounded to the
     gradient's dtype, float32 accumulation and a float32 result added into ``out`` (no
     full-size temporary). Elsewhere (the CPU, float32 gradients): bf16 GEMMs for bf16, float32
     GEMMs otherwise (TF32 on CUDA when torch allows it)."""
+    if dtype != torch.float32:
+        product = down_project(grad, seed, rank)
+        return product.to(dtype) if out is None else out.add_(product)
     if _cuda_half(grad):
         return _down_project_cuda_half(grad, seed, rank, out)
     dtype = _gemm_dtype(grad.dtype)
@@ -181,6 +191,16 @@ def up_project_add_(target: torch.Tensor, compressed: torch.Tensor, seed: int, r
         part = slice(start, start + block)
         target[part].add_(torch.mm(P[:, part].t(), C) if left else torch.mm(C[part], P.t()))
     return target
+
+
+def check_buffer_dtype(dtype, name):
+    """Raises unless ``dtype`` is a dtype the compressed buffers can have."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"flora: {name} must be a torch.dtype (torch.float32 or "
+                        f"torch.bfloat16), got {type(dtype).__name__} {dtype!r}")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"flora: {name} must be torch.float32 or torch.bfloat16, got "
+                         f"{dtype!r}")
 
 
 class _Managed:
@@ -232,6 +252,10 @@ class FloraAccumulator:
             processes, where the replicas would diverge).
         bucket_cap_mb, comm_dtype: across processes, the size of the flat all-reduce
             buckets (default 25 MiB) and their dtype (float32, or bfloat16 to halve bytes).
+        buffer_dtype: dtype of the compressed buffers C kept between micro-batches:
+            torch.float32 (default) or torch.bfloat16 (half the bytes; each micro-batch's
+            product is still formed and added in float32, then the sum rounded to bfloat16
+            once). Dense buffers are the gradients themselves, in the parameter's dtype.
 
     Across processes (flora_ext.distributed): each rank compresses every micro-batch of a
     cycle, the last one too (one process keeps the last one dense; across processes that
@@ -251,7 +275,7 @@ class FloraAccumulator:
 
     def __init__(self, optimizer, micro_batches: int = 1, rank: int | None = None, *,
                  params=None, model=None, process_group=_UNSET, bucket_cap_mb=25,
-                 comm_dtype=torch.float32, _sync=None):
+                 comm_dtype=torch.float32, buffer_dtype=torch.float32, _sync=None):
         from . import distributed  # a cycle at import time otherwise
         from .optimizer import Flora
 
@@ -263,7 +287,9 @@ class FloraAccumulator:
         if rank is not None and (not _is_int(rank) or rank < 1):
             raise ValueError(f"flora: accumulation rank must be None (dense accumulation) or "
                              f"an int >= 1, got {rank!r}")
+        check_buffer_dtype(buffer_dtype, "buffer_dtype")
         self.optimizer = optimizer
+        self.buffer_dtype = buffer_dtype
         # None, or a callable (param, grad) that the hook calls with the gradient it is about
         # to step the parameter with (the cycle's sum, or its unbiased estimate when
         # compressed; across processes their mean over the ranks), e.g. to log the gradient
@@ -449,7 +475,8 @@ class FloraAccumulator:
             return
         if not last:
             if entry.compressed:
-                entry.buffer = down_project(grad, entry.seed, self.rank, out=entry.buffer)
+                entry.buffer = down_project(grad, entry.seed, self.rank, out=entry.buffer,
+                                            dtype=self.buffer_dtype)
                 del grad  # the last reference: its memory goes back to the allocator now
             elif entry.buffer is None:
                 entry.buffer = grad  # autograd handed p.grad over: ours to keep and add into
@@ -591,10 +618,12 @@ class FloraAccumulator:
         progress are not saved."""
         self._check_cycle_complete("FloraAccumulator.state_dict()")
         return {"micro_batches": self._micro_batches, "rank": self.rank,
+                "buffer_dtype": str(self.buffer_dtype).replace("torch.", ""),
                 "seeds": {e.index: e.seed for e in self._entries}}
 
     def load_state_dict(self, state_dict: dict):
-        """Restores the accumulation seeds. micro_batches and rank stay as constructed."""
+        """Restores the accumulation seeds. micro_batches, rank and buffer_dtype stay as
+        constructed."""
         self._check_cycle_complete("FloraAccumulator.load_state_dict()")
         seeds = state_dict.get("seeds") if isinstance(state_dict, dict) else None
         if not isinstance(seeds, dict):
@@ -615,7 +644,9 @@ class FloraAccumulator:
     def __repr__(self):
         k = "sync signal" if self._sync is not None else self._micro_batches
         world = "" if self._reducer is None else f", world_size={self._reducer.world}"
-        return (f"FloraAccumulator(micro_batches={k}, rank={self.rank}, "
+        buffers = "" if self.buffer_dtype == torch.float32 else \
+            f", buffer_dtype={self.buffer_dtype}"
+        return (f"FloraAccumulator(micro_batches={k}, rank={self.rank}{buffers}, "
                 f"params={len(self._entries)}, active={self.active}{world})")
 
 

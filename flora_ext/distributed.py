@@ -273,6 +273,7 @@ class CycleReducer:
             "micro_batches": "accelerate sync" if acc._sync is not None else acc._micro_batches,
             "accumulation rank": acc.rank,
             "comm_dtype": str(self.comm_dtype),
+            "buffer_dtype": str(acc.buffer_dtype),
             "bucket_cap_mb": self.cap_numel,
             "parameters (position, shape, dtype)": [
                 (e.index, tuple(e.param.shape), str(e.param.dtype)) for e in acc._entries],
@@ -346,7 +347,8 @@ class CycleReducer:
             if not self.open:
                 self._start_cycle()
         if entry.compressed:
-            entry.buffer = down_project(grad, entry.seed, acc.rank, out=entry.buffer)
+            entry.buffer = down_project(grad, entry.seed, acc.rank, out=entry.buffer,
+                                        dtype=acc.buffer_dtype)
         elif entry.buffer is None:
             entry.buffer = grad
         else:

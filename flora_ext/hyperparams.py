@@ -228,6 +228,13 @@ HYPER_PARAMETERS = (
         expected="'gaussian' or 'orthogonal'", invalid="uniform",
         keyword_only=True, flora_opt=False, rules=(_orthogonal_without_capture,)),
     HyperParameter(
+        "max_aspect_ratio", float, 4.0,
+        "Compressed momentum only for a 2-D parameter whose longer side is at most "
+        "max_aspect_ratio times its shorter (4.0: flora-opt's rule, which keeps token "
+        "embeddings and output heads dense); None: no limit.",
+        check=lambda v: _finite(v) and v >= 1, expected="None (no limit) or a finite float >= 1",
+        nullable=True, invalid=0.5, keyword_only=True, flora_opt=False),
+    HyperParameter(
         "capturable", bool, False,
         "CUDA: step counts and seeds live in device tensors and the step plans once, so that "
         "it can be captured in a CUDA graph and replayed (docs/cuda.md).",

@@ -43,10 +43,10 @@ def _self_overlapping(t):
 _HYPER_KEYS = ("rank", "kappa", "eps", "clip_threshold", "decay_rate", "beta1",
                "weight_decay", "scale_parameter", "relative_step", "warmup_init",
                "factorize_second_moment", "seed", "tf32", "stochastic_rounding",
-               "skip_nonfinite", "projection", "capturable")
+               "skip_nonfinite", "projection", "max_aspect_ratio", "capturable")
 _HYPER = itemgetter(*_HYPER_KEYS)
 _PROJECTION_AT = _HYPER_KEYS.index("projection")
-_LAYOUT = itemgetter("rank", "beta1", "factorize_second_moment")
+_LAYOUT = itemgetter("rank", "beta1", "factorize_second_moment", "max_aspect_ratio")
 
 
 def _check_param(p, group):
@@ -120,7 +120,8 @@ def _pick(xs, index):
 
 
 def _layout(p, group):
-    return param_layout(p.shape, group["rank"], group["beta1"], group["factorize_second_moment"])
+    return param_layout(p.shape, group["rank"], group["beta1"], group["factorize_second_moment"],
+                        group["max_aspect_ratio"])
 
 
 def _expected_state_shapes(p, group):
@@ -214,7 +215,8 @@ def _op_hyper_parameters(group):
         warmup_init=group["warmup_init"],
         factorize_second_moment=group["factorize_second_moment"], tf32=group["tf32"],
         stochastic_rounding=group["stochastic_rounding"],
-        skip_nonfinite=group["skip_nonfinite"], projection=group["projection"])
+        skip_nonfinite=group["skip_nonfinite"], projection=group["projection"],
+        max_aspect_ratio=float(group["max_aspect_ratio"] or 0.0))
 
 
 class Flora(torch.optim.Optimizer):
@@ -235,6 +237,7 @@ class Flora(torch.optim.Optimizer):
                  tf32=_DEFAULT["tf32"], stochastic_rounding=_DEFAULT["stochastic_rounding"],
                  skip_nonfinite=_DEFAULT["skip_nonfinite"],
                  projection=_DEFAULT["projection"],
+                 max_aspect_ratio=_DEFAULT["max_aspect_ratio"],
                  capturable=_DEFAULT["capturable"],
                  reuse_param_norms=_DEFAULT["reuse_param_norms"]):
         # The arguments and their defaults: flora_ext/hyperparams.py.
@@ -843,7 +846,8 @@ class Flora(torch.optim.Optimizer):
                 f"flora: {where} of a parameter of shape {tuple(p.shape)} has keys "
                 f"{sorted(state)}, expected {sorted(expected_keys)} (rank={group['rank']}, "
                 f"beta1={group['beta1']}, factorize_second_moment="
-                f"{group['factorize_second_moment']})")
+                f"{group['factorize_second_moment']}, max_aspect_ratio="
+                f"{group['max_aspect_ratio']})")
         if group["capturable"] and not counters_as_ints:
             # The values are checked where they come from (load_state_dict, _init_state):
             # reading them here would wait for the device.
@@ -1023,7 +1027,7 @@ class Flora(torch.optim.Optimizer):
 def _layout_key(group):
     """What of a group's settings decides which state its parameters have (param_layout)."""
     return (int(group["rank"] or 0), (group["beta1"] or 0.0) > 0.0,
-            bool(group["factorize_second_moment"]))
+            bool(group["factorize_second_moment"]), group["max_aspect_ratio"])
 
 
 class _CompiledPlan:
@@ -1056,7 +1060,8 @@ class _CompiledPlan:
             _refuse_compile_capturable([group])
             if _layout_key(group) != self.layout:
                 raise RuntimeError(
-                    f"flora: a parameter group's (rank, beta1 > 0, factorize_second_moment) "
+                    f"flora: a parameter group's (rank, beta1 > 0, factorize_second_moment, "
+                    f"max_aspect_ratio) "
                     f"changed from {self.layout} to {_layout_key(group)} since torch.compile "
                     f"traced opt.step(), which changes the state its parameters need; keep "
                     f"them, or step eagerly")

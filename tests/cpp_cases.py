@@ -95,6 +95,13 @@ SCENARIOS = {
                   ((9,), F32)], {}),
                 ([((12, 30), F32)], dict(projection="gaussian"))],
         steps=7),
+    # max_aspect_ratio=None: compressed momentum for shapes past the aspect-ratio limit
+    # (left 8 x 64, right 64 x 8); a second group back on the default limit of 4 (dense)
+    "aspect": dict(
+        defaults=dict(lr=2e-2, beta1=0.9, rank=4, kappa=2, seed=9, max_aspect_ratio=None),
+        groups=[([((8, 64), F32), ((64, 8), F32), ((12, 30), F32)], {}),
+                ([((8, 64), F32), ((8, 33), F32)], dict(max_aspect_ratio=4.0))],
+        steps=5),
 }
 
 # The step checked against tests/reference.py (tests/cpp/reference_values.h).

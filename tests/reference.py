@@ -37,9 +37,14 @@ DEFAULT_HP = dict(
 )
 
 
+# flora_ext's own hyper-parameters that change the math, which flora-opt does not take: an
+# hp holds them only when given (so that DEFAULT_HP's hp also builds flora-opt's Flora).
+EXTENSION_HP = dict(max_aspect_ratio=4.0)
+
+
 def full_hp(**overrides):
     """DEFAULT_HP with ``overrides`` applied (unknown keys are an error)."""
-    unknown = set(overrides) - set(DEFAULT_HP)
+    unknown = set(overrides) - set(DEFAULT_HP) - set(EXTENSION_HP)
     if unknown:
         raise KeyError(f"unknown hyper-parameters: {sorted(unknown)}")
     hp = dict(DEFAULT_HP)
@@ -121,15 +126,17 @@ def basis_matrix(P, left, projection="gaussian"):
 # --------------------------------------------------------------------------- layout and state
 
 
-def layout(shape, rank, beta1, factorize_second_moment):
-    """Which state a parameter of ``shape`` gets (docs/FLORA.md, "Which state a parameter gets")."""
+def layout(shape, rank, beta1, factorize_second_moment, max_aspect_ratio=4.0):
+    """Which state a parameter of ``shape`` gets (docs/FLORA.md, "Which state a parameter gets");
+    max_aspect_ratio None: no limit on max(n, m) / min(n, m)."""
     shape = tuple(shape)
     factored = len(shape) == 2 and bool(factorize_second_moment)
     use_momentum = beta1 is not None and beta1 > 0
     compressed = False
     if use_momentum and rank is not None and rank > 0 and factored:
         n, m = shape
-        compressed = min(n, m) >= rank and max(n, m) / min(n, m) <= 4
+        compressed = min(n, m) >= rank and (
+            max_aspect_ratio is None or max(n, m) <= max_aspect_ratio * min(n, m))
     left = len(shape) == 2 and shape[0] < shape[1]
     if compressed:
         momentum = "compressed"
@@ -144,7 +151,8 @@ def layout(shape, rank, beta1, factorize_second_moment):
 
 
 def layout_for(shape, hp):
-    return layout(shape, hp["rank"], hp["beta1"], hp["factorize_second_moment"])
+    return layout(shape, hp["rank"], hp["beta1"], hp["factorize_second_moment"],
+                  hp.get("max_aspect_ratio", EXTENSION_HP["max_aspect_ratio"]))
 
 
 def init_state(param, hp, seed):

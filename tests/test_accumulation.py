@@ -122,6 +122,74 @@ def test_accumulated_gradient_is_last_plus_up_of_the_compressed_sum(device, shap
     assert acc.state_dict()["seeds"][0] == _iterate(seed, cycles)
 
 
+BF16_UNIT_ROUNDOFF = 2.0 ** -8  # round to nearest, 8 significant bits
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(8, 40), (40, 8)], ids=["left", "right"])
+def test_bf16_buffers_hold_the_compressed_sum_within_bf16_rounding(device, shape):
+    # Each micro-batch adds its float32 product to the bf16 buffer in float32 and rounds the
+    # sum once, so after j micro-batches each element is off the exact partial sum S_j by at
+    # most u (|S_1| + ... + |S_j|), u = 2^-8 (plus float32 GEMM error, 1e-5 relative here);
+    # the step's G~ = X_last + up(C) is then off by at most ||P||_2 ||that bound||_F.
+    k, rank = 4, 4
+    gen = torch.Generator().manual_seed(3)
+    X = [torch.randn(shape, generator=gen).to(device) for _ in range(k)]
+    runs = {}
+    for buffer_dtype in (torch.float32, torch.bfloat16):
+        p = torch.nn.Parameter(torch.zeros(shape, device=device))
+        opt = flora_ext.Flora([p], **FLORA)
+        acc = flora_ext.FloraAccumulator(opt, micro_batches=k, rank=rank,
+                                         buffer_dtype=buffer_dtype)
+        captured, buffers = [], []
+        opt._step_param = lambda param, grad: captured.append(grad.detach().clone())
+        for x in X:
+            (p * x).sum().backward()
+            if acc._entries[0].buffer is not None:
+                buffers.append(acc._entries[0].buffer.clone())
+        runs[buffer_dtype] = buffers, captured[0]
+    seed = initial_accumulation_seed(0, 1)
+    P = projection_matrix(ext_projection, seed, *shape, rank)
+    left = shape[0] < shape[1]
+    X64 = [x.cpu().double() for x in X]
+    partial = [sum(down(P, x, left) for x in X64[:j + 1]) for j in range(k - 1)]
+    scale = max(s.abs().max() for s in partial)
+    fp32_buffers, fp32_grad = runs[torch.float32]
+    bf16_buffers, bf16_grad = runs[torch.bfloat16]
+    bound = torch.zeros_like(partial[0])
+    for j, (b32, b16, exact) in enumerate(zip(fp32_buffers, bf16_buffers, partial)):
+        assert b32.dtype == torch.float32 and b16.dtype == torch.bfloat16
+        assert b16.shape == b32.shape and b16.nbytes * 2 == b32.nbytes
+        assert (b32.cpu().double() - exact).abs().max() < 1e-5 * scale
+        bound = bound + BF16_UNIT_ROUNDOFF * exact.abs()
+        err = (b16.cpu().double() - exact).abs()
+        assert (err <= 1.01 * bound + 1e-5 * scale).all(), (j, (err / bound).max())
+    assert not torch.equal(fp32_buffers[-1].to(torch.bfloat16).float(), fp32_buffers[-1])
+    expected = X64[-1] + up(P, partial[-1], left)
+    assert (fp32_grad.cpu().double() - expected).norm() < 1e-5 * expected.norm()
+    grad_bound = torch.linalg.matrix_norm(P, ord=2) * (1.01 * bound + 1e-5 * scale).norm()
+    assert (bf16_grad.cpu().double() - expected).norm() <= grad_bound
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_buffers_train_the_mlp_close_to_float32_buffers(device):
+    data = batches(12, device)
+    runs = {}
+    for buffer_dtype in (torch.float32, torch.bfloat16):
+        model = mlp(device)
+        opt = flora_ext.Flora(model.parameters(), **FLORA)
+        acc = flora_ext.FloraAccumulator(opt, micro_batches=3, rank=4, buffer_dtype=buffer_dtype)
+        assert ("buffer_dtype" in repr(acc)) == (buffer_dtype == torch.bfloat16)
+        hooked_steps(model, data, 3)
+        assert acc.state_dict()["buffer_dtype"] == str(buffer_dtype).replace("torch.", "")
+        runs[buffer_dtype] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    start = torch.cat([p.detach().flatten() for p in mlp(device).parameters()])
+    moved = (runs[torch.float32] - start).norm()
+    # 4 steps of lr 1e-2 (Adafactor updates of RMS <= 1): bf16 buffers change the update
+    # direction by about bf16's precision, a small fraction of the distance moved
+    assert 0 < (runs[torch.bfloat16] - runs[torch.float32]).norm() < 0.05 * moved
+
+
 def _iterate(seed, times):
     for _ in range(times):
         seed = flora_ext.next_seed(seed)
@@ -208,16 +276,18 @@ def next_seed_xor(x):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_resume_from_state_dicts_is_bitwise(device):
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.bfloat16])
+def test_resume_from_state_dicts_is_bitwise(device, buffer_dtype):
     data = batches(8, device)
     ref = mlp(device)
     ref_opt = flora_ext.Flora(ref.parameters(), **FLORA)
-    flora_ext.FloraAccumulator(ref_opt, micro_batches=2, rank=4)
+    flora_ext.FloraAccumulator(ref_opt, micro_batches=2, rank=4, buffer_dtype=buffer_dtype)
     hooked_steps(ref, data, 2)
 
     first = mlp(device)
     first_opt = flora_ext.Flora(first.parameters(), **FLORA)
-    first_acc = flora_ext.FloraAccumulator(first_opt, micro_batches=2, rank=4)
+    first_acc = flora_ext.FloraAccumulator(first_opt, micro_batches=2, rank=4,
+                                           buffer_dtype=buffer_dtype)
     hooked_steps(first, data[:4], 2)
     buf = io.BytesIO()
     torch.save({"model": first.state_dict(), "opt": first_opt.state_dict(),
@@ -230,7 +300,8 @@ def test_resume_from_state_dicts_is_bitwise(device):
         model.load_state_dict(saved["model"])
         opt = flora_ext.Flora(model.parameters(), **FLORA)
         opt.load_state_dict(saved["opt"])
-        acc = flora_ext.FloraAccumulator(opt, micro_batches=2, rank=4)
+        acc = flora_ext.FloraAccumulator(opt, micro_batches=2, rank=4,
+                                         buffer_dtype=buffer_dtype)
         if load_acc:
             acc.load_state_dict(saved["acc"])
         hooked_steps(model, data[4:], 2)
@@ -291,12 +362,17 @@ def test_activation_checkpointing_gives_the_same_steps(device, reentrant):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bf16_parameters_accumulate_compressed_close_to_fp32(device):
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_parameters_accumulate_compressed_close_to_fp32(device, buffer_dtype):
+    # bf16 buffers on bf16 parameters: the up projection rounds C to bf16 anyway, so the
+    # same bound holds (on CUDA this runs the tensor-core down projection's float32 product)
     grads = {}
     for dtype in (torch.float32, torch.bfloat16):
         p = torch.nn.Parameter(torch.randn(32, 48).to(device, dtype))
         opt = flora_ext.Flora([p], **FLORA)
-        flora_ext.FloraAccumulator(opt, micro_batches=3, rank=8)
+        flora_ext.FloraAccumulator(opt, micro_batches=3, rank=8,
+                                   buffer_dtype=buffer_dtype if dtype == torch.bfloat16
+                                   else torch.float32)
         captured = []
         opt._step_param = lambda param, grad: captured.append(grad.detach().clone())
         gen = torch.Generator().manual_seed(4)
@@ -378,6 +454,11 @@ def test_micro_batches_can_change_between_steps():
     (dict(rank=0), ValueError, "accumulation rank must be"),
     (dict(rank=-1), ValueError, "accumulation rank must be"),
     (dict(rank=2.5), ValueError, "accumulation rank must be"),
+    (dict(buffer_dtype=torch.float16), ValueError,
+     "buffer_dtype must be torch.float32 or torch.bfloat16, got torch.float16"),
+    (dict(buffer_dtype=torch.float64), ValueError, "buffer_dtype must be torch.float32 or"),
+    (dict(buffer_dtype="bfloat16"), TypeError, "buffer_dtype must be a torch.dtype"),
+    (dict(buffer_dtype=None), TypeError, "buffer_dtype must be a torch.dtype"),
 ])
 def test_bad_arguments_are_rejected(kwargs, exc, match):
     opt = flora_ext.Flora(mlp().parameters(), **FLORA)
@@ -647,16 +728,20 @@ def make_accelerator(**kwargs):
     return flora_ext.FloraAccelerator(**{"cpu": not torch.cuda.is_available(), **kwargs})
 
 
-@pytest.mark.parametrize("rank,steps", [(4, 2), (None, 2), (4, 1)],
-                         ids=["compressed", "dense", "layerwise"])
-def test_flora_accelerator_equals_the_accumulator_loop(accelerate_state, rank, steps):
+@pytest.mark.parametrize("rank,steps,buffer_dtype", [
+    (4, 2, torch.float32), (4, 2, torch.bfloat16), (None, 2, torch.float32),
+    (4, 1, torch.float32)], ids=["compressed", "compressed_bf16_buffers", "dense", "layerwise"])
+def test_flora_accelerator_equals_the_accumulator_loop(accelerate_state, rank, steps,
+                                                       buffer_dtype):
     accelerator = make_accelerator(accumulation_compression_rank=rank,
-                                   gradient_accumulation_steps=steps)
+                                   gradient_accumulation_steps=steps,
+                                   accumulation_buffer_dtype=buffer_dtype)
     device = accelerator.device
     data = batches(6, device)
     ref = mlp(device)
     ref_opt = flora_ext.Flora(ref.parameters(), **FLORA)
-    flora_ext.FloraAccumulator(ref_opt, micro_batches=steps, rank=rank if steps > 1 else None)
+    flora_ext.FloraAccumulator(ref_opt, micro_batches=steps, rank=rank if steps > 1 else None,
+                               buffer_dtype=buffer_dtype)
     hooked_steps(ref, data, steps)
 
     model = mlp(device)
@@ -704,6 +789,8 @@ def test_flora_accelerator_saves_the_seeds(accelerate_state, tmp_path):
 @pytest.mark.parametrize("kwargs,make_opt,exc,match", [
     (dict(accumulation_compression_rank=0), None, ValueError,
      "accumulation_compression_rank must be"),
+    (dict(accumulation_buffer_dtype=torch.float16), None, ValueError,
+     "accumulation_buffer_dtype must be torch.float32 or torch.bfloat16"),
     (dict(), lambda ps: torch.optim.AdamW(ps), TypeError,
      "prepares flora_ext.Flora optimizers, got AdamW"),
 ])

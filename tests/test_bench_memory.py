@@ -1,11 +1,14 @@
-"""benchmarks/bench_memory.py's profile option on the CPU (the tiny model): one profiled
-step per configuration, its table written, its wall time in the results."""
+"""benchmarks/bench_memory.py on the CPU (the tiny model): the profile option (one profiled
+step per configuration, its table written, its wall time in the results), --chunked-loss
+(the model's own loss and gradients, the rows' flags) and the lean configurations' options."""
+import argparse
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -38,3 +41,66 @@ def test_profile_writes_one_step_per_configuration(tmp_path):
     row = next(r for r in rows if r["config"] == "flora_accum")
     assert row["status"] == "ok"
     assert row["profile"]["wall_s"] > 0 and "gpu_busy_s" not in row["profile"]
+
+
+# ------------------------------------------------------------------ --chunked-loss and lean rows
+
+
+def _tiny_model(dtype=torch.float32):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    shape = bench_memory.MODEL_TINY
+    return bench_memory.build_model(shape, "cpu", dtype, checkpointing=False), shape
+
+
+@pytest.mark.parametrize("chunk", [16, 63, 512], ids=["4_chunks", "one_exact", "one_larger"])
+def test_chunked_loss_equals_the_models_own_loss_and_gradients(chunk):
+    model, shape = _tiny_model()
+    vocab, seq = shape[4], shape[5]
+    ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(1))
+    own = model(input_ids=ids, labels=ids, use_cache=False).loss
+    own.backward()
+    own_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    chunked = bench_memory.chunked_causal_lm_loss(model, ids, chunk)
+    chunked.backward()
+    # float32 rounding of a different summation order: a few ulps of the loss (~5)
+    assert abs(chunked.item() - own.item()) <= 1e-6 * own.item()
+    assert chunked.item() != 0.0
+    for (name, p), g in zip(model.named_parameters(), own_grads):
+        err = ((p.grad - g).norm() / g.norm()).item()
+        assert err < 1e-5, (name, err)
+
+
+def test_lean_configurations_set_the_memory_options():
+    import flora_ext
+
+    model, shape = _tiny_model(torch.bfloat16)
+    args = argparse.Namespace(micro_batches=2, lr=1e-3, flora_beta1=0.9, flora_rank=8, rank=8,
+                              chunked_loss=16)
+    step, opt, _ = bench_memory.make_trainer("flora_accum_q8_lean", model, args,
+                                             torch.device("cpu"))
+    assert isinstance(opt, flora_ext.Flora) and opt.quantization
+    assert opt.param_groups[0]["max_aspect_ratio"] is None
+    assert opt._accumulator().buffer_dtype == torch.bfloat16
+    ids = torch.randint(0, shape[4], (1, shape[5]), generator=torch.Generator().manual_seed(2))
+    step([ids, ids])
+    embedding = model.get_input_embeddings().weight  # 512 x 64: past the default limit of 4
+    assert "seed" in opt.state[embedding]  # compressed momentum
+
+
+def test_chunked_loss_rows_say_so(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "bm.md"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_memory.py"), "--tiny",
+         "--device", "cpu", "--configs", "flora_accum", "flora_accum_lean", "--steps", "1",
+         "--warmup", "1", "--chunked-loss", "--loss-chunk", "16", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all(r["flags"] == "--chunked-loss (16 positions)" for r in rows)
+    table = out.read_text()
+    assert "| flags |" in table
+    assert table.count("| --chunked-loss (16 positions) |") == 2

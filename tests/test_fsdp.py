@@ -29,6 +29,9 @@ CONFIGS = {
     "no_momentum": dict(lr=None, relative_step=True, warmup_init=True, beta1=None),
     "unfactored": dict(lr=0.02, beta1=0.8, factorize_second_moment=False,
                        scale_parameter=False, clip_threshold=0.5),
+    # no aspect-ratio limit: (50, 6) gets compressed momentum (50 x 4, split by rows)
+    "no_aspect_limit": dict(lr=0.05, beta1=0.9, rank=4, kappa=3, seed=7,
+                            max_aspect_ratio=None),
 }
 STEPS = 7  # resamples at steps 3 and 6 with kappa=3
 

@@ -231,6 +231,8 @@ def test_training_arguments_to_flora(hf, tmp_path):
                     tf32=False, scale_parameter=True)
     assert hf.flora_optimizer_kwargs(args) == expected
     assert hf.parse_optim_args("rank=none,beta1=None") == dict(rank=None, beta1=None)
+    assert hf.parse_optim_args("max_aspect_ratio=none") == dict(max_aspect_ratio=None)
+    assert hf.parse_optim_args("max_aspect_ratio=8") == dict(max_aspect_ratio=8.0)
     assert hf.parse_optim_args("") == {} and hf.parse_optim_args(None) == {}
 
     model = tiny_llama()

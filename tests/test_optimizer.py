@@ -76,9 +76,9 @@ def test_defaults_match_flora_opt():
                     decay_rate=-0.8, beta1=None, weight_decay=0.0, scale_parameter=True,
                     relative_step=True, warmup_init=False, factorize_second_moment=True, seed=0)
     # ours on top: keyword-only, CUDA projection precision, bf16 rounding, non-finite
-    # skips, the down projection, CUDA graphs
+    # skips, the down projection, the aspect-ratio limit (flora-opt's 4), CUDA graphs
     expected.update(tf32=True, stochastic_rounding=False, skip_nonfinite=False,
-                    projection="gaussian", capturable=False)
+                    projection="gaussian", max_aspect_ratio=4.0, capturable=False)
     assert opt.defaults == expected
 
 

@@ -37,6 +37,19 @@ FLORA_HOST_DEVICE inline T col_scale(T col) {
   return T(1) / sqrt(col);
 }
 
+// Which factored (rows x cols) parameters get compressed momentum: rank r > 0 no larger
+// than the shorter side, and the longer side at most max_aspect_ratio times the shorter
+// (4 is flora-opt's rule, which keeps token embeddings and output heads dense); 0 means no
+// limit. Compared in double: exact for the integer ratio 4 and any realistic side.
+FLORA_HOST_DEVICE inline bool momentum_compressible(int64_t rows, int64_t cols, int64_t rank,
+                                                    double max_aspect_ratio) {
+  const int64_t shorter = rows < cols ? rows : cols;
+  const int64_t longer = rows < cols ? cols : rows;
+  return rank > 0 && shorter >= rank &&
+         (max_aspect_ratio == 0.0 ||
+          static_cast<double>(longer) <= max_aspect_ratio * static_cast<double>(shorter));
+}
+
 // Step 5: the factor D is divided by, max(1, RMS(D) / clip_threshold), from sum D^2
 // over the parameter's numel elements (NaN when sum D^2 is).
 FLORA_HOST_DEVICE inline double clip_factor(double sum_d2, int64_t numel,

@@ -172,7 +172,8 @@ at::Tensor check_quantized(const at::Tensor& param, const char* name, const at::
 void check_state(const at::Tensor& param, const at::Tensor& grad, const FloraOptions& options,
                  const FloraParamState& state) {
   const ParamLayout layout = param_layout(param.sizes(), options.rank(), options.beta1(),
-                                          options.factorize_second_moment());
+                                          options.factorize_second_moment(),
+                                          options.max_aspect_ratio());
   const bool compressed = layout.momentum == MomentumKind::kCompressed;
   TORCH_CHECK(state.step() >= 0, "flora: state step must be >= 0, got ", state.step());
   TORCH_CHECK(state.seed().has_value() == compressed, "flora: the state of a parameter of shape ",
@@ -204,7 +205,8 @@ void check_state(const at::Tensor& param, const at::Tensor& grad, const FloraOpt
 std::unique_ptr<FloraParamState> initial_state(const at::Tensor& param,
                                                const FloraOptions& options, int64_t number) {
   const ParamLayout layout = param_layout(param.sizes(), options.rank(), options.beta1(),
-                                          options.factorize_second_moment());
+                                          options.factorize_second_moment(),
+                                          options.max_aspect_ratio());
   const auto fp32 = at::TensorOptions().dtype(at::kFloat).device(param.device());
   auto state = std::make_unique<FloraParamState>();
   if (layout.factored) {
@@ -259,13 +261,13 @@ void step_group(const GroupCall& call, const StepOptions& o) {
                       at::IntArrayRef, double, double, double, double, double, double, double,
                       int64_t, int64_t, bool, bool, bool, bool, bool, bool, bool,
                       c10::string_view, const std::optional<at::Tensor>&, at::IntArrayRef,
-                      const std::optional<at::Tensor>&)>();
+                      const std::optional<at::Tensor>&, double)>();
   op.call(call.params, call.grads, call.states, call.steps, call.seeds, o.lr, o.beta1, o.eps1,
           o.eps2, o.clip_threshold, o.decay_rate, o.weight_decay, o.rank, o.kappa,
           o.scale_parameter, o.relative_step, o.warmup_init, o.factorize_second_moment, o.tf32,
           o.stochastic_rounding, o.skip_nonfinite, projection_name(o.projection),
           /*param_norms=*/std::nullopt,
-          /*norms_known=*/{}, call.nonfinite_skips);
+          /*norms_known=*/{}, call.nonfinite_skips, o.max_aspect_ratio);
 }
 
 // The positions of `items` by device, devices in the order they first appear.
@@ -384,7 +386,8 @@ void step_group_quantized(const std::vector<at::Tensor>& params,
 void quantize_loaded(const at::Tensor& param, const FloraOptions& options,
                      const QuantizedField& field, at::Tensor& values, at::Tensor& absmax) {
   const ParamLayout layout = param_layout(param.sizes(), options.rank(), options.beta1(),
-                                          options.factorize_second_moment());
+                                          options.factorize_second_moment(),
+                                          options.max_aspect_ratio());
   const bool momentum = std::string_view(field.name) == "momentum";
   const bool expected = momentum ? layout.momentum != MomentumKind::kNone : !layout.factored;
   if (!expected) return;
@@ -437,6 +440,10 @@ void FloraOptions::validate() const {
               "flora: weight_decay must be finite and >= 0, got ", weight_decay_);
   TORCH_CHECK(seed_ >= 0 && seed_ <= kMaxBaseSeed, "flora: seed must be in [0, 2^62], got ",
               seed_);
+  TORCH_CHECK(max_aspect_ratio_ == 0.0 ||
+                  (std::isfinite(max_aspect_ratio_) && max_aspect_ratio_ >= 1.0),
+              "flora: max_aspect_ratio must be 0 (no limit) or a finite value >= 1, got ",
+              max_aspect_ratio_);
   TORCH_CHECK(projection_ == "gaussian" || projection_ == "orthogonal",
               "flora: projection must be \"gaussian\" or \"orthogonal\", got \"", projection_,
               "\"");
@@ -461,7 +468,7 @@ StepOptions FloraOptions::step_options(int64_t step, int64_t seed) const {
                                      clip_threshold_, decay_rate_, weight_decay_, rank_, kappa_,
                                      scale_parameter_, relative_step_, warmup_init_,
                                      factorize_second_moment_, tf32_, stochastic_rounding_,
-                                     skip_nonfinite_, projection_);
+                                     skip_nonfinite_, projection_, max_aspect_ratio_);
 }
 
 double FloraOptions::get_lr() const {
@@ -487,9 +494,11 @@ void FloraOptions::serialize(torch::serialize::OutputArchive& archive) const {
 }
 
 void FloraOptions::serialize(torch::serialize::InputArchive& archive) {
-  // capturable came later: archives without it load with its default.
-#define FLORA_READ_OPTION(T, name, default_value) \
-  if (std::string_view(#name) != "capturable" || has_key(archive, #name))   \
+  // capturable and max_aspect_ratio came later: archives without them load with their
+  // defaults (4.0: the rule they were saved under).
+#define FLORA_READ_OPTION(T, name, default_value)                                     \
+  if ((std::string_view(#name) != "capturable" &&                                     \
+       std::string_view(#name) != "max_aspect_ratio") || has_key(archive, #name))     \
     read_option(archive, #name, name##_);
   FLORA_OPTIONS(FLORA_READ_OPTION)
 #undef FLORA_READ_OPTION

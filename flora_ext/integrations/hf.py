@@ -54,6 +54,7 @@ OPTIM_ARGS = {
     "clip_threshold": _FLOAT, "decay_rate": _FLOAT, "eps1": _FLOAT, "eps2": _FLOAT,
     "scale_parameter": _BOOL, "factorize_second_moment": _BOOL, "seed": _INT, "tf32": _BOOL,
     "stochastic_rounding": _BOOL, "reuse_param_norms": _BOOL, "quantization": _BOOL,
+    "max_aspect_ratio": _FLOAT_OR_NONE,
 }
 # Keys that look like Flora's but must come from elsewhere under Trainer.
 _ELSEWHERE = {

@@ -114,8 +114,8 @@ struct Scenario {
   int64_t scratch_bytes = -1;  // Flora::quantization_scratch_bytes, when >= 0
 };
 
-const char* const kScenarios[] = {"compressed", "relative_step", "half",
-                                  "groups",     "quantized",     "orthogonal"};
+const char* const kScenarios[] = {"compressed", "relative_step", "half",  "groups",
+                                  "quantized",  "orthogonal",    "aspect"};
 
 // The SCENARIOS of tests/cpp_cases.py.
 Scenario scenario(const std::string& name) {
@@ -182,9 +182,17 @@ Scenario scenario(const std::string& name) {
                         std::nullopt});
     s.groups.push_back({{{{12, 30}, at::kFloat}}, FloraOptions().projection("gaussian")});
     s.steps = 7;
+  } else if (name == "aspect") {
+    // max_aspect_ratio 0 is Python's None: no limit
+    s.defaults = FloraOptions(2e-2).beta1(0.9).rank(4).kappa(2).seed(9).max_aspect_ratio(0.0);
+    s.groups.push_back(
+        {{{{8, 64}, at::kFloat}, {{64, 8}, at::kFloat}, {{12, 30}, at::kFloat}}, std::nullopt});
+    s.groups.push_back({{{{8, 64}, at::kFloat}, {{8, 33}, at::kFloat}},
+                        FloraOptions().max_aspect_ratio(4.0)});
+    s.steps = 5;
   } else {
     TORCH_CHECK(false, "unknown scenario '", name,
-                "' (compressed, relative_step, half, groups, quantized, orthogonal)");
+                "' (compressed, relative_step, half, groups, quantized, orthogonal, aspect)");
   }
   return s;
 }
@@ -351,6 +359,9 @@ FLORA_TEST(bad_options_are_rejected_with_the_option_named) {
        "flora: projection must be \"gaussian\" or \"orthogonal\", got \"qr\""},
       {FloraOptions(1e-3).capturable(true),
        "flora: capturable=true is not supported by the C++ flora::Flora"},
+      {FloraOptions(1e-3).max_aspect_ratio(0.5),
+       "flora: max_aspect_ratio must be 0 (no limit) or a finite value >= 1, got 0.5"},
+      {FloraOptions(1e-3).max_aspect_ratio(inf), "flora: max_aspect_ratio must be 0"},
   };
   for (const auto& [options, message] : cases) {
     std::vector<at::Tensor> params = {initial_param(0, {3, 3})};

@@ -76,6 +76,9 @@ namespace flora {
   /* Compressed momentum's basis: "gaussian" (flora-opt's) or "orthogonal" (docs/FLORA.md, */ \
   /* "Orthogonalised projections"); a checkpoint resumes only with the one it was saved with. */ \
   X(std::string, projection, "gaussian")                                                    \
+  /* Compressed momentum only where the longer side is at most this times the shorter */   \
+  /* (4: flora-opt's rule, embeddings and heads dense); 0 (Python's None): no limit. */     \
+  X(double, max_aspect_ratio, 4.0)                                                          \
   /* Python only (flora_ext.Flora): device step counts for CUDA graph capture. */            \
   X(bool, capturable, false)
 

@@ -45,7 +45,7 @@ struct ParamLayout {
 };
 
 ParamLayout param_layout(at::IntArrayRef shape, int64_t rank, double beta1,
-                         bool factorize_second_moment);
+                         bool factorize_second_moment, double max_aspect_ratio);
 
 const char* momentum_kind_name(MomentumKind kind);
 
@@ -72,6 +72,9 @@ struct StepOptions {
   bool relative_step = false;
   bool warmup_init = false;
   bool factorize_second_moment = true;
+  // Compressed momentum only where the longer side is at most this times the shorter
+  // (common/rules.h, momentum_compressible); 0: no limit.
+  double max_aspect_ratio = 4.0;
   // CUDA only: projection GEMMs on TF32 tensor cores (bf16/fp16 ones for such
   // gradients); false keeps them exact fp32. The CPU path is always exact.
   bool tf32 = true;
@@ -182,7 +185,7 @@ StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double be
                                 int64_t kappa, bool scale_parameter, bool relative_step,
                                 bool warmup_init, bool factorize_second_moment, bool tf32,
                                 bool stochastic_rounding, bool skip_nonfinite,
-                                c10::string_view projection);
+                                c10::string_view projection, double max_aspect_ratio);
 // The op entry points of every backend: options from the schema, the checks,
 // then the backend's kernel. The argument lists are the op schemas'; a backend
 // registers m.impl("step_", &detail::step_op<&its_group_kernel>) and likewise
@@ -197,13 +200,14 @@ void step_op(const at::Tensor& param, const at::Tensor& grad,
              double weight_decay, int64_t rank, int64_t kappa, bool scale_parameter,
              bool relative_step, bool warmup_init, bool factorize_second_moment, bool tf32,
              bool stochastic_rounding, bool skip_nonfinite, c10::string_view projection,
-             const std::optional<at::Tensor>& nonfinite_skips) {
+             const std::optional<at::Tensor>& nonfinite_skips, double max_aspect_ratio) {
   std::vector<GroupEntry> entries(1);
   GroupEntry& entry = entries[0];
   entry.options = options_from_schema(step, seed, lr, beta1, eps1, eps2, clip_threshold,
                                       decay_rate, weight_decay, rank, kappa, scale_parameter,
                                       relative_step, warmup_init, factorize_second_moment, tf32,
-                                      stochastic_rounding, skip_nonfinite, projection);
+                                      stochastic_rounding, skip_nonfinite, projection,
+                                      max_aspect_ratio);
   entry.state = ParamState{row_second_moment, col_second_moment, second_moment, momentum};
   entry.layout = check_step_inputs(param, grad, row_second_moment, col_second_moment,
                                    second_moment, momentum, entry.options);
@@ -219,11 +223,11 @@ void step_group_op(at::TensorList params, at::TensorList grads, at::TensorList s
                    bool relative_step, bool warmup_init, bool factorize_second_moment, bool tf32,
                    bool stochastic_rounding, bool skip_nonfinite, c10::string_view projection,
                    const std::optional<at::Tensor>& param_norms, at::IntArrayRef norms_known,
-                   const std::optional<at::Tensor>& nonfinite_skips) {
+                   const std::optional<at::Tensor>& nonfinite_skips, double max_aspect_ratio) {
   const StepOptions group = options_from_schema(
       1, 0, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
       scale_parameter, relative_step, warmup_init, factorize_second_moment, tf32,
-      stochastic_rounding, skip_nonfinite, projection);
+      stochastic_rounding, skip_nonfinite, projection, max_aspect_ratio);
   std::vector<GroupEntry> entries;
   {
     RECORD_USER_SCOPE("flora::check_inputs");  // for torch.profiler: host time of the checks
@@ -263,11 +267,12 @@ void step_group_capturable_op(at::TensorList params, at::TensorList grads, at::T
                               double weight_decay, int64_t rank, int64_t kappa,
                               bool scale_parameter, bool relative_step, bool warmup_init,
                               bool factorize_second_moment, bool tf32, bool stochastic_rounding,
-                              const std::optional<at::Tensor>& lr_tensor) {
+                              const std::optional<at::Tensor>& lr_tensor,
+                              double max_aspect_ratio) {
   StepOptions group = options_from_schema(
       1, 0, lr, beta1, eps1, eps2, clip_threshold, decay_rate, weight_decay, rank, kappa,
       scale_parameter, relative_step, warmup_init, factorize_second_moment, tf32,
-      stochastic_rounding, /*skip_nonfinite=*/false, "gaussian");
+      stochastic_rounding, /*skip_nonfinite=*/false, "gaussian", max_aspect_ratio);
   group.capturable = true;
   const std::vector<int64_t> placeholder_steps(params.size(), 1);
   const std::vector<int64_t> placeholder_seeds(params.size(), 0);
