@@ -55,7 +55,7 @@ int64_t plan_row_stats(Task& t, int64_t elem, int64_t lane_elems, int64_t smem_l
 // G in all: blocks of about equal bytes (a block of wide rows took 2.7x as long as
 // one of 2048-wide rows when both had the same rows, and the launch waited for the
 // last ones), a whole number of stages each.
-void set_block_rows(Task& t, int64_t row_bytes, int64_t bytes) {
+void set_block_rows(Task& t, int64_t row_bytes, int64_t bytes, int64_t task_blocks) {
   const int64_t elem = row_bytes / t.m;
   // Whole stages of G alone: a step whose stages also hold p (fewer rows) sums each
   // column over the same blocks of rows, so in the same order.
@@ -64,8 +64,10 @@ void set_block_rows(Task& t, int64_t row_bytes, int64_t bytes) {
   // but would leave a tensor stepped alone (FloraAccumulator steps one a call) with a
   // few dozen blocks: it gives way to kStatsTaskBlocks blocks a tensor. A function of the
   // tensor only, so batching still does not change a small tensor's sums.
-  const int64_t floor_rows = std::min(ceil_div(kRowBlockMinColBytes, elem),
-                                      std::max(g_rows, ceil_div(t.n, kStatsTaskBlocks)));
+  const int64_t floor_rows =
+      task_blocks == 0 ? ceil_div(kRowBlockMinColBytes, elem)
+                       : std::min(ceil_div(kRowBlockMinColBytes, elem),
+                                  std::max(g_rows, ceil_div(t.n, task_blocks)));
   const int64_t wanted = std::clamp(ceil_div(ceil_div(bytes, kStatsBlocksTarget), row_bytes),
                                     floor_rows, kRowBlockMaxColBytes / elem);
   t.block_rows = static_cast<int32_t>(ceil_div(wanted, g_rows) * g_rows);
@@ -329,7 +331,8 @@ void plan_stats_groups(const std::vector<Item>& items, StepPlan& plan) {
 }
 
 // Grids and workspace offsets of each stats group and batch.
-void plan_grids(const std::vector<Item>& items, const GroupArgs& args, StepPlan& plan) {
+void plan_grids(const std::vector<Item>& items, const GroupArgs& args, const Tuning& tuning,
+                StepPlan& plan) {
   std::vector<Task>& tasks = plan.tasks;
   std::vector<WorkspacePlan>& plans = plan.plans;
   std::vector<Batch>& batches = plan.batches;
@@ -343,7 +346,8 @@ void plan_grids(const std::vector<Item>& items, const GroupArgs& args, StepPlan&
     for (int k = g.first; k < g.first + g.count; ++k) {
       Task& t = tasks[k];
       if (t.row_stats)
-        set_block_rows(t, t.m * items[k].param.element_size(), row_stats_bytes);
+        set_block_rows(t, t.m * items[k].param.element_size(), row_stats_bytes,
+                       tuning.stats_task_blocks);
       t.fblock_begin = g.fblocks;
       t.sblock_begin = g.sblocks;
       g.sblocks += t.row_stats ? t.rchunks : t.tiles;
@@ -534,7 +538,7 @@ StepPlan plan_step(const std::vector<Item>& items, const GroupArgs& args, const 
   plan.limits = call_limits(items, tuning);
   plan_batches(items, args, tuning, plan);
   plan_stats_groups(items, plan);
-  plan_grids(items, args, plan);
+  plan_grids(items, args, tuning, plan);
   plan_momentum(items, tuning, plan);
   return plan;
 }
