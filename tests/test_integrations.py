@@ -202,7 +202,7 @@ def training_args(output_dir, **overrides):
     return TrainingArguments(**kwargs)
 
 
-def train(hf, args, accumulation=None, resume=None):
+def train(hf, args, accumulation=None, resume=None, **callback_kw):
     """Trains tiny_llama with Flora from args; accumulation: None (Trainer's own) or
     ("dense" | rank) through the callback. Returns the model and the trainer."""
     from transformers import Trainer
@@ -211,7 +211,8 @@ def train(hf, args, accumulation=None, resume=None):
     trainer = Trainer(model=model, args=args, train_dataset=TokenData(),
                       optimizer_cls_and_kwargs=hf.flora_optimizer_cls_and_kwargs(args))
     if accumulation is not None:
-        hf.add_flora_accumulation(trainer, rank=None if accumulation == "dense" else accumulation)
+        hf.add_flora_accumulation(trainer, rank=None if accumulation == "dense" else accumulation,
+                                  **callback_kw)
     trainer.train(resume_from_checkpoint=resume)
     return model, trainer
 
@@ -314,6 +315,27 @@ def test_compressed_accumulation_with_a_short_last_window(hf, tmp_path):
     assert norm > 0 and norm != pytest.approx(dense_norm, rel=1e-3)
     assert not any(torch.equal(p, q) for p, q in zip(dense.parameters(), compressed.parameters())
                    if p.dim() == 2)
+
+
+def test_bf16_accumulation_buffers_through_the_callback(hf, tmp_path):
+    """buffer_dtype reaches the accumulator: bf16 buffers give a different (rounded) but
+    close run, and the checkpoint records the dtype by name, which the callback accepts."""
+    fp32, _ = train(hf, training_args(tmp_path / "fp32"), accumulation=2)
+    bf16, trainer = train(hf, training_args(tmp_path / "bf16"), accumulation=2,
+                          buffer_dtype=torch.bfloat16)
+    callback = trainer.callback_handler.callbacks[0]
+    args = callback.state()["args"]
+    assert args["buffer_dtype"] == "bfloat16"
+    assert hf.FloraAccumulationCallback(**args).buffer_dtype == torch.bfloat16
+    moved = [(p, q) for p, q in zip(fp32.parameters(), bf16.parameters()) if p.dim() == 2]
+    assert not all(torch.equal(p, q) for p, q in moved)
+    for p, q in moved:
+        assert (p - q).norm() <= 1e-2 * p.norm()
+    with pytest.raises(ValueError, match="flora: buffer_dtype must be torch.float32 or "
+                                         "torch.bfloat16, got torch.float16"):
+        hf.FloraAccumulationCallback(rank=2, buffer_dtype=torch.float16)
+    with pytest.raises(TypeError, match="flora: buffer_dtype must be a torch.dtype"):
+        hf.FloraAccumulationCallback(rank=2, buffer_dtype="half")
 
 
 def test_clipping_and_other_optimizers_are_refused(hf, tmp_path):

@@ -43,8 +43,10 @@ except ImportError as err:  # pragma: no cover - exercised only without transfor
                       "(pip install transformers accelerate); the rest of flora_ext does "
                       "not") from err
 
-from ..accumulation import FloraAccumulator, _is_int
+from ..accumulation import FloraAccumulator, _is_int, check_buffer_dtype
 from ..optimizer import Flora
+
+_BUFFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # optim_args keys: the Flora argument each sets, and how its value is read.
 _INT, _INT_OR_NONE, _FLOAT, _FLOAT_OR_NONE, _BOOL = ("an int", "an int or 'none'", "a float",
@@ -179,6 +181,9 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
         log_grad_norm: report as Trainer's ``grad_norm`` the norm of the gradients the hooks
             stepped with (Trainer's own would read 0.0 from the empty ``p.grad``); costs a
             norm per parameter per step, as Trainer's own computation does.
+        buffer_dtype: FloraAccumulator's ``buffer_dtype``, the compressed buffers' dtype:
+            torch.float32 (default) or torch.bfloat16 (half their memory), or its name
+            ("float32", "bfloat16"), which is how Trainer's checkpoints record it.
 
     Several processes (``torchrun``/``accelerate launch``, Trainer wraps the model in
     DistributedDataParallel): the accumulator takes over DDP's reduction, as
@@ -197,14 +202,19 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
     restored when training resumes from one.
     """
 
-    def __init__(self, rank: int | None = None, log_grad_norm: bool = True, *, trainer=None):
+    def __init__(self, rank: int | None = None, log_grad_norm: bool = True, *,
+                 buffer_dtype=torch.float32, trainer=None):
         if rank is not None and (not _is_int(rank) or rank < 1):
             raise ValueError(f"flora: FloraAccumulationCallback rank must be None (dense "
                              f"accumulation) or an int >= 1, got {rank!r}")
         if not isinstance(log_grad_norm, bool):
             raise TypeError(f"flora: log_grad_norm must be a bool, got {log_grad_norm!r}")
+        if isinstance(buffer_dtype, str):  # a checkpoint's JSON holds the name
+            buffer_dtype = _BUFFER_DTYPES.get(buffer_dtype, buffer_dtype)
+        check_buffer_dtype(buffer_dtype, "buffer_dtype")
         self.rank = rank
         self.log_grad_norm = log_grad_norm
+        self.buffer_dtype = buffer_dtype
         # The trainer whose model_wrapped (the DDP model) multi-process training needs; weak:
         # the trainer holds this callback.
         self._trainer = None if trainer is None else weakref.ref(trainer)
@@ -266,6 +276,7 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
         rank = self.rank if compress else None
         gradient_state = GradientState()  # shared with Trainer's accelerator (one state)
         accumulator = FloraAccumulator(flora, rank=rank, model=model if ddp is None else ddp,
+                                       buffer_dtype=self.buffer_dtype,
                                        _sync=lambda: bool(gradient_state.sync_gradients))
         if self.log_grad_norm:
             accumulator.grad_observer = self._observe
@@ -341,14 +352,17 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
         saved = self._last_saved
         if self.accumulator is not None and self.accumulator.active:
             saved = self._saved(self.accumulator)
-        return {"args": {"rank": self.rank, "log_grad_norm": self.log_grad_norm},
+        return {"args": {"rank": self.rank, "log_grad_norm": self.log_grad_norm,
+                         "buffer_dtype": str(self.buffer_dtype).replace("torch.", "")},
                 "attributes": {"saved": saved}}
 
 
-def add_flora_accumulation(trainer, rank: int | None = None, log_grad_norm: bool = True):
+def add_flora_accumulation(trainer, rank: int | None = None, log_grad_norm: bool = True, *,
+                           buffer_dtype=torch.float32):
     """Adds a FloraAccumulationCallback in front of ``trainer``'s callbacks (so that every
     logging callback sees the grad_norm it reports) and returns it."""
-    callback = FloraAccumulationCallback(rank=rank, log_grad_norm=log_grad_norm, trainer=trainer)
+    callback = FloraAccumulationCallback(rank=rank, log_grad_norm=log_grad_norm,
+                                         buffer_dtype=buffer_dtype, trainer=trainer)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
 
