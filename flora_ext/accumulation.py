@@ -193,12 +193,20 @@ def up_project_add_(target: torch.Tensor, compressed: torch.Tensor, seed: int, r
     return target
 
 
+# The dtypes the compressed buffers can have, by the names state_dicts record them under.
+BUFFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def buffer_dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
 def check_buffer_dtype(dtype, name):
     """Raises unless ``dtype`` is a dtype the compressed buffers can have."""
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"flora: {name} must be a torch.dtype (torch.float32 or "
                         f"torch.bfloat16), got {type(dtype).__name__} {dtype!r}")
-    if dtype not in (torch.float32, torch.bfloat16):
+    if dtype not in BUFFER_DTYPES.values():
         raise ValueError(f"flora: {name} must be torch.float32 or torch.bfloat16, got "
                          f"{dtype!r}")
 
@@ -618,7 +626,7 @@ class FloraAccumulator:
         progress are not saved."""
         self._check_cycle_complete("FloraAccumulator.state_dict()")
         return {"micro_batches": self._micro_batches, "rank": self.rank,
-                "buffer_dtype": str(self.buffer_dtype).replace("torch.", ""),
+                "buffer_dtype": buffer_dtype_name(self.buffer_dtype),
                 "seeds": {e.index: e.seed for e in self._entries}}
 
     def load_state_dict(self, state_dict: dict):

@@ -31,6 +31,21 @@ def tuning():
     set_tuning(reset=True)
 
 
+def warm_up_and_capture(params, opt, first_grads):
+    """What torch.cuda.graph's examples do: an eager step on a side stream, then capture
+    opt.step() into the returned graph."""
+    set_grads(params, first_grads)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # (a host sync inside would fail the capture)
+        opt.step()
+    return graph
+
+
 def set_grads(params, grads):
     """Gives each parameter its gradient, in place where it already has one (a captured
     graph reads the same .grad tensors)."""

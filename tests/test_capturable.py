@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flora_ext
-from conftest import DEVICES, requires_cuda, set_grads
+from conftest import DEVICES, requires_cuda, set_grads, warm_up_and_capture
 
 KAPPA = 3
 STEPS = 3 * KAPPA - 1  # resamples at steps 3 and 6
@@ -212,20 +212,6 @@ def test_op_checks_the_counters(device):
 
 
 # ---- CUDA graphs -----------------------------------------------------------------------
-
-
-def warm_up_and_capture(params, opt, first_grads):
-    """What torch.cuda.graph's examples do: an eager step on a side stream, then capture."""
-    set_grads(params, first_grads)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # (a host sync inside would fail the capture)
-        opt.step()
-    return graph
 
 
 @requires_cuda

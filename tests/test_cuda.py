@@ -10,16 +10,6 @@ from conftest import assert_states_close, rel_err, requires_cuda, resumed_and_un
 pytestmark = requires_cuda
 
 
-@pytest.fixture
-def tuning():
-    """torch.ops.flora._set_tuning for one test: the variants of the CUDA path that the
-    fixed tuning leaves out (row stats, ring depth, fused momentum, batch shares),
-    restored to the constants afterwards."""
-    set_tuning = torch.ops.flora._set_tuning
-    set_tuning(reset=True)
-    yield set_tuning
-    set_tuning(reset=True)
-
 # (shape, hyper-parameters): every layout the CUDA kernels branch on.
 CASES = [
     ((24, 24), dict(beta1=0.9, rank=4)),                 # compressed, right (n >= m)

@@ -179,37 +179,33 @@ def accumulator_matches_one_process(rank, world, device):
     acc.remove()
 
 
-def accumulator_bf16_buffers(rank, world, device):
-    # comm_dtype=bfloat16: the averaged gradients within bf16 rounding of the float32 ones
+def _bf16_step_grad_errors(rank, world, device, **acc_kw):
+    """One cycle of 2 micro-batches with ``acc_kw`` (a bf16 dtype somewhere); the ranks stay
+    equal, and each stepped gradient's error against the float32 reference is returned."""
     model = mlp(device)
     opt = flora_ext.Flora(model.parameters(), **FLORA)
     grads = _record_step_grads(opt)
     acc = flora_ext.FloraAccumulator(opt, micro_batches=2, rank=RANK, model=model,
-                                     process_group=None, comm_dtype=torch.bfloat16)
+                                     process_group=None, **acc_kw)
     _accumulate(rank, device, model, opt, acc, cycles=1, k=2)
     assert_ranks_equal(list(model.parameters()))
     _reference_cycles(device, world, 1, 2)
-    for g, e in zip(reversed(grads), _reference_cycles.grads):
-        err = ((g.double() - e.double()).norm() / e.double().norm()).item()
-        assert 0 < err < 1e-2, err  # rounded (not float32), but only to bf16's precision
     acc.remove()
+    return [((g.double() - e.double()).norm() / e.double().norm()).item()
+            for g, e in zip(reversed(grads), _reference_cycles.grads)]
+
+
+def accumulator_bf16_buffers(rank, world, device):
+    # comm_dtype=bfloat16: the averaged gradients within bf16 rounding of the float32 ones
+    for err in _bf16_step_grad_errors(rank, world, device, comm_dtype=torch.bfloat16):
+        assert 0 < err < 1e-2, err  # rounded (not float32), but only to bf16's precision
 
 
 def accumulator_bf16_compressed_buffers(rank, world, device):
     # buffer_dtype=bfloat16: the buffers rounded to bf16 between micro-batches, all-reduced
     # in float32; the averaged gradients within bf16 rounding of the float32 ones
-    model = mlp(device)
-    opt = flora_ext.Flora(model.parameters(), **FLORA)
-    grads = _record_step_grads(opt)
-    acc = flora_ext.FloraAccumulator(opt, micro_batches=2, rank=RANK, model=model,
-                                     process_group=None, buffer_dtype=torch.bfloat16)
-    _accumulate(rank, device, model, opt, acc, cycles=1, k=2)
-    assert_ranks_equal(list(model.parameters()))
-    _reference_cycles(device, world, 1, 2)
-    for g, e in zip(reversed(grads), _reference_cycles.grads):
-        err = ((g.double() - e.double()).norm() / e.double().norm()).item()
+    for err in _bf16_step_grad_errors(rank, world, device, buffer_dtype=torch.bfloat16):
         assert err < 1e-2, err  # bf16's precision (dense parameters exact)
-    acc.remove()
 
 
 def accumulator_with_ddp_model(rank, world, device):

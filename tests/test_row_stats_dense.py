@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import flora_ext
-from conftest import rel_err, requires_cuda, resumed_and_uninterrupted, set_grads
+from conftest import (rel_err, requires_cuda, resumed_and_uninterrupted, set_grads,
+                      warm_up_and_capture)
 
 pytestmark = requires_cuda
 
@@ -203,15 +204,7 @@ def test_dense_row_stats_in_a_replayed_graph(tuning):
     replayed, replayed_opt = make()
     set_grads(eager, grads[0])
     eager_opt.step()
-    set_grads(replayed, grads[0])  # a warm-up step on a side stream, then the capture
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        replayed_opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed_opt.step()
+    graph = warm_up_and_capture(replayed, replayed_opt, grads[0])
     for gs in grads[1:]:
         set_grads(eager, gs)
         set_grads(replayed, gs)

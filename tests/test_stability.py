@@ -231,12 +231,18 @@ def test_diagnostics_direction_matches_the_parameter_change(clip_threshold):
             assert update_rms == pytest.approx(want, rel=1e-3), f"step {step}"
 
 
-def test_projection_plan_names_its_runs():
+def _planned(plan, seeds, extra_seeds):
+    """stability.plan_runs for ``plan`` at rank 128 (others 64 and 256), 2 data seeds: its
+    runs and their names."""
     args = stability.main.__globals__["argparse"].Namespace(
-        plan="projections", seeds=8, data_seeds=2, extra_seeds=4, rank=128,
+        plan=plan, seeds=seeds, data_seeds=2, extra_seeds=extra_seeds, rank=128,
         other_ranks=[64, 256])
     runs = stability.plan_runs(args)
-    names = [name for _, name, _ in runs]
+    return runs, [name for _, name, _ in runs]
+
+
+def test_projection_plan_names_its_runs():
+    runs, names = _planned("projections", seeds=8, extra_seeds=4)
     assert len(names) == len(set(names)) == 2 + 8 + 2 + 8 + 4
     assert [n for p, n, _ in runs if p == 0 and n.startswith("flora_py-r128-orthogonal")] == [
         f"flora_py-r128-orthogonal-proj{s}" for s in range(8)]
@@ -301,11 +307,7 @@ def test_direction_needs_a_projector_and_a_known_name():
 
 
 def test_direction_plan_names_its_runs():
-    args = stability.main.__globals__["argparse"].Namespace(
-        plan="directions", seeds=3, data_seeds=2, extra_seeds=2, rank=128,
-        other_ranks=[64, 256])
-    runs = stability.plan_runs(args)
-    names = [name for _, name, _ in runs]
+    runs, names = _planned("directions", seeds=3, extra_seeds=2)
     assert len(names) == len(set(names)) == 2 + 4 * 3 + 2 + 4
     assert "flora_py-r128-orthogonal-split0.5-proj2" in names
     assert "flora_py-r128-orthogonal-shrink-proj0" in names

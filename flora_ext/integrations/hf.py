@@ -43,10 +43,9 @@ except ImportError as err:  # pragma: no cover - exercised only without transfor
                       "(pip install transformers accelerate); the rest of flora_ext does "
                       "not") from err
 
-from ..accumulation import FloraAccumulator, _is_int, check_buffer_dtype
+from ..accumulation import (BUFFER_DTYPES, FloraAccumulator, _is_int, buffer_dtype_name,
+                            check_buffer_dtype)
 from ..optimizer import Flora
-
-_BUFFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # optim_args keys: the Flora argument each sets, and how its value is read.
 _INT, _INT_OR_NONE, _FLOAT, _FLOAT_OR_NONE, _BOOL = ("an int", "an int or 'none'", "a float",
@@ -210,7 +209,7 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
         if not isinstance(log_grad_norm, bool):
             raise TypeError(f"flora: log_grad_norm must be a bool, got {log_grad_norm!r}")
         if isinstance(buffer_dtype, str):  # a checkpoint's JSON holds the name
-            buffer_dtype = _BUFFER_DTYPES.get(buffer_dtype, buffer_dtype)
+            buffer_dtype = BUFFER_DTYPES.get(buffer_dtype, buffer_dtype)
         check_buffer_dtype(buffer_dtype, "buffer_dtype")
         self.rank = rank
         self.log_grad_norm = log_grad_norm
@@ -353,7 +352,7 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
         if self.accumulator is not None and self.accumulator.active:
             saved = self._saved(self.accumulator)
         return {"args": {"rank": self.rank, "log_grad_norm": self.log_grad_norm,
-                         "buffer_dtype": str(self.buffer_dtype).replace("torch.", "")},
+                         "buffer_dtype": buffer_dtype_name(self.buffer_dtype)},
                 "attributes": {"saved": saved}}
 
 
