@@ -265,6 +265,9 @@ class Flora(torch.optim.Optimizer):
         # id(group) -> the _Plan of its last successful step(); a plan holds its group, so
         # the id cannot be reused by another group while the plan is kept.
         self._plans = {}
+        # id(group) -> (group, its _HYPER) as step_param() last validated them (() when eps
+        # is a list, which can change in place: validated every call).
+        self._param_hyper = {}
         # The torch.compile'd step's _CompiledStep (_prepare_compiled), or None.
         self._compiled = None
         self._prepare_compiled_once = _compile_preparer(self)
@@ -279,6 +282,7 @@ class Flora(torch.optim.Optimizer):
         self.defaults = as_param_group(self.defaults)
         self.param_groups = [as_param_group(g) for g in self.param_groups]
         self._plans = {}
+        self._param_hyper = {}
         self._compiled = None
         self._prepare_compiled_once = _compile_preparer(self)  # a copy is another optimizer
         self._workspaces = {}
@@ -648,7 +652,14 @@ class Flora(torch.optim.Optimizer):
             raise ValueError(f"flora: step_param() needs a gradient: the parameter of shape "
                              f"{tuple(p.shape)} has p.grad None and no grad was given")
         group = self._group_of(p)
-        _validate_group(group, next(k for k, g in enumerate(self.param_groups) if g is group))
+        # A FloraAccumulator calls this once a parameter: the group's hyper-parameters are
+        # validated again only when one of them is another object than last time (as step()).
+        checked = self._param_hyper.get(id(group))
+        if (checked is None or checked[0] is not group or not _same(_HYPER(group), checked[1])
+                or not _lr_ok(group)):
+            _validate_group(group, next(k for k, g in enumerate(self.param_groups) if g is group))
+            self._param_hyper[id(group)] = (
+                group, () if isinstance(group["eps"], list) else _HYPER(group))
         if _sharded.has_dtensors(group):
             _refuse_sharded_skip(group)
             return _sharded.step(self, group, [p], [grad])

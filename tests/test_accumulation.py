@@ -613,6 +613,33 @@ def test_step_param_is_one_step_of_one_parameter():
         opt_b.step_param(b[0].bias)
 
 
+def _eps_list_changed_in_place(opt, p):
+    group = opt.param_groups[0]
+    group["eps"] = [1e-30, 1e-3]
+    opt.step_param(p)  # validated with the list; it may still change in place
+    group["eps"][1] = -1.0
+
+
+@pytest.mark.parametrize("change", [
+    lambda opt, p: opt.param_groups[0].update(clip_threshold=-1.0),
+    lambda opt, p: opt.param_groups[0].update(lr=float("nan")),
+    _eps_list_changed_in_place,
+], ids=["clip_threshold", "lr", "eps list changed in place"])
+def test_step_param_validates_a_hyper_parameter_changed_between_calls(change):
+    # step_param() checks a group's hyper-parameters again only when one of them is another
+    # object than at its last call: each kind of change must still be refused before a write.
+    model = mlp()
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    loss_of(model, batches(1)[0], 1).backward()
+    p = model[0].weight
+    opt.step_param(p)
+    change(opt, p)
+    value, step = p.detach().clone(), opt.state[p]["step"]
+    with pytest.raises(ValueError, match="clip_threshold|lr|eps"):
+        opt.step_param(p)
+    assert torch.equal(p, value) and opt.state[p]["step"] == step
+
+
 # ---------------------------------------------------------------- CUDA: 16-bit GEMMs, memory
 
 
