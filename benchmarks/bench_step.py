@@ -121,10 +121,15 @@ def optimizers(rank):
         # one call a parameter, as in FloraAccumulator's hooks (layer-by-layer stepping)
         f"flora_r{rank}_b0.9_per_param": per_param(rank=rank, beta1=0.9, kappa=1000),
         "flora_nomomentum_per_param": per_param(beta1=None),
+        # the same without the row-stats blocks a tensor is given alone (the column-bytes
+        # floor only: a few dozen blocks for a 4096-row bf16 tensor)
+        f"flora_r{rank}_b0.9_per_param_floor": (per_param(rank=rank, beta1=0.9, kappa=1000),
+                                                {"stats_task_blocks": 0}),
+        "flora_nomomentum_per_param_floor": (per_param(beta1=None), {"stats_task_blocks": 0}),
         f"flora_r{rank}_b0.9_exact": flora(rank=rank, beta1=0.9, kappa=1000, tf32=False),
         f"flora_r{rank}_b0.9_unfused": (flora(rank=rank, beta1=0.9, kappa=1000),
                                         {"fused_momentum": 0}),
-        # projection="orthogonal": K = s^2 Gram^-1 cached, computed on a tensor's first and
+        # projection="orthogonal": W = s R^-T cached, computed on a tensor's first and
         # resample steps only (docs/cuda.md §4): kappa=1 computes it every step
         f"flora_r{rank}_b0.9_orthogonal": flora(rank=rank, beta1=0.9, kappa=1000,
                                                 projection="orthogonal"),

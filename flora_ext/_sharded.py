@@ -32,8 +32,9 @@ number of ranks, or into a single-process optimizer.
 ``Replicate()`` DTensor parameters (1-D mesh) step on the full tensor with no collective but
 the check.
 
-projection="orthogonal" compresses with the down matrix of docs/FLORA.md §5.1 in place of P'
-(every rank computes it from the whole P', float64 r x r Gram): the same collectives.
+projection="orthogonal" uses the orthonormalised basis P_o of docs/FLORA.md §5.1 in place of
+P and P' (every rank computes it from the whole P, float64 r x r Gram and Cholesky factor): the
+same collectives.
 
 Not supported, with an error that says so: other parameter placements (``Shard(1)``,
 ``Partial``), meshes of more than one dimension (HSDP, FSDP with tensor parallelism), groups
@@ -603,11 +604,15 @@ def _compressed(it, u, group, beta1, second):
     device = it.g.device
     left = it.layout["left"]
     shape = (r, n) if left else (m, r)
-    p_now = projection(it.seed, *shape, r, device=device)
+    orthogonal = group["projection"] == "orthogonal"  # P_o for P (docs/FLORA.md §5.1)
+
+    def basis(seed):
+        P = projection(seed, *shape, r, device=device)
+        return orthogonal_basis(P, left) if orthogonal else P
+
+    p_now = basis(it.seed)
     resample = it.t % group["kappa"] == 0
-    p_down = projection(next_seed(it.seed), *shape, r, device=device) if resample else p_now
-    if group["projection"] == "orthogonal":  # compress with s^2 (P P^T)^-1 P (docs/FLORA.md §5.1)
-        p_down = orthogonal_down(p_down, left)
+    p_down = basis(next_seed(it.seed)) if resample else p_now
     momentum = it.state["momentum"].to_local()  # left and row-sharded: this rank's columns
     if left:
         rows = slice(it.start, it.start + it.rows)
@@ -625,14 +630,16 @@ def _compressed(it, u, group, beta1, second):
         it.new["momentum"] = base * beta1 + u.mm(p_down) * (1.0 - beta1)
 
 
-def orthogonal_down(P, left):
-    """projection="orthogonal"'s down matrix for the Gaussian ``P`` (docs/FLORA.md §5.1):
-    s^2 (P P^T)^-1 P on the left (r x n), s^2 P (P^T P)^-1 on the right (m x r), s^2 = long /
-    r; as the CPU kernel's orthogonal_down computes it (float64 Gram, Cholesky solve)."""
+def orthogonal_basis(P, left):
+    """projection="orthogonal"'s basis for the Gaussian ``P`` (docs/FLORA.md §5.1): P_o =
+    s R^-T P on the left (r x n), P R^-1 s on the right (m x r), R the upper Cholesky factor
+    of the r x r Gram, s^2 = long / r; as the CPU kernel's orthogonal_basis computes it
+    (float64 Gram, Cholesky factor and triangular solve, rounded to float32)."""
     a = (P if left else P.t()).double()  # r x long
     rank, length = a.shape
-    factor = torch.linalg.cholesky(a @ a.t())
-    w = torch.cholesky_solve(a, factor).mul_(length / rank).float()
+    lower = torch.linalg.cholesky(a @ a.t())  # R^T
+    w = torch.linalg.solve_triangular(lower, a, upper=False)
+    w = w.mul_(math.sqrt(length / rank)).float()
     return w if left else w.t().contiguous()
 
 

@@ -221,9 +221,9 @@ HYPER_PARAMETERS = (
         keyword_only=True, flora_opt=False),
     HyperParameter(
         "projection", str, "gaussian",
-        "Compressed momentum's down projection: 'gaussian' (flora-opt's) or 'orthogonal' (the "
-        "Gaussian basis orthonormalised, scaled by sqrt(long side / r); less noise; "
-        "docs/FLORA.md §5.1).",
+        "Compressed momentum's basis: 'gaussian' (flora-opt's) or 'orthogonal' (the Gaussian "
+        "basis orthonormalised, scaled by sqrt(long side / r); less noise; the momentum is "
+        "kept in it, so a checkpoint resumes only with its own projection; docs/FLORA.md §5.1).",
         check=lambda v: isinstance(v, str) and v in PROJECTIONS,
         expected="'gaussian' or 'orthogonal'", invalid="uniform",
         keyword_only=True, flora_opt=False, rules=(_orthogonal_without_capture,)),

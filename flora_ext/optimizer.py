@@ -40,10 +40,12 @@ def _self_overlapping(t):
     tell', which the kernels handle (they write such a tensor through a contiguous copy)."""
     return torch._debug_has_internal_overlap(t) == 1
 # The hyper-parameters but lr, and those of them that decide which state a parameter has.
-_HYPER = itemgetter("rank", "kappa", "eps", "clip_threshold", "decay_rate", "beta1",
-                    "weight_decay", "scale_parameter", "relative_step", "warmup_init",
-                    "factorize_second_moment", "seed", "tf32", "stochastic_rounding",
-                    "skip_nonfinite", "projection", "max_aspect_ratio", "capturable")
+_HYPER_KEYS = ("rank", "kappa", "eps", "clip_threshold", "decay_rate", "beta1",
+               "weight_decay", "scale_parameter", "relative_step", "warmup_init",
+               "factorize_second_moment", "seed", "tf32", "stochastic_rounding",
+               "skip_nonfinite", "projection", "max_aspect_ratio", "capturable")
+_HYPER = itemgetter(*_HYPER_KEYS)
+_PROJECTION_AT = _HYPER_KEYS.index("projection")
 _LAYOUT = itemgetter("rank", "beta1", "factorize_second_moment", "max_aspect_ratio")
 
 
@@ -444,6 +446,8 @@ class Flora(torch.optim.Optimizer):
             plan = self._plans.get(id(group))
             if plan is None or not _same(_HYPER(group), plan.hyper) or not _lr_ok(group):
                 _validate_group(group, index)
+                if plan is not None and plan.hyper:
+                    self._refuse_basis_change(group, index, plan.hyper[_PROJECTION_AT])
             params, grads = self._stepped(group, accumulator)
             # The first op call checks every tensor itself before it writes anything, so
             # the first group's reused plan (one call: one device) leaves the per-tensor
@@ -683,6 +687,19 @@ class Flora(torch.optim.Optimizer):
             if _capturing():
                 raise RuntimeError(_WARM_UP)
             _counters_to_tensors(state, p.device)
+
+    def _refuse_basis_change(self, group, index, stepped_with):
+        """Compressed momentum holds coordinates in the basis of the projection it was
+        stepped with (docs/FLORA.md §5.1): a group whose ``projection`` changed since its
+        last step would read it in the other basis."""
+        if group["projection"] == stepped_with:
+            return
+        if any("seed" in self.state.get(p, {}) for p in group["params"]):
+            raise ValueError(
+                f"flora: param group {index} has projection={group['projection']!r}, but its "
+                f"compressed momentum was stepped with projection={stepped_with!r} and holds "
+                f"coordinates in that basis; set projection back to {stepped_with!r}, or start "
+                f"the momentum afresh (a new optimizer)")
 
     def _capturable_run(self, group, params, fresh):
         for p in params:
@@ -931,6 +948,14 @@ class Flora(torch.optim.Optimizer):
                                  f"{len(group['params'])}")
             new_group = {**self.defaults, **{key: v for key, v in saved.items() if key != "params"},
                          "params": group["params"]}
+            if "projection" not in saved and new_group["projection"] != "gaussian" and any(
+                    "seed" in state_dict["state"].get(i, {}) for i in saved["params"]):
+                # Saved before the option: compressed momentum in the Gaussian basis.
+                raise ValueError(
+                    f"flora: loaded parameter group {k} has no 'projection' (saved before the "
+                    f"option existed), so its compressed momentum is in the Gaussian basis; "
+                    f"this group's projection is {new_group['projection']!r}: load it into a "
+                    f"Flora with projection='gaussian'")
             # Where the step counts live is this optimizer's choice, not the saved one's; a
             # Tensor lr (capturable) is a float without it, and on the parameters' device.
             new_group["capturable"] = group["capturable"]

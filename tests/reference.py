@@ -105,19 +105,22 @@ def up(P, C, left):
 PROJECTIONS = ("gaussian", "orthogonal")
 
 
-def down_matrix(P, left, projection="gaussian"):
-    """The matrix that ``down`` compresses with (docs/FLORA.md §5.1): P itself ("gaussian"),
-    or ("orthogonal") s^2 (P P^T)^-1 P on the left and s^2 P (P^T P)^-1 on the right, s^2 =
-    long / r for P's long side, so that up(down(X)) = s^2 times the orthogonal projection of
-    X on P's row (left) or column (right) space."""
+def basis_matrix(P, left, projection="gaussian"):
+    """The matrix that ``down`` and ``up`` use (docs/FLORA.md §5.1): P itself ("gaussian"),
+    or ("orthogonal") P_o = s R^-T P on the left and P R^-1 s on the right, R the upper
+    Cholesky factor of the r x r Gram (P P^T = R^T R on the left, P^T P on the right) and
+    s^2 = long / r for P's long side: P's r long vectors orthonormalised in order
+    (Gram-Schmidt) and scaled by s, so up(down(X)) = s^2 times the orthogonal projection of
+    X on P's row (left) or column (right) space. The momentum is kept in P_o's coordinates."""
     if projection == "gaussian":
         return P
     if projection != "orthogonal":
         raise ValueError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
     A = (P if left else P.t()).to(torch.float64)  # r x long
     r, long = A.shape
-    W = torch.linalg.solve(A @ A.t(), A) * (long / r)
-    return W if left else W.t()
+    L = torch.linalg.cholesky(A @ A.t())  # R^T
+    A_o = torch.linalg.solve_triangular(L, A, upper=False) * math.sqrt(long / r)
+    return A_o if left else A_o.t()
 
 
 # --------------------------------------------------------------------------- layout and state
@@ -207,11 +210,11 @@ def skipped_step(param64, state, hp, projection=ext_projection, next_seed_fn=nex
     if lay["momentum"] == "compressed" and state["step"] % hp["kappa"] == 0:
         n, m = param64.shape
         r, left, s = hp["rank"], lay["left"], state["seed"]
-        P = projection_matrix(projection, s, n, m, r)
+        P = basis_matrix(projection_matrix(projection, s, n, m, r), left, down_projection)
         s_new = next_seed_fn(s)
-        P_new = projection_matrix(projection, s_new, n, m, r)
-        W_new = down_matrix(P_new, left, down_projection)
-        state["momentum"].copy_(down(W_new, up(P, state["momentum"], left), left))
+        P_new = basis_matrix(projection_matrix(projection, s_new, n, m, r), left,
+                             down_projection)
+        state["momentum"].copy_(down(P_new, up(P, state["momentum"], left), left))
         state["seed"] = s_new
     return param64.to(torch.float64).clone()
 
@@ -248,7 +251,8 @@ def reference_step(param64, grad64, state, hp, projection=ext_projection, next_s
     gradient with a NaN or inf gives skipped_step instead. ``transfer`` picks how the
     momentum moves to a new basis (``transfer_scale``; flora-opt's by default).
     ``down_projection`` is the optimizer's ``projection`` ("gaussian" or "orthogonal",
-    ``down_matrix``); ``projection`` here is the generator of P.
+    ``basis_matrix``: the basis both down and up use, and the momentum's coordinates);
+    ``projection`` here is the generator of P.
     """
     if skip_nonfinite and not torch.isfinite(grad64).all():
         return skipped_step(param64, state, hp, projection, next_seed_fn, down_projection)
@@ -292,21 +296,22 @@ def reference_step(param64, grad64, state, hp, projection=ext_projection, next_s
         r = hp["rank"]
         left = lay["left"]
         s = state["seed"]
-        P = projection_matrix(projection, s, n, m, r)
+        P = basis_matrix(projection_matrix(projection, s, n, m, r), left, down_projection)
         M = state["momentum"]
         # a. this step's direction, from the momentum before its update
         D = (1.0 - beta1) * U + beta1 * up(P, M, left)
         # b. every kappa steps: move the momentum to a fresh basis
         if t % hp["kappa"] == 0:
             s_new = next_seed_fn(s)
-            P_new = projection_matrix(projection, s_new, n, m, r)
+            P_new = basis_matrix(projection_matrix(projection, s_new, n, m, r), left,
+                                 down_projection)
             up_old = up(P, M, left)
-            moved = down(down_matrix(P_new, left, down_projection), up_old, left)
+            moved = down(P_new, up_old, left)
             M.copy_(transfer_scale(transfer, up_old, up(P_new, moved, left)) * moved)
             state["seed"] = s_new
             P = P_new
         # c. accumulate this step's U (in the possibly new basis)
-        M.copy_(beta1 * M + (1.0 - beta1) * down(down_matrix(P, left, down_projection), U, left))
+        M.copy_(beta1 * M + (1.0 - beta1) * down(P, U, left))
 
     # 5. update clipping
     D = D / max_nan(1.0, rms(D) / hp["clip_threshold"])

@@ -422,7 +422,8 @@ def test_former_variant_knobs_are_not_read(name, monkeypatch):
 
 
 BAD_TUNING = [("row_stats", 2), ("stats_stages", 1), ("stats_stages", 5), ("fused_momentum", 3),
-              ("fused_share", 0), ("fused_min_bytes", -2), ("min_batched", 0)]
+              ("fused_share", 0), ("fused_min_bytes", -2), ("min_batched", 0),
+              ("stats_task_blocks", -3)]
 
 
 def _one_tuned_step():
@@ -556,6 +557,25 @@ def test_row_stats_and_tile_passes_agree(tuning):
     assert not torch.equal(d0, d1), "row_stats=0 must take the tile passes"
     assert rel_err(d1, d0) <= 1e-5
     assert rel_err(s1["row_second_moment"], s0["row_second_moment"]) <= 1e-6
+
+
+@pytest.mark.parametrize("shape,dtype", [((4096, 1024), torch.bfloat16),
+                                         ((2048, 2048), torch.float32)], ids=str)
+def test_row_stats_blocks_of_a_tensor_alone_match_the_floor_and_cpu(shape, dtype, tuning):
+    # A tensor alone in its launch: 256 blocks of 16 rows (default) or the column-bytes
+    # floor's few dozen (stats_task_blocks=0). Other sums of the same rows: rounding only.
+    runs = {}
+    for blocks in (0, 256):
+        tuning(stats_task_blocks=blocks)
+        runs[blocks] = run_updates(shape, dtype, dict(clip_threshold=0.05), "cuda")
+    (d0, s0), (d1, s1) = runs[0], runs[256]
+    assert not torch.equal(s0["col_second_moment"], s1["col_second_moment"]), \
+        "stats_task_blocks must change the blocks' rows"
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(d1, d0) <= tol
+    assert rel_err(s1["col_second_moment"], s0["col_second_moment"]) <= 1e-6
+    dp, _ = run_updates(shape, dtype, dict(clip_threshold=0.05), "cpu")
+    assert rel_err(d1, dp) <= (1e-5 if dtype == torch.float32 else 2e-2)
 
 
 @pytest.mark.parametrize("shape,dtype", [((130, 5504), torch.float32),

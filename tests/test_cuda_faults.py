@@ -81,10 +81,10 @@ def capped_step(ps, opt, extra_bytes):
     """opt.step() with the allocator capped at what is reserved now plus extra_bytes;
     True when it ran out of memory. The cuBLAS workspaces torch keeps for each stream
     are dropped first, so that the step allocates them under the cap, as the first step
-    of a process does; so is the K cache of projection="orthogonal"."""
+    of a process does; so is the W cache of projection="orthogonal"."""
     free()
     torch._C._cuda_clearCublasWorkspaces()
-    # projection="orthogonal": every K is a miss, allocated under the cap
+    # projection="orthogonal": every W is a miss, allocated under the cap
     torch.ops.flora._clear_orthogonal_cache()
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory
@@ -104,7 +104,7 @@ def capped_step(ps, opt, extra_bytes):
     (torch.float32, dict(tf32=True)),     # fused compressed momentum
     (torch.float32, dict(tf32=False)),    # exact GEMMs, unfused
     (torch.bfloat16, dict(tf32=True)),
-    # projection="orthogonal": K, Gram', xout and the inverse's scratch are planned too
+    # projection="orthogonal": W, Gram', W P and W's scratch are planned too
     (torch.float32, dict(tf32=True, projection="orthogonal")),
     (torch.float32, dict(tf32=False, projection="orthogonal")),
 ], ids=["fp32-tf32", "fp32-exact", "bf16-tf32", "fp32-tf32-orthogonal",

@@ -1,8 +1,8 @@
 """projection="orthogonal" (docs/FLORA.md §5.1): its algebra, the CPU kernels against the
-float64 reference (tests/reference.py, ``down_projection``), the equivalence with a step that
-stores the momentum in the orthonormalised basis (benchmarks/stability.py's ProbeFlora),
-state_dict round trips, skip_nonfinite, 8-bit state, the refusals, and the CUDA path against
-the CPU kernels."""
+float64 reference (tests/reference.py, ``basis_matrix``), the equality with
+benchmarks/stability.py's ProbeFlora (which stores the momentum in the orthonormalised basis
+too), state_dict round trips and the refusal of a momentum read in the other basis,
+skip_nonfinite, 8-bit state, the refusals, and the CUDA path against the CPU kernels."""
 import copy
 import math
 import pathlib
@@ -32,41 +32,37 @@ SHAPES = COMPRESSED + [(12, 60), (37,)]
 
 
 @pytest.mark.parametrize("left", [True, False])
-def test_down_matrix_is_the_scaled_projector_and_the_orthonormal_basis_in_gaussian_coords(left):
-    """up(down_o(X)) = s^2 Pi X, and down_o(X) = s R^-1 M_o where M_o = P_o X (left) are the
-    coordinates in the orthonormalised basis P_o = s Q^T (P^T = Q R): float64, exact."""
+def test_basis_matrix_is_the_scaled_orthonormalised_p(left):
+    """P_o = s R^-T P has orthonormal rows scaled by s, spans P's space (up_o(down_o(X)) =
+    s^2 Pi X), and is benchmarks/stability.py's QR-based basis: float64, exact."""
     gen = torch.Generator().manual_seed(3)
     r, long, other = 7, 30, 45
     P = torch.randn((r, long) if left else (long, r), generator=gen, dtype=torch.float64)
     P = P / math.sqrt(r)
     X = torch.randn((long, other) if left else (other, long), generator=gen,
                     dtype=torch.float64)
-    W = ref.down_matrix(P, left, "orthogonal")
+    P_o = ref.basis_matrix(P, left, "orthogonal")
+    assert P_o.shape == P.shape
     s2 = long / r
-    A = P if left else P.t()  # r x long
+    A, A_o = (P, P_o) if left else (P.t(), P_o.t())  # r x long
+    assert torch.allclose(A_o @ A_o.t(), s2 * torch.eye(r, dtype=torch.float64), atol=1e-10)
     projector = A.t() @ torch.linalg.solve(A @ A.t(), A)  # long x long, onto P's span
-    restored = ref.up(P, ref.down(W, X, left), left)
+    restored = ref.up(P_o, ref.down(P_o, X, left), left)
     expected = s2 * (projector @ X if left else X @ projector)
     assert torch.allclose(restored, expected, rtol=1e-10, atol=1e-10)
-    assert torch.allclose(projector @ projector, projector, atol=1e-10)
-    # the orthonormalised basis of benchmarks/stability.py, and the coordinate change
-    P_o = stability.orthogonalised(P, left)
-    Q, R = torch.linalg.qr(A.t())
-    R = R * torch.sign(torch.diagonal(R))[:, None]  # positive diagonal
-    M_o = ref.down(P_o, X, left)
-    if left:
-        Z = math.sqrt(s2) * torch.linalg.solve(R, M_o)  # s R^-1 M_o
-    else:
-        Z = math.sqrt(s2) * torch.linalg.solve(R, M_o.t()).t()  # s M_o R^-T
-    assert torch.allclose(ref.down(W, X, left), Z, rtol=1e-9, atol=1e-10)
-    assert torch.allclose(ref.up(P, Z, left), ref.up(P_o, M_o, left), rtol=1e-9, atol=1e-10)
-    # the gaussian down matrix is P itself
-    assert ref.down_matrix(P, left) is P
+    # Gram-Schmidt in order: row k of A_o is a combination of rows 0..k of A
+    coeffs = torch.linalg.lstsq(A.t(), A_o.t()).solution  # A_o^T = A^T coeffs
+    assert torch.allclose(torch.tril(coeffs, diagonal=-1), torch.zeros_like(coeffs),
+                          atol=1e-10)
+    assert (torch.diagonal(coeffs) > 0).all()
+    assert torch.allclose(P_o, stability.orthogonalised(P, left), rtol=1e-10, atol=1e-12)
+    # the gaussian basis is P itself
+    assert ref.basis_matrix(P, left) is P
 
 
 def test_reference_rejects_an_unknown_projection():
     with pytest.raises(ValueError, match="projection must be one of"):
-        ref.down_matrix(torch.ones(2, 3), True, "uniform")
+        ref.basis_matrix(torch.ones(2, 3), True, "uniform")
 
 
 # ----------------------------------------------------------------- CPU kernels vs float64
@@ -186,8 +182,8 @@ PROBE_SHAPES = [(12, 40), (40, 12), (24, 24), (12, 60)]
 
 def test_equals_a_flora_that_stores_the_orthonormal_basis_momentum():
     """benchmarks/stability.py's ProbeFlora(projection="orthogonal") keeps M_o in the basis
-    of the orthonormalised, scaled P_o; flora_ext keeps Z in the Gaussian basis. The
-    parameters agree up to float32 rounding over 3 resamples, and up(Z) = up_o(M_o)."""
+    of the orthonormalised, scaled P_o (QR), as flora_ext does (Cholesky): parameters and
+    momentum agree state to state up to float32 rounding over 3 resamples."""
     gen = torch.Generator().manual_seed(5)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.1) for s in PROBE_SHAPES]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -195,6 +191,7 @@ def test_equals_a_flora_that_stores_the_orthonormal_basis_momentum():
                                  projection="orthogonal")
     ext = flora_ext.Flora(twins, lr=0.05, rank=RANK, kappa=KAPPA, beta1=0.9, seed=11,
                           projection="orthogonal")
+    compressed = 0
     for t in range(1, 11):
         for p, q in zip(params, twins):
             p.grad = torch.randn(p.shape, generator=gen)
@@ -204,15 +201,11 @@ def test_equals_a_flora_that_stores_the_orthonormal_basis_momentum():
         for p, q in zip(params, twins):
             assert rel_err(q, p) < 2e-5, (t, tuple(p.shape))
             state, probe_state = ext.state[q], probe.state[p]
-            if "seed" not in state:
-                continue
-            assert state["seed"] == probe_state["seed"]
-            n, m = p.shape
-            left = n < m
-            P = ref.projection_matrix(ref.ext_projection, state["seed"], n, m, RANK)
-            P_o = stability.orthogonalised(P, left)
-            assert rel_err(ref.up(P, state["momentum"].double(), left),
-                           ref.up(P_o, probe_state["momentum"].double(), left)) < 2e-5, t
+            assert rel_err(state["momentum"], probe_state["momentum"]) < 2e-5, (t, p.shape)
+            if "seed" in state:
+                compressed += 1
+                assert state["seed"] == probe_state["seed"]
+    assert compressed == 10 * 3  # left, right and square compress; (12, 60) is dense
 
 
 # ----------------------------------------------------------------------- state and resume
@@ -252,19 +245,57 @@ def test_state_dict_round_trip_resumes_bitwise():
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt2.state[q][key])), key
 
 
-def test_a_state_dict_without_projection_loads_with_the_constructors():
-    """Saved before the option existed: the group takes this optimizer's projection."""
-    p = torch.nn.Parameter(torch.randn(12, 40) * 0.1)
-    opt = flora_ext.Flora([p], lr=0.05, rank=RANK, beta1=0.9)
-    p.grad = torch.randn(12, 40)
+def _stepped_once(projection, shape=(12, 40)):
+    p = torch.nn.Parameter(torch.randn(shape) * 0.1)
+    opt = flora_ext.Flora([p], lr=0.05, rank=RANK, beta1=0.9, projection=projection)
+    p.grad = torch.randn(shape)
     opt.step()
+    return p, opt
+
+
+def test_a_state_dict_without_projection_loads_as_gaussian_only():
+    """Saved before the option existed: its compressed momentum is in the Gaussian basis.
+    A Gaussian Flora takes it; an orthogonal one refuses it before changing anything."""
+    p, opt = _stepped_once("gaussian")
     saved = opt.state_dict()
     for group in saved["param_groups"]:
         del group["projection"]
+    same = flora_ext.Flora([p], lr=0.05, rank=RANK, beta1=0.9)
+    same.load_state_dict(copy.deepcopy(saved))
+    assert same.param_groups[0]["projection"] == "gaussian"
+    same.step()
     other = flora_ext.Flora([p], lr=0.05, rank=RANK, beta1=0.9, projection="orthogonal")
-    other.load_state_dict(saved)
-    assert other.param_groups[0]["projection"] == "orthogonal"
-    other.step()
+    with pytest.raises(ValueError, match=r"^flora: loaded parameter group 0 has no "
+                                         r"'projection' .* Gaussian basis"):
+        other.load_state_dict(copy.deepcopy(saved))
+    assert not other.state and other.param_groups[0]["projection"] == "orthogonal"
+    # without compressed state (a dense-momentum parameter) there is no basis to mismatch
+    q, dense = _stepped_once("gaussian", shape=(12, 60))
+    saved = dense.state_dict()
+    del saved["param_groups"][0]["projection"]
+    loader = flora_ext.Flora([q], lr=0.05, rank=RANK, beta1=0.9, projection="orthogonal")
+    loader.load_state_dict(saved)
+    assert loader.param_groups[0]["projection"] == "orthogonal"
+
+
+@pytest.mark.parametrize("first,then", [("orthogonal", "gaussian"), ("gaussian", "orthogonal")])
+def test_changing_the_projection_of_a_stepped_group_is_refused(first, then):
+    """The momentum holds coordinates in the basis it was stepped with: a step after
+    ``projection`` changed is refused, nothing written, and setting it back steps on."""
+    p, opt = _stepped_once(first)
+    before = p.detach().clone()
+    momentum = opt.state[p]["momentum"].clone()
+    opt.param_groups[0]["projection"] = then
+    p.grad = torch.randn(p.shape)
+    with pytest.raises(ValueError, match=rf"^flora: param group 0 has projection='{then}', "
+                                         rf"but its compressed momentum was stepped with "
+                                         rf"projection='{first}'"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    assert torch.equal(opt.state[p]["momentum"], momentum) and opt.state[p]["step"] == 1
+    opt.param_groups[0]["projection"] = first
+    opt.step()
+    assert opt.state[p]["step"] == 2
 
 
 # --------------------------------------------------------------- skip_nonfinite and 8-bit
@@ -272,7 +303,7 @@ def test_a_state_dict_without_projection_loads_with_the_constructors():
 
 def test_skip_nonfinite_moves_the_momentum_with_the_orthogonal_transfer():
     """A NaN gradient on the resampling step 3 (and an inf at 5): the momentum moves to the
-    next basis with down_o(up(Z)) and nothing is added (docs/FLORA.md §4.8)."""
+    next basis with down_o'(up_o(M_o)) and nothing is added (docs/FLORA.md §4.8)."""
     gen = torch.Generator().manual_seed(4)
     for shape in COMPRESSED:
         grads = [torch.randn(shape, generator=gen) for _ in range(7)]
@@ -422,15 +453,17 @@ def _cuda_run(shape, device, dtype=torch.float32, steps=8, seed=2, nan_at=None, 
 
 
 # left (n < m) and right (n >= m), ranks that keep the unfused passes or run tf32=False;
-# rank 176: K's float64 inverse too large for shared memory (the global-memory variant)
+# rank 176: W's float64 triangle in shared memory near its limit; 256 (left and right):
+# past it (r > 239 on an H100), in global memory
 UNFUSED_CASES = [((16, 40), 4), ((40, 16), 4), ((96, 200), 32), ((200, 96), 8),
-                 ((512, 1024), 176)]
+                 ((512, 1024), 176), ((512, 1024), 256), ((1024, 512), 256)]
 
 
 @CUDA
 @pytest.mark.parametrize("shape,rank", UNFUSED_CASES, ids=str)
 def test_cuda_unfused_matches_cpu(shape, rank):
-    """tf32=False: P in fp32, Gram and K X by exact cuBLAS GEMMs, K by the float64 inverse."""
+    """tf32=False: P_o = W P in float64 from the fp32 P, W from the float64 Gram, then exact
+    fp32 cuBLAS GEMMs on P_o."""
     _, hc, oc, pc = _cuda_run(shape, "cuda", rank=rank, tf32=False)
     _, hp, op, pp = _cuda_run(shape, "cpu", rank=rank, tf32=False)
     assert rel_err(hc[-1], hp[-1]) <= 1e-5
@@ -460,8 +493,8 @@ def test_cuda_unfused_half_params_match_cpu(shape, dtype, stochastic_rounding):
 FUSED_ORTHO_CASES = [
     ((256, 1024), torch.float32, 64),
     ((128, 512), torch.float32, 64),  # r = half of P's long side: the largest that fuses
-    # K's inverse past the float64 matrix in shared memory (r > 167 on an H100): the packed
-    # triangle in float64 (r <= 239), in float32 (r <= 339), then in global memory
+    # W's packed triangle in shared memory in float64 (r <= 239 on an H100), in float (r <=
+    # 339), then in global memory (float64)
     ((512, 1024), torch.float32, 176),
     ((512, 1024), torch.float32, 256),
     ((1024, 512), torch.bfloat16, 256),
@@ -475,8 +508,8 @@ FUSED_ORTHO_CASES = [
 @CUDA
 @pytest.mark.parametrize("shape,dtype,rank", FUSED_ORTHO_CASES, ids=str)
 def test_cuda_fused_matches_cpu(shape, dtype, rank):
-    """tf32=True (the default): Gram and K from the fp16 P the GEMMs use, the down GEMM's
-    epilogue leaves (1 - beta1) down(U) to the batched GEMM M += K xout (or xout K)."""
+    """tf32=True (the default): W from the Gram of the fp16 P, P_o = W P by an fp16 GEMM and
+    rounded to fp16 in both layouts; then the Gaussian path's kernels on P_o."""
     p0, hc, oc, pc = _cuda_run(shape, "cuda", dtype, rank=rank)
     _, hp, op, pp = _cuda_run(shape, "cpu", dtype, rank=rank)
     dc, dp = hc[-1].double() - p0.double(), hp[-1].double() - p0.double()
@@ -510,9 +543,10 @@ def test_cuda_fused_and_unfused_agree(shape, dtype, rank, tuning):
 def test_cuda_near_square_projections_match_cpu(shape, rank):
     """r at or near P's long side (the shorter side; P square for the first two): Gram
     condition numbers up to ~1e6. Such tasks do not fuse (r > long / 2), tf32=True
-    notwithstanding; the unfused path forms Gram, K and the products with K in float64 and
-    keeps its GEMMs exact, so it matches the CPU path (float64 Gram and solve) to about
-    cond(P) times float32's rounding (~1e-4 simulated): 1e-3 on the momentum and the update."""
+    notwithstanding; the unfused path forms the Gram, W and P_o = W P in float64 and keeps
+    its GEMMs exact, so it matches the CPU path (float64 Gram, Cholesky factor and solve) to
+    about float32's rounding of P_o times the steps' amplification: 1e-3 on the momentum
+    and the update."""
     p0, hc, oc, pc = _cuda_run(shape, "cuda", rank=rank)
     _, hp, op, pp = _cuda_run(shape, "cpu", rank=rank)
     mc, mp = oc.state[pc]["momentum"].cpu(), op.state[pp]["momentum"]
@@ -567,7 +601,7 @@ def test_cuda_gaussian_and_orthogonal_groups_in_one_step(min_batched, tuning):
 @pytest.mark.parametrize("tf32", [True, False], ids=["fused", "unfused"])
 def test_cuda_skip_nonfinite_on_a_resample_step(tf32):
     """A NaN gradient on a resample step (3): the parameter and its second moment stay,
-    the momentum moves to the next basis with K' (nothing added), as on the CPU."""
+    the momentum moves to the next basis P_o' (nothing added), as on the CPU."""
     shape, rank = (256, 520), 32
     hp = dict(rank=rank, tf32=tf32, skip_nonfinite=True)
     _, hc, oc, pc = _cuda_run(shape, "cuda", nan_at=3, steps=5, **hp)

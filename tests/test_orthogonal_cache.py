@@ -1,11 +1,12 @@
-"""The K cache of projection="orthogonal" on CUDA (docs/cuda.md §4; skipped without CUDA).
+"""The W cache of projection="orthogonal" on CUDA (docs/cuda.md §4; skipped without CUDA).
 
-K = s^2 Gram^-1 depends only on the seed, the rank, P's long side and side, and the path
-that computes it, so a process keeps each tensor's K until that tensor changes basis. A hit
-must give the very bits a miss computes: runs that clear the cache before every step equal
-runs that never do, bit for bit, across resamples, on the fused (tf32=True) and exact
-(tf32=False) paths, in float32 and bfloat16, with two optimizers of different seeds in one
-process; and the cache holds one K a compressed tensor however many resamples pass.
+W = s R^-T (the basis P_o = W P) depends only on the seed, the rank, P's long side and
+side, and the path that computes it, so a process keeps each tensor's W until that tensor
+changes basis. A hit must give the very bits a miss computes: runs that clear the cache
+before every step equal runs that never do, bit for bit, across resamples, on the fused
+(tf32=True) and exact (tf32=False) paths, in float32 and bfloat16, with two optimizers of
+different seeds in one process; and the cache holds one W a compressed tensor however many
+resamples pass (a resample step takes the next basis' W and drops the current one's).
 """
 import copy
 
@@ -73,7 +74,7 @@ def assert_bitwise(a, b, what):
 
 def two_optimizers(dtype, path, clear_every_step):
     """Two optimizers (seeds 0 and 1000) stepping in turn; clear_every_step empties the
-    cache before each step, so that every K is computed. Returns both snapshots."""
+    cache before each step, so that every W is computed. Returns both snapshots."""
     clear()
     runs = []
     params, grads = data(dtype, seed=1)  # the same data, two projection seeds
@@ -86,7 +87,7 @@ def two_optimizers(dtype, path, clear_every_step):
                 clear()
             step(ps, opt, grads[t])
         if not clear_every_step:
-            # every compressed tensor of both optimizers: its current K, no other
+            # every compressed tensor of both optimizers: its current W, no other
             assert entries() == 2 * len(SHAPES), f"after step {t + 1}"
     return [snapshot(ps, opt) for ps, opt, _ in runs]
 
@@ -106,7 +107,7 @@ def test_hits_give_the_bits_of_misses(dtype, path):
 @pytest.mark.parametrize("path", PATHS, ids=["fused", "exact"])
 def test_resumed_run_equals_an_uninterrupted_one(dtype, path):
     """Steps 1-4, a state_dict, a fresh optimizer on fresh tensors for steps 5-8 (finding
-    the first one's K in the cache): bitwise the uninterrupted run."""
+    the first one's W in the cache): bitwise the uninterrupted run."""
     params, grads = data(dtype, seed=5)
     clear()
     ps, opt = make(params, **path)
@@ -129,7 +130,7 @@ def test_resumed_run_equals_an_uninterrupted_one(dtype, path):
 
 @pytest.mark.parametrize("kappa", [1, 2])
 @pytest.mark.parametrize("path", PATHS, ids=["fused", "exact"])
-def test_cache_holds_one_k_a_tensor_over_many_resamples(kappa, path):
+def test_cache_holds_one_w_a_tensor_over_many_resamples(kappa, path):
     params, grads = data(torch.float32, seed=9, steps=1)
     clear()
     ps, opt = make(params, kappa=kappa, **path)
@@ -152,7 +153,7 @@ def test_gaussian_projection_caches_nothing():
 @pytest.mark.parametrize("path", PATHS, ids=["fused", "exact"])
 def test_hit_on_another_stream(path):
     """Steps alternate between the default stream and a side stream: each hit waits for
-    the K that the other stream's call wrote; bitwise a run that computes every K."""
+    the W that the other stream's call wrote; bitwise a run that computes every W."""
     params, grads = data(torch.float32, seed=11)
     side = torch.cuda.Stream()
     runs = []

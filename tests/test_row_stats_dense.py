@@ -73,9 +73,9 @@ def test_dense_row_stats_match_cpu(shape, dtype, hp, tuning):
 
 @pytest.mark.parametrize("shape,dtype,hp", CASES, ids=str)
 def test_dense_row_stats_and_tile_passes_agree(shape, dtype, hp, tuning):
-    # The default is the tile passes, bit for bit; the variant sums in another order,
-    # so the two differ in rounding only (a clip threshold that binds makes sum D^2,
-    # which the rms pass still makes, matter).
+    # The default is row stats (kRowStatsDense), bit for bit; the tile passes sum in
+    # another order, so the two differ in rounding only (a clip threshold that binds makes
+    # sum D^2, which the rms pass still makes, matter).
     runs = {}
     for flag in ("default", 0, 1):
         tuning(reset=True)
@@ -83,9 +83,9 @@ def test_dense_row_stats_and_tile_passes_agree(shape, dtype, hp, tuning):
             tuning(row_stats_dense=flag)
         runs[flag] = train(shape, dtype, hp, "cuda")
     (dd, sd), (d0, s0), (d1, s1) = runs["default"], runs[0], runs[1]
-    assert torch.equal(dd, d0), "the default must stay the tile passes"
+    assert torch.equal(dd, d1), "the default must be row stats"
     for key in ("row_second_moment", "col_second_moment", "momentum"):
-        assert torch.equal(sd[key], s0[key]), key
+        assert torch.equal(sd[key], s1[key]), key
     moments = ("row_second_moment", "col_second_moment")
     if shape[1] * torch.finfo(dtype).bits // 8 < 128 * 16:  # too narrow for row stats
         assert torch.equal(d1, d0) and all(torch.equal(s1[k], s0[k]) for k in moments)

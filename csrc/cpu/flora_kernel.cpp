@@ -104,13 +104,12 @@ void full_update(const float* g, int64_t numel, double beta2, double eps1, float
   });
 }
 
-// down_new(up_now(M)): the compressed momentum moved to the basis of the next seed, through
-// the r x r product of the two bases (docs/FLORA.md, step 4b). `down_next` is the matrix that
-// projects down into the next basis: its Gaussian P, or orthogonal_down of it.
+// down_next(up_now(M)): the compressed momentum moved to the basis of the next seed, through
+// the r x r product of the two bases (docs/FLORA.md, step 4b).
 at::Tensor momentum_in_next_basis(const at::Tensor& momentum, const at::Tensor& p_now,
-                                  const at::Tensor& down_next, const ParamLayout& layout) {
-  return layout.left ? down_next.mm(p_now.t()).mm(momentum)
-                     : momentum.mm(p_now.t().mm(down_next));
+                                  const at::Tensor& p_next, const ParamLayout& layout) {
+  return layout.left ? p_next.mm(p_now.t()).mm(momentum)
+                     : momentum.mm(p_now.t().mm(p_next));
 }
 
 at::Tensor projection_of(int64_t seed, const ParamLayout& layout) {
@@ -119,35 +118,42 @@ at::Tensor projection_of(int64_t seed, const ParamLayout& layout) {
   return projection(seed, shape[0], shape[1], scale, at::Device(at::kCPU));
 }
 
-// The down projection of projection="orthogonal" for the Gaussian P (docs/FLORA.md,
-// "Orthogonalised projections"): s^2 (P P^T)^-1 P (left, r x n) or s^2 P (P^T P)^-1 (right,
-// m x r), s^2 = long / r for P's long side. With up(Z) unchanged, up(down(X)) is s^2 times
-// the orthogonal projection of X on P's span. The r x r Gram and its Cholesky solve run in
-// float64: a Gaussian P is full rank, but its Gram's condition number grows as r nears long.
-at::Tensor orthogonal_down(const at::Tensor& p, const ParamLayout& layout) {
+// The basis of projection="orthogonal" (docs/FLORA.md §5.1): P_o = s R^-T P (left, r x n)
+// or P R^-1 s (right, m x r), R the upper Cholesky factor of the r x r Gram (P P^T = R^T R
+// on the left, P^T P on the right), s^2 = long / r for P's long side: P's r long vectors
+// orthonormalised in order and scaled by s. Down and up both use it, and the momentum holds
+// coordinates in it. The Gram, its factor and the solve run in float64 (a Gaussian P is
+// full rank, but its Gram's condition number grows as r nears long); P_o is rounded to
+// float32.
+at::Tensor orthogonal_basis(const at::Tensor& p, const ParamLayout& layout) {
   const at::Tensor a = (layout.left ? p : p.t()).to(at::kDouble);  // r x long
   const int64_t rank = a.size(0), length = a.size(1);
-  const auto [factor, info] = at::linalg_cholesky_ex(a.mm(a.t()));
+  const auto [lower, info] = at::linalg_cholesky_ex(a.mm(a.t()));  // R^T
   TORCH_CHECK(info.item<int64_t>() == 0, "flora: projection='orthogonal': the ", rank, " x ",
               rank, " Gram matrix of the projection is not positive definite (a rank-deficient "
               "projection of shape ", p.sizes(), ")");
-  const at::Tensor w = at::cholesky_solve(a, factor)
-                           .mul_(static_cast<double>(length) / static_cast<double>(rank))
-                           .to(at::kFloat);
-  return layout.left ? w : w.t().contiguous();
+  const at::Tensor basis =
+      at::linalg_solve_triangular(lower, a, /*upper=*/false)
+          .mul_(std::sqrt(static_cast<double>(length) / static_cast<double>(rank)))
+          .to(at::kFloat);
+  return layout.left ? basis : basis.t().contiguous();
 }
 
-// The matrices of one compressed step: `now` (P of the current seed, which up() uses) and
-// `down` (what compresses into the basis after this step: the next seed's on a resample).
+at::Tensor basis_of(int64_t seed, const StepOptions& o, const ParamLayout& layout) {
+  const at::Tensor p = projection_of(seed, layout);
+  return o.projection == Projection::kOrthogonal ? orthogonal_basis(p, layout) : p;
+}
+
+// The bases of one compressed step: `now` (of the current seed, which up() uses) and `down`
+// (what compresses into the basis after this step: the next seed's on a resample).
 struct StepProjections {
   at::Tensor now, down;
 };
 
 StepProjections step_projections(const StepOptions& o, const ParamLayout& layout) {
   StepProjections out;
-  out.now = projection_of(o.seed, layout);
-  const at::Tensor basis = o.resample() ? projection_of(next_seed(o.seed), layout) : out.now;
-  out.down = o.projection == Projection::kOrthogonal ? orthogonal_down(basis, layout) : basis;
+  out.now = basis_of(o.seed, o, layout);
+  out.down = o.resample() ? basis_of(next_seed(o.seed), o, layout) : out.now;
   return out;
 }
 
@@ -221,7 +227,7 @@ void run_step_cpu(const at::Tensor& param, const at::Tensor& grad, const GroupEn
   const float* gp = g.data_ptr<float>();
   float* pp = p.data_ptr<float>();
 
-  // The projections first, so that orthogonal_down's check (a Gram that is not positive
+  // The projections first, so that orthogonal_basis's check (a Gram that is not positive
   // definite: in practice never, for a Gaussian P with r <= long) throws before this
   // parameter or its state is written.
   StepProjections proj;

@@ -32,6 +32,8 @@ constexpr int kMaxStageRows = 32;
 // Row sums and column sums do not depend on the rows of a stage (row_stats).
 constexpr int64_t kStatsBlocksTarget = 2048;
 constexpr int64_t kRowBlockMinColBytes = 320, kRowBlockMaxColBytes = 512;
+// ...except that a tensor gets at least about kStatsTaskBlocks blocks (tuning.h) before
+// that floor applies.
 // Compressed tensors of a batch hold at most 1/kUpdateShare of the call's fp32
 // parameter bytes in update buffers (half that share of 16-bit parameter bytes).
 constexpr int64_t kUpdateShare = 40;

@@ -325,14 +325,7 @@ __global__ void __launch_bounds__(kDnThreads, 1)
       if (job.momentum16 != nullptr)
         *reinterpret_cast<uint2*>(job.momentum16 + idx[u]) =
             make_uint2(pack_half2(mo[0], mo[1]), pack_half2(mo[2], mo[3]));
-      if (update && job.xout != nullptr) {  // orthogonal: K applies to xout afterwards
-        *reinterpret_cast<float4*>(job.momentum + idx[u]) =
-            skip ? b4[u] : make_float4(bv[0] * beta1, bv[1] * beta1, bv[2] * beta1,
-                                       bv[3] * beta1);
-        *reinterpret_cast<float4*>(job.xout + idx[u]) =
-            skip ? make_float4(0.f, 0.f, 0.f, 0.f)
-                 : make_float4(x[0] * keep, x[1] * keep, x[2] * keep, x[3] * keep);
-      } else if (update) {
+      if (update) {
         *reinterpret_cast<float4*>(job.momentum + idx[u]) =
             skip ? b4[u]
                  : make_float4(bv[0] * beta1 + x[0] * keep, bv[1] * beta1 + x[1] * keep,

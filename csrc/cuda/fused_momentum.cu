@@ -42,6 +42,28 @@ namespace {
 // becoming inf (a gradient spike that large is clipped in D anyway).
 
 
+// Writes P's entries (kr, 4 cg .. 4 cg + 3) as fp16 into P^T (`plain_t`, pcol x prow) and
+// into the tiled layout of the down GEMM (`tiled`).
+__device__ __forceinline__ void store_halves(uint16_t* __restrict__ plain_t,
+                                             uint16_t* __restrict__ tiled, bool left, int kr,
+                                             int cg, int prow, int pcol, const float z[4]) {
+  uint16_t h[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    h[u] = to_half_bits(z[u]);
+    plain_t[int64_t(4 * cg + u) * prow + kr] = h[u];
+  }
+  if (left) {  // rank kr, k 4 cg .. 4 cg + 3: one half of a core row
+    const int64_t ktiles = ceil_div(pcol, kTileK);
+    *reinterpret_cast<uint2*>(tiled + tiled_index(kr, 4 * cg, ktiles)) =
+        make_uint2(h[0] | (uint32_t(h[1]) << 16), h[2] | (uint32_t(h[3]) << 16));
+  } else {  // k kr, rank 4 cg .. 4 cg + 3
+    const int64_t ktiles = ceil_div(prow, kTileK);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) tiled[tiled_index(4 * cg + u, kr, ktiles)] = h[u];
+  }
+}
+
 // P^T in fp16 for every task of a fused group, P being prow x pcol (pcol % 4 == 0);
 // blockIdx.y picks the task's seed and output. Thread `idx` draws the Philox group of
 // P's row kr, columns 4 cg .. 4 cg + 3 (the same numbers as projection_pair_kernel);
@@ -56,26 +78,28 @@ __global__ void projection_t_kernel(uint16_t* const* __restrict__ outs,
   const int groups_per_row = pcol / 4;
   const int idx = blockIdx.x * blockDim.x + threadIdx.x;
   if (idx >= prow * groups_per_row) return;
-  uint16_t* plain_t = outs[blockIdx.y];
   const int kr = idx % prow, cg = idx / prow;
   float z[4];
   projection_values(seeds[blockIdx.y], int64_t(kr) * groups_per_row + cg, scale, z);
-  uint16_t h[4];
+  store_halves(outs[blockIdx.y], tiled[blockIdx.y], left, kr, cg, prow, pcol, z);
+}
+
+// projection="orthogonal": the basis P_o (fp32, in P^T's layout: task k's at raw + k psize,
+// from the GEMM with W) rounded to fp16 in both of projection_t_kernel's layouts, over
+// the Gaussian P there. The same threads and writes as projection_t_kernel.
+__global__ void basis_halves_kernel(const float* __restrict__ raw,
+                                    uint16_t* const* __restrict__ outs,
+                                    uint16_t* const* __restrict__ tiled, bool left, int prow,
+                                    int pcol) {
+  const int groups_per_row = pcol / 4;
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= prow * groups_per_row) return;
+  const int kr = idx % prow, cg = idx / prow;
+  const float* task = raw + int64_t(blockIdx.y) * prow * pcol;
+  float z[4];
 #pragma unroll
-  for (int u = 0; u < 4; ++u) {
-    h[u] = to_half_bits(z[u]);
-    plain_t[int64_t(4 * cg + u) * prow + kr] = h[u];
-  }
-  uint16_t* out = tiled[blockIdx.y];
-  if (left) {  // rank kr, k 4 cg .. 4 cg + 3: one half of a core row
-    const int64_t ktiles = ceil_div(pcol, kTileK);
-    *reinterpret_cast<uint2*>(out + tiled_index(kr, 4 * cg, ktiles)) =
-        make_uint2(h[0] | (uint32_t(h[1]) << 16), h[2] | (uint32_t(h[3]) << 16));
-  } else {  // k kr, rank 4 cg .. 4 cg + 3
-    const int64_t ktiles = ceil_div(prow, kTileK);
-#pragma unroll
-    for (int u = 0; u < 4; ++u) out[tiled_index(4 * cg + u, kr, ktiles)] = h[u];
-  }
+  for (int u = 0; u < 4; ++u) z[u] = task[int64_t(4 * cg + u) * prow + kr];
+  store_halves(outs[blockIdx.y], tiled[blockIdx.y], left, kr, cg, prow, pcol, z);
 }
 
 // The row factors a_i = row_scale(row_i) of left fused tasks, once a step: the down
@@ -111,11 +135,11 @@ __global__ void __launch_bounds__(kThreads)
 
 // The arrays of a shape group's table: one pointer (or seed) a task each, then the down
 // GEMM's jobs (one pass, two on resample steps).
-// projection="orthogonal" adds Gram' of the next basis (resample steps), bases = K' times
-// the raw change of basis (kTurn*), and M += K xout (kMix*).
+// projection="orthogonal" adds Gram' of the next Gaussian P (resample steps), the W of
+// both bases (fp16, the cache's tensors) and the fp32 result of the product with W.
 enum { kGramA, kGramC, kSqA, kSqC, kBasesA, kBasesB, kBasesC, kBaseA, kBaseB, kBaseC,
-       kProjNow, kProjNext, kPlainNow, kPlainNext, kSeedNow, kSeedNext, kGramNextC, kTurnA,
-       kTurnB, kTurnC, kMixA, kMixB, kMixC, kArrays };
+       kProjNow, kProjNext, kPlainNow, kPlainNext, kSeedNow, kSeedNext, kGramNextC, kWNow,
+       kWNext, kRawC, kArrays };
 static_assert(sizeof(DownJob) % sizeof(int64_t) == 0, "jobs follow the arrays aligned");
 constexpr int64_t kJobWords = int64_t(sizeof(DownJob) / sizeof(int64_t));
 
@@ -149,12 +173,12 @@ GroupShape group_shape(const Item& first) {
 // Where a group's temporaries lie in its share of the workspace (offsets in floats, each
 // array 16-byte aligned): Gram and S (count r x r each); on resample steps the next P^T
 // and tiled P (fp16), the change of basis (count r x r) and M in the next basis;
-// projection="orthogonal": K as computed (count r x r; the cache's misses are copied from
-// there to FusedWork::kslots), Gram' of the next basis (resample steps; then the raw change
-// of basis), xout (count x the momentum) and the inverse's scratch.
+// projection="orthogonal": W as computed (count r x r fp16; the cache's misses are copied
+// from there to FusedWork::wslots), Gram' of the next Gaussian P (resample steps), W P in
+// fp32 (count x P) and W's scratch.
 struct GroupTemps {
   int64_t gram = 0, sq = 0, next_t = 0, next_p = 0, bases = 0, base = 0;
-  int64_t kmat = 0, gram_next = 0, xout = 0, inverse_work = 0, floats = 0;
+  int64_t w16 = 0, gram_next = 0, raw = 0, basis_work = 0, floats = 0;
 };
 
 GroupTemps group_temps(const GroupShape& s, int count) {
@@ -175,10 +199,10 @@ GroupTemps group_temps(const GroupShape& s, int count) {
     g.base = take(int64_t(count) * s.msize);
   }
   if (s.orthogonal) {
-    g.kmat = take(rr);
+    g.w16 = take(ceil_div(rr, 2));
     if (s.resample) g.gram_next = take(rr);
-    g.xout = take(int64_t(count) * s.msize);
-    g.inverse_work = take(scaled_inverse_work_floats(s.r, count));
+    g.raw = take(int64_t(count) * s.psize);
+    g.basis_work = take(basis_work_floats(s.r, count));
   }
   g.floats = at;
   return g;
@@ -241,7 +265,7 @@ void fill_fused_table(const FusedWork& w) {
   float* const bases = w.temps + g.bases;
   float* const base = w.temps + g.base;
   float* const gram_next = w.temps + g.gram_next;
-  float* const xout = w.temps + g.xout;
+  float* const raw = w.temps + g.raw;
   int64_t* const words = w.host;
   auto* ptrs = reinterpret_cast<const void**>(words);
   const auto set = [&](int array, int k, const void* p) { ptrs[array * count + k] = p; };
@@ -256,12 +280,11 @@ void fill_fused_table(const FusedWork& w) {
     uint16_t* next_p_k = s.resample ? next_p + k * s.tsize : nullptr;
     float* bases_k = s.resample ? bases + k * r * r : nullptr;
     float* base_k = s.resample ? base + k * s.msize : nullptr;
-    // Orthogonal: K of the basis the step compresses into, Gram' of the next basis (whose
-    // buffer then takes the raw change of basis) and xout; else null, unread.
-    float* kmat_k = s.orthogonal ? w.kslots[k].k.data_ptr<float>() : nullptr;
+    // Orthogonal: W of both bases, Gram' of the next Gaussian P and W P; else null, unread.
+    const void* w_now_k = s.orthogonal ? w.wslots[k].w.data_ptr() : nullptr;
+    const void* w_next_k = s.orthogonal && s.resample ? w.wslots_next[k].w.data_ptr() : nullptr;
     float* gram_next_k = s.orthogonal && s.resample ? gram_next + k * r * r : nullptr;
-    float* xout_k = s.orthogonal ? xout + k * s.msize : nullptr;
-    float* raw_k = s.orthogonal ? gram_next_k : bases_k;
+    float* raw_k = s.orthogonal ? raw + k * s.psize : nullptr;
     set(kGramA, k, buf.plain_t);
     set(kGramC, k, gram + k * r * r);
     set(kSqA, k, buf.momentum16);  // written by the down GEMM before S
@@ -269,7 +292,7 @@ void fill_fused_table(const FusedWork& w) {
     // bases = P_next P_now^T (left) or P_now^T P_next (right), from the transposes.
     set(kBasesA, k, s.left ? static_cast<const void*>(next_t_k) : buf.plain_t);
     set(kBasesB, k, s.left ? static_cast<const void*>(buf.plain_t) : next_t_k);
-    set(kBasesC, k, raw_k);
+    set(kBasesC, k, bases_k);
     set(kBaseA, k, s.left ? static_cast<const void*>(bases_k) : mom);
     set(kBaseB, k, s.left ? static_cast<const void*>(mom) : bases_k);
     set(kBaseC, k, base_k);
@@ -278,13 +301,9 @@ void fill_fused_table(const FusedWork& w) {
     set(kPlainNow, k, buf.tiled);
     set(kPlainNext, k, next_p_k);
     set(kGramNextC, k, gram_next_k);
-    // bases = K' raw (left) or raw K' (right); M += K xout (left) or xout K (right).
-    set(kTurnA, k, s.left ? static_cast<const void*>(kmat_k) : raw_k);
-    set(kTurnB, k, s.left ? static_cast<const void*>(raw_k) : kmat_k);
-    set(kTurnC, k, bases_k);
-    set(kMixA, k, s.left ? static_cast<const void*>(kmat_k) : xout_k);
-    set(kMixB, k, s.left ? static_cast<const void*>(xout_k) : kmat_k);
-    set(kMixC, k, mom);
+    set(kWNow, k, w_now_k);
+    set(kWNext, k, w_next_k);
+    set(kRawC, k, raw_k);
     words[kSeedNow * count + k] = static_cast<int64_t>(o.seed);
     words[kSeedNext * count + k] = static_cast<int64_t>(next_seed(o.seed));
     DownJob now{w.items[k]->grad.data_ptr(), buf.plain_t,
@@ -292,7 +311,6 @@ void fill_fused_table(const FusedWork& w) {
                 t.terms + 1, gram + k * r * r, sq + k * r * r, t.row, t.scalars, t.col_factor,
                 buf.row_factor};
     now.skip = t.skip;
-    now.xout = s.resample ? nullptr : xout_k;  // set on the pass that updates M
     jobs[k] = now;
     if (s.resample) {
       DownJob next = now;
@@ -301,7 +319,6 @@ void fill_fused_table(const FusedWork& w) {
       next.base = base_k;
       next.momentum16 = nullptr;
       next.partials = nullptr;
-      next.xout = xout_k;
       jobs[count + k] = next;
     }
   }
@@ -369,47 +386,62 @@ void fused_momentum_group(const FusedWork& w, int64_t min_batched) {
                               int type, int c, float beta = 0.f) {
     group_gemm_of(arrays, ta, tb, M, N, K, a, b, type, c, beta);
   };
-  // Gram = P P^T (left) or P^T P (right).
-  if (left) group_gemm(true, false, r, r, n, kGramA, kGramA, kF16, kGramC);
-  else group_gemm(false, true, r, r, m, kGramA, kGramA, kF16, kGramC);
-  // projection="orthogonal": K = s^2 Gram^-1 of the basis the step compresses into (the
-  // next one on resample steps: Gram' first), from the fp16 P that the GEMMs use. Only
-  // when the K cache misses one of the group: then for the whole group in one launch (one
-  // block a matrix: a matrix's bits do not depend on the others), the misses copied to
-  // their cache tensors.
+  // projection="orthogonal": P_o = W P (left) or P W^T (right) takes P's place in both
+  // fp16 layouts, for each basis of the step, W = s R^-T from the Gram of the fp16 P drawn
+  // above. W comes from the W cache; where it misses one of the group, the whole group's
+  // W is computed in one launch (one block a matrix: a matrix's bits do not depend on the
+  // others) and the misses copied to their cache tensors, which the product then reads:
+  // a hit has the bits of a miss.
   if (s.orthogonal) {
-    bool any_miss = false;
-    for (const KSlot& slot : w.kslots) any_miss = any_miss || slot.miss;
-    if (any_miss) {
-      const double s2 = static_cast<double>(s.kdim) / static_cast<double>(r);
-      const float* gram_down = w.temps + g.gram;
-      if (resample) {
-        if (left) group_gemm(true, false, r, r, n, kProjNext, kProjNext, kF16, kGramNextC);
-        else group_gemm(false, true, r, r, m, kProjNext, kProjNext, kF16, kGramNextC);
-        gram_down = w.temps + g.gram_next;
+    const double sw = std::sqrt(static_cast<double>(s.kdim) / static_cast<double>(r));
+    auto* const w16 = reinterpret_cast<uint16_t*>(w.temps + g.w16);
+    const auto ensure_w = [&](const std::vector<WSlot>& slots, int proj, int gram_c,
+                              int64_t gram_at) {
+      bool any_miss = false;
+      for (const WSlot& slot : slots) any_miss = any_miss || slot.miss;
+      if (any_miss) {
+        if (left) group_gemm(true, false, r, r, n, proj, proj, kF16, gram_c);
+        else group_gemm(false, true, r, r, m, proj, proj, kF16, gram_c);
+        launch_basis_w(w.temps + gram_at, reinterpret_cast<double*>(w.temps + g.basis_work),
+                       w16, nullptr, r, count, sw, stream);
       }
-      launch_scaled_inverse(gram_down, w.temps + g.kmat,
-                            reinterpret_cast<double*>(w.temps + g.inverse_work), r, count, s2,
-                            stream);
-    }
-    for (int k = 0; k < count; ++k) {
-      const KSlot& slot = w.kslots[k];
-      if (!slot.miss) {
-        k_ready(slot);
-        continue;
+      for (int k = 0; k < count; ++k) {
+        const WSlot& slot = slots[k];
+        if (!slot.miss) {
+          w_ready(slot);
+          continue;
+        }
+        C10_CUDA_CHECK(cudaMemcpyAsync(slot.w.data_ptr(), w16 + k * r * r,
+                                       r * r * sizeof(uint16_t), cudaMemcpyDeviceToDevice,
+                                       stream));
+        w_publish(slot);
       }
-      C10_CUDA_CHECK(cudaMemcpyAsync(slot.k.data_ptr<float>(), w.temps + g.kmat + k * r * r,
-                                     r * r * sizeof(float), cudaMemcpyDeviceToDevice, stream));
-      k_publish(slot);
+    };
+    const auto to_basis = [&](int proj, int plain, int wmat) {
+      if (left) group_gemm(false, true, n, r, r, proj, wmat, kF16, kRawC);  // P^T W^T
+      else group_gemm(false, false, r, m, r, wmat, proj, kF16, kRawC);     // W P^T
+      basis_halves_kernel<<<pgrid, kThreads, 0, stream>>>(
+          w.temps + g.raw, reinterpret_cast<uint16_t* const*>(dwords + proj * count),
+          reinterpret_cast<uint16_t* const*>(dwords + plain * count), left,
+          static_cast<int>(prow), static_cast<int>(pcol));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    ensure_w(w.wslots, kProjNow, kGramC, g.gram);
+    to_basis(kProjNow, kPlainNow, kWNow);
+    if (resample) {
+      ensure_w(w.wslots_next, kProjNext, kGramNextC, g.gram_next);
+      to_basis(kProjNext, kPlainNext, kWNext);
     }
   }
+  // Gram = P P^T (left) or P^T P (right) of the basis up(M) uses (P_o: s^2 I up to its
+  // rounding).
+  if (left) group_gemm(true, false, r, r, n, kGramA, kGramA, kF16, kGramC);
+  else group_gemm(false, true, r, r, m, kGramA, kGramA, kF16, kGramC);
   if (resample) {
-    // Orthogonal: the raw change of basis goes to Gram''s buffer (consumed by now), then
-    // bases = K' raw (left) or raw K' (right).
+    // M' = down_next(up_now(M)) = bases M (left) or M bases (right), bases = P_next P_now^T
+    // (left) or P_now^T P_next (right).
     if (left) group_gemm(true, false, r, r, n, kBasesA, kBasesB, kF16, kBasesC);
     else group_gemm(false, true, r, r, m, kBasesA, kBasesB, kF16, kBasesC);
-    if (s.orthogonal) group_gemm(false, false, r, r, r, kTurnA, kTurnB, kF32, kTurnC);
-    // M' = down_next(up_now(M)) = bases M (left) or M bases (right).
     if (left) group_gemm(false, false, r, m, r, kBaseA, kBaseB, kF32, kBaseC);
     else group_gemm(false, false, n, r, r, kBaseA, kBaseB, kF32, kBaseC);
   }
@@ -428,12 +460,6 @@ void fused_momentum_group(const FusedWork& w, int64_t min_batched) {
     const bool update = !resample || pass == 1;
     launch_down(first.dtype, left, dgrid, djobs + pass * count, ni, mi, ri, beta1, update,
                 stream);
-  }
-  // Orthogonal: the update pass left M = beta1 M' and xout = (1 - beta1) down(U) (Gaussian
-  // P); M += K xout (left) or xout K (right) makes it the orthogonal down projection.
-  if (s.orthogonal) {
-    if (left) group_gemm(false, false, r, m, r, kMixA, kMixB, kF32, kMixC, 1.f);
-    else group_gemm(false, false, n, r, r, kMixA, kMixB, kF32, kMixC, 1.f);
   }
   // S = M M^T (left) or M^T M (right) of fp16(M) before this step, which the down GEMM
   // left for the up GEMM: fp16 tensor cores at half the bytes of M (TF32 from M took

@@ -121,46 +121,47 @@ void launch_down(int dtype, bool left, dim3 grid, const DownJob* jobs, int n, in
 // projection.cu: the unfused compressed momentum of one task, and the projection op.
 // `temps`: fp32, compressed_temp_floats(item) of the call's workspace.
 int64_t compressed_temp_floats(const Item& item);
-// projection="orthogonal": `kslot`, the K of the basis the step compresses into.
-struct KSlot;
+// projection="orthogonal": `w_now` and (resample steps) `w_next`, the W of the current and
+// the next basis; null otherwise.
+struct WSlot;
 void compressed_momentum(const Item& item, const Task& t, const at::Tensor& momentum,
-                         const at::Tensor& temps, const KSlot* kslot);
+                         const at::Tensor& temps, const WSlot* w_now, const WSlot* w_next);
 void fill_projection_cuda(const at::Tensor& out, int64_t seed, double scale);
 
-// The K cache (orthogonal.cu; docs/cuda.md §4): K depends only on the seed, the rank,
-// P's long side and side, and how it was computed (the fused path's from cuBLAS's Gram of
-// the fp16 P, batched over `batch` tensors or 1; the unfused path's in float64: batch 0),
-// so a process keeps each K until its tensor changes basis. A call takes a slot a K it
-// needs while it plans (the misses' tensors are allocated then, before any write), waits
-// for a hit (k_ready) or computes a miss into slot.k and publishes it (k_publish), then
-// drops the K of the bases it left (k_drop).
-struct KCacheKey {
+// The W cache (orthogonal.cu; docs/cuda.md §4): W = s R^-T of projection="orthogonal"
+// depends only on the seed, the rank, P's long side and side, and how it was computed (the
+// fused path's from cuBLAS's Gram of the fp16 P, batched over `batch` tensors or 1; the
+// unfused path's in float64: batch 0), so a process keeps each W until its tensor changes
+// basis. A call takes a slot a W it needs while it plans (the misses' tensors are allocated
+// then, before any write), waits for a hit (w_ready) or computes a miss into slot.w and
+// publishes it (w_publish), then drops the W of the bases it left (w_drop).
+struct WCacheKey {
   int device = 0;
   int64_t seed = 0, r = 0, length = 0, batch = 0;
   bool left = false, fused = false;
-  bool operator==(const KCacheKey& o) const {
+  bool operator==(const WCacheKey& o) const {
     return device == o.device && seed == o.seed && r == o.r && length == o.length &&
            batch == o.batch && left == o.left && fused == o.fused;
   }
 };
-struct KReadyEvent;  // a CUDA event recorded after a K was written
-struct KSlot {
-  KCacheKey key;
-  at::Tensor k;  // r x r: float32 (fused) or float64 (unfused)
+struct WReadyEvent;  // a CUDA event recorded after a W was written
+struct WSlot {
+  WCacheKey key;
+  at::Tensor w;  // W, r x r: fp16 (fused) or float64 (unfused)
   bool miss = false;
-  std::shared_ptr<KReadyEvent> ready;
+  std::shared_ptr<WReadyEvent> ready;
 };
-// Looks `key` up; on a miss allocates an empty K (and its event) that is not yet cached.
-KSlot k_take(const KCacheKey& key);
-// A hit: the current stream waits for the call that wrote K.
-void k_ready(const KSlot& slot);
-// A miss, once the kernel that writes slot.k is queued on the current stream: cached.
-void k_publish(const KSlot& slot);
+// Looks `key` up; on a miss allocates an empty W (and its event) that is not yet cached.
+WSlot w_take(const WCacheKey& key);
+// A hit: the current stream waits for the call that wrote W.
+void w_ready(const WSlot& slot);
+// A miss, once the copy that writes slot.w is queued on the current stream: cached.
+void w_publish(const WSlot& slot);
 // Drops the entries of `key` whatever their batch (a tensor left that basis).
-void k_drop(const KCacheKey& key);
+void w_drop(const WCacheKey& key);
 // Test hooks: the number of entries dropped / cached.
-int64_t k_cache_clear();
-int64_t k_cache_entries();
+int64_t w_cache_clear();
+int64_t w_cache_entries();
 
 // fused_momentum.cu: the fused tasks of one shape group (same n, m, rank, dtype, resample
 // step or not, projection), in call order.
@@ -171,9 +172,9 @@ struct FusedWork {
   float* temps = nullptr;        // fused_temp_floats of the workspace
   int64_t* host = nullptr;       // fused_table_words of the call's pinned table
   const int64_t* device = nullptr;  // the same words in the workspace
-  // projection="orthogonal": the K of each task's basis the step compresses into (the
-  // next one on resample steps), taken while the call is planned.
-  std::vector<KSlot> kslots;
+  // projection="orthogonal": the W of each task's current basis and (resample steps) of
+  // its next one, taken while the call is planned.
+  std::vector<WSlot> wslots, wslots_next;
 };
 // Floats of workspace the group's temporaries take (Gram and S; on resample steps also
 // the next P^T and tiled P, the change of basis and M in the next basis).
@@ -196,23 +197,22 @@ struct FusedCounterWords {
 };
 FusedCounterWords fused_counter_words(const FusedWork& w, int k);
 
-// orthogonal.cu: K_k = scale Gram_k^-1 (r x r each; K of projection="orthogonal",
-// scale = s^2) for `count` symmetric positive definite Grams stored one after another,
-// from fp32 `grams`, or (grams null) from the float64 Grams already in `work`;
-// `work`: scaled_inverse_work_floats(r, count) of the workspace (float64, 8-byte aligned),
-// matrix k at 2 k (r r + r) floats, K in float64 there afterwards; `outs` (unless null) gets
-// K in fp32. With fp32 `grams` and `outs` and r past the float64 matrix in shared memory,
-// the packed triangle's kernel writes `outs` only. A Gram that is not positive definite
-// gets an all-NaN K (a kernel cannot raise).
-int64_t scaled_inverse_work_floats(int64_t r, int64_t count);
-void launch_scaled_inverse(const float* grams, float* outs, double* work, int64_t r,
-                           int64_t count, double scale, cudaStream_t stream);
+// orthogonal.cu: W_k = s R_k^-T (r x r, lower triangular; Gram_k = R_k^T R_k, the basis
+// of projection="orthogonal" being W P on the left and P W^T on the right) for `count`
+// symmetric positive definite Grams stored one after another, from fp32 `grams32`, or
+// (grams32 null) from the float64 Grams already at the start of `work`;
+// `work`: basis_work_floats(r, count) of the workspace (float64, 8-byte aligned). W goes to
+// `outs16` (fp16 bits) or `outs64` (float64). A Gram that is not positive definite gets an
+// all-NaN W (a kernel cannot raise).
+int64_t basis_work_floats(int64_t r, int64_t count);
+void launch_basis_w(const float* grams32, double* work, uint16_t* outs16, double* outs64,
+                    int64_t r, int64_t count, double s, cudaStream_t stream);
 // The unfused path's float64 Gram of one fp32 P (r x length left, length x r right) into
-// `gram` (r x r float64, e.g. the inverse's work), and out = K x (left, x r x others) or
-// x K (right, x others x r) accumulated in float64 from K in float64.
+// `gram` (r x r float64, the start of the basis work), and out = W x (left, x r x others)
+// or x W^T (right, x others x r) accumulated in float64 from W in float64.
 void launch_gram_f64(const float* p, double* gram, int64_t r, int64_t length, bool left,
                      cudaStream_t stream);
-void launch_apply_f64(const double* k, const float* x, float* out, int64_t r, int64_t others,
+void launch_basis_f64(const double* w, const float* x, float* out, int64_t r, int64_t others,
                       bool left, cudaStream_t stream);
 
 // ---- capturable steps (capturable.cu) ----

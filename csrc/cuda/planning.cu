@@ -55,14 +55,21 @@ int64_t plan_row_stats(Task& t, int64_t elem, int64_t lane_elems, int64_t smem_l
 // G in all: blocks of about equal bytes (a block of wide rows took 2.7x as long as
 // one of 2048-wide rows when both had the same rows, and the launch waited for the
 // last ones), a whole number of stages each.
-void set_block_rows(Task& t, int64_t row_bytes, int64_t bytes) {
+void set_block_rows(Task& t, int64_t row_bytes, int64_t bytes, int64_t task_blocks) {
   const int64_t elem = row_bytes / t.m;
-  const int64_t wanted = std::clamp(ceil_div(ceil_div(bytes, kStatsBlocksTarget), row_bytes),
-                                    ceil_div(kRowBlockMinColBytes, elem),
-                                    kRowBlockMaxColBytes / elem);
   // Whole stages of G alone: a step whose stages also hold p (fewer rows) sums each
   // column over the same blocks of rows, so in the same order.
   const int64_t g_rows = stage_rows_of(row_bytes);
+  // The floor keeps the column sums' workspace small next to a launch of many tensors,
+  // but would leave a tensor stepped alone (FloraAccumulator steps one a call) with a
+  // few dozen blocks: it gives way to kStatsTaskBlocks blocks a tensor. A function of the
+  // tensor only, so batching still does not change a small tensor's sums.
+  const int64_t floor_rows =
+      task_blocks == 0 ? ceil_div(kRowBlockMinColBytes, elem)
+                       : std::min(ceil_div(kRowBlockMinColBytes, elem),
+                                  std::max(g_rows, ceil_div(t.n, task_blocks)));
+  const int64_t wanted = std::clamp(ceil_div(ceil_div(bytes, kStatsBlocksTarget), row_bytes),
+                                    floor_rows, kRowBlockMaxColBytes / elem);
   t.block_rows = static_cast<int32_t>(ceil_div(wanted, g_rows) * g_rows);
   t.rchunks = static_cast<int32_t>(ceil_div(t.n, t.block_rows));
 }
@@ -195,9 +202,9 @@ int64_t make_task(const Item& item, const GroupArgs& args, const Tuning& tuning,
     // Fused compressed momentum: TF32 asked for, 16-byte rows of every GEMM operand,
     // round-to-nearest writes (stochastic rounding keeps the unfused passes);
     // projection="orthogonal" only up to r = half of P's long side (the shorter side):
-    // K's TF32 product loses about cond(Gram) times TF32's rounding, and the Gram's
-    // condition number, ((1 + sqrt(c)) / (1 - sqrt(c)))^2 at c = r / long, is 34 at 1/2
-    // and without bound as c nears 1.
+    // W = s R^-T from the Gram of the fp16 P loses about cond(Gram) times its rounding in
+    // orthonormality, and the Gram's condition number, ((1 + sqrt(c)) / (1 - sqrt(c)))^2
+    // at c = r / long, is 34 at 1/2 and without bound as c nears 1.
     const bool compressed = layout.momentum == MomentumKind::kCompressed;
     // 32-bit index arithmetic in the projection and momentum kernels.
     t.fused = compressed && fused_on && e.options.tf32 && !args.stochastic_rounding &&
@@ -324,7 +331,8 @@ void plan_stats_groups(const std::vector<Item>& items, StepPlan& plan) {
 }
 
 // Grids and workspace offsets of each stats group and batch.
-void plan_grids(const std::vector<Item>& items, const GroupArgs& args, StepPlan& plan) {
+void plan_grids(const std::vector<Item>& items, const GroupArgs& args, const Tuning& tuning,
+                StepPlan& plan) {
   std::vector<Task>& tasks = plan.tasks;
   std::vector<WorkspacePlan>& plans = plan.plans;
   std::vector<Batch>& batches = plan.batches;
@@ -338,7 +346,8 @@ void plan_grids(const std::vector<Item>& items, const GroupArgs& args, StepPlan&
     for (int k = g.first; k < g.first + g.count; ++k) {
       Task& t = tasks[k];
       if (t.row_stats)
-        set_block_rows(t, t.m * items[k].param.element_size(), row_stats_bytes);
+        set_block_rows(t, t.m * items[k].param.element_size(), row_stats_bytes,
+                       tuning.stats_task_blocks);
       t.fblock_begin = g.fblocks;
       t.sblock_begin = g.sblocks;
       g.sblocks += t.row_stats ? t.rchunks : t.tiles;
@@ -384,8 +393,8 @@ void plan_grids(const std::vector<Item>& items, const GroupArgs& args, StepPlan&
 
 // Bytes of temporaries the fused momentum work of item q holds while its group runs:
 // the two r x r products; on resample steps also the next P^T and tiled P, the change
-// of basis and M in the next basis; projection="orthogonal" adds K, Gram' on resample
-// steps, xout and the inverse's float64 scratch. (The limit of a round; the region itself
+// of basis and M in the next basis; projection="orthogonal" adds W (fp16), Gram' on
+// resample steps, W P in fp32 and W's float64 scratch. (The limit of a round; the region itself
 // is sized by fused_temp_floats.)
 int64_t fused_temp_bytes(const Item& item) {
   const ParamLayout& l = item.entry->layout;
@@ -397,7 +406,8 @@ int64_t fused_temp_bytes(const Item& item) {
                             4 * r * mdim
                       : once;
   if (o.projection == Projection::kOrthogonal)
-    bytes += 4 * r * r * (o.plans_resample() ? 2 : 1) + 4 * r * mdim + 8 * (r * r + r);
+    bytes += 2 * r * r + (o.plans_resample() ? 4 * r * r : 0) + 4 * r * pdim +
+             4 * basis_work_floats(r, 1);
   return bytes;
 }
 
@@ -528,7 +538,7 @@ StepPlan plan_step(const std::vector<Item>& items, const GroupArgs& args, const 
   plan.limits = call_limits(items, tuning);
   plan_batches(items, args, tuning, plan);
   plan_stats_groups(items, plan);
-  plan_grids(items, args, plan);
+  plan_grids(items, args, tuning, plan);
   plan_momentum(items, tuning, plan);
   return plan;
 }

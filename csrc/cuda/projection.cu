@@ -59,6 +59,24 @@ __global__ void projection_pair_kernel(float* __restrict__ plain,
   }
 }
 
+// P_o scaled along the parameter's dimension as projection_pair_kernel does, from P_o
+// (fp32, rows x cols) already in `plain`: projection="orthogonal"'s basis is not drawn.
+template <int DT>
+__global__ void scale_projection_kernel(const float* __restrict__ plain,
+                                        Storage<DT>* __restrict__ scaled, int64_t rows,
+                                        int64_t cols, bool left, const float* __restrict__ row,
+                                        const float* __restrict__ scalars,
+                                        const float* __restrict__ col_factor) {
+  const int64_t numel = rows * cols;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const float row_mean = scalars[kRowMean];
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < numel;
+       e += stride) {
+    const float s = left ? row_scale(row[e % cols], row_mean) : col_factor[e / cols];
+    scaled[e] = from_float<DT>(plain[e] * s);
+  }
+}
+
 // New compressed momentum: M = beta1 M' + (1 - beta1) down(U), with down(U) the GEMM
 // result X scaled along the other dimension: left (r x m) X[k, j] b_j, right (n x r)
 // X[i, k] a_i.
@@ -105,14 +123,14 @@ namespace {
 // the call's workspace (offsets in floats, each array 16-byte aligned): P now (fp32),
 // P scaled (the down GEMM's dtype), X = the down GEMM's result; on resample steps the
 // next P, the change of basis and M in the next basis; for exact 16-bit projections an
-// fp32 copy of G; for projection="orthogonal" the down GEMM's result before K, the
-// inverse's float64 scratch (Gram, then K) and on resample steps the raw change of basis.
+// fp32 copy of G; for projection="orthogonal" the Gaussian P before it becomes P_o and
+// the float64 scratch of W (the Gram, the packed triangle).
 struct CompressedTemps {
   int64_t n, m, r, prow, pcol;
   bool left, resample, exact_16bit, orthogonal, tf32;
   int down_type;
   int64_t p_now = 0, p_next = 0, scaled = 0, x = 0, bases = 0, base = 0, grad32 = 0;
-  int64_t x_raw = 0, inverse_work = 0, raw_bases = 0;
+  int64_t p_raw = 0, basis_work = 0;
   int64_t floats = 0;
 };
 
@@ -130,10 +148,9 @@ CompressedTemps compressed_temps(const Item& item) {
   c.resample = o.plans_resample();
   // The down GEMM reads G as it is: 16-bit gradients meet a 16-bit scaled P
   // (tensor cores, fp32 accumulation) unless exact fp32 was asked for. projection=
-  // "orthogonal" keeps every GEMM exact whatever tf32 says: K (P X) and up(M) = P^T M lose
-  // about cond(Gram) (and cond(P)) times their rounding, and the Gram's condition number
-  // grows as r nears P's long side (the fused path, TF32 throughout, takes only r <= half
-  // of it).
+  // "orthogonal" keeps every GEMM exact whatever tf32 says: its basis' rounding would
+  // carry into the Gram of a P whose condition number grows as r nears P's long side (the
+  // fused path, fp16 operands throughout, takes only r <= half of it).
   c.orthogonal = o.projection == Projection::kOrthogonal;
   c.tf32 = o.tf32 && !c.orthogonal;
   c.exact_16bit = item.dtype != kF32 && !c.tf32;
@@ -156,9 +173,8 @@ CompressedTemps compressed_temps(const Item& item) {
   }
   if (c.exact_16bit) c.grad32 = take(item.grad.numel());
   if (c.orthogonal) {
-    c.x_raw = take(msize);
-    c.inverse_work = take(scaled_inverse_work_floats(c.r, 1));
-    if (c.resample) c.raw_bases = take(c.r * c.r);
+    c.p_raw = take(psize);
+    c.basis_work = take(basis_work_floats(c.r, 1));
   }
   c.floats = at;
   return c;
@@ -174,7 +190,7 @@ int64_t compressed_temp_floats(const Item& item) { return compressed_temps(item)
 // temporaries are `temps` (compressed_temp_floats of the call's workspace, fp32):
 // nothing is allocated here.
 void compressed_momentum(const Item& item, const Task& t, const at::Tensor& momentum,
-                         const at::Tensor& temps, const KSlot* kslot) {
+                         const at::Tensor& temps, const WSlot* w_now, const WSlot* w_next) {
   const GroupEntry& entry = *item.entry;
   const StepOptions& o = entry.options;
   const CompressedTemps c = compressed_temps(item);
@@ -194,8 +210,8 @@ void compressed_momentum(const Item& item, const Task& t, const at::Tensor& mome
   float* const p_next = resample ? ws + c.p_next : nullptr;
   void* const scaled = ws + c.scaled;
   const int64_t groups = ceil_div(prow * pcol, 4);
+  const int blocks = static_cast<int>(ceil_div(groups, kThreads));
   const auto fill_pair = [&](float* plain, int64_t seed, bool with_scaled) {
-    const int blocks = static_cast<int>(ceil_div(groups, kThreads));
     const uint64_t s = static_cast<uint64_t>(seed);
     if (!with_scaled) {
       fill_projection_kernel<<<blocks, kThreads, 0, stream>>>(plain, prow * pcol, s, scale);
@@ -214,43 +230,60 @@ void compressed_momentum(const Item& item, const Task& t, const at::Tensor& mome
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  fill_pair(p_now, o.seed, !resample);
-  if (resample) fill_pair(p_next, next_seed(o.seed), true);
+  // projection="orthogonal": P_o = W P (left) or P W^T (right) of each basis, W = s R^-T
+  // from the cache (slot), computed here on a miss from the float64 Gram of the fp32 P
+  // (into the slot's tensor), then the product in float64: W's entries grow with the
+  // Gram's condition number, and an fp32 product would lose that much.
+  const int64_t length = left ? pcol : prow;  // P's long side
+  const auto fill_basis = [&](float* plain, int64_t seed, const WSlot* slot) {
+    TORCH_INTERNAL_ASSERT(slot != nullptr && slot->w.scalar_type() == at::kDouble);
+    float* const raw = ws + c.p_raw;
+    fill_projection_kernel<<<blocks, kThreads, 0, stream>>>(raw, prow * pcol,
+                                                            static_cast<uint64_t>(seed), scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    double* const w = slot->w.data_ptr<double>();
+    if (slot->miss) {
+      double* const work = reinterpret_cast<double*>(ws + c.basis_work);
+      launch_gram_f64(raw, work, r, length, left, stream);
+      launch_basis_w(nullptr, work, nullptr, w, r, 1,
+                     std::sqrt(static_cast<double>(length) / static_cast<double>(r)), stream);
+      w_publish(*slot);
+    } else {
+      w_ready(*slot);
+    }
+    launch_basis_f64(w, raw, plain, r, left ? pcol : prow, left, stream);
+  };
+  const auto scale_basis = [&](const float* plain) {
+    const int sblocks = static_cast<int>(std::min<int64_t>(ceil_div(prow * pcol, kThreads), 4096));
+    if (down_type == kF32) {
+      scale_projection_kernel<kF32><<<sblocks, kThreads, 0, stream>>>(
+          plain, static_cast<float*>(scaled), prow, pcol, left, t.row, t.scalars, t.col_factor);
+    } else if (down_type == kBF16) {
+      scale_projection_kernel<kBF16><<<sblocks, kThreads, 0, stream>>>(
+          plain, static_cast<uint16_t*>(scaled), prow, pcol, left, t.row, t.scalars,
+          t.col_factor);
+    } else {
+      scale_projection_kernel<kF16><<<sblocks, kThreads, 0, stream>>>(
+          plain, static_cast<uint16_t*>(scaled), prow, pcol, left, t.row, t.scalars,
+          t.col_factor);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (c.orthogonal) {
+    fill_basis(p_now, o.seed, w_now);
+    if (resample) fill_basis(p_next, next_seed(o.seed), w_next);
+    scale_basis(resample ? p_next : p_now);
+  } else {
+    fill_pair(p_now, o.seed, !resample);
+    if (resample) fill_pair(p_next, next_seed(o.seed), true);
+  }
 
   // X = (P diag a) G (left, r x m) or G (diag b P) (right, n x r).
   float* const x = ws + c.x;
-  float* const down_x = c.orthogonal ? ws + c.x_raw : x;
   if (left) {
-    gemm(false, false, r, m, n, 1.f, scaled, grad, down_type, 0.f, down_x, c.tf32);
+    gemm(false, false, r, m, n, 1.f, scaled, grad, down_type, 0.f, x, c.tf32);
   } else {
-    gemm(false, false, n, r, m, 1.f, grad, scaled, down_type, 0.f, down_x, c.tf32);
-  }
-  // projection="orthogonal": X = K X (left) or X K (right), K = s^2 Gram^-1 of the basis
-  // the step compresses into (the next one on resample steps), all in float64 from the
-  // fp32 P: Gram, inverse and the product (K's entries grow with the Gram's condition
-  // number, and an fp32 product would lose that much). The diagonal scaling along the
-  // other dimension (momentum_mix_kernel's) commutes with K.
-  // K comes from the cache (kslot), computed here on a miss: in the inverse's scratch, then
-  // copied to the cache's tensor.
-  const double* kmat = nullptr;
-  if (c.orthogonal) {
-    TORCH_INTERNAL_ASSERT(kslot != nullptr && kslot->k.scalar_type() == at::kDouble);
-    double* const kmat_k = kslot->k.data_ptr<double>();
-    if (kslot->miss) {
-      double* const work = reinterpret_cast<double*>(ws + c.inverse_work);
-      const float* p_down = resample ? p_next : p_now;
-      const int64_t length = left ? pcol : prow;  // P's long side
-      const double s2 = static_cast<double>(length) / static_cast<double>(r);
-      launch_gram_f64(p_down, work, r, length, left, stream);
-      launch_scaled_inverse(nullptr, nullptr, work, r, 1, s2, stream);
-      C10_CUDA_CHECK(cudaMemcpyAsync(kmat_k, work, r * r * sizeof(double),
-                                     cudaMemcpyDeviceToDevice, stream));
-      k_publish(*kslot);
-    } else {
-      k_ready(*kslot);
-    }
-    kmat = kmat_k;
-    launch_apply_f64(kmat, down_x, x, r, left ? m : n, left, stream);
+    gemm(false, false, n, r, m, 1.f, grad, scaled, down_type, 0.f, x, c.tf32);
   }
   // update = beta1 up_now(M): P^T M (left) or M P^T (right), from the old M.
   const float b1 = static_cast<float>(o.beta1);
@@ -260,20 +293,16 @@ void compressed_momentum(const Item& item, const Task& t, const at::Tensor& mome
   } else {
     gemm(false, true, n, m, r, b1, mom, p_now, kF32, 0.f, t.update, c.tf32);
   }
-  // M' = down_next(up_now(M)) through the r x r product of the two bases; orthogonal:
-  // K' (P' P^T) (left) or (P^T P') K' (right), K' the next basis' (kmat on resample steps).
+  // M' = down_next(up_now(M)) through the r x r product of the two bases.
   const float* base = mom;
   if (resample) {
     float* const bases = ws + c.bases;
     float* const next_base = ws + c.base;
-    float* const raw = c.orthogonal ? ws + c.raw_bases : bases;
     if (left) {
-      gemm(false, true, r, r, n, 1.f, p_next, p_now, kF32, 0.f, raw, c.tf32);
-      if (c.orthogonal) launch_apply_f64(kmat, raw, bases, r, r, true, stream);
+      gemm(false, true, r, r, n, 1.f, p_next, p_now, kF32, 0.f, bases, c.tf32);
       gemm(false, false, r, m, r, 1.f, bases, mom, kF32, 0.f, next_base, c.tf32);
     } else {
-      gemm(true, false, r, r, m, 1.f, p_now, p_next, kF32, 0.f, raw, c.tf32);
-      if (c.orthogonal) launch_apply_f64(kmat, raw, bases, r, r, false, stream);
+      gemm(true, false, r, r, m, 1.f, p_now, p_next, kF32, 0.f, bases, c.tf32);
       gemm(false, false, n, r, r, 1.f, mom, bases, kF32, 0.f, next_base, c.tf32);
     }
     base = next_base;

@@ -168,15 +168,16 @@ struct CallResources {
   std::vector<FusedWork> fused;       // one a plan.fused_groups entry
   std::optional<StreamRounds> rounds;  // when there are fused groups
   at::Tensor unfused_temps;           // fp32, plan.unfused_floats
-  std::vector<KSlot> unfused_k;       // a task each: the K of unfused orthogonal tasks
-  std::vector<KCacheKey> k_left;      // the K of the bases resample steps leave
+  // A task each: the W of unfused orthogonal tasks' current and (resample) next bases.
+  std::vector<WSlot> unfused_w, unfused_w_next;
+  std::vector<WCacheKey> w_left;      // the W of the bases resample steps leave
 };
 
-// The K cache's key of a task's projection with `seed` (docs/cuda.md §4).
-KCacheKey k_key(const Item& item, int64_t seed, bool fused, int64_t batch) {
+// The W cache's key of a task's projection with `seed` (docs/cuda.md §4).
+WCacheKey w_key(const Item& item, int64_t seed, bool fused, int64_t batch) {
   const ParamLayout& layout = item.entry->layout;
   const std::vector<int64_t> shape = layout.projection_shape();
-  KCacheKey key;
+  WCacheKey key;
   key.device = item.param.device().index();
   key.seed = seed;
   key.r = layout.rank;
@@ -191,11 +192,6 @@ bool orthogonal(const Item& item) {
   return item.entry->options.projection == Projection::kOrthogonal;
 }
 
-// The seed of the basis a step compresses into: the next one on resample steps.
-int64_t down_seed(const Item& item) {
-  const StepOptions& o = item.entry->options;
-  return o.plans_resample() ? next_seed(o.seed) : o.seed;
-}
 
 // The compressed-momentum work of batch b, between its scalars and rms passes: its
 // fused shape groups (plan_momentum) and unfused tasks, in call order.
@@ -209,9 +205,11 @@ void compressed_work(const std::vector<Item>& items, const StepPlan& plan, const
           res.rounds->stream_for(plan.fused_groups[group]));
       fused_momentum_group(res.fused[group], tuning.min_batched);
     } else if (!t.fused && t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
-      const KSlot* kslot = res.unfused_k.empty() ? nullptr : &res.unfused_k[k];
+      const bool with_w = !res.unfused_w.empty() && res.unfused_w[k].w.defined();
+      const bool with_next = with_w && res.unfused_w_next[k].w.defined();
       compressed_momentum(items[k], t, *items[k].entry->state.momentum, res.unfused_temps,
-                          kslot);
+                          with_w ? &res.unfused_w[k] : nullptr,
+                          with_next ? &res.unfused_w_next[k] : nullptr);
     }
   }
   if (res.rounds) res.rounds->join();
@@ -345,27 +343,37 @@ void prepare_call(PreparedCall& call, const at::Tensor* workspace, int64_t extra
     w.temps = ws + layout.rounds_at + g.temps_at;
     w.host = host_groups + g.table_at;
     w.device = device_groups + g.table_at;
-    // projection="orthogonal" (a whole group or none): the cached K, or a tensor for it.
+    // projection="orthogonal" (a whole group or none): the cached W of the current and
+    // (resample steps) next basis, or a tensor for it.
     const int64_t count = static_cast<int64_t>(g.tasks.size());
     const int64_t batch = count >= call.tuning.min_batched ? count : 1;
     for (const Item* item : w.items) {
-      if (orthogonal(*item))
-        w.kslots.push_back(k_take(k_key(*item, down_seed(*item), true, batch)));
+      if (!orthogonal(*item)) continue;
+      const StepOptions& o = item->entry->options;
+      w.wslots.push_back(w_take(w_key(*item, o.seed, true, batch)));
+      if (o.plans_resample())
+        w.wslots_next.push_back(w_take(w_key(*item, next_seed(o.seed), true, batch)));
     }
     fill_fused_table(w);
   }
-  // The unfused orthogonal tasks' K, and the bases every orthogonal resample step leaves.
+  // The unfused orthogonal tasks' W, and the bases every orthogonal resample step leaves.
   for (size_t q = 0; q < call.items.size(); ++q) {
     const Item& item = call.items[q];
     const Task& t = plan.tasks[q];
     if (t.momentum_kind != static_cast<int>(MomentumKind::kCompressed) || !orthogonal(item))
       continue;
+    const StepOptions& o = item.entry->options;
     if (!t.fused) {
-      if (res.unfused_k.empty()) res.unfused_k.resize(call.items.size());
-      res.unfused_k[q] = k_take(k_key(item, down_seed(item), false, 0));
+      if (res.unfused_w.empty()) {
+        res.unfused_w.resize(call.items.size());
+        res.unfused_w_next.resize(call.items.size());
+      }
+      res.unfused_w[q] = w_take(w_key(item, o.seed, false, 0));
+      if (o.plans_resample())
+        res.unfused_w_next[q] = w_take(w_key(item, next_seed(o.seed), false, 0));
     }
     if (item.entry->options.plans_resample())
-      res.k_left.push_back(k_key(item, item.entry->options.seed, t.fused, 0));
+      res.w_left.push_back(w_key(item, item.entry->options.seed, t.fused, 0));
   }
 }
 
@@ -453,7 +461,7 @@ void run_group_cuda(at::TensorList params, at::TensorList grads,
   phase.begin("flora::launch");
   upload(call.device_bytes, call.host_tables, call.tables_bytes);
   launch_call(call);
-  for (const KCacheKey& key : call.res.k_left) k_drop(key);
+  for (const WCacheKey& key : call.res.w_left) w_drop(key);
   for (const Item& item : call.items) {
     if (!item.param.is_same(params[item.index])) params[item.index].copy_(item.param);
   }
@@ -535,7 +543,7 @@ void prepare_captured(CapturedCall& captured, at::TensorList params, at::TensorL
                 " and its gradient ", grads[k].strides());
   }
   for (const GroupEntry& entry : entries) {
-    // Its K would be the one of the seed at capture: the cache works from host seeds.
+    // Its W would be the one of the seed at capture: the cache works from host seeds.
     TORCH_CHECK(entry.layout.momentum != MomentumKind::kCompressed ||
                     entry.options.projection != Projection::kOrthogonal,
                 "flora: projection='orthogonal' is not supported with capturable=True");
@@ -677,9 +685,9 @@ void run_group_capturable_cuda(at::TensorList params, at::TensorList grads,
 TORCH_LIBRARY_FRAGMENT(flora, m) {
   m.def("forget_capturable(int workspace_storage) -> ()",
         &flora::cuda_detail::forget_capturable);
-  // Test hooks of the K cache (docs/cuda.md §4): entries dropped / cached.
-  m.def("_clear_orthogonal_cache() -> int", &flora::cuda_detail::k_cache_clear);
-  m.def("_orthogonal_cache_entries() -> int", &flora::cuda_detail::k_cache_entries);
+  // Test hooks of the W cache (docs/cuda.md §4): entries dropped / cached.
+  m.def("_clear_orthogonal_cache() -> int", &flora::cuda_detail::w_cache_clear);
+  m.def("_orthogonal_cache_entries() -> int", &flora::cuda_detail::w_cache_entries);
 }
 
 TORCH_LIBRARY_IMPL(flora, CUDA, m) {

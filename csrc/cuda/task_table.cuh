@@ -136,9 +136,7 @@ __device__ __forceinline__ const Task& task_of_tile(const TaskTable& table, int6
 //             gram_dot_kernel once S exists
 //   momentum16: fp16(M) for the up GEMM and for S; skipped when null
 //   update: M = beta1 M' + (1 - beta1) down(U), M' = M or `base` (M moved to the next
-//           basis on resample steps); with `xout` (projection="orthogonal") M = beta1 M'
-//           and xout = (1 - beta1) down(U) instead (M' and 0 on a skip), for the GEMM
-//           M += K xout (left) or xout K (right) that follows
+//           basis on resample steps; M' alone on a skip)
 struct DownJob {
   const void* grad;
   const uint16_t* proj;  // P^T, fp16: n x rank (left) or rank x m (right)
@@ -154,7 +152,6 @@ struct DownJob {
   const float* col_factor;
   float* row_factor;     // left: a_i of every row, for the down GEMM (row_factor_kernel)
   const int32_t* skip;   // the task's Task::skip: on a skip, update writes M' alone
-  float* xout;           // orthogonal: the momentum's shape, fp32; else null
 };
 
 }  // namespace cuda_detail

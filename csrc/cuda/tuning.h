@@ -53,6 +53,11 @@ constexpr bool kRowStats = true;
 constexpr bool kRowStatsDense = true;
 // Buffers in a row-stats block's ring of stages (2-4); 0: 3 for fp32, 2 for 16-bit.
 constexpr int64_t kStatsStages = 0;
+// Row-stats blocks a factored tensor gets at least before the floor of column bytes a
+// block (config.cuh, kRowBlockMinColBytes) applies; 0: the floor alone. A 4096-row bf16
+// tensor alone in a launch (FloraAccumulator steps one a call) had 26 blocks of 160 rows
+// for 132 SMs under the floor.
+constexpr int64_t kStatsTaskBlocks = 256;
 // Fused compressed momentum where TF32 is on (else an n x m update buffer and the rms
 // pass).
 constexpr bool kFusedMomentum = true;
@@ -67,6 +72,7 @@ struct Tuning {
   int64_t fused_share = kFusedShare;
   int64_t fused_min_bytes = kFusedMinBytes;
   int64_t min_batched = kMinBatched;
+  int64_t stats_task_blocks = kStatsTaskBlocks;
 };
 
 // The tuning of one call: the constants (or what set_tuning_for_testing set) and the two
@@ -79,7 +85,7 @@ Tuning call_tuning();
 void set_tuning_for_testing(bool reset, int64_t row_stats, int64_t stats_stages,
                             int64_t fused_momentum, int64_t fused_share,
                             int64_t fused_min_bytes, int64_t min_batched,
-                            int64_t row_stats_dense);
+                            int64_t row_stats_dense, int64_t stats_task_blocks = -1);
 
 }  // namespace cuda_detail
 }  // namespace flora

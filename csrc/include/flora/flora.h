@@ -73,8 +73,8 @@ namespace flora {
   /* A parameter whose gradient holds a NaN or inf keeps its value and state on that step; */ \
   /* the skips are counted (Flora::nonfinite_skips). */                                      \
   X(bool, skip_nonfinite, false)                                                            \
-  /* Compressed momentum's down projection: "gaussian" (flora-opt's) or "orthogonal" */      \
-  /* (docs/FLORA.md, "Orthogonalised projections"). */                                      \
+  /* Compressed momentum's basis: "gaussian" (flora-opt's) or "orthogonal" (docs/FLORA.md, */ \
+  /* "Orthogonalised projections"); a checkpoint resumes only with the one it was saved with. */ \
   X(std::string, projection, "gaussian")                                                    \
   /* Compressed momentum only where the longer side is at most this times the shorter */   \
   /* (4: flora-opt's rule, embeddings and heads dense); 0 (Python's None): no limit. */     \

@@ -17,9 +17,11 @@ namespace flora {
 
 enum class MomentumKind : int { kNone = 0, kDense = 1, kCompressed = 2 };
 
-// How compressed momentum is projected down (docs/FLORA.md, "Orthogonalised projections"):
-// by the Gaussian P itself (flora-opt's math), or by s^2 (P P^T)^-1 P (left; P (P^T P)^-1 s^2
-// right), which makes up(down(X)) s^2 times the orthogonal projection on P's span.
+// The basis of compressed momentum (docs/FLORA.md, "Orthogonalised projections"): the
+// Gaussian P itself (flora-opt's math), or P_o = s R^-T P (left; P R^-1 s right), P's rows
+// orthonormalised by the Cholesky factor R of its Gram and scaled by s, which makes
+// up(down(X)) s^2 times the orthogonal projection on P's span. The momentum holds
+// coordinates in that basis.
 enum class Projection : int { kGaussian = 0, kOrthogonal = 1 };
 
 // The op schemas' projection argument: "gaussian" or "orthogonal"; anything else throws
