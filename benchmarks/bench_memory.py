@@ -57,6 +57,12 @@ kernels and host ops, and the JSON its wall time against the GPU's busy time by 
 (flora_ext, GEMMs, attention, other), so a step slower than AdamW's shows whether the time
 went to the optimizer's kernels or to a GPU waiting for the host (backward hooks, Python).
 
+--memory-peak DIR records the CUDA allocator's history during one more step of each
+configuration and writes DIR/<config>_peak.txt: the allocations live at that step's peak,
+grouped by the first Python frame outside torch that made them (the model's layers, the
+checkpoint's recomputation, the accumulator, the optimizer), on top of what was allocated
+before the step (weights, optimizer state, the accumulation buffers of an open cycle).
+
 Needs transformers (and accelerate + flora-opt for flora_opt): requirements-bench.txt.
 The Markdown table goes to --out and the same results as JSON next to it (.json).
 """
@@ -296,6 +302,72 @@ def kernel_kind(name):
     return "other"
 
 
+def _alloc_site(frames):
+    """Where an allocation was made: the innermost Python frame outside torch itself (torch's
+    checkpoint recomputation named as such), or the innermost frame, or the autograd engine."""
+    for frame in frames:
+        path = frame.get("filename", "")
+        if "torch/utils/checkpoint.py" in path:
+            return "torch.utils.checkpoint (recomputation)"
+        if "/torch/" not in path and not path.startswith("<"):
+            return f"{os.path.basename(path)}:{frame.get('line')} {frame.get('name')}"
+    if frames:
+        return f"{os.path.basename(frames[0].get('filename', '?'))}:{frames[0].get('line')} " \
+               f"{frames[0].get('name')}"
+    return "(no Python frame: autograd's backward kernels)"
+
+
+def peak_breakdown(events):
+    """Replays allocator trace events (dicts with action, addr, size, frames) and returns
+    (peak bytes above the start, index of the event that reached it, {site: (bytes, count)}
+    of the allocations live then). Frees of blocks allocated before the trace began are
+    ignored: they cannot raise the peak above what was live at its start."""
+    live, total, peak, at, best = {}, 0, 0, -1, {}
+    for k, ev in enumerate(events):
+        action = ev.get("action")
+        if action == "alloc":
+            live[ev["addr"]] = (ev["size"], ev.get("frames", []))
+            total += ev["size"]
+            if total > peak:
+                peak, at, best = total, k, dict(live)
+        elif action == "free_requested" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])[0]
+    sites = {}
+    for size, frames in best.values():
+        bytes_, count = sites.get(_alloc_site(frames), (0, 0))
+        sites[_alloc_site(frames)] = (bytes_ + size, count + 1)
+    return peak, at, sites
+
+
+def memory_peak_step(step, batch, device, out_dir, name):
+    """One more step with the allocator's history recorded: writes OUT_DIR/NAME_peak.txt and
+    returns what was allocated before it and the step's peak above that (GiB)."""
+    import torch
+
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.memory._record_memory_history(context="alloc", stacks="python",
+                                             max_entries=4_000_000, device=device)
+    try:
+        step(batch)
+        torch.cuda.synchronize(device)
+        snapshot = torch.cuda.memory._snapshot(device)
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None, device=device)
+    events = snapshot["device_traces"][device.index or 0]
+    peak, at, sites = peak_breakdown(events)
+    lines = [f"{name}: allocated before the step {before / GIB:.3f} GiB; the step's peak "
+             f"{(before + peak) / GIB:.3f} GiB, {peak / GIB:.3f} GiB above it, at trace event "
+             f"{at} of {len(events)}", "",
+             "| allocated at (first frame outside torch) | GiB live at the peak | blocks |",
+             "|---|---|---|"]
+    for site, (bytes_, count) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:30]:
+        lines.append(f"| {site} | {bytes_ / GIB:.3f} | {count} |")
+    os.makedirs(out_dir, exist_ok=True)
+    pathlib.Path(out_dir, f"{name}_peak.txt").write_text("\n".join(lines) + "\n")
+    return {"before_gib": before / GIB, "peak_above_gib": peak / GIB}
+
+
 def profile_step(step, batch, device, out_dir, name):
     """One more optimizer step (all its micro-batches) under torch.profiler. Writes
     OUT_DIR/NAME.txt (the top kernels and host ops) and returns the split of the step's wall
@@ -392,6 +464,9 @@ def run_child(args):
                   f"loss {losses[-1]:.4f}"
                   + (f", peak {mem(torch.cuda.max_memory_allocated):.2f} GiB" if cuda else ""),
                   flush=True)
+        if args.memory_peak and cuda:
+            result["memory_peak"] = memory_peak_step(step, batch, device, args.memory_peak,
+                                                     args.child)
         if args.profile:
             result["profile"] = profile_step(step, batch, device, args.profile, args.child)
         steps_taken = [s.get("step") for s in getattr(opt, "optimizer", opt).state.values()]
@@ -434,6 +509,8 @@ def child_command(args, name, result_path):
     cmd += ["--flora-beta1", repr(args.flora_beta1), "--flora-rank", str(args.flora_rank)]
     if getattr(args, "profile", None):
         cmd += ["--profile", os.path.abspath(args.profile)]
+    if getattr(args, "memory_peak", None):
+        cmd += ["--memory-peak", os.path.abspath(args.memory_peak)]
     if getattr(args, "chunked_loss", None):
         cmd += ["--chunked-loss", "--loss-chunk", str(args.chunked_loss)]
     return cmd
@@ -618,6 +695,10 @@ def main():
                     help="after the timed steps, profile one more step of each configuration: "
                          "DIR/<config>.txt, and the GPU busy time by kernel kind against the "
                          "wall time in the results (where a slower step's time goes)")
+    ap.add_argument("--memory-peak", default=None, metavar="DIR",
+                    help="CUDA: record the allocator's history during one more step of each "
+                         "configuration; DIR/<config>_peak.txt lists what is live at its peak, "
+                         "by where it was allocated")
     ap.add_argument("--chunked-loss", action="store_true",
                     help="every configuration: the loss from the final hidden states in chunks "
                          "of --loss-chunk positions, each chunk's lm_head and float32 "

@@ -1,6 +1,7 @@
 """benchmarks/bench_memory.py on the CPU (the tiny model): the profile option (one profiled
 step per configuration, its table written, its wall time in the results), --chunked-loss
-(the model's own loss and gradients, the rows' flags) and the lean configurations' options."""
+(the model's own loss and gradients, the rows' flags), the lean configurations' options and
+the replay of an allocator trace behind --memory-peak."""
 import argparse
 import json
 import os
@@ -21,6 +22,35 @@ def test_kernel_kinds():
     assert bench_memory.kernel_kind("cutlass::Kernel2<cutlass_80_tensorop>") == "gemm"
     assert bench_memory.kernel_kind("flash_fwd_kernel") == "attention"
     assert bench_memory.kernel_kind("at::native::vectorized_elementwise_kernel") == "other"
+
+
+def _frame(filename, line, name):
+    return {"filename": filename, "line": line, "name": name}
+
+
+def test_memory_peak_replays_the_trace_to_its_highest_point():
+    torch_frame = _frame("/x/site-packages/torch/nn/functional.py", 10, "linear")
+    model = [torch_frame, _frame("/x/transformers/models/llama/modeling_llama.py", 5, "forward")]
+    recompute = [torch_frame, _frame("/x/site-packages/torch/utils/checkpoint.py", 3, "recompute")]
+    acc = [_frame("/repo/flora_ext/accumulation.py", 7, "down_project")]
+    events = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": model},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": acc},
+        {"action": "free_requested", "addr": 99, "size": 1000},  # allocated before the trace
+        {"action": "alloc", "addr": 3, "size": 30, "frames": recompute},
+        {"action": "free_requested", "addr": 1, "size": 100},
+        {"action": "free_completed", "addr": 1, "size": 100},
+        {"action": "alloc", "addr": 4, "size": 60, "frames": []},
+        {"action": "alloc", "addr": 5, "size": 10, "frames": acc},
+    ]
+    peak, at, sites = bench_memory.peak_breakdown(events)
+    # live: 100+50+30 = 180 at event 3; then 50+30+60 = 140, +10 = 150 < 180
+    assert (peak, at) == (180, 3)
+    assert sites == {"modeling_llama.py:5 forward": (100, 1),
+                     "accumulation.py:7 down_project": (50, 1),
+                     "torch.utils.checkpoint (recomputation)": (30, 1)}
+    assert bench_memory._alloc_site([]).startswith("(no Python frame")
+    assert bench_memory._alloc_site([torch_frame]) == "functional.py:10 linear"
 
 
 def test_profile_writes_one_step_per_configuration(tmp_path):
