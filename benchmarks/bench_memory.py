@@ -19,6 +19,9 @@ over them). Configurations:
                         Flora(max_aspect_ratio=None): bf16 accumulation buffers, compressed
                         momentum for the embedding and the head too
   flora_accum_q8_lean   flora_accum_lean with quantization=True
+  flora_accum_lean8     flora_accum_lean with 8-bit accumulation buffers
+                        (FloraAccumulator(buffer_dtype=torch.uint8))
+  flora_accum_q8_lean8  flora_accum_lean8 with quantization=True
   flora_accum_defaults  the same with Flora's defaults (flora-opt's: no momentum)
   flora                 flora_ext.Flora (momentum as flora_accum), plain accumulation into
                         .grad, opt.step() after the last micro-batch
@@ -92,19 +95,25 @@ if (_REPO / "flora_ext" / "libflora.so").exists():
 # The headline is Flora as its users run it: momentum (beta1 0.9) kept at --flora-rank, with
 # compressed accumulation; Flora's defaults (no momentum) are the row beside it.
 CONFIGS = ("flora_accum", "flora_accum_q8", "flora_accum_lean", "flora_accum_q8_lean",
+           "flora_accum_lean8", "flora_accum_q8_lean8",
            "flora_accum_defaults", "flora", "adamw", "flora_opt", "adamw8bit")
 # adamw8bit needs torchao, which requirements do not pin; the lean rows are asked for by name
 DEFAULT_CONFIGS = ("flora_accum", "flora_accum_q8", "flora_accum_defaults", "flora", "adamw",
                    "flora_opt")
 # Memory options on top of flora_accum: (Flora kwargs, FloraAccumulator kwargs), by name.
-LEAN = {"flora_accum_lean": (dict(max_aspect_ratio=None), "bf16"),
-        "flora_accum_q8_lean": (dict(max_aspect_ratio=None, quantization=True), "bf16")}
+LEAN = {"flora_accum_lean": (dict(max_aspect_ratio=None), "bfloat16"),
+        "flora_accum_q8_lean": (dict(max_aspect_ratio=None, quantization=True), "bfloat16"),
+        "flora_accum_lean8": (dict(max_aspect_ratio=None), "uint8"),
+        "flora_accum_q8_lean8": (dict(max_aspect_ratio=None, quantization=True), "uint8")}
 DESCRIPTIONS = {
     "flora_accum": "flora_ext.Flora(beta1={beta1}, rank={flora_rank}) + FloraAccumulator (rank {rank})",
     "flora_accum_q8": "flora_accum with quantization=True (8-bit momentum)",
     "flora_accum_lean": "flora_accum with max_aspect_ratio=None (embedding and head compressed) "
                         "and FloraAccumulator(buffer_dtype=torch.bfloat16)",
     "flora_accum_q8_lean": "flora_accum_lean with quantization=True",
+    "flora_accum_lean8": "flora_accum_lean with FloraAccumulator(buffer_dtype=torch.uint8) "
+                         "(8-bit blockwise buffers)",
+    "flora_accum_q8_lean8": "flora_accum_lean8 with quantization=True",
     "flora_accum_defaults": "flora_ext.Flora defaults (no momentum) + FloraAccumulator (rank {rank})",
     "flora": "flora_ext.Flora(beta1={beta1}, rank={flora_rank}), plain accumulation",
     "adamw": "torch.optim.AdamW(fused=True), plain accumulation",
@@ -225,7 +234,7 @@ def make_trainer(name, model, args, device):
     accumulator_kwargs = {}
     if name in LEAN:
         flora_kwargs.update(LEAN[name][0])
-        accumulator_kwargs.update(buffer_dtype=torch.bfloat16)
+        accumulator_kwargs.update(buffer_dtype=getattr(torch, LEAN[name][1]))
     chunk = getattr(args, "chunked_loss", None)
 
     def forward(ids):
@@ -233,7 +242,7 @@ def make_trainer(name, model, args, device):
             return chunked_causal_lm_loss(model, ids, chunk)
         return model(input_ids=ids, labels=ids, use_cache=False).loss
 
-    if name in ("flora_accum", "flora_accum_q8", "flora_accum_lean", "flora_accum_q8_lean",
+    if name in ("flora_accum", "flora_accum_q8", *LEAN,
                 "flora_accum_defaults", "flora", "adamw", "adamw8bit"):
         import flora_ext
 

@@ -39,7 +39,7 @@ class FloraAccelerator(Accelerator):
     Gradients are compressed with rank ``accumulation_compression_rank`` when it is set and
     ``gradient_accumulation_steps > 1``; otherwise they are summed densely (with one step per
     micro-batch, that is flora-opt's layer-wise mode); ``accumulation_buffer_dtype``
-    (torch.float32 or torch.bfloat16) is the accumulators' ``buffer_dtype``. ``accelerator.backward`` divides the
+    (torch.float32, torch.bfloat16 or torch.uint8) is the accumulators' ``buffer_dtype``. ``accelerator.backward`` divides the
     loss by ``gradient_accumulation_steps``, so the step sees the mean gradient, as with a
     plain Accelerator. The accumulation seeds are registered for ``save_state`` /
     ``load_state``. No fp16 GradScaler (bf16 or fp32): the steps happen inside backward,

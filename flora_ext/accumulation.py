@@ -10,7 +10,8 @@ so that at most one full-size gradient is alive at a time.
 - compressed (2-D parameter, ``rank < min(n, m)``, more than one micro-batch): the buffer is
   C = sum of down_s(G) over the cycle's micro-batches but the last, in float32 (or bfloat16,
   ``buffer_dtype``: each product is still formed in float32 and added in float32, and the
-  sum is rounded to bfloat16 once per micro-batch); the last
+  sum is rounded to bfloat16 once per micro-batch; or 8-bit, ``torch.uint8``: the sum
+  requantized in quantization=True's blockwise format, docs/FLORA.md §11); the last
   micro-batch's gradient is used as is: G~ = G_last + up_s(C) (unbiased, E[up(down(X))] = X).
   P is r x n (left, n < m: down(X) = P X, up(C) = P^T C) or m x r (right: down(X) = X P,
   up(C) = C P^T), drawn by flora_ext.projection, the momentum's Philox generator.
@@ -29,6 +30,7 @@ from itertools import chain
 
 import torch
 
+from . import _quantized
 from ._ops import next_seed, projection
 from .hyperparams import MAX_INT64
 from .hyperparams import is_int as _is_int
@@ -152,6 +154,12 @@ def down_project(grad: torch.Tensor, seed: int, rank: int, out: torch.Tensor | N
     gradient's dtype, float32 accumulation and a float32 result added into ``out`` (no
     full-size temporary). Elsewhere (the CPU, float32 gradients): bf16 GEMMs for bf16, float32
     GEMMs otherwise (TF32 on CUDA when torch allows it)."""
+    if dtype == torch.uint8:
+        product = down_project(grad, seed, rank)
+        if out is None:
+            return Blockwise8(product)
+        out.store(out.dequantize().add_(product))
+        return out
     if dtype != torch.float32:
         product = down_project(grad, seed, rank)
         return product.to(dtype) if out is None else out.add_(product)
@@ -193,8 +201,39 @@ def up_project_add_(target: torch.Tensor, compressed: torch.Tensor, seed: int, r
     return target
 
 
-# The dtypes the compressed buffers can have, by the names state_dicts record them under.
-BUFFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+class Blockwise8:
+    """A compressed buffer kept in 8 bits (buffer_dtype=torch.uint8): uint8 codes and a
+    float32 absmax per 256 elements, quantization=True's format with the signed map
+    (docs/FLORA.md §11). Read back and stored whole, in float32."""
+    __slots__ = ("codes", "absmax")
+
+    def __init__(self, values):
+        self.codes, self.absmax = _quantized.quantize("momentum", values.contiguous())
+
+    def dequantize(self):
+        return _quantized.dequantize("momentum", self.codes, self.absmax)
+
+    def store(self, values):
+        torch.ops.flora.quantize_blockwise_(values.contiguous(), self.codes, self.absmax,
+                                            _quantized.SIGNED["momentum"])
+
+    @property
+    def shape(self):
+        return self.codes.shape
+
+    @property
+    def nbytes(self):
+        return self.codes.nbytes + self.absmax.nbytes
+
+
+def float_buffer(buffer):
+    """A compressed buffer as a float tensor (8-bit ones read back in float32)."""
+    return buffer.dequantize() if isinstance(buffer, Blockwise8) else buffer
+
+
+# The dtypes the compressed buffers can have, by the names state_dicts record them under
+# (uint8: 8-bit blockwise, Blockwise8).
+BUFFER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
 
 
 def buffer_dtype_name(dtype):
@@ -204,11 +243,11 @@ def buffer_dtype_name(dtype):
 def check_buffer_dtype(dtype, name):
     """Raises unless ``dtype`` is a dtype the compressed buffers can have."""
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"flora: {name} must be a torch.dtype (torch.float32 or "
-                        f"torch.bfloat16), got {type(dtype).__name__} {dtype!r}")
+        raise TypeError(f"flora: {name} must be a torch.dtype (torch.float32, "
+                        f"torch.bfloat16 or torch.uint8), got {type(dtype).__name__} {dtype!r}")
     if dtype not in BUFFER_DTYPES.values():
-        raise ValueError(f"flora: {name} must be torch.float32 or torch.bfloat16, got "
-                         f"{dtype!r}")
+        raise ValueError(f"flora: {name} must be torch.float32, torch.bfloat16 or torch.uint8 "
+                         f"(8-bit blockwise), got {dtype!r}")
 
 
 class _Managed:
@@ -261,9 +300,11 @@ class FloraAccumulator:
         bucket_cap_mb, comm_dtype: across processes, the size of the flat all-reduce
             buckets (default 25 MiB) and their dtype (float32, or bfloat16 to halve bytes).
         buffer_dtype: dtype of the compressed buffers C kept between micro-batches:
-            torch.float32 (default) or torch.bfloat16 (half the bytes; each micro-batch's
+            torch.float32 (default), torch.bfloat16 (half the bytes; each micro-batch's
             product is still formed and added in float32, then the sum rounded to bfloat16
-            once). Dense buffers are the gradients themselves, in the parameter's dtype.
+            once) or torch.uint8 (a quarter: the float32 sum requantized each micro-batch in
+            quantization=True's 8-bit blockwise format, docs/FLORA.md §11). Dense buffers are
+            the gradients themselves, in the parameter's dtype.
 
     Across processes (flora_ext.distributed): each rank compresses every micro-batch of a
     cycle, the last one too (one process keeps the last one dense; across processes that
@@ -498,7 +539,7 @@ class FloraAccumulator:
         buffer, entry.buffer = entry.buffer, None
         if buffer is not None:
             if entry.compressed:
-                up_project_add_(grad, buffer, entry.seed, self.rank)
+                up_project_add_(grad, float_buffer(buffer), entry.seed, self.rank)
             else:
                 grad.add_(buffer)  # a + b == b + a: bitwise the naive accumulation's sum
             del buffer

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ._ops import next_seed
-from .accumulation import _UNSET, down_project, up_project_add_
+from .accumulation import _UNSET, down_project, float_buffer, up_project_add_
 from .hyperparams import MAX_INT64
 from .hyperparams import is_int as _is_int
 
@@ -381,7 +381,8 @@ class CycleReducer:
         first = bucket.items[0].entry.param
         flat = torch.empty(bucket.numel, dtype=self.comm_dtype, device=first.device)
         for item in bucket.items:
-            flat[item.offset:item.offset + item.numel].copy_(item.entry.buffer.reshape(-1))
+            flat[item.offset:item.offset + item.numel].copy_(
+                float_buffer(item.entry.buffer).reshape(-1))
             item.entry.buffer = None
         bucket.flat = flat
         bucket.work = _all_reduce(flat, self.group)

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 import flora_ext
 from conftest import DEVICES, rel_err, requires_cuda
-from flora_ext.accumulation import (ACCUMULATION_SEED_SALT, down_project,
+from flora_ext.accumulation import (ACCUMULATION_SEED_SALT, down_project, float_buffer,
                                     initial_accumulation_seed, up_project_add_)
 from reference import down, ext_projection, projection_matrix, up
 
@@ -190,6 +190,78 @@ def test_bf16_buffers_train_the_mlp_close_to_float32_buffers(device):
     assert 0 < (runs[torch.bfloat16] - runs[torch.float32]).norm() < 0.05 * moved
 
 
+# The largest distance from a value in [-1, 1] to its nearest code of the signed dynamic map,
+# relative to the block's absmax: half the widest gap (docs/FLORA.md §11).
+INT8_HALF_GAP = 0.0071
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(8, 200), (200, 8)], ids=["left", "right"])
+def test_8bit_buffers_hold_the_compressed_sum_within_the_format_error(device, shape):
+    # Each micro-batch reads the 8-bit buffer back, adds its float32 product in float32 and
+    # requantizes: after j micro-batches each element is off the exact partial sum by at most
+    # h (A_1 + ... + A_j), A_i the largest |value| quantized at step i, h the map's half gap.
+    k, rank = 4, 4
+    gen = torch.Generator().manual_seed(5)
+    X = [torch.randn(shape, generator=gen).to(device) for _ in range(k)]
+    runs = {}
+    for buffer_dtype in (torch.float32, torch.uint8):
+        p = torch.nn.Parameter(torch.zeros(shape, device=device))
+        opt = flora_ext.Flora([p], **FLORA)
+        acc = flora_ext.FloraAccumulator(opt, micro_batches=k, rank=rank,
+                                         buffer_dtype=buffer_dtype)
+        captured, buffers = [], []
+        opt._step_param = lambda param, grad: captured.append(grad.detach().clone())
+        for x in X:
+            (p * x).sum().backward()
+            buffer = acc._entries[0].buffer
+            if buffer is not None:
+                if buffer_dtype == torch.uint8:
+                    assert buffer.codes.dtype == torch.uint8 and buffer.codes.device == p.device
+                    assert buffer.nbytes < 0.3 * buffer.codes.numel() * 4
+                buffers.append(float_buffer(buffer).clone())
+        runs[buffer_dtype] = buffers, captured[0]
+    seed = initial_accumulation_seed(0, 1)
+    P = projection_matrix(ext_projection, seed, *shape, rank)
+    left = shape[0] < shape[1]
+    X64 = [x.cpu().double() for x in X]
+    partial = [sum(down(P, x, left) for x in X64[:j + 1]) for j in range(k - 1)]
+    scale = max(s.abs().max() for s in partial)
+    fp32_buffers, fp32_grad = runs[torch.float32]
+    q8_buffers, q8_grad = runs[torch.uint8]
+    bound = 0.0
+    for b32, b8, exact in zip(fp32_buffers, q8_buffers, partial):
+        assert b8.shape == b32.shape and b8.dtype == torch.float32
+        assert (b32.cpu().double() - exact).abs().max() < 1e-5 * scale
+        bound += INT8_HALF_GAP * (exact.abs().max() + bound)
+        err = (b8.cpu().double() - exact).abs().max()
+        assert err <= 1.01 * bound + 1e-5 * scale, (err, bound)
+    assert not torch.equal(q8_buffers[-1], fp32_buffers[-1])
+    expected = X64[-1] + up(P, partial[-1], left)
+    elementwise = (1.01 * bound + 1e-5 * scale) * math.sqrt(partial[-1].numel())
+    assert (q8_grad.cpu().double() - expected).norm() <= \
+        torch.linalg.matrix_norm(P, ord=2) * elementwise
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_8bit_buffers_train_the_mlp_close_to_float32_buffers(device):
+    data = batches(12, device)
+    runs = {}
+    for buffer_dtype in (torch.float32, torch.uint8):
+        model = mlp(device)
+        opt = flora_ext.Flora(model.parameters(), **FLORA)
+        acc = flora_ext.FloraAccumulator(opt, micro_batches=3, rank=4, buffer_dtype=buffer_dtype)
+        assert ("buffer_dtype=torch.uint8" in repr(acc)) == (buffer_dtype == torch.uint8)
+        hooked_steps(model, data, 3)
+        assert acc.state_dict()["buffer_dtype"] == str(buffer_dtype).replace("torch.", "")
+        runs[buffer_dtype] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    start = torch.cat([p.detach().flatten() for p in mlp(device).parameters()])
+    moved = (runs[torch.float32] - start).norm()
+    # The 8-bit sums are within about 1% of their blocks' largest values: the update direction
+    # changes by a small fraction of the distance moved
+    assert 0 < (runs[torch.uint8] - runs[torch.float32]).norm() < 0.1 * moved
+
+
 def _iterate(seed, times):
     for _ in range(times):
         seed = flora_ext.next_seed(seed)
@@ -276,7 +348,7 @@ def next_seed_xor(x):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.bfloat16, torch.uint8])
 def test_resume_from_state_dicts_is_bitwise(device, buffer_dtype):
     data = batches(8, device)
     ref = mlp(device)
@@ -455,8 +527,9 @@ def test_micro_batches_can_change_between_steps():
     (dict(rank=-1), ValueError, "accumulation rank must be"),
     (dict(rank=2.5), ValueError, "accumulation rank must be"),
     (dict(buffer_dtype=torch.float16), ValueError,
-     "buffer_dtype must be torch.float32 or torch.bfloat16, got torch.float16"),
-    (dict(buffer_dtype=torch.float64), ValueError, "buffer_dtype must be torch.float32 or"),
+     r"buffer_dtype must be torch.float32, torch.bfloat16 or torch.uint8 \(8-bit blockwise\), "
+     "got torch.float16"),
+    (dict(buffer_dtype=torch.float64), ValueError, "buffer_dtype must be torch.float32,"),
     (dict(buffer_dtype="bfloat16"), TypeError, "buffer_dtype must be a torch.dtype"),
     (dict(buffer_dtype=None), TypeError, "buffer_dtype must be a torch.dtype"),
 ])
@@ -756,8 +829,9 @@ def make_accelerator(**kwargs):
 
 
 @pytest.mark.parametrize("rank,steps,buffer_dtype", [
-    (4, 2, torch.float32), (4, 2, torch.bfloat16), (None, 2, torch.float32),
-    (4, 1, torch.float32)], ids=["compressed", "compressed_bf16_buffers", "dense", "layerwise"])
+    (4, 2, torch.float32), (4, 2, torch.bfloat16), (4, 2, torch.uint8), (None, 2, torch.float32),
+    (4, 1, torch.float32)],
+    ids=["compressed", "compressed_bf16_buffers", "compressed_8bit_buffers", "dense", "layerwise"])
 def test_flora_accelerator_equals_the_accumulator_loop(accelerate_state, rank, steps,
                                                        buffer_dtype):
     accelerator = make_accelerator(accumulation_compression_rank=rank,
@@ -817,7 +891,7 @@ def test_flora_accelerator_saves_the_seeds(accelerate_state, tmp_path):
     (dict(accumulation_compression_rank=0), None, ValueError,
      "accumulation_compression_rank must be"),
     (dict(accumulation_buffer_dtype=torch.float16), None, ValueError,
-     "accumulation_buffer_dtype must be torch.float32 or torch.bfloat16"),
+     "accumulation_buffer_dtype must be torch.float32, torch.bfloat16 or torch.uint8"),
     (dict(), lambda ps: torch.optim.AdamW(ps), TypeError,
      "prepares flora_ext.Flora optimizers, got AdamW"),
 ])

@@ -102,17 +102,18 @@ def test_chunked_loss_equals_the_models_own_loss_and_gradients(chunk):
         assert err < 1e-5, (name, err)
 
 
-def test_lean_configurations_set_the_memory_options():
+@pytest.mark.parametrize("name,buffer_dtype", [("flora_accum_q8_lean", torch.bfloat16),
+                                               ("flora_accum_q8_lean8", torch.uint8)])
+def test_lean_configurations_set_the_memory_options(name, buffer_dtype):
     import flora_ext
 
     model, shape = _tiny_model(torch.bfloat16)
     args = argparse.Namespace(micro_batches=2, lr=1e-3, flora_beta1=0.9, flora_rank=8, rank=8,
                               chunked_loss=16)
-    step, opt, _ = bench_memory.make_trainer("flora_accum_q8_lean", model, args,
-                                             torch.device("cpu"))
+    step, opt, _ = bench_memory.make_trainer(name, model, args, torch.device("cpu"))
     assert isinstance(opt, flora_ext.Flora) and opt.quantization
     assert opt.param_groups[0]["max_aspect_ratio"] is None
-    assert opt._accumulator().buffer_dtype == torch.bfloat16
+    assert opt._accumulator().buffer_dtype == buffer_dtype
     ids = torch.randint(0, shape[4], (1, shape[5]), generator=torch.Generator().manual_seed(2))
     step([ids, ids])
     embedding = model.get_input_embeddings().weight  # 512 x 64: past the default limit of 4

@@ -179,8 +179,8 @@ def accumulator_matches_one_process(rank, world, device):
     acc.remove()
 
 
-def _bf16_step_grad_errors(rank, world, device, **acc_kw):
-    """One cycle of 2 micro-batches with ``acc_kw`` (a bf16 dtype somewhere); the ranks stay
+def _rounded_step_grad_errors(rank, world, device, **acc_kw):
+    """One cycle of 2 micro-batches with ``acc_kw`` (a rounding dtype somewhere); the ranks stay
     equal, and each stepped gradient's error against the float32 reference is returned."""
     model = mlp(device)
     opt = flora_ext.Flora(model.parameters(), **FLORA)
@@ -197,15 +197,22 @@ def _bf16_step_grad_errors(rank, world, device, **acc_kw):
 
 def accumulator_bf16_buffers(rank, world, device):
     # comm_dtype=bfloat16: the averaged gradients within bf16 rounding of the float32 ones
-    for err in _bf16_step_grad_errors(rank, world, device, comm_dtype=torch.bfloat16):
+    for err in _rounded_step_grad_errors(rank, world, device, comm_dtype=torch.bfloat16):
         assert 0 < err < 1e-2, err  # rounded (not float32), but only to bf16's precision
 
 
 def accumulator_bf16_compressed_buffers(rank, world, device):
     # buffer_dtype=bfloat16: the buffers rounded to bf16 between micro-batches, all-reduced
     # in float32; the averaged gradients within bf16 rounding of the float32 ones
-    for err in _bf16_step_grad_errors(rank, world, device, buffer_dtype=torch.bfloat16):
+    for err in _rounded_step_grad_errors(rank, world, device, buffer_dtype=torch.bfloat16):
         assert err < 1e-2, err  # bf16's precision (dense parameters exact)
+
+
+def accumulator_8bit_compressed_buffers(rank, world, device):
+    # buffer_dtype=uint8: the buffers requantized in 8 bits between micro-batches, read back
+    # and all-reduced in float32; the averaged gradients within the format's error
+    errors = _rounded_step_grad_errors(rank, world, device, buffer_dtype=torch.uint8)
+    assert max(errors) > 0 and all(err < 3e-2 for err in errors), errors
 
 
 def accumulator_with_ddp_model(rank, world, device):
@@ -424,7 +431,8 @@ def refuse_fsdp1(rank, world, device):
 
 
 SCENARIOS = [ddp_flora_bitwise, accumulator_matches_one_process, accumulator_bf16_buffers,
-             accumulator_bf16_compressed_buffers, accumulator_with_ddp_model, accelerator_across_processes, comm_hook,
+             accumulator_bf16_compressed_buffers, accumulator_8bit_compressed_buffers,
+             accumulator_with_ddp_model, accelerator_across_processes, comm_hook,
              refuse_accumulator_without_group, refuse_partial_params, refuse_hidden_ddp,
              refuse_ddp_sync_turned_back_on, refuse_disagreeing_seeds,
              refuse_disagreeing_micro_batches, refuse_disagreeing_initial_parameters,

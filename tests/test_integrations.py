@@ -327,12 +327,14 @@ def test_bf16_accumulation_buffers_through_the_callback(hf, tmp_path):
     args = callback.state()["args"]
     assert args["buffer_dtype"] == "bfloat16"
     assert hf.FloraAccumulationCallback(**args).buffer_dtype == torch.bfloat16
+    assert hf.FloraAccumulationCallback(rank=2, buffer_dtype="uint8").buffer_dtype == torch.uint8
     moved = [(p, q) for p, q in zip(fp32.parameters(), bf16.parameters()) if p.dim() == 2]
     assert not all(torch.equal(p, q) for p, q in moved)
     for p, q in moved:
         assert (p - q).norm() <= 1e-2 * p.norm()
-    with pytest.raises(ValueError, match="flora: buffer_dtype must be torch.float32 or "
-                                         "torch.bfloat16, got torch.float16"):
+    with pytest.raises(ValueError, match="flora: buffer_dtype must be torch.float32, "
+                                         "torch.bfloat16 or torch.uint8 .8-bit blockwise., "
+                                         "got torch.float16"):
         hf.FloraAccumulationCallback(rank=2, buffer_dtype=torch.float16)
     with pytest.raises(TypeError, match="flora: buffer_dtype must be a torch.dtype"):
         hf.FloraAccumulationCallback(rank=2, buffer_dtype="half")

@@ -181,8 +181,9 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
             stepped with (Trainer's own would read 0.0 from the empty ``p.grad``); costs a
             norm per parameter per step, as Trainer's own computation does.
         buffer_dtype: FloraAccumulator's ``buffer_dtype``, the compressed buffers' dtype:
-            torch.float32 (default) or torch.bfloat16 (half their memory), or its name
-            ("float32", "bfloat16"), which is how Trainer's checkpoints record it.
+            torch.float32 (default), torch.bfloat16 (half their memory) or torch.uint8 (8-bit
+            blockwise, a quarter), or its name ("float32", "bfloat16", "uint8"), which is how
+            Trainer's checkpoints record it.
 
     Several processes (``torchrun``/``accelerate launch``, Trainer wraps the model in
     DistributedDataParallel): the accumulator takes over DDP's reduction, as
