@@ -45,7 +45,6 @@ _HYPER_KEYS = ("rank", "kappa", "eps", "clip_threshold", "decay_rate", "beta1",
                "factorize_second_moment", "seed", "tf32", "stochastic_rounding",
                "skip_nonfinite", "projection", "max_aspect_ratio", "capturable")
 _HYPER = itemgetter(*_HYPER_KEYS)
-_PROJECTION_AT = _HYPER_KEYS.index("projection")
 _LAYOUT = itemgetter("rank", "beta1", "factorize_second_moment", "max_aspect_ratio")
 
 
@@ -268,6 +267,9 @@ class Flora(torch.optim.Optimizer):
         # id(group) -> (group, its _HYPER) as step_param() last validated them (() when eps
         # is a list, which can change in place: validated every call).
         self._param_hyper = {}
+        # id(group) -> (group, the projection its last step() or step_param() stepped with):
+        # compressed momentum is in that basis (_refuse_basis_change).
+        self._stepped_projection = {}
         # The torch.compile'd step's _CompiledStep (_prepare_compiled), or None.
         self._compiled = None
         self._prepare_compiled_once = _compile_preparer(self)
@@ -283,6 +285,7 @@ class Flora(torch.optim.Optimizer):
         self.param_groups = [as_param_group(g) for g in self.param_groups]
         self._plans = {}
         self._param_hyper = {}
+        self._stepped_projection = {}
         self._compiled = None
         self._prepare_compiled_once = _compile_preparer(self)  # a copy is another optimizer
         self._workspaces = {}
@@ -446,8 +449,7 @@ class Flora(torch.optim.Optimizer):
             plan = self._plans.get(id(group))
             if plan is None or not _same(_HYPER(group), plan.hyper) or not _lr_ok(group):
                 _validate_group(group, index)
-                if plan is not None and plan.hyper:
-                    self._refuse_basis_change(group, index, plan.hyper[_PROJECTION_AT])
+                self._refuse_basis_change(group, index)
             params, grads = self._stepped(group, accumulator)
             # The first op call checks every tensor itself before it writes anything, so
             # the first group's reused plan (one call: one device) leaves the per-tensor
@@ -477,6 +479,8 @@ class Flora(torch.optim.Optimizer):
                         stepped += 1
                         continue
                     self._run_plan(plan, grads)
+                    self._stepped_projection[id(plan.group)] = (plan.group,
+                                                                plan.group["projection"])
                 except RuntimeError as err:
                     if trusted:  # the op refused its inputs: the error Python would have raised
                         self._check_inputs(plan.group, plan.params, grads, suppress_context=True)
@@ -657,7 +661,9 @@ class Flora(torch.optim.Optimizer):
         checked = self._param_hyper.get(id(group))
         if (checked is None or checked[0] is not group or not _same(_HYPER(group), checked[1])
                 or not _lr_ok(group)):
-            _validate_group(group, next(k for k, g in enumerate(self.param_groups) if g is group))
+            index = next(k for k, g in enumerate(self.param_groups) if g is group)
+            _validate_group(group, index)
+            self._refuse_basis_change(group, index)
             self._param_hyper[id(group)] = (
                 group, () if isinstance(group["eps"], list) else _HYPER(group))
         if _sharded.has_dtensors(group):
@@ -670,6 +676,7 @@ class Flora(torch.optim.Optimizer):
                 self._run_capturable(self._capturable_run(group, [p], fresh), [grad])
             else:
                 self._run_plan(self._new_plan(group, [p], norms=False, fresh=fresh), [grad])
+                self._stepped_projection[id(group)] = (group, group["projection"])
         except BaseException:
             if fresh and fresh[0].get("step") == 0:
                 fresh[0].clear()
@@ -688,12 +695,14 @@ class Flora(torch.optim.Optimizer):
                 raise RuntimeError(_WARM_UP)
             _counters_to_tensors(state, p.device)
 
-    def _refuse_basis_change(self, group, index, stepped_with):
+    def _refuse_basis_change(self, group, index):
         """Compressed momentum holds coordinates in the basis of the projection it was
         stepped with (docs/FLORA.md §5.1): a group whose ``projection`` changed since its
-        last step would read it in the other basis."""
-        if group["projection"] == stepped_with:
+        last step() or step_param() would read it in the other basis."""
+        last = self._stepped_projection.get(id(group))
+        if last is None or last[0] is not group or group["projection"] == last[1]:
             return
+        stepped_with = last[1]
         if any("seed" in self.state.get(p, {}) for p in group["params"]):
             raise ValueError(
                 f"flora: param group {index} has projection={group['projection']!r}, but its "

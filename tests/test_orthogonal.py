@@ -279,23 +279,35 @@ def test_a_state_dict_without_projection_loads_as_gaussian_only():
 
 
 @pytest.mark.parametrize("first,then", [("orthogonal", "gaussian"), ("gaussian", "orthogonal")])
-def test_changing_the_projection_of_a_stepped_group_is_refused(first, then):
+@pytest.mark.parametrize("stepped_by,refused_by", [
+    ("step", "step"), ("step", "step_param"), ("step_param", "step"),
+    ("step_param", "step_param")])
+def test_changing_the_projection_of_a_stepped_group_is_refused(first, then, stepped_by,
+                                                               refused_by):
     """The momentum holds coordinates in the basis it was stepped with: a step after
-    ``projection`` changed is refused, nothing written, and setting it back steps on."""
-    p, opt = _stepped_once(first)
+    ``projection`` changed is refused, by step() and step_param() alike, nothing written,
+    and setting it back steps on."""
+    p = torch.nn.Parameter(torch.randn(12, 40) * 0.1)
+    opt = flora_ext.Flora([p], lr=0.05, rank=RANK, beta1=0.9, projection=first)
+
+    def step(how):
+        p.grad = torch.randn(p.shape)
+        opt.step() if how == "step" else opt.step_param(p)
+
+    step(stepped_by)
+    step(stepped_by)
     before = p.detach().clone()
     momentum = opt.state[p]["momentum"].clone()
     opt.param_groups[0]["projection"] = then
-    p.grad = torch.randn(p.shape)
     with pytest.raises(ValueError, match=rf"^flora: param group 0 has projection='{then}', "
                                          rf"but its compressed momentum was stepped with "
                                          rf"projection='{first}'"):
-        opt.step()
+        step(refused_by)
     assert torch.equal(p.detach(), before)
-    assert torch.equal(opt.state[p]["momentum"], momentum) and opt.state[p]["step"] == 1
+    assert torch.equal(opt.state[p]["momentum"], momentum) and opt.state[p]["step"] == 2
     opt.param_groups[0]["projection"] = first
-    opt.step()
-    assert opt.state[p]["step"] == 2
+    step(refused_by)
+    assert opt.state[p]["step"] == 3
 
 
 # --------------------------------------------------------------- skip_nonfinite and 8-bit
