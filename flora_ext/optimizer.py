@@ -267,6 +267,8 @@ class Flora(torch.optim.Optimizer):
         # id(group) -> (group, its _HYPER) as step_param() last validated them (() when eps
         # is a list, which can change in place: validated every call).
         self._param_hyper = {}
+        # id(p) -> the _Plan of step_param(p)'s last successful call (it holds p).
+        self._param_plans = {}
         # id(group) -> (group, the projection its last step() or step_param() stepped with):
         # compressed momentum is in that basis (_refuse_basis_change).
         self._stepped_projection = {}
@@ -285,6 +287,7 @@ class Flora(torch.optim.Optimizer):
         self.param_groups = [as_param_group(g) for g in self.param_groups]
         self._plans = {}
         self._param_hyper = {}
+        self._param_plans = {}
         self._stepped_projection = {}
         self._compiled = None
         self._prepare_compiled_once = _compile_preparer(self)  # a copy is another optimizer
@@ -395,6 +398,7 @@ class Flora(torch.optim.Optimizer):
         if lookup is None or lookup[0] != signature:
             lookup = (signature, {id(p): (p, g) for g in self.param_groups for p in g["params"]})
             self._group_lookup = lookup
+            self._param_plans = {}  # the groups changed: a kept plan may hold a removed parameter
         hit = lookup[1].get(id(param))
         if hit is None or hit[0] is not param:
             raise ValueError(f"flora: parameter of shape {tuple(param.shape)} is not in this "
@@ -659,8 +663,9 @@ class Flora(torch.optim.Optimizer):
         # A FloraAccumulator calls this once a parameter: the group's hyper-parameters are
         # validated again only when one of them is another object than last time (as step()).
         checked = self._param_hyper.get(id(group))
-        if (checked is None or checked[0] is not group or not _same(_HYPER(group), checked[1])
-                or not _lr_ok(group)):
+        same_hyper = not (checked is None or checked[0] is not group
+                          or not _same(_HYPER(group), checked[1]) or not _lr_ok(group))
+        if not same_hyper:
             index = next(k for k, g in enumerate(self.param_groups) if g is group)
             _validate_group(group, index)
             self._refuse_basis_change(group, index)
@@ -669,13 +674,21 @@ class Flora(torch.optim.Optimizer):
         if _sharded.has_dtensors(group):
             _refuse_sharded_skip(group)
             return _sharded.step(self, group, [p], [grad])
-        self._check_inputs(group, [p], [grad])
+        # The parameter's plan from its last call, when nothing it was checked against has
+        # changed (as step()'s plans: the same objects, metadata and state).
+        plan = self._param_plans.pop(id(p), None)
+        if not (same_hyper and plan is not None and plan.group is group
+                and self._reusable(plan, group, [p], [grad])):
+            plan = None
+            self._check_inputs(group, [p], [grad])
         fresh = []
         try:
             if group["capturable"]:
                 self._run_capturable(self._capturable_run(group, [p], fresh), [grad])
             else:
-                self._run_plan(self._new_plan(group, [p], norms=False, fresh=fresh), [grad])
+                plan = plan or self._new_plan(group, [p], norms=False, fresh=fresh)
+                self._run_plan(plan, [grad])
+                self._param_plans[id(p)] = plan  # kept only once the step succeeded
                 self._stepped_projection[id(group)] = (group, group["projection"])
         except BaseException:
             if fresh and fresh[0].get("step") == 0:

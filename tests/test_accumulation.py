@@ -686,6 +686,41 @@ def test_step_param_is_one_step_of_one_parameter():
         opt_b.step_param(b[0].bias)
 
 
+def test_repeated_step_param_equals_step_and_rechecks_what_changed():
+    # step_param() keeps each parameter's checked plan between calls (as step() keeps a
+    # group's): five steps through it, across resamples (kappa=2), equal step()'s bitwise,
+    # and a gradient, parameter or state that changed since is checked again.
+    a, b = mlp(), mlp()
+    opt_a = flora_ext.Flora(a.parameters(), **FLORA)
+    opt_b = flora_ext.Flora(b.parameters(), **FLORA)
+    for t, batch in enumerate(batches(5)):
+        for model in (a, b):
+            model.zero_grad()
+            loss_of(model, batch, 1).backward()
+        opt_a.step()
+        for p in b.parameters():
+            opt_b.step_param(p)
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())), t
+        assert all(opt_a.state[p]["step"] == opt_b.state[q]["step"] == t + 1
+                   and opt_a.state[p].get("seed") == opt_b.state[q].get("seed")
+                   for p, q in zip(a.parameters(), b.parameters()))
+    p = b[0].weight
+    value = p.detach().clone()
+    with pytest.raises(ValueError, match="grad"):
+        opt_b.step_param(p, torch.randn(3, 3))
+    with pytest.raises((TypeError, ValueError), match="dtype"):
+        opt_b.step_param(p, p.grad.double())
+    state = opt_b.state[p]
+    momentum = state["momentum"]
+    state["momentum"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="momentum"):
+        opt_b.step_param(p)
+    assert torch.equal(p, value)
+    state["momentum"] = momentum
+    opt_b.step_param(p)
+    assert state["step"] == 6 and not torch.equal(p, value)
+
+
 def _eps_list_changed_in_place(opt, p):
     group = opt.param_groups[0]
     group["eps"] = [1e-30, 1e-3]
