@@ -126,6 +126,10 @@ def optimizers(rank):
         f"flora_r{rank}_b0.9_per_param_floor": (per_param(rank=rank, beta1=0.9, kappa=1000),
                                                 {"stats_task_blocks": 0}),
         "flora_nomomentum_per_param_floor": (per_param(beta1=None), {"stats_task_blocks": 0}),
+        # max_aspect_ratio=None: the embedding and head get compressed momentum too (no
+        # dense float32 momentum, which a bf16 model's step otherwise streams for them)
+        f"flora_r{rank}_b0.9_no_aspect_limit": flora(rank=rank, beta1=0.9, kappa=1000,
+                                                     max_aspect_ratio=None),
         f"flora_r{rank}_b0.9_exact": flora(rank=rank, beta1=0.9, kappa=1000, tf32=False),
         f"flora_r{rank}_b0.9_unfused": (flora(rank=rank, beta1=0.9, kappa=1000),
                                         {"fused_momentum": 0}),
