@@ -51,8 +51,13 @@ def quantize(name, values):
     """Codes and absmax of the float32 ``values`` (contiguous) as state ``name``."""
     codes = torch.empty(values.shape, dtype=torch.uint8, device=values.device)
     absmax = torch.empty(blocks(values.numel()), dtype=torch.float32, device=values.device)
-    torch.ops.flora.quantize_blockwise_(values, codes, absmax, SIGNED[name])
+    requantize_(name, values, codes, absmax)
     return codes, absmax
+
+
+def requantize_(name, values, codes, absmax):
+    """Writes the float32 ``values`` (contiguous) into the existing ``codes`` and ``absmax``."""
+    torch.ops.flora.quantize_blockwise_(values, codes, absmax, SIGNED[name])
 
 
 def dequantize(name, codes, absmax, out=None):
@@ -117,4 +122,4 @@ def step_group(params, grads, states, order, steps, seeds, hyper_parameters, nor
                              f"of the {len(params)} parameters of this call")
             raise
         for name, view, codes, absmax in pending:
-            torch.ops.flora.quantize_blockwise_(view, codes, absmax, SIGNED[name])
+            requantize_(name, view, codes, absmax)

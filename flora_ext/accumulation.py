@@ -144,7 +144,11 @@ def _cuda_half(t):
 def down_project(grad: torch.Tensor, seed: int, rank: int, out: torch.Tensor | None = None,
                  dtype: torch.dtype = torch.float32):
     """``out + down_seed(grad)`` as an r x m (n < m) or n x r matrix of ``dtype`` (float32,
-    or bfloat16); in place into ``out`` (of ``dtype``) when given.
+    or bfloat16), or a Blockwise8 of it for ``torch.uint8``; in place into ``out`` (of that
+    kind) when given.
+
+    torch.uint8: the float32 product is added to ``out`` read back in float32 and the sum
+    requantized into ``out`` (two float32 temporaries of the compressed size).
 
     bfloat16: the product is formed in float32 as below, added to ``out`` in float32 and
     the sum rounded to bfloat16 once (``out.add_(float32 product)``); a float32 temporary of
@@ -214,12 +218,7 @@ class Blockwise8:
         return _quantized.dequantize("momentum", self.codes, self.absmax)
 
     def store(self, values):
-        torch.ops.flora.quantize_blockwise_(values.contiguous(), self.codes, self.absmax,
-                                            _quantized.SIGNED["momentum"])
-
-    @property
-    def shape(self):
-        return self.codes.shape
+        _quantized.requantize_("momentum", values.contiguous(), self.codes, self.absmax)
 
     @property
     def nbytes(self):
