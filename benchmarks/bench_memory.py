@@ -326,25 +326,35 @@ def _alloc_site(frames):
     return "(no Python frame: autograd's backward kernels)"
 
 
-def peak_breakdown(events):
-    """Replays allocator trace events (dicts with action, addr, size, frames) and returns
-    (peak bytes above the start, index of the event that reached it, {site: (bytes, count)}
-    of the allocations live then). Frees of blocks allocated before the trace began are
-    ignored: they cannot raise the peak above what was live at its start."""
-    live, total, peak, at, best = {}, 0, 0, -1, {}
-    for k, ev in enumerate(events):
+def _replay(events, stop=None):
+    """The allocations live after events[:stop] ({addr: (size, frames)}), their total bytes
+    and the highest total on the way with the index of the event that reached it. Frees of
+    blocks allocated before the trace began are ignored: they cannot raise the peak above
+    what was live at its start."""
+    live, total, peak, at = {}, 0, 0, -1
+    for k, ev in enumerate(events[:stop]):
         action = ev.get("action")
         if action == "alloc":
             live[ev["addr"]] = (ev["size"], ev.get("frames", []))
             total += ev["size"]
             if total > peak:
-                peak, at, best = total, k, dict(live)
+                peak, at = total, k
         elif action == "free_requested" and ev["addr"] in live:
             total -= live.pop(ev["addr"])[0]
+    return live, peak, at
+
+
+def peak_breakdown(events):
+    """Replays allocator trace events (dicts with action, addr, size, frames) and returns
+    (peak bytes above the start, index of the event that reached it, {site: (bytes, count)}
+    of the allocations live then): one pass finds the peak, a second stops there."""
+    _, peak, at = _replay(events)
+    live, _, _ = _replay(events, at + 1)
     sites = {}
-    for size, frames in best.values():
-        bytes_, count = sites.get(_alloc_site(frames), (0, 0))
-        sites[_alloc_site(frames)] = (bytes_ + size, count + 1)
+    for size, frames in live.values():
+        site = _alloc_site(frames)
+        bytes_, count = sites.get(site, (0, 0))
+        sites[site] = (bytes_ + size, count + 1)
     return peak, at, sites
 
 
