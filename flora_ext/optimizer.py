@@ -76,6 +76,19 @@ def _lr_ok(group):
     return type(lr) is float and 0.0 <= lr <= _MAX_FLOAT  # NaN and inf fail
 
 
+def _hyper_key(group):
+    """What a later step compares with _hyper_unchanged: the group's hyper-parameters but lr,
+    or () when eps is a list, which can change in place (then nothing matches: checked every
+    step)."""
+    return () if isinstance(group["eps"], list) else _HYPER(group)
+
+
+def _hyper_unchanged(group, key):
+    """Whether ``group`` still has the checked hyper-parameters ``key`` (_hyper_key) and an lr
+    that passes validation, so that it need not be validated again."""
+    return _same(_HYPER(group), key) and _lr_ok(group)
+
+
 def _same(xs, ys):
     """Whether two sequences hold the very same objects: no __eq__ (tensors compare
     elementwise), and a replaced object never passes for an equal one."""
@@ -451,9 +464,8 @@ class Flora(torch.optim.Optimizer):
                 sharded.append(_sharded.prepare(self, group, *self._stepped(group, accumulator)))
                 continue
             plan = self._plans.get(id(group))
-            if plan is None or not _same(_HYPER(group), plan.hyper) or not _lr_ok(group):
-                _validate_group(group, index)
-                self._refuse_basis_change(group, index)
+            if plan is None or not _hyper_unchanged(group, plan.hyper):
+                self._check_changed_group(group, index)
             params, grads = self._stepped(group, accumulator)
             # The first op call checks every tensor itself before it writes anything, so
             # the first group's reused plan (one call: one device) leaves the per-tensor
@@ -663,14 +675,12 @@ class Flora(torch.optim.Optimizer):
         # A FloraAccumulator calls this once a parameter: the group's hyper-parameters are
         # validated again only when one of them is another object than last time (as step()).
         checked = self._param_hyper.get(id(group))
-        same_hyper = not (checked is None or checked[0] is not group
-                          or not _same(_HYPER(group), checked[1]) or not _lr_ok(group))
+        same_hyper = (checked is not None and checked[0] is group
+                      and _hyper_unchanged(group, checked[1]))
         if not same_hyper:
-            index = next(k for k, g in enumerate(self.param_groups) if g is group)
-            _validate_group(group, index)
-            self._refuse_basis_change(group, index)
-            self._param_hyper[id(group)] = (
-                group, () if isinstance(group["eps"], list) else _HYPER(group))
+            self._check_changed_group(group, next(k for k, g in enumerate(self.param_groups)
+                                             if g is group))
+            self._param_hyper[id(group)] = (group, _hyper_key(group))
         if _sharded.has_dtensors(group):
             _refuse_sharded_skip(group)
             return _sharded.step(self, group, [p], [grad])
@@ -707,6 +717,12 @@ class Flora(torch.optim.Optimizer):
             if _capturing():
                 raise RuntimeError(_WARM_UP)
             _counters_to_tensors(state, p.device)
+
+    def _check_changed_group(self, group, index):
+        """The checks of a group whose hyper-parameters changed since they were last checked:
+        validate_group and a projection changed under compressed momentum."""
+        _validate_group(group, index)
+        self._refuse_basis_change(group, index)
 
     def _refuse_basis_change(self, group, index):
         """Compressed momentum holds coordinates in the basis of the projection it was
@@ -843,8 +859,7 @@ class Flora(torch.optim.Optimizer):
                 if steps[k] % kappa == 0:
                     seeds[k] = states[k]["seed"] = next_seed(seeds[k])
         plan.steps = steps
-        # A list eps can change in place: then () that nothing matches, checked every step.
-        plan.hyper = () if isinstance(group["eps"], list) else _HYPER(group)
+        plan.hyper = _hyper_key(group)
         plan.values = list(chain.from_iterable(map(dict.values, states)))
         plan.strides = list(map(_STRIDE, plan.params))
         plan.state_meta = _state_signature(plan)
@@ -1079,7 +1094,7 @@ class _CompiledPlan:
                        for name in _STATE_TENSORS if name in state]
         self.compressed = [k for k, state in enumerate(param_states) if "seed" in state]
         self.layout = _layout_key(group)
-        self.hyper = _HYPER(group)
+        self.hyper = _hyper_key(group)
         self.norms = norms  # as _Plan.norms: sum(p^2) kept between CUDA steps, or None
         self.written = None
         self.skip_counter = skip_counter  # Flora._skip_counter
@@ -1088,7 +1103,7 @@ class _CompiledPlan:
         """Raises for a hyper-parameter that the eager step would refuse (or that would
         need another state than the one traced)."""
         group = self.group
-        if not _same(_HYPER(group), self.hyper) or not _lr_ok(group):
+        if not _hyper_unchanged(group, self.hyper):
             _validate_group(group)
             _refuse_compile_capturable([group])
             if _layout_key(group) != self.layout:
@@ -1098,7 +1113,7 @@ class _CompiledPlan:
                     f"changed from {self.layout} to {_layout_key(group)} since torch.compile "
                     f"traced opt.step(), which changes the state its parameters need; keep "
                     f"them, or step eagerly")
-            self.hyper = () if isinstance(group["eps"], list) else _HYPER(group)
+            self.hyper = _hyper_key(group)
 
     def run(self, params, grads, states):
         group = self.group
