@@ -130,6 +130,11 @@ def optimizers(rank):
         # dense float32 momentum, which a bf16 model's step otherwise streams for them)
         f"flora_r{rank}_b0.9_no_aspect_limit": flora(rank=rank, beta1=0.9, kappa=1000,
                                                      max_aspect_ratio=None),
+        # quantization=True: 8-bit momentum, dequantized into a float32 scratch and
+        # requantized around the float32 step (docs/FLORA.md §11)
+        f"flora_r{rank}_b0.9_q8": flora(rank=rank, beta1=0.9, kappa=1000, quantization=True),
+        f"flora_r{rank}_b0.9_q8_per_param": per_param(rank=rank, beta1=0.9, kappa=1000,
+                                                      quantization=True),
         f"flora_r{rank}_b0.9_exact": flora(rank=rank, beta1=0.9, kappa=1000, tf32=False),
         f"flora_r{rank}_b0.9_unfused": (flora(rank=rank, beta1=0.9, kappa=1000),
                                         {"fused_momentum": 0}),
