@@ -256,6 +256,7 @@ def make_trainer(name, model, args, device):
             opt = flora_ext.Flora(params, **flora_kwargs)
         if name.startswith("flora_accum"):
             flora_ext.FloraAccumulator(opt, micro_batches=k, rank=args.rank, model=model,
+                                       step_group_bytes=getattr(args, "step_group_mb", 0) << 20,
                                        **accumulator_kwargs)
 
         def step(batch):
@@ -532,6 +533,8 @@ def child_command(args, name, result_path):
         cmd += ["--memory-peak", os.path.abspath(args.memory_peak)]
     if getattr(args, "chunked_loss", None):
         cmd += ["--chunked-loss", "--loss-chunk", str(args.chunked_loss)]
+    if getattr(args, "step_group_mb", 0):
+        cmd += ["--step-group-mb", str(args.step_group_mb)]
     return cmd
 
 
@@ -722,6 +725,10 @@ def main():
                     help="every configuration: the loss from the final hidden states in chunks "
                          "of --loss-chunk positions, each chunk's lm_head and float32 "
                          "cross-entropy checkpointed, so the full float32 logits never exist")
+    ap.add_argument("--step-group-mb", type=int, default=0,
+                    help="FloraAccumulator(step_group_bytes=N MiB) for the flora_accum "
+                         "configurations: the last micro-batch's hooks step N MiB of "
+                         "gradients a call instead of one parameter (default 0)")
     ap.add_argument("--loss-chunk", type=int, default=512,
                     help="positions a chunk with --chunked-loss (default %(default)s)")
     ap.add_argument("--out", default="benchmarks/results/bench_memory.md",

@@ -304,6 +304,12 @@ class FloraAccumulator:
             once) or torch.uint8 (a quarter: the float32 sum requantized each micro-batch in
             quantization=True's 8-bit blockwise format, docs/FLORA.md §11). Dense buffers are
             the gradients themselves, in the parameter's dtype.
+        step_group_bytes: 0 (default): each hook of the last micro-batch steps its
+            parameter alone. N > 0: the hooks gather parameters with their gradients and
+            step them in one call once the gradients hold N bytes, and the rest when the
+            backward pass ends: fewer, larger step calls, for up to N bytes of gradients
+            held meanwhile. The results are the same (bitwise without stochastic_rounding,
+            whose streams are keyed by a parameter's place in its call). One process only.
 
     Across processes (flora_ext.distributed): each rank compresses every micro-batch of a
     cycle, the last one too (one process keeps the last one dense; across processes that
@@ -323,7 +329,8 @@ class FloraAccumulator:
 
     def __init__(self, optimizer, micro_batches: int = 1, rank: int | None = None, *,
                  params=None, model=None, process_group=_UNSET, bucket_cap_mb=25,
-                 comm_dtype=torch.float32, buffer_dtype=torch.float32, _sync=None):
+                 comm_dtype=torch.float32, buffer_dtype=torch.float32, step_group_bytes=0,
+                 _sync=None):
         from . import distributed  # a cycle at import time otherwise
         from .optimizer import Flora
 
@@ -336,7 +343,16 @@ class FloraAccumulator:
             raise ValueError(f"flora: accumulation rank must be None (dense accumulation) or "
                              f"an int >= 1, got {rank!r}")
         check_buffer_dtype(buffer_dtype, "buffer_dtype")
+        if not _is_int(step_group_bytes) or step_group_bytes < 0:
+            raise ValueError(f"flora: step_group_bytes must be an int >= 0 (0: each parameter "
+                             f"stepped alone in its hook), got {step_group_bytes!r}")
         self.optimizer = optimizer
+        # > 0: the last micro-batch's hooks gather (parameter, gradient) pairs and step them in
+        # one call once their gradients hold this many bytes, and at the end of the backward
+        # pass: fewer step_group_ calls, at the cost of holding those gradients meanwhile.
+        self._group_bytes = int(step_group_bytes)
+        self._pending = []
+        self._pending_bytes = 0
         self.buffer_dtype = buffer_dtype
         # None, or a callable (param, grad) that the hook calls with the gradient it is about
         # to step the parameter with (the cycle's sum, or its unbiased estimate when
@@ -353,6 +369,9 @@ class FloraAccumulator:
         self.active = False
         self._reducer = None
         comm_group, ddp = distributed.resolve_process_group(model, process_group)
+        if comm_group is not None and self._group_bytes:
+            raise ValueError("flora: step_group_bytes applies to a single process; with a "
+                             "process group the reducer steps the parameters after backward")
 
         owned = getattr(optimizer, "_accumulator", None)
         if owned is not None and owned() is not None and owned().active:
@@ -546,7 +565,30 @@ class FloraAccumulator:
         entry.seed = next_seed(entry.seed)
         if self.grad_observer is not None:
             self.grad_observer(p, grad)
-        self.optimizer._step_param(p, grad)
+        if not self._group_bytes:
+            self.optimizer._step_param(p, grad)
+            return
+        with self._lock:
+            if not self._pending:  # step what is gathered when this backward pass ends
+                torch.autograd.Variable._execution_engine.queue_callback(self._step_pending)
+            self._pending.append((p, grad))
+            self._pending_bytes += grad.numel() * grad.element_size()
+            full = self._pending_bytes >= self._group_bytes
+        if full:
+            self._step_pending()
+
+    def _step_pending(self):
+        """Steps the gathered parameters, one call per parameter group."""
+        with self._lock:
+            pending, self._pending, self._pending_bytes = self._pending, [], 0
+        groups = {}
+        for p, grad in pending:
+            group = self.optimizer._group_of(p)
+            groups.setdefault(id(group), (group, [], []))
+            groups[id(group)][1].append(p)
+            groups[id(group)][2].append(grad)
+        for group, params, grads in groups.values():
+            self.optimizer._step_params(group, params, grads)
 
     # ------------------------------------------------------------------ backward passes
     # The ordinal check above only sees a parameter that fell two micro-batches behind. One

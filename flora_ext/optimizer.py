@@ -671,8 +671,12 @@ class Flora(torch.optim.Optimizer):
         if grad is None:
             raise ValueError(f"flora: step_param() needs a gradient: the parameter of shape "
                              f"{tuple(p.shape)} has p.grad None and no grad was given")
-        group = self._group_of(p)
-        # A FloraAccumulator calls this once a parameter: the group's hyper-parameters are
+        self._step_params(self._group_of(p), [p], [grad])
+
+    def _step_params(self, group, params, grads):
+        """One step_group_ call for ``params`` (all of ``group``) with ``grads``: a
+        parameter a call from step_param(), a few from FloraAccumulator(step_group_bytes=...)."""
+        # A FloraAccumulator calls this from its hooks: the group's hyper-parameters are
         # validated again only when one of them is another object than last time (as step()).
         checked = self._param_hyper.get(id(group))
         same_hyper = (checked is not None and checked[0] is group
@@ -683,26 +687,28 @@ class Flora(torch.optim.Optimizer):
             self._param_hyper[id(group)] = (group, _hyper_key(group))
         if _sharded.has_dtensors(group):
             _refuse_sharded_skip(group)
-            return _sharded.step(self, group, [p], [grad])
-        # The parameter's plan from its last call, when nothing it was checked against has
+            return _sharded.step(self, group, list(params), list(grads))
+        # The parameters' plan from their last call, when nothing it was checked against has
         # changed (as step()'s plans: the same objects, metadata and state).
-        plan = self._param_plans.pop(id(p), None)
+        key = tuple(id(p) for p in params)
+        plan = self._param_plans.pop(key, None)
         if not (same_hyper and plan is not None and plan.group is group
-                and self._reusable(plan, group, [p], [grad])):
+                and self._reusable(plan, group, params, grads)):
             plan = None
-            self._check_inputs(group, [p], [grad])
+            self._check_inputs(group, params, grads)
         fresh = []
         try:
             if group["capturable"]:
-                self._run_capturable(self._capturable_run(group, [p], fresh), [grad])
+                self._run_capturable(self._capturable_run(group, params, fresh), grads)
             else:
-                plan = plan or self._new_plan(group, [p], norms=False, fresh=fresh)
-                self._run_plan(plan, [grad])
-                self._param_plans[id(p)] = plan  # kept only once the step succeeded
+                plan = plan or self._new_plan(group, params, norms=False, fresh=fresh)
+                self._run_plan(plan, grads)
+                self._param_plans[key] = plan  # kept only once the step succeeded
                 self._stepped_projection[id(group)] = (group, group["projection"])
         except BaseException:
-            if fresh and fresh[0].get("step") == 0:
-                fresh[0].clear()
+            for state in fresh:
+                if state.get("step") == 0:
+                    state.clear()
             raise
 
     def _match_counters(self, p, group, state):

@@ -920,3 +920,67 @@ def test_flora_accelerator_rejects_fp16_grad_scaling(accelerate_state):
     model = mlp(accelerator.device)
     with pytest.raises(ValueError, match="cannot use fp16 mixed precision"):
         accelerator.prepare(model, flora_ext.Flora(model.parameters(), **FLORA))
+
+
+# ---------------------------------------------------------------- step_group_bytes
+def _grouped_run(device, group_bytes, quantization=False, observer=None):
+    model = mlp(device)
+    opt = flora_ext.Flora(model.parameters(), quantization=quantization, **FLORA)
+    acc = flora_ext.FloraAccumulator(opt, micro_batches=2, rank=4,
+                                     step_group_bytes=group_bytes)
+    acc.grad_observer = observer
+    hooked_steps(model, batches(8, device), 2)
+    return model, opt
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quantization", [False, True])
+@pytest.mark.parametrize("group_bytes", [1, 2000, 1 << 30])
+def test_step_group_bytes_steps_as_one_call_a_parameter(device, quantization, group_bytes):
+    # Each tensor's step is independent of the others in its call, so gathering changes
+    # the calls (fewer, larger), not the values: bitwise the one-parameter calls.
+    ref, _ = _grouped_run(device, 0, quantization)
+    out, opt = _grouped_run(device, group_bytes, quantization)
+    for a, b in zip(ref.parameters(), out.parameters()):
+        assert torch.equal(a, b)
+    sizes = sorted(len(key) for key in opt._param_plans)
+    assert sum(sizes) == len(list(out.parameters()))
+    if group_bytes == 1:
+        assert sizes == [1] * 6  # every gradient fills the group alone
+    elif group_bytes == 1 << 30:
+        assert sizes == [6]  # one call at the end of the backward pass
+    else:
+        assert 1 < len(sizes) < 6
+
+
+def test_step_group_bytes_steps_before_backward_returns():
+    # Below the threshold nothing steps in the hooks; the end of the backward pass steps
+    # the gathered parameters, so backward() returns with every parameter stepped.
+    model = mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    acc = flora_ext.FloraAccumulator(opt, micro_batches=1, rank=4, step_group_bytes=1 << 30)
+    seen = []
+    acc.grad_observer = lambda p, g: seen.append(p)
+    loss_of(model, batches(1)[0], 1).backward()
+    assert len(seen) == 6 and not acc._pending
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_step_group_bytes_error_leaves_nothing_pending():
+    model = mlp()
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    acc = flora_ext.FloraAccumulator(opt, micro_batches=1, rank=4, step_group_bytes=1 << 30)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["lr"] = -1.0  # refused by the step's checks
+    with pytest.raises(ValueError, match="lr"):
+        loss_of(model, batches(1)[0], 1).backward()
+    assert not acc._pending and acc._pending_bytes == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "64MB", None])
+def test_step_group_bytes_refuses_bad_values(bad):
+    opt = flora_ext.Flora(mlp().parameters(), **FLORA)
+    with pytest.raises(ValueError, match="step_group_bytes must be an int >= 0"):
+        flora_ext.FloraAccumulator(opt, micro_batches=2, step_group_bytes=bad)
