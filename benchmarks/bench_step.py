@@ -103,6 +103,27 @@ class PerParamSteps:
             self.opt._step_param(p, p.grad)
 
 
+class GroupedSteps(PerParamSteps):
+    """The same, gathering parameters (last first) into calls of ``group_bytes`` of
+    gradients: FloraAccumulator(step_group_bytes=group_bytes)'s hooks."""
+
+    def __init__(self, opt, params, group_bytes):
+        super().__init__(opt, params)
+        self.group_bytes = group_bytes
+
+    def step(self):
+        group = self.opt.param_groups[0]
+        batch, size = [], 0
+        for p in reversed(self.params):
+            batch.append(p)
+            size += p.grad.numel() * p.grad.element_size()
+            if size >= self.group_bytes:
+                self.opt._step_params(group, batch, [q.grad for q in batch])
+                batch, size = [], 0
+        if batch:
+            self.opt._step_params(group, batch, [q.grad for q in batch])
+
+
 def optimizers(rank):
     import flora_ext
 
@@ -121,6 +142,9 @@ def optimizers(rank):
         # one call a parameter, as in FloraAccumulator's hooks (layer-by-layer stepping)
         f"flora_r{rank}_b0.9_per_param": per_param(rank=rank, beta1=0.9, kappa=1000),
         "flora_nomomentum_per_param": per_param(beta1=None),
+        # the same in calls of 256 MiB of gradients (FloraAccumulator(step_group_bytes=...))
+        f"flora_r{rank}_b0.9_grouped256m": lambda ps: GroupedSteps(
+            flora_ext.Flora(ps, lr=1e-3, rank=rank, beta1=0.9, kappa=1000), ps, 256 << 20),
         # the same without the row-stats blocks a tensor is given alone (the column-bytes
         # floor only: a few dozen blocks for a 4096-row bf16 tensor)
         f"flora_r{rank}_b0.9_per_param_floor": (per_param(rank=rank, beta1=0.9, kappa=1000),
