@@ -841,13 +841,18 @@ def make_accelerator(**kwargs):
 
 @pytest.mark.parametrize("rank,steps,buffer_dtype", [
     (4, 2, torch.float32), (4, 2, torch.bfloat16), (4, 2, torch.uint8), (None, 2, torch.float32),
-    (4, 1, torch.float32)],
-    ids=["compressed", "compressed_bf16_buffers", "compressed_8bit_buffers", "dense", "layerwise"])
+    (4, 1, torch.float32), (4, 2, "grouped")],
+    ids=["compressed", "compressed_bf16_buffers", "compressed_8bit_buffers", "dense", "layerwise",
+         "compressed_grouped_steps"])
 def test_flora_accelerator_equals_the_accumulator_loop(accelerate_state, rank, steps,
                                                        buffer_dtype):
+    # "grouped": float32 buffers, the hooks' steps gathered (bitwise the same steps)
+    group_bytes = 1 << 30 if buffer_dtype == "grouped" else 0
+    buffer_dtype = torch.float32 if buffer_dtype == "grouped" else buffer_dtype
     accelerator = make_accelerator(accumulation_compression_rank=rank,
                                    gradient_accumulation_steps=steps,
-                                   accumulation_buffer_dtype=buffer_dtype)
+                                   accumulation_buffer_dtype=buffer_dtype,
+                                   step_group_bytes=group_bytes)
     device = accelerator.device
     data = batches(6, device)
     ref = mlp(device)
@@ -859,6 +864,7 @@ def test_flora_accelerator_equals_the_accumulator_loop(accelerate_state, rank, s
     model = mlp(device)
     model, opt = accelerator.prepare(model, flora_ext.Flora(model.parameters(), **FLORA))
     assert accelerator.accumulation_compression == (rank is not None and steps > 1)
+    assert accelerator.flora_accumulators[0]._group_bytes == group_bytes
     for batch in data:
         with accelerator.accumulate(model):
             accelerator.backward(loss_of(model, batch, 1))
@@ -903,6 +909,7 @@ def test_flora_accelerator_saves_the_seeds(accelerate_state, tmp_path):
      "accumulation_compression_rank must be"),
     (dict(accumulation_buffer_dtype=torch.float16), None, ValueError,
      "accumulation_buffer_dtype must be torch.float32, torch.bfloat16 or torch.uint8"),
+    (dict(step_group_bytes=-1), None, ValueError, "step_group_bytes must be an int >= 0"),
     (dict(), lambda ps: torch.optim.AdamW(ps), TypeError,
      "prepares flora_ext.Flora optimizers, got AdamW"),
 ])
