@@ -340,6 +340,26 @@ def test_bf16_accumulation_buffers_through_the_callback(hf, tmp_path):
         hf.FloraAccumulationCallback(rank=2, buffer_dtype="half")
 
 
+def test_grouped_steps_through_the_callback(hf, tmp_path):
+    """step_group_bytes reaches the accumulator: the same steps (bitwise), fewer calls, and
+    the checkpoint's args carry it."""
+    alone, _ = train(hf, training_args(tmp_path / "alone"), accumulation=2)
+    grouped, trainer = train(hf, training_args(tmp_path / "grouped"), accumulation=2,
+                             step_group_bytes=1 << 30)
+    callback = trainer.callback_handler.callbacks[0]
+    flora = hf._unwrap_flora(trainer.optimizer)
+    # one call per param group (Trainer's decay and no-decay groups)
+    sizes = sorted(len(key) for key in flora._param_plans)
+    assert sizes == sorted(len(g["params"]) for g in flora.param_groups)
+    assert sum(sizes) == len(list(grouped.parameters()))
+    assert callback.state()["args"]["step_group_bytes"] == 1 << 30
+    assert hf.FloraAccumulationCallback(**callback.state()["args"]).step_group_bytes == 1 << 30
+    for p, q in zip(alone.parameters(), grouped.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="flora: step_group_bytes must be an int >= 0"):
+        hf.FloraAccumulationCallback(rank=2, step_group_bytes=-1)
+
+
 def test_clipping_and_other_optimizers_are_refused(hf, tmp_path):
     with pytest.raises(ValueError, match=r"gradient clipping \(max_grad_norm=1.0\) cannot act.*"
                                          r"set max_grad_norm=0"):

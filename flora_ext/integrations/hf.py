@@ -184,6 +184,9 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
             torch.float32 (default), torch.bfloat16 (half their memory) or torch.uint8 (8-bit
             blockwise, a quarter), or its name ("float32", "bfloat16", "uint8"), which is how
             Trainer's checkpoints record it.
+        step_group_bytes: FloraAccumulator's ``step_group_bytes`` (0: one parameter a step
+            call; N: the hooks' steps gathered into calls of N bytes of gradients). One
+            process.
 
     Several processes (``torchrun``/``accelerate launch``, Trainer wraps the model in
     DistributedDataParallel): the accumulator takes over DDP's reduction, as
@@ -203,7 +206,7 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, rank: int | None = None, log_grad_norm: bool = True, *,
-                 buffer_dtype=torch.float32, trainer=None):
+                 buffer_dtype=torch.float32, step_group_bytes: int = 0, trainer=None):
         if rank is not None and (not _is_int(rank) or rank < 1):
             raise ValueError(f"flora: FloraAccumulationCallback rank must be None (dense "
                              f"accumulation) or an int >= 1, got {rank!r}")
@@ -212,6 +215,10 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
         if isinstance(buffer_dtype, str):  # a checkpoint's JSON holds the name
             buffer_dtype = BUFFER_DTYPES.get(buffer_dtype, buffer_dtype)
         check_buffer_dtype(buffer_dtype, "buffer_dtype")
+        if not _is_int(step_group_bytes) or step_group_bytes < 0:
+            raise ValueError(f"flora: step_group_bytes must be an int >= 0 (0: each parameter "
+                             f"stepped alone in its hook), got {step_group_bytes!r}")
+        self.step_group_bytes = int(step_group_bytes)
         self.rank = rank
         self.log_grad_norm = log_grad_norm
         self.buffer_dtype = buffer_dtype
@@ -277,6 +284,7 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
         gradient_state = GradientState()  # shared with Trainer's accelerator (one state)
         accumulator = FloraAccumulator(flora, rank=rank, model=model if ddp is None else ddp,
                                        buffer_dtype=self.buffer_dtype,
+                                       step_group_bytes=self.step_group_bytes,
                                        _sync=lambda: bool(gradient_state.sync_gradients))
         if self.log_grad_norm:
             accumulator.grad_observer = self._observe
@@ -353,16 +361,18 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
         if self.accumulator is not None and self.accumulator.active:
             saved = self._saved(self.accumulator)
         return {"args": {"rank": self.rank, "log_grad_norm": self.log_grad_norm,
-                         "buffer_dtype": buffer_dtype_name(self.buffer_dtype)},
+                         "buffer_dtype": buffer_dtype_name(self.buffer_dtype),
+                         "step_group_bytes": self.step_group_bytes},
                 "attributes": {"saved": saved}}
 
 
 def add_flora_accumulation(trainer, rank: int | None = None, log_grad_norm: bool = True, *,
-                           buffer_dtype=torch.float32):
+                           buffer_dtype=torch.float32, step_group_bytes: int = 0):
     """Adds a FloraAccumulationCallback in front of ``trainer``'s callbacks (so that every
     logging callback sees the grad_norm it reports) and returns it."""
     callback = FloraAccumulationCallback(rank=rank, log_grad_norm=log_grad_norm,
-                                         buffer_dtype=buffer_dtype, trainer=trainer)
+                                         buffer_dtype=buffer_dtype,
+                                         step_group_bytes=step_group_bytes, trainer=trainer)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
 
