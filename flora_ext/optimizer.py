@@ -280,8 +280,11 @@ class Flora(torch.optim.Optimizer):
         # id(group) -> (group, its _HYPER) as step_param() last validated them (() when eps
         # is a list, which can change in place: validated every call).
         self._param_hyper = {}
-        # id(p) -> the _Plan of step_param(p)'s last successful call (it holds p).
+        # (ids of the parameters) -> the _Plan of the last successful _step_params call on
+        # them (it holds them); id(p) -> the key of the plan that holds p, so that a parameter
+        # is in one kept plan at most (FloraAccumulator's gathered calls may regroup).
         self._param_plans = {}
+        self._param_plan_key = {}
         # id(group) -> (group, the projection its last step() or step_param() stepped with):
         # compressed momentum is in that basis (_refuse_basis_change).
         self._stepped_projection = {}
@@ -301,6 +304,7 @@ class Flora(torch.optim.Optimizer):
         self._plans = {}
         self._param_hyper = {}
         self._param_plans = {}
+        self._param_plan_key = {}
         self._stepped_projection = {}
         self._compiled = None
         self._prepare_compiled_once = _compile_preparer(self)  # a copy is another optimizer
@@ -412,6 +416,7 @@ class Flora(torch.optim.Optimizer):
             lookup = (signature, {id(p): (p, g) for g in self.param_groups for p in g["params"]})
             self._group_lookup = lookup
             self._param_plans = {}  # the groups changed: a kept plan may hold a removed parameter
+            self._param_plan_key = {}
         hit = lookup[1].get(id(param))
         if hit is None or hit[0] is not param:
             raise ValueError(f"flora: parameter of shape {tuple(param.shape)} is not in this "
@@ -703,13 +708,23 @@ class Flora(torch.optim.Optimizer):
             else:
                 plan = plan or self._new_plan(group, params, norms=False, fresh=fresh)
                 self._run_plan(plan, grads)
-                self._param_plans[key] = plan  # kept only once the step succeeded
+                self._keep_param_plan(key, plan)  # kept only once the step succeeded
                 self._stepped_projection[id(group)] = (group, group["projection"])
         except BaseException:
             for state in fresh:
                 if state.get("step") == 0:
                     state.clear()
             raise
+
+    def _keep_param_plan(self, key, plan):
+        """Keeps ``plan`` for the parameters of ``key``, dropping any other kept plan that
+        holds one of them: as many kept plans as parameters at most."""
+        for pid in key:
+            old = self._param_plan_key.get(pid)
+            if old is not None and old != key:
+                self._param_plans.pop(old, None)
+            self._param_plan_key[pid] = key
+        self._param_plans[key] = plan
 
     def _match_counters(self, p, group, state):
         """Puts the step count and seed of ``state`` where ``group`` steps them: device

@@ -1014,3 +1014,21 @@ def test_step_group_bytes_under_activation_checkpointing(use_reentrant):
     for group_bytes in (500, 1 << 30):
         for a, b in zip(ref.parameters(), run(group_bytes).parameters()):
             assert torch.equal(a, b)
+
+
+def test_regrouped_steps_keep_one_plan_a_parameter():
+    # Calls that regroup the same parameters (another step_group_bytes, another gradient
+    # size) replace the kept plans that held them instead of adding to them.
+    model = mlp()
+    params = list(model.parameters())
+    opt = flora_ext.Flora(params, **FLORA)
+    group = opt.param_groups[0]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for split in (1, 2, 3, 4, 5, 2, 1):
+        opt._step_params(group, params[:split], [p.grad for p in params[:split]])
+        opt._step_params(group, params[split:], [p.grad for p in params[split:]])
+        assert len(opt._param_plans) == 2
+    for p in params:
+        opt._step_param(p, p.grad)
+    assert len(opt._param_plans) == len(params)
