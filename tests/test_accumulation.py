@@ -1032,3 +1032,23 @@ def test_regrouped_steps_keep_one_plan_a_parameter():
     for p in params:
         opt._step_param(p, p.grad)
     assert len(opt._param_plans) == len(params)
+
+
+def test_step_group_bytes_refused_with_a_process_group():
+    # Across processes the reducer steps after backward; gathering does not apply there.
+    code = (
+        "import os, torch, torch.distributed as dist, flora_ext\n"
+        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='0')\n"
+        "store = dist.HashStore()\n"
+        "dist.init_process_group('gloo', store=store, rank=0, world_size=1)\n"
+        "opt = flora_ext.Flora(torch.nn.Linear(4, 4).parameters(), lr=1e-2)\n"
+        "try:\n"
+        "    flora_ext.FloraAccumulator(opt, micro_batches=2, rank=2, process_group=None,\n"
+        "                               step_group_bytes=1 << 20)\n"
+        "except ValueError as err:\n"
+        "    assert 'step_group_bytes applies to a single process' in str(err), err\n"
+        "else:\n"
+        "    raise SystemExit('not refused')\n"
+        "flora_ext.FloraAccumulator(opt, micro_batches=2, rank=2, process_group=None)\n"
+        "dist.destroy_process_group()\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
