@@ -15,7 +15,7 @@ except ImportError as err:  # pragma: no cover - exercised only without accelera
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .accumulation import FloraAccumulator, _is_int, check_buffer_dtype
+from .accumulation import FloraAccumulator, _is_int, check_buffer_dtype, check_step_group_bytes
 from .optimizer import Flora
 
 
@@ -40,9 +40,9 @@ class FloraAccelerator(Accelerator):
     ``gradient_accumulation_steps > 1``; otherwise they are summed densely (with one step per
     micro-batch, that is flora-opt's layer-wise mode); ``accumulation_buffer_dtype``
     (torch.float32, torch.bfloat16 or torch.uint8) is the accumulators' ``buffer_dtype``,
-    ``step_group_bytes`` their ``step_group_bytes`` (one process). ``accelerator.backward`` divides the
-    loss by ``gradient_accumulation_steps``, so the step sees the mean gradient, as with a
-    plain Accelerator. The accumulation seeds are registered for ``save_state`` /
+    ``step_group_bytes`` their ``step_group_bytes`` (one process). ``accelerator.backward``
+    divides the loss by ``gradient_accumulation_steps``, so the step sees the mean gradient,
+    as with a plain Accelerator. The accumulation seeds are registered for ``save_state`` /
     ``load_state``. No fp16 GradScaler (bf16 or fp32): the steps happen inside backward,
     before a scaler could act on the gradients. For the same reason ``clip_grad_norm_`` /
     ``clip_grad_value_`` raise for the hooked parameters rather than find no gradient and
@@ -63,9 +63,7 @@ class FloraAccelerator(Accelerator):
             raise ValueError(f"flora: accumulation_compression_rank must be None or an int >= "
                              f"1, got {accumulation_compression_rank!r}")
         check_buffer_dtype(accumulation_buffer_dtype, "accumulation_buffer_dtype")
-        if not _is_int(step_group_bytes) or step_group_bytes < 0:
-            raise ValueError(f"flora: step_group_bytes must be an int >= 0 (0: each parameter "
-                             f"stepped alone in its hook), got {step_group_bytes!r}")
+        check_step_group_bytes(step_group_bytes)
         super().__init__(*args, **kwargs)
         self.step_group_bytes = int(step_group_bytes)
         self.accumulation_compression_rank = accumulation_compression_rank

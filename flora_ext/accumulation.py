@@ -249,6 +249,13 @@ def check_buffer_dtype(dtype, name):
                          f"(8-bit blockwise), got {dtype!r}")
 
 
+def check_step_group_bytes(value):
+    """Raises unless ``value`` is a valid step_group_bytes (an int >= 0)."""
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"flora: step_group_bytes must be an int >= 0 (0: each parameter "
+                         f"stepped alone in its hook), got {value!r}")
+
+
 class _Managed:
     """Bookkeeping of one hooked parameter."""
 
@@ -343,9 +350,7 @@ class FloraAccumulator:
             raise ValueError(f"flora: accumulation rank must be None (dense accumulation) or "
                              f"an int >= 1, got {rank!r}")
         check_buffer_dtype(buffer_dtype, "buffer_dtype")
-        if not _is_int(step_group_bytes) or step_group_bytes < 0:
-            raise ValueError(f"flora: step_group_bytes must be an int >= 0 (0: each parameter "
-                             f"stepped alone in its hook), got {step_group_bytes!r}")
+        check_step_group_bytes(step_group_bytes)
         self.optimizer = optimizer
         # > 0: the last micro-batch's hooks gather (parameter, gradient) pairs and step them in
         # one call once their gradients hold this many bytes, and at the end of the backward
@@ -584,9 +589,9 @@ class FloraAccumulator:
         groups = {}
         for p, grad in pending:
             group = self.optimizer._group_of(p)
-            groups.setdefault(id(group), (group, [], []))
-            groups[id(group)][1].append(p)
-            groups[id(group)][2].append(grad)
+            _, params, grads = groups.setdefault(id(group), (group, [], []))
+            params.append(p)
+            grads.append(grad)
         for group, params, grads in groups.values():
             self.optimizer._step_params(group, params, grads)
 

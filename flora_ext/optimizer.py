@@ -89,6 +89,14 @@ def _hyper_unchanged(group, key):
     return _same(_HYPER(group), key) and _lr_ok(group)
 
 
+def _clear_fresh(fresh):
+    """Empties the states a failed step made and did not step, so that the parameters keep
+    no state they never had (a fresh capturable state: not capturing)."""
+    for state in fresh:
+        if state.get("step") == 0:
+            state.clear()
+
+
 def _same(xs, ys):
     """Whether two sequences hold the very same objects: no __eq__ (tensors compare
     elementwise), and a replaced object never passes for an equal one."""
@@ -516,9 +524,7 @@ class Flora(torch.optim.Optimizer):
             for run in sharded:
                 run()
         except BaseException:  # e.g. out of memory while making state or inside an op
-            for state in fresh:
-                if state.get("step") == 0:  # (a fresh capturable state: not capturing)
-                    state.clear()
+            _clear_fresh(fresh)
             raise
         if len(self._plans) > len(self.param_groups):  # groups were removed
             self._plans = {id(plan.group): plan for plan, _, _ in work
@@ -711,9 +717,7 @@ class Flora(torch.optim.Optimizer):
                 self._keep_param_plan(key, plan)  # kept only once the step succeeded
                 self._stepped_projection[id(group)] = (group, group["projection"])
         except BaseException:
-            for state in fresh:
-                if state.get("step") == 0:
-                    state.clear()
+            _clear_fresh(fresh)
             raise
 
     def _keep_param_plan(self, key, plan):

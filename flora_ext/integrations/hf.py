@@ -44,7 +44,7 @@ except ImportError as err:  # pragma: no cover - exercised only without transfor
                       "not") from err
 
 from ..accumulation import (BUFFER_DTYPES, FloraAccumulator, _is_int, buffer_dtype_name,
-                            check_buffer_dtype)
+                            check_buffer_dtype, check_step_group_bytes)
 from ..optimizer import Flora
 
 # optim_args keys: the Flora argument each sets, and how its value is read.
@@ -215,9 +215,7 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
         if isinstance(buffer_dtype, str):  # a checkpoint's JSON holds the name
             buffer_dtype = BUFFER_DTYPES.get(buffer_dtype, buffer_dtype)
         check_buffer_dtype(buffer_dtype, "buffer_dtype")
-        if not _is_int(step_group_bytes) or step_group_bytes < 0:
-            raise ValueError(f"flora: step_group_bytes must be an int >= 0 (0: each parameter "
-                             f"stepped alone in its hook), got {step_group_bytes!r}")
+        check_step_group_bytes(step_group_bytes)
         self.step_group_bytes = int(step_group_bytes)
         self.rank = rank
         self.log_grad_norm = log_grad_norm
