@@ -88,6 +88,12 @@ TORCH_LIBRARY_FRAGMENT(flora, m) {
   // (signed for momentum, unsigned for second moments).
   m.def("quantize_blockwise_(Tensor values, Tensor(a!) codes, Tensor(b!) absmax, bool signed) "
         "-> ()");
+  // requantize_blockwise_: codes and absmax hold a state already; a block whose values are
+  // bitwise what it reads back keeps its codes and absmax (a state a step left unchanged,
+  // e.g. skipped for a non-finite gradient, is not rounded again), the others are written
+  // as quantize_blockwise_ writes them.
+  m.def("requantize_blockwise_(Tensor values, Tensor(a!) codes, Tensor(b!) absmax, "
+        "bool signed) -> ()");
   m.def("dequantize_blockwise_(Tensor codes, Tensor absmax, Tensor(a!) values, bool signed) "
         "-> ()");
   m.def("dynamic_map(bool signed) -> Tensor", &flora::dynamic_map_op);

@@ -60,6 +60,13 @@ def requantize_(name, values, codes, absmax):
     torch.ops.flora.quantize_blockwise_(values, codes, absmax, SIGNED[name])
 
 
+def write_back_(name, values, codes, absmax):
+    """Writes a step's float32 ``values`` back into the state ``codes`` and ``absmax`` they
+    were read from: a block the step left bitwise as it read back keeps its codes and
+    absmax (a skipped step does not round the state again)."""
+    torch.ops.flora.requantize_blockwise_(values, codes, absmax, SIGNED[name])
+
+
 def dequantize(name, codes, absmax, out=None):
     out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device) if out is None else out
     torch.ops.flora.dequantize_blockwise_(codes, absmax, out, SIGNED[name])
@@ -122,4 +129,4 @@ def step_group(params, grads, states, order, steps, seeds, hyper_parameters, nor
                              f"of the {len(params)} parameters of this call")
             raise
         for name, view, codes, absmax in pending:
-            requantize_(name, view, codes, absmax)
+            write_back_(name, view, codes, absmax)

@@ -143,6 +143,26 @@ def test_zero_and_non_finite_blocks():
     assert int(codes[0]) == _quantized.zero_code(True)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_write_back_keeps_the_blocks_a_step_left_as_they_read_back(device):
+    # Block 0's largest magnitude is negative: the signed map has no -1, so it reads back
+    # 0.7% small, and quantizing that read-back again would shrink it once more.
+    x = torch.randn(3 * BLOCK - 40, generator=torch.Generator().manual_seed(3)).to(device)
+    x[7] = -10.0
+    codes, absmax = op_quantize(x, True)
+    back = op_dequantize(codes, absmax, True)
+    assert not torch.equal(op_quantize(back, True)[1][:1], absmax[:1])  # the premise
+    stepped = back.clone()
+    stepped[2 * BLOCK + 1] += 1.0  # the step changed block 2 only
+    kept_codes, kept_absmax = codes.clone(), absmax.clone()
+    torch.ops.flora.requantize_blockwise_(stepped, kept_codes, kept_absmax, True)
+    fresh_codes, fresh_absmax = op_quantize(stepped, True)
+    assert torch.equal(kept_codes[:2 * BLOCK], codes[:2 * BLOCK])
+    assert torch.equal(kept_absmax[:2], absmax[:2])
+    assert torch.equal(kept_codes[2 * BLOCK:], fresh_codes[2 * BLOCK:])
+    assert torch.equal(kept_absmax[2:], fresh_absmax[2:])
+
+
 @pytest.mark.parametrize("change,match", [
     (lambda v, c, a: (v, c.to(torch.int8), a), "codes must be uint8"),
     (lambda v, c, a: (v.double(), c, a), "values must be float32"),
@@ -286,6 +306,26 @@ def test_chunked_scratch_steps_bitwise_as_one_chunk(monkeypatch):
         assert torch.equal(p, q)
         for key, v in whole.state[p].items():
             assert torch.equal(v, chunked.state[q][key]) if isinstance(v, torch.Tensor) else v == chunked.state[q][key]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_skipped_step_leaves_8_bit_state_bitwise(device):
+    # skip_nonfinite: a parameter whose gradient holds a NaN keeps its parameter and state;
+    # its 8-bit state is not rounded again either (docs/FLORA.md §4.8, §11).
+    ps = params_for(device=device)
+    opt = flora_ext.Flora(ps, **HP, quantization=True, skip_nonfinite=True)
+    run(opt, ps, grads_for(ps, 3))
+    before = [copy.deepcopy(opt.state[p]) for p in ps]
+    values = [p.detach().clone() for p in ps]
+    for p, g in zip(ps, grads_for(ps, 1, seed=5)[0]):
+        g.view(-1)[g.numel() // 2] = float("nan")
+        p.grad = g
+    opt.step()
+    for p, v, state in zip(ps, values, before):
+        assert torch.equal(p.detach(), v)
+        for key, t in state.items():
+            if isinstance(t, torch.Tensor) and key != "step":
+                assert torch.equal(t, opt.state[p][key]), (tuple(p.shape), key)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

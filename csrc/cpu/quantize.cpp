@@ -7,12 +7,25 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace flora {
 namespace {
 
-void quantize_blockwise_cpu(const at::Tensor& values, const at::Tensor& codes,
-                            const at::Tensor& absmax, bool is_signed) {
+// Whether the `count` values are bitwise what codes `q` with `absmax` read back.
+bool block_reads_back(const float* x, const uint8_t* q, int64_t count, float absmax,
+                      const QuantMap& map) {
+  for (int64_t e = 0; e < count; ++e) {
+    const float back = map.value[q[e]] * absmax;
+    if (std::memcmp(&back, x + e, sizeof(float)) != 0) return false;
+  }
+  return true;
+}
+
+// keep_unchanged: requantize_blockwise_ (a block whose values are bitwise its read-back
+// keeps its codes and absmax).
+void quantize_cpu(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& absmax,
+                  bool is_signed, bool keep_unchanged) {
   check_quantized_args(values, codes, absmax);
   const QuantMap& map = dynamic_map(is_signed);
   const float* x = values.data_ptr<float>();
@@ -22,6 +35,7 @@ void quantize_blockwise_cpu(const at::Tensor& values, const at::Tensor& codes,
   at::parallel_for(0, quant_blocks(numel), 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t lo = b * kQuantBlock, hi = std::min(numel, lo + kQuantBlock);
+      if (keep_unchanged && block_reads_back(x + lo, q + lo, hi - lo, amax[b], map)) continue;
       float a = 0.0f;
       for (int64_t e = lo; e < hi; ++e) {
         const float v = std::fabs(x[e]);
@@ -32,6 +46,16 @@ void quantize_blockwise_cpu(const at::Tensor& values, const at::Tensor& codes,
         q[e] = encode_nearest(a > 0.0f ? x[e] / a : 0.0f, map.threshold);
     }
   });
+}
+
+void quantize_blockwise_cpu(const at::Tensor& values, const at::Tensor& codes,
+                            const at::Tensor& absmax, bool is_signed) {
+  quantize_cpu(values, codes, absmax, is_signed, false);
+}
+
+void requantize_blockwise_cpu(const at::Tensor& values, const at::Tensor& codes,
+                              const at::Tensor& absmax, bool is_signed) {
+  quantize_cpu(values, codes, absmax, is_signed, true);
 }
 
 void dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax,
@@ -51,5 +75,6 @@ void dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax,
 
 TORCH_LIBRARY_IMPL(flora, CPU, m) {
   m.impl("quantize_blockwise_", &flora::quantize_blockwise_cpu);
+  m.impl("requantize_blockwise_", &flora::requantize_blockwise_cpu);
   m.impl("dequantize_blockwise_", &flora::dequantize_blockwise_cpu);
 }

@@ -21,16 +21,27 @@ __device__ inline float absmax_combine(float a, float b) {
   return (b > a || isnan(b)) ? b : a;  // NaN sticks, as on the CPU
 }
 
+// kKeep: requantize_blockwise_ (a block whose values are bitwise its read-back keeps its
+// codes and absmax).
+template <bool kKeep>
 __global__ void quantize_kernel(const float* __restrict__ x, uint8_t* __restrict__ q,
                                 float* __restrict__ amax, int64_t numel, int64_t blocks,
                                 QuantMap map) {
   __shared__ float threshold[255];
+  __shared__ float value[kKeep ? 256 : 1];
   __shared__ float partial[kQuantBlock];
   for (int k = threadIdx.x; k < 255; k += blockDim.x) threshold[k] = map.threshold[k];
+  if constexpr (kKeep)
+    for (int k = threadIdx.x; k < 256; k += blockDim.x) value[k] = map.value[k];
   __syncthreads();
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
     const int64_t e = b * kQuantBlock + threadIdx.x;
     const float v = e < numel ? x[e] : 0.0f;
+    if constexpr (kKeep) {
+      const bool same =
+          e >= numel || __float_as_uint(__fmul_rn(value[q[e]], amax[b])) == __float_as_uint(v);
+      if (__syncthreads_and(same)) continue;  // uniform across the block
+    }
     partial[threadIdx.x] = fabsf(v);
     __syncthreads();
     for (int stride = kQuantBlock / 2; stride > 0; stride >>= 1) {
@@ -64,14 +75,15 @@ int grid_for(int64_t blocks) {
   return static_cast<int>(std::min<int64_t>(blocks, kMaxGrid));
 }
 
-void quantize_blockwise_cuda(const at::Tensor& values, const at::Tensor& codes,
-                             const at::Tensor& absmax, bool is_signed) {
+template <bool kKeep>
+void quantize_cuda(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& absmax,
+                   bool is_signed) {
   check_quantized_args(values, codes, absmax);
   const int64_t numel = values.numel();
   if (numel == 0) return;
   const c10::cuda::CUDAGuard guard(values.device());
   const int64_t blocks = quant_blocks(numel);
-  quantize_kernel<<<grid_for(blocks), kQuantBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
+  quantize_kernel<kKeep><<<grid_for(blocks), kQuantBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
       values.data_ptr<float>(), codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), numel,
       blocks, dynamic_map(is_signed));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -94,6 +106,7 @@ void dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& absmax
 }  // namespace flora
 
 TORCH_LIBRARY_IMPL(flora, CUDA, m) {
-  m.impl("quantize_blockwise_", &flora::quantize_blockwise_cuda);
+  m.impl("quantize_blockwise_", &flora::quantize_cuda<false>);
+  m.impl("requantize_blockwise_", &flora::quantize_cuda<true>);
   m.impl("dequantize_blockwise_", &flora::dequantize_blockwise_cuda);
 }

@@ -111,6 +111,17 @@ void quantize_blockwise(const at::Tensor& values, const at::Tensor& codes,
   op.call(values, codes, absmax, is_signed);
 }
 
+// torch.ops.flora.requantize_blockwise_: a step's values back into the codes they were read
+// from (a block left as it read back keeps its codes: a skipped step rounds nothing again).
+void write_back_blockwise(const at::Tensor& values, const at::Tensor& codes,
+                          const at::Tensor& absmax, bool is_signed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("flora::requantize_blockwise_", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   bool)>();
+  op.call(values, codes, absmax, is_signed);
+}
+
 void dequantize_blockwise(const at::Tensor& codes, const at::Tensor& absmax,
                           const at::Tensor& values, bool is_signed) {
   static auto op = c10::Dispatcher::singleton()
@@ -375,7 +386,7 @@ void step_group_quantized(const std::vector<at::Tensor>& params,
       }
       throw;
     }
-    for (const Pending& p : pending) quantize_blockwise(p.values, p.codes, p.absmax, p.is_signed);
+    for (const Pending& p : pending) write_back_blockwise(p.values, p.codes, p.absmax, p.is_signed);
   }
 }
 

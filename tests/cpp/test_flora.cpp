@@ -989,13 +989,21 @@ FLORA_TEST(quantization_with_skip_nonfinite_keeps_the_parameter) {
   set_gradients(params, 1);
   optimizer.step();
   const std::vector<at::Tensor> saved = clones(params);
+  const FloraParamState& state = *optimizer.param_state(params[1]);
+  // The skipped parameter's 8-bit state stays bitwise: it is not rounded again.
+  const std::vector<at::Tensor> saved_state = {
+      state.momentum().clone(), state.momentum_absmax().clone(), state.second_moment().clone(),
+      state.second_moment_absmax().clone()};
   set_gradients(params, 2);
   params[1].mutable_grad()[7] = std::numeric_limits<float>::infinity();
   optimizer.step();
   REQUIRE(params[1].equal(saved[1]));
   REQUIRE(!params[0].equal(saved[0]));
   REQUIRE_EQ(optimizer.nonfinite_skips(at::kCPU).item<int64_t>(), 1);
-  const FloraParamState& state = *optimizer.param_state(params[1]);
+  REQUIRE(state.momentum().equal(saved_state[0]));
+  REQUIRE(state.momentum_absmax().equal(saved_state[1]));
+  REQUIRE(state.second_moment().equal(saved_state[2]));
+  REQUIRE(state.second_moment_absmax().equal(saved_state[3]));
   REQUIRE(at::isfinite(dequantized(state.momentum(), state.momentum_absmax(), true))
               .all()
               .item<bool>());
