@@ -2,6 +2,7 @@
 // checks that every backend runs before it writes anything.
 #include "flora/ops.h"
 #include "common/random.h"
+#include "common/quantize.h"
 #include "common/rules.h"
 
 #include <ATen/ATen.h>
@@ -98,7 +99,9 @@ bool is_supported_param_dtype(at::ScalarType t) {
 
 void check_state_tensor(const std::optional<at::Tensor>& state, const char* name,
                         bool expected, at::IntArrayRef expected_shape,
-                        const at::Tensor& param, const ParamLayout& layout) {
+                        const at::Tensor& param, const ParamLayout& layout,
+                        const std::optional<at::Tensor>& absmax = std::nullopt,
+                        bool codes_allowed = false) {
   const bool present = state.has_value() && state->defined();
   TORCH_CHECK(present == expected, "flora: ", name, " must be ",
               expected ? "given" : "None", " for a parameter of shape ", param.sizes(),
@@ -106,8 +109,32 @@ void check_state_tensor(const std::optional<at::Tensor>& state, const char* name
               momentum_kind_name(layout.momentum), ")");
   if (!present) return;
   const at::Tensor& t = *state;
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "flora: ", name,
-              " must be float32, got ", t.scalar_type());
+  if (absmax.has_value()) {
+    // 8-bit codes (quantization=True's format) with their absmax.
+    TORCH_CHECK(codes_allowed, "flora: ", name, " of a parameter of shape ", param.sizes(),
+                " (momentum=", momentum_kind_name(layout.momentum), ") must be float32: "
+                "step_group_ takes 8-bit codes for an unfactored second moment and a dense "
+                "momentum only");
+    TORCH_CHECK(t.scalar_type() == at::kByte, "flora: ", name,
+                " given with an absmax must be uint8 codes, got ", t.scalar_type());
+    const at::Tensor& a = *absmax;
+    const int64_t blocks = quant_blocks(c10::multiply_integers(expected_shape));
+    TORCH_CHECK(a.defined() && a.scalar_type() == at::kFloat && a.dim() == 1 &&
+                    a.numel() == blocks && a.is_contiguous(),
+                "flora: ", name, "_absmax must be a contiguous float32 vector of ", blocks,
+                " entries (one per block of ", kQuantBlock, " codes), got ",
+                a.defined() ? c10::str(a.scalar_type(), " of shape ", a.sizes()) : "None");
+    TORCH_CHECK(a.device() == param.device(), "flora: ", name, "_absmax must be on ",
+                param.device(), " like its parameter, got ", a.device());
+    TORCH_CHECK(at::get_overlap_status(a, t) == at::MemOverlapStatus::No,
+                "flora: ", name, "_absmax must not share memory with its codes");
+  } else {
+    TORCH_CHECK(t.scalar_type() != at::kByte, "flora: ", name, " is uint8 (8-bit codes) "
+                "without its absmax: step_group_ takes 8-bit state as the codes followed by "
+                "their float32 absmax");
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "flora: ", name,
+                " must be float32, got ", t.scalar_type());
+  }
   TORCH_CHECK(t.device() == param.device(), "flora: ", name, " must be on ",
               param.device(), " like its parameter, got ", t.device());
   TORCH_CHECK(t.sizes() == expected_shape, "flora: ", name, " must have shape ",
@@ -125,6 +152,12 @@ ParamLayout check_step_inputs(const at::Tensor& param, const at::Tensor& grad,
                               const std::optional<at::Tensor>& second_moment,
                               const std::optional<at::Tensor>& momentum,
                               const StepOptions& o) {
+  return check_step_inputs(
+      param, grad, ParamState{row_second_moment, col_second_moment, second_moment, momentum}, o);
+}
+
+ParamLayout check_step_inputs(const at::Tensor& param, const at::Tensor& grad,
+                              const ParamState& state, const StepOptions& o) {
   TORCH_CHECK(param.defined(), "flora: param must be a defined tensor");
   TORCH_CHECK(param.layout() == at::kStrided, "flora: param must be dense (strided), got ",
               param.layout());
@@ -183,15 +216,16 @@ ParamLayout check_step_inputs(const at::Tensor& param, const at::Tensor& grad,
                    o.max_aspect_ratio);
   std::vector<int64_t> no_shape;
   std::vector<int64_t> row_shape{layout.rows}, col_shape{layout.cols};
-  check_state_tensor(row_second_moment, "row_second_moment", layout.factored, row_shape,
+  check_state_tensor(state.row_second_moment, "row_second_moment", layout.factored, row_shape,
                      param, layout);
-  check_state_tensor(col_second_moment, "col_second_moment", layout.factored, col_shape,
+  check_state_tensor(state.col_second_moment, "col_second_moment", layout.factored, col_shape,
                      param, layout);
-  check_state_tensor(second_moment, "second_moment", !layout.factored, param.sizes(), param,
-                     layout);
+  check_state_tensor(state.second_moment, "second_moment", !layout.factored, param.sizes(),
+                     param, layout, state.second_moment_absmax, /*codes_allowed=*/true);
   const std::vector<int64_t> m_shape = layout.momentum_shape(param.sizes());
-  check_state_tensor(momentum, "momentum", layout.momentum != MomentumKind::kNone, m_shape,
-                     param, layout);
+  check_state_tensor(state.momentum, "momentum", layout.momentum != MomentumKind::kNone,
+                     m_shape, param, layout, state.momentum_absmax,
+                     layout.momentum == MomentumKind::kDense);
   return layout;
 }
 
@@ -221,17 +255,26 @@ std::vector<GroupEntry> check_group_inputs(at::TensorList params, at::TensorList
                                             entry.options.beta1,
                                             entry.options.factorize_second_moment,
                                             entry.options.max_aspect_ratio);
+    // 8-bit codes (uint8) are followed by their absmax.
+    const auto take_absmax = [&](const std::optional<at::Tensor>& t, const char* name,
+                                 std::optional<at::Tensor>& absmax) {
+      if (t.has_value() && t->defined() && t->scalar_type() == at::kByte)
+        absmax = take_state(k, name);
+    };
     if (layout.factored) {
       entry.state.row_second_moment = take_state(k, "row_second_moment");
       entry.state.col_second_moment = take_state(k, "col_second_moment");
     } else {
       entry.state.second_moment = take_state(k, "second_moment");
+      take_absmax(entry.state.second_moment, "second_moment_absmax",
+                  entry.state.second_moment_absmax);
     }
-    if (layout.momentum != MomentumKind::kNone) entry.state.momentum = take_state(k, "momentum");
+    if (layout.momentum != MomentumKind::kNone) {
+      entry.state.momentum = take_state(k, "momentum");
+      take_absmax(entry.state.momentum, "momentum_absmax", entry.state.momentum_absmax);
+    }
     try {
-      entry.layout = check_step_inputs(params[k], grads[k], entry.state.row_second_moment,
-                                       entry.state.col_second_moment, entry.state.second_moment,
-                                       entry.state.momentum, entry.options);
+      entry.layout = check_step_inputs(params[k], grads[k], entry.state, entry.options);
     } catch (c10::Error& err) {
       err.add_context(c10::str("in parameter ", k, " of the group (shape ", params[k].sizes(),
                                ")"));

@@ -19,7 +19,9 @@ namespace flora {
 
 constexpr int64_t kQuantBlock = 256;
 
-inline int64_t quant_blocks(int64_t numel) { return (numel + kQuantBlock - 1) / kQuantBlock; }
+FLORA_HOST_DEVICE inline int64_t quant_blocks(int64_t numel) {
+  return (numel + kQuantBlock - 1) / kQuantBlock;
+}
 
 // A code map, sorted ascending, and the 255 decision points between neighbours (their
 // midpoints): code q stands for value[q] * absmax. Passed to CUDA kernels by value (2 KiB).
@@ -40,6 +42,15 @@ const QuantMap& dynamic_map(bool is_signed);
 // one device, and no two of them sharing memory.
 void check_quantized_args(const at::Tensor& values, const at::Tensor& codes,
                           const at::Tensor& absmax);
+
+// The CPU kernels of quantize_blockwise_, requantize_blockwise_ and dequantize_blockwise_
+// (csrc/cpu/quantize.cpp), for the CPU step of 8-bit state.
+void quantize_blockwise_cpu(const at::Tensor& values, const at::Tensor& codes,
+                            const at::Tensor& absmax, bool is_signed);
+void requantize_blockwise_cpu(const at::Tensor& values, const at::Tensor& codes,
+                              const at::Tensor& absmax, bool is_signed);
+void dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax,
+                              const at::Tensor& values, bool is_signed);
 
 // Index of the code nearest to x (x already divided by the block's absmax, in [-1, 1]):
 // the number of decision points below x, by binary search; a tie goes to the lower code.

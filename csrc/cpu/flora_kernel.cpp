@@ -3,6 +3,7 @@
 // sums fixed-size chunks and then the chunks in order, so results do not
 // depend on the number of threads.
 #include "flora/ops.h"
+#include "../common/quantize.h"
 #include "../common/random.h"
 #include "../common/rules.h"
 
@@ -286,10 +287,46 @@ void run_step_cpu(const at::Tensor& param, const at::Tensor& grad, const GroupEn
   if (!rounded.is_same(param)) param.copy_(rounded);
 }
 
+// A parameter with 8-bit state: its codes read into float32, the float32 step on them, and
+// the values written back (requantize_blockwise_: blocks the step left as they read back,
+// e.g. all of a skipped step, keep their codes), as the CUDA passes do in their loads and
+// stores. The read-back is allocated before anything is written.
+void run_quantized_step_cpu(const at::Tensor& param, const at::Tensor& grad,
+                            const GroupEntry& entry, int64_t index) {
+  GroupEntry stepped = entry;
+  struct Field {
+    std::optional<at::Tensor> ParamState::*values;
+    std::optional<at::Tensor> ParamState::*absmax;
+    bool is_signed;
+  };
+  static constexpr Field kFields[] = {
+      {&ParamState::second_moment, &ParamState::second_moment_absmax, false},
+      {&ParamState::momentum, &ParamState::momentum_absmax, true}};
+  for (const Field& f : kFields) {
+    if (!(entry.state.*f.absmax).has_value()) continue;
+    const at::Tensor& codes = *(entry.state.*f.values);
+    at::Tensor values = at::empty(codes.sizes(), codes.options().dtype(at::kFloat));
+    dequantize_blockwise_cpu(codes, *(entry.state.*f.absmax), values, f.is_signed);
+    stepped.state.*f.values = values;
+    stepped.state.*f.absmax = std::nullopt;
+  }
+  run_step_cpu(param, grad, stepped, index);
+  for (const Field& f : kFields) {
+    if (!(entry.state.*f.absmax).has_value()) continue;
+    requantize_blockwise_cpu(*(stepped.state.*f.values), *(entry.state.*f.values),
+                             *(entry.state.*f.absmax), f.is_signed);
+  }
+}
+
 void run_group_cpu(at::TensorList params, at::TensorList grads,
                    const std::vector<GroupEntry>& entries) {
-  for (size_t k = 0; k < params.size(); ++k)
-    run_step_cpu(params[k], grads[k], entries[k], static_cast<int64_t>(k));
+  for (size_t k = 0; k < params.size(); ++k) {
+    const GroupEntry& entry = entries[k];
+    if (entry.state.quantized_second_moment() || entry.state.quantized_momentum())
+      run_quantized_step_cpu(params[k], grads[k], entry, static_cast<int64_t>(k));
+    else
+      run_step_cpu(params[k], grads[k], entry, static_cast<int64_t>(k));
+  }
 }
 
 }  // namespace

@@ -48,6 +48,8 @@ void quantize_cpu(const at::Tensor& values, const at::Tensor& codes, const at::T
   });
 }
 
+}  // namespace
+
 void quantize_blockwise_cpu(const at::Tensor& values, const at::Tensor& codes,
                             const at::Tensor& absmax, bool is_signed) {
   quantize_cpu(values, codes, absmax, is_signed, false);
@@ -70,7 +72,6 @@ void dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax,
   });
 }
 
-}  // namespace
 }  // namespace flora
 
 TORCH_LIBRARY_IMPL(flora, CPU, m) {

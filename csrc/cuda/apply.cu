@@ -5,6 +5,7 @@
 #include "launch.h"
 #include "task_table.cuh"
 #include "vector_io.cuh"
+#include "quant_io.cuh"
 #include "../common/random.h"
 #include "../common/rules.h"
 #include "flora/ops.h"
@@ -26,8 +27,13 @@ namespace {
 template <int DT>
 __global__ void __launch_bounds__(kThreads, 2)
     rms_kernel(TaskTable table, GroupArgs a) {
+  __shared__ float maps[256];  // the signed map's values: 8-bit momentum only
   const Task& t = task_of_tile(table, blockIdx.x);
   if (!t.needs_rms) return;  // sum D^2 came with the stats
+  // 8-bit dense momentum: D from the read-back codes, gathered for the apply pass
+  // (quant_io.cuh) instead of stored.
+  const bool quant = t.m_codes != nullptr;
+  if (quant) stage_maps(maps, a.quant_maps + kMapSigned, 256);  // block-uniform
   const int64_t local = blockIdx.x - t.tile_begin;
   constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -58,6 +64,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int r = 0; r < kExtraRows; ++r) {
       const int64_t i = tile_row(rc, k0 + r, warp);
       if (extra != nullptr) loadf<L>(extra + i * m + c0, extra_vec, i < n ? valid : 0, ev[r]);
+      else if (quant) load_codes<L>(t.m_codes, t.m_absmax, maps, i * m + c0, i < n ? valid : 0, ev[r]);
     }
 #pragma unroll
     for (int r = 0; r < kExtraRows; ++r) {
@@ -72,13 +79,16 @@ __global__ void __launch_bounds__(kThreads, 2)
         if (c >= valid) continue;
         const float u = gv[c] * ai * b[c];
         // factored_d's arithmetic, from the loaded rows
-        const float d = dense    ? (1.f - a.beta1) * u + a.beta1 * ev[r][c]
+        const float d = dense    ? dense_direction(u, ev[r][c], a.beta1)
                         : update ? (1.f - a.beta1) * u + ev[r][c]
                                  : u;
         dv[c] = d;
         d2 += d * d;
       }
-      if (dense && !skipped(t)) storef<L>(t.momentum + i * m + c0, extra_vec, valid, dv);
+      if (dense && !skipped(t)) {
+        if (quant) gather_blocks<L>(t.m_next, t.m_changed, i * m + c0, valid, dv, ev[r]);
+        else storef<L>(t.momentum + i * m + c0, extra_vec, valid, dv);
+      }
     }
   }
   d2 = block_sum(d2);
@@ -192,11 +202,63 @@ __device__ __forceinline__ void full_apply(const Task& t, int64_t local, const G
   }
 }
 
+// full_apply with 8-bit state (quant_io.cuh): S and D formed again from the gradient and
+// the read-back codes, as the stats pass formed them; p written, and the codes of the
+// blocks the stats pass found changed. `maps`: the staged maps (kMapFloats).
+template <int DT, bool kRound>
+__device__ __forceinline__ void full_apply_quantized(const Task& t, int64_t local,
+                                                     const GroupArgs& a, const float* maps,
+                                                     float& p2) {
+  using S = Storage<DT>;
+  constexpr int L = kLane<DT>;
+  const ApplyArgs s = apply_args(t, a);
+  S* p = static_cast<S*>(t.param);
+  const S* g = static_cast<const S*>(t.grad);
+  const bool has_m = t.m_codes != nullptr || t.momentum != nullptr;
+  const float b2 = static_cast<float>(t.beta2);
+  const int64_t numel = t.numel;
+  const bool vec = s.vec;
+  for (int k = 0; k < kFullVecsPerThread; ++k) {
+    const int64_t e0 = local * kFullTileOf<DT> + (int64_t(k) * kThreads + threadIdx.x) * L;
+    const int valid = valid_of<L>(numel - e0);
+    if (valid == 0) continue;
+    float pv[L], gv[L], sv[L], mv[L], d[L];
+    unpack<DT>(load_pack<DT>(p + e0, vec, valid), pv);
+    unpack<DT>(load_pack<DT>(g + e0, vec, valid), gv);
+    if (t.sm_codes != nullptr)
+      load_codes<L>(t.sm_codes, t.sm_absmax, maps + kMapUnsigned, e0, valid, sv);
+    else  // float32, already written by the stats pass
+      loadf<L>(t.second_moment + e0, vec, valid, sv);
+    if (t.m_codes != nullptr)
+      load_codes<L>(t.m_codes, t.m_absmax, maps + kMapSigned, e0, valid, mv);
+    else if (t.momentum != nullptr)  // float32 D, written by the stats pass
+      loadf<L>(t.momentum + e0, vec, valid, mv);
+#pragma unroll
+    for (int c = 0; c < L; ++c) {
+      d[c] = 0.f;
+      if (c >= valid) continue;
+      if (t.sm_codes != nullptr) sv[c] = next_second_moment(sv[c], gv[c], b2, a.eps1);
+      float dc = gv[c] / sqrtf(sv[c]);
+      if (t.m_codes != nullptr) dc = dense_direction(dc, mv[c], a.beta1);
+      else if (has_m) dc = mv[c];
+      mv[c] = dc;
+      d[c] = dc;
+    }
+    write_params<DT, kRound>(s, p, e0, valid, pv, d, p2);
+    if (t.sm_codes != nullptr)
+      store_codes<L>(t.sm_codes, t.sm_next, t.sm_changed, maps + kThresholdUnsigned, e0, valid,
+                     sv);
+    if (t.m_codes != nullptr)
+      store_codes<L>(t.m_codes, t.m_next, t.m_changed, maps + kThresholdSigned, e0, valid, mv);
+  }
+}
+
 // The rows of a factored tile, for one kind of momentum (a compile-time MK keeps
 // the per-element work of the common kinds free of the others' branches and loads).
 template <int DT, bool kRound, int MK>
 __device__ __forceinline__ void factored_apply_rows(const Task& t, int64_t local,
-                                                    const GroupArgs& a, float& p2) {
+                                                    const GroupArgs& a, const float* maps,
+                                                    float& p2) {
   using S = Storage<DT>;
   constexpr int L = kLane<DT>, TC = kTileColsOf<DT>;
   const ApplyArgs s = apply_args(t, a);
@@ -221,6 +283,9 @@ __device__ __forceinline__ void factored_apply_rows(const Task& t, int64_t local
   // each row cost its own DRAM round trip. 16-bit tiles take them a row at a time (8
   // registers; groups of two spilled at three blocks an SM).
   constexpr bool kExtra = MK != static_cast<int>(MomentumKind::kNone);
+  // 8-bit dense momentum: D formed again from the read-back codes (as the rms pass did),
+  // and the codes of the changed blocks written (quant_io.cuh).
+  const bool quant = MK == static_cast<int>(MomentumKind::kDense) && t.m_codes != nullptr;
   constexpr int kGroup = kRound ? kRowsPerWarp / 4
                          : kExtra ? (DT != kF32 ? kRowsPerWarp / 8 : kRowsPerWarp / 4)
                                   : kRowsPerWarp / 2;
@@ -236,7 +301,10 @@ __device__ __forceinline__ void factored_apply_rows(const Task& t, int64_t local
       const int row_valid = i < n ? valid : 0;
       gr[k] = load_pack<DT>(g + i * m + c0, s.vec, row_valid);
       pr[k] = load_pack<DT>(p + i * m + c0, s.vec, row_valid);
-      if constexpr (kExtra) loadf<L>(extra + i * m + c0, extra_vec, row_valid, ev[k]);
+      if constexpr (kExtra) {
+        if (quant) load_codes<L>(t.m_codes, t.m_absmax, maps + kMapSigned, i * m + c0, row_valid, ev[k]);
+        else loadf<L>(extra + i * m + c0, extra_vec, row_valid, ev[k]);
+      }
     }
 #pragma unroll
     for (int k = 0; k < kGroup; ++k) {
@@ -250,30 +318,38 @@ __device__ __forceinline__ void factored_apply_rows(const Task& t, int64_t local
       for (int c = 0; c < L; ++c) {
         const float u = gv[c] * ai * b[c];
         if constexpr (MK == static_cast<int>(MomentumKind::kDense))
-          d[c] = c < valid ? ev[k][c] : 0.f;
+          d[c] = c >= valid ? 0.f : quant ? dense_direction(u, ev[k][c], s.beta1) : ev[k][c];
         else if constexpr (MK == static_cast<int>(MomentumKind::kCompressed))
           d[c] = c < valid ? (1.f - s.beta1) * u + ev[k][c] : 0.f;
         else
           d[c] = c < valid ? u : 0.f;
       }
       write_params<DT, kRound>(s, p, i * m + c0, valid, pv, d, p2);
+      if constexpr (MK == static_cast<int>(MomentumKind::kDense)) {
+        if (quant)
+          store_codes<L>(t.m_codes, t.m_next, t.m_changed, maps + kThresholdSigned, i * m + c0,
+                         valid, d);
+      }
     }
   }
 }
 
 template <int DT, bool kRound>
 __device__ __forceinline__ void factored_apply(const Task& t, int64_t local,
-                                               const GroupArgs& a, float& p2) {
+                                               const GroupArgs& a, const float* maps,
+                                               float& p2) {
   switch (t.momentum_kind) {
     case static_cast<int>(MomentumKind::kDense):
-      factored_apply_rows<DT, kRound, static_cast<int>(MomentumKind::kDense)>(t, local, a, p2);
+      factored_apply_rows<DT, kRound, static_cast<int>(MomentumKind::kDense)>(t, local, a, maps,
+                                                                              p2);
       break;
     case static_cast<int>(MomentumKind::kCompressed):
       factored_apply_rows<DT, kRound, static_cast<int>(MomentumKind::kCompressed)>(t, local, a,
-                                                                                   p2);
+                                                                                   maps, p2);
       break;
     default:
-      factored_apply_rows<DT, kRound, static_cast<int>(MomentumKind::kNone)>(t, local, a, p2);
+      factored_apply_rows<DT, kRound, static_cast<int>(MomentumKind::kNone)>(t, local, a, maps,
+                                                                             p2);
       break;
   }
 }
@@ -288,13 +364,20 @@ constexpr int kApplyMinBlocks = 3;
 template <int DT, bool kRound>
 __global__ void __launch_bounds__(kThreads, kRound ? 2 : kApplyMinBlocks)
     apply_kernel(TaskTable table, GroupArgs a) {
+  __shared__ float maps[kMapFloats];  // 8-bit tasks only
   const Task& t = task_of_tile(table, blockIdx.x);
   if (t.fused) return;  // written by fused_apply_kernel
   if (skipped(t)) return;  // p stays; the norms pass keeps its cache
   const int64_t local = blockIdx.x - t.tile_begin;
+  const bool quant = quantized(t);
+  if (quant) stage_maps(maps, a.quant_maps, kMapFloats);  // block-uniform
   float p2 = 0.f;
-  if (t.kind == kFull) full_apply<DT, kRound>(t, local, a, p2);
-  else factored_apply<DT, kRound>(t, local, a, p2);
+  if (t.kind == kFull) {
+    if (quant) full_apply_quantized<DT, kRound>(t, local, a, maps, p2);
+    else full_apply<DT, kRound>(t, local, a, p2);
+  } else {
+    factored_apply<DT, kRound>(t, local, a, maps, p2);
+  }
   if (t.param_sq == nullptr) return;
   // Sum p^2 of what was written, for the next step; the norms pass adds the tiles'
   // sums (tile_p2 is free again: the scalars pass has read it). A last-block

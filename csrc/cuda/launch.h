@@ -87,6 +87,10 @@ struct FusedBuffers {
 
 // stats.cu: with skip_nonfinite, the flag of each task whose gradient is not finite, and
 // `counter` (int64) counts them (max_numel: the largest gradient of the table).
+// quantization=True: takes the new absmax of every changed block of the tasks' 8-bit
+// state (quant_io.cuh), after the last apply pass.
+void launch_quant_commit(const TaskTable& table, int64_t max_numel, cudaStream_t stream);
+
 void launch_nonfinite(int dtype, const TaskTable& table, int64_t max_numel, int64_t* counter,
                       cudaStream_t stream);
 // stats.cu: the stats pass of a stats group (`smem`: dynamic shared memory a block).

@@ -196,8 +196,14 @@ int64_t make_task(const Item& item, const GroupArgs& args, const Tuning& tuning,
     t.tiles = int64_t(t.ctiles) * t.rchunks;
     vec = vec && t.m % lane_elems == 0;
     // Factored momentum is read element by element: no alignment needed.
-    if (layout.momentum == MomentumKind::kDense)
-      t.momentum = e.state.momentum->data_ptr<float>();
+    if (layout.momentum == MomentumKind::kDense) {
+      if (e.state.quantized_momentum()) {
+        t.m_codes = e.state.momentum->data_ptr<uint8_t>();
+        t.m_absmax = e.state.momentum_absmax->data_ptr<float>();
+      } else {
+        t.momentum = e.state.momentum->data_ptr<float>();
+      }
+    }
     t.vec = vec;
     // Fused compressed momentum: TF32 asked for, 16-byte rows of every GEMM operand,
     // round-to-nearest writes (stochastic rounding keeps the unfused passes);
@@ -241,12 +247,23 @@ int64_t make_task(const Item& item, const GroupArgs& args, const Tuning& tuning,
     t.kind = kFull;
     t.n = 1;
     t.m = t.numel;
-    t.second_moment = e.state.second_moment->data_ptr<float>();
     t.tiles = ceil_div(t.numel, kThreads * lane_elems * kFullVecsPerThread);
-    vec = vec && aligned_to(t.second_moment, 16);
+    // 8-bit codes are read a byte at a time: only float32 state needs alignment.
+    if (e.state.quantized_second_moment()) {
+      t.sm_codes = e.state.second_moment->data_ptr<uint8_t>();
+      t.sm_absmax = e.state.second_moment_absmax->data_ptr<float>();
+    } else {
+      t.second_moment = e.state.second_moment->data_ptr<float>();
+      vec = vec && aligned_to(t.second_moment, 16);
+    }
     if (layout.momentum == MomentumKind::kDense) {
-      t.momentum = e.state.momentum->data_ptr<float>();
-      vec = vec && aligned_to(t.momentum, 16);
+      if (e.state.quantized_momentum()) {
+        t.m_codes = e.state.momentum->data_ptr<uint8_t>();
+        t.m_absmax = e.state.momentum_absmax->data_ptr<float>();
+      } else {
+        t.momentum = e.state.momentum->data_ptr<float>();
+        vec = vec && aligned_to(t.momentum, 16);
+      }
     }
   }
   t.vec = vec;

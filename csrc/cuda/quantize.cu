@@ -2,6 +2,8 @@
 // float32 operations (one IEEE division to scale, one multiplication to read back) and the
 // same tie rule as the CPU kernels, so both write the same bytes for the same input.
 #include "../common/quantize.h"
+#include "launch.h"
+#include "quant_io.cuh"
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -10,6 +12,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
+#include <vector>
 
 namespace flora {
 namespace {
@@ -103,6 +107,61 @@ void dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& absmax
 }
 
 }  // namespace
+
+namespace cuda_detail {
+namespace {
+
+// The new absmax of every changed block of the tasks' 8-bit state (quant_io.cuh). Grid:
+// (blocks striding over a task's absmax, tasks).
+__global__ void __launch_bounds__(kThreads) quant_commit_kernel(TaskTable table) {
+  const Task& t = table.tasks[blockIdx.y];
+  if (!quantized(t) || skipped(t)) return;
+  const int64_t blocks = quant_blocks(t.numel);
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; b < blocks; b += stride) {
+    if (t.sm_codes != nullptr && t.sm_changed[b]) t.sm_absmax[b] = __uint_as_float(t.sm_next[b]);
+    if (t.m_codes != nullptr && t.m_changed[b]) t.m_absmax[b] = __uint_as_float(t.m_next[b]);
+  }
+}
+
+}  // namespace
+
+const float* quant_maps(int device) {
+  static std::mutex mutex;
+  static std::vector<at::Tensor*> maps;  // never freed: CUDA may be gone at process exit
+  std::lock_guard<std::mutex> lock(mutex);
+  if (static_cast<int>(maps.size()) <= device) maps.resize(device + 1, nullptr);
+  if (maps[device] == nullptr) {
+    at::Tensor host = at::zeros({kMapFloats}, at::TensorOptions().dtype(at::kFloat));
+    float* h = host.data_ptr<float>();
+    const QuantMap& s = dynamic_map(true);
+    const QuantMap& u = dynamic_map(false);
+    std::copy(s.value, s.value + 256, h + kMapSigned);
+    std::copy(u.value, u.value + 256, h + kMapUnsigned);
+    std::copy(s.threshold, s.threshold + 255, h + kThresholdSigned);
+    std::copy(u.threshold, u.threshold + 255, h + kThresholdUnsigned);
+    maps[device] = new at::Tensor(
+        host.to(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device))));
+  }
+  return maps[device]->data_ptr<float>();
+}
+
+void launch_quant_commit(const TaskTable& table, int64_t max_numel, cudaStream_t stream) {
+  constexpr int kMaxBlocks = 64;
+  const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(
+      1, std::min<int64_t>(kMaxBlocks, ceil_div(quant_blocks(max_numel), kThreads))));
+  constexpr int kMaxTasks = 65535;  // grid.y
+  for (int first = 0; first < table.count; first += kMaxTasks) {
+    TaskTable part = table;
+    part.tasks += first;
+    part.count = std::min(kMaxTasks, table.count - first);
+    quant_commit_kernel<<<dim3(blocks, static_cast<unsigned>(part.count)), kThreads, 0,
+                          stream>>>(part);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace cuda_detail
 }  // namespace flora
 
 TORCH_LIBRARY_IMPL(flora, CUDA, m) {

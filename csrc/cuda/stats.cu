@@ -5,6 +5,7 @@
 #include "launch.h"
 #include "task_table.cuh"
 #include "vector_io.cuh"
+#include "quant_io.cuh"
 #include "mma.cuh"
 #include "../common/rules.h"
 
@@ -321,10 +322,10 @@ __device__ __forceinline__ void full_stats(const Task& t, int64_t local, const G
 #pragma unroll
     for (int c = 0; c < L; ++c) {
       if (c >= valid) continue;
-      sv[c] = b2 * sv[c] + (1.f - b2) * (gv[c] * gv[c] + a.eps1);
+      sv[c] = next_second_moment(sv[c], gv[c], b2, a.eps1);
       float d = gv[c] / sqrtf(sv[c]);
       if (t.momentum) {
-        d = (1.f - a.beta1) * d + a.beta1 * mv[c];
+        d = dense_direction(d, mv[c], a.beta1);
         mv[c] = d;
       }
       p2 += pv[c] * pv[c];
@@ -333,6 +334,68 @@ __device__ __forceinline__ void full_stats(const Task& t, int64_t local, const G
     if (skip) continue;
     storef<L>(t.second_moment + e0, vec, valid, sv);
     if (t.momentum) storef<L>(t.momentum + e0, vec, valid, mv);
+  }
+  p2 = block_sum(p2);
+  d2 = block_sum(d2);
+  if (threadIdx.x == 0) {
+    t.tile_p2[local] = p2;
+    t.tile_d2[local] = d2;
+  }
+}
+
+// full_stats with 8-bit state (quant_io.cuh): the same values from the read-back codes,
+// stored nowhere; the new absmax and changed flag of each block gathered for the apply
+// pass, which forms the values again and writes the codes. `maps`: quant_io.cuh's maps.
+template <int DT>
+__device__ __forceinline__ void full_stats_quantized(const Task& t, int64_t local,
+                                                     const GroupArgs& a, const float* maps) {
+  using S = Storage<DT>;
+  constexpr int L = kLane<DT>;
+  const S* g = static_cast<const S*>(t.grad);
+  const S* p = static_cast<const S*>(t.param);
+  const bool vec = t.vec;
+  const bool skip = skipped(t);
+  const bool has_m = t.m_codes != nullptr || t.momentum != nullptr;
+  const float b2 = static_cast<float>(t.beta2);
+  float p2 = 0.f, d2 = 0.f;
+  for (int k = 0; k < kFullVecsPerThread; ++k) {
+    // No lane leaves the loop early: gather_blocks is a warp operation.
+    const int64_t e0 = local * kFullTileOf<DT> + (int64_t(k) * kThreads + threadIdx.x) * L;
+    const int valid = valid_of<L>(t.numel - e0);
+    float gv[L], pv[L], sv[L], mv[L], s_back[L], m_back[L];
+    unpack<DT>(load_pack<DT>(g + e0, vec, valid), gv);
+    unpack<DT>(load_pack<DT>(p + e0, vec, t.stats_p ? valid : 0), pv);
+    if (t.sm_codes != nullptr)
+      load_codes<L>(t.sm_codes, t.sm_absmax, maps + kMapUnsigned, e0, valid, s_back);
+    else
+      loadf<L>(t.second_moment + e0, vec, valid, s_back);
+    if (t.m_codes != nullptr)
+      load_codes<L>(t.m_codes, t.m_absmax, maps + kMapSigned, e0, valid, m_back);
+    else if (t.momentum != nullptr)
+      loadf<L>(t.momentum + e0, vec, valid, m_back);
+#pragma unroll
+    for (int c = 0; c < L; ++c) {
+      sv[c] = s_back[c];
+      mv[c] = has_m ? m_back[c] : 0.f;
+      if (c >= valid) continue;
+      sv[c] = next_second_moment(s_back[c], gv[c], b2, a.eps1);
+      float d = gv[c] / sqrtf(sv[c]);
+      if (has_m) {
+        d = dense_direction(d, m_back[c], a.beta1);
+        mv[c] = d;
+      }
+      p2 += pv[c] * pv[c];
+      d2 += d * d;
+    }
+    if (skip) continue;  // task-uniform
+    if (t.sm_codes != nullptr)
+      gather_blocks<L>(t.sm_next, t.sm_changed, e0, valid, sv, s_back);
+    else if (valid > 0)
+      storef<L>(t.second_moment + e0, vec, valid, sv);
+    if (t.m_codes != nullptr)
+      gather_blocks<L>(t.m_next, t.m_changed, e0, valid, mv, m_back);
+    else if (t.momentum != nullptr && valid > 0)
+      storef<L>(t.momentum + e0, vec, valid, mv);
   }
   p2 = block_sum(p2);
   d2 = block_sum(d2);
@@ -365,6 +428,12 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ uint4 stage_smem[];
   const Task& t = table.tasks[locate(table.sblock_begins, table.count, blockIdx.x)];
   const int64_t local = blockIdx.x - t.sblock_begin;
+  // 8-bit state: the maps are read from global memory (1 KiB each, cached): static shared
+  // memory here would come off the row stats' dynamic share of every block.
+  if (t.kind != kFactored && quantized(t)) {
+    full_stats_quantized<DT>(t, local, a, a.quant_maps);
+    return;
+  }
   if (t.row_stats == kRowStatsRegisters) row_stats<DT, true>(t, local, a, stage_smem);
   else if (t.row_stats) row_stats<DT, false>(t, local, a, stage_smem);
   else if (t.kind == kFactored) factored_stats<DT>(t, local, a);

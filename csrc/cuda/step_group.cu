@@ -38,7 +38,9 @@
 #include "planning.h"
 #include "tuning.h"
 #include "flora/ops.h"
+#include "../common/quantize.h"
 #include "../common/random.h"
+#include "quant_io.cuh"
 
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
@@ -270,7 +272,39 @@ struct PreparedCall {
   // tables; null without the option.
   int64_t* skip_counter = nullptr;
   int32_t* skip_flags = nullptr;
+  // quantization=True: the quant region (Task::sm_next ...: two words a block of 8-bit
+  // state) after the flags, zeroed before the stats pass; empty without 8-bit state.
+  uint32_t* quant_region = nullptr;
+  int64_t quant_words = 0;
 };
+
+// Words of the quant region of `tasks`: the new absmax and the changed flag of every
+// block of their 8-bit state.
+int64_t quant_words_of(const std::vector<Task>& tasks) {
+  int64_t words = 0;
+  for (const Task& t : tasks) {
+    if (t.sm_codes != nullptr) words += 2 * quant_blocks(t.numel);
+    if (t.m_codes != nullptr) words += 2 * quant_blocks(t.numel);
+  }
+  return words;
+}
+
+// Points the tasks' 8-bit state at their share of the quant region.
+void bind_quant_region(std::vector<Task>& tasks, uint32_t* region) {
+  for (Task& t : tasks) {
+    const int64_t blocks = quant_blocks(t.numel);
+    if (t.sm_codes != nullptr) {
+      t.sm_next = region;
+      t.sm_changed = reinterpret_cast<int32_t*>(region + blocks);
+      region += 2 * blocks;
+    }
+    if (t.m_codes != nullptr) {
+      t.m_next = region;
+      t.m_changed = reinterpret_cast<int32_t*>(region + blocks);
+      region += 2 * blocks;
+    }
+  }
+}
 
 // The workspace floats of a plan: the shared region (partials, work), the kept region,
 // the rounds of fused shape groups, the unfused tasks' temporaries, then the tables.
@@ -299,21 +333,29 @@ void prepare_call(PreparedCall& call, const at::Tensor* workspace, int64_t extra
   const WorkspaceLayout layout = workspace_layout(plan);
   const int64_t tasks = static_cast<int64_t>(plan.tasks.size());
   const int64_t flag_floats = call.skip_counter ? ceil_div(tasks, 4) * 4 : 0;
+  call.quant_words = quant_words_of(plan.tasks);
+  const int64_t quant_floats = ceil_div(call.quant_words, 4) * 4;
   at::Tensor workspace_tensor;
   if (workspace != nullptr) {
-    workspace->resize_({layout.floats + flag_floats + extra_floats});
+    workspace->resize_({layout.floats + flag_floats + quant_floats + extra_floats});
     workspace_tensor = *workspace;
   } else {
-    call.workspace = workspace_tensor = at::empty(
-        {layout.floats + flag_floats}, call.items[0].param.options().dtype(at::kFloat));
+    call.workspace = workspace_tensor =
+        at::empty({layout.floats + flag_floats + quant_floats},
+                  call.items[0].param.options().dtype(at::kFloat));
   }
-  call.workspace_floats = layout.floats + flag_floats;
+  call.workspace_floats = layout.floats + flag_floats + quant_floats;
   float* ws = workspace_tensor.data_ptr<float>();
   float* kept = ws + plan.shared_floats;
   bind_workspace(plan, ws, kept, call.args);
   if (call.skip_counter != nullptr) {
     call.skip_flags = reinterpret_cast<int32_t*>(ws + layout.floats);
     for (int64_t k = 0; k < tasks; ++k) plan.tasks[k].skip = call.skip_flags + k;
+  }
+  if (call.quant_words > 0) {
+    call.quant_region = reinterpret_cast<uint32_t*>(ws + layout.floats + flag_floats);
+    bind_quant_region(plan.tasks, call.quant_region);
+    call.args.quant_maps = quant_maps(call.items[0].param.device().index());
   }
 
   CallResources& res = call.res;
@@ -406,6 +448,10 @@ void launch_call(PreparedCall& call) {
     C10_CUDA_CHECK(cudaMemsetAsync(call.skip_flags, 0, plan.tasks.size() * sizeof(int32_t),
                                    stream));
   }
+  if (call.quant_region != nullptr) {
+    C10_CUDA_CHECK(cudaMemsetAsync(call.quant_region, 0, call.quant_words * sizeof(uint32_t),
+                                   stream));
+  }
   for (const StatsGroup& g : plan.groups) {
     const TaskTable group_table = call.res.table.slice(g.first, g.count);
     // skip_nonfinite: every flag is known before the stats pass writes any state.
@@ -422,6 +468,14 @@ void launch_call(PreparedCall& call) {
       launch_batch(items, plan, b, call.res.table.slice(b.first, b.count), call.args, call.res,
                    call.tuning);
     }
+  }
+  // The new absmax of 8-bit state, once every apply pass has read the old one.
+  if (call.quant_region != nullptr) {
+    int64_t max_numel = 0;
+    for (const Task& t : plan.tasks)
+      if (t.sm_codes != nullptr || t.m_codes != nullptr) max_numel = std::max(max_numel, t.numel);
+    launch_quant_commit(call.res.table.slice(0, static_cast<int>(plan.tasks.size())), max_numel,
+                        stream);
   }
 }
 

@@ -64,7 +64,24 @@ struct Task {
   // inf (the nonfinite pass sets it before the stats pass); every pass that writes the
   // parameter or its state honours it. nullptr without the option.
   int32_t* skip;
+  // quantization=True (quant_io.cuh), else nullptr: the 8-bit codes and absmax of an
+  // unfactored second moment (sm_) and of a dense momentum (m_), whose float32 pointers
+  // above are then nullptr; the new absmax (uint32 bits) and changed flag of each block,
+  // in the call's quant region.
+  uint8_t* sm_codes;
+  float* sm_absmax;
+  uint32_t* sm_next;
+  int32_t* sm_changed;
+  uint8_t* m_codes;
+  float* m_absmax;
+  uint32_t* m_next;
+  int32_t* m_changed;
 };
+
+// Whether the task keeps 8-bit state.
+__device__ __forceinline__ bool quantized(const Task& t) {
+  return t.sm_codes != nullptr || t.m_codes != nullptr;
+}
 
 // Whether the task's step is skipped (skip_nonfinite and a non-finite gradient).
 __device__ __forceinline__ bool skipped(const Task& t) {
@@ -76,6 +93,7 @@ struct GroupArgs {
   float eps1, beta1;
   double eps2, clip_threshold, weight_decay;
   int32_t scale_parameter, stochastic_rounding;
+  const float* quant_maps;  // quant_io.cuh's maps when a task keeps 8-bit state, else nullptr
 };
 
 // The tasks of a batch as the kernels see them, with the first tile and first

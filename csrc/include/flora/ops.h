@@ -113,10 +113,23 @@ ParamLayout check_step_inputs(const at::Tensor& param, const at::Tensor& grad,
                               const std::optional<at::Tensor>& momentum,
                               const StepOptions& options);
 
-// The state tensors of one parameter, as step_ takes them.
+// The state tensors of one parameter, as step_ takes them. step_group_ also takes an
+// unfactored second moment and a dense momentum in the 8-bit format of quantization=True
+// (csrc/common/quantize.h): uint8 codes, then their float32 absmax; the step reads and
+// writes them in place (docs/FLORA.md §11).
 struct ParamState {
   std::optional<at::Tensor> row_second_moment, col_second_moment, second_moment, momentum;
+  std::optional<at::Tensor> second_moment_absmax, momentum_absmax;  // with 8-bit codes only
+
+  bool quantized_second_moment() const { return second_moment_absmax.has_value(); }
+  bool quantized_momentum() const { return momentum_absmax.has_value(); }
 };
+
+// check_step_inputs with `state`'s 8-bit tensors: codes of the state's shape (contiguous,
+// on the parameter's device), absmax of one float32 entry a block of 256; 8-bit states
+// are an unfactored second moment and a dense momentum only.
+ParamLayout check_step_inputs(const at::Tensor& param, const at::Tensor& grad,
+                              const ParamState& state, const StepOptions& options);
 
 // step_group_ takes every parameter's state tensors in one flat list, in
 // parameter order, each parameter's in the order row_second_moment,
@@ -278,6 +291,11 @@ void step_group_capturable_op(at::TensorList params, at::TensorList grads, at::T
   const std::vector<int64_t> placeholder_seeds(params.size(), 0);
   std::vector<GroupEntry> entries =
       check_group_inputs(params, grads, states, placeholder_steps, placeholder_seeds, group);
+  for (size_t k = 0; k < entries.size(); ++k)
+    TORCH_CHECK(!entries[k].state.quantized_second_moment() &&
+                    !entries[k].state.quantized_momentum(),
+                "flora: step_group_capturable_ takes float32 state; parameter ", k,
+                " has 8-bit codes (quantization=True steps with step_group_)");
   check_capturable_inputs(params, entries, steps, seeds, workspace, lr_tensor);
   if (!params.empty()) kernel(params, grads, entries, steps, seeds, workspace, lr_tensor);
 }
