@@ -2,13 +2,18 @@
 
 A quantized state tensor is two entries of ``opt.state[p]``: ``<name>`` (uint8 codes, the
 float tensor's shape) and ``<name>_absmax`` (float32, one entry per block of BLOCK elements
-of the flat tensor). The step dequantizes a bounded chunk of parameters' states into one
-float32 scratch buffer, runs the float32 step (step_group_) on it, and quantizes the result
-back, so the extra memory of a step is the scratch, not a float32 copy of every state.
+of the flat tensor). step_group_ reads and writes an unfactored second moment and a dense
+momentum as codes itself (CPU and CUDA). Compressed momentum is read for a bounded chunk of
+parameters into one float32 scratch buffer, stepped there by step_group_, and written back,
+so the extra memory of a step is the scratch, not a float32 copy of every state.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from ._ops import param_layout
 
 BLOCK = 256  # elements per absmax (csrc/common/quantize.h, kQuantBlock)
 # The state tensors kept 8-bit, and whether each takes the signed map.
@@ -16,7 +21,7 @@ SIGNED = {"second_moment": False, "momentum": True}
 ABSMAX = {name: f"{name}_absmax" for name in SIGNED}
 STATE_KEYS = tuple(ABSMAX.values())
 # Bound of the float32 scratch of one step_group_ call: 64 MiB, or one parameter's
-# quantized state when that is larger (a step needs a whole parameter).
+# compressed momentum when that is larger (a step needs a whole parameter).
 SCRATCH_BYTES = 64 << 20
 
 # Each state's place in the scratch starts at a multiple of 64 floats (256 bytes), as a
@@ -87,26 +92,48 @@ def _chunks(sizes, limit):
     return ranges
 
 
+@functools.lru_cache(maxsize=4096)
+def _dense_momentum(shape, rank, beta1, factorize_second_moment, max_aspect_ratio):
+    return param_layout(shape, rank, beta1, factorize_second_moment,
+                        max_aspect_ratio)["momentum"] == "dense"
+
+
+def in_op(name, param, hyper_parameters):
+    """Whether step_group_ reads and writes this 8-bit state itself (an unfactored second
+    moment, a dense momentum); compressed momentum goes through the float32 scratch."""
+    if name == "second_moment":
+        return True
+    h = hyper_parameters
+    return _dense_momentum(tuple(param.shape), h["rank"], h["beta1"],
+                           h["factorize_second_moment"], h["max_aspect_ratio"])
+
+
 def step_group(params, grads, states, order, steps, seeds, hyper_parameters, norms=None,
                known=(), scratch_bytes=None, skips=None):
     """step_group_ over parameters whose states (``states``: their state dicts; ``order``:
-    the state names as step_group_ takes them) hold quantized tensors. The scratch is
-    allocated before anything is written."""
+    the state names as step_group_ takes them) hold quantized tensors. An unfactored second
+    moment and a dense momentum go to the op as codes and absmax, which it steps in place;
+    compressed momentum is read into the scratch, allocated before anything is written,
+    and written back after the op."""
     if not params:
         return
-    sizes = [sum(_aligned(state[name].numel()) for name in SIGNED if name in state)
-             for state in states]
+    sizes = [sum(_aligned(state[name].numel()) for name in SIGNED
+                 if name in state and not in_op(name, p, hyper_parameters))
+             for p, state in zip(params, states)]
     limit = max((SCRATCH_BYTES if scratch_bytes is None else scratch_bytes) // 4, max(sizes))
     ranges = _chunks(sizes, limit)
     scratch = torch.empty(max(sum(sizes[k0:k1]) for k0, k1 in ranges), dtype=torch.float32,
                           device=params[0].device)
     for k0, k1 in ranges:
         flat, pending, offset = [], [], 0
-        for state in states[k0:k1]:
+        for p, state in zip(params[k0:k1], states[k0:k1]):
             for name in order:
                 if name not in state:
                     continue
                 t = state[name]
+                if name in SIGNED and in_op(name, p, hyper_parameters):
+                    flat += (t, state[ABSMAX[name]])
+                    continue
                 if name in SIGNED:
                     view = scratch[offset:offset + t.numel()].view(t.shape)
                     offset += _aligned(t.numel())

@@ -76,8 +76,8 @@ SCENARIOS = {
     # quantization=True: 8-bit compressed (left, right) and dense momentum (1-D, unfactored
     # 2-D) and unfactored second moments, a group without momentum, bf16 with stochastic
     # rounding; a scratch of 300 floats (scratch_bytes: flora_ext/_quantized.py's
-    # SCRATCH_BYTES, flora::Flora::quantization_scratch_bytes), so the groups are stepped in
-    # several chunks, whose boundaries key the stochastic rounding
+    # SCRATCH_BYTES, flora::Flora::quantization_scratch_bytes) for the compressed momentum,
+    # so the first group is stepped in two chunks
     "quantized": dict(
         defaults=dict(lr=1e-2, beta1=0.9, rank=4, kappa=3, seed=5, quantization=True),
         groups=[([((16, 40), F32), ((40, 16), F32), ((300,), F32)], {}),

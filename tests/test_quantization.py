@@ -452,6 +452,164 @@ def test_cuda_step_matches_cpu_step():
                 assert codes <= 0.05, (name, codes.item())  # 0-1.9% at 1e-4 gradient noise on the CPU
 
 
+# ------------------------------------------------------------------ 8-bit state inside the op
+
+# Parameters whose 8-bit state step_group_ reads and writes as codes: 1-D (unfactored second
+# moment and dense momentum), and 2-D past the aspect-ratio limit (dense momentum) in widths
+# that are and are not multiples of the 256-element block, so blocks straddle rows.
+OP_SHAPES = ((300,), (1000,), (64, 600), (40, 1024), (8, 2000), (3, 5))
+OP_HP = dict(lr=1e-2, beta1=0.9, eps1=1e-30, eps2=1e-3, clip_threshold=1.0, decay_rate=-0.8,
+             weight_decay=0.01, rank=4, kappa=3, scale_parameter=True, relative_step=False,
+             warmup_init=False, factorize_second_moment=True, tf32=True,
+             stochastic_rounding=False, skip_nonfinite=False, projection="gaussian",
+             max_aspect_ratio=4.0)
+
+
+def op_states(ps, hp):
+    """Fresh float32 states of ``ps`` in step_group_'s order, as dicts."""
+    states = []
+    for p in ps:
+        layout = flora_ext._ops.param_layout(p.shape, hp["rank"], hp["beta1"],
+                                            hp["factorize_second_moment"],
+                                            hp["max_aspect_ratio"])
+        assert layout["momentum"] != "compressed"
+        st = {}
+        if layout["factored"]:
+            st["row_second_moment"] = torch.zeros(p.shape[0], device=p.device)
+            st["col_second_moment"] = torch.zeros(p.shape[1], device=p.device)
+        else:
+            st["second_moment"] = torch.zeros(p.shape, device=p.device)
+        if layout["momentum"] == "dense":
+            st["momentum"] = torch.zeros(p.shape, device=p.device)
+        states.append(st)
+    return states
+
+
+def op_step(ps, grads, states, step, hp, in_op, skips=None):
+    """One step_group_ call on 8-bit ``states`` (codes and absmax): as codes when ``in_op``,
+    else read into float32, stepped, and written back with requantize_blockwise_."""
+    flat, pending = [], []
+    for st in states:
+        for name in ("row_second_moment", "col_second_moment", "second_moment", "momentum"):
+            if name not in st:
+                continue
+            if name not in _quantized.SIGNED:
+                flat.append(st[name])
+            elif in_op:
+                flat += (st[name], st[name + "_absmax"])
+            else:
+                values = _quantized.dequantize(name, st[name], st[name + "_absmax"])
+                pending.append((name, values, st))
+                flat.append(values)
+    torch.ops.flora.step_group_(ps, grads, flat, [step] * len(ps), [7] * len(ps),
+                                nonfinite_skips=skips, **hp)
+    for name, values, st in pending:
+        _quantized.write_back_(name, values, st[name], st[name + "_absmax"])
+
+
+def quantized_states(ps, hp):
+    states = op_states(ps, hp)
+    for st in states:
+        for name in list(st):
+            if name in _quantized.SIGNED:
+                st[name], st[name + "_absmax"] = _quantized.quantize(name, st[name])
+    return states
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("factorize", [True, False])
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_steps_8_bit_state_bitwise_as_read_back_float_state(device, factorize, dtype):
+    """step_group_ given codes and absmax writes bitwise what the float32 step on the
+    read-back state, written back with requantize_blockwise_, writes (CUDA: the stats or
+    rms pass gathers each block's absmax, the apply pass writes the codes)."""
+    hp = dict(OP_HP, factorize_second_moment=factorize)
+    gen = torch.Generator().manual_seed(11)
+    ps = [torch.randn(s, generator=gen).to(device, dtype) for s in OP_SHAPES]
+    qs = [p.clone() for p in ps]
+    a, b = quantized_states(ps, hp), quantized_states(qs, hp)
+    for step in range(1, 5):
+        grads = [torch.randn(p.shape, generator=gen).to(device, dtype) for p in ps]
+        if step == 3:  # an exact zero gradient: the second moment of those rows decays only
+            grads[2][:5] = 0
+        op_step(ps, grads, a, step, hp, in_op=True)
+        op_step(qs, grads, b, step, hp, in_op=False)
+        for p, q, sa, sb in zip(ps, qs, a, b):
+            assert torch.equal(p, q), (tuple(p.shape), step)
+            for key in sa:
+                assert torch.equal(sa[key], sb[key]), (tuple(p.shape), key, step)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_leaves_8_bit_state_of_a_skipped_parameter_bitwise(device):
+    hp = dict(OP_HP, skip_nonfinite=True)
+    gen = torch.Generator().manual_seed(12)
+    ps = [torch.randn(s, generator=gen).to(device) for s in OP_SHAPES]
+    states = quantized_states(ps, hp)
+    skips = torch.zeros((), dtype=torch.int64, device=device).reshape(1)
+    for step in (1, 2):
+        grads = [torch.randn(p.shape, generator=gen).to(device) for p in ps]
+        op_step(ps, grads, states, step, hp, in_op=True, skips=skips)
+    before = [{k: v.clone() for k, v in st.items()} for st in states]
+    values = [p.clone() for p in ps]
+    grads = [torch.randn(p.shape, generator=gen).to(device) for p in ps]
+    grads[0][3] = float("nan")
+    grads[2][1, 7] = float("inf")
+    op_step(ps, grads, states, 3, hp, in_op=True, skips=skips)
+    assert int(skips.item()) == 2
+    for k, (p, v, st, old) in enumerate(zip(ps, values, states, before)):
+        stepped = k not in (0, 2)
+        assert torch.equal(p, v) != stepped, k
+        for key in old:
+            if not stepped:
+                assert torch.equal(st[key], old[key]), (k, key)
+
+
+@pytest.mark.parametrize("change,match", [
+    ("compressed", "must be float32: step_group_ takes 8-bit codes for an unfactored"),
+    ("no_absmax", "needs its momentum_absmax"),
+    ("short_absmax", "momentum_absmax must be a contiguous float32 vector of 4 entries"),
+    ("int_absmax", "momentum_absmax must be a contiguous float32 vector"),
+    ("codes_shape", "momentum must have shape"),
+])
+def test_op_refuses_8_bit_state_it_cannot_take(change, match):
+    p = torch.randn(3, 300)  # dense momentum at rank 4: aspect ratio 100
+    hp = dict(OP_HP)
+    if change == "compressed":  # rank 4: momentum 4 x 40, compressed
+        p = torch.randn(16, 40)
+        codes, absmax = _quantized.quantize("momentum", torch.zeros(4, 40))
+        st = dict(row_second_moment=torch.zeros(16), col_second_moment=torch.zeros(40),
+                  momentum=codes, momentum_absmax=absmax)
+    else:
+        st = quantized_states([p], hp)[0]
+    flat = [st["row_second_moment"], st["col_second_moment"], st["momentum"],
+            st["momentum_absmax"]]
+    if change == "no_absmax":
+        flat = flat[:3]
+    elif change == "short_absmax":
+        flat[3] = flat[3][:3]
+    elif change == "int_absmax":
+        flat[3] = flat[3].int()
+    elif change == "codes_shape":
+        flat[2] = flat[2].reshape(300, 3)
+    before = p.clone()
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.flora.step_group_([p], [torch.randn_like(p)], flat, [1], [7], **hp)
+    assert torch.equal(p, before)
+
+
+def test_capturable_op_refuses_8_bit_state():
+    p = torch.randn(300)
+    st = quantized_states([p], OP_HP)[0]
+    hp = {k: v for k, v in OP_HP.items() if k not in ("skip_nonfinite", "projection")}
+    with pytest.raises(RuntimeError, match="step_group_capturable_ takes float32 state"):
+        torch.ops.flora.step_group_capturable_(
+            [p], [torch.randn_like(p)],
+            [st["second_moment"], st["second_moment_absmax"], st["momentum"],
+             st["momentum_absmax"]],
+            [torch.zeros((), dtype=torch.int64)], [], torch.empty(0), **hp)
+
+
 def test_a_fault_in_the_op_leaves_state_unchanged_or_says_what_stepped(monkeypatch):
     """A run-time fault (out of memory) in the first op call changes nothing: the 8-bit
     state is written only after each call; one in a later chunk names what stepped."""
@@ -484,9 +642,9 @@ def test_a_fault_in_the_op_leaves_state_unchanged_or_says_what_stepped(monkeypat
                         lambda *a, **k: failing(*a, fail_at=2, **k))
     with pytest.raises(torch.OutOfMemoryError) as info:
         opt.step()
-    # scratch: the largest parameter's (300 x 3, dense: 960 floats, aligned to 64), chunks
-    # of 192 + 192 + 128 | 832 | 256 | 960
-    assert "had already stepped the first 3 of the 6 parameters" in str(info.value.__notes__)
+    # The scratch holds compressed momentum only (16 x 40 and 40 x 16: 160 floats each,
+    # aligned to 192; the others' 8-bit state is stepped inside the op): chunks 192 | 192.
+    assert "had already stepped the first 1 of the 6 parameters" in str(info.value.__notes__)
 
 
 def test_fsdp2_groups_are_refused(monkeypatch):

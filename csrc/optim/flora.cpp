@@ -318,20 +318,30 @@ std::vector<std::pair<size_t, size_t>> scratch_chunks(const std::vector<int64_t>
   return ranges;
 }
 
-// step_group over parameters (of one device) whose 8-bit states are read into a float32
-// scratch a chunk at a time, stepped there and quantized back (docs/FLORA.md §11). The
-// scratch is allocated before anything is written.
+// step_group over parameters (of one device) with 8-bit states: an unfactored second
+// moment and a dense momentum are stepped as codes by the op; compressed momentum is read
+// into a float32 scratch a chunk at a time, stepped there and written back (docs/FLORA.md
+// §11), as flora_ext/_quantized.py does. The scratch is allocated before anything is
+// written.
 void step_group_quantized(const std::vector<at::Tensor>& params,
                           const std::vector<FloraParamState*>& states, const StepOptions& o,
                           const std::optional<at::Tensor>& nonfinite_skips,
                           int64_t scratch_bytes) {
   if (params.empty()) return;
+  // An unfactored second moment and a dense momentum go to step_group_ as codes and
+  // absmax (it steps them in place); compressed momentum through the scratch.
+  const auto in_op = [&](const QuantizedField& field, const at::Tensor& param) {
+    if (!field.is_signed) return true;  // second_moment
+    return param_layout(param.sizes(), o.rank, o.beta1, o.factorize_second_moment,
+                        o.max_aspect_ratio)
+               .momentum == MomentumKind::kDense;
+  };
   std::vector<int64_t> sizes;
-  for (FloraParamState* state : states) {
+  for (size_t k = 0; k < states.size(); ++k) {
     int64_t size = 0;
     for (const QuantizedField& field : kQuantizedFields) {
-      const at::Tensor& codes = (state->*field.codes)();
-      if (codes.defined()) size += scratch_aligned(codes.numel());
+      const at::Tensor& codes = (states[k]->*field.codes)();
+      if (codes.defined() && !in_op(field, params[k])) size += scratch_aligned(codes.numel());
     }
     sizes.push_back(size);
   }
@@ -366,6 +376,11 @@ void step_group_quantized(const std::vector<at::Tensor>& params,
         const at::Tensor& codes = (state.*field.codes)();
         if (!codes.defined()) continue;
         const at::Tensor& absmax = (state.*field.absmax)();
+        if (in_op(field, params[k])) {
+          call.states.push_back(codes);
+          call.states.push_back(absmax);
+          continue;
+        }
         at::Tensor values = scratch.narrow(0, offset, codes.numel()).view(codes.sizes());
         offset += scratch_aligned(codes.numel());
         dequantize_blockwise(codes, absmax, values, field.is_signed);

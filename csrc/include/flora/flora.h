@@ -199,9 +199,10 @@ class Flora : public torch::optim::Optimizer {
   // A copy; zero before any. Not saved by save().
   torch::Tensor nonfinite_skips(torch::Device device) const;
 
-  // With quantization: the bound of the float32 scratch that a step reads 8-bit state into,
-  // in bytes (default 64 MiB, as in Python; a parameter whose state needs more gets a
-  // scratch of its own size). Parameters are stepped in consecutive chunks that fit it.
+  // With quantization: the bound of the float32 scratch that a step reads 8-bit compressed
+  // momentum into, in bytes (default 64 MiB, as in Python; a parameter whose momentum needs
+  // more gets a scratch of its own size). Parameters are stepped in consecutive chunks that
+  // fit it; the op steps the other 8-bit state as codes.
   int64_t quantization_scratch_bytes() const { return quantization_scratch_bytes_; }
   void quantization_scratch_bytes(int64_t bytes);
 
