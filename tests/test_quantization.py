@@ -540,6 +540,29 @@ def test_op_steps_8_bit_state_bitwise_as_read_back_float_state(device, factorize
                 assert torch.equal(sa[key], sb[key]), (tuple(p.shape), key, step)
 
 
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_optimizer_steps_codes_in_the_op_bitwise_as_through_the_scratch(monkeypatch, dtype):
+    """Flora(quantization=True) on CUDA with the 8-bit state handed to the op as codes
+    (CUDA_STEPS_CODES) steps bitwise as through the float32 scratch."""
+    shapes = ((64, 1000), (3000,), (16, 40), (40, 1024), (7, 5, 3))
+    runs = []
+    for codes in (False, True):
+        monkeypatch.setattr(_quantized, "CUDA_STEPS_CODES", codes)
+        ps = [torch.nn.Parameter(p.to(dtype)) for p in params_for(shapes, device="cuda")]
+        opt = flora_ext.Flora(ps, **HP, quantization=True, skip_nonfinite=True)
+        grads = [[g.to(dtype) for g in gs] for gs in grads_for(ps, 4)]
+        grads[2][1][5] = float("nan")  # a skipped step of the 3000-element parameter
+        run(opt, ps, grads)
+        runs.append((ps, opt))
+    (ps, a), (qs, b) = runs
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q), tuple(p.shape)
+        for key, v in a.state[p].items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, b.state[q][key]), (tuple(p.shape), key)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_leaves_8_bit_state_of_a_skipped_parameter_bitwise(device):
     hp = dict(OP_HP, skip_nonfinite=True)
