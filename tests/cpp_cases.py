@@ -77,13 +77,16 @@ SCENARIOS = {
     # 2-D) and unfactored second moments, a group without momentum, bf16 with stochastic
     # rounding; a scratch of 300 floats (scratch_bytes: flora_ext/_quantized.py's
     # SCRATCH_BYTES, flora::Flora::quantization_scratch_bytes) for the compressed momentum,
-    # so the first group is stepped in two chunks
+    # so the first and the last group (bf16, stochastic rounding: keyed by the place in the
+    # chunk's call) are stepped in two chunks
     "quantized": dict(
         defaults=dict(lr=1e-2, beta1=0.9, rank=4, kappa=3, seed=5, quantization=True),
         groups=[([((16, 40), F32), ((40, 16), F32), ((300,), F32)], {}),
                 ([((24, 30), BF16), ((9,), BF16), ((20, 10), F32)],
                  dict(factorize_second_moment=False, stochastic_rounding=True, kappa=2)),
-                ([((10, 10), F32), ((70,), F32)], dict(beta1=0.0))],
+                ([((10, 10), F32), ((70,), F32)], dict(beta1=0.0)),
+                ([((24, 30), BF16), ((30, 24), BF16), ((16, 40), BF16)],
+                 dict(stochastic_rounding=True))],
         steps=6,
         skip=4,
         scratch_bytes=4 * 300),
