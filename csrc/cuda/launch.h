@@ -93,9 +93,10 @@ void launch_quant_commit(const TaskTable& table, int64_t max_numel, cudaStream_t
 
 void launch_nonfinite(int dtype, const TaskTable& table, int64_t max_numel, int64_t* counter,
                       cudaStream_t stream);
-// stats.cu: the stats pass of a stats group (`smem`: dynamic shared memory a block).
+// stats.cu: the stats pass of a stats group (`smem`: dynamic shared memory a block);
+// any_quantized: some unfactored task keeps 8-bit state (a second launch takes those).
 void launch_stats(int dtype, const TaskTable& table, int64_t blocks, int64_t smem,
-                  const GroupArgs& args, cudaStream_t stream);
+                  const GroupArgs& args, bool any_quantized, cudaStream_t stream);
 // finalize.cu: the EMAs of factored tensors, then one block a task each.
 void launch_finalize(const TaskTable& table, int64_t blocks, cudaStream_t stream);
 void launch_scalars(const TaskTable& table, const GroupArgs& args, cudaStream_t stream);

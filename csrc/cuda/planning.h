@@ -39,6 +39,7 @@ struct WorkspacePlan {
 struct StatsShape {
   int64_t fblocks = 0, sblocks = 0, smem = 0;
   bool any_factored = false;
+  bool any_quantized = false;  // an unfactored task with 8-bit state
 };
 
 struct BatchShape {
