@@ -126,21 +126,24 @@ def step_group(params, grads, states, order, steps, seeds, hyper_parameters, nor
     and written back after the op."""
     if not params:
         return
+    # Each parameter's 8-bit states that step_group_ takes as codes, decided once.
+    via_op = [{name for name in SIGNED if name in state and in_op(name, p, hyper_parameters)}
+              for p, state in zip(params, states)]
     sizes = [sum(_aligned(state[name].numel()) for name in SIGNED
-                 if name in state and not in_op(name, p, hyper_parameters))
-             for p, state in zip(params, states)]
+                 if name in state and name not in codes)
+             for state, codes in zip(states, via_op)]
     limit = max((SCRATCH_BYTES if scratch_bytes is None else scratch_bytes) // 4, max(sizes))
     ranges = _chunks(sizes, limit)
     scratch = torch.empty(max(sum(sizes[k0:k1]) for k0, k1 in ranges), dtype=torch.float32,
                           device=params[0].device)
     for k0, k1 in ranges:
         flat, pending, offset = [], [], 0
-        for p, state in zip(params[k0:k1], states[k0:k1]):
+        for state, codes in zip(states[k0:k1], via_op[k0:k1]):
             for name in order:
                 if name not in state:
                     continue
                 t = state[name]
-                if name in SIGNED and in_op(name, p, hyper_parameters):
+                if name in codes:
                     flat += (t, state[ABSMAX[name]])
                     continue
                 if name in SIGNED:

@@ -159,6 +159,16 @@ CallLimits call_limits(const std::vector<Item>& items, const Tuning& tuning) {
   return limits;
 }
 
+// Points t at its dense momentum: the float32 tensor, or 8-bit codes and absmax.
+void bind_dense_momentum(const GroupEntry& e, Task& t) {
+  if (e.state.quantized_momentum()) {
+    t.m_codes = e.state.momentum->data_ptr<uint8_t>();
+    t.m_absmax = e.state.momentum_absmax->data_ptr<float>();
+  } else {
+    t.momentum = e.state.momentum->data_ptr<float>();
+  }
+}
+
 // Fills the Task of `item` (all but its place in the grids and the workspace); returns
 // the dynamic shared memory its row stats need (0: none, or the tile passes).
 int64_t make_task(const Item& item, const GroupArgs& args, const Tuning& tuning, bool fused_on,
@@ -196,14 +206,7 @@ int64_t make_task(const Item& item, const GroupArgs& args, const Tuning& tuning,
     t.tiles = int64_t(t.ctiles) * t.rchunks;
     vec = vec && t.m % lane_elems == 0;
     // Factored momentum is read element by element: no alignment needed.
-    if (layout.momentum == MomentumKind::kDense) {
-      if (e.state.quantized_momentum()) {
-        t.m_codes = e.state.momentum->data_ptr<uint8_t>();
-        t.m_absmax = e.state.momentum_absmax->data_ptr<float>();
-      } else {
-        t.momentum = e.state.momentum->data_ptr<float>();
-      }
-    }
+    if (layout.momentum == MomentumKind::kDense) bind_dense_momentum(e, t);
     t.vec = vec;
     // Fused compressed momentum: TF32 asked for, 16-byte rows of every GEMM operand,
     // round-to-nearest writes (stochastic rounding keeps the unfused passes);
@@ -257,13 +260,8 @@ int64_t make_task(const Item& item, const GroupArgs& args, const Tuning& tuning,
       vec = vec && aligned_to(t.second_moment, 16);
     }
     if (layout.momentum == MomentumKind::kDense) {
-      if (e.state.quantized_momentum()) {
-        t.m_codes = e.state.momentum->data_ptr<uint8_t>();
-        t.m_absmax = e.state.momentum_absmax->data_ptr<float>();
-      } else {
-        t.momentum = e.state.momentum->data_ptr<float>();
-        vec = vec && aligned_to(t.momentum, 16);
-      }
+      bind_dense_momentum(e, t);
+      if (t.momentum != nullptr) vec = vec && aligned_to(t.momentum, 16);
     }
   }
   t.vec = vec;

@@ -14,6 +14,8 @@
 #include <torch/serialize/output-archive.h>
 
 #include <algorithm>
+#include <array>
+#include <iterator>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -101,13 +103,20 @@ uint8_t zero_code(bool is_signed) {
   TORCH_INTERNAL_ASSERT(false, "flora: the code map has no 0");
 }
 
-// torch.ops.flora.quantize_blockwise_ / dequantize_blockwise_ (CPU or CUDA, by the tensors).
+// The ops of the 8-bit format (CPU or CUDA, by the tensors): all take three tensors and
+// the map's sign.
+using FormatOp = c10::TypedOperatorHandle<void(const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, bool)>;
+FormatOp format_op(const char* name) {
+  return c10::Dispatcher::singleton()
+      .findSchemaOrThrow(name, "")
+      .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+}
+
+// torch.ops.flora.quantize_blockwise_.
 void quantize_blockwise(const at::Tensor& values, const at::Tensor& codes,
                         const at::Tensor& absmax, bool is_signed) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("flora::quantize_blockwise_", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   bool)>();
+  static const FormatOp op = format_op("flora::quantize_blockwise_");
   op.call(values, codes, absmax, is_signed);
 }
 
@@ -115,19 +124,14 @@ void quantize_blockwise(const at::Tensor& values, const at::Tensor& codes,
 // from (a block left as it read back keeps its codes: a skipped step rounds nothing again).
 void write_back_blockwise(const at::Tensor& values, const at::Tensor& codes,
                           const at::Tensor& absmax, bool is_signed) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("flora::requantize_blockwise_", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   bool)>();
+  static const FormatOp op = format_op("flora::requantize_blockwise_");
   op.call(values, codes, absmax, is_signed);
 }
 
+// torch.ops.flora.dequantize_blockwise_.
 void dequantize_blockwise(const at::Tensor& codes, const at::Tensor& absmax,
                           const at::Tensor& values, bool is_signed) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("flora::dequantize_blockwise_", "")
-                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   bool)>();
+  static const FormatOp op = format_op("flora::dequantize_blockwise_");
   op.call(codes, absmax, values, is_signed);
 }
 
@@ -143,6 +147,7 @@ const QuantizedField kQuantizedFields[] = {
      &FloraParamState::second_moment_absmax},
     {"momentum", true, &FloraParamState::momentum, &FloraParamState::momentum_absmax},
 };
+constexpr size_t kQuantizedFieldCount = std::size(kQuantizedFields);
 
 // Checks the codes and absmax of state `name` (expected: whether the layout has it, of
 // `shape`); returns an uninitialised float32 tensor of `shape` on the parameter's device for
@@ -342,12 +347,16 @@ void step_group_quantized(const std::vector<at::Tensor>& params,
                         o.max_aspect_ratio)
                .momentum == MomentumKind::kDense;
   };
+  // Each parameter's route, per field of kQuantizedFields, decided once.
+  std::vector<std::array<bool, kQuantizedFieldCount>> via_op(states.size());
   std::vector<int64_t> sizes;
   for (size_t k = 0; k < states.size(); ++k) {
     int64_t size = 0;
-    for (const QuantizedField& field : kQuantizedFields) {
+    for (size_t f = 0; f < kQuantizedFieldCount; ++f) {
+      const QuantizedField& field = kQuantizedFields[f];
       const at::Tensor& codes = (states[k]->*field.codes)();
-      if (codes.defined() && !in_op(field, params[k])) size += scratch_aligned(codes.numel());
+      via_op[k][f] = codes.defined() && in_op(field, params[k]);
+      if (codes.defined() && !via_op[k][f]) size += scratch_aligned(codes.numel());
     }
     sizes.push_back(size);
   }
@@ -378,11 +387,12 @@ void step_group_quantized(const std::vector<at::Tensor>& params,
       for (const at::Tensor* t : {&state.row_second_moment(), &state.col_second_moment()}) {
         if (t->defined()) call.states.push_back(*t);
       }
-      for (const QuantizedField& field : kQuantizedFields) {
+      for (size_t f = 0; f < kQuantizedFieldCount; ++f) {
+        const QuantizedField& field = kQuantizedFields[f];
         const at::Tensor& codes = (state.*field.codes)();
         if (!codes.defined()) continue;
         const at::Tensor& absmax = (state.*field.absmax)();
-        if (in_op(field, params[k])) {
+        if (via_op[k][f]) {
           call.states.push_back(codes);
           call.states.push_back(absmax);
           continue;
