@@ -13,6 +13,9 @@ itself. Optimizers (bench_memory's configurations):
                   the headline
   adamw           torch.optim.AdamW(fused=True)
   adamw8bit       torchao.optim.AdamW8bit (when torchao imports; else reported as error)
+  no_step         no optimizer: forward and backward, gradients dropped as they accumulate.
+                  Its tokens/s at a configuration bounds every optimizer's there; asked for
+                  by name (not in the default list)
 
 For each optimizer two searches, a fixed number of tokens per optimizer step
 (--tokens-per-step, 8192 = 4 sequences):
@@ -47,7 +50,8 @@ import time
 
 import bench_memory  # its children run every trial (benchmarks/ is on sys.path)
 
-OPTIMIZERS = ("flora_accum", "flora_accum_q8", "flora_accum_defaults", "adamw", "adamw8bit")
+OPTIMIZERS = ("flora_accum", "flora_accum_q8", "flora_accum_defaults", "adamw", "adamw8bit",
+              "no_step")
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense bf16, SXM
 HIDDEN, SEQ = 4096, 2048
 TINY_HIDDEN, TINY_SEQ = 64, 64
@@ -168,7 +172,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[2:]))
-    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS)
+    ap.add_argument("--optimizers", nargs="+", default=[o for o in OPTIMIZERS if o != "no_step"],
+                    choices=OPTIMIZERS)
     ap.add_argument("--searches", nargs="+", default=["best", "largest"],
                     choices=("best", "largest"))
     ap.add_argument("--grid", type=parse_grid, default=parse_grid("1:on 1:off 2:off 4:off"),

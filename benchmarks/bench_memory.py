@@ -31,6 +31,10 @@ over them). Configurations:
                         bitsandbytes stubbed when missing)
   adamw8bit             torchao.optim.AdamW8bit, plain accumulation (needs torchao; not in
                         the default list)
+  no_step               no optimizer: forward and backward only, each gradient dropped as
+                        soon as it is accumulated (no state, no gradient memory, no step):
+                        the ceiling of tokens/s that any optimizer can reach at a model size
+                        and configuration (not in the default list)
 
 Each configuration runs in its own subprocess, so
 that peaks and allocator caches are isolated, under a shared --budget of wall time. Reported:
@@ -96,8 +100,9 @@ if (_REPO / "flora_ext" / "libflora.so").exists():
 # compressed accumulation; Flora's defaults (no momentum) are the row beside it.
 CONFIGS = ("flora_accum", "flora_accum_q8", "flora_accum_lean", "flora_accum_q8_lean",
            "flora_accum_lean8", "flora_accum_q8_lean8",
-           "flora_accum_defaults", "flora", "adamw", "flora_opt", "adamw8bit")
-# adamw8bit needs torchao, which requirements do not pin; the lean rows are asked for by name
+           "flora_accum_defaults", "flora", "adamw", "flora_opt", "adamw8bit", "no_step")
+# adamw8bit needs torchao, which requirements do not pin; the lean rows and no_step are asked
+# for by name
 DEFAULT_CONFIGS = ("flora_accum", "flora_accum_q8", "flora_accum_defaults", "flora", "adamw",
                    "flora_opt")
 # Memory options on top of flora_accum: (Flora kwargs, FloraAccumulator kwargs), by name.
@@ -119,6 +124,7 @@ DESCRIPTIONS = {
     "adamw": "torch.optim.AdamW(fused=True), plain accumulation",
     "adamw8bit": "torchao.optim.AdamW8bit (8-bit blockwise states), plain accumulation",
     "flora_opt": "flora-opt FloraAccelerator (rank {rank}) + flora_opt.Flora(beta1={beta1}, rank={flora_rank})",
+    "no_step": "no optimizer (gradients dropped as they are accumulated): the ceiling of tokens/s",
 }
 # Configurations that run Flora with its defaults instead of --flora-beta1 / --flora-rank.
 DEFAULTS_CONFIGS = ("flora_accum_defaults",)
@@ -220,6 +226,11 @@ def state_bytes(opt):
                if isinstance(t, torch.Tensor))
 
 
+class _NoOptimizer:
+    """What no_step reports as its optimizer: no state."""
+    state = {}
+
+
 def make_trainer(name, model, args, device):
     """(one optimizer step over args.micro_batches micro-batches, optimizer, notes)."""
     import torch
@@ -269,6 +280,25 @@ def make_trainer(name, model, args, device):
             opt.zero_grad(set_to_none=True)
             return losses
         return step, opt, {}
+
+    if name == "no_step":
+        # The ceiling of an optimizer's tokens/s: the same forward and backward, and each
+        # gradient freed in its post-accumulate hook as FloraAccumulator's last micro-batch
+        # frees it, but no state and no step.
+        def drop(p):
+            p.grad = None
+
+        for p in params:
+            p.register_post_accumulate_grad_hook(drop)
+
+        def step(batch):
+            losses = []
+            for ids in batch:
+                loss = forward(ids) / k
+                loss.backward()
+                losses.append(loss.detach())
+            return losses
+        return step, _NoOptimizer(), {}
 
     if name == "flora_opt":
         from flora_ext.testing import import_flora_opt

@@ -135,3 +135,17 @@ def test_chunked_loss_rows_say_so(tmp_path):
     table = out.read_text()
     assert "| flags |" in table
     assert table.count("| --chunked-loss (16 positions) |") == 2
+
+
+def test_no_step_drops_every_gradient_and_leaves_the_weights():
+    model, shape = _tiny_model(torch.float32)
+    before = [p.detach().clone() for p in model.parameters()]
+    args = argparse.Namespace(micro_batches=2, lr=1e-3, flora_beta1=0.9, flora_rank=8, rank=8,
+                              chunked_loss=None)
+    step, opt, _ = bench_memory.make_trainer("no_step", model, args, torch.device("cpu"))
+    ids = torch.randint(0, shape[4], (1, shape[5]), generator=torch.Generator().manual_seed(3))
+    losses = step([ids, ids])
+    assert len(losses) == 2 and all(torch.isfinite(l) for l in losses)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert bench_memory.state_bytes(opt) == 0
