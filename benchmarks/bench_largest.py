@@ -94,7 +94,8 @@ class Trials:
             device=a.device, steps=a.steps, warmup=a.warmup, micro_batches=micro_batches,
             micro_batch_size=mbs, layers=layers, no_checkpointing=not checkpointing,
             tiny=a.tiny, seq=None, lr=1e-4, rank=rank, flora_rank=rank, flora_beta1=0.9,
-            min_config_s=a.min_trial_s, budget=a.budget, step_group_mb=a.step_group_mb)
+            min_config_s=a.min_trial_s, budget=a.budget, step_group_mb=a.step_group_mb,
+            overlap_steps=a.overlap_steps)
         deadline = min(self.deadline, time.monotonic() + a.trial_timeout_s)
         child = bench_memory.run_config(child_args, optimizer, deadline,
                                         stdout=subprocess.DEVNULL if a.quiet else None)
@@ -189,6 +190,8 @@ def main(argv=None):
     ap.add_argument("--tokens-per-step", type=int, default=None, help="8192; 256 with --tiny")
     ap.add_argument("--step-group-mb", type=int, default=0,
                     help="the Flora trials' FloraAccumulator(step_group_bytes=N MiB) (0)")
+    ap.add_argument("--overlap-steps", action="store_true",
+                    help="the Flora trials' FloraAccumulator(overlap_steps=True)")
     ap.add_argument("--steps", type=int, default=2, help="timed steps a trial (2)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (1)")
     ap.add_argument("--peak-tflops", type=float, default=None)

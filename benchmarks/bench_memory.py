@@ -216,7 +216,12 @@ def chunked_causal_lm_loss(model, ids, chunk):
 def row_flags(args):
     """The flags of a run that change what a row measures, for the table (none: '-')."""
     chunk = getattr(args, "chunked_loss", None)
-    return f"--chunked-loss ({chunk} positions)" if chunk else "-"
+    flags = [f"--chunked-loss ({chunk} positions)"] if chunk else []
+    if getattr(args, "step_group_mb", 0):
+        flags.append(f"--step-group-mb {args.step_group_mb}")
+    if getattr(args, "overlap_steps", False):
+        flags.append("--overlap-steps")
+    return ", ".join(flags) or "-"
 
 
 def state_bytes(opt):
@@ -268,6 +273,7 @@ def make_trainer(name, model, args, device):
         if name.startswith("flora_accum"):
             flora_ext.FloraAccumulator(opt, micro_batches=k, rank=args.rank, model=model,
                                        step_group_bytes=getattr(args, "step_group_mb", 0) << 20,
+                                       overlap_steps=getattr(args, "overlap_steps", False),
                                        **accumulator_kwargs)
 
         def step(batch):
@@ -565,6 +571,8 @@ def child_command(args, name, result_path):
         cmd += ["--chunked-loss", "--loss-chunk", str(args.chunked_loss)]
     if getattr(args, "step_group_mb", 0):
         cmd += ["--step-group-mb", str(args.step_group_mb)]
+    if getattr(args, "overlap_steps", False):
+        cmd.append("--overlap-steps")
     return cmd
 
 
@@ -759,6 +767,10 @@ def main():
                     help="FloraAccumulator(step_group_bytes=N MiB) for the flora_accum "
                          "configurations: the last micro-batch's hooks step N MiB of "
                          "gradients a call instead of one parameter (default 0)")
+    ap.add_argument("--overlap-steps", action="store_true",
+                    help="FloraAccumulator(overlap_steps=True) for the flora_accum "
+                         "configurations: the hooks' steps on a second CUDA stream, beside "
+                         "the rest of the backward pass")
     ap.add_argument("--loss-chunk", type=int, default=512,
                     help="positions a chunk with --chunked-loss (default %(default)s)")
     ap.add_argument("--out", default="benchmarks/results/bench_memory.md",

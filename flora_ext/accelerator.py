@@ -40,7 +40,7 @@ class FloraAccelerator(Accelerator):
     ``gradient_accumulation_steps > 1``; otherwise they are summed densely (with one step per
     micro-batch, that is flora-opt's layer-wise mode); ``accumulation_buffer_dtype``
     (torch.float32, torch.bfloat16 or torch.uint8) is the accumulators' ``buffer_dtype``,
-    ``step_group_bytes`` their ``step_group_bytes`` (one process). ``accelerator.backward``
+    ``step_group_bytes`` and ``overlap_steps`` theirs (one process). ``accelerator.backward``
     divides the loss by ``gradient_accumulation_steps``, so the step sees the mean gradient,
     as with a plain Accelerator. The accumulation seeds are registered for ``save_state`` /
     ``load_state``. No fp16 GradScaler (bf16 or fp32): the steps happen inside backward,
@@ -57,15 +57,18 @@ class FloraAccelerator(Accelerator):
 
     def __init__(self, accumulation_compression_rank: int | None = None, *args,
                  accumulation_buffer_dtype: torch.dtype = torch.float32,
-                 step_group_bytes: int = 0, **kwargs):
+                 step_group_bytes: int = 0, overlap_steps: bool = False, **kwargs):
         if accumulation_compression_rank is not None and (
                 not _is_int(accumulation_compression_rank) or accumulation_compression_rank < 1):
             raise ValueError(f"flora: accumulation_compression_rank must be None or an int >= "
                              f"1, got {accumulation_compression_rank!r}")
         check_buffer_dtype(accumulation_buffer_dtype, "accumulation_buffer_dtype")
         check_step_group_bytes(step_group_bytes)
+        if not isinstance(overlap_steps, bool):
+            raise TypeError(f"flora: overlap_steps must be a bool, got {overlap_steps!r}")
         super().__init__(*args, **kwargs)
         self.step_group_bytes = int(step_group_bytes)
+        self.overlap_steps = overlap_steps
         self.accumulation_compression_rank = accumulation_compression_rank
         self.accumulation_buffer_dtype = accumulation_buffer_dtype
         self.flora_accumulators: list[FloraAccumulator] = []
@@ -104,6 +107,7 @@ class FloraAccelerator(Accelerator):
         accumulator = FloraAccumulator(optimizer, rank=rank, model=ddp,
                                        buffer_dtype=self.accumulation_buffer_dtype,
                                        step_group_bytes=self.step_group_bytes,
+                                       overlap_steps=self.overlap_steps,
                                        _sync=self._flora_sync)
         self.flora_accumulators.append(accumulator)
         self.register_for_checkpointing(accumulator)

@@ -317,6 +317,12 @@ class FloraAccumulator:
             backward pass ends: fewer, larger step calls, for up to N bytes of gradients
             held meanwhile. The results are the same (bitwise without stochastic_rounding,
             whose streams are keyed by a parameter's place in its call). One process only.
+        overlap_steps: CUDA parameters only. False (default): the steps run on the current
+            stream, between the backward kernels. True: on a second stream, which waits for
+            the backward's work up to the hook and which the current stream waits for when
+            the backward pass ends, so a layer's step can run beside the backward of the
+            layers before it. The same kernels on the same inputs: the results are bitwise
+            those of False. One process only.
 
     Across processes (flora_ext.distributed): each rank compresses every micro-batch of a
     cycle, the last one too (one process keeps the last one dense; across processes that
@@ -337,7 +343,7 @@ class FloraAccumulator:
     def __init__(self, optimizer, micro_batches: int = 1, rank: int | None = None, *,
                  params=None, model=None, process_group=_UNSET, bucket_cap_mb=25,
                  comm_dtype=torch.float32, buffer_dtype=torch.float32, step_group_bytes=0,
-                 _sync=None):
+                 overlap_steps=False, _sync=None):
         from . import distributed  # a cycle at import time otherwise
         from .optimizer import Flora
 
@@ -351,6 +357,8 @@ class FloraAccumulator:
                              f"an int >= 1, got {rank!r}")
         check_buffer_dtype(buffer_dtype, "buffer_dtype")
         check_step_group_bytes(step_group_bytes)
+        if not isinstance(overlap_steps, bool):
+            raise TypeError(f"flora: overlap_steps must be a bool, got {overlap_steps!r}")
         self.optimizer = optimizer
         # > 0: the last micro-batch's hooks gather (parameter, gradient) pairs and step them in
         # one call once their gradients hold this many bytes, and at the end of the backward
@@ -358,6 +366,12 @@ class FloraAccumulator:
         self._group_bytes = int(step_group_bytes)
         self._pending = []
         self._pending_bytes = 0
+        # overlap_steps: device index -> the side stream the steps run on; (main, side)
+        # pairs the current backward pass must join when it ends.
+        self._overlap = overlap_steps
+        self._side_streams = {}
+        self._joins = set()
+        self._join_task = None
         self.buffer_dtype = buffer_dtype
         # None, or a callable (param, grad) that the hook calls with the gradient it is about
         # to step the parameter with (the cycle's sum, or its unbiased estimate when
@@ -376,6 +390,9 @@ class FloraAccumulator:
         comm_group, ddp = distributed.resolve_process_group(model, process_group)
         if comm_group is not None and self._group_bytes:
             raise ValueError("flora: step_group_bytes applies to a single process; with a "
+                             "process group the reducer steps the parameters after backward")
+        if comm_group is not None and overlap_steps:
+            raise ValueError("flora: overlap_steps applies to a single process; with a "
                              "process group the reducer steps the parameters after backward")
 
         owned = getattr(optimizer, "_accumulator", None)
@@ -571,7 +588,7 @@ class FloraAccumulator:
         if self.grad_observer is not None:
             self.grad_observer(p, grad)
         if not self._group_bytes:
-            self.optimizer._step_param(p, grad)
+            self._run_step(p.device, [grad], lambda: self.optimizer._step_param(p, grad))
             return
         with self._lock:
             if not self._pending:  # step what is gathered when this backward pass ends
@@ -593,7 +610,44 @@ class FloraAccumulator:
             params.append(p)
             grads.append(grad)
         for group, params, grads in groups.values():
-            self.optimizer._step_params(group, params, grads)
+            self._run_step(params[0].device, grads,
+                           lambda: self.optimizer._step_params(group, params, grads))
+
+    def _run_step(self, device, grads, step):
+        """Runs ``step`` (a call of the optimizer on parameters of ``device`` with
+        ``grads``) on the current stream, or with overlap_steps on the side stream."""
+        if not (self._overlap and device.type == "cuda"):
+            step()
+            return
+        side = self._side_streams.get(device.index)
+        if side is None:
+            side = self._side_streams[device.index] = torch.cuda.Stream(device)
+        main = torch.cuda.current_stream(device)
+        task = _current_graph_task_id()
+        with self._lock:
+            stale = set()
+            if task != self._join_task:  # the end of this pass makes its streams wait
+                stale, self._joins, self._join_task = self._joins, set(), task
+                torch.autograd.Variable._execution_engine.queue_callback(self._join_streams)
+            self._joins.add((main, side))
+        for waiting, stepping in stale:  # a pass that ended without its callback (an error)
+            waiting.wait_stream(stepping)
+        side.wait_stream(main)  # the gradient is formed and the backward done with p
+        try:
+            with torch.cuda.stream(side):
+                step()
+        except BaseException:
+            main.wait_stream(side)  # what the side stream already holds comes first
+            raise
+        for grad in grads:  # freed on the current stream: not reused before the step ran
+            grad.record_stream(side)
+
+    def _join_streams(self):
+        """The current streams the steps ran from wait for the side streams."""
+        with self._lock:
+            joins, self._joins, self._join_task = self._joins, set(), None
+        for waiting, stepping in joins:
+            waiting.wait_stream(stepping)
 
     # ------------------------------------------------------------------ backward passes
     # The ordinal check above only sees a parameter that fell two micro-batches behind. One
@@ -642,6 +696,7 @@ class FloraAccumulator:
 
     # ------------------------------------------------------------------ cycle checks
     def _check_cycle_complete(self, where):
+        self._join_streams()  # overlap_steps: nothing reads a state a step may still write
         with self._lock:
             if not self._entries:
                 return
@@ -669,6 +724,7 @@ class FloraAccumulator:
     def reset(self):
         """Drops the micro-batches of the current cycle (parameters already stepped stay
         stepped) and starts a fresh cycle, e.g. after an error in backward."""
+        self._join_streams()  # steps of a failed backward pass come before what follows
         with self._lock:
             for e in self._entries:
                 e.buffer = None

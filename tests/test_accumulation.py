@@ -841,18 +841,20 @@ def make_accelerator(**kwargs):
 
 @pytest.mark.parametrize("rank,steps,buffer_dtype", [
     (4, 2, torch.float32), (4, 2, torch.bfloat16), (4, 2, torch.uint8), (None, 2, torch.float32),
-    (4, 1, torch.float32), (4, 2, "grouped")],
+    (4, 1, torch.float32), (4, 2, "grouped"), (4, 2, "overlapped")],
     ids=["compressed", "compressed_bf16_buffers", "compressed_8bit_buffers", "dense", "layerwise",
-         "compressed_grouped_steps"])
+         "compressed_grouped_steps", "compressed_overlapped_steps"])
 def test_flora_accelerator_equals_the_accumulator_loop(accelerate_state, rank, steps,
                                                        buffer_dtype):
     # "grouped": float32 buffers, the hooks' steps gathered (bitwise the same steps)
+    # "overlapped": float32 buffers, the hooks' steps on a second CUDA stream
     group_bytes = 1 << 30 if buffer_dtype == "grouped" else 0
-    buffer_dtype = torch.float32 if buffer_dtype == "grouped" else buffer_dtype
+    overlap = buffer_dtype == "overlapped"
+    buffer_dtype = torch.float32 if isinstance(buffer_dtype, str) else buffer_dtype
     accelerator = make_accelerator(accumulation_compression_rank=rank,
                                    gradient_accumulation_steps=steps,
                                    accumulation_buffer_dtype=buffer_dtype,
-                                   step_group_bytes=group_bytes)
+                                   step_group_bytes=group_bytes, overlap_steps=overlap)
     device = accelerator.device
     data = batches(6, device)
     ref = mlp(device)
@@ -865,6 +867,7 @@ def test_flora_accelerator_equals_the_accumulator_loop(accelerate_state, rank, s
     model, opt = accelerator.prepare(model, flora_ext.Flora(model.parameters(), **FLORA))
     assert accelerator.accumulation_compression == (rank is not None and steps > 1)
     assert accelerator.flora_accumulators[0]._group_bytes == group_bytes
+    assert accelerator.flora_accumulators[0]._overlap == overlap
     for batch in data:
         with accelerator.accumulate(model):
             accelerator.backward(loss_of(model, batch, 1))
@@ -1050,5 +1053,111 @@ def test_step_group_bytes_refused_with_a_process_group():
         "else:\n"
         "    raise SystemExit('not refused')\n"
         "flora_ext.FloraAccumulator(opt, micro_batches=2, rank=2, process_group=None)\n"
+        "dist.destroy_process_group()\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---------------------------------------------------------------- overlap_steps
+def _overlap_run(device, overlap, group_bytes=0, quantization=False, use_reentrant=None):
+    model = mlp(device)
+    opt = flora_ext.Flora(model.parameters(), quantization=quantization, **FLORA)
+    acc = flora_ext.FloraAccumulator(opt, micro_batches=2, rank=4, step_group_bytes=group_bytes,
+                                     overlap_steps=overlap)
+    for x, y in batches(6, device):
+        if use_reentrant is None:
+            loss_of(model, (x, y), 2).backward()
+        else:
+            x = x.requires_grad_(True)
+            h = checkpoint(lambda t: model[3](model[2](model[1](model[0](t)))), x,
+                           use_reentrant=use_reentrant)
+            ((model[4](h) - y).pow(2).mean() / 2).backward()
+        # Read on the current stream right after backward(): the steps must be done.
+        snapshot = [p.detach().clone() for p in model.parameters()]
+        assert not acc._joins
+    opt.step()
+    return snapshot, model, opt, acc
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group_bytes", [0, 2000])
+@pytest.mark.parametrize("quantization", [False, True])
+def test_overlap_steps_is_bitwise_the_current_stream(device, group_bytes, quantization):
+    ref, _, _, _ = _overlap_run(device, False, group_bytes, quantization)
+    out, model, opt, acc = _overlap_run(device, True, group_bytes, quantization)
+    for a, b in zip(ref, out):
+        assert torch.equal(a, b)
+    for a, b in zip(ref, model.parameters()):
+        assert torch.equal(a, b)
+    assert bool(acc._side_streams) == (device == "cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_overlap_steps_under_activation_checkpointing(use_reentrant):
+    ref, _, _, _ = _overlap_run("cuda", False, use_reentrant=use_reentrant)
+    out, _, _, _ = _overlap_run("cuda", True, use_reentrant=use_reentrant)
+    for a, b in zip(ref, out):
+        assert torch.equal(a, b)
+
+
+@requires_cuda
+def test_overlap_steps_waits_for_the_gradient_and_joins_before_the_next_forward():
+    # A slow kernel on the current stream just before backward's last kernels: without the
+    # waits, the side stream would step with an unfinished gradient, or the clone after
+    # backward() would read a parameter before its step wrote it.
+    def run(overlap):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Tanh(),
+                                    torch.nn.Linear(1024, 1024)).cuda()
+        opt = flora_ext.Flora(model.parameters(), lr=1e-2, beta1=0.9, rank=16)
+        flora_ext.FloraAccumulator(opt, micro_batches=1, rank=16, overlap_steps=overlap)
+        x = torch.randn(4096, 1024, device="cuda")
+        out = []
+        for _ in range(3):
+            torch.cuda._sleep(5_000_000)  # delays everything after it on the current stream
+            model(x).square().mean().backward()
+            out.append([p.detach().clone() for p in model.parameters()])
+        return out
+
+    for a, b in zip(run(False), run(True)):
+        for pa, pb in zip(a, b):
+            assert torch.equal(pa, pb)
+
+
+@requires_cuda
+def test_overlap_steps_error_joins_the_side_stream():
+    model = mlp("cuda")
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    acc = flora_ext.FloraAccumulator(opt, micro_batches=1, rank=4, overlap_steps=True)
+    loss_of(model, batches(1, "cuda")[0], 1).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["lr"] = -1.0  # refused by the step's checks
+    with pytest.raises(ValueError, match="lr"):
+        loss_of(model, batches(1, "cuda")[0], 1).backward()
+    acc.reset()
+    assert not acc._joins
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_overlap_steps_refuses_non_bools(bad):
+    opt = flora_ext.Flora(mlp().parameters(), **FLORA)
+    with pytest.raises(TypeError, match="overlap_steps must be a bool"):
+        flora_ext.FloraAccumulator(opt, micro_batches=2, overlap_steps=bad)
+
+
+def test_overlap_steps_refused_with_a_process_group():
+    code = (
+        "import os, torch, torch.distributed as dist, flora_ext\n"
+        "store = dist.HashStore()\n"
+        "dist.init_process_group('gloo', store=store, rank=0, world_size=1)\n"
+        "opt = flora_ext.Flora(torch.nn.Linear(4, 4).parameters(), lr=1e-2)\n"
+        "try:\n"
+        "    flora_ext.FloraAccumulator(opt, micro_batches=2, rank=2, process_group=None,\n"
+        "                               overlap_steps=True)\n"
+        "except ValueError as err:\n"
+        "    assert 'overlap_steps applies to a single process' in str(err), err\n"
+        "else:\n"
+        "    raise SystemExit('not refused')\n"
         "dist.destroy_process_group()\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

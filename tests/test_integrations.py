@@ -360,6 +360,21 @@ def test_grouped_steps_through_the_callback(hf, tmp_path):
         hf.FloraAccumulationCallback(rank=2, step_group_bytes=-1)
 
 
+def test_overlapped_steps_through_the_callback(hf, tmp_path):
+    """overlap_steps reaches the accumulator and the checkpoint's args; the same steps."""
+    alone, _ = train(hf, training_args(tmp_path / "alone"), accumulation=2)
+    overlapped, trainer = train(hf, training_args(tmp_path / "overlapped"), accumulation=2,
+                                overlap_steps=True)
+    callback = trainer.callback_handler.callbacks[0]
+    assert callback.accumulator is None or callback.accumulator._overlap
+    assert callback.state()["args"]["overlap_steps"] is True
+    assert hf.FloraAccumulationCallback(**callback.state()["args"]).overlap_steps is True
+    for p, q in zip(alone.parameters(), overlapped.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(TypeError, match="flora: overlap_steps must be a bool"):
+        hf.FloraAccumulationCallback(rank=2, overlap_steps=1)
+
+
 def test_clipping_and_other_optimizers_are_refused(hf, tmp_path):
     with pytest.raises(ValueError, match=r"gradient clipping \(max_grad_norm=1.0\) cannot act.*"
                                          r"set max_grad_norm=0"):

@@ -187,6 +187,8 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
         step_group_bytes: FloraAccumulator's ``step_group_bytes`` (0: one parameter a step
             call; N: the hooks' steps gathered into calls of N bytes of gradients). One
             process.
+        overlap_steps: FloraAccumulator's ``overlap_steps`` (CUDA: the hooks' steps on a
+            second stream, beside the rest of the backward pass). One process.
 
     Several processes (``torchrun``/``accelerate launch``, Trainer wraps the model in
     DistributedDataParallel): the accumulator takes over DDP's reduction, as
@@ -206,7 +208,8 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(self, rank: int | None = None, log_grad_norm: bool = True, *,
-                 buffer_dtype=torch.float32, step_group_bytes: int = 0, trainer=None):
+                 buffer_dtype=torch.float32, step_group_bytes: int = 0,
+                 overlap_steps: bool = False, trainer=None):
         if rank is not None and (not _is_int(rank) or rank < 1):
             raise ValueError(f"flora: FloraAccumulationCallback rank must be None (dense "
                              f"accumulation) or an int >= 1, got {rank!r}")
@@ -216,7 +219,10 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
             buffer_dtype = BUFFER_DTYPES.get(buffer_dtype, buffer_dtype)
         check_buffer_dtype(buffer_dtype, "buffer_dtype")
         check_step_group_bytes(step_group_bytes)
+        if not isinstance(overlap_steps, bool):
+            raise TypeError(f"flora: overlap_steps must be a bool, got {overlap_steps!r}")
         self.step_group_bytes = int(step_group_bytes)
+        self.overlap_steps = overlap_steps
         self.rank = rank
         self.log_grad_norm = log_grad_norm
         self.buffer_dtype = buffer_dtype
@@ -283,6 +289,7 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
         accumulator = FloraAccumulator(flora, rank=rank, model=model if ddp is None else ddp,
                                        buffer_dtype=self.buffer_dtype,
                                        step_group_bytes=self.step_group_bytes,
+                                       overlap_steps=self.overlap_steps,
                                        _sync=lambda: bool(gradient_state.sync_gradients))
         if self.log_grad_norm:
             accumulator.grad_observer = self._observe
@@ -360,17 +367,20 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
             saved = self._saved(self.accumulator)
         return {"args": {"rank": self.rank, "log_grad_norm": self.log_grad_norm,
                          "buffer_dtype": buffer_dtype_name(self.buffer_dtype),
-                         "step_group_bytes": self.step_group_bytes},
+                         "step_group_bytes": self.step_group_bytes,
+                         "overlap_steps": self.overlap_steps},
                 "attributes": {"saved": saved}}
 
 
 def add_flora_accumulation(trainer, rank: int | None = None, log_grad_norm: bool = True, *,
-                           buffer_dtype=torch.float32, step_group_bytes: int = 0):
+                           buffer_dtype=torch.float32, step_group_bytes: int = 0,
+                           overlap_steps: bool = False):
     """Adds a FloraAccumulationCallback in front of ``trainer``'s callbacks (so that every
     logging callback sees the grad_norm it reports) and returns it."""
     callback = FloraAccumulationCallback(rank=rank, log_grad_norm=log_grad_norm,
                                          buffer_dtype=buffer_dtype,
-                                         step_group_bytes=step_group_bytes, trainer=trainer)
+                                         step_group_bytes=step_group_bytes,
+                                         overlap_steps=overlap_steps, trainer=trainer)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
 
