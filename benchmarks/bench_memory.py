@@ -769,8 +769,8 @@ def main():
                          "gradients a call instead of one parameter (default 0)")
     ap.add_argument("--overlap-steps", action="store_true",
                     help="FloraAccumulator(overlap_steps=True) for the flora_accum "
-                         "configurations: the hooks' steps on a second CUDA stream, beside "
-                         "the rest of the backward pass")
+                         "configurations: the hooks' work (compression, steps) on a second "
+                         "CUDA stream, beside the rest of the backward pass")
     ap.add_argument("--loss-chunk", type=int, default=512,
                     help="positions a chunk with --chunked-loss (default %(default)s)")
     ap.add_argument("--out", default="benchmarks/results/bench_memory.md",

@@ -317,12 +317,13 @@ class FloraAccumulator:
             backward pass ends: fewer, larger step calls, for up to N bytes of gradients
             held meanwhile. The results are the same (bitwise without stochastic_rounding,
             whose streams are keyed by a parameter's place in its call). One process only.
-        overlap_steps: CUDA parameters only. False (default): the steps run on the current
+        overlap_steps: CUDA parameters only. False (default): the hooks' work (each
+            micro-batch's compression or sum, the last one's step) runs on the current
             stream, between the backward kernels. True: on a second stream, which waits for
             the backward's work up to the hook and which the current stream waits for when
-            the backward pass ends, so a layer's step can run beside the backward of the
-            layers before it. The same kernels on the same inputs: the results are bitwise
-            those of False. One process only.
+            the backward pass ends, so that it runs beside the backward of the layers before.
+            The same kernels on the same inputs: bitwise the results of False. One process
+            only.
 
     Across processes (flora_ext.distributed): each rank compresses every micro-batch of a
     cycle, the last one too (one process keeps the last one dense; across processes that
@@ -563,32 +564,16 @@ class FloraAccumulator:
             self._reducer.add(entry, grad, last)
             return
         if not last:
-            if entry.compressed:
-                entry.buffer = down_project(grad, entry.seed, self.rank, out=entry.buffer,
-                                            dtype=self.buffer_dtype)
-                del grad  # the last reference: its memory goes back to the allocator now
-            elif entry.buffer is None:
-                entry.buffer = grad  # autograd handed p.grad over: ours to keep and add into
-            else:
-                entry.buffer.add_(grad)  # exactly autograd's p.grad += G
+            self._run_step(p.device, [grad], lambda: self._accumulate(entry, grad))
             return
-        # The last micro-batch: its gradient plus the cycle's buffer, formed in the gradient's
-        # own memory (no full-size temporary for bf16 and float32 gradients, see
-        # up_project_add_), then the step, which is then the only thing here that takes a
-        # full-size float32 buffer (the compressed momentum's update, on CUDA).
-        buffer, entry.buffer = entry.buffer, None
-        if buffer is not None:
-            if entry.compressed:
-                up_project_add_(grad, float_buffer(buffer), entry.seed, self.rank)
-            else:
-                grad.add_(buffer)  # a + b == b + a: bitwise the naive accumulation's sum
-            del buffer
+        held = [entry.buffer]  # a list, so that the buffer is freed before the step
+        entry.buffer = None
+        seed = entry.seed
         entry.count = 0
-        entry.seed = next_seed(entry.seed)
-        if self.grad_observer is not None:
-            self.grad_observer(p, grad)
+        entry.seed = next_seed(seed)
+        self._run_step(p.device, [grad], lambda: self._form_and_step(p, grad, held, seed,
+                                                                     entry.compressed))
         if not self._group_bytes:
-            self._run_step(p.device, [grad], lambda: self.optimizer._step_param(p, grad))
             return
         with self._lock:
             if not self._pending:  # step what is gathered when this backward pass ends
@@ -598,6 +583,34 @@ class FloraAccumulator:
             full = self._pending_bytes >= self._group_bytes
         if full:
             self._step_pending()
+
+    def _accumulate(self, entry, grad):
+        """A micro-batch before the cycle's last: G folded into the parameter's buffer."""
+        if entry.compressed:
+            entry.buffer = down_project(grad, entry.seed, self.rank, out=entry.buffer,
+                                        dtype=self.buffer_dtype)
+        elif entry.buffer is None:
+            entry.buffer = grad  # autograd handed p.grad over: ours to keep and add into
+        else:
+            entry.buffer.add_(grad)  # exactly autograd's p.grad += G
+
+    def _form_and_step(self, p, grad, held, seed, compressed):
+        """The cycle's last micro-batch: its gradient plus the cycle's buffer, formed in the
+        gradient's own memory (no full-size temporary for bf16 and float32 gradients, see
+        up_project_add_), then the step (unless step_group_bytes gathers it), which is then
+        the only thing here that takes a full-size float32 buffer (the compressed
+        momentum's update, on CUDA)."""
+        buffer = held.pop()
+        if buffer is not None:
+            if compressed:
+                up_project_add_(grad, float_buffer(buffer), seed, self.rank)
+            else:
+                grad.add_(buffer)  # a + b == b + a: bitwise the naive accumulation's sum
+            del buffer  # the last reference: freed before the step
+        if self.grad_observer is not None:
+            self.grad_observer(p, grad)
+        if not self._group_bytes:
+            self.optimizer._step_param(p, grad)
 
     def _step_pending(self):
         """Steps the gathered parameters, one call per parameter group."""
@@ -614,8 +627,9 @@ class FloraAccumulator:
                            lambda: self.optimizer._step_params(group, params, grads))
 
     def _run_step(self, device, grads, step):
-        """Runs ``step`` (a call of the optimizer on parameters of ``device`` with
-        ``grads``) on the current stream, or with overlap_steps on the side stream."""
+        """Runs ``step`` (the hook's work on parameters of ``device`` with ``grads``: an
+        accumulation, a step) on the current stream, or with overlap_steps on the side
+        stream."""
         if not (self._overlap and device.type == "cuda"):
             step()
             return

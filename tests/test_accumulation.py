@@ -1101,19 +1101,21 @@ def test_overlap_steps_under_activation_checkpointing(use_reentrant):
 
 
 @requires_cuda
-def test_overlap_steps_waits_for_the_gradient_and_joins_before_the_next_forward():
-    # A slow kernel on the current stream just before backward's last kernels: without the
-    # waits, the side stream would step with an unfinished gradient, or the clone after
-    # backward() would read a parameter before its step wrote it.
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_overlap_steps_waits_for_the_gradient_and_joins_before_the_next_forward(micro_batches):
+    # A slow kernel on the current stream before each backward: without the waits, the side
+    # stream would compress or step an unfinished gradient, or the clone after backward()
+    # would read a parameter before its step wrote it.
     def run(overlap):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.Tanh(),
                                     torch.nn.Linear(1024, 1024)).cuda()
         opt = flora_ext.Flora(model.parameters(), lr=1e-2, beta1=0.9, rank=16)
-        flora_ext.FloraAccumulator(opt, micro_batches=1, rank=16, overlap_steps=overlap)
+        flora_ext.FloraAccumulator(opt, micro_batches=micro_batches, rank=16,
+                                   overlap_steps=overlap)
         x = torch.randn(4096, 1024, device="cuda")
         out = []
-        for _ in range(3):
+        for _ in range(3 * micro_batches):
             torch.cuda._sleep(5_000_000)  # delays everything after it on the current stream
             model(x).square().mean().backward()
             out.append([p.detach().clone() for p in model.parameters()])

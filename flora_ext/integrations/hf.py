@@ -187,7 +187,7 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
         step_group_bytes: FloraAccumulator's ``step_group_bytes`` (0: one parameter a step
             call; N: the hooks' steps gathered into calls of N bytes of gradients). One
             process.
-        overlap_steps: FloraAccumulator's ``overlap_steps`` (CUDA: the hooks' steps on a
+        overlap_steps: FloraAccumulator's ``overlap_steps`` (CUDA: the hooks' work on a
             second stream, beside the rest of the backward pass). One process.
 
     Several processes (``torchrun``/``accelerate launch``, Trainer wraps the model in
