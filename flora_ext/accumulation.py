@@ -630,7 +630,7 @@ class FloraAccumulator:
         """Runs ``step`` (the hook's work on parameters of ``device`` with ``grads``: an
         accumulation, a step) on the current stream, or with overlap_steps on the side
         stream."""
-        if not (self._overlap and device.type == "cuda"):
+        if not self._overlaps(device):
             step()
             return
         side = self._side_streams.get(device.index)
@@ -655,6 +655,9 @@ class FloraAccumulator:
             raise
         for grad in grads:  # freed on the current stream: not reused before the step ran
             grad.record_stream(side)
+
+    def _overlaps(self, device):
+        return self._overlap and device.type == "cuda"
 
     def _join_streams(self):
         """The current streams the steps ran from wait for the side streams."""

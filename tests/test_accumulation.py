@@ -1141,6 +1141,98 @@ def test_overlap_steps_error_joins_the_side_stream():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+class _FakeStream:
+    """Records what overlap_steps asks of CUDA streams (the protocol, on the CPU)."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits {other.name}")
+
+
+def _logged_overlap(monkeypatch, micro_batches, group_bytes, fail_at=None):
+    import contextlib
+
+    log = []
+    main = _FakeStream("main", log)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: _FakeStream("side", log))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: main)
+
+    @contextlib.contextmanager
+    def on(stream):
+        log.append(f"on {stream.name}")
+        try:
+            yield
+        finally:
+            log.append(f"off {stream.name}")
+
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.Tensor, "record_stream",
+                        lambda self, stream: log.append(f"record {stream.name}"))
+    model = mlp()
+    opt = flora_ext.Flora(model.parameters(), **FLORA)
+    acc = flora_ext.FloraAccumulator(opt, micro_batches=micro_batches, rank=4,
+                                     step_group_bytes=group_bytes, overlap_steps=True)
+    monkeypatch.setattr(acc, "_overlaps", lambda device: True)
+    step_params = opt._step_params
+    calls = []
+
+    def logged_step(group, params, grads):
+        log.append(f"step {len(params)}")
+        calls.append(len(params))
+        if len(calls) == fail_at:
+            raise RuntimeError("injected")
+        return step_params(group, params, grads)
+
+    monkeypatch.setattr(opt, "_step_params", logged_step)
+    passes = []
+    for batch in batches(2 * micro_batches):
+        del log[:]
+        try:
+            loss_of(model, batch, micro_batches).backward()
+        except RuntimeError:
+            passes.append(("raised", list(log)))
+            acc.reset()
+            passes[-1][1].extend(log[len(passes[-1][1]):])
+            continue
+        passes.append(("ok", list(log)))
+    return passes
+
+
+@pytest.mark.parametrize("micro_batches,group_bytes", [(1, 0), (2, 0), (2, 2000)])
+def test_overlap_steps_protocol(monkeypatch, micro_batches, group_bytes):
+    # Every piece of hook work runs on the side stream right after the side stream waited
+    # for the current one; its gradients are recorded on the side stream after it; and each
+    # backward pass ends with the current stream waiting for the side stream, once.
+    for status, log in _logged_overlap(monkeypatch, micro_batches, group_bytes):
+        assert status == "ok"
+        assert log[-1] == "main waits side" and log.count("main waits side") == 1, log
+        pieces = [k for k, e in enumerate(log) if e == "on side"]
+        assert pieces, log
+        for k in pieces:
+            assert log[k - 1] == "side waits main", log
+            end = log.index("off side", k)
+            assert "on side" not in log[k + 1:end]
+            assert log[end + 1] == "record side", log
+        # the steps (if this pass steps) happen inside the side stream's pieces
+        for k, e in enumerate(log):
+            if e.startswith("step"):
+                assert max(j for j in pieces if j < k) > max(
+                    (j for j, f in enumerate(log[:k]) if f == "off side"), default=-1)
+
+
+def test_overlap_steps_protocol_when_a_step_raises(monkeypatch):
+    passes = _logged_overlap(monkeypatch, 1, 0, fail_at=1)
+    status, log = passes[0]
+    assert status == "raised"
+    # the failing piece makes the current stream wait at once, and reset() waits for what
+    # the pass had put on the side stream
+    k = log.index("step 1")
+    assert log[k + 1:] == ["off side", "main waits side", "main waits side"], log
+    assert passes[1][0] == "ok"
+
+
 @pytest.mark.parametrize("bad", [1, "yes", None])
 def test_overlap_steps_refuses_non_bools(bad):
     opt = flora_ext.Flora(mlp().parameters(), **FLORA)
