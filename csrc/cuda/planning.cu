@@ -367,8 +367,7 @@ void plan_grids(const std::vector<Item>& items, const GroupArgs& args, const Tun
       t.sblock_begin = g.sblocks;
       g.sblocks += t.row_stats ? t.rchunks : t.tiles;
       g.smem = std::max(g.smem, stats_smem[k]);
-      if (t.kind != kFactored && (t.sm_codes != nullptr || t.m_codes != nullptr))
-        g.any_quantized = true;
+      if (stats_quantized(t)) g.any_quantized = true;
       if (t.kind == kFactored) {
         g.fblocks += t.row_stats ? ceil_div(t.m, kRowStatsFinalizeCols)
                                  : ceil_div(t.m, kFinalizeWidth) + ceil_div(t.n, kFinalizeWidth);

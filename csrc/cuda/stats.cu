@@ -428,7 +428,7 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ uint4 stage_smem[];
   const Task& t = table.tasks[locate(table.sblock_begins, table.count, blockIdx.x)];
   const int64_t local = blockIdx.x - t.sblock_begin;
-  if (t.kind != kFactored && quantized(t)) return;  // stats_quantized_kernel
+  if (stats_quantized(t)) return;  // stats_quantized_kernel
   if (t.row_stats == kRowStatsRegisters) row_stats<DT, true>(t, local, a, stage_smem);
   else if (t.row_stats) row_stats<DT, false>(t, local, a, stage_smem);
   else if (t.kind == kFactored) factored_stats<DT>(t, local, a);
@@ -443,7 +443,7 @@ template <int DT>
 __global__ void __launch_bounds__(kThreads)
     stats_quantized_kernel(TaskTable table, GroupArgs a) {
   const Task& t = table.tasks[locate(table.sblock_begins, table.count, blockIdx.x)];
-  if (t.kind == kFactored || !quantized(t)) return;
+  if (!stats_quantized(t)) return;
   full_stats_quantized<DT>(t, blockIdx.x - t.sblock_begin, a, a.quant_maps);
 }
 

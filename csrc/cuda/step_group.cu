@@ -474,7 +474,7 @@ void launch_call(PreparedCall& call) {
   if (call.quant_region != nullptr) {
     int64_t max_numel = 0;
     for (const Task& t : plan.tasks)
-      if (t.sm_codes != nullptr || t.m_codes != nullptr) max_numel = std::max(max_numel, t.numel);
+      if (quantized(t)) max_numel = std::max(max_numel, t.numel);
     launch_quant_commit(call.res.table.slice(0, static_cast<int>(plan.tasks.size())), max_numel,
                         stream);
   }

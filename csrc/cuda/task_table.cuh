@@ -79,8 +79,14 @@ struct Task {
 };
 
 // Whether the task keeps 8-bit state.
-__device__ __forceinline__ bool quantized(const Task& t) {
+__host__ __device__ __forceinline__ bool quantized(const Task& t) {
   return t.sm_codes != nullptr || t.m_codes != nullptr;
+}
+
+// Whether the task's stats pass is stats_quantized_kernel's (an unfactored task with 8-bit
+// state) rather than stats_kernel's.
+__host__ __device__ __forceinline__ bool stats_quantized(const Task& t) {
+  return t.kind != kFactored && quantized(t);
 }
 
 // Whether the task's step is skipped (skip_nonfinite and a non-finite gradient).
