@@ -232,8 +232,14 @@ def state_bytes(opt):
 
 
 class _NoOptimizer:
-    """What no_step reports as its optimizer: no state."""
+    """no_step's optimizer: no state, and step() and zero_grad() do nothing."""
     state = {}
+
+    def step(self):
+        pass
+
+    def zero_grad(self, set_to_none=True):
+        pass
 
 
 def make_trainer(name, model, args, device):
@@ -259,10 +265,20 @@ def make_trainer(name, model, args, device):
         return model(input_ids=ids, labels=ids, use_cache=False).loss
 
     if name in ("flora_accum", "flora_accum_q8", *LEAN,
-                "flora_accum_defaults", "flora", "adamw", "adamw8bit"):
+                "flora_accum_defaults", "flora", "adamw", "adamw8bit", "no_step"):
         import flora_ext
 
-        if name == "adamw":
+        if name == "no_step":
+            # The ceiling of an optimizer's tokens/s: the same forward and backward, and
+            # each gradient freed in its post-accumulate hook as FloraAccumulator's last
+            # micro-batch frees it, but no state and no step.
+            def drop(p):
+                p.grad = None
+
+            for p in params:
+                p.register_post_accumulate_grad_hook(drop)
+            opt = _NoOptimizer()
+        elif name == "adamw":
             opt = torch.optim.AdamW(params, lr=args.lr, fused=True)
         elif name == "adamw8bit":
             from torchao.optim import AdamW8bit
@@ -286,25 +302,6 @@ def make_trainer(name, model, args, device):
             opt.zero_grad(set_to_none=True)
             return losses
         return step, opt, {}
-
-    if name == "no_step":
-        # The ceiling of an optimizer's tokens/s: the same forward and backward, and each
-        # gradient freed in its post-accumulate hook as FloraAccumulator's last micro-batch
-        # frees it, but no state and no step.
-        def drop(p):
-            p.grad = None
-
-        for p in params:
-            p.register_post_accumulate_grad_hook(drop)
-
-        def step(batch):
-            losses = []
-            for ids in batch:
-                loss = forward(ids) / k
-                loss.backward()
-                losses.append(loss.detach())
-            return losses
-        return step, _NoOptimizer(), {}
 
     if name == "flora_opt":
         from flora_ext.testing import import_flora_opt
