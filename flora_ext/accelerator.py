@@ -15,7 +15,8 @@ except ImportError as err:  # pragma: no cover - exercised only without accelera
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .accumulation import FloraAccumulator, _is_int, check_buffer_dtype, check_step_group_bytes
+from .accumulation import (FloraAccumulator, _is_int, check_buffer_dtype, check_overlap_steps,
+                           check_step_group_bytes)
 from .optimizer import Flora
 
 
@@ -64,8 +65,7 @@ class FloraAccelerator(Accelerator):
                              f"1, got {accumulation_compression_rank!r}")
         check_buffer_dtype(accumulation_buffer_dtype, "accumulation_buffer_dtype")
         check_step_group_bytes(step_group_bytes)
-        if not isinstance(overlap_steps, bool):
-            raise TypeError(f"flora: overlap_steps must be a bool, got {overlap_steps!r}")
+        check_overlap_steps(overlap_steps)
         super().__init__(*args, **kwargs)
         self.step_group_bytes = int(step_group_bytes)
         self.overlap_steps = overlap_steps

@@ -256,6 +256,12 @@ def check_step_group_bytes(value):
                          f"stepped alone in its hook), got {value!r}")
 
 
+def check_overlap_steps(value):
+    """Raises unless ``value`` is a valid overlap_steps (a bool)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"flora: overlap_steps must be a bool, got {value!r}")
+
+
 class _Managed:
     """Bookkeeping of one hooked parameter."""
 
@@ -358,8 +364,7 @@ class FloraAccumulator:
                              f"an int >= 1, got {rank!r}")
         check_buffer_dtype(buffer_dtype, "buffer_dtype")
         check_step_group_bytes(step_group_bytes)
-        if not isinstance(overlap_steps, bool):
-            raise TypeError(f"flora: overlap_steps must be a bool, got {overlap_steps!r}")
+        check_overlap_steps(overlap_steps)
         self.optimizer = optimizer
         # > 0: the last micro-batch's hooks gather (parameter, gradient) pairs and step them in
         # one call once their gradients hold this many bytes, and at the end of the backward

@@ -44,7 +44,7 @@ except ImportError as err:  # pragma: no cover - exercised only without transfor
                       "not") from err
 
 from ..accumulation import (BUFFER_DTYPES, FloraAccumulator, _is_int, buffer_dtype_name,
-                            check_buffer_dtype, check_step_group_bytes)
+                            check_buffer_dtype, check_overlap_steps, check_step_group_bytes)
 from ..optimizer import Flora
 
 # optim_args keys: the Flora argument each sets, and how its value is read.
@@ -219,8 +219,7 @@ class FloraAccumulationCallback(TrainerCallback, ExportableState):
             buffer_dtype = BUFFER_DTYPES.get(buffer_dtype, buffer_dtype)
         check_buffer_dtype(buffer_dtype, "buffer_dtype")
         check_step_group_bytes(step_group_bytes)
-        if not isinstance(overlap_steps, bool):
-            raise TypeError(f"flora: overlap_steps must be a bool, got {overlap_steps!r}")
+        check_overlap_steps(overlap_steps)
         self.step_group_bytes = int(step_group_bytes)
         self.overlap_steps = overlap_steps
         self.rank = rank
