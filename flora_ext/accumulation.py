@@ -569,14 +569,14 @@ class FloraAccumulator:
             self._reducer.add(entry, grad, last)
             return
         if not last:
-            self._run_step(p.device, [grad], lambda: self._accumulate(entry, grad))
+            self._run_hook_work(p.device, [grad], lambda: self._accumulate(entry, grad))
             return
         held = [entry.buffer]  # a list, so that the buffer is freed before the step
         entry.buffer = None
         seed = entry.seed
         entry.count = 0
         entry.seed = next_seed(seed)
-        self._run_step(p.device, [grad], lambda: self._form_and_step(p, grad, held, seed,
+        self._run_hook_work(p.device, [grad], lambda: self._form_and_step(p, grad, held, seed,
                                                                      entry.compressed))
         if not self._group_bytes:
             return
@@ -628,15 +628,15 @@ class FloraAccumulator:
             params.append(p)
             grads.append(grad)
         for group, params, grads in groups.values():
-            self._run_step(params[0].device, grads,
+            self._run_hook_work(params[0].device, grads,
                            lambda: self.optimizer._step_params(group, params, grads))
 
-    def _run_step(self, device, grads, step):
-        """Runs ``step`` (the hook's work on parameters of ``device`` with ``grads``: an
+    def _run_hook_work(self, device, grads, work):
+        """Runs ``work`` (the hook's work on parameters of ``device`` with ``grads``: an
         accumulation, a step) on the current stream, or with overlap_steps on the side
         stream."""
         if not self._overlaps(device):
-            step()
+            work()
             return
         side = self._side_streams.get(device.index)
         if side is None:
@@ -654,7 +654,7 @@ class FloraAccumulator:
         side.wait_stream(main)  # the gradient is formed and the backward done with p
         try:
             with torch.cuda.stream(side):
-                step()
+                work()
         except BaseException:
             main.wait_stream(side)  # what the side stream already holds comes first
             raise
