@@ -427,6 +427,33 @@ def test_cuda_format_is_bitwise_the_cpus(signed):
 
 
 @requires_cuda
+@pytest.mark.parametrize("offset", [1, 3])
+def test_cuda_format_of_unaligned_views_is_bitwise_the_cpus(offset):
+    """Views that start off a vector boundary take the CUDA kernels' element-wise path;
+    requantize_blockwise_ keeps unchanged blocks there too."""
+    gen = torch.Generator().manual_seed(offset)
+    numel = 40 * BLOCK + 13
+    x = sample(numel, gen, True)
+    x[5 * BLOCK:6 * BLOCK] = 0.0
+    x[9 * BLOCK + 2] = float("nan")
+    results = {}
+    for device in ("cpu", "cuda"):
+        values = torch.empty(numel + offset, device=device)[offset:]
+        values.copy_(x)
+        codes = torch.empty(numel + offset, dtype=torch.uint8, device=device)[offset:]
+        absmax = torch.empty((numel + BLOCK - 1) // BLOCK, device=device)
+        torch.ops.flora.quantize_blockwise_(values, codes, absmax, True)
+        back = torch.empty(numel + offset, device=device)[offset:]
+        torch.ops.flora.dequantize_blockwise_(codes, absmax, back, True)
+        back[3 * BLOCK + 1] += 1.0  # block 3 changes; the rest must keep codes and absmax
+        torch.ops.flora.requantize_blockwise_(back, codes, absmax, True)
+        results[device] = (codes.cpu(), absmax.cpu(), back.cpu())
+    for cpu, gpu in zip(results["cpu"], results["cuda"]):
+        assert torch.equal(cpu, gpu) if cpu.dtype == torch.uint8 else \
+            torch.equal(cpu.nan_to_num(7.0), gpu.nan_to_num(7.0))
+
+
+@requires_cuda
 def test_cuda_step_matches_cpu_step():
     """tf32=False; the float32 steps differ by rounding, and a value near a code midpoint
     may then take the neighbouring code (a difference the next steps carry, decaying by

@@ -18,65 +18,142 @@
 namespace flora {
 namespace {
 
-static_assert(kQuantBlock == 256, "one thread per element of a block");
-constexpr int kMaxGrid = 65535;  // blocks loop over the rest
+// One warp a block of kQuantBlock elements, eight consecutive elements a lane: the block's
+// absmax is a warp reduction (no block-wide barriers), and a full block of aligned tensors
+// moves as two float4 loads and one 8-byte store of codes a lane.
+static_assert(kQuantBlock == 256, "32 lanes x 8 elements");
+constexpr int kPerLane = 8;
+constexpr int kWarpsPerCta = 8;
+constexpr int kMaxGrid = 65535;  // warps loop over the rest
 
 __device__ inline float absmax_combine(float a, float b) {
   return (b > a || isnan(b)) ? b : a;  // NaN sticks, as on the CPU
 }
 
+__device__ inline float warp_absmax(float a) {
+  for (int offset = 16; offset > 0; offset >>= 1)
+    a = absmax_combine(a, __shfl_xor_sync(0xffffffffu, a, offset));
+  return a;
+}
+
+// The lane's eight elements of block b: vector loads where the block is whole and the
+// tensors aligned (`vec`), else element by element (zeros past numel).
+__device__ inline void load_lane(const float* x, int64_t e, int64_t numel, bool vec, float v[8]) {
+  if (vec) {
+    const float4 a = reinterpret_cast<const float4*>(x + e)[0];
+    const float4 b = reinterpret_cast<const float4*>(x + e)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  } else {
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) v[k] = e + k < numel ? x[e + k] : 0.0f;
+  }
+}
+
+__device__ inline void load_codes(const uint8_t* q, int64_t e, int64_t numel, bool vec,
+                                  uint8_t c[8]) {
+  if (vec) {
+    const uint2 w = *reinterpret_cast<const uint2*>(q + e);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) c[k] = (w.x >> (8 * k)) & 0xff, c[k + 4] = (w.y >> (8 * k)) & 0xff;
+  } else {
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) c[k] = e + k < numel ? q[e + k] : 0;
+  }
+}
+
 // kKeep: requantize_blockwise_ (a block whose values are bitwise its read-back keeps its
 // codes and absmax).
 template <bool kKeep>
-__global__ void quantize_kernel(const float* __restrict__ x, uint8_t* __restrict__ q,
-                                float* __restrict__ amax, int64_t numel, int64_t blocks,
-                                QuantMap map) {
+__global__ void __launch_bounds__(kWarpsPerCta * 32)
+    quantize_kernel(const float* __restrict__ x, uint8_t* __restrict__ q,
+                    float* __restrict__ amax, int64_t numel, int64_t blocks, bool aligned,
+                    QuantMap map) {
   __shared__ float threshold[255];
   __shared__ float value[kKeep ? 256 : 1];
-  __shared__ float partial[kQuantBlock];
   for (int k = threadIdx.x; k < 255; k += blockDim.x) threshold[k] = map.threshold[k];
   if constexpr (kKeep)
     for (int k = threadIdx.x; k < 256; k += blockDim.x) value[k] = map.value[k];
   __syncthreads();
-  for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    const int64_t e = b * kQuantBlock + threadIdx.x;
-    const float v = e < numel ? x[e] : 0.0f;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * kWarpsPerCta;
+  for (int64_t b = int64_t(blockIdx.x) * kWarpsPerCta + (threadIdx.x >> 5); b < blocks;
+       b += warps) {
+    const int64_t e = b * kQuantBlock + lane * kPerLane;
+    const bool vec = aligned && (b + 1) * kQuantBlock <= numel;  // uniform across the warp
+    float v[kPerLane];
+    load_lane(x, e, numel, vec, v);
     if constexpr (kKeep) {
-      const bool same =
-          e >= numel || __float_as_uint(__fmul_rn(value[q[e]], amax[b])) == __float_as_uint(v);
-      if (__syncthreads_and(same)) continue;  // uniform across the block
+      uint8_t c[kPerLane];
+      load_codes(q, e, numel, vec, c);
+      const float a = amax[b];
+      bool same = true;
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k)
+        same &= e + k >= numel ||
+                __float_as_uint(__fmul_rn(value[c[k]], a)) == __float_as_uint(v[k]);
+      if (__all_sync(0xffffffffu, same)) continue;
     }
-    partial[threadIdx.x] = fabsf(v);
-    __syncthreads();
-    for (int stride = kQuantBlock / 2; stride > 0; stride >>= 1) {
-      if (threadIdx.x < stride)
-        partial[threadIdx.x] = absmax_combine(partial[threadIdx.x], partial[threadIdx.x + stride]);
-      __syncthreads();
+    float a = fabsf(v[0]);
+#pragma unroll
+    for (int k = 1; k < kPerLane; ++k) a = absmax_combine(a, fabsf(v[k]));
+    a = warp_absmax(a);
+    if (lane == 0) amax[b] = a;
+    uint8_t c[kPerLane];
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k)
+      c[k] = encode_nearest(a > 0.0f ? __fdiv_rn(v[k], a) : 0.0f, threshold);
+    if (vec) {
+      uint2 w;
+      w.x = c[0] | (c[1] << 8) | (c[2] << 16) | (uint32_t(c[3]) << 24);
+      w.y = c[4] | (c[5] << 8) | (c[6] << 16) | (uint32_t(c[7]) << 24);
+      *reinterpret_cast<uint2*>(q + e) = w;
+    } else {
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k)
+        if (e + k < numel) q[e + k] = c[k];
     }
-    const float a = partial[0];
-    if (threadIdx.x == 0) amax[b] = a;
-    if (e < numel) {
-      const float scaled = a > 0.0f ? __fdiv_rn(v, a) : 0.0f;
-      q[e] = encode_nearest(scaled, threshold);
-    }
-    __syncthreads();  // partial[0] is read before the next block overwrites it
   }
 }
 
-__global__ void dequantize_kernel(const uint8_t* __restrict__ q, const float* __restrict__ amax,
-                                  float* __restrict__ x, int64_t numel, int64_t blocks,
-                                  QuantMap map) {
+__global__ void __launch_bounds__(kWarpsPerCta * 32)
+    dequantize_kernel(const uint8_t* __restrict__ q, const float* __restrict__ amax,
+                      float* __restrict__ x, int64_t numel, int64_t blocks, bool aligned,
+                      QuantMap map) {
   __shared__ float value[256];
   for (int k = threadIdx.x; k < 256; k += blockDim.x) value[k] = map.value[k];
   __syncthreads();
-  for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
-    const int64_t e = b * kQuantBlock + threadIdx.x;
-    if (e < numel) x[e] = __fmul_rn(value[q[e]], amax[b]);
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * kWarpsPerCta;
+  for (int64_t b = int64_t(blockIdx.x) * kWarpsPerCta + (threadIdx.x >> 5); b < blocks;
+       b += warps) {
+    const int64_t e = b * kQuantBlock + lane * kPerLane;
+    const bool vec = aligned && (b + 1) * kQuantBlock <= numel;
+    uint8_t c[kPerLane];
+    load_codes(q, e, numel, vec, c);
+    const float a = amax[b];
+    float v[kPerLane];
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) v[k] = __fmul_rn(value[c[k]], a);
+    if (vec) {
+      reinterpret_cast<float4*>(x + e)[0] = make_float4(v[0], v[1], v[2], v[3]);
+      reinterpret_cast<float4*>(x + e)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k)
+        if (e + k < numel) x[e + k] = v[k];
+    }
   }
 }
 
+// Whether the vector path may be taken: float4 values and 8-byte code words (a block
+// starts at a multiple of 256 elements, so base alignment is enough).
+bool vector_aligned(const void* values, const void* codes) {
+  return reinterpret_cast<uintptr_t>(values) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(codes) % 8 == 0;
+}
+
 int grid_for(int64_t blocks) {
-  return static_cast<int>(std::min<int64_t>(blocks, kMaxGrid));
+  return static_cast<int>(std::min<int64_t>(cuda_detail::ceil_div(blocks, kWarpsPerCta), kMaxGrid));
 }
 
 template <bool kKeep>
@@ -87,9 +164,10 @@ void quantize_cuda(const at::Tensor& values, const at::Tensor& codes, const at::
   if (numel == 0) return;
   const c10::cuda::CUDAGuard guard(values.device());
   const int64_t blocks = quant_blocks(numel);
-  quantize_kernel<kKeep><<<grid_for(blocks), kQuantBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
-      values.data_ptr<float>(), codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), numel,
-      blocks, dynamic_map(is_signed));
+  quantize_kernel<kKeep>
+      <<<grid_for(blocks), kWarpsPerCta * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
+          values.data_ptr<float>(), codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), numel,
+          blocks, vector_aligned(values.data_ptr(), codes.data_ptr()), dynamic_map(is_signed));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -100,9 +178,9 @@ void dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& absmax
   if (numel == 0) return;
   const c10::cuda::CUDAGuard guard(values.device());
   const int64_t blocks = quant_blocks(numel);
-  dequantize_kernel<<<grid_for(blocks), kQuantBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
+  dequantize_kernel<<<grid_for(blocks), kWarpsPerCta * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
       codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), values.data_ptr<float>(), numel,
-      blocks, dynamic_map(is_signed));
+      blocks, vector_aligned(values.data_ptr(), codes.data_ptr()), dynamic_map(is_signed));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
