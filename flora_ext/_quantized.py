@@ -98,11 +98,10 @@ def _dense_momentum(shape, rank, beta1, factorize_second_moment, max_aspect_rati
                         max_aspect_ratio)["momentum"] == "dense"
 
 
-# Whether CUDA parameters hand their 8-bit state to step_group_ as codes. The op's 8-bit
-# path inside the CUDA passes has not run on a GPU yet (its tests are
-# tests/test_quantization.py's op tests): until it has, CUDA keeps the scratch route, which
-# has. flora::Flora's loop (csrc/optim/flora.cpp, kCudaStepsCodes) follows the same rule.
-CUDA_STEPS_CODES = False
+# Whether CUDA parameters hand their 8-bit state to step_group_ as codes, as the CPU's do.
+# False reads it into the float32 scratch instead: the route the tests compare it with
+# (the two step bitwise alike).
+CUDA_STEPS_CODES = True
 
 
 def in_op(name, param, hyper_parameters):

@@ -323,11 +323,6 @@ std::vector<std::pair<size_t, size_t>> scratch_chunks(const std::vector<int64_t>
   return ranges;
 }
 
-// Whether CUDA parameters hand their 8-bit state to step_group_ as codes: not until the
-// op's 8-bit path inside the CUDA passes has run on a GPU (as flora_ext/_quantized.py's
-// CUDA_STEPS_CODES); CUDA keeps the scratch route meanwhile.
-constexpr bool kCudaStepsCodes = false;
-
 // step_group over parameters (of one device) with 8-bit states: an unfactored second
 // moment and a dense momentum are stepped as codes by the op; compressed momentum is read
 // into a float32 scratch a chunk at a time, stepped there and written back (docs/FLORA.md
@@ -341,7 +336,6 @@ void step_group_quantized(const std::vector<at::Tensor>& params,
   // An unfactored second moment and a dense momentum go to step_group_ as codes and
   // absmax (it steps them in place); compressed momentum through the scratch.
   const auto in_op = [&](const QuantizedField& field, const at::Tensor& param) {
-    if (param.is_cuda() && !kCudaStepsCodes) return false;
     if (!field.is_signed) return true;  // second_moment
     return param_layout(param.sizes(), o.rank, o.beta1, o.factorize_second_moment,
                         o.max_aspect_ratio)

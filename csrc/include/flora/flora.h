@@ -202,8 +202,7 @@ class Flora : public torch::optim::Optimizer {
   // With quantization: the bound of the float32 scratch that a step reads 8-bit compressed
   // momentum into, in bytes (default 64 MiB, as in Python; a parameter whose momentum needs
   // more gets a scratch of its own size). Parameters are stepped in consecutive chunks that
-  // fit it; on the CPU the op steps the other 8-bit state as codes (on CUDA the scratch
-  // takes it too for now: docs/FLORA.md §11).
+  // fit it; the op steps the other 8-bit state as codes (docs/FLORA.md §11).
   int64_t quantization_scratch_bytes() const { return quantization_scratch_bytes_; }
   void quantization_scratch_bytes(int64_t bytes);
 
