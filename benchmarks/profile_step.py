@@ -73,7 +73,8 @@ def main():
                     help="step each parameter in its own call, last first, as FloraAccumulator's "
                          "hooks do, instead of one opt.step()")
     ap.add_argument("--configs", nargs="*", default=["none", "compressed"],
-                    help="none (beta1=None) and/or compressed (rank --rank, beta1 0.9)")
+                    help="none (beta1=None), compressed (rank --rank, beta1 0.9) and/or q8 "
+                         "(compressed with quantization=True)")
     args = ap.parse_args()
     import flora_ext
 
@@ -83,7 +84,9 @@ def main():
     text = (f"\n### Kernel profile, LLaMA {args.model} shapes, {args.dtype} params{how}\n\n"
             f"{measured_on()}, {measured_by()}\n")
     configs = {"none": ("no momentum", dict(beta1=None)),
-               "compressed": (f"rank {args.rank}, beta1 0.9, TF32", dict(beta1=0.9, rank=args.rank))}
+               "compressed": (f"rank {args.rank}, beta1 0.9, TF32", dict(beta1=0.9, rank=args.rank)),
+               "q8": (f"rank {args.rank}, beta1 0.9, TF32, quantization=True",
+                      dict(beta1=0.9, rank=args.rank, quantization=True))}
     for label, kw in (configs[c] for c in args.configs):
         opt = flora_ext.Flora(params, lr=1e-3, **kw)
         if args.per_param:
