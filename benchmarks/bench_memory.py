@@ -213,13 +213,15 @@ def chunked_causal_lm_loss(model, ids, chunk):
     return total / (batch * (seq - 1))
 
 
-def row_flags(args):
-    """The flags of a run that change what a row measures, for the table (none: '-')."""
+def row_flags(args, config=None):
+    """The flags of a run that change what a row measures, for the table (none: '-'). The
+    accumulator's flags apply to the flora_accum configurations only (config None: the run's)."""
     chunk = getattr(args, "chunked_loss", None)
     flags = [f"--chunked-loss ({chunk} positions)"] if chunk else []
-    if getattr(args, "step_group_mb", 0):
+    accumulates = config is None or config.startswith("flora_accum")
+    if accumulates and getattr(args, "step_group_mb", 0):
         flags.append(f"--step-group-mb {args.step_group_mb}")
-    if getattr(args, "overlap_steps", False):
+    if accumulates and getattr(args, "overlap_steps", False):
         flags.append("--overlap-steps")
     return ", ".join(flags) or "-"
 
@@ -499,7 +501,7 @@ def run_child(args):
                  for _ in range(args.micro_batches)]
         step, opt, notes = make_trainer(args.child, model, args, device)
         result.update(notes)
-        result["flags"] = row_flags(args)
+        result["flags"] = row_flags(args, args.child)
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)

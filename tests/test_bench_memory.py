@@ -137,6 +137,16 @@ def test_chunked_loss_rows_say_so(tmp_path):
     assert table.count("| --chunked-loss (16 positions) |") == 2
 
 
+def test_accumulator_flags_name_only_the_rows_they_change():
+    args = argparse.Namespace(chunked_loss=512, step_group_mb=256, overlap_steps=True)
+    both = "--chunked-loss (512 positions), --step-group-mb 256, --overlap-steps"
+    assert bench_memory.row_flags(args, "flora_accum_q8") == both
+    assert bench_memory.row_flags(args, "adamw") == "--chunked-loss (512 positions)"
+    assert bench_memory.row_flags(args) == both  # the run's flags
+    plain = argparse.Namespace(chunked_loss=None, step_group_mb=0, overlap_steps=False)
+    assert bench_memory.row_flags(plain, "flora_accum") == "-"
+
+
 def test_no_step_drops_every_gradient_and_leaves_the_weights():
     model, shape = _tiny_model(torch.float32)
     before = [p.detach().clone() for p in model.parameters()]
