@@ -4,7 +4,10 @@
 # `gpu_bench.sh main`: the optimizers side by side (fp32 and bf16 in one process),
 # the 200-small-tensor model and the byte floor (bench_floor.py); `gpu_bench.sh
 # sweeps`: batch sizes, ranks, model sizes, the kernel profiles and the host probe;
-# no argument: both.
+# no argument: both. `gpu_bench.sh 7b`: the LLaMA-7B figures (bf16 step and its kernel
+# profile, the memory options in the accumulation loop, each optimizer's best 7B
+# configuration without checkpointing and the no_step ceiling), about 7 minutes on an
+# H100, tables gathered in $OUT/bench_7b.md (adamw8bit needs torchao, e.g. from .whl/).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site
 OUT=${OUT:-/tmp/flora_out}
@@ -13,7 +16,7 @@ PART=${1:-all}
 B="python3 benchmarks/bench_step.py"
 FLORA="flora_r256_b0.9 flora_r256_b0.9_resample flora_r256_b0.9_exact flora_nomomentum"
 {
-  if [ "$PART" != sweeps ]; then
+  if [ "$PART" = all ] || [ "$PART" = main ]; then
     $B --dtype float32 bfloat16 --out "$OUT/bench_step.md"
     # A step of the small model takes ~0.6 ms, mostly host time: 5 rounds of 50 steps,
     # the optimizers in turn, so that no few milliseconds of a noisy host decide a row.
@@ -21,7 +24,25 @@ FLORA="flora_r256_b0.9 flora_r256_b0.9_resample flora_r256_b0.9_exact flora_nomo
       --out "$OUT/bench_step.md"
     python3 benchmarks/bench_floor.py --dtype float32 bfloat16 --out "$OUT/bench_floor.md"
   fi
-  if [ "$PART" != main ]; then
+  if [ "$PART" = 7b ]; then
+    T=$(mktemp -d)
+    $B --model 7b --dtype bfloat16 --steps 5 --warmup 2 \
+      --only adamw_fused flora_r256_b0.9 flora_r256_b0.9_q8 --out "$OUT/bench_7b.md"
+    python3 benchmarks/profile_step.py --model 7b --dtype bfloat16 --steps 3 \
+      --configs compressed q8 --out "$OUT/bench_7b.md"
+    python3 benchmarks/bench_memory.py --chunked-loss --out "$T/memory.md" --configs \
+      flora_accum flora_accum_lean8 flora_accum_q8_lean8 flora_accum_q8 adamw
+    python3 benchmarks/bench_memory.py --chunked-loss --overlap-steps --configs flora_accum \
+      --out "$T/memory_overlap.md"
+    L="python3 benchmarks/bench_largest.py --searches best --quiet"
+    $L --optimizers adamw adamw8bit --grid 2:off --out "$T/largest_adamw.md"
+    $L --optimizers flora_accum flora_accum_q8 no_step --grid 4:off --out "$T/largest_flora.md"
+    $L --optimizers flora_accum flora_accum_q8 --grid 4:off --overlap-steps \
+      --out "$T/largest_overlap.md"
+    cat "$T"/*.md >> "$OUT/bench_7b.md"
+    rm -rf "$T"
+  fi
+  if [ "$PART" != main ] && [ "$PART" != 7b ]; then
     for bytes in 8388608 134217728 1073741824; do
       FLORA_BATCH_BYTES=$bytes $B --only flora_nomomentum flora_r256_b0.9 --steps 5 \
         --out "$OUT/bench_step.md"
