@@ -394,12 +394,11 @@ class FloraAccumulator:
         self.active = False
         self._reducer = None
         comm_group, ddp = distributed.resolve_process_group(model, process_group)
-        if comm_group is not None and self._group_bytes:
-            raise ValueError("flora: step_group_bytes applies to a single process; with a "
-                             "process group the reducer steps the parameters after backward")
-        if comm_group is not None and overlap_steps:
-            raise ValueError("flora: overlap_steps applies to a single process; with a "
-                             "process group the reducer steps the parameters after backward")
+        for name, value in (("step_group_bytes", self._group_bytes),
+                            ("overlap_steps", overlap_steps)):
+            if comm_group is not None and value:
+                raise ValueError(f"flora: {name} applies to a single process; with a process "
+                                 f"group the reducer steps the parameters after backward")
 
         owned = getattr(optimizer, "_accumulator", None)
         if owned is not None and owned() is not None and owned().active:
@@ -576,8 +575,8 @@ class FloraAccumulator:
         seed = entry.seed
         entry.count = 0
         entry.seed = next_seed(seed)
-        self._run_hook_work(p.device, [grad], lambda: self._form_and_step(p, grad, held, seed,
-                                                                     entry.compressed))
+        self._run_hook_work(p.device, [grad],
+                            lambda: self._form_and_step(p, grad, held, seed, entry.compressed))
         if not self._group_bytes:
             return
         with self._lock:
@@ -629,7 +628,7 @@ class FloraAccumulator:
             grads.append(grad)
         for group, params, grads in groups.values():
             self._run_hook_work(params[0].device, grads,
-                           lambda: self.optimizer._step_params(group, params, grads))
+                                lambda: self.optimizer._step_params(group, params, grads))
 
     def _run_hook_work(self, device, grads, work):
         """Runs ``work`` (the hook's work on parameters of ``device`` with ``grads``: an

@@ -1037,8 +1037,11 @@ def test_regrouped_steps_keep_one_plan_a_parameter():
     assert len(opt._param_plans) == len(params)
 
 
-def test_step_group_bytes_refused_with_a_process_group():
-    # Across processes the reducer steps after backward; gathering does not apply there.
+@pytest.mark.parametrize("option", ["step_group_bytes=1 << 20", "overlap_steps=True"])
+def test_single_process_options_refused_with_a_process_group(option):
+    # Across processes the reducer steps after backward; gathering the hooks' steps or
+    # running them on a second stream does not apply there.
+    name = option.split("=")[0]
     code = (
         "import os, torch, torch.distributed as dist, flora_ext\n"
         "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='0')\n"
@@ -1047,9 +1050,9 @@ def test_step_group_bytes_refused_with_a_process_group():
         "opt = flora_ext.Flora(torch.nn.Linear(4, 4).parameters(), lr=1e-2)\n"
         "try:\n"
         "    flora_ext.FloraAccumulator(opt, micro_batches=2, rank=2, process_group=None,\n"
-        "                               step_group_bytes=1 << 20)\n"
+        f"                               {option})\n"
         "except ValueError as err:\n"
-        "    assert 'step_group_bytes applies to a single process' in str(err), err\n"
+        f"    assert '{name} applies to a single process' in str(err), err\n"
         "else:\n"
         "    raise SystemExit('not refused')\n"
         "flora_ext.FloraAccumulator(opt, micro_batches=2, rank=2, process_group=None)\n"
@@ -1238,20 +1241,3 @@ def test_overlap_steps_refuses_non_bools(bad):
     opt = flora_ext.Flora(mlp().parameters(), **FLORA)
     with pytest.raises(TypeError, match="overlap_steps must be a bool"):
         flora_ext.FloraAccumulator(opt, micro_batches=2, overlap_steps=bad)
-
-
-def test_overlap_steps_refused_with_a_process_group():
-    code = (
-        "import os, torch, torch.distributed as dist, flora_ext\n"
-        "store = dist.HashStore()\n"
-        "dist.init_process_group('gloo', store=store, rank=0, world_size=1)\n"
-        "opt = flora_ext.Flora(torch.nn.Linear(4, 4).parameters(), lr=1e-2)\n"
-        "try:\n"
-        "    flora_ext.FloraAccumulator(opt, micro_batches=2, rank=2, process_group=None,\n"
-        "                               overlap_steps=True)\n"
-        "except ValueError as err:\n"
-        "    assert 'overlap_steps applies to a single process' in str(err), err\n"
-        "else:\n"
-        "    raise SystemExit('not refused')\n"
-        "dist.destroy_process_group()\n")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
