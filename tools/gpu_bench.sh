@@ -6,8 +6,9 @@
 # sweeps`: batch sizes, ranks, model sizes, the kernel profiles and the host probe;
 # no argument: both. `gpu_bench.sh 7b`: the LLaMA-7B figures (bf16 step and its kernel
 # profile, the memory options in the accumulation loop, each optimizer's best 7B
-# configuration without checkpointing and the no_step ceiling), about 7 minutes on an
-# H100, tables gathered in $OUT/bench_7b.md (adamw8bit needs torchao, e.g. from .whl/).
+# configuration without checkpointing and the no_step ceiling; its commands took about
+# 7 minutes in all on an H100), tables gathered in $OUT/bench_7b.md (adamw8bit needs
+# torchao, e.g. from .whl/).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site
 OUT=${OUT:-/tmp/flora_out}
