@@ -4,6 +4,7 @@
 #include "../common/quantize.h"
 #include "launch.h"
 #include "quant_io.cuh"
+#include "vector_io.cuh"
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -36,21 +37,10 @@ __device__ inline float warp_absmax(float a) {
   return a;
 }
 
-// The lane's eight elements of block b: vector loads where the block is whole and the
-// tensors aligned (`vec`), else element by element (zeros past numel).
-__device__ inline void load_lane(const float* x, int64_t e, int64_t numel, bool vec, float v[8]) {
-  if (vec) {
-    const float4 a = reinterpret_cast<const float4*>(x + e)[0];
-    const float4 b = reinterpret_cast<const float4*>(x + e)[1];
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-  } else {
-#pragma unroll
-    for (int k = 0; k < kPerLane; ++k) v[k] = e + k < numel ? x[e + k] : 0.0f;
-  }
-}
-
-__device__ inline void load_codes(const uint8_t* q, int64_t e, int64_t numel, bool vec,
-                                  uint8_t c[8]) {
+// The lane's eight codes from flat index e: one 8-byte word where the block is whole and
+// aligned (`vec`), else byte by byte (zeros past numel).
+__device__ inline void load_code_word(const uint8_t* q, int64_t e, int64_t numel, bool vec,
+                                      uint8_t c[8]) {
   if (vec) {
     const uint2 w = *reinterpret_cast<const uint2*>(q + e);
 #pragma unroll
@@ -81,16 +71,16 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32)
     const int64_t e = b * kQuantBlock + lane * kPerLane;
     const bool vec = aligned && (b + 1) * kQuantBlock <= numel;  // uniform across the warp
     float v[kPerLane];
-    load_lane(x, e, numel, vec, v);
+    cuda_detail::loadf<kPerLane>(x + e, vec, cuda_detail::valid_of<kPerLane>(numel - e), v);
     if constexpr (kKeep) {
       uint8_t c[kPerLane];
-      load_codes(q, e, numel, vec, c);
+      load_code_word(q, e, numel, vec, c);
       const float a = amax[b];
       bool same = true;
 #pragma unroll
       for (int k = 0; k < kPerLane; ++k)
         same &= e + k >= numel ||
-                __float_as_uint(__fmul_rn(value[c[k]], a)) == __float_as_uint(v[k]);
+                __float_as_uint(cuda_detail::decode(value, c[k], a)) == __float_as_uint(v[k]);
       if (__all_sync(0xffffffffu, same)) continue;
     }
     float a = fabsf(v[0]);
@@ -101,7 +91,7 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32)
     uint8_t c[kPerLane];
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k)
-      c[k] = encode_nearest(a > 0.0f ? __fdiv_rn(v[k], a) : 0.0f, threshold);
+      c[k] = cuda_detail::encode(threshold, v[k], a);
     if (vec) {
       uint2 w;
       w.x = c[0] | (c[1] << 8) | (c[2] << 16) | (uint32_t(c[3]) << 24);
@@ -129,19 +119,12 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32)
     const int64_t e = b * kQuantBlock + lane * kPerLane;
     const bool vec = aligned && (b + 1) * kQuantBlock <= numel;
     uint8_t c[kPerLane];
-    load_codes(q, e, numel, vec, c);
+    load_code_word(q, e, numel, vec, c);
     const float a = amax[b];
     float v[kPerLane];
 #pragma unroll
-    for (int k = 0; k < kPerLane; ++k) v[k] = __fmul_rn(value[c[k]], a);
-    if (vec) {
-      reinterpret_cast<float4*>(x + e)[0] = make_float4(v[0], v[1], v[2], v[3]);
-      reinterpret_cast<float4*>(x + e)[1] = make_float4(v[4], v[5], v[6], v[7]);
-    } else {
-#pragma unroll
-      for (int k = 0; k < kPerLane; ++k)
-        if (e + k < numel) x[e + k] = v[k];
-    }
+    for (int k = 0; k < kPerLane; ++k) v[k] = cuda_detail::decode(value, c[k], a);
+    cuda_detail::storef<kPerLane>(x + e, vec, cuda_detail::valid_of<kPerLane>(numel - e), v);
   }
 }
 
