@@ -592,6 +592,38 @@ def test_row_stats_ring_depth_changes_nothing(shape, dtype, tuning):
         assert torch.equal(s["col_second_moment"], runs[0][1]["col_second_moment"])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_wide_rows_take_a_stats_launch_apart_and_change_nothing(dtype):
+    # 8192 columns are too wide for register accumulators: their column sums live in
+    # shared memory, whose footprint would hold every block of a shared launch to one an
+    # SM, so those tasks take a stats launch of their own. Stepped together or each alone
+    # (one launch), every tensor ends the same to the bit.
+    shapes = [(64, 512), (33, 8192), (65, 2048)]
+
+    def train(together):
+        gen = torch.Generator().manual_seed(5)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to("cuda", dtype))
+                  for s in shapes]
+        opts = ([flora_ext.Flora(params, lr=1e-2, beta1=None)] if together else
+                [flora_ext.Flora([p], lr=1e-2, beta1=None) for p in params])
+        launches = []
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to("cuda", dtype)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for opt in opts:
+                    opt.step()
+                torch.cuda.synchronize()
+            launches.append(sum(e.count for e in prof.key_averages() if "stats_kernel" in e.key))
+        return params, opts, launches
+
+    (together, opts, launches), (alone, _, _) = train(True), train(False)
+    assert launches == [2, 2, 2]
+    for a, b in zip(together, alone):
+        assert torch.equal(a, b), tuple(a.shape)
+    assert opts[0].state[together[1]]["row_second_moment"].abs().max() > 0
+
+
 # sum(p^2) kept from the last CUDA step (reuse_param_norms): the same results as reading
 # p, on every layout, and a write to p between steps (version counter, or p.data swapped)
 # is seen.

@@ -93,10 +93,13 @@ void launch_quant_commit(const TaskTable& table, int64_t max_numel, cudaStream_t
 
 void launch_nonfinite(int dtype, const TaskTable& table, int64_t max_numel, int64_t* counter,
                       cudaStream_t stream);
-// stats.cu: the stats pass of a stats group (`smem`: dynamic shared memory a block);
-// any_quantized: some unfactored task keeps 8-bit state (a second launch takes those).
+// stats.cu: the stats pass of a stats group (`smem`: dynamic shared memory a block;
+// `smem_wide`, if not 0, that of the row-stats tasks with shared column accumulators,
+// which a launch of their own takes); any_quantized: some unfactored task keeps 8-bit
+// state (another launch takes those).
 void launch_stats(int dtype, const TaskTable& table, int64_t blocks, int64_t smem,
-                  const GroupArgs& args, bool any_quantized, cudaStream_t stream);
+                  int64_t smem_wide, const GroupArgs& args, bool any_quantized,
+                  cudaStream_t stream);
 // finalize.cu: the EMAs of factored tensors, then one block a task each.
 void launch_finalize(const TaskTable& table, int64_t blocks, cudaStream_t stream);
 void launch_scalars(const TaskTable& table, const GroupArgs& args, cudaStream_t stream);

@@ -358,6 +358,7 @@ void plan_grids(const std::vector<Item>& items, const GroupArgs& args, const Tun
     for (int k = g.first; k < g.first + g.count; ++k)
       if (tasks[k].row_stats) row_stats_bytes += tasks[k].numel * items[k].param.element_size();
     int64_t partials_at = 0;
+    bool any_narrow = false;  // a task the wide tasks' launch would not take
     for (int k = g.first; k < g.first + g.count; ++k) {
       Task& t = tasks[k];
       if (t.row_stats)
@@ -366,13 +367,22 @@ void plan_grids(const std::vector<Item>& items, const GroupArgs& args, const Tun
       t.fblock_begin = g.fblocks;
       t.sblock_begin = g.sblocks;
       g.sblocks += t.row_stats ? t.rchunks : t.tiles;
-      g.smem = std::max(g.smem, stats_smem[k]);
+      if (t.row_stats == kRowStatsShared) {
+        g.smem_wide = std::max(g.smem_wide, stats_smem[k]);
+      } else {
+        g.smem = std::max(g.smem, stats_smem[k]);
+        any_narrow = true;
+      }
       if (stats_quantized(t)) g.any_quantized = true;
       if (t.kind == kFactored) {
         g.fblocks += t.row_stats ? ceil_div(t.m, kRowStatsFinalizeCols)
                                  : ceil_div(t.m, kFinalizeWidth) + ceil_div(t.n, kFinalizeWidth);
         g.any_factored = true;
       }
+    }
+    if (!any_narrow) {  // wide tasks alone: one launch
+      g.smem = g.smem_wide;
+      g.smem_wide = 0;
     }
     TORCH_CHECK(g.fblocks < INT_MAX && g.sblocks < INT_MAX,
                 "flora: a batch of parameters needs more blocks than a grid holds");

@@ -461,7 +461,7 @@ void launch_call(PreparedCall& call) {
         max_numel = std::max(max_numel, plan.tasks[k].numel);
       launch_nonfinite(items[g.first].dtype, group_table, max_numel, call.skip_counter, stream);
     }
-    launch_stats(items[g.first].dtype, group_table, g.sblocks, g.smem, call.args,
+    launch_stats(items[g.first].dtype, group_table, g.sblocks, g.smem, g.smem_wide, call.args,
                  g.any_quantized, stream);
     if (g.any_factored) launch_finalize(group_table, g.fblocks, stream);
     for (int bi = g.first_batch; bi < g.first_batch + g.batches; ++bi) {
