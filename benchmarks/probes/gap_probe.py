@@ -1,7 +1,8 @@
-"""Where the GPU idles inside a Flora step (1.35B shapes; rank 256 and beta1 0.9, or
-`none` for beta1=None; `bfloat16` for bf16 parameters), as bench_step.py times it (GPU idle
-at the start): torch.profiler with CUDA activity, one step at a time, then the gaps of 10 us
-or more between kernels and copies, with the step's CPU start (the record_function range)
+"""Where the GPU idles inside a Flora step (1.35B shapes, or a model of bench_step.MODELS
+named among the arguments; rank 256 and beta1 0.9, or `none` for beta1=None; `bfloat16`
+for bf16 parameters), as bench_step.py times it (GPU idle at the start): torch.profiler
+with CUDA activity, one step at a time, then the gaps of 10 us or more between kernels and
+copies, with the step's CPU start (the record_function range)
 as time 0, and the step's GPU time split into busy time and the idle time between its
 kernels (the gaps of any length)."""
 import os
@@ -11,11 +12,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ncu_probe import stepped_flora  # noqa: E402
+from ncu_probe import MODELS, stepped_flora  # noqa: E402
 
 args = sys.argv[1:]
 dtype = torch.bfloat16 if "bfloat16" in args else torch.float32
-opt = stepped_flora(dtype, compressed="none" not in args)
+model = next((a for a in args if a in MODELS), "1.35b")
+opt = stepped_flora(dtype, compressed="none" not in args, model=model)
 for rep in range(2):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         with record_function("flora_step"):

@@ -5,7 +5,9 @@ after three warm-up steps (so the profiled launches are steady-state ones).
         --section SpeedOfLight --section WarpStateStats python3 benchmarks/probes/ncu_probe.py float32
 
 (one batch a step: the fourth launch of a kernel is the first steady-state one).
-A second argument `compressed` steps with rank 256 and beta1 0.9 instead.
+A second argument `compressed` steps with rank 256 and beta1 0.9 instead; a third names
+another model of bench_step.MODELS (`7b`: a step there launches some kernels several
+times, one a batch, so --launch-skip counts more launches a step).
 """
 import os
 import sys
@@ -30,14 +32,16 @@ def warmed_up(make, shapes, dtype, steps=3):
     return opt
 
 
-def stepped_flora(dtype, compressed, steps=4):
-    """Flora on the 1.35B shapes with gradients attached, after `steps` steps (the ones
-    ncu profiles); with rank 256 and beta1 0.9 if `compressed`, else beta1=None."""
+def stepped_flora(dtype, compressed, steps=4, model="1.35b"):
+    """Flora on the shapes of `model` with gradients attached, after `steps` steps (the
+    ones ncu profiles); with rank 256 and beta1 0.9 if `compressed`, else beta1=None."""
     kw = dict(rank=256, beta1=0.9) if compressed else dict(beta1=None)
     return warmed_up(lambda ps: flora_ext.Flora(ps, lr=1e-3, **kw),
-                     llama_shapes(*MODELS["1.35b"]), dtype, steps)
+                     llama_shapes(*MODELS[model]), dtype, steps)
 
 
 if __name__ == "__main__":
-    stepped_flora(getattr(torch, sys.argv[1] if len(sys.argv) > 1 else "float32"),
-                  sys.argv[2:] == ["compressed"])
+    args = sys.argv[1:]
+    stepped_flora(getattr(torch, args[0] if args else "float32"),
+                  len(args) > 1 and args[1] == "compressed",
+                  model=args[2] if len(args) > 2 else "1.35b")
