@@ -3,6 +3,8 @@ shortened, launches split into steps at the stats launches, one step's per-kerne
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks", "probes"))
 import ncu_breakdown  # noqa: E402
@@ -13,14 +15,16 @@ HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context",
 
 
 def rows(launch_id, kernel, ns, read, write):
-    head = f'"{launch_id}","1","python3","h","{kernel}","1","7","(256, 1, 1)","(8, 1, 1)","0","9.0","m"'
+    head = (f'"{launch_id}","1","python3","h","{kernel}","1","7","(256, 1, 1)","(8, 1, 1)",'
+            '"0","9.0","m"')
     return [f'{head},"gpu__time_duration.sum","ns","{ns:,}"',
             f'{head},"dram__bytes_read.sum","byte","{read:,}"',
             f'{head},"dram__bytes_write.sum","Mbyte","{write}"']
 
 
 STATS = "void (anonymous namespace)::stats_kernel<1>(TaskTable, GroupArgs, int)"
-APPLY = "void flora::cuda_detail::(anonymous namespace)::fused_apply_kernel<1>(TaskTable, GroupArgs)"
+APPLY = ("void flora::cuda_detail::(anonymous namespace)::fused_apply_kernel<1>(TaskTable, "
+         "GroupArgs)")
 GEMM = "void cutlass::Kernel2<cutlass_80_tensorop_s1688gemm_64x64_32x6_nn_align4>(T1::Params)"
 
 
@@ -53,6 +57,13 @@ def test_steps_start_at_stats_launches_and_sum_per_kernel():
     apply_ms, apply_launches, apply_gb = table[0][1:4]
     assert abs(apply_ms - 11.000002) < 1e-9 and apply_launches == 2
     assert abs(apply_gb - 2 * (2.0 + 1.5e-3)) < 1e-9  # Mbyte scaled
+
+
+def test_an_unknown_unit_is_refused_naming_it():
+    lines = csv_lines(1)
+    lines[-1] = lines[-1].replace('"Mbyte"', '"Pbyte"')
+    with pytest.raises(ValueError, match="unit 'Pbyte' of dram__bytes_write.sum"):
+        ncu_breakdown.launches(lines)
 
 
 def test_main_reports_the_last_complete_step(tmp_path, capsys):

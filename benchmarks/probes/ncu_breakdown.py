@@ -17,6 +17,9 @@ from collections import defaultdict
 
 METRICS = {"gpu__time_duration.sum": "ns", "dram__bytes_read.sum": "read",
            "dram__bytes_write.sum": "write"}
+# ncu's units, to nanoseconds and bytes
+UNITS = {"ns": 1.0, "nsecond": 1.0, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6,
+         "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12}
 
 
 def short_name(kernel):
@@ -43,11 +46,12 @@ def launches(lines):
         launch = by_id.setdefault(int(row[col["ID"]]), {"name": short_name(row[col["Kernel Name"]])})
         metric = row[col["Metric Name"]]
         if metric in METRICS:
-            value = float(row[col["Metric Value"]].replace(",", ""))
             unit = row[col["Metric Unit"]]
-            scale = {"ns": 1.0, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6,
-                     "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9}.get(unit, 1.0)
-            launch[METRICS[metric]] = value * scale
+            if unit not in UNITS:
+                raise ValueError(f"ncu_breakdown: unit {unit!r} of {metric} is not one of "
+                                 f"{sorted(UNITS)}")
+            value = float(row[col["Metric Value"]].replace(",", ""))
+            launch[METRICS[metric]] = value * UNITS[unit]
     return [by_id[k] for k in sorted(by_id)]
 
 
