@@ -43,7 +43,10 @@ def launches(lines):
     col = {h: k for k, h in enumerate(header)}
     by_id = {}
     for row in rows:
-        launch = by_id.setdefault(int(row[col["ID"]]), {"name": short_name(row[col["Kernel Name"]])})
+        launch_id = int(row[col["ID"]])
+        if launch_id not in by_id:  # one row a metric: name the launch once
+            by_id[launch_id] = {"name": short_name(row[col["Kernel Name"]])}
+        launch = by_id[launch_id]
         metric = row[col["Metric Name"]]
         if metric in METRICS:
             unit = row[col["Metric Unit"]]
