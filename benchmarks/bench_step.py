@@ -173,6 +173,10 @@ def optimizers(rank):
         # Factored tensors with dense momentum (embedding and head past the aspect-ratio
         # limit) gathering their statistics by row stats or by the tile passes; they
         # weigh most on --model 1b-128k (two 128256 x 2048 tensors, 0.5B parameters).
+        # rows of 6144-12288 columns (LLaMA-7B's 4096 x 11008) with their stats pass's
+        # column sums in shared memory instead of registers
+        f"flora_r{rank}_b0.9_wide_shared": (flora(rank=rank, beta1=0.9, kappa=1000),
+                                            {"wide_row_regs": 0}),
         f"flora_r{rank}_b0.9_dense_row_stats": (flora(rank=rank, beta1=0.9, kappa=1000),
                                                 {"row_stats_dense": 1}),
         f"flora_r{rank}_b0.9_dense_tile_passes": (flora(rank=rank, beta1=0.9, kappa=1000),

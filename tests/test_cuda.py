@@ -423,7 +423,7 @@ def test_former_variant_knobs_are_not_read(name, monkeypatch):
 
 BAD_TUNING = [("row_stats", 2), ("stats_stages", 1), ("stats_stages", 5), ("fused_momentum", 3),
               ("fused_share", 0), ("fused_min_bytes", -2), ("min_batched", 0),
-              ("stats_task_blocks", -3)]
+              ("stats_task_blocks", -3), ("wide_row_regs", -2)]
 
 
 def _one_tuned_step():
@@ -594,11 +594,12 @@ def test_row_stats_ring_depth_changes_nothing(shape, dtype, tuning):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_wide_rows_take_a_stats_launch_apart_and_change_nothing(dtype):
-    # 8192 columns are too wide for register accumulators: their column sums live in
-    # shared memory, whose footprint would hold every block of a shared launch to one an
-    # SM, so those tasks take a stats launch of their own. Stepped together or each alone
-    # (one launch), every tensor ends the same to the bit.
-    shapes = [(64, 512), (33, 8192), (65, 2048)]
+    # Rows past 6144 columns are too wide for the stats kernel's register accumulators:
+    # their column sums live in the registers of a launch of their own (up to 12288
+    # columns) or in its shared memory (past that), footprints that would hold every
+    # block of a shared launch to one an SM. Stepped together (two launches) or each alone
+    # (one), every tensor ends the same to the bit.
+    shapes = [(64, 512), (33, 8192), (65, 2048), (9, 12800)]
 
     def train(together):
         gen = torch.Generator().manual_seed(5)
@@ -614,7 +615,8 @@ def test_wide_rows_take_a_stats_launch_apart_and_change_nothing(dtype):
                 for opt in opts:
                     opt.step()
                 torch.cuda.synchronize()
-            launches.append(sum(e.count for e in prof.key_averages() if "stats_kernel" in e.key))
+            launches.append(sum(e.count for e in prof.key_averages()
+                                if "stats_kernel" in e.key or "stats_wide_kernel" in e.key))
         return params, opts, launches
 
     (together, opts, launches), (alone, _, _) = train(True), train(False)
@@ -622,6 +624,31 @@ def test_wide_rows_take_a_stats_launch_apart_and_change_nothing(dtype):
     for a, b in zip(together, alone):
         assert torch.equal(a, b), tuple(a.shape)
     assert opts[0].state[together[1]]["row_second_moment"].abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_wide_rows_column_sums_in_registers_equal_shared_memory(dtype, tuning):
+    # wide_row_regs=0 keeps every wide row's column sums in shared memory: the register
+    # accumulators add the same per-stage partials in the same order. 7000 bf16 columns
+    # put two rows in a stage (the partial of a stage is a sum of two); 11008 one.
+    shapes = [(40, 7000), (37, 11008), (64, 1024)]
+
+    def train(regs):
+        tuning(wide_row_regs=regs)
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to("cuda", dtype))
+                  for s in shapes]
+        opt = flora_ext.Flora(params, lr=1e-2, beta1=None)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to("cuda", dtype)
+            opt.step()
+        return params, opt
+
+    (regs, opt), (shared, _) = train(1), train(0)
+    for a, b in zip(regs, shared):
+        assert torch.equal(a, b), tuple(a.shape)
+    assert opt.state[regs[1]]["col_second_moment"].abs().max() > 0
 
 
 # sum(p^2) kept from the last CUDA step (reuse_param_norms): the same results as reading

@@ -106,12 +106,21 @@ static_assert(int64_t(kUpBM) * kDnXStrideRight * 4 <= kDnStages<kF32> * kDnStage
 static_assert(kDnBK * kUpBStride <= kUpBM * kUpAStride, "left U tiles fit");
 
 // Task::row_stats: the tile passes, or row stats with the column accumulators in shared
-// memory or in registers.
-enum RowStats : int32_t { kNoRowStats = 0, kRowStatsShared = 1, kRowStatsRegisters = 2 };
+// memory or in registers (kRowStatsWideRegisters: rows past kRegAccVecs, whose launch
+// apart from the others can afford the registers).
+enum RowStats : int32_t {
+  kNoRowStats = 0, kRowStatsShared = 1, kRowStatsRegisters = 2, kRowStatsWideRegisters = 3
+};
+// Tasks the wide rows' stats launch takes.
+__host__ __device__ constexpr bool wide_row_stats(int32_t row_stats) {
+  return row_stats == kRowStatsShared || row_stats == kRowStatsWideRegisters;
+}
 
 // Row stats keep their column accumulators in registers for rows of up to this many
-// 16-byte vectors a thread (row_stats).
+// 16-byte vectors a thread (row_stats); wide rows up to kWideRegAccVecs (12288
+// columns, 96 accumulators a thread) in the wide launch.
 template <int DT> constexpr int kRegAccVecs = DT == kF32 ? 6 : 3;  // 6144 columns
+template <int DT> constexpr int kWideRegAccVecs = 2 * kRegAccVecs<DT>;
 
 // The down GEMM's wgmma variant (sm_90a code) and what the host asks for.
 

@@ -25,19 +25,22 @@ int64_t stats_smem_limit() { return std::max<int64_t>(0, smem_optin() - 8 * 1024
 // too wide for register accumulators, the column accumulators) fit in shared memory;
 // returns the shared memory a block needs, or 0 (tile passes).
 int64_t plan_row_stats(Task& t, int64_t elem, int64_t lane_elems, int64_t smem_limit,
-                       int64_t stages, bool reads_p) {
+                       int64_t stages, bool reads_p, bool wide_regs) {
   const int64_t mv = t.m / lane_elems;
   if (!t.vec || t.m % lane_elems != 0 || mv < kThreads / 2 || mv > INT_MAX / 4) return 0;
   const int64_t row_bytes = t.m * elem * (reads_p ? 2 : 1);
   const int64_t rows = stage_rows_of(row_bytes);
   const int64_t stage = rows * row_bytes;
   if (stages == 0) stages = elem == 4 ? 3 : 2;  // default
-  const int64_t reg_vecs = lane_elems == kLane<kF32> ? kRegAccVecs<kF32> : kRegAccVecs<kBF16>;
+  const bool f32 = lane_elems == kLane<kF32>;
+  const int64_t reg_vecs = f32 ? kRegAccVecs<kF32> : kRegAccVecs<kBF16>;
+  const int64_t wide_vecs = f32 ? kWideRegAccVecs<kF32> : kWideRegAccVecs<kBF16>;
   t.stage_rows = static_cast<int32_t>(rows);
-  if (mv <= reg_vecs * kThreads) {
+  const bool in_regs = mv <= reg_vecs * kThreads;
+  if (in_regs || (wide_regs && mv <= wide_vecs * kThreads)) {
     for (int64_t s = stages; s >= 2; --s) {
       if (s * stage <= smem_limit) {
-        t.row_stats = kRowStatsRegisters;
+        t.row_stats = in_regs ? kRowStatsRegisters : kRowStatsWideRegisters;
         t.stages = static_cast<int32_t>(s);
         return s * stage;
       }
@@ -234,7 +237,7 @@ int64_t make_task(const Item& item, const GroupArgs& args, const Tuning& tuning,
     if (row_stats_on &&
         (layout.momentum == MomentumKind::kNone || t.fused || (dense && tuning.row_stats_dense)))
       stats_smem = plan_row_stats(t, elem, lane_elems, smem_limit, stages,
-                                  t.stats_p && t.param_sq == nullptr);
+                                  t.stats_p && t.param_sq == nullptr, tuning.wide_row_regs);
     t.needs_rms = !t.row_stats || dense;
     // Without a valid norm cache, sum p^2 of these comes from fused_p2_kernel or
     // tile_p2_kernel (in the apply pass's order) rather than the stats pass.
@@ -358,7 +361,6 @@ void plan_grids(const std::vector<Item>& items, const GroupArgs& args, const Tun
     for (int k = g.first; k < g.first + g.count; ++k)
       if (tasks[k].row_stats) row_stats_bytes += tasks[k].numel * items[k].param.element_size();
     int64_t partials_at = 0;
-    bool any_narrow = false;  // a task the wide tasks' launch would not take
     for (int k = g.first; k < g.first + g.count; ++k) {
       Task& t = tasks[k];
       if (t.row_stats)
@@ -367,11 +369,12 @@ void plan_grids(const std::vector<Item>& items, const GroupArgs& args, const Tun
       t.fblock_begin = g.fblocks;
       t.sblock_begin = g.sblocks;
       g.sblocks += t.row_stats ? t.rchunks : t.tiles;
-      if (t.row_stats == kRowStatsShared) {
+      if (wide_row_stats(t.row_stats)) {
         g.smem_wide = std::max(g.smem_wide, stats_smem[k]);
+        g.any_wide = true;
       } else {
         g.smem = std::max(g.smem, stats_smem[k]);
-        any_narrow = true;
+        g.any_narrow = true;
       }
       if (stats_quantized(t)) g.any_quantized = true;
       if (t.kind == kFactored) {
@@ -379,10 +382,6 @@ void plan_grids(const std::vector<Item>& items, const GroupArgs& args, const Tun
                                  : ceil_div(t.m, kFinalizeWidth) + ceil_div(t.n, kFinalizeWidth);
         g.any_factored = true;
       }
-    }
-    if (!any_narrow) {  // wide tasks alone: one launch
-      g.smem = g.smem_wide;
-      g.smem_wide = 0;
     }
     TORCH_CHECK(g.fblocks < INT_MAX && g.sblocks < INT_MAX,
                 "flora: a batch of parameters needs more blocks than a grid holds");

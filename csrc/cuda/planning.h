@@ -38,10 +38,12 @@ struct WorkspacePlan {
 // (the row-stats blocks are sized over the group's bytes).
 struct StatsShape {
   int64_t fblocks = 0, sblocks = 0, smem = 0;
-  // Dynamic shared memory of row-stats tasks whose column accumulators live in shared
-  // memory (rows too wide for registers): 0 if none. Those take a launch of their own, so
-  // that their footprint (one block an SM) does not hold the other tasks' blocks to it.
+  // Dynamic shared memory of row-stats tasks with rows too wide for the register
+  // accumulators of the others (wide_row_stats). Those take a launch of their own, so
+  // that their footprint (shared accumulators, or registers) does not hold the other
+  // tasks' blocks to one an SM.
   int64_t smem_wide = 0;
+  bool any_narrow = false, any_wide = false;  // tasks of each launch
   bool any_factored = false;
   bool any_quantized = false;  // an unfactored task with 8-bit state
 };

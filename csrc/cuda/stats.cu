@@ -73,21 +73,63 @@ __device__ __forceinline__ void factored_stats(const Task& t, int64_t local,
 }
 
 // The column sums of a row-stats block: for every column the thread owns, the sums of
-// G^2 and of G^2 / row over the block's rows, in registers (kRegAcc: reg_sq, reg_w) or
-// in shared memory after the ring (acc_sq, acc_w: a float4 a lane's vector of columns).
-template <int DT, bool kRegAcc> constexpr int kColumnVecs = kRegAcc ? kRegAccVecs<DT> : 1;
-template <int DT, bool kRegAcc>
-using ColumnRegs = float[kColumnVecs<DT, kRegAcc>][kLane<DT>];
+// G^2 and of G^2 / row over the block's rows, in registers (kAccRegs, kAccWideRegs:
+// reg_sq, reg_w) or in shared memory after the ring (kAccShared: acc_sq, acc_w, a float4
+// a lane's vector of columns).
+enum ColumnAcc : int { kAccShared = 0, kAccRegs = 1, kAccWideRegs = 2 };
+template <int DT, int kAcc>
+constexpr int kColumnVecs = kAcc == kAccRegs       ? kRegAccVecs<DT>
+                            : kAcc == kAccWideRegs ? kWideRegAccVecs<DT>
+                                                   : 1;
+template <int DT, int kAcc>
+using ColumnRegs = float[kColumnVecs<DT, kAcc>][kLane<DT>];
+
+// Sums over a stage's rows of G^2 and of G^2 / row for the columns of vector c, in
+// rounded operations the compiler cannot contract: the shared and the wide register
+// accumulators add the same partials (tested to the bit).
+template <int DT>
+__device__ __forceinline__ void stage_column_sums(const uint4* st, int rows, int mv, int c,
+                                                  const float* inv_row, float (&sq)[kLane<DT>],
+                                                  float (&wsum)[kLane<DT>]) {
+  constexpr int L = kLane<DT>;
+#pragma unroll
+  for (int e = 0; e < L; ++e) sq[e] = wsum[e] = 0.f;
+#pragma unroll 2
+  for (int r = 0; r < rows; ++r) {
+    float gv[L];
+    unpack<DT>(st[r * mv + c], gv);
+    const float ir = inv_row[r];
+#pragma unroll
+    for (int e = 0; e < L; ++e) {
+      const float g2 = __fmul_rn(gv[e], gv[e]);
+      sq[e] = __fadd_rn(sq[e], g2);
+      wsum[e] = fmaf(g2, ir, wsum[e]);
+    }
+  }
+}
 
 // Adds the `rows` rows of a stage (mv vectors a row) of G in shared memory.
-template <int DT, bool kRegAcc>
-__device__ __forceinline__ void add_stage_columns(ColumnRegs<DT, kRegAcc>& reg_sq,
-                                                  ColumnRegs<DT, kRegAcc>& reg_w,
+template <int DT, int kAcc>
+__device__ __forceinline__ void add_stage_columns(ColumnRegs<DT, kAcc>& reg_sq,
+                                                  ColumnRegs<DT, kAcc>& reg_w,
                                                   float4* acc_sq, float4* acc_w,
                                                   const uint4* st, int rows, int mv,
                                                   const float* inv_row) {
-  constexpr int L = kLane<DT>, H = L / 4, KV = kColumnVecs<DT, kRegAcc>;
-  if constexpr (kRegAcc) {
+  constexpr int L = kLane<DT>, H = L / 4, KV = kColumnVecs<DT, kAcc>;
+  if constexpr (kAcc == kAccWideRegs) {
+#pragma unroll
+    for (int k = 0; k < KV; ++k) {
+      const int c = threadIdx.x + k * kThreads;
+      if (c >= mv) continue;
+      float sq[L], wsum[L];
+      stage_column_sums<DT>(st, rows, mv, c, inv_row, sq, wsum);
+#pragma unroll
+      for (int e = 0; e < L; ++e) {
+        reg_sq[k][e] = __fadd_rn(reg_sq[k][e], sq[e]);
+        reg_w[k][e] = __fadd_rn(reg_w[k][e], wsum[e]);
+      }
+    }
+  } else if constexpr (kAcc == kAccRegs) {
 #pragma unroll
     for (int k = 0; k < KV; ++k) {
       const int c = threadIdx.x + k * kThreads;
@@ -107,20 +149,7 @@ __device__ __forceinline__ void add_stage_columns(ColumnRegs<DT, kRegAcc>& reg_s
   } else {
     for (int c = threadIdx.x; c < mv; c += kThreads) {
       float sq[L], wsum[L];
-#pragma unroll
-      for (int e = 0; e < L; ++e) sq[e] = wsum[e] = 0.f;
-#pragma unroll 2
-      for (int r = 0; r < rows; ++r) {
-        float gv[L];
-        unpack<DT>(st[r * mv + c], gv);
-        const float ir = inv_row[r];
-#pragma unroll
-        for (int e = 0; e < L; ++e) {
-          const float g2 = gv[e] * gv[e];
-          sq[e] += g2;
-          wsum[e] = fmaf(g2, ir, wsum[e]);
-        }
-      }
+      stage_column_sums<DT>(st, rows, mv, c, inv_row, sq, wsum);
 #pragma unroll
       for (int h = 0; h < H; ++h) {
         float4& x = acc_sq[c * H + h];
@@ -134,14 +163,14 @@ __device__ __forceinline__ void add_stage_columns(ColumnRegs<DT, kRegAcc>& reg_s
 }
 
 // Column sums of G^2 + eps1 (rows_eps1: eps1 of the block's rows) and of G^2 / row.
-template <int DT, bool kRegAcc>
-__device__ __forceinline__ void write_columns(const ColumnRegs<DT, kRegAcc>& reg_sq,
-                                              const ColumnRegs<DT, kRegAcc>& reg_w,
+template <int DT, int kAcc>
+__device__ __forceinline__ void write_columns(const ColumnRegs<DT, kAcc>& reg_sq,
+                                              const ColumnRegs<DT, kAcc>& reg_w,
                                               const float4* acc_sq, const float4* acc_w,
                                               float4* col_out, float4* w_out, int mv,
                                               float rows_eps1) {
-  constexpr int L = kLane<DT>, H = L / 4, KV = kColumnVecs<DT, kRegAcc>;
-  if constexpr (kRegAcc) {
+  constexpr int L = kLane<DT>, H = L / 4, KV = kColumnVecs<DT, kAcc>;
+  if constexpr (kAcc != kAccShared) {
 #pragma unroll
     for (int k = 0; k < KV; ++k) {
       const int c = threadIdx.x + k * kThreads;
@@ -172,9 +201,9 @@ __device__ __forceinline__ void write_columns(const ColumnRegs<DT, kRegAcc>& reg
 // G^2 + eps1 (warp sums, then across warps), their new row EMAs, then for every
 // column the sums over the stage's rows of G^2 + eps1 and of G^2 / row, added to
 // accumulators of the thread that owns the column (no atomics, a fixed order):
-// registers for rows of up to kRegAccVecs vectors a thread (kRegAcc), else shared
-// memory after the ring.
-template <int DT, bool kRegAcc>
+// registers for rows of up to kRegAccVecs vectors a thread (kAccRegs) or, in the wide
+// rows' launch, kWideRegAccVecs (kAccWideRegs), else shared memory after the ring.
+template <int DT, int kAcc>
 __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const GroupArgs& a,
                                           uint4* smem) {
   constexpr int L = kLane<DT>;
@@ -202,12 +231,12 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
   const double inv_m = 1.0 / t.m;
   const double m_eps1 = double(t.m) * eps1;  // eps1 of every element of a row
   constexpr int H = L / 4;  // float4s of one lane's accumulator
-  float reg_sq[kColumnVecs<DT, kRegAcc>][L], reg_w[kColumnVecs<DT, kRegAcc>][L];
+  float reg_sq[kColumnVecs<DT, kAcc>][L], reg_w[kColumnVecs<DT, kAcc>][L];
   float4* acc_sq = reinterpret_cast<float4*>(smem + S * stage_vecs);
   float4* acc_w = acc_sq + int64_t(mv) * H;
-  if constexpr (kRegAcc) {
+  if constexpr (kAcc != kAccShared) {
 #pragma unroll
-    for (int k = 0; k < kColumnVecs<DT, kRegAcc>; ++k)
+    for (int k = 0; k < kColumnVecs<DT, kAcc>; ++k)
 #pragma unroll
       for (int e = 0; e < L; ++e) reg_sq[k][e] = reg_w[k][e] = 0.f;
   } else {
@@ -282,13 +311,13 @@ __device__ __forceinline__ void row_stats(const Task& t, int64_t local, const Gr
       row_total += row;
     }
     __syncthreads();
-    add_stage_columns<DT, kRegAcc>(reg_sq, reg_w, acc_sq, acc_w, st, rows, mv, inv_row);
+    add_stage_columns<DT, kAcc>(reg_sq, reg_w, acc_sq, acc_w, st, rows, mv, inv_row);
     __syncthreads();  // the stage is free for the load issued next round
   }
   float4* col_out = reinterpret_cast<float4*>(t.col_part + local * t.m);
   float4* w_out = reinterpret_cast<float4*>(t.w_part + local * t.m);
   const float rows_eps1 = static_cast<float>(i_end - i_begin) * eps1;  // of each column
-  write_columns<DT, kRegAcc>(reg_sq, reg_w, acc_sq, acc_w, col_out, w_out, mv, rows_eps1);
+  write_columns<DT, kAcc>(reg_sq, reg_w, acc_sq, acc_w, col_out, w_out, mv, rows_eps1);
   row_total = block_sum(row_total);
   p2 = block_sum(p2);
   if (threadIdx.x == 0) {
@@ -422,22 +451,31 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Which tasks a stats_kernel launch takes: all, or those with shared column accumulators
-// apart from the others (launch_stats).
-enum StatsTasks : int { kAllStats = 0, kNarrowStats = 1, kWideStats = 2 };
-
+// The stats pass of every task but those of wide rows' row stats (stats_wide_kernel)
+// and unfactored ones with 8-bit state (stats_quantized_kernel).
 template <int DT>
 __global__ void __launch_bounds__(kThreads)
-    stats_kernel(TaskTable table, GroupArgs a, int which) {
+    stats_kernel(TaskTable table, GroupArgs a) {
   extern __shared__ uint4 stage_smem[];
   const Task& t = table.tasks[locate(table.sblock_begins, table.count, blockIdx.x)];
   const int64_t local = blockIdx.x - t.sblock_begin;
-  if (stats_quantized(t)) return;  // stats_quantized_kernel
-  if (which != kAllStats && (t.row_stats == kRowStatsShared) != (which == kWideStats)) return;
-  if (t.row_stats == kRowStatsRegisters) row_stats<DT, true>(t, local, a, stage_smem);
-  else if (t.row_stats) row_stats<DT, false>(t, local, a, stage_smem);
+  if (stats_quantized(t) || wide_row_stats(t.row_stats)) return;
+  if (t.row_stats == kRowStatsRegisters) row_stats<DT, kAccRegs>(t, local, a, stage_smem);
   else if (t.kind == kFactored) factored_stats<DT>(t, local, a);
   else full_stats<DT>(t, local, a);
+}
+
+// Row stats of rows too wide for stats_kernel's register accumulators: a launch of their
+// own, whose larger footprint (96 accumulators a thread, or 2 m floats of shared memory
+// a block past kWideRegAccVecs) holds only its own blocks to it.
+template <int DT>
+__global__ void __launch_bounds__(kThreads)
+    stats_wide_kernel(TaskTable table, GroupArgs a) {
+  extern __shared__ uint4 stage_smem[];
+  const Task& t = table.tasks[locate(table.sblock_begins, table.count, blockIdx.x)];
+  const int64_t local = blockIdx.x - t.sblock_begin;
+  if (t.row_stats == kRowStatsWideRegisters) row_stats<DT, kAccWideRegs>(t, local, a, stage_smem);
+  else if (t.row_stats == kRowStatsShared) row_stats<DT, kAccShared>(t, local, a, stage_smem);
 }
 
 // The stats pass of unfactored tasks with 8-bit state, a launch of its own over the stats
@@ -478,22 +516,17 @@ void launch_stats(int dtype, const TaskTable& table, int64_t blocks, int64_t sme
                   cudaStream_t stream) {
   with_dtype(dtype, [&](auto dt) {
     constexpr int DT = decltype(dt)::value;
-    const auto launch = [&](int64_t bytes, int which) {
-      allow_smem(stats_kernel<DT>, bytes);
-      stats_kernel<DT><<<static_cast<unsigned>(blocks), kThreads, bytes, stream>>>(table, args,
-                                                                                    which);
+    const auto launch = [&](auto kernel, int64_t bytes) {
+      allow_smem(kernel, bytes);
+      kernel<<<static_cast<unsigned>(blocks), kThreads, bytes, stream>>>(table, args);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    // Wide rows' accumulators (2 m floats) allow one block an SM, and in one launch
-    // every block would have their footprint. LLaMA-7B bf16 (a fifth of it 4096 x 11008):
-    // 9.0 ms at 1.5 TB/s in one launch; apart, 3.8 ms for the rest (2.8 TB/s) and
-    // 3.4 ms for the wide tensors (H100).
-    if (smem_wide == 0) {
-      launch(smem, kAllStats);
-    } else {
-      launch(smem, kNarrowStats);
-      launch(smem_wide, kWideStats);
-    }
+    // Wide rows' accumulators (2 m floats of shared memory, or 96 registers a thread)
+    // allow one block an SM, and in one launch every block would have their footprint.
+    // LLaMA-7B bf16 (a fifth of it 4096 x 11008): 9.0 ms at 1.5 TB/s in one launch;
+    // apart, 3.8 ms for the rest (2.8 TB/s) and 3.4 ms for the wide tensors (H100).
+    if (smem >= 0) launch(stats_kernel<DT>, smem);
+    if (smem_wide >= 0) launch(stats_wide_kernel<DT>, smem_wide);
     if (any_quantized) {
       stats_quantized_kernel<DT><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(table,
                                                                                         args);

@@ -461,8 +461,8 @@ void launch_call(PreparedCall& call) {
         max_numel = std::max(max_numel, plan.tasks[k].numel);
       launch_nonfinite(items[g.first].dtype, group_table, max_numel, call.skip_counter, stream);
     }
-    launch_stats(items[g.first].dtype, group_table, g.sblocks, g.smem, g.smem_wide, call.args,
-                 g.any_quantized, stream);
+    launch_stats(items[g.first].dtype, group_table, g.sblocks, g.any_narrow ? g.smem : -1,
+                 g.any_wide ? g.smem_wide : -1, call.args, g.any_quantized, stream);
     if (g.any_factored) launch_finalize(group_table, g.fblocks, stream);
     for (int bi = g.first_batch; bi < g.first_batch + g.batches; ++bi) {
       const Batch& b = plan.batches[bi];

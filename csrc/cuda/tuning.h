@@ -61,6 +61,10 @@ constexpr int64_t kStatsTaskBlocks = 256;
 // Fused compressed momentum where TF32 is on (else an n x m update buffer and the rms
 // pass).
 constexpr bool kFusedMomentum = true;
+// Rows past the stats pass's register accumulators (6144 columns) keep their column sums
+// in registers of the wide rows' launch up to 12288 columns (off: shared memory, the
+// same sums to the bit).
+constexpr bool kWideRowRegs = true;
 
 struct Tuning {
   int64_t batch_bytes = kBatchBytes;  // FLORA_BATCH_BYTES
@@ -73,6 +77,7 @@ struct Tuning {
   int64_t fused_min_bytes = kFusedMinBytes;
   int64_t min_batched = kMinBatched;
   int64_t stats_task_blocks = kStatsTaskBlocks;
+  bool wide_row_regs = kWideRowRegs;
 };
 
 // The tuning of one call: the constants (or what set_tuning_for_testing set) and the two
@@ -85,7 +90,8 @@ Tuning call_tuning();
 void set_tuning_for_testing(bool reset, int64_t row_stats, int64_t stats_stages,
                             int64_t fused_momentum, int64_t fused_share,
                             int64_t fused_min_bytes, int64_t min_batched,
-                            int64_t row_stats_dense, int64_t stats_task_blocks = -1);
+                            int64_t row_stats_dense, int64_t stats_task_blocks = -1,
+                            int64_t wide_row_regs = -1);
 
 }  // namespace cuda_detail
 }  // namespace flora
