@@ -93,10 +93,10 @@ void launch_quant_commit(const TaskTable& table, int64_t max_numel, cudaStream_t
 
 void launch_nonfinite(int dtype, const TaskTable& table, int64_t max_numel, int64_t* counter,
                       cudaStream_t stream);
-// stats.cu: the stats pass of a stats group (`smem`: dynamic shared memory a block;
-// `smem_wide`, if not 0, that of the row-stats tasks with shared column accumulators,
-// which a launch of their own takes); any_quantized: some unfactored task keeps 8-bit
-// state (another launch takes those).
+// stats.cu: the stats pass of a stats group (`smem`: dynamic shared memory a block of
+// the tasks with narrow rows or none; `smem_wide`, that of the row-stats tasks with rows
+// past 6144 columns, which a launch of their own takes; -1: no such tasks);
+// any_quantized: some unfactored task keeps 8-bit state (another launch takes those).
 void launch_stats(int dtype, const TaskTable& table, int64_t blocks, int64_t smem,
                   int64_t smem_wide, const GroupArgs& args, bool any_quantized,
                   cudaStream_t stream);
