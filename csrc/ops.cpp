@@ -100,8 +100,7 @@ bool is_supported_param_dtype(at::ScalarType t) {
 void check_state_tensor(const std::optional<at::Tensor>& state, const char* name,
                         bool expected, at::IntArrayRef expected_shape,
                         const at::Tensor& param, const ParamLayout& layout,
-                        const std::optional<at::Tensor>& absmax = std::nullopt,
-                        bool codes_allowed = false) {
+                        const std::optional<at::Tensor>& absmax = std::nullopt) {
   const bool present = state.has_value() && state->defined();
   TORCH_CHECK(present == expected, "flora: ", name, " must be ",
               expected ? "given" : "None", " for a parameter of shape ", param.sizes(),
@@ -111,10 +110,6 @@ void check_state_tensor(const std::optional<at::Tensor>& state, const char* name
   const at::Tensor& t = *state;
   if (absmax.has_value()) {
     // 8-bit codes (quantization=True's format) with their absmax.
-    TORCH_CHECK(codes_allowed, "flora: ", name, " of a parameter of shape ", param.sizes(),
-                " (momentum=", momentum_kind_name(layout.momentum), ") must be float32: "
-                "step_group_ takes 8-bit codes for an unfactored second moment and a dense "
-                "momentum only");
     TORCH_CHECK(t.scalar_type() == at::kByte, "flora: ", name,
                 " given with an absmax must be uint8 codes, got ", t.scalar_type());
     const at::Tensor& a = *absmax;
@@ -221,11 +216,10 @@ ParamLayout check_step_inputs(const at::Tensor& param, const at::Tensor& grad,
   check_state_tensor(state.col_second_moment, "col_second_moment", layout.factored, col_shape,
                      param, layout);
   check_state_tensor(state.second_moment, "second_moment", !layout.factored, param.sizes(),
-                     param, layout, state.second_moment_absmax, /*codes_allowed=*/true);
+                     param, layout, state.second_moment_absmax);
   const std::vector<int64_t> m_shape = layout.momentum_shape(param.sizes());
   check_state_tensor(state.momentum, "momentum", layout.momentum != MomentumKind::kNone,
-                     m_shape, param, layout, state.momentum_absmax,
-                     layout.momentum == MomentumKind::kDense);
+                     m_shape, param, layout, state.momentum_absmax);
   return layout;
 }
 

@@ -35,7 +35,7 @@ def has_gradient(scenario, k, t):
 
 
 # Trajectory scenarios: (defaults, groups of (shapes with dtypes, group overrides), steps,
-# optionally skip: see has_gradient, and scratch_bytes).
+# optionally skip: see has_gradient).
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 SCENARIOS = {
     # compressed left and right, resampling every 3 (group 0) or 2 (group 1) steps, dense
@@ -75,10 +75,7 @@ SCENARIOS = {
         skip=5),
     # quantization=True: 8-bit compressed (left, right) and dense momentum (1-D, unfactored
     # 2-D) and unfactored second moments, a group without momentum, bf16 with stochastic
-    # rounding; a scratch of 300 floats (scratch_bytes: flora_ext/_quantized.py's
-    # SCRATCH_BYTES, flora::Flora::quantization_scratch_bytes) for the compressed momentum,
-    # so the first and the last group (bf16, stochastic rounding: keyed by the place in the
-    # chunk's call) are stepped in two chunks
+    # rounding
     "quantized": dict(
         defaults=dict(lr=1e-2, beta1=0.9, rank=4, kappa=3, seed=5, quantization=True),
         groups=[([((16, 40), F32), ((40, 16), F32), ((300,), F32)], {}),
@@ -88,8 +85,7 @@ SCENARIOS = {
                 ([((24, 30), BF16), ((30, 24), BF16), ((16, 40), BF16)],
                  dict(stochastic_rounding=True))],
         steps=6,
-        skip=4,
-        scratch_bytes=4 * 300),
+        skip=4),
     # projection="orthogonal" (docs/FLORA.md §5.1): left, right, square bf16, dense momentum
     # and 1-D in one group, resampling every 2 steps; a second group back on the Gaussian
     "orthogonal": dict(

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 import flora_ext
-from flora_ext import _quantized
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "cpp"))
@@ -38,11 +37,9 @@ def cpp_binary():
     return path
 
 
-def run_python(name, monkeypatch):
+def run_python(name):
     """The scenario through flora_ext.Flora: {(key, k): list of floats or int}."""
     scenario = cpp_cases.SCENARIOS[name]
-    if "scratch_bytes" in scenario:
-        monkeypatch.setattr(_quantized, "SCRATCH_BYTES", scenario["scratch_bytes"])
     params, groups, k = [], [], 0
     for shapes, overrides in scenario["groups"]:
         group = []
@@ -82,9 +79,9 @@ def run_cpp(name):
 
 
 @pytest.mark.parametrize("name", sorted(cpp_cases.SCENARIOS))
-def test_same_inputs_and_seeds_give_the_same_trajectory_in_cpp_and_python(name, monkeypatch):
+def test_same_inputs_and_seeds_give_the_same_trajectory_in_cpp_and_python(name):
     cpp = run_cpp(name)
-    python = run_python(name, monkeypatch)
+    python = run_python(name)
     assert sorted(cpp) == sorted(python)
     for key in sorted(python):
         assert cpp[key] == python[key], f"{name}: {key} differs between C++ and Python"

@@ -146,6 +146,13 @@ static_assert(int64_t(kUpBM) * kDnXStrideRight * 4 <= kWgStages<kF32> * kWgStage
 // What the host asks for: the kernel runs whichever variant the device's code has.
 template <int DT>
 constexpr int64_t kDnLaunchSmem = std::max(kDnSmemBytes<DT>, kWgSmemBytes<DT>);
+// The down GEMM's result tile in shared memory, as the epilogue reads it; after it, the
+// signed map of 8-bit momentum (256 floats).
+constexpr int64_t kDnTileBytes =
+    std::max(int64_t(kUpBM) * kDnXStrideRight, int64_t(kDnBN) * kDnXStrideLeft) * 4;
+static_assert(kDnTileBytes + 1024 <= kDnSmemBytes<kF32> && kDnTileBytes + 1024 <= kDnSmemBytes<kBF16> &&
+                  kDnTileBytes + 1024 <= kWgSmemBytes<kF32> && kDnTileBytes + 1024 <= kWgSmemBytes<kBF16>,
+              "the map of 8-bit momentum fits after the tile");
 
 // Fused tasks: beta1^2 <Gram, S> in this many partials a task (gram_dot_kernel).
 constexpr int kDotBlocks = 16;

@@ -5,6 +5,7 @@
 #include "vector_io.cuh"
 #include "down_tile.cuh"
 #include "mma.cuh"
+#include "quant_io.cuh"
 #include "../common/rules.h"
 
 #include <c10/cuda/CUDAException.h>
@@ -279,6 +280,12 @@ __global__ void __launch_bounds__(kDnThreads, 1)
   // pieces). Scattered fragment-sized accesses took about a third of the kernel's time.
   const float* xs = reinterpret_cast<const float*>(smem);
   constexpr int kXStride = kLeft ? kDnXStrideLeft : kDnXStrideRight;
+  // 8-bit momentum read from its codes: the signed map after the tile.
+  float* map_s = reinterpret_cast<float*>(smem + kDnTileBytes);
+  if (job.read_codes) {  // the same for the whole block
+    for (int k = tid; k < 256; k += kDnThreads) map_s[k] = job.map[k];
+    __syncthreads();
+  }
   const float keep = 1.f - beta1, cross = 2.f * beta1 * keep;
   // A skipped task's new M is M' alone (selected: 0 * NaN would be NaN).
   const bool skip = job.skip != nullptr && *job.skip != 0;
@@ -305,7 +312,14 @@ __global__ void __launch_bounds__(kDnThreads, 1)
         idx[u] = int64_t(o0 + row) * rank + r0 + col;
       }
       if (!ok[u]) continue;
-      m4[u] = *reinterpret_cast<const float4*>(job.momentum + idx[u]);
+      if (job.read_codes) {  // four codes of one block (idx % 4 == 0)
+        const uint32_t c = *reinterpret_cast<const uint32_t*>(job.codes + idx[u]);
+        const float a = job.absmax[idx[u] / kQuantBlock];
+        m4[u] = make_float4(decode(map_s, c & 0xffu, a), decode(map_s, (c >> 8) & 0xffu, a),
+                            decode(map_s, (c >> 16) & 0xffu, a), decode(map_s, c >> 24, a));
+      } else {
+        m4[u] = *reinterpret_cast<const float4*>(job.momentum + idx[u]);
+      }
       b4[u] = update && job.base != nullptr ? *reinterpret_cast<const float4*>(job.base + idx[u])
                                             : m4[u];
     }

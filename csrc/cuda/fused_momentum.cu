@@ -7,6 +7,7 @@
 #include "vector_io.cuh"
 #include "mma.cuh"
 #include "projection.cuh"
+#include "quant_io.cuh"
 #include "../common/random.h"
 #include "../common/rules.h"
 #include "flora/ops.h"
@@ -274,7 +275,10 @@ void fill_fused_table(const FusedWork& w) {
     const StepOptions& o = w.items[k]->entry->options;
     const Task& t = *w.tasks[k];
     const FusedBuffers& buf = w.bufs[k];
-    float* mom = w.items[k]->entry->state.momentum->data_ptr<float>();
+    // 8-bit momentum is formed in the task's float32 stage (read back into it first on
+    // resample steps, whose change of basis reads M through cuBLAS).
+    float* mom = t.mc_codes != nullptr ? t.mc_stage
+                                       : w.items[k]->entry->state.momentum->data_ptr<float>();
     // Temporaries of the next basis: only on resample steps (else null, unread).
     uint16_t* next_t_k = s.resample ? next_t + k * s.psize : nullptr;
     uint16_t* next_p_k = s.resample ? next_p + k * s.tsize : nullptr;
@@ -311,6 +315,12 @@ void fill_fused_table(const FusedWork& w) {
                 t.terms + 1, gram + k * r * r, sq + k * r * r, t.row, t.scalars, t.col_factor,
                 buf.row_factor};
     now.skip = t.skip;
+    if (t.mc_codes != nullptr) {
+      now.codes = t.mc_codes;
+      now.absmax = t.mc_absmax;
+      now.map = quant_maps(w.items[k]->param.device().index()) + kMapSigned;
+      now.read_codes = !s.resample;
+    }
     jobs[k] = now;
     if (s.resample) {
       DownJob next = now;
@@ -437,7 +447,11 @@ void fused_momentum_group(const FusedWork& w, int64_t min_batched) {
   // rounding).
   if (left) group_gemm(true, false, r, r, n, kGramA, kGramA, kF16, kGramC);
   else group_gemm(false, true, r, r, m, kGramA, kGramA, kF16, kGramC);
+  const auto* djobs = reinterpret_cast<const DownJob*>(dwords + kArrays * count);
+  const bool codes = w.tasks[0]->mc_codes != nullptr;  // quantization is the optimizer's
   if (resample) {
+    // 8-bit momentum: read back into the stages, which the GEMM below reads as M.
+    if (codes) launch_momentum_codes(false, djobs, count, s.msize, stream);
     // M' = down_next(up_now(M)) = bases M (left) or M bases (right), bases = P_next P_now^T
     // (left) or P_now^T P_next (right).
     if (left) group_gemm(true, false, r, r, n, kBasesA, kBasesB, kF16, kBasesC);
@@ -447,7 +461,6 @@ void fused_momentum_group(const FusedWork& w, int64_t min_batched) {
   }
 
   const dim3 dgrid(static_cast<unsigned>(down_tiles(n, m, r)), static_cast<unsigned>(count));
-  const auto* djobs = reinterpret_cast<const DownJob*>(dwords + kArrays * count);
   const float beta1 = static_cast<float>(first.entry->options.beta1);
   const int ni = static_cast<int>(n), mi = static_cast<int>(m), ri = static_cast<int>(r);
   if (left) {  // the same for both passes
@@ -461,6 +474,8 @@ void fused_momentum_group(const FusedWork& w, int64_t min_batched) {
     launch_down(first.dtype, left, dgrid, djobs + pass * count, ni, mi, ri, beta1, update,
                 stream);
   }
+  // 8-bit momentum: the new M from the stages into the codes (the jobs that wrote it).
+  if (codes) launch_momentum_codes(true, djobs + (passes - 1) * count, count, s.msize, stream);
   // S = M M^T (left) or M^T M (right) of fp16(M) before this step, which the down GEMM
   // left for the up GEMM: fp16 tensor cores at half the bytes of M (TF32 from M took
   // the products 0.8 ms a fp32 1.35B step), the same 10-bit mantissa, and the very M

@@ -90,6 +90,14 @@ struct FusedBuffers {
 // quantization=True: takes the new absmax of every changed block of the tasks' 8-bit
 // state (quant_io.cuh), after the last apply pass.
 void launch_quant_commit(const TaskTable& table, int64_t max_numel, cudaStream_t stream);
+// quantize.cu, 8-bit compressed momentum: the DownJobs of a fused shape group (`count`
+// tasks of `numel` momentum elements; jobs without codes are left alone): requantize
+// writes each stage back into its codes (requantize_blockwise_'s rule), else the codes
+// are read into the stage. launch_momentum_stage does the same for one unfused task.
+void launch_momentum_codes(bool requantize, const DownJob* jobs, int count, int64_t numel,
+                           cudaStream_t stream);
+void launch_momentum_stage(bool requantize, float* stage, uint8_t* codes, float* absmax,
+                           int64_t numel, cudaStream_t stream);
 
 void launch_nonfinite(int dtype, const TaskTable& table, int64_t max_numel, int64_t* counter,
                       cudaStream_t stream);

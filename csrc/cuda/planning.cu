@@ -116,6 +116,7 @@ WorkspacePlan plan_workspace(const Task& t, int64_t kept_base, int64_t partials_
   } else if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
     w.update = take(work_at, t.numel);
   }
+  if (t.mc_codes != nullptr) w.mc_stage = take(work_at, t.rank * std::max(t.n, t.m));
   w.kept = kept_at - kept_base;
   w.partials = partials_at - partials_base;
   w.work = work_at - work_base;
@@ -218,10 +219,19 @@ int64_t make_task(const Item& item, const GroupArgs& args, const Tuning& tuning,
     // orthonormality, and the Gram's condition number, ((1 + sqrt(c)) / (1 - sqrt(c)))^2
     // at c = r / long, is 34 at 1/2 and without bound as c nears 1.
     const bool compressed = layout.momentum == MomentumKind::kCompressed;
+    // 8-bit compressed momentum: the momentum work forms the new M in float32 in the
+    // task's stage (workspace) and writes it back as codes; the down GEMM's epilogue
+    // reads the codes four at a time (one 32-bit word).
+    const bool codes = compressed && e.state.quantized_momentum();
+    if (compressed) t.rank = layout.rank;
+    if (codes) {
+      t.mc_codes = e.state.momentum->data_ptr<uint8_t>();
+      t.mc_absmax = e.state.momentum_absmax->data_ptr<float>();
+    }
     // 32-bit index arithmetic in the projection and momentum kernels.
     t.fused = compressed && fused_on && e.options.tf32 && !args.stochastic_rounding &&
               aligned_to(t.param, 16) && aligned_to(t.grad, 16) && aligned_to(t.row, 16) &&
-              aligned_to(e.state.momentum->data_ptr(), 16) && t.n % 4 == 0 &&
+              aligned_to(e.state.momentum->data_ptr(), codes ? 4 : 16) && t.n % 4 == 0 &&
               t.m % 8 == 0 && layout.rank % 8 == 0 &&
               layout.rank * std::max(t.n, t.m) < INT_MAX &&
               (e.options.projection == Projection::kGaussian ||
@@ -243,7 +253,6 @@ int64_t make_task(const Item& item, const GroupArgs& args, const Tuning& tuning,
     // tile_p2_kernel (in the apply pass's order) rather than the stats pass.
     if ((t.fused || t.row_stats) && t.param_sq != nullptr && !t.p2_known) t.stats_p = 0;
     if (t.fused) {
-      t.rank = layout.rank;
       t.gcols = static_cast<int32_t>(ceil_div(t.m, kUpBN));
       t.gtiles = ceil_div(t.n, kUpBM) * t.gcols;
       t.dtiles = down_tiles(t.n, t.m, t.rank);
@@ -289,7 +298,9 @@ TaskBytes task_bytes(const Item& item, const Task& t) {
   const int64_t update = !t.fused && layout.momentum == MomentumKind::kCompressed
                              ? t.numel * int64_t(sizeof(float))
                              : 0;
-  return TaskBytes{bytes, fused, update};
+  // 8-bit compressed momentum: its float32 stage, in the share of its path.
+  const int64_t stage = t.mc_codes != nullptr ? layout.rank * std::max(t.n, t.m) * 4 : 0;
+  return TaskBytes{bytes, fused + (t.fused ? stage : 0), update + (t.fused ? 0 : stage)};
 }
 
 // Tasks in call order, cut into batches of consecutive tasks of one dtype within the
@@ -603,6 +614,7 @@ void bind_workspace(StepPlan& plan, float* ws, float* kept, const GroupArgs& arg
     } else if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
       t.update = ws + w.update;
     }
+    if (t.mc_codes != nullptr) t.mc_stage = ws + w.mc_stage;
   }
 }
 

@@ -29,7 +29,7 @@ struct WorkspacePlan {
   int64_t row_part = 0, col_part = 0, w_part = 0;
   // work
   int64_t scalars = 0, update = 0, terms = 0, plain_t = 0, tiled = 0, momentum16 = 0,
-          row_factor = 0, cache_p2 = 0;
+          row_factor = 0, cache_p2 = 0, mc_stage = 0;
   int64_t kept = 0, partials = 0, work = 0;  // floats of each region
 };
 

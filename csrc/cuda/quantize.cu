@@ -51,19 +51,34 @@ __device__ inline void load_code_word(const uint8_t* q, int64_t e, int64_t numel
   }
 }
 
-// kKeep: requantize_blockwise_ (a block whose values are bitwise its read-back keeps its
-// codes and absmax).
-template <bool kKeep>
-__global__ void __launch_bounds__(kWarpsPerCta * 32)
-    quantize_kernel(const float* __restrict__ x, uint8_t* __restrict__ q,
-                    float* __restrict__ amax, int64_t numel, int64_t blocks, bool aligned,
-                    QuantMap map) {
-  __shared__ float threshold[255];
-  __shared__ float value[kKeep ? 256 : 1];
-  for (int k = threadIdx.x; k < 255; k += blockDim.x) threshold[k] = map.threshold[k];
-  if constexpr (kKeep)
-    for (int k = threadIdx.x; k < 256; k += blockDim.x) value[k] = map.value[k];
+// Whether the vector path may be taken: float4 values and 8-byte code words (a block
+// starts at a multiple of 256 elements, so base alignment is enough).
+__host__ __device__ inline bool vector_aligned(const void* values, const void* codes) {
+  return reinterpret_cast<uintptr_t>(values) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(codes) % 8 == 0;
+}
+
+// The block's copy of a map's decision points (and, for kKeep or reading back, values).
+struct StagedMap {
+  float threshold[255];
+  float value[256];
+};
+
+__device__ inline void stage_map(StagedMap& s, const QuantMap& map, bool values) {
+  for (int k = threadIdx.x; k < 255; k += blockDim.x) s.threshold[k] = map.threshold[k];
+  if (values)
+    for (int k = threadIdx.x; k < 256; k += blockDim.x) s.value[k] = map.value[k];
   __syncthreads();
+}
+
+// The kQuantBlock-element blocks of one tensor, a warp each, strided over the warps of the
+// grid's x dimension. kKeep: requantize_blockwise_ (a block whose values are bitwise its
+// read-back keeps its codes and absmax).
+template <bool kKeep>
+__device__ void quantize_blocks(const float* __restrict__ x, uint8_t* __restrict__ q,
+                                float* __restrict__ amax, int64_t numel, const StagedMap& map) {
+  const bool aligned = vector_aligned(x, q);
+  const int64_t blocks = quant_blocks(numel);
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * kWarpsPerCta;
   for (int64_t b = int64_t(blockIdx.x) * kWarpsPerCta + (threadIdx.x >> 5); b < blocks;
@@ -80,7 +95,7 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32)
 #pragma unroll
       for (int k = 0; k < kPerLane; ++k)
         same &= e + k >= numel ||
-                __float_as_uint(cuda_detail::decode(value, c[k], a)) == __float_as_uint(v[k]);
+                __float_as_uint(cuda_detail::decode(map.value, c[k], a)) == __float_as_uint(v[k]);
       if (__all_sync(0xffffffffu, same)) continue;
     }
     float a = fabsf(v[0]);
@@ -91,7 +106,7 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32)
     uint8_t c[kPerLane];
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k)
-      c[k] = cuda_detail::encode(threshold, v[k], a);
+      c[k] = cuda_detail::encode(map.threshold, v[k], a);
     if (vec) {
       uint2 w;
       w.x = c[0] | (c[1] << 8) | (c[2] << 16) | (uint32_t(c[3]) << 24);
@@ -105,13 +120,10 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32)
   }
 }
 
-__global__ void __launch_bounds__(kWarpsPerCta * 32)
-    dequantize_kernel(const uint8_t* __restrict__ q, const float* __restrict__ amax,
-                      float* __restrict__ x, int64_t numel, int64_t blocks, bool aligned,
-                      QuantMap map) {
-  __shared__ float value[256];
-  for (int k = threadIdx.x; k < 256; k += blockDim.x) value[k] = map.value[k];
-  __syncthreads();
+__device__ void dequantize_blocks(const uint8_t* __restrict__ q, const float* __restrict__ amax,
+                                  float* __restrict__ x, int64_t numel, const StagedMap& map) {
+  const bool aligned = vector_aligned(x, q);
+  const int64_t blocks = quant_blocks(numel);
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * kWarpsPerCta;
   for (int64_t b = int64_t(blockIdx.x) * kWarpsPerCta + (threadIdx.x >> 5); b < blocks;
@@ -123,16 +135,41 @@ __global__ void __launch_bounds__(kWarpsPerCta * 32)
     const float a = amax[b];
     float v[kPerLane];
 #pragma unroll
-    for (int k = 0; k < kPerLane; ++k) v[k] = cuda_detail::decode(value, c[k], a);
+    for (int k = 0; k < kPerLane; ++k) v[k] = cuda_detail::decode(map.value, c[k], a);
     cuda_detail::storef<kPerLane>(x + e, vec, cuda_detail::valid_of<kPerLane>(numel - e), v);
   }
 }
 
-// Whether the vector path may be taken: float4 values and 8-byte code words (a block
-// starts at a multiple of 256 elements, so base alignment is enough).
-bool vector_aligned(const void* values, const void* codes) {
-  return reinterpret_cast<uintptr_t>(values) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(codes) % 8 == 0;
+template <bool kKeep>
+__global__ void __launch_bounds__(kWarpsPerCta * 32)
+    quantize_kernel(const float* __restrict__ x, uint8_t* __restrict__ q,
+                    float* __restrict__ amax, int64_t numel, QuantMap map) {
+  __shared__ StagedMap staged;
+  stage_map(staged, map, kKeep);
+  quantize_blocks<kKeep>(x, q, amax, numel, staged);
+}
+
+__global__ void __launch_bounds__(kWarpsPerCta * 32)
+    dequantize_kernel(const uint8_t* __restrict__ q, const float* __restrict__ amax,
+                      float* __restrict__ x, int64_t numel, QuantMap map) {
+  __shared__ StagedMap staged;
+  stage_map(staged, map, true);
+  dequantize_blocks(q, amax, x, numel, staged);
+}
+
+// The 8-bit compressed momentum of a fused shape group (grid.y: its tasks' DownJobs, all
+// of `numel` elements): kRequantize writes each job's stage (`momentum`) back into its
+// codes (requantize_blockwise_'s rule), else reads the codes into the stage.
+template <bool kRequantize>
+__global__ void __launch_bounds__(kWarpsPerCta * 32)
+    momentum_codes_kernel(const cuda_detail::DownJob* __restrict__ jobs, int64_t numel,
+                          QuantMap map) {
+  const cuda_detail::DownJob& job = jobs[blockIdx.y];
+  if (job.codes == nullptr) return;  // uniform across the block
+  __shared__ StagedMap staged;
+  stage_map(staged, map, true);
+  if constexpr (kRequantize) quantize_blocks<true>(job.momentum, job.codes, job.absmax, numel, staged);
+  else dequantize_blocks(job.codes, job.absmax, job.momentum, numel, staged);
 }
 
 int grid_for(int64_t blocks) {
@@ -150,7 +187,7 @@ void quantize_cuda(const at::Tensor& values, const at::Tensor& codes, const at::
   quantize_kernel<kKeep>
       <<<grid_for(blocks), kWarpsPerCta * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
           values.data_ptr<float>(), codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), numel,
-          blocks, vector_aligned(values.data_ptr(), codes.data_ptr()), dynamic_map(is_signed));
+          dynamic_map(is_signed));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -163,7 +200,7 @@ void dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& absmax
   const int64_t blocks = quant_blocks(numel);
   dequantize_kernel<<<grid_for(blocks), kWarpsPerCta * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
       codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), values.data_ptr<float>(), numel,
-      blocks, vector_aligned(values.data_ptr(), codes.data_ptr()), dynamic_map(is_signed));
+      dynamic_map(is_signed));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -205,6 +242,33 @@ const float* quant_maps(int device) {
         host.to(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device))));
   }
   return maps[device]->data_ptr<float>();
+}
+
+void launch_momentum_codes(bool requantize, const DownJob* jobs, int count, int64_t numel,
+                           cudaStream_t stream) {
+  if (numel == 0 || count == 0) return;
+  const dim3 grid(static_cast<unsigned>(grid_for(quant_blocks(numel))),
+                  static_cast<unsigned>(count));
+  if (requantize)
+    momentum_codes_kernel<true><<<grid, kWarpsPerCta * 32, 0, stream>>>(jobs, numel,
+                                                                        dynamic_map(true));
+  else
+    momentum_codes_kernel<false><<<grid, kWarpsPerCta * 32, 0, stream>>>(jobs, numel,
+                                                                         dynamic_map(true));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_momentum_stage(bool requantize, float* stage, uint8_t* codes, float* absmax,
+                           int64_t numel, cudaStream_t stream) {
+  if (numel == 0) return;
+  const int grid = grid_for(quant_blocks(numel));
+  if (requantize)
+    quantize_kernel<true><<<grid, kWarpsPerCta * 32, 0, stream>>>(stage, codes, absmax, numel,
+                                                                  dynamic_map(true));
+  else
+    dequantize_kernel<<<grid, kWarpsPerCta * 32, 0, stream>>>(codes, absmax, stage, numel,
+                                                              dynamic_map(true));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void launch_quant_commit(const TaskTable& table, int64_t max_numel, cudaStream_t stream) {

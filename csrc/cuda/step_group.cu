@@ -209,9 +209,22 @@ void compressed_work(const std::vector<Item>& items, const StepPlan& plan, const
     } else if (!t.fused && t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
       const bool with_w = !res.unfused_w.empty() && res.unfused_w[k].w.defined();
       const bool with_next = with_w && res.unfused_w_next[k].w.defined();
-      compressed_momentum(items[k], t, *items[k].entry->state.momentum, res.unfused_temps,
+      const at::Tensor& state = *items[k].entry->state.momentum;
+      if (t.mc_codes == nullptr) {
+        compressed_momentum(items[k], t, state, res.unfused_temps,
+                            with_w ? &res.unfused_w[k] : nullptr,
+                            with_next ? &res.unfused_w_next[k] : nullptr);
+        continue;
+      }
+      // 8-bit momentum: read into its float32 stage, stepped there, written back.
+      const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+      const at::Tensor stage = at::from_blob(t.mc_stage, state.sizes(),
+                                             state.options().dtype(at::kFloat));
+      launch_momentum_stage(false, t.mc_stage, t.mc_codes, t.mc_absmax, state.numel(), stream);
+      compressed_momentum(items[k], t, stage, res.unfused_temps,
                           with_w ? &res.unfused_w[k] : nullptr,
                           with_next ? &res.unfused_w_next[k] : nullptr);
+      launch_momentum_stage(true, t.mc_stage, t.mc_codes, t.mc_absmax, state.numel(), stream);
     }
   }
   if (res.rounds) res.rounds->join();
@@ -355,8 +368,10 @@ void prepare_call(PreparedCall& call, const at::Tensor* workspace, int64_t extra
   if (call.quant_words > 0) {
     call.quant_region = reinterpret_cast<uint32_t*>(ws + layout.floats + flag_floats);
     bind_quant_region(plan.tasks, call.quant_region);
-    call.args.quant_maps = quant_maps(call.items[0].param.device().index());
   }
+  if (std::any_of(plan.tasks.begin(), plan.tasks.end(),
+                  [](const Task& t) { return quantized(t) || t.mc_codes != nullptr; }))
+    call.args.quant_maps = quant_maps(call.items[0].param.device().index());
 
   CallResources& res = call.res;
   if (plan.unfused_floats > 0)

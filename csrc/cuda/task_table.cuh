@@ -76,6 +76,13 @@ struct Task {
   float* m_absmax;
   uint32_t* m_next;
   int32_t* m_changed;
+  // quantization=True, compressed momentum: its codes and absmax (read by the fused down
+  // GEMM's epilogue, or into mc_stage), and mc_stage, float32 workspace of the momentum's
+  // shape where the new M is formed before it is written back as codes. Only the momentum
+  // work reads these; nullptr otherwise.
+  uint8_t* mc_codes;
+  float* mc_absmax;
+  float* mc_stage;
 };
 
 // Whether the task keeps 8-bit state.
@@ -161,6 +168,10 @@ __device__ __forceinline__ const Task& task_of_tile(const TaskTable& table, int6
 //   momentum16: fp16(M) for the up GEMM and for S; skipped when null
 //   update: M = beta1 M' + (1 - beta1) down(U), M' = M or `base` (M moved to the next
 //           basis on resample steps; M' alone on a skip)
+// With 8-bit momentum (quantization=True) `momentum` is the task's float32 stage: the
+// epilogue reads M from `codes` (read_codes; through the signed map `map`) or, where the
+// stage already holds it read back (resample steps), from the stage, and writes the new
+// M there; requantize_jobs then writes it into `codes` and `absmax`.
 struct DownJob {
   const void* grad;
   const uint16_t* proj;  // P^T, fp16: n x rank (left) or rank x m (right)
@@ -176,6 +187,10 @@ struct DownJob {
   const float* col_factor;
   float* row_factor;     // left: a_i of every row, for the down GEMM (row_factor_kernel)
   const int32_t* skip;   // the task's Task::skip: on a skip, update writes M' alone
+  uint8_t* codes;        // 8-bit momentum, else nullptr
+  float* absmax;
+  const float* map;      // the signed map's values (quant_maps + kMapSigned)
+  int32_t read_codes, pad;
 };
 
 }  // namespace cuda_detail

@@ -83,16 +83,8 @@ void read_option(torch::serialize::InputArchive& archive, const char* key,
 }
 
 // ---------------------------------------------------------------- 8-bit state (quantization)
-// The format is csrc/common/quantize.h's; the loop around the float32 step is that of
-// flora_ext/_quantized.py, with the same chunks, so both give bitwise the same steps.
-
-// Each state's place in the scratch starts at a multiple of 64 floats (256 bytes), as a fresh
-// allocation would: the CUDA kernels take vectorised paths only on aligned state.
-constexpr int64_t kScratchAlign = 64;
-
-int64_t scratch_aligned(int64_t numel) {
-  return (numel + kScratchAlign - 1) / kScratchAlign * kScratchAlign;
-}
+// The format is csrc/common/quantize.h's; the op steps the codes itself, as it does for
+// flora_ext/_quantized.py, so both give bitwise the same steps.
 
 // The code of 0.0 in the map: what a fresh state holds.
 uint8_t zero_code(bool is_signed) {
@@ -120,21 +112,6 @@ void quantize_blockwise(const at::Tensor& values, const at::Tensor& codes,
   op.call(values, codes, absmax, is_signed);
 }
 
-// torch.ops.flora.requantize_blockwise_: a step's values back into the codes they were read
-// from (a block left as it read back keeps its codes: a skipped step rounds nothing again).
-void write_back_blockwise(const at::Tensor& values, const at::Tensor& codes,
-                          const at::Tensor& absmax, bool is_signed) {
-  static const FormatOp op = format_op("flora::requantize_blockwise_");
-  op.call(values, codes, absmax, is_signed);
-}
-
-// torch.ops.flora.dequantize_blockwise_.
-void dequantize_blockwise(const at::Tensor& codes, const at::Tensor& absmax,
-                          const at::Tensor& values, bool is_signed) {
-  static const FormatOp op = format_op("flora::dequantize_blockwise_");
-  op.call(codes, absmax, values, is_signed);
-}
-
 // The 8-bit tensors of a state: second_moment takes the unsigned map, momentum the signed one.
 struct QuantizedField {
   const char* name;
@@ -147,7 +124,6 @@ const QuantizedField kQuantizedFields[] = {
      &FloraParamState::second_moment_absmax},
     {"momentum", true, &FloraParamState::momentum, &FloraParamState::momentum_absmax},
 };
-constexpr size_t kQuantizedFieldCount = std::size(kQuantizedFields);
 
 // Checks the codes and absmax of state `name` (expected: whether the layout has it, of
 // `shape`); returns an uninitialised float32 tensor of `shape` on the parameter's device for
@@ -304,115 +280,33 @@ std::vector<std::vector<size_t>> by_device(const std::vector<Item>& items) {
   return batches;
 }
 
-// Consecutive ranges [k0, k1) of parameters whose scratch sizes sum to at most `limit`
-// (a parameter larger than `limit` alone), as flora_ext/_quantized.py's _chunks.
-std::vector<std::pair<size_t, size_t>> scratch_chunks(const std::vector<int64_t>& sizes,
-                                                      int64_t limit) {
-  std::vector<std::pair<size_t, size_t>> ranges;
-  size_t start = 0;
-  int64_t total = 0;
-  for (size_t k = 0; k < sizes.size(); ++k) {
-    if (k > start && total + sizes[k] > limit) {
-      ranges.emplace_back(start, k);
-      start = k;
-      total = 0;
-    }
-    total += sizes[k];
-  }
-  if (start < sizes.size()) ranges.emplace_back(start, sizes.size());
-  return ranges;
-}
-
-// step_group over parameters (of one device) with 8-bit states: an unfactored second
-// moment and a dense momentum are stepped as codes by the op; compressed momentum is read
-// into a float32 scratch a chunk at a time, stepped there and written back (docs/FLORA.md
-// §11), as flora_ext/_quantized.py does. The scratch is allocated before anything is
-// written.
+// step_group over parameters (of one device) with 8-bit states: each 8-bit state goes to
+// the op as its codes followed by its absmax, and the op steps it in place (docs/FLORA.md
+// §11); a fault in the op leaves every parameter and state as it was.
 void step_group_quantized(const std::vector<at::Tensor>& params,
                           const std::vector<FloraParamState*>& states, const StepOptions& o,
-                          const std::optional<at::Tensor>& nonfinite_skips,
-                          int64_t scratch_bytes) {
+                          const std::optional<at::Tensor>& nonfinite_skips) {
   if (params.empty()) return;
-  // An unfactored second moment and a dense momentum go to step_group_ as codes and
-  // absmax (it steps them in place); compressed momentum through the scratch.
-  const auto in_op = [&](const QuantizedField& field, const at::Tensor& param) {
-    if (!field.is_signed) return true;  // second_moment
-    return param_layout(param.sizes(), o.rank, o.beta1, o.factorize_second_moment,
-                        o.max_aspect_ratio)
-               .momentum == MomentumKind::kDense;
-  };
-  // Each parameter's route, per field of kQuantizedFields, decided once.
-  std::vector<std::array<bool, kQuantizedFieldCount>> via_op(states.size());
-  std::vector<int64_t> sizes;
-  for (size_t k = 0; k < states.size(); ++k) {
-    int64_t size = 0;
-    for (size_t f = 0; f < kQuantizedFieldCount; ++f) {
-      const QuantizedField& field = kQuantizedFields[f];
-      const at::Tensor& codes = (states[k]->*field.codes)();
-      via_op[k][f] = codes.defined() && in_op(field, params[k]);
-      if (codes.defined() && !via_op[k][f]) size += scratch_aligned(codes.numel());
+  GroupCall call;
+  call.nonfinite_skips = nonfinite_skips;
+  for (size_t k = 0; k < params.size(); ++k) {
+    FloraParamState& state = *states[k];
+    call.params.push_back(params[k]);
+    call.grads.push_back(params[k].grad());
+    // The order of GroupCall::add: row, col, second moment, momentum.
+    for (const at::Tensor* t : {&state.row_second_moment(), &state.col_second_moment()}) {
+      if (t->defined()) call.states.push_back(*t);
     }
-    sizes.push_back(size);
-  }
-  const int64_t limit =
-      std::max(scratch_bytes / 4, *std::max_element(sizes.begin(), sizes.end()));
-  const auto ranges = scratch_chunks(sizes, limit);
-  int64_t largest = 0;
-  for (const auto& [k0, k1] : ranges) {
-    int64_t total = 0;
-    for (size_t k = k0; k < k1; ++k) total += sizes[k];
-    largest = std::max(largest, total);
-  }
-  const at::Tensor scratch = at::empty({largest}, params[0].options().dtype(at::kFloat));
-  struct Pending {
-    at::Tensor values, codes, absmax;
-    bool is_signed;
-  };
-  for (const auto& [k0, k1] : ranges) {
-    GroupCall call;
-    call.nonfinite_skips = nonfinite_skips;
-    std::vector<Pending> pending;
-    int64_t offset = 0;
-    for (size_t k = k0; k < k1; ++k) {
-      FloraParamState& state = *states[k];
-      call.params.push_back(params[k]);
-      call.grads.push_back(params[k].grad());
-      // The order of GroupCall::add: row, col, second moment, momentum.
-      for (const at::Tensor* t : {&state.row_second_moment(), &state.col_second_moment()}) {
-        if (t->defined()) call.states.push_back(*t);
-      }
-      for (size_t f = 0; f < kQuantizedFieldCount; ++f) {
-        const QuantizedField& field = kQuantizedFields[f];
-        const at::Tensor& codes = (state.*field.codes)();
-        if (!codes.defined()) continue;
-        const at::Tensor& absmax = (state.*field.absmax)();
-        if (via_op[k][f]) {
-          call.states.push_back(codes);
-          call.states.push_back(absmax);
-          continue;
-        }
-        at::Tensor values = scratch.narrow(0, offset, codes.numel()).view(codes.sizes());
-        offset += scratch_aligned(codes.numel());
-        dequantize_blockwise(codes, absmax, values, field.is_signed);
-        pending.push_back({values, codes, absmax, field.is_signed});
-        call.states.push_back(values);
-      }
-      call.steps.push_back(state.step() + 1);
-      call.seeds.push_back(state.seed().value_or(0));
+    for (const QuantizedField& field : kQuantizedFields) {
+      const at::Tensor& codes = (state.*field.codes)();
+      if (!codes.defined()) continue;
+      call.states.push_back(codes);
+      call.states.push_back((state.*field.absmax)());
     }
-    try {
-      step_group(call, o);
-    } catch (c10::Error& err) {
-      // Only a fault at run time gets here (step() checked every input first): the chunks
-      // before this one stay stepped.
-      if (k0 > 0) {
-        err.add_context(c10::str("flora: quantization=true had already stepped the first ", k0,
-                                 " of the ", params.size(), " parameters of this call"));
-      }
-      throw;
-    }
-    for (const Pending& p : pending) write_back_blockwise(p.values, p.codes, p.absmax, p.is_signed);
+    call.steps.push_back(state.step() + 1);
+    call.seeds.push_back(state.seed().value_or(0));
   }
+  step_group(call, o);
 }
 
 // quantization loading float32 state (saved without it): the momentum and unfactored second
@@ -759,8 +653,7 @@ torch::Tensor Flora::step(LossClosure closure) {
           params.push_back(group.items[k].param);
           states.push_back(group.items[k].state);
         }
-        step_group_quantized(params, states, group.options->step_options(1, 0), skips,
-                             quantization_scratch_bytes_);
+        step_group_quantized(params, states, group.options->step_options(1, 0), skips);
       } else {
         GroupCall call;
         for (const size_t k : batch) {
@@ -781,11 +674,6 @@ torch::Tensor Flora::step(LossClosure closure) {
     }
   }
   return loss;
-}
-
-void Flora::quantization_scratch_bytes(int64_t bytes) {
-  TORCH_CHECK(bytes >= 0, "flora: quantization_scratch_bytes must be >= 0, got ", bytes);
-  quantization_scratch_bytes_ = bytes;
 }
 
 void Flora::save(torch::serialize::OutputArchive& archive) const {

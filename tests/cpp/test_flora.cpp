@@ -111,7 +111,6 @@ struct Scenario {
       groups;
   int64_t steps = 0;
   int64_t skip = 0;  // see set_gradients
-  int64_t scratch_bytes = -1;  // Flora::quantization_scratch_bytes, when >= 0
 };
 
 const char* const kScenarios[] = {"compressed", "relative_step", "half",  "groups",
@@ -174,7 +173,6 @@ Scenario scenario(const std::string& name) {
          FloraOptions().stochastic_rounding(true)});
     s.steps = 6;
     s.skip = 4;
-    s.scratch_bytes = 4 * 300;
   } else if (name == "orthogonal") {
     s.defaults = FloraOptions(2e-2).beta1(0.9).rank(4).kappa(2).seed(3).projection("orthogonal");
     s.groups.push_back({{{{16, 40}, at::kFloat},
@@ -224,7 +222,6 @@ Run start(const Scenario& s, at::Device device = at::kCPU) {
     }
   }
   run.optimizer = std::make_unique<Flora>(groups, s.defaults);
-  if (s.scratch_bytes >= 0) run.optimizer->quantization_scratch_bytes(s.scratch_bytes);
   run.skip = s.skip;
   return run;
 }
@@ -755,7 +752,6 @@ FLORA_TEST(save_and_load_resume_bitwise) {
       groups.emplace_back(group_params);
     }
     resumed.optimizer = std::make_unique<Flora>(groups, other.defaults);
-    if (s.scratch_bytes >= 0) resumed.optimizer->quantization_scratch_bytes(s.scratch_bytes);
     torch::load(*resumed.optimizer, path);
     std::filesystem::remove(path);
     for (size_t g = 0; g < groups.size(); ++g) {
@@ -891,31 +887,17 @@ FLORA_TEST(quantization_keeps_8_bit_state_and_steps_as_float_from_zero) {
   }
 }
 
-FLORA_TEST(quantization_steps_in_chunks_that_fit_the_scratch) {
-  Scenario s = scenario("quantized");  // a scratch of 300 floats
+FLORA_TEST(quantization_steps_each_group_in_one_call_on_its_codes) {
+  // Every 8-bit state, compressed momentum included, goes to the op as codes: one
+  // step_group_ call a group, no float32 copy of the state around it.
+  Scenario s = scenario("quantized");
   s.skip = 0;
-  Run chunked = start(s);
-  s.scratch_bytes = -1;
-  Run whole = start(s);
-  REQUIRE_EQ(chunked.optimizer->quantization_scratch_bytes(), int64_t{4 * 300});
-  REQUIRE_EQ(whole.optimizer->quantization_scratch_bytes(), int64_t{64} << 20);
-  REQUIRE_THROWS_WITH(whole.optimizer->quantization_scratch_bytes(-1),
-                      "flora: quantization_scratch_bytes must be >= 0, got -1");
-  set_gradients(chunked.params, 1);
-  set_gradients(whole.params, 1);
-  // The scratch holds compressed momentum only (the op steps the other 8-bit state as
-  // codes): group 0 is 16x40 (192 floats), then [40x16 (192), 300-D]; groups 1 and 2 need
-  // none; group 3 is [24x30, 30x24] (128 + 128), then 16x40 (192): 6 calls; one a group
-  // with the default scratch.
-  REQUIRE_EQ(step_op_calls([&] { chunked.optimizer->step(); }).size(), size_t{6});
-  REQUIRE_EQ(step_op_calls([&] { whole.optimizer->step(); }).size(), size_t{4});
-  advance(chunked, 2, 4);
-  advance(whole, 2, 4);
-  // float32 parameters step alike in any chunks (bf16 stochastic rounding is keyed by the
-  // place in the chunk's call).
-  for (size_t k = 0; k < chunked.params.size(); ++k) {
-    if (chunked.params[k].scalar_type() != at::kFloat) continue;
-    REQUIRE(chunked.params[k].equal(whole.params[k]));
+  Run run = start(s);
+  set_gradients(run.params, 1);
+  REQUIRE_EQ(step_op_calls([&] { run.optimizer->step(); }).size(), s.groups.size());
+  for (const at::Tensor& p : run.params) {
+    const FloraParamState* state = run.optimizer->param_state(p);
+    if (state->momentum().defined()) REQUIRE_EQ(state->momentum().scalar_type(), at::kByte);
   }
 }
 

@@ -199,15 +199,7 @@ class Flora : public torch::optim::Optimizer {
   // A copy; zero before any. Not saved by save().
   torch::Tensor nonfinite_skips(torch::Device device) const;
 
-  // With quantization: the bound of the float32 scratch that a step reads 8-bit compressed
-  // momentum into, in bytes (default 64 MiB, as in Python; a parameter whose momentum needs
-  // more gets a scratch of its own size). Parameters are stepped in consecutive chunks that
-  // fit it; the op steps the other 8-bit state as codes (docs/FLORA.md §11).
-  int64_t quantization_scratch_bytes() const { return quantization_scratch_bytes_; }
-  void quantization_scratch_bytes(int64_t bytes);
-
  private:
-  int64_t quantization_scratch_bytes_ = int64_t{64} << 20;
   // The counters of skip_nonfinite, one a device, made by the first step that needs one.
   std::vector<torch::Tensor> nonfinite_skips_;
   torch::Tensor& skip_counter(torch::Device device);
