@@ -556,16 +556,17 @@ def test_op_steps_8_bit_state_bitwise_as_read_back_float_state(device, factorize
 COMPRESSED_SHAPES = ((64, 200), (200, 64), (160, 512), (96, 96), (48, 128))
 
 
+@pytest.mark.parametrize("projection", ["gaussian", "orthogonal"])
 @pytest.mark.parametrize("rank", [4, 8, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_steps_8_bit_compressed_momentum_bitwise_as_read_back_float_state(device, dtype,
-                                                                             rank):
+                                                                             rank, projection):
     """Compressed momentum given to step_group_ as codes (CUDA: the down GEMM's epilogue
     reads them, the new M is formed in the task's float32 stage and written back) steps
     bitwise as the float32 step on the read-back momentum, written back with
     requantize_blockwise_; through resample steps (kappa 3) and a skipped parameter."""
-    hp = dict(OP_HP, rank=rank, skip_nonfinite=True)
+    hp = dict(OP_HP, rank=rank, skip_nonfinite=True, projection=projection)
     gen = torch.Generator().manual_seed(13)
     ps = [torch.randn(s, generator=gen).to(device, dtype) for s in COMPRESSED_SHAPES]
     qs = [p.clone() for p in ps]
