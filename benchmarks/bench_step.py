@@ -154,8 +154,8 @@ def optimizers(rank):
         # dense float32 momentum, which a bf16 model's step otherwise streams for them)
         f"flora_r{rank}_b0.9_no_aspect_limit": flora(rank=rank, beta1=0.9, kappa=1000,
                                                      max_aspect_ratio=None),
-        # quantization=True: 8-bit momentum, dequantized into a float32 scratch and
-        # requantized around the float32 step (docs/FLORA.md §11)
+        # quantization=True: 8-bit momentum and second moments, stepped as codes by the
+        # op (docs/FLORA.md §11)
         f"flora_r{rank}_b0.9_q8": flora(rank=rank, beta1=0.9, kappa=1000, quantization=True),
         f"flora_r{rank}_b0.9_q8_per_param": per_param(rank=rank, beta1=0.9, kappa=1000,
                                                       quantization=True),
