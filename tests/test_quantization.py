@@ -596,6 +596,45 @@ def test_op_steps_8_bit_compressed_momentum_bitwise_as_read_back_float_state(dev
     assert all(st["momentum_absmax"].abs().sum() > 0 for st in a)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_steps_8_bit_and_float_compressed_momentum_in_one_call(device):
+    """A direct step_group_ call may mix 8-bit and float32 compressed momentum in tensors of
+    one shape (CUDA: one fused shape group): it steps bitwise as the same call on float32
+    state with the 8-bit ones read back and written back, through a resample step."""
+    hp = dict(OP_HP, rank=8)
+    gen = torch.Generator().manual_seed(14)
+    shapes = ((64, 256), (64, 256), (256, 64), (256, 64))
+    ps = [torch.randn(s, generator=gen).to(device) for s in shapes]
+    qs = [p.clone() for p in ps]
+    mixed = op_states(ps, hp)
+    for k in (0, 3):
+        st = mixed[k]
+        st["momentum"], st["momentum_absmax"] = _quantized.quantize("momentum", st["momentum"])
+    floats = [{key: v.clone() for key, v in st.items()} for st in mixed]
+    keys = ("row_second_moment", "col_second_moment", "momentum", "momentum_absmax")
+    for step in range(1, 5):
+        grads = [torch.randn(p.shape, generator=gen).to(device) for p in ps]
+        flat = [st[key] for st in mixed for key in keys if key in st]
+        torch.ops.flora.step_group_(ps, grads, flat, [step] * 4, [7] * 4, **hp)
+        flat, pending = [], []
+        for st in floats:
+            flat += [st["row_second_moment"], st["col_second_moment"]]
+            if "momentum_absmax" in st:
+                values = _quantized.dequantize("momentum", st["momentum"], st["momentum_absmax"])
+                pending.append((values, st))
+                flat.append(values)
+            else:
+                flat.append(st["momentum"])
+        torch.ops.flora.step_group_(qs, grads, flat, [step] * 4, [7] * 4, **hp)
+        for values, st in pending:
+            _quantized.write_back_("momentum", values, st["momentum"], st["momentum_absmax"])
+        for k in range(4):
+            assert torch.equal(ps[k], qs[k]), (k, step)
+            for key in mixed[k]:
+                assert torch.equal(mixed[k][key], floats[k][key]), (k, key, step)
+    assert mixed[0]["momentum"].dtype == torch.uint8 and mixed[1]["momentum"].dtype == torch.float32
+
+
 @requires_cuda
 @pytest.mark.parametrize("rank", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

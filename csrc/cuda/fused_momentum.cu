@@ -16,6 +16,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -448,7 +449,10 @@ void fused_momentum_group(const FusedWork& w, int64_t min_batched) {
   if (left) group_gemm(true, false, r, r, n, kGramA, kGramA, kF16, kGramC);
   else group_gemm(false, true, r, r, m, kGramA, kGramA, kF16, kGramC);
   const auto* djobs = reinterpret_cast<const DownJob*>(dwords + kArrays * count);
-  const bool codes = w.tasks[0]->mc_codes != nullptr;  // quantization is the optimizer's
+  // Tasks with 8-bit momentum (a group may mix them with float32 ones in a direct op call;
+  // the launches leave jobs without codes alone).
+  const bool codes = std::any_of(w.tasks.begin(), w.tasks.end(),
+                                 [](const Task* t) { return t->mc_codes != nullptr; });
   if (resample) {
     // 8-bit momentum: read back into the stages, which the GEMM below reads as M.
     if (codes) launch_momentum_codes(false, djobs, count, s.msize, stream);
