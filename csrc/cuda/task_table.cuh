@@ -171,7 +171,7 @@ __device__ __forceinline__ const Task& task_of_tile(const TaskTable& table, int6
 // With 8-bit momentum (quantization=True) `momentum` is the task's float32 stage: the
 // epilogue reads M from `codes` (read_codes; through the signed map `map`) or, where the
 // stage already holds it read back (resample steps), from the stage, and writes the new
-// M there; requantize_jobs then writes it into `codes` and `absmax`.
+// M there; launch_momentum_codes (quantize.cu) then writes it into `codes` and `absmax`.
 struct DownJob {
   const void* grad;
   const uint16_t* proj;  // P^T, fp16: n x rank (left) or rank x m (right)
