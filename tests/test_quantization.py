@@ -689,24 +689,27 @@ def test_op_leaves_8_bit_state_of_a_skipped_parameter_bitwise(device):
 
 @pytest.mark.parametrize("change,match", [
     ("no_absmax", "needs its momentum_absmax"),
-    ("short_absmax", "momentum_absmax must be a contiguous float32 vector of 4 entries"),
+    ("short_absmax", "momentum_absmax must be a contiguous float32 vector of {blocks} entries"),
     ("int_absmax", "momentum_absmax must be a contiguous float32 vector"),
     ("codes_shape", "momentum must have shape"),
 ])
-def test_op_refuses_8_bit_state_it_cannot_take(change, match):
-    p = torch.randn(3, 300)  # dense momentum at rank 4: aspect ratio 100
+@pytest.mark.parametrize("shape", [(3, 300), (16, 40)], ids=["dense", "compressed"])
+def test_op_refuses_8_bit_state_it_cannot_take(change, match, shape):
+    # rank 4: (3, 300) has dense momentum (aspect ratio 100), (16, 40) compressed 4 x 40
+    p = torch.randn(shape)
     hp = dict(OP_HP)
     st = quantized_states([p], hp)[0]
     flat = [st["row_second_moment"], st["col_second_moment"], st["momentum"],
             st["momentum_absmax"]]
+    match = match.format(blocks=flat[3].numel())
     if change == "no_absmax":
         flat = flat[:3]
     elif change == "short_absmax":
-        flat[3] = flat[3][:3]
+        flat[3] = flat[3][:-1]
     elif change == "int_absmax":
         flat[3] = flat[3].int()
     elif change == "codes_shape":
-        flat[2] = flat[2].reshape(300, 3)
+        flat[2] = flat[2].reshape(tuple(reversed(flat[2].shape)))
     before = p.clone()
     with pytest.raises(RuntimeError, match=match):
         torch.ops.flora.step_group_([p], [torch.randn_like(p)], flat, [1], [7], **hp)
