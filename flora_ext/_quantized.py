@@ -85,10 +85,11 @@ def step_group(params, grads, states, order, steps, seeds, hyper_parameters, nor
     if not params:
         return
     via_scratch = params[0].device.type == "cuda" and not CUDA_STEPS_CODES
-    sizes = [sum(_aligned(state[name].numel()) for name in SIGNED if name in state)
-             if via_scratch else 0 for state in states]
-    scratch = (torch.empty(sum(sizes), dtype=torch.float32, device=params[0].device)
-               if via_scratch else None)
+    scratch = None
+    if via_scratch:
+        floats = sum(_aligned(state[name].numel())
+                     for state in states for name in SIGNED if name in state)
+        scratch = torch.empty(floats, dtype=torch.float32, device=params[0].device)
     flat, pending, offset = [], [], 0
     for state in states:
         for name in order:

@@ -319,7 +319,7 @@ void fill_fused_table(const FusedWork& w) {
     if (t.mc_codes != nullptr) {
       now.codes = t.mc_codes;
       now.absmax = t.mc_absmax;
-      now.map = quant_maps(w.items[k]->param.device().index()) + kMapSigned;
+      now.map = w.quant_maps + kMapSigned;
       now.read_codes = !s.resample;
     }
     jobs[k] = now;

@@ -188,6 +188,7 @@ struct FusedWork {
   float* temps = nullptr;        // fused_temp_floats of the workspace
   int64_t* host = nullptr;       // fused_table_words of the call's pinned table
   const int64_t* device = nullptr;  // the same words in the workspace
+  const float* quant_maps = nullptr;  // the call's (GroupArgs::quant_maps): 8-bit momentum
   // projection="orthogonal": the W of each task's current basis and (resample steps) of
   // its next one, taken while the call is planned.
   std::vector<WSlot> wslots, wslots_next;

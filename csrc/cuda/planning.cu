@@ -80,6 +80,12 @@ void set_block_rows(Task& t, int64_t row_bytes, int64_t bytes, int64_t task_bloc
 
 int64_t aligned(int64_t floats) { return ceil_div(floats, 4) * 4; }
 
+// Floats of the float32 stage of a task's 8-bit compressed momentum (0: none): M's
+// rank x max(n, m).
+int64_t mc_stage_floats(const Task& t) {
+  return t.mc_codes != nullptr ? t.rank * std::max(t.n, t.m) : 0;
+}
+
 WorkspacePlan plan_workspace(const Task& t, int64_t kept_base, int64_t partials_base,
                              int64_t work_base) {
   WorkspacePlan w;
@@ -116,7 +122,7 @@ WorkspacePlan plan_workspace(const Task& t, int64_t kept_base, int64_t partials_
   } else if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
     w.update = take(work_at, t.numel);
   }
-  if (t.mc_codes != nullptr) w.mc_stage = take(work_at, t.rank * std::max(t.n, t.m));
+  w.mc_stage = take(work_at, mc_stage_floats(t));
   w.kept = kept_at - kept_base;
   w.partials = partials_at - partials_base;
   w.work = work_at - work_base;
@@ -299,7 +305,7 @@ TaskBytes task_bytes(const Item& item, const Task& t) {
                              ? t.numel * int64_t(sizeof(float))
                              : 0;
   // 8-bit compressed momentum: its float32 stage, in the share of its path.
-  const int64_t stage = t.mc_codes != nullptr ? layout.rank * std::max(t.n, t.m) * 4 : 0;
+  const int64_t stage = mc_stage_floats(t) * int64_t(sizeof(float));
   return TaskBytes{bytes, fused + (t.fused ? stage : 0), update + (t.fused ? 0 : stage)};
 }
 
