@@ -176,32 +176,41 @@ int grid_for(int64_t blocks) {
   return static_cast<int>(std::min<int64_t>(cuda_detail::ceil_div(blocks, kWarpsPerCta), kMaxGrid));
 }
 
+// Raw launches on `stream`, shared by the ops below and the step's unfused 8-bit stage.
+template <bool kKeep>
+void launch_quantize(const float* values, uint8_t* codes, float* absmax, int64_t numel,
+                     bool is_signed, cudaStream_t stream) {
+  if (numel == 0) return;
+  quantize_kernel<kKeep><<<grid_for(quant_blocks(numel)), kWarpsPerCta * 32, 0, stream>>>(
+      values, codes, absmax, numel, dynamic_map(is_signed));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void launch_dequantize(const uint8_t* codes, const float* absmax, float* values, int64_t numel,
+                       bool is_signed, cudaStream_t stream) {
+  if (numel == 0) return;
+  dequantize_kernel<<<grid_for(quant_blocks(numel)), kWarpsPerCta * 32, 0, stream>>>(
+      codes, absmax, values, numel, dynamic_map(is_signed));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <bool kKeep>
 void quantize_cuda(const at::Tensor& values, const at::Tensor& codes, const at::Tensor& absmax,
                    bool is_signed) {
   check_quantized_args(values, codes, absmax);
-  const int64_t numel = values.numel();
-  if (numel == 0) return;
   const c10::cuda::CUDAGuard guard(values.device());
-  const int64_t blocks = quant_blocks(numel);
-  quantize_kernel<kKeep>
-      <<<grid_for(blocks), kWarpsPerCta * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
-          values.data_ptr<float>(), codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), numel,
-          dynamic_map(is_signed));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_quantize<kKeep>(values.data_ptr<float>(), codes.data_ptr<uint8_t>(),
+                         absmax.data_ptr<float>(), values.numel(), is_signed,
+                         at::cuda::getCurrentCUDAStream());
 }
 
 void dequantize_blockwise_cuda(const at::Tensor& codes, const at::Tensor& absmax,
                                const at::Tensor& values, bool is_signed) {
   check_quantized_args(values, codes, absmax);
-  const int64_t numel = values.numel();
-  if (numel == 0) return;
   const c10::cuda::CUDAGuard guard(values.device());
-  const int64_t blocks = quant_blocks(numel);
-  dequantize_kernel<<<grid_for(blocks), kWarpsPerCta * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
-      codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(), values.data_ptr<float>(), numel,
-      dynamic_map(is_signed));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_dequantize(codes.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
+                    values.data_ptr<float>(), values.numel(), is_signed,
+                    at::cuda::getCurrentCUDAStream());
 }
 
 }  // namespace
@@ -260,15 +269,8 @@ void launch_momentum_codes(bool requantize, const DownJob* jobs, int count, int6
 
 void launch_momentum_stage(bool requantize, float* stage, uint8_t* codes, float* absmax,
                            int64_t numel, cudaStream_t stream) {
-  if (numel == 0) return;
-  const int grid = grid_for(quant_blocks(numel));
-  if (requantize)
-    quantize_kernel<true><<<grid, kWarpsPerCta * 32, 0, stream>>>(stage, codes, absmax, numel,
-                                                                  dynamic_map(true));
-  else
-    dequantize_kernel<<<grid, kWarpsPerCta * 32, 0, stream>>>(codes, absmax, stage, numel,
-                                                              dynamic_map(true));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (requantize) launch_quantize<true>(stage, codes, absmax, numel, true, stream);
+  else launch_dequantize(codes, absmax, stage, numel, true, stream);
 }
 
 void launch_quant_commit(const TaskTable& table, int64_t max_numel, cudaStream_t stream) {
