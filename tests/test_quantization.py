@@ -107,6 +107,27 @@ def test_quantize_matches_the_float64_model(signed, numel):
 
 
 @pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("device", DEVICES)
+def test_codes_at_the_decision_points(device, signed):
+    """Each decision point between neighbouring codes (their midpoint, rounded to float32)
+    and the float32 numbers either side of it, in blocks whose absmax is 1 (the division
+    rounds nothing): the code is the number of points below the value, so a value on a
+    point takes the lower code. CUDA keeps the points padded in shared memory; a wrong
+    index there would move codes here."""
+    values = model_map(signed)
+    points = ((values[:-1] + values[1:]) / 2).float()
+    x = torch.stack([torch.nextafter(points, torch.tensor(-2.0)), points,
+                     torch.nextafter(points, torch.tensor(2.0))], dim=1).reshape(-1)
+    x = x[x.abs() <= 1]
+    rows = x.split(BLOCK - 1)  # and a 1.0 in every block: each block's absmax is 1
+    x = torch.cat([torch.cat([r, torch.ones(1)]) for r in rows])
+    codes, absmax = op_quantize(x.to(device), signed)
+    assert torch.equal(absmax.cpu(), torch.ones_like(absmax.cpu()))
+    want = (x[:, None] > points[None, :]).sum(dim=1)
+    assert torch.equal(codes.cpu().long(), want)
+
+
+@pytest.mark.parametrize("signed", [True, False])
 def test_round_trip_error_is_within_half_a_bin_of_each_blocks_absmax(signed):
     gen = torch.Generator().manual_seed(1)
     x = sample(64 * BLOCK + 17, gen, signed)

@@ -52,18 +52,29 @@ void requantize_blockwise_cpu(const at::Tensor& values, const at::Tensor& codes,
 void dequantize_blockwise_cpu(const at::Tensor& codes, const at::Tensor& absmax,
                               const at::Tensor& values, bool is_signed);
 
+// Where decision point i lies in a padded copy of the 255 (CUDA shared memory): at
+// i + i / 32. The search's probes at one step are i = j * 2 * step + step - 1; sorted and
+// unpadded, those of the first five steps all fall in one bank, and a warp's lanes (each on
+// its own element) took up to 8-way conflicts a step. Padded, they fall in distinct banks.
+constexpr int kPaddedThresholds = 255 + 254 / 32;
+FLORA_HOST_DEVICE constexpr int padded_threshold(int i) { return i + (i >> 5); }
+
 // Index of the code nearest to x (x already divided by the block's absmax, in [-1, 1]):
-// the number of decision points below x, by binary search; a tie goes to the lower code.
-// NaN compares false everywhere and gets code 0 (its block's absmax is NaN anyway).
-// `threshold` is a QuantMap's (or a copy of it, e.g. in CUDA shared memory).
+// the number of decision points below x, by binary search in eight fixed steps (no
+// data-dependent trip count, so the searches of a thread's elements interleave); a tie
+// goes to the lower code. NaN compares false everywhere and gets code 0 (its block's
+// absmax is NaN anyway). `threshold` is a QuantMap's, or with kPadded its padded copy.
+template <bool kPadded = false>
 FLORA_HOST_DEVICE inline uint8_t encode_nearest(float x, const float* threshold) {
-  int lo = 0, hi = 255;  // answer in [lo, hi]
-  while (lo < hi) {
-    const int mid = (lo + hi) >> 1;  // threshold[mid] separates codes mid and mid + 1
-    if (x > threshold[mid]) lo = mid + 1;
-    else hi = mid;
+  int below = 0;
+#ifdef __CUDA_ARCH__
+#pragma unroll
+#endif
+  for (int step = 128; step > 0; step >>= 1) {
+    const int i = below + step - 1;  // at most 254: the steps sum to 255
+    if (x > threshold[kPadded ? padded_threshold(i) : i]) below += step;
   }
-  return static_cast<uint8_t>(lo);
+  return static_cast<uint8_t>(below);
 }
 
 }  // namespace flora

@@ -21,9 +21,12 @@ namespace flora {
 namespace cuda_detail {
 
 // The code maps in one device buffer (quant_maps): values of the signed map (momentum),
-// of the unsigned map (second moment), then their decision points.
+// of the unsigned map (second moment), then their decision points, padded
+// (padded_threshold).
 constexpr int kMapSigned = 0, kMapUnsigned = 256, kThresholdSigned = 512,
-              kThresholdUnsigned = 768, kMapFloats = 1024;
+              kThresholdUnsigned = kThresholdSigned + 264,
+              kMapFloats = kThresholdUnsigned + 264;
+static_assert(kPaddedThresholds <= 264, "a padded map's decision points fit its place");
 
 // The maps' buffer on `device` (uploaded once; lives as long as the process).
 const float* quant_maps(int device);
@@ -40,9 +43,9 @@ __device__ __forceinline__ float decode(const float* values, uint8_t code, float
   return __fmul_rn(values[code], absmax);
 }
 
-// One IEEE division and the nearest code, as quantize_blockwise_.
+// One IEEE division and the nearest code, as quantize_blockwise_. `thresholds`: padded.
 __device__ __forceinline__ uint8_t encode(const float* thresholds, float x, float absmax) {
-  return encode_nearest(absmax > 0.0f ? __fdiv_rn(x, absmax) : 0.0f, thresholds);
+  return encode_nearest<true>(absmax > 0.0f ? __fdiv_rn(x, absmax) : 0.0f, thresholds);
 }
 
 // Reads L codes from flat index e0 (`valid` of them) into floats.

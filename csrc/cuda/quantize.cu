@@ -58,14 +58,16 @@ __host__ __device__ inline bool vector_aligned(const void* values, const void* c
          reinterpret_cast<uintptr_t>(codes) % 8 == 0;
 }
 
-// The block's copy of a map's decision points (and, for kKeep or reading back, values).
+// The block's copy of a map's decision points, padded (and, for kKeep or reading back,
+// values).
 struct StagedMap {
-  float threshold[255];
+  float threshold[kPaddedThresholds];
   float value[256];
 };
 
 __device__ inline void stage_map(StagedMap& s, const QuantMap& map, bool values) {
-  for (int k = threadIdx.x; k < 255; k += blockDim.x) s.threshold[k] = map.threshold[k];
+  for (int k = threadIdx.x; k < 255; k += blockDim.x)
+    s.threshold[padded_threshold(k)] = map.threshold[k];
   if (values)
     for (int k = threadIdx.x; k < 256; k += blockDim.x) s.value[k] = map.value[k];
   __syncthreads();
@@ -245,8 +247,10 @@ const float* quant_maps(int device) {
     const QuantMap& u = dynamic_map(false);
     std::copy(s.value, s.value + 256, h + kMapSigned);
     std::copy(u.value, u.value + 256, h + kMapUnsigned);
-    std::copy(s.threshold, s.threshold + 255, h + kThresholdSigned);
-    std::copy(u.threshold, u.threshold + 255, h + kThresholdUnsigned);
+    for (int k = 0; k < 255; ++k) {
+      h[kThresholdSigned + padded_threshold(k)] = s.threshold[k];
+      h[kThresholdUnsigned + padded_threshold(k)] = u.threshold[k];
+    }
     maps[device] = new at::Tensor(
         host.to(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device))));
   }
