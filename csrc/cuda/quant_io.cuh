@@ -48,11 +48,36 @@ __device__ __forceinline__ uint8_t encode(const float* thresholds, float x, floa
   return encode_nearest<true>(absmax > 0.0f ? __fdiv_rn(x, absmax) : 0.0f, thresholds);
 }
 
+// Whether the L codes from flat index e0 lie in one block and can move as one aligned
+// word (4 or 8 bytes): then their absmax, changed flag and codes are one load each, not
+// L (the 8-bit dense apply pass was bound by those loads and the byte stores).
+template <int L>
+__device__ __forceinline__ bool whole_code_word(const uint8_t* codes, int64_t e0, int valid) {
+  static_assert(L == 4 || L == 8, "a word of codes is 4 or 8 bytes");
+  return valid == L && e0 % kQuantBlock <= kQuantBlock - L &&
+         reinterpret_cast<uintptr_t>(codes + e0) % L == 0;
+}
+
 // Reads L codes from flat index e0 (`valid` of them) into floats.
 template <int L>
 __device__ __forceinline__ void load_codes(const uint8_t* codes, const float* absmax,
                                            const float* values, int64_t e0, int valid,
                                            float x[L]) {
+  if (whole_code_word<L>(codes, e0, valid)) {
+    const float a = absmax[e0 / kQuantBlock];
+    uint32_t w[L / 4];
+    if constexpr (L == 8) {
+      const uint2 v = *reinterpret_cast<const uint2*>(codes + e0);
+      w[0] = v.x;
+      w[1] = v.y;
+    } else {
+      w[0] = *reinterpret_cast<const uint32_t*>(codes + e0);
+    }
+#pragma unroll
+    for (int c = 0; c < L; ++c)
+      x[c] = decode(values, static_cast<uint8_t>(w[c / 4] >> (8 * (c % 4))), a);
+    return;
+  }
 #pragma unroll
   for (int c = 0; c < L; ++c)
     x[c] = c < valid ? decode(values, codes[e0 + c], absmax[(e0 + c) / kQuantBlock]) : 0.0f;
@@ -63,6 +88,17 @@ template <int L>
 __device__ __forceinline__ void store_codes(uint8_t* codes, const uint32_t* next,
                                             const int32_t* changed, const float* thresholds,
                                             int64_t e0, int valid, const float x[L]) {
+  if (whole_code_word<L>(codes, e0, valid)) {
+    const int64_t b = e0 / kQuantBlock;
+    if (!changed[b]) return;
+    const float a = __uint_as_float(next[b]);
+    uint32_t w[L / 4] = {};
+#pragma unroll
+    for (int c = 0; c < L; ++c) w[c / 4] |= uint32_t(encode(thresholds, x[c], a)) << (8 * (c % 4));
+    if constexpr (L == 8) *reinterpret_cast<uint2*>(codes + e0) = make_uint2(w[0], w[1]);
+    else *reinterpret_cast<uint32_t*>(codes + e0) = w[0];
+    return;
+  }
 #pragma unroll
   for (int c = 0; c < L; ++c) {
     if (c >= valid) continue;
