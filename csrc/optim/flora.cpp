@@ -232,11 +232,15 @@ struct GroupCall {
   std::vector<int64_t> steps, seeds;
   std::optional<at::Tensor> nonfinite_skips;  // with skip_nonfinite: the device's counter
 
+  // The state tensors in step_group_'s order: row, col, second moment, momentum; an 8-bit
+  // state (quantization) as its codes followed by its absmax, which the op steps in place
+  // (docs/FLORA.md §11).
   void add(const at::Tensor& param, const FloraParamState& state) {
     params.push_back(param);
     grads.push_back(param.grad());
     for (const at::Tensor* t : {&state.row_second_moment(), &state.col_second_moment(),
-                                &state.second_moment(), &state.momentum()}) {
+                                &state.second_moment(), &state.second_moment_absmax(),
+                                &state.momentum(), &state.momentum_absmax()}) {
       if (t->defined()) states.push_back(*t);
     }
     steps.push_back(state.step() + 1);
@@ -278,35 +282,6 @@ std::vector<std::vector<size_t>> by_device(const std::vector<Item>& items) {
     batches[d].push_back(k);
   }
   return batches;
-}
-
-// step_group over parameters (of one device) with 8-bit states: each 8-bit state goes to
-// the op as its codes followed by its absmax, and the op steps it in place (docs/FLORA.md
-// §11); a fault in the op leaves every parameter and state as it was.
-void step_group_quantized(const std::vector<at::Tensor>& params,
-                          const std::vector<FloraParamState*>& states, const StepOptions& o,
-                          const std::optional<at::Tensor>& nonfinite_skips) {
-  if (params.empty()) return;
-  GroupCall call;
-  call.nonfinite_skips = nonfinite_skips;
-  for (size_t k = 0; k < params.size(); ++k) {
-    FloraParamState& state = *states[k];
-    call.params.push_back(params[k]);
-    call.grads.push_back(params[k].grad());
-    // The order of GroupCall::add: row, col, second moment, momentum.
-    for (const at::Tensor* t : {&state.row_second_moment(), &state.col_second_moment()}) {
-      if (t->defined()) call.states.push_back(*t);
-    }
-    for (const QuantizedField& field : kQuantizedFields) {
-      const at::Tensor& codes = (state.*field.codes)();
-      if (!codes.defined()) continue;
-      call.states.push_back(codes);
-      call.states.push_back((state.*field.absmax)());
-    }
-    call.steps.push_back(state.step() + 1);
-    call.seeds.push_back(state.seed().value_or(0));
-  }
-  step_group(call, o);
 }
 
 // quantization loading float32 state (saved without it): the momentum and unfactored second
@@ -646,23 +621,13 @@ torch::Tensor Flora::step(LossClosure closure) {
       if (group.options->skip_nonfinite()) {
         skips = skip_counter(group.items[batch[0]].param.device());
       }
-      if (quantization) {
-        std::vector<at::Tensor> params;
-        std::vector<FloraParamState*> states;
-        for (const size_t k : batch) {
-          params.push_back(group.items[k].param);
-          states.push_back(group.items[k].state);
-        }
-        step_group_quantized(params, states, group.options->step_options(1, 0), skips);
-      } else {
-        GroupCall call;
-        for (const size_t k : batch) {
-          const Pending& item = group.items[k];
-          call.add(item.param, *item.state);
-        }
-        call.nonfinite_skips = skips;
-        step_group(call, group.options->step_options(1, 0));
+      GroupCall call;
+      for (const size_t k : batch) {
+        const Pending& item = group.items[k];
+        call.add(item.param, *item.state);
       }
+      call.nonfinite_skips = skips;
+      step_group(call, group.options->step_options(1, 0));
       for (const size_t k : batch) {
         FloraParamState& state = *group.items[k].state;
         const int64_t t = state.step() + 1;
