@@ -626,6 +626,22 @@ def test_wide_rows_take_a_stats_launch_apart_and_change_nothing(dtype):
     assert opts[0].state[together[1]]["row_second_moment"].abs().max() > 0
 
 
+def _kernel_args(step, name):
+    """The launch arguments (grid, block, shared memory, ...) of the CUDA kernels whose name
+    holds `name` during step(), from torch.profiler's trace."""
+    import json
+    import tempfile
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        with open(f.name) as trace:
+            events = json.load(trace)["traceEvents"]
+    return [e["args"] for e in events
+            if e.get("cat") == "kernel" and name in e.get("name", "")]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_wide_rows_column_sums_in_registers_equal_shared_memory(dtype, tuning):
     # wide_row_regs=0 keeps every wide row's column sums in shared memory: the register
@@ -639,16 +655,21 @@ def test_wide_rows_column_sums_in_registers_equal_shared_memory(dtype, tuning):
         params = [torch.nn.Parameter(torch.randn(s, generator=gen).to("cuda", dtype))
                   for s in shapes]
         opt = flora_ext.Flora(params, lr=1e-2, beta1=None)
+        smem = []
         for _ in range(3):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen).to("cuda", dtype)
-            opt.step()
-        return params, opt
+            smem += [a["shared memory"] for a in _kernel_args(opt.step, "stats_wide_kernel")]
+        return params, opt, smem
 
-    (regs, opt), (shared, _) = train(1), train(0)
+    (regs, opt, regs_smem), (shared, _, shared_smem) = train(1), train(0)
     for a, b in zip(regs, shared):
         assert torch.equal(a, b), tuple(a.shape)
     assert opt.state[regs[1]]["col_second_moment"].abs().max() > 0
+    # The variant is live: with the column sums in shared memory the wide rows' launch asks
+    # for more of it (fp32 on an H100: 180880 bytes against 136848).
+    assert len(regs_smem) == len(shared_smem) == 3
+    assert all(b > a for a, b in zip(regs_smem, shared_smem)), (regs_smem, shared_smem)
 
 
 # sum(p^2) kept from the last CUDA step (reuse_param_norms): the same results as reading

@@ -53,7 +53,7 @@ __device__ inline void load_code_word(const uint8_t* q, int64_t e, int64_t numel
 
 // Whether the vector path may be taken: float4 values and 8-byte code words (a block
 // starts at a multiple of 256 elements, so base alignment is enough).
-__host__ __device__ inline bool vector_aligned(const void* values, const void* codes) {
+__device__ inline bool vector_aligned(const void* values, const void* codes) {
   return reinterpret_cast<uintptr_t>(values) % 16 == 0 &&
          reinterpret_cast<uintptr_t>(codes) % 8 == 0;
 }
