@@ -1,5 +1,7 @@
 """CUDA kernels against the CPU kernels (the CPU path is checked against tests/reference.py)."""
 import copy
+import json
+import tempfile
 
 import pytest
 import torch
@@ -629,8 +631,6 @@ def test_wide_rows_take_a_stats_launch_apart_and_change_nothing(dtype):
 def _kernel_args(step, name):
     """The launch arguments (grid, block, shared memory, ...) of the CUDA kernels whose name
     holds `name` during step(), from torch.profiler's trace."""
-    import json
-    import tempfile
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
