@@ -58,6 +58,33 @@ __device__ __forceinline__ bool whole_code_word(const uint8_t* codes, int64_t e0
          reinterpret_cast<uintptr_t>(codes + e0) % L == 0;
 }
 
+// The L codes of one aligned 4- or 8-byte word at p, lowest address in the lowest byte:
+// one load or store, not L byte accesses.
+template <int L>
+__device__ __forceinline__ void load_code_word(const uint8_t* p, uint8_t (&code)[L]) {
+  static_assert(L == 4 || L == 8, "a word of codes is 4 or 8 bytes");
+  uint32_t w[L / 4];
+  if constexpr (L == 8) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    w[0] = v.x;
+    w[1] = v.y;
+  } else {
+    w[0] = *reinterpret_cast<const uint32_t*>(p);
+  }
+#pragma unroll
+  for (int c = 0; c < L; ++c) code[c] = static_cast<uint8_t>(w[c / 4] >> (8 * (c % 4)));
+}
+
+template <int L>
+__device__ __forceinline__ void store_code_word(uint8_t* p, const uint8_t (&code)[L]) {
+  static_assert(L == 4 || L == 8, "a word of codes is 4 or 8 bytes");
+  uint32_t w[L / 4] = {};
+#pragma unroll
+  for (int c = 0; c < L; ++c) w[c / 4] |= uint32_t(code[c]) << (8 * (c % 4));
+  if constexpr (L == 8) *reinterpret_cast<uint2*>(p) = make_uint2(w[0], w[1]);
+  else *reinterpret_cast<uint32_t*>(p) = w[0];
+}
+
 // Reads L codes from flat index e0 (`valid` of them) into floats.
 template <int L>
 __device__ __forceinline__ void load_codes(const uint8_t* codes, const float* absmax,
@@ -65,17 +92,10 @@ __device__ __forceinline__ void load_codes(const uint8_t* codes, const float* ab
                                            float x[L]) {
   if (whole_code_word<L>(codes, e0, valid)) {
     const float a = absmax[e0 / kQuantBlock];
-    uint32_t w[L / 4];
-    if constexpr (L == 8) {
-      const uint2 v = *reinterpret_cast<const uint2*>(codes + e0);
-      w[0] = v.x;
-      w[1] = v.y;
-    } else {
-      w[0] = *reinterpret_cast<const uint32_t*>(codes + e0);
-    }
+    uint8_t code[L];
+    load_code_word<L>(codes + e0, code);
 #pragma unroll
-    for (int c = 0; c < L; ++c)
-      x[c] = decode(values, static_cast<uint8_t>(w[c / 4] >> (8 * (c % 4))), a);
+    for (int c = 0; c < L; ++c) x[c] = decode(values, code[c], a);
     return;
   }
 #pragma unroll
@@ -92,11 +112,10 @@ __device__ __forceinline__ void store_codes(uint8_t* codes, const uint32_t* next
     const int64_t b = e0 / kQuantBlock;
     if (!changed[b]) return;
     const float a = __uint_as_float(next[b]);
-    uint32_t w[L / 4] = {};
+    uint8_t code[L];
 #pragma unroll
-    for (int c = 0; c < L; ++c) w[c / 4] |= uint32_t(encode(thresholds, x[c], a)) << (8 * (c % 4));
-    if constexpr (L == 8) *reinterpret_cast<uint2*>(codes + e0) = make_uint2(w[0], w[1]);
-    else *reinterpret_cast<uint32_t*>(codes + e0) = w[0];
+    for (int c = 0; c < L; ++c) code[c] = encode(thresholds, x[c], a);
+    store_code_word<L>(codes + e0, code);
     return;
   }
 #pragma unroll

@@ -39,12 +39,10 @@ __device__ inline float warp_absmax(float a) {
 
 // The lane's eight codes from flat index e: one 8-byte word where the block is whole and
 // aligned (`vec`), else byte by byte (zeros past numel).
-__device__ inline void load_code_word(const uint8_t* q, int64_t e, int64_t numel, bool vec,
-                                      uint8_t c[8]) {
+__device__ inline void load_lane_codes(const uint8_t* q, int64_t e, int64_t numel, bool vec,
+                                       uint8_t (&c)[kPerLane]) {
   if (vec) {
-    const uint2 w = *reinterpret_cast<const uint2*>(q + e);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) c[k] = (w.x >> (8 * k)) & 0xff, c[k + 4] = (w.y >> (8 * k)) & 0xff;
+    cuda_detail::load_code_word<kPerLane>(q + e, c);
   } else {
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) c[k] = e + k < numel ? q[e + k] : 0;
@@ -91,7 +89,7 @@ __device__ void quantize_blocks(const float* __restrict__ x, uint8_t* __restrict
     cuda_detail::loadf<kPerLane>(x + e, vec, cuda_detail::valid_of<kPerLane>(numel - e), v);
     if constexpr (kKeep) {
       uint8_t c[kPerLane];
-      load_code_word(q, e, numel, vec, c);
+      load_lane_codes(q, e, numel, vec, c);
       const float a = amax[b];
       bool same = true;
 #pragma unroll
@@ -110,10 +108,7 @@ __device__ void quantize_blocks(const float* __restrict__ x, uint8_t* __restrict
     for (int k = 0; k < kPerLane; ++k)
       c[k] = cuda_detail::encode(map.threshold, v[k], a);
     if (vec) {
-      uint2 w;
-      w.x = c[0] | (c[1] << 8) | (c[2] << 16) | (uint32_t(c[3]) << 24);
-      w.y = c[4] | (c[5] << 8) | (c[6] << 16) | (uint32_t(c[7]) << 24);
-      *reinterpret_cast<uint2*>(q + e) = w;
+      cuda_detail::store_code_word<kPerLane>(q + e, c);
     } else {
 #pragma unroll
       for (int k = 0; k < kPerLane; ++k)
@@ -133,7 +128,7 @@ __device__ void dequantize_blocks(const uint8_t* __restrict__ q, const float* __
     const int64_t e = b * kQuantBlock + lane * kPerLane;
     const bool vec = aligned && (b + 1) * kQuantBlock <= numel;
     uint8_t c[kPerLane];
-    load_code_word(q, e, numel, vec, c);
+    load_lane_codes(q, e, numel, vec, c);
     const float a = amax[b];
     float v[kPerLane];
 #pragma unroll
