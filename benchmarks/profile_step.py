@@ -52,8 +52,14 @@ def pass_bytes(params, opt, per_param=False):
 
 
 def short_name(kernel):
-    for key in ("fused_down_kernel", "projection_t_kernel", "stats_kernel", "finalize_kernel", "scalars_kernel", "norms_kernel", "rms_kernel",
-                "clip_kernel", "apply_kernel", "projection_pair_kernel", "fill_projection_kernel",
+    # The statistics pass of wide rows and of 8-bit unfactored tasks runs as launches of
+    # its own; the pass's floor counts all its tensors, so they share its row.
+    for key in ("stats_wide_kernel", "stats_quantized_kernel"):
+        if key in kernel:
+            return "stats"
+    for key in ("fused_down_kernel", "gram_dot_kernel", "projection_t_kernel", "stats_kernel",
+                "finalize_kernel", "scalars_kernel", "norms_kernel", "rms_kernel", "clip_kernel",
+                "apply_kernel", "projection_pair_kernel", "fill_projection_kernel",
                 "momentum_mix_kernel", "row_factor_kernel"):
         if key in kernel:
             return key.replace("_kernel", "")
