@@ -25,14 +25,13 @@ from collections import Counter
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_step import MODELS, llama_shapes, measured_on, timed_call  # noqa: E402
+from bench_floor import timed  # noqa: E402
+from bench_step import MODELS, llama_shapes, measured_on  # noqa: E402
 
 
-def median_ms(fn, reps=5):
-    fn()
-    torch.cuda.synchronize()
-    times = sorted(timed_call(fn) for _ in range(reps))
-    return times[len(times) // 2]
+def median_ms(fn):
+    """Median GPU time of fn() in ms over 5 calls after one warm-up call."""
+    return timed(fn, steps=5, warmup=1)
 
 
 def measure(model, rank):
