@@ -177,6 +177,12 @@ def optimizers(rank):
         # column sums in shared memory instead of registers
         f"flora_r{rank}_b0.9_wide_shared": (flora(rank=rank, beta1=0.9, kappa=1000),
                                             {"wide_row_regs": 0}),
+        # 16-bit tensors' down GEMM in cuBLAS (P scaled in the gradient's dtype) and a
+        # momentum epilogue kernel instead of fused_down_kernel
+        f"flora_r{rank}_b0.9_down_library": (flora(rank=rank, beta1=0.9, kappa=1000),
+                                             {"down_library": 1}),
+        f"flora_r{rank}_b0.9_resample_down_library": (flora(rank=rank, beta1=0.9, kappa=1),
+                                                      {"down_library": 1}),
         f"flora_r{rank}_b0.9_dense_row_stats": (flora(rank=rank, beta1=0.9, kappa=1000),
                                                 {"row_stats_dense": 1}),
         f"flora_r{rank}_b0.9_dense_tile_passes": (flora(rank=rank, beta1=0.9, kappa=1000),

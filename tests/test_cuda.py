@@ -425,7 +425,7 @@ def test_former_variant_knobs_are_not_read(name, monkeypatch):
 
 BAD_TUNING = [("row_stats", 2), ("stats_stages", 1), ("stats_stages", 5), ("fused_momentum", 3),
               ("fused_share", 0), ("fused_min_bytes", -2), ("min_batched", 0),
-              ("stats_task_blocks", -3), ("wide_row_regs", -2)]
+              ("stats_task_blocks", -3), ("wide_row_regs", -2), ("down_library", 2)]
 
 
 def _one_tuned_step():
@@ -779,6 +779,59 @@ def test_fused_and_unfused_momentum_agree(shape, dtype, hp, tuning):
     tol = 2e-3 if dtype == torch.float32 else 2e-2
     assert rel_err(d1, d0) <= tol
     assert rel_err(s1["momentum"], s0["momentum"]) <= 5 * tol
+
+
+@pytest.mark.parametrize("shape,dtype,hp", [FUSED_CASES[4], FUSED_CASES[5], FUSED_CASES[6],
+                                            ((1024, 512), torch.bfloat16, dict(rank=40)),
+                                            ((512, 2048), torch.bfloat16,
+                                             dict(rank=64, quantization=True))], ids=str)
+def test_library_down_gemm_agrees_with_fused_kernel(shape, dtype, hp, tuning):
+    # down_library=1: 16-bit tasks take the down GEMM in cuBLAS (P scaled and rounded to the
+    # gradient's dtype, G as it is) and down_epilogue_kernel; 0 (default) forms U in fp16
+    # inside fused_down_kernel. Other roundings of the same products: close, not equal.
+    runs = {}
+    for flag in (0, 1):
+        tuning(down_library=flag)
+        runs[flag] = run_momentum(shape, dtype, hp, "cuda")
+    (d0, s0), (d1, s1) = runs[0], runs[1]
+    assert not torch.equal(s0["momentum"], s1["momentum"]), "down_library=1 must take cuBLAS"
+    # 8-bit momentum: where the two Ms differ by a rounding a code may flip (H100: 0.042)
+    assert rel_err(d1, d0) <= (6e-2 if hp.get("quantization") else 2e-2)
+    if not hp.get("quantization"):  # else 8-bit codes: the updates above carry them
+        assert rel_err(s1["momentum"], s0["momentum"]) <= 5e-2
+
+
+def test_library_down_gemm_in_chunks_agrees_with_fused_kernel(tuning):
+    # Several tensors of one shape in one call, on each side of the projection. A group's
+    # limit (here a quarter of kFusedMinBytes, 16 MiB) holds the scaled P^T and fp32 result
+    # of four of them (1024 x 3072, rank 256: 3.7 MB each), so on steps without resampling
+    # the library down GEMM takes a group of 7 in chunks of 4 and 3 through the same places.
+    # A chunk that reused a place too early, or a task that read another's result, would
+    # not agree with fused_down_kernel.
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    shapes = [(1024, 3072)] * 7 + [(3072, 1024)] * 5
+
+    def randn(shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, device="cuda") * scale).to(torch.bfloat16)
+
+    p0 = [randn(s) for s in shapes]
+    grads = [[randn(s, 0.1 + t) for s in shapes] for t in range(6)]
+    runs = {}
+    for flag in (0, 1):
+        tuning(down_library=flag)
+        params = [torch.nn.Parameter(p.clone()) for p in p0]
+        opt = flora_ext.Flora(params, lr=1e-2, beta1=0.9, rank=256, kappa=4, tf32=True)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g
+            opt.step()
+        runs[flag] = [(p.detach().double() - q.double(), opt.state[p]["momentum"].clone())
+                      for p, q in zip(params, p0)]
+    for k, ((d0, m0), (d1, m1)) in enumerate(zip(runs[0], runs[1])):
+        assert d0.abs().max() > 0
+        assert rel_err(d1, d0) <= 2e-2, k
+        assert rel_err(m1, m0) <= 5e-2, k
+        assert not torch.equal(m0, m1), f"tensor {k}: down_library=1 must take cuBLAS"
 
 
 def test_fused_momentum_is_deterministic():

@@ -248,40 +248,20 @@ __device__ __forceinline__ void down_tile_mma(const DownJob& job, uint8_t* smem,
 }
 #endif  // !FLORA_DOWN_WGMMA
 
-// The down GEMM of fused tasks: down(U) = P U (left, r x m) or U P (right, n x r), on
-// the tensor cores with fp16 operands. A block of kDnThreads takes kUpBM outputs along
-// m (left) or n (right) by kDnBN of the rank (all of it up to 256), so that G is read
-// and converted once, contracting over n (left) or m (right) kDnBK at a time: G and P^T
-// arrive through a ring of kDnStages<DT> buffers (cp.async); each step turns the next G
-// tile into U = g a_i b_j in fp16 (pack_half2: U has RMS ~1, and its 10-bit mantissa
-// is what TF32 keeps) in one of two buffers while the tensor cores work on the other,
-// one barrier a step. U never exists in global memory, and the GEMM result goes
-// straight into the momentum epilogue of DownJob. Grid: (tiles of a task, tasks).
-// sm_90a code runs the main loop of down_tile_wgmma instead (same tile, same epilogue).
-template <int DT, bool kLeft>
-__global__ void __launch_bounds__(kDnThreads, 1)
-    fused_down_kernel(const DownJob* __restrict__ jobs, int n, int m, int rank, float beta1,
-                      int update) {
-  extern __shared__ uint4 dn_smem[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>(dn_smem);
-  const DownJob job = jobs[blockIdx.y];  // in registers: the epilogue's stores may alias
-  const int rblocks = static_cast<int>(ceil_div(rank, kDnBN));
-  const int local = blockIdx.x;
-  const int o0 = (local / rblocks) * kUpBM, r0 = (local % rblocks) * kDnBN;
+// The momentum epilogue of a down-GEMM tile (kUpBM outputs from o0 by kDnBN of the rank
+// from r0, block `local` of the task): <down(U), M> partials, M in fp16 for the up GEMM,
+// and the new M. read_x(row, col, idx, x) gives the tile's four results at tile row
+// `row`, columns col .. col + 3 (the tile as stored: [k][out] left, [out][k] right),
+// whose momentum index is idx. map_s: 256 floats of shared memory for 8-bit momentum's map.
+template <bool kLeft, typename ReadX>
+__device__ __forceinline__ void down_epilogue(const DownJob& job, float* map_s, int n, int m,
+                                              int rank, int o0, int r0, int local, float beta1,
+                                              int update, ReadX read_x) {
   const int tid = threadIdx.x;
-  const float row_mean = job.scalars[kRowMean];
-#ifdef FLORA_DOWN_WGMMA
-  down_tile_wgmma<DT, kLeft>(job, smem, n, m, rank, o0, r0, row_mean);
-#else
-  down_tile_mma<DT, kLeft>(job, smem, n, m, rank, o0, r0, row_mean);
-#endif
-  // Epilogue: the momentum is read and written in whole 16-byte chunks along its rows:
+  // The momentum is read and written in whole 16-byte chunks along its rows:
   // M[o, k] (right, the tile's rows are contiguous) or M[k, o] (left, 512-byte row
   // pieces). Scattered fragment-sized accesses took about a third of the kernel's time.
-  const float* xs = reinterpret_cast<const float*>(smem);
-  constexpr int kXStride = kLeft ? kDnXStrideLeft : kDnXStrideRight;
-  // 8-bit momentum read from its codes: the signed map after the tile.
-  float* map_s = reinterpret_cast<float*>(smem + kDnTileBytes);
+  // 8-bit momentum read from its codes: the signed map in shared memory.
   if (job.read_codes) {  // the same for the whole block
     for (int k = tid; k < 256; k += kDnThreads) map_s[k] = job.map[k];
     __syncthreads();
@@ -328,8 +308,8 @@ __global__ void __launch_bounds__(kDnThreads, 1)
       if (!ok[u]) continue;
       const int c = tid + (round * kBatch + u) * kDnThreads;
       const int row = c / kRowChunks, col = (c % kRowChunks) * 4;
-      const float4 x4 = *reinterpret_cast<const float4*>(xs + row * kXStride + col);
-      const float x[4] = {x4.x, x4.y, x4.z, x4.w};
+      float x[4];
+      read_x(row, col, idx[u], x);
       const float mo[4] = {m4[u].x, m4[u].y, m4[u].z, m4[u].w};
       const float bv[4] = {b4[u].x, b4[u].y, b4[u].z, b4[u].w};
       if (job.partials != nullptr) {
@@ -352,6 +332,72 @@ __global__ void __launch_bounds__(kDnThreads, 1)
   if (tid == 0) job.partials[local] = total;
 }
 
+// The down GEMM of fused tasks: down(U) = P U (left, r x m) or U P (right, n x r), on
+// the tensor cores with fp16 operands. A block of kDnThreads takes kUpBM outputs along
+// m (left) or n (right) by kDnBN of the rank (all of it up to 256), so that G is read
+// and converted once, contracting over n (left) or m (right) kDnBK at a time: G and P^T
+// arrive through a ring of kDnStages<DT> buffers (cp.async); each step turns the next G
+// tile into U = g a_i b_j in fp16 (pack_half2: U has RMS ~1, and its 10-bit mantissa
+// is what TF32 keeps) in one of two buffers while the tensor cores work on the other,
+// one barrier a step. U never exists in global memory, and the GEMM result goes
+// straight into the momentum epilogue of DownJob. Grid: (tiles of a task, tasks).
+// sm_90a code runs the main loop of down_tile_wgmma instead (same tile, same epilogue).
+template <int DT, bool kLeft>
+__global__ void __launch_bounds__(kDnThreads, 1)
+    fused_down_kernel(const DownJob* __restrict__ jobs, int n, int m, int rank, float beta1,
+                      int update) {
+  extern __shared__ uint4 dn_smem[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(dn_smem);
+  const DownJob job = jobs[blockIdx.y];  // in registers: the epilogue's stores may alias
+  const int rblocks = static_cast<int>(ceil_div(rank, kDnBN));
+  const int local = blockIdx.x;
+  const int o0 = (local / rblocks) * kUpBM, r0 = (local % rblocks) * kDnBN;
+  const float row_mean = job.scalars[kRowMean];
+#ifdef FLORA_DOWN_WGMMA
+  down_tile_wgmma<DT, kLeft>(job, smem, n, m, rank, o0, r0, row_mean);
+#else
+  down_tile_mma<DT, kLeft>(job, smem, n, m, rank, o0, r0, row_mean);
+#endif
+  const float* xs = reinterpret_cast<const float*>(smem);
+  constexpr int kXStride = kLeft ? kDnXStrideLeft : kDnXStrideRight;
+  // The map of 8-bit momentum after the tile.
+  float* map_s = reinterpret_cast<float*>(smem + kDnTileBytes);
+  down_epilogue<kLeft>(job, map_s, n, m, rank, o0, r0, local, beta1, update,
+                       [&](int row, int col, int64_t, float (&x)[4]) {
+                         const float4 x4 =
+                             *reinterpret_cast<const float4*>(xs + row * kXStride + col);
+                         x[0] = x4.x; x[1] = x4.y; x[2] = x4.z; x[3] = x4.w;
+                       });
+}
+
+// The momentum epilogue of the library down GEMM (Tuning::down_library): the same tiles
+// and epilogue as fused_down_kernel, the GEMM's result X read from job.x (the momentum's
+// layout) and scaled along the outputs (b_j left, a_i right) as fused_down_kernel's U is.
+template <bool kLeft>
+__global__ void __launch_bounds__(kDnThreads, 1)
+    down_epilogue_kernel(const DownJob* __restrict__ jobs, int n, int m, int rank, float beta1,
+                         int update) {
+  __shared__ float map_s[256];
+  const DownJob job = jobs[blockIdx.y];
+  const int rblocks = static_cast<int>(ceil_div(rank, kDnBN));
+  const int local = blockIdx.x;
+  const int o0 = (local / rblocks) * kUpBM, r0 = (local % rblocks) * kDnBN;
+  const float row_mean = job.scalars[kRowMean];
+  down_epilogue<kLeft>(job, map_s, n, m, rank, o0, r0, local, beta1, update,
+                       [&](int row, int col, int64_t idx, float (&x)[4]) {
+                         const float4 x4 = *reinterpret_cast<const float4*>(job.x + idx);
+                         if constexpr (kLeft) {  // X diag(b): b of the outputs
+                           const float4 b = *reinterpret_cast<const float4*>(
+                               job.col_factor + o0 + col);
+                           x[0] = x4.x * b.x; x[1] = x4.y * b.y;
+                           x[2] = x4.z * b.z; x[3] = x4.w * b.w;
+                         } else {  // diag(a) X: a of the output row
+                           const float a = row_scale(job.row[o0 + row], row_mean);
+                           x[0] = x4.x * a; x[1] = x4.y * a; x[2] = x4.z * a; x[3] = x4.w * a;
+                         }
+                       });
+}
+
 }  // namespace
 
 void launch_down(int dtype, bool left, dim3 grid, const DownJob* jobs, int n, int m, int rank,
@@ -367,6 +413,16 @@ void launch_down(int dtype, bool left, dim3 grid, const DownJob* jobs, int n, in
     if (left) launch(fused_down_kernel<DT, true>);
     else launch(fused_down_kernel<DT, false>);
   });
+}
+
+void launch_down_epilogue(bool left, dim3 grid, const DownJob* jobs, int n, int m, int rank,
+                          float beta1, bool update, cudaStream_t stream) {
+  const auto launch = [&](auto kernel) {
+    kernel<<<grid, kDnThreads, 0, stream>>>(jobs, n, m, rank, beta1, update ? 1 : 0);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (left) launch(down_epilogue_kernel<true>);
+  else launch(down_epilogue_kernel<false>);
 }
 
 }  // namespace cuda_detail

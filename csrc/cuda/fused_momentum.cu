@@ -36,7 +36,9 @@ namespace {
 // |up(M)|^2 = <M, Gram M>. sum U^2 comes with the row stats (or the rms pass), and
 // down(U) is the GEMM the momentum needs anyway (fused_down_kernel).
 //
-// Both GEMMs read their operands as fp16: the 10-bit mantissa of TF32 (what cuBLAS's
+// 16-bit tasks take the down GEMM in cuBLAS instead (Tuning::down_library): the gradient as
+// it is times P scaled along the contraction in its dtype, then down_epilogue_kernel.
+// Otherwise both GEMMs read their operands as fp16: the 10-bit mantissa of TF32 (what cuBLAS's
 // TF32 mode keeps) at half the bytes, which they stream from L2 for every tile (8 bytes
 // an output element in fp32), and twice the tensor-core rate. P ~ N(0, 1/r) is far
 // inside fp16's range; so are U (RMS ~1; a lone element reaches ~sqrt(n) / (1 - beta2))
@@ -113,6 +115,39 @@ __global__ void row_factor_kernel(const DownJob* __restrict__ jobs, int n) {
   if (i < n) job.row_factor[i] = row_scale(job.row[i], job.scalars[kRowMean]);
 }
 
+// The library down GEMM's operand (Tuning::down_library): P^T (fp16, pcol x prow rows,
+// job.proj) times the factors along the contraction, a_i of row i (left: P^T is n x r) or
+// b_j of column j (right: r x m), rounded to the gradient's dtype, as the unfused path
+// rounds (P diag a) and (diag b P) for 16-bit gradients; fp16 saturates at +-65504 (a
+// factor that large belongs to a row or column of tiny gradients). prow % 4 == 0.
+template <int DT>
+__global__ void scale_projection_t_kernel(const DownJob* __restrict__ jobs,
+                                          uint16_t* const* __restrict__ outs, bool left,
+                                          int prow, int pcol) {
+  const DownJob& job = jobs[blockIdx.y];
+  uint16_t* out = outs[blockIdx.y];
+  const int64_t quads = int64_t(prow) * pcol / 4;
+  for (int64_t q = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; q < quads;
+       q += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e = 4 * q;
+    const int64_t row = e / prow;
+    const int col = static_cast<int>(e % prow);
+    const uint2 h = *reinterpret_cast<const uint2*>(job.proj + e);
+    const uint16_t in[4] = {static_cast<uint16_t>(h.x & 0xffffu), static_cast<uint16_t>(h.x >> 16),
+                            static_cast<uint16_t>(h.y & 0xffffu), static_cast<uint16_t>(h.y >> 16)};
+    uint16_t o[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const float scale = left ? job.row_factor[row] : job.col_factor[col + u];
+      float v = to_float<kF16>(in[u]) * scale;
+      if constexpr (DT == kF16) v = fminf(fmaxf(v, -65504.f), 65504.f);
+      o[u] = from_float<DT>(v);
+    }
+    *reinterpret_cast<uint2*>(out + e) =
+        make_uint2(o[0] | (uint32_t(o[1]) << 16), o[2] | (uint32_t(o[3]) << 16));
+  }
+}
+
 // beta1^2 <Gram, S> of a fused task in kDotBlocks partials, partials[tiles + b] from
 // block b (grid: kDotBlocks, tasks), each over rr / kDotBlocks consecutive elements
 // (rr = r^2, r % 8 == 0: whole float4s), summed by fused_clip_kernel in a fixed order.
@@ -141,7 +176,7 @@ __global__ void __launch_bounds__(kThreads)
 // both bases (fp16, the cache's tensors) and the fp32 result of the product with W.
 enum { kGramA, kGramC, kSqA, kSqC, kBasesA, kBasesB, kBasesC, kBaseA, kBaseB, kBaseC,
        kProjNow, kProjNext, kPlainNow, kPlainNext, kSeedNow, kSeedNext, kGramNextC, kWNow,
-       kWNext, kRawC, kArrays };
+       kWNext, kRawC, kScaled, kGradIn, kDownX, kArrays };
 static_assert(sizeof(DownJob) % sizeof(int64_t) == 0, "jobs follow the arrays aligned");
 constexpr int64_t kJobWords = int64_t(sizeof(DownJob) / sizeof(int64_t));
 
@@ -180,10 +215,10 @@ GroupShape group_shape(const Item& first) {
 // fp32 (count x P) and W's scratch.
 struct GroupTemps {
   int64_t gram = 0, sq = 0, next_t = 0, next_p = 0, bases = 0, base = 0;
-  int64_t w16 = 0, gram_next = 0, raw = 0, basis_work = 0, floats = 0;
+  int64_t w16 = 0, gram_next = 0, raw = 0, basis_work = 0, scaled = 0, x = 0, floats = 0;
 };
 
-GroupTemps group_temps(const GroupShape& s, int count) {
+GroupTemps group_temps(const GroupShape& s, int count, int down_chunk) {
   GroupTemps g;
   int64_t at = 0;
   const auto take = [&](int64_t floats) {
@@ -206,17 +241,23 @@ GroupTemps group_temps(const GroupShape& s, int count) {
     g.raw = take(int64_t(count) * s.psize);
     g.basis_work = take(basis_work_floats(s.r, count));
   }
+  if (down_chunk > 0) {  // P^T scaled, in the gradient's dtype, and the GEMM's fp32 result
+    g.scaled = take(ceil_div(int64_t(down_chunk) * s.psize, 2));
+    g.x = take(int64_t(down_chunk) * s.msize);
+  }
   g.floats = at;
   return g;
 }
 
 // The pointer arrays of a shape group's GEMMs: array `a` holds one pointer a task, on the
-// host (host[a * count + k]) and in the uploaded table (device, at the same place).
+// host (host[a * count + k]) and in the uploaded table (device, at the same place). The
+// GEMMs take tasks first .. first + n - 1 (n = 0: all of them).
 struct GroupArrays {
   const void* const* host;
   const int64_t* device;
   int count;
   int64_t min_batched;
+  int first = 0, n = 0;
 };
 
 // C_k = op(A_k) op(B_k) (fp32 C) for the tasks k of a group, A, B and C from arrays a, b,
@@ -228,23 +269,23 @@ struct GroupArrays {
 // beta = 1 adds to C.
 void group_gemm_of(const GroupArrays& g, bool ta, bool tb, int64_t M, int64_t N, int64_t K,
                    int a, int b, int type, int c, float beta = 0.f) {
-  const int count = g.count;
-  if (count >= g.min_batched) {
-    const auto arr = [&](int array) { return g.device + array * count; };
+  const int count = g.count, n = g.n > 0 ? g.n : count;
+  if (n >= g.min_batched) {
+    const auto arr = [&](int array) { return g.device + array * count + g.first; };
     gemm_batched(ta, tb, M, N, K, 1.f, reinterpret_cast<const void* const*>(arr(a)),
                  reinterpret_cast<const void* const*>(arr(b)), type, beta,
-                 reinterpret_cast<void* const*>(arr(c)), count, true);
+                 reinterpret_cast<void* const*>(arr(c)), n, true);
     return;
   }
-  for (int k = 0; k < count; ++k)
+  for (int k = g.first; k < g.first + n; ++k)
     gemm(ta, tb, M, N, K, 1.f, g.host[a * count + k], g.host[b * count + k], type, beta,
          static_cast<float*>(const_cast<void*>(g.host[c * count + k])), true);
 }
 
 }  // namespace
 
-int64_t fused_temp_floats(const Item& first, int count) {
-  return group_temps(group_shape(first), count).floats;
+int64_t fused_temp_floats(const Item& first, int count, int down_chunk) {
+  return group_temps(group_shape(first), count, down_chunk).floats;
 }
 
 int64_t fused_table_words(int count, bool resample) {
@@ -258,7 +299,7 @@ int64_t fused_table_words(int count, bool resample) {
 void fill_fused_table(const FusedWork& w) {
   const GroupShape s = group_shape(*w.items[0]);
   const int count = static_cast<int>(w.items.size());
-  const GroupTemps g = group_temps(s, count);
+  const GroupTemps g = group_temps(s, count, w.down_chunk);
   const int64_t r = s.r;
   float* const gram = w.temps + g.gram;
   float* const sq = w.temps + g.sq;
@@ -309,6 +350,15 @@ void fill_fused_table(const FusedWork& w) {
     set(kWNow, k, w_now_k);
     set(kWNext, k, w_next_k);
     set(kRawC, k, raw_k);
+    // The library down GEMM: a scaled P^T and a result for each task of a chunk, which
+    // the next chunk and the second pass of a resample step reuse (one after the other).
+    const int64_t slot = w.down_chunk > 0 ? k % w.down_chunk : 0;
+    float* x_k = w.down_chunk > 0 ? w.temps + g.x + slot * s.msize : nullptr;
+    set(kScaled, k, w.down_chunk > 0
+                        ? reinterpret_cast<uint16_t*>(w.temps + g.scaled) + slot * s.psize
+                        : nullptr);
+    set(kGradIn, k, w.items[k]->grad.data_ptr());
+    set(kDownX, k, x_k);
     words[kSeedNow * count + k] = static_cast<int64_t>(o.seed);
     words[kSeedNext * count + k] = static_cast<int64_t>(next_seed(o.seed));
     DownJob now{w.items[k]->grad.data_ptr(), buf.plain_t,
@@ -316,6 +366,7 @@ void fill_fused_table(const FusedWork& w) {
                 t.terms + 1, gram + k * r * r, sq + k * r * r, t.row, t.scalars, t.col_factor,
                 buf.row_factor};
     now.skip = t.skip;
+    now.x = x_k;
     if (t.mc_codes != nullptr) {
       now.codes = t.mc_codes;
       now.absmax = t.mc_absmax;
@@ -361,7 +412,7 @@ FusedCounterWords fused_counter_words(const FusedWork& w, int k) {
 void fused_momentum_group(const FusedWork& w, int64_t min_batched) {
   const Item& first = *w.items[0];
   const GroupShape s = group_shape(first);
-  const GroupTemps g = group_temps(s, static_cast<int>(w.items.size()));
+  const GroupTemps g = group_temps(s, static_cast<int>(w.items.size()), w.down_chunk);
   const int64_t n = s.n, m = s.m, r = s.r, prow = s.prow, pcol = s.pcol;
   const bool left = s.left, resample = s.resample;
   const int count = static_cast<int>(w.items.size());
@@ -472,11 +523,39 @@ void fused_momentum_group(const FusedWork& w, int64_t min_batched) {
                         stream>>>(djobs, ni);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  const unsigned sblocks =
+      static_cast<unsigned>(std::min<int64_t>(ceil_div(s.psize / 4, kThreads), 1024));
   for (int pass = 0; pass < passes; ++pass) {
     // Resample steps: the terms and M16 in the current basis, then the new M in the next.
     const bool update = !resample || pass == 1;
-    launch_down(first.dtype, left, dgrid, djobs + pass * count, ni, mi, ri, beta1, update,
-                stream);
+    const DownJob* jobs = djobs + pass * count;
+    if (w.down_chunk == 0) {
+      launch_down(first.dtype, left, dgrid, jobs, ni, mi, ri, beta1, update, stream);
+      continue;
+    }
+    // X = (P diag a) G = S^T G, S = the scaled P^T (n x r), left; G (diag b P) = G S^T,
+    // S r x m, right: cuBLAS on the gradient as it is; then the epilogue. A chunk of
+    // down_chunk tasks at a time, through the same places (fill_fused_table).
+    auto* const scaled = reinterpret_cast<uint16_t* const*>(dwords + kScaled * count);
+    for (int c0 = 0; c0 < count; c0 += w.down_chunk) {
+      const int chunk = std::min(w.down_chunk, count - c0);
+      const dim3 sgrid(sblocks, static_cast<unsigned>(chunk));
+      if (first.dtype == kBF16) {
+        scale_projection_t_kernel<kBF16><<<sgrid, kThreads, 0, stream>>>(
+            jobs + c0, scaled + c0, left, static_cast<int>(prow), static_cast<int>(pcol));
+      } else {
+        scale_projection_t_kernel<kF16><<<sgrid, kThreads, 0, stream>>>(
+            jobs + c0, scaled + c0, left, static_cast<int>(prow), static_cast<int>(pcol));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      GroupArrays part = arrays;
+      part.first = c0;
+      part.n = chunk;
+      if (left) group_gemm_of(part, true, false, r, m, n, kScaled, kGradIn, first.dtype, kDownX);
+      else group_gemm_of(part, false, true, n, r, m, kGradIn, kScaled, first.dtype, kDownX);
+      launch_down_epilogue(left, dim3(dgrid.x, static_cast<unsigned>(chunk)), jobs + c0, ni, mi,
+                           ri, beta1, update, stream);
+    }
   }
   // 8-bit momentum: the new M from the stages into the codes (the jobs that wrote it).
   if (codes) launch_momentum_codes(true, djobs + (passes - 1) * count, count, s.msize, stream);

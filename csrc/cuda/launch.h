@@ -128,6 +128,9 @@ void launch_fused_apply(int dtype, const TaskTable& table, int64_t gtiles,
 // down_gemm.cu: the down GEMM of a fused shape group (grid: down_tiles x tasks).
 void launch_down(int dtype, bool left, dim3 grid, const DownJob* jobs, int n, int m, int rank,
                  float beta1, bool update, cudaStream_t stream);
+// The same tiles' momentum epilogue after the library down GEMM (DownJob::x).
+void launch_down_epilogue(bool left, dim3 grid, const DownJob* jobs, int n, int m, int rank,
+                          float beta1, bool update, cudaStream_t stream);
 
 // ---- momentum work between the scalars and rms passes ----
 
@@ -192,10 +195,13 @@ struct FusedWork {
   // projection="orthogonal": the W of each task's current basis and (resample steps) of
   // its next one, taken while the call is planned.
   std::vector<WSlot> wslots, wslots_next;
+  // The down GEMM in cuBLAS and down_epilogue_kernel (Tuning::down_library, 16-bit): this
+  // many tasks at a time (FusedGroup::down_chunk); 0: fused_down_kernel.
+  int down_chunk = 0;
 };
 // Floats of workspace the group's temporaries take (Gram and S; on resample steps also
 // the next P^T and tiled P, the change of basis and M in the next basis).
-int64_t fused_temp_floats(const Item& first, int count);
+int64_t fused_temp_floats(const Item& first, int count, int down_chunk);
 // int64 words of the group's table (pointer arrays, seeds, down GEMM jobs).
 int64_t fused_table_words(int count, bool resample);
 // Writes the group's table at w.host (uploaded with the call's task table).

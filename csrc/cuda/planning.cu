@@ -453,6 +453,18 @@ int64_t fused_temp_bytes(const Item& item) {
   return bytes;
 }
 
+// Tasks of a fused group of `count` whose library down GEMM runs at once (16-bit gradients,
+// Tuning::down_library; else 0): as many as the round limit holds of their scaled P^T and
+// fp32 results, which lie beside the group's other temporaries and do not count in the
+// rounds (so that a round keeps its groups on the side streams).
+int down_chunk(const Item& item, int count, int64_t limit, const Tuning& tuning) {
+  if (!tuning.down_library || item.dtype == kF32) return 0;
+  const ParamLayout& l = item.entry->layout;
+  const int64_t r = l.rank, pdim = std::min(l.rows, l.cols), mdim = std::max(l.rows, l.cols);
+  const int64_t per_task = 2 * r * pdim + 4 * r * mdim;
+  return static_cast<int>(std::clamp<int64_t>(limit / per_task, 1, count));
+}
+
 // The compressed-momentum work of every batch, planned with the call so that its
 // temporaries and tables are part of the call's one workspace and pinned upload:
 // fused tasks in groups of one shape (n, m, rank, resample step or not, projection; call
@@ -530,7 +542,8 @@ void plan_momentum(const std::vector<Item>& items, const Tuning& tuning, StepPla
       g.stream = turn++ % streams;
       plan.sides_used = std::max(plan.sides_used, g.stream);
       const int count = static_cast<int>(g.tasks.size());
-      g.temps_at = fused_temp_floats(items[k], count);  // its floats until close_round
+      g.down_chunk = down_chunk(items[k], count, limit, tuning);
+      g.temps_at = fused_temp_floats(items[k], count, g.down_chunk);  // until close_round
       g.table_at = plan.group_table_words;
       plan.group_table_words += fused_table_words(count, resample);
       plan.group_at[k] = static_cast<int>(plan.fused_groups.size());

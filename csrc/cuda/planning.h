@@ -77,6 +77,7 @@ struct FusedGroup {
   int stream = 0;            // 0: the current stream; s: side stream s - 1
   int64_t temps_at = 0;      // floats into the rounds region
   int64_t table_at = 0;      // int64 words into the group tables (after the task table)
+  int down_chunk = 0;        // 16-bit tasks: tasks a library down GEMM takes (0: fused_down)
 };
 
 // Byte limits of a call's batches (see call_limits).

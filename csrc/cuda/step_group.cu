@@ -401,6 +401,7 @@ void prepare_call(PreparedCall& call, const at::Tensor* workspace, int64_t extra
     w.host = host_groups + g.table_at;
     w.device = device_groups + g.table_at;
     w.quant_maps = call.args.quant_maps;
+    w.down_chunk = g.down_chunk;
     // projection="orthogonal" (a whole group or none): the cached W of the current and
     // (resample steps) next basis, or a tensor for it.
     const int64_t count = static_cast<int64_t>(g.tasks.size());

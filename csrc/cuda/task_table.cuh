@@ -190,6 +190,7 @@ struct DownJob {
   uint8_t* codes;        // 8-bit momentum, else nullptr
   float* absmax;
   const float* map;      // the signed map's values (quant_maps + kMapSigned)
+  const float* x;        // the library down GEMM's result (momentum's layout), else nullptr
   int32_t read_codes, pad;
 };
 

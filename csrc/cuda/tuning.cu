@@ -46,10 +46,10 @@ int64_t checked(const char* name, int64_t value, int64_t min_value, int64_t max_
 void set_tuning_op(bool reset, int64_t row_stats, int64_t stats_stages, int64_t fused_momentum,
                    int64_t fused_share, int64_t fused_min_bytes, int64_t min_batched,
                    int64_t row_stats_dense, int64_t stats_task_blocks,
-                   int64_t wide_row_regs) {
+                   int64_t wide_row_regs, int64_t down_library) {
   set_tuning_for_testing(reset, row_stats, stats_stages, fused_momentum, fused_share,
                          fused_min_bytes, min_batched, row_stats_dense, stats_task_blocks,
-                         wide_row_regs);
+                         wide_row_regs, down_library);
 }
 
 }  // namespace
@@ -70,7 +70,7 @@ void set_tuning_for_testing(bool reset, int64_t row_stats, int64_t stats_stages,
                             int64_t fused_momentum, int64_t fused_share,
                             int64_t fused_min_bytes, int64_t min_batched,
                             int64_t row_stats_dense, int64_t stats_task_blocks,
-                            int64_t wide_row_regs) {
+                            int64_t wide_row_regs, int64_t down_library) {
   // Every value is checked before any is set: a bad call changes nothing.
   checked("row_stats", row_stats, 0, 1);
   TORCH_CHECK(stats_stages == -1 || stats_stages == 0 || (stats_stages >= 2 && stats_stages <= 4),
@@ -83,6 +83,7 @@ void set_tuning_for_testing(bool reset, int64_t row_stats, int64_t stats_stages,
   checked("row_stats_dense", row_stats_dense, 0, 1);
   checked("stats_task_blocks", stats_task_blocks, 0, 1 << 20);
   checked("wide_row_regs", wide_row_regs, 0, 1);
+  checked("down_library", down_library, 0, 1);
   std::lock_guard<std::mutex> lock(tuning_mutex);
   if (reset) fixed_tuning = Tuning{};
   if (row_stats != -1) fixed_tuning.row_stats = row_stats == 1;
@@ -94,6 +95,7 @@ void set_tuning_for_testing(bool reset, int64_t row_stats, int64_t stats_stages,
   if (row_stats_dense != -1) fixed_tuning.row_stats_dense = row_stats_dense == 1;
   if (stats_task_blocks != -1) fixed_tuning.stats_task_blocks = stats_task_blocks;
   if (wide_row_regs != -1) fixed_tuning.wide_row_regs = wide_row_regs == 1;
+  if (down_library != -1) fixed_tuning.down_library = down_library == 1;
 }
 
 }  // namespace cuda_detail
@@ -105,6 +107,6 @@ TORCH_LIBRARY_FRAGMENT(flora, m) {
   m.def("_set_tuning(bool reset=False, int row_stats=-1, int stats_stages=-1, "
         "int fused_momentum=-1, int fused_share=-1, int fused_min_bytes=-1, "
         "int min_batched=-1, int row_stats_dense=-1, int stats_task_blocks=-1, "
-        "int wide_row_regs=-1) -> ()",
+        "int wide_row_regs=-1, int down_library=-1) -> ()",
         &flora::cuda_detail::set_tuning_op);
 }

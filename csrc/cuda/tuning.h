@@ -65,6 +65,13 @@ constexpr bool kFusedMomentum = true;
 // in registers of the wide rows' launch up to 12288 columns (off: shared memory, the
 // same sums to the bit).
 constexpr bool kWideRowRegs = true;
+// On: the down GEMM of fused 16-bit tasks as a cuBLAS batched GEMM of the gradient as it
+// is with P scaled by the factors along the contraction and rounded to the gradient's
+// dtype (the unfused path's operands), a chunk of a group's tasks at a time, then a
+// momentum epilogue kernel. Off (default): fused_down_kernel, which forms U in fp16 on the
+// way. On is faster at LLaMA-7B shapes and takes more workspace; see docs/cuda.md §6.
+// fp32 tasks always take fused_down_kernel.
+constexpr bool kDownLibrary = false;
 
 struct Tuning {
   int64_t batch_bytes = kBatchBytes;  // FLORA_BATCH_BYTES
@@ -78,6 +85,7 @@ struct Tuning {
   int64_t min_batched = kMinBatched;
   int64_t stats_task_blocks = kStatsTaskBlocks;
   bool wide_row_regs = kWideRowRegs;
+  bool down_library = kDownLibrary;
 };
 
 // The tuning of one call: the constants (or what set_tuning_for_testing set) and the two
@@ -91,7 +99,7 @@ void set_tuning_for_testing(bool reset, int64_t row_stats, int64_t stats_stages,
                             int64_t fused_momentum, int64_t fused_share,
                             int64_t fused_min_bytes, int64_t min_batched,
                             int64_t row_stats_dense, int64_t stats_task_blocks = -1,
-                            int64_t wide_row_regs = -1);
+                            int64_t wide_row_regs = -1, int64_t down_library = -1);
 
 }  // namespace cuda_detail
 }  // namespace flora
