@@ -63,6 +63,11 @@ model. The table's "flags" column says which rows ran with it.
 kernels and host ops, and the JSON its wall time against the GPU's busy time by kernel kind
 (flora_ext, GEMMs, attention, other), so a step slower than AdamW's shows whether the time
 went to the optimizer's kernels or to a GPU waiting for the host (backward hooks, Python).
+Its "streams" entry splits the GPU time by stream from the step's trace (kept as
+DIR/<config>_trace.json.gz): the main stream's busy time, the other streams' (the side
+streams of FloraAccumulator(overlap_steps=True) and of the step), how long both were busy,
+how much of the others' work came after the main stream's last kernel, and the host calls
+that wait for the GPU (synchronizations, blocking copies, cudaMalloc/cudaFree).
 
 --memory-peak DIR records the CUDA allocator's history during one more step of each
 configuration and writes DIR/<config>_peak.txt: the allocations live at that step's peak,
@@ -78,6 +83,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gzip
 import json
 import os
 import pathlib
@@ -423,6 +429,83 @@ def memory_peak_step(step, batch, device, out_dir, name):
     return {"before_gib": before / GIB, "peak_above_gib": peak / GIB}
 
 
+def _union(intervals):
+    """Sorted disjoint [start, end] intervals covering ``intervals``."""
+    out = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
+def _length(intervals):
+    return sum(b - a for a, b in intervals)
+
+
+def _intersect(x, y):
+    """The intersection of two sorted disjoint interval lists."""
+    i = j = 0
+    out = []
+    while i < len(x) and j < len(y):
+        a, b = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
+        if a < b:
+            out.append([a, b])
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+# Host calls that wait for the GPU (or may: cudaFree and cudaMalloc synchronize the device).
+_HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
+               "cudaMemcpy", "cudaFree", "cudaMalloc", "cuStreamSynchronize", "cuMemFree")
+
+
+def trace_overlap(events):
+    """What a profiled step's streams did, from chrome-trace events (torch.profiler's
+    export): the GPU span and its busy time (ms), each stream's busy time, the main stream
+    (the busiest) against the others: the time both were busy, the others' time after the
+    main stream's last kernel (what overlap_steps leaves on the critical path), and the
+    host calls that wait for the GPU (count, ms)."""
+    streams = {}
+    waits = {}
+    for ev in events:
+        if ev.get("ph") != "X":
+            continue
+        cat = ev.get("cat", "")
+        if cat in ("kernel", "gpu_memcpy", "gpu_memset"):
+            stream = ev.get("args", {}).get("stream", ev.get("tid"))
+            streams.setdefault(stream, []).append([ev["ts"], ev["ts"] + ev["dur"]])
+        elif cat in ("cuda_runtime", "cuda_driver"):
+            name = ev.get("name", "")
+            if name.startswith(_HOST_WAITS) and "Async" not in name:
+                count, us = waits.get(name, (0, 0.0))
+                waits[name] = (count + 1, us + ev["dur"])
+    if not streams:
+        return {}
+    busy = {k: _union(v) for k, v in streams.items()}
+    every = _union([iv for v in busy.values() for iv in v])
+    start, end = every[0][0], every[-1][1]
+    main = max(busy, key=lambda k: _length(busy[k]))
+    others = _union([iv for k, v in busy.items() if k != main for iv in v])
+    main_end = busy[main][-1][1]
+    after = _length([[max(a, main_end), b] for a, b in others if b > main_end])
+    ms = 1e-3
+    return {
+        "span_ms": (end - start) * ms, "busy_ms": _length(every) * ms,
+        "streams_ms": {str(k): _length(v) * ms for k, v in
+                       sorted(busy.items(), key=lambda kv: -_length(kv[1]))},
+        "main_stream": str(main), "main_ms": _length(busy[main]) * ms,
+        "others_ms": _length(others) * ms,
+        "both_busy_ms": _length(_intersect(busy[main], others)) * ms,
+        "others_after_main_ms": after * ms,
+        "host_waits": {k: [c, us * ms] for k, (c, us) in sorted(waits.items())},
+    }
+
+
 def profile_step(step, batch, device, out_dir, name):
     """One more optimizer step (all its micro-batches) under torch.profiler. Writes
     OUT_DIR/NAME.txt (the top kernels and host ops) and returns the split of the step's wall
@@ -447,11 +530,23 @@ def profile_step(step, batch, device, out_dir, name):
             if ev.device_type == torch.autograd.DeviceType.CUDA:
                 kinds[kernel_kind(ev.name)] += ev.time_range.elapsed_us() / 1e6
     summary = {"wall_s": wall}
+    os.makedirs(out_dir, exist_ok=True)
     if cuda:
+        # Streams and host waits from the trace; the trace itself kept, gzipped, to look at.
+        with tempfile.TemporaryDirectory() as tmp:
+            trace = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(trace)
+            raw = pathlib.Path(trace).read_bytes()
+        data = json.loads(raw)
+        summary["streams"] = trace_overlap(
+            data["traceEvents"] if isinstance(data, dict) else data)
+        with gzip.open(os.path.join(out_dir, f"{name}_trace.json.gz"), "wb") as f:
+            f.write(raw)
+        stats = torch.cuda.memory_stats(device)
+        summary["alloc_retries"] = stats.get("num_alloc_retries", 0)
         busy = sum(kinds.values())
         summary.update(gpu_busy_s=busy, gpu_idle_s=max(0.0, wall - busy),
                        **{f"gpu_{k}_s": v for k, v in kinds.items()})
-    os.makedirs(out_dir, exist_ok=True)
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=30)
     host = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
@@ -752,8 +847,9 @@ def main():
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="after the timed steps, profile one more step of each configuration: "
-                         "DIR/<config>.txt, and the GPU busy time by kernel kind against the "
-                         "wall time in the results (where a slower step's time goes)")
+                         "DIR/<config>.txt, and the GPU busy time by kernel kind and by stream "
+                         "against the wall time in the results (where a slower step's time "
+                         "goes); CUDA: the trace as DIR/<config>_trace.json.gz")
     ap.add_argument("--memory-peak", default=None, metavar="DIR",
                     help="CUDA: record the allocator's history during one more step of each "
                          "configuration; DIR/<config>_peak.txt lists what is live at its peak, "

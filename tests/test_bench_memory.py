@@ -24,6 +24,35 @@ def test_kernel_kinds():
     assert bench_memory.kernel_kind("at::native::vectorized_elementwise_kernel") == "other"
 
 
+def _kernel(stream, ts, dur, name="k"):
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur,
+            "args": {"stream": stream}}
+
+
+def test_trace_overlap_splits_the_streams():
+    # Main stream 7: [0, 100] and [200, 400] us. Side stream 20: [50, 150] (50 us beside the
+    # main stream), [390, 450] (10 beside, 50 after its last kernel). A memcpy on 7 counts.
+    events = [_kernel(7, 0, 100), _kernel(20, 50, 100), _kernel(7, 200, 150),
+              {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 350, "dur": 50,
+               "args": {"stream": 7}},
+              _kernel(20, 390, 60),
+              {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 5,
+               "dur": 2000},
+              {"ph": "X", "cat": "cuda_runtime", "name": "cudaMemcpyAsync", "ts": 6, "dur": 3},
+              {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 7, "dur": 3},
+              {"ph": "i", "cat": "kernel", "name": "marker", "ts": 1}]
+    o = bench_memory.trace_overlap(events)
+    assert o["span_ms"] == pytest.approx(0.45)
+    assert o["busy_ms"] == pytest.approx(0.40)  # [0, 150] and [200, 450]
+    assert o["main_stream"] == "7" and o["main_ms"] == pytest.approx(0.30)
+    assert o["others_ms"] == pytest.approx(0.16)
+    assert o["both_busy_ms"] == pytest.approx(0.06)
+    assert o["others_after_main_ms"] == pytest.approx(0.05)
+    assert list(o["streams_ms"]) == ["7", "20"]
+    assert o["host_waits"] == {"cudaStreamSynchronize": [1, pytest.approx(2.0)]}
+    assert bench_memory.trace_overlap([]) == {}
+
+
 def _frame(filename, line, name):
     return {"filename": filename, "line": line, "name": name}
 

@@ -6,9 +6,9 @@
 # sweeps`: batch sizes, ranks, model sizes, the kernel profiles and the host probe;
 # no argument: both. `gpu_bench.sh 7b`: the LLaMA-7B figures (bf16 step and its kernel
 # profile, the memory options in the accumulation loop, each optimizer's best 7B
-# configuration without checkpointing and the no_step ceiling; its commands took about
-# 7 minutes in all on an H100), tables gathered in $OUT/bench_7b.md (adamw8bit needs
-# torchao, e.g. from .whl/).
+# configuration without checkpointing and the no_step ceiling, one profiled step of each of
+# the last two; its commands took about 7 minutes in all on an H100 before the profiles),
+# tables gathered in $OUT/bench_7b.md (adamw8bit needs torchao, e.g. from .whl/).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site
 OUT=${OUT:-/tmp/flora_out}
@@ -40,6 +40,12 @@ FLORA="flora_r256_b0.9 flora_r256_b0.9_resample flora_r256_b0.9_exact flora_nomo
     $L --optimizers flora_accum flora_accum_q8 no_step --grid 4:off --out "$T/largest_flora.md"
     $L --optimizers flora_accum flora_accum_q8 --grid 4:off --overlap-steps \
       --out "$T/largest_overlap.md"
+    # One profiled step of the loop with hook work on a side stream, and of the ceiling:
+    # GPU time by stream ("streams" in $OUT/prof_7b/<config>.txt) and the traces there.
+    P="python3 benchmarks/bench_memory.py --micro-batches 1 --micro-batch-size 4"
+    $P --no-checkpointing --overlap-steps --configs flora_accum --profile "$OUT/prof_7b" \
+      --out "$T/profile_overlap.md"
+    $P --no-checkpointing --configs no_step --profile "$OUT/prof_7b" --out "$T/profile_no_step.md"
     cat "$T"/*.md >> "$OUT/bench_7b.md"
     rm -rf "$T"
   fi
