@@ -35,13 +35,16 @@ is not counted as useful work.
         --out benchmarks/results/bench_largest.md
     python benchmarks/bench_largest.py --tiny --device cpu --out /tmp/largest.md   # smoke
 
-The Markdown goes to --out and every trial as JSON next to it (.json).
+The Markdown goes to --out and every trial as JSON next to it (.json). --profile DIR adds
+one profiled step to every trial (bench_memory's --profile: GPU time by kernel kind and by
+stream, the trace), its summary in the trial's JSON.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import shlex
 import subprocess
@@ -95,13 +98,17 @@ class Trials:
             micro_batch_size=mbs, layers=layers, no_checkpointing=not checkpointing,
             tiny=a.tiny, seq=None, lr=1e-4, rank=rank, flora_rank=rank, flora_beta1=0.9,
             min_config_s=a.min_trial_s, budget=a.budget, step_group_mb=a.step_group_mb,
-            overlap_steps=a.overlap_steps)
+            overlap_steps=a.overlap_steps,
+            # one directory a trial: bench_memory names the files by configuration only
+            profile=a.profile and os.path.join(
+                a.profile, f"{optimizer}_L{layers}_mbs{mbs}_{'ckpt' if checkpointing else 'nockpt'}"))
         deadline = min(self.deadline, time.monotonic() + a.trial_timeout_s)
         child = bench_memory.run_config(child_args, optimizer, deadline,
                                         stdout=subprocess.DEVNULL if a.quiet else None)
         trial.update({k: child[k] for k in ("status", "error", "params", "peak_allocated_gib",
                                             "peak_reserved_gib", "median_step_s",
-                                            "tokens_per_s", "optimizer_state_gib", "versions")
+                                            "tokens_per_s", "optimizer_state_gib", "versions",
+                                            "profile")
                       if k in child})
         trial["wall_s"] = round(child.get("wall_s", 0.0), 1)
         self.results.append(trial)
@@ -192,6 +199,10 @@ def main(argv=None):
                     help="the Flora trials' FloraAccumulator(step_group_bytes=N MiB) (0)")
     ap.add_argument("--overlap-steps", action="store_true",
                     help="the Flora trials' FloraAccumulator(overlap_steps=True)")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="profile one more step of every trial that fits (bench_memory's "
+                         "--profile: GPU time by kernel kind and by stream, the trace), in "
+                         "DIR/<optimizer>_L<layers>_mbs<size>_<ckpt|nockpt>/")
     ap.add_argument("--steps", type=int, default=2, help="timed steps a trial (2)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (1)")
     ap.add_argument("--peak-tflops", type=float, default=None)

@@ -1,7 +1,10 @@
 """benchmarks/bench_largest.py: its grid parsing, the largest-model search (on a made-up
-memory limit, no child processes) and its MFU formula."""
+memory limit, no child processes), its MFU formula, and one tiny trial on the CPU with
+--profile."""
 import argparse
+import json
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -69,3 +72,22 @@ def test_mfu_counts_model_flops_only():
     want = 1000.0 * (6 * 7e9 + 12 * 32 * 4096 * 2048) / 1e15
     assert bl.mfu(trial, 1000.0, 4096, 2048) == pytest.approx(want)
     assert bl.mfu(dict(trial, status="OOM"), 1000.0, 4096, 2048) is None
+
+
+def test_profile_goes_to_a_directory_per_trial(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "largest.md"
+    prof = tmp_path / "prof"
+    proc = subprocess.run(
+        [sys.executable, str(pathlib.Path(bl.__file__)), "--tiny", "--device", "cpu",
+         "--optimizers", "flora_accum", "--searches", "best", "--grid", "1:off 2:off",
+         "--quiet", "--profile", str(prof), "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    trials = json.loads(out.with_suffix(".json").read_text())["trials"]
+    assert [t["micro_batch_size"] for t in trials] == [1, 2]
+    for t in trials:
+        assert t["status"] == "ok"
+        assert t["profile"]["wall_s"] > 0
+        where = prof / f"flora_accum_L{t['layers']}_mbs{t['micro_batch_size']}_nockpt"
+        assert (where / "flora_accum.txt").read_text().startswith("flora_accum: one optimizer step")
