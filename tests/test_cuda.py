@@ -522,6 +522,16 @@ ROW_CASES = [
 ]
 
 
+def runs_with_tuning(tuning, knob, run, values=(0, 1)):
+    """run() once for each value of the tuning variable ``knob``, in order: a variant and
+    the path it replaces, to compare."""
+    results = []
+    for value in values:
+        tuning(**{knob: value})
+        results.append(run())
+    return results
+
+
 def run_updates(shape, dtype, hp, device, steps=6, seed=1):
     gen = torch.Generator().manual_seed(seed)
     p0 = torch.randn(shape, generator=gen).to(dtype)
@@ -551,11 +561,9 @@ def test_row_stats_and_tile_passes_agree(tuning):
     # row_stats=0 routes the same tensors through the stats + rms tile passes.
     # The sums run in another order, so the two differ in rounding only; a clip
     # threshold that binds makes sum D^2 matter.
-    runs = {}
-    for flag in (0, 1):
-        tuning(row_stats=flag)
-        runs[flag] = run_updates((130, 5504), torch.float32, dict(clip_threshold=0.05), "cuda")
-    (d0, s0), (d1, s1) = runs[0], runs[1]
+    (d0, s0), (d1, s1) = runs_with_tuning(
+        tuning, "row_stats",
+        lambda: run_updates((130, 5504), torch.float32, dict(clip_threshold=0.05), "cuda"))
     assert not torch.equal(d0, d1), "row_stats=0 must take the tile passes"
     assert rel_err(d1, d0) <= 1e-5
     assert rel_err(s1["row_second_moment"], s0["row_second_moment"]) <= 1e-6
@@ -566,11 +574,9 @@ def test_row_stats_and_tile_passes_agree(tuning):
 def test_row_stats_blocks_of_a_tensor_alone_match_the_floor_and_cpu(shape, dtype, tuning):
     # A tensor alone in its launch: 256 blocks of 16 rows (default) or the column-bytes
     # floor's few dozen (stats_task_blocks=0). Other sums of the same rows: rounding only.
-    runs = {}
-    for blocks in (0, 256):
-        tuning(stats_task_blocks=blocks)
-        runs[blocks] = run_updates(shape, dtype, dict(clip_threshold=0.05), "cuda")
-    (d0, s0), (d1, s1) = runs[0], runs[256]
+    (d0, s0), (d1, s1) = runs_with_tuning(
+        tuning, "stats_task_blocks",
+        lambda: run_updates(shape, dtype, dict(clip_threshold=0.05), "cuda"), values=(0, 256))
     assert not torch.equal(s0["col_second_moment"], s1["col_second_moment"]), \
         "stats_task_blocks must change the blocks' rows"
     tol = 1e-5 if dtype == torch.float32 else 1e-2
@@ -585,10 +591,9 @@ def test_row_stats_blocks_of_a_tensor_alone_match_the_floor_and_cpu(shape, dtype
                                          ((3, 8192), torch.float32)], ids=str)
 def test_row_stats_ring_depth_changes_nothing(shape, dtype, tuning):
     # The ring only overlaps loads with sums: every column is summed in row order.
-    runs = []
-    for stages in (2, 3, 4):
-        tuning(stats_stages=stages)
-        runs.append(run_updates(shape, dtype, dict(clip_threshold=0.05), "cuda"))
+    runs = runs_with_tuning(
+        tuning, "stats_stages",
+        lambda: run_updates(shape, dtype, dict(clip_threshold=0.05), "cuda"), values=(2, 3, 4))
     for d, s in runs[1:]:
         assert torch.equal(d, runs[0][0])
         assert torch.equal(s["col_second_moment"], runs[0][1]["col_second_moment"])
@@ -770,11 +775,8 @@ def test_fused_momentum_matches_cpu(shape, dtype, hp):
 def test_fused_and_unfused_momentum_agree(shape, dtype, hp, tuning):
     # fused_momentum=0 takes the update buffer and the rms pass: the same math,
     # other roundings (both TF32), so the two must differ, a little.
-    runs = {}
-    for flag in (0, 1):
-        tuning(fused_momentum=flag)
-        runs[flag] = run_momentum(shape, dtype, hp, "cuda")
-    (d0, s0), (d1, s1) = runs[0], runs[1]
+    (d0, s0), (d1, s1) = runs_with_tuning(
+        tuning, "fused_momentum", lambda: run_momentum(shape, dtype, hp, "cuda"))
     assert not torch.equal(d0, d1), "fused_momentum=0 must take the unfused passes"
     tol = 2e-3 if dtype == torch.float32 else 2e-2
     assert rel_err(d1, d0) <= tol
@@ -789,11 +791,8 @@ def test_library_down_gemm_agrees_with_fused_kernel(shape, dtype, hp, tuning):
     # down_library=1: 16-bit tasks take the down GEMM in cuBLAS (P scaled and rounded to the
     # gradient's dtype, G as it is) and down_epilogue_kernel; 0 (default) forms U in fp16
     # inside fused_down_kernel. Other roundings of the same products: close, not equal.
-    runs = {}
-    for flag in (0, 1):
-        tuning(down_library=flag)
-        runs[flag] = run_momentum(shape, dtype, hp, "cuda")
-    (d0, s0), (d1, s1) = runs[0], runs[1]
+    (d0, s0), (d1, s1) = runs_with_tuning(
+        tuning, "down_library", lambda: run_momentum(shape, dtype, hp, "cuda"))
     assert not torch.equal(s0["momentum"], s1["momentum"]), "down_library=1 must take cuBLAS"
     # 8-bit momentum: where the two Ms differ by a rounding a code may flip (H100: 0.042)
     assert rel_err(d1, d0) <= (6e-2 if hp.get("quantization") else 2e-2)
@@ -816,17 +815,18 @@ def test_library_down_gemm_in_chunks_agrees_with_fused_kernel(tuning):
 
     p0 = [randn(s) for s in shapes]
     grads = [[randn(s, 0.1 + t) for s in shapes] for t in range(6)]
-    runs = {}
-    for flag in (0, 1):
-        tuning(down_library=flag)
+
+    def run():
         params = [torch.nn.Parameter(p.clone()) for p in p0]
         opt = flora_ext.Flora(params, lr=1e-2, beta1=0.9, rank=256, kappa=4, tf32=True)
         for step in grads:
             for p, g in zip(params, step):
                 p.grad = g
             opt.step()
-        runs[flag] = [(p.detach().double() - q.double(), opt.state[p]["momentum"].clone())
-                      for p, q in zip(params, p0)]
+        return [(p.detach().double() - q.double(), opt.state[p]["momentum"].clone())
+                for p, q in zip(params, p0)]
+
+    runs = runs_with_tuning(tuning, "down_library", run)
     for k, ((d0, m0), (d1, m1)) in enumerate(zip(runs[0], runs[1])):
         assert d0.abs().max() > 0
         assert rel_err(d1, d0) <= 2e-2, k
