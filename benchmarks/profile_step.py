@@ -57,7 +57,9 @@ def short_name(kernel):
     for key in ("stats_wide_kernel", "stats_quantized_kernel"):
         if key in kernel:
             return "stats"
-    for key in ("fused_down_kernel", "gram_dot_kernel", "projection_t_kernel", "stats_kernel",
+    # scale_projection_t before projection_t, whose name it contains (down_library=1).
+    for key in ("fused_down_kernel", "down_epilogue_kernel", "gram_dot_kernel",
+                "scale_projection_t_kernel", "projection_t_kernel", "stats_kernel",
                 "finalize_kernel", "scalars_kernel", "norms_kernel", "rms_kernel", "clip_kernel",
                 "apply_kernel", "projection_pair_kernel", "fill_projection_kernel",
                 "momentum_mix_kernel", "row_factor_kernel"):
