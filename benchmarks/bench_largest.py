@@ -11,6 +11,8 @@ itself. Optimizers (bench_memory's configurations):
   flora_accum_q8  the same with quantization=True (8-bit momentum)
   flora_accum_defaults  Flora's defaults (no momentum) + FloraAccumulator(rank=256), beside
                   the headline
+  flora           flora_ext.Flora(beta1=0.9, rank=256) without the accumulator: autograd
+                  keeps every gradient and one step after the backward steps them all
   adamw           torch.optim.AdamW(fused=True)
   adamw8bit       torchao.optim.AdamW8bit (when torchao imports; else reported as error)
   no_step         no optimizer: forward and backward, gradients dropped as they accumulate.
@@ -53,8 +55,8 @@ import time
 
 import bench_memory  # its children run every trial (benchmarks/ is on sys.path)
 
-OPTIMIZERS = ("flora_accum", "flora_accum_q8", "flora_accum_defaults", "adamw", "adamw8bit",
-              "no_step")
+OPTIMIZERS = ("flora_accum", "flora_accum_q8", "flora_accum_defaults", "flora", "adamw",
+              "adamw8bit", "no_step")
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense bf16, SXM
 HIDDEN, SEQ = 4096, 2048
 TINY_HIDDEN, TINY_SEQ = 64, 64

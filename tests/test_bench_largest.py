@@ -91,3 +91,18 @@ def test_profile_goes_to_a_directory_per_trial(tmp_path):
         assert t["profile"]["wall_s"] > 0
         where = prof / f"flora_accum_L{t['layers']}_mbs{t['micro_batch_size']}_nockpt"
         assert (where / "flora_accum.txt").read_text().startswith("flora_accum: one optimizer step")
+
+
+def test_plain_flora_steps_after_the_backward(tmp_path):
+    """The `flora` arm (no accumulator: one step of every gradient after the backward)."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "largest.md"
+    proc = subprocess.run(
+        [sys.executable, str(pathlib.Path(bl.__file__)), "--tiny", "--device", "cpu",
+         "--optimizers", "flora", "--searches", "best", "--grid", "2:off", "--quiet",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (trial,) = json.loads(out.with_suffix(".json").read_text())["trials"]
+    assert trial["optimizer"] == "flora" and trial["status"] == "ok"
+    assert trial["micro_batches"] == 2 and trial["tokens_per_s"] > 0
