@@ -100,7 +100,7 @@ class Trials:
             micro_batch_size=mbs, layers=layers, no_checkpointing=not checkpointing,
             tiny=a.tiny, seq=None, lr=1e-4, rank=rank, flora_rank=rank, flora_beta1=0.9,
             min_config_s=a.min_trial_s, budget=a.budget, step_group_mb=a.step_group_mb,
-            overlap_steps=a.overlap_steps,
+            overlap_steps=a.overlap_steps, tuning=a.tuning,
             # one directory a trial: bench_memory names the files by configuration only
             profile=a.profile and os.path.join(
                 a.profile, f"{optimizer}_L{layers}_mbs{mbs}_{'ckpt' if checkpointing else 'nockpt'}"))
@@ -110,7 +110,7 @@ class Trials:
         trial.update({k: child[k] for k in ("status", "error", "params", "peak_allocated_gib",
                                             "peak_reserved_gib", "median_step_s",
                                             "tokens_per_s", "optimizer_state_gib", "versions",
-                                            "profile")
+                                            "profile", "tuning")
                       if k in child})
         trial["wall_s"] = round(child.get("wall_s", 0.0), 1)
         self.results.append(trial)
@@ -201,6 +201,9 @@ def main(argv=None):
                     help="the Flora trials' FloraAccumulator(step_group_bytes=N MiB) (0)")
     ap.add_argument("--overlap-steps", action="store_true",
                     help="the Flora trials' FloraAccumulator(overlap_steps=True)")
+    ap.add_argument("--tuning", nargs="+", type=bench_memory.parse_tuning, default=[],
+                    metavar="KEY=INT", help="CUDA: bench_memory's --tuning for every trial "
+                    "(torch.ops.flora._set_tuning(KEY=INT, ...), e.g. down_library=1)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="profile one more step of every trial that fits (bench_memory's "
                          "--profile: GPU time by kernel kind and by stream, the trace), in "
@@ -216,6 +219,7 @@ def main(argv=None):
     ap.add_argument("--quiet", action="store_true", help="hide the children's output")
     ap.add_argument("--out", default="benchmarks/results/bench_largest.md")
     args = ap.parse_args(argv)
+    args.tuning = dict(args.tuning)
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

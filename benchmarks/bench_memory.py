@@ -219,6 +219,18 @@ def chunked_causal_lm_loss(model, ids, chunk):
     return total / (batch * (seq - 1))
 
 
+def parse_tuning(text):
+    """'down_library=1' -> ('down_library', 1): one argument of torch.ops.flora._set_tuning."""
+    key, sep, value = text.partition("=")
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if not sep or not key.isidentifier() or number is None:
+        raise argparse.ArgumentTypeError(f"--tuning entries are KEY=INT, got {text!r}")
+    return key, number
+
+
 def row_flags(args, config=None):
     """The flags of a run that change what a row measures, for the table (none: '-'). The
     accumulator's flags apply to the flora_accum configurations only (config None: the run's)."""
@@ -229,6 +241,8 @@ def row_flags(args, config=None):
         flags.append(f"--step-group-mb {args.step_group_mb}")
     if accumulates and getattr(args, "overlap_steps", False):
         flags.append("--overlap-steps")
+    if getattr(args, "tuning", None) and (config is None or config.startswith("flora")):
+        flags.append("--tuning " + " ".join(f"{k}={v}" for k, v in args.tuning.items()))
     return ", ".join(flags) or "-"
 
 
@@ -582,6 +596,9 @@ def run_child(args):
 
         result["versions"] = versions()
         result["flora_ext_cuda_kernels"] = flora_ext.cuda_compiled()
+        if getattr(args, "tuning", None):  # a variant of the CUDA step, for this process
+            torch.ops.flora._set_tuning(**args.tuning)
+            result["tuning"] = dict(args.tuning)
         t0 = time.perf_counter()
         torch.manual_seed(0)  # the same initial weights for every configuration
         model = build_model(shape, device, torch.bfloat16, checkpointing=not args.no_checkpointing)
@@ -667,6 +684,8 @@ def child_command(args, name, result_path):
         cmd += ["--step-group-mb", str(args.step_group_mb)]
     if getattr(args, "overlap_steps", False):
         cmd.append("--overlap-steps")
+    if getattr(args, "tuning", None):
+        cmd += ["--tuning", *(f"{k}={v}" for k, v in args.tuning.items())]
     return cmd
 
 
@@ -866,6 +885,10 @@ def main():
                     help="FloraAccumulator(overlap_steps=True) for the flora_accum "
                          "configurations: the hooks' work (compression, steps) on a second "
                          "CUDA stream, beside the rest of the backward pass")
+    ap.add_argument("--tuning", nargs="+", type=parse_tuning, default=[], metavar="KEY=INT",
+                    help="CUDA: torch.ops.flora._set_tuning(KEY=INT, ...) in every "
+                         "configuration's process before its model is built (a variant of "
+                         "the step, e.g. down_library=1; docs/cuda.md section 8)")
     ap.add_argument("--loss-chunk", type=int, default=512,
                     help="positions a chunk with --chunked-loss (default %(default)s)")
     ap.add_argument("--out", default="benchmarks/results/bench_memory.md",
@@ -886,6 +909,7 @@ def main():
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.loss_chunk < 1:
         ap.error("--loss-chunk must be >= 1")
+    args.tuning = dict(args.tuning)
     # from here on: the chunk size with --chunked-loss, else None
     args.chunked_loss = args.loss_chunk if args.chunked_loss else None
     if (args.steps < 1 or args.warmup < 0 or args.micro_batches < 1

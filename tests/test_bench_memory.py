@@ -176,6 +176,25 @@ def test_accumulator_flags_name_only_the_rows_they_change():
     assert bench_memory.row_flags(plain, "flora_accum") == "-"
 
 
+def test_tuning_reaches_the_children_and_the_flora_rows():
+    assert bench_memory.parse_tuning("down_library=1") == ("down_library", 1)
+    for bad in ("down_library", "down_library=on", "=1", "9x=1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="KEY=INT"):
+            bench_memory.parse_tuning(bad)
+    args = argparse.Namespace(chunked_loss=None, step_group_mb=0, overlap_steps=False,
+                              tuning={"down_library": 1, "side_streams": 0})
+    tuned = "--tuning down_library=1 side_streams=0"
+    assert bench_memory.row_flags(args, "flora") == tuned
+    assert bench_memory.row_flags(args, "flora_accum") == tuned
+    assert bench_memory.row_flags(args, "adamw") == "-"
+    full = argparse.Namespace(device="cuda", steps=1, warmup=0, micro_batches=1, rank=8,
+                              lr=1e-3, seq=None, micro_batch_size=1, no_checkpointing=False,
+                              tiny=True, flora_beta1=0.9, flora_rank=8, **vars(args))
+    cmd = bench_memory.child_command(full, "flora", "/tmp/r.json")
+    at = cmd.index("--tuning")
+    assert cmd[at + 1:at + 3] == ["down_library=1", "side_streams=0"]
+
+
 def test_no_step_drops_every_gradient_and_leaves_the_weights():
     model, shape = _tiny_model(torch.float32)
     before = [p.detach().clone() for p in model.parameters()]
