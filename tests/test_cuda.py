@@ -786,7 +786,9 @@ def test_fused_and_unfused_momentum_agree(shape, dtype, hp, tuning):
 @pytest.mark.parametrize("shape,dtype,hp", [FUSED_CASES[4], FUSED_CASES[5], FUSED_CASES[6],
                                             ((1024, 512), torch.bfloat16, dict(rank=40)),
                                             ((512, 2048), torch.bfloat16,
-                                             dict(rank=64, quantization=True))], ids=str)
+                                             dict(rank=64, quantization=True)),
+                                            ((512, 2048), torch.bfloat16,
+                                             dict(rank=64, projection="orthogonal"))], ids=str)
 def test_library_down_gemm_agrees_with_fused_kernel(shape, dtype, hp, tuning):
     # down_library=1: 16-bit tasks take the down GEMM in cuBLAS (P scaled and rounded to the
     # gradient's dtype, G as it is) and down_epilogue_kernel; 0 (default) forms U in fp16

@@ -47,7 +47,8 @@ namespace {
 
 
 // Writes P's entries (kr, 4 cg .. 4 cg + 3) as fp16 into P^T (`plain_t`, pcol x prow) and
-// into the tiled layout of the down GEMM (`tiled`).
+// into the tiled layout of the down GEMM (`tiled`; nullptr for the library down GEMM's
+// tasks, which read only P^T).
 __device__ __forceinline__ void store_halves(uint16_t* __restrict__ plain_t,
                                              uint16_t* __restrict__ tiled, bool left, int kr,
                                              int cg, int prow, int pcol, const float z[4]) {
@@ -57,6 +58,7 @@ __device__ __forceinline__ void store_halves(uint16_t* __restrict__ plain_t,
     h[u] = to_half_bits(z[u]);
     plain_t[int64_t(4 * cg + u) * prow + kr] = h[u];
   }
+  if (tiled == nullptr) return;
   if (left) {  // rank kr, k 4 cg .. 4 cg + 3: one half of a core row
     const int64_t ktiles = ceil_div(pcol, kTileK);
     *reinterpret_cast<uint2*>(tiled + tiled_index(kr, 4 * cg, ktiles)) =
@@ -231,7 +233,7 @@ GroupTemps group_temps(const GroupShape& s, int count, int down_chunk) {
   g.sq = take(rr);
   if (s.resample) {
     g.next_t = take(ceil_div(int64_t(count) * s.psize, 2));
-    g.next_p = take(ceil_div(int64_t(count) * s.tsize, 2));
+    if (down_chunk == 0) g.next_p = take(ceil_div(int64_t(count) * s.tsize, 2));
     g.bases = take(rr);
     g.base = take(int64_t(count) * s.msize);
   }
@@ -323,7 +325,7 @@ void fill_fused_table(const FusedWork& w) {
                                        : w.items[k]->entry->state.momentum->data_ptr<float>();
     // Temporaries of the next basis: only on resample steps (else null, unread).
     uint16_t* next_t_k = s.resample ? next_t + k * s.psize : nullptr;
-    uint16_t* next_p_k = s.resample ? next_p + k * s.tsize : nullptr;
+    uint16_t* next_p_k = s.resample && w.down_chunk == 0 ? next_p + k * s.tsize : nullptr;
     float* bases_k = s.resample ? bases + k * r * r : nullptr;
     float* base_k = s.resample ? base + k * s.msize : nullptr;
     // Orthogonal: W of both bases, Gram' of the next Gaussian P and W P; else null, unread.
@@ -422,7 +424,7 @@ void fused_momentum_group(const FusedWork& w, int64_t min_batched) {
   const int64_t* const dwords = w.device;
   const auto* ptrs = reinterpret_cast<const void* const*>(w.host);
 
-  if (s.tile_padding) {
+  if (s.tile_padding && w.down_chunk == 0) {  // the library down GEMM reads no tiled P
     for (int k = 0; k < count; ++k)
       C10_CUDA_CHECK(cudaMemsetAsync(w.bufs[k].tiled, 0, s.tsize * 2, stream));
     if (resample)

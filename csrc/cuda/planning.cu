@@ -116,7 +116,7 @@ WorkspacePlan plan_workspace(const Task& t, int64_t kept_base, int64_t partials_
     const int64_t mdim = std::max(t.n, t.m);
     w.terms = take(work_at, 2 * (1 + t.dtiles + kDotBlocks));  // doubles
     w.plain_t = take(work_at, ceil_div(t.rank * pdim, 2));   // fp16
-    w.tiled = take(work_at, ceil_div(tiled_halves(t.rank, pdim), 2));
+    if (!t.down_library) w.tiled = take(work_at, ceil_div(tiled_halves(t.rank, pdim), 2));
     if (t.n < t.m) w.row_factor = take(work_at, t.n);
     w.momentum16 = take(work_at, ceil_div(t.rank * mdim, 2));
   } else if (t.momentum_kind == static_cast<int>(MomentumKind::kCompressed)) {
@@ -242,6 +242,7 @@ int64_t make_task(const Item& item, const GroupArgs& args, const Tuning& tuning,
               layout.rank * std::max(t.n, t.m) < INT_MAX &&
               (e.options.projection == Projection::kGaussian ||
                2 * layout.rank <= std::min(t.n, t.m));
+    t.down_library = t.fused && tuning.down_library && item.dtype != kF32;
     // Dense momentum (row_stats_dense) takes row stats for the row EMA and the column
     // sums only: D = (1 - beta1) U + beta1 M and sum D^2 still come from the rms pass,
     // which also writes M, so the stats pass's sum U^2 goes unused there.
@@ -297,10 +298,9 @@ TaskBytes task_bytes(const Item& item, const Task& t) {
   const int64_t elem = item.param.element_size();
   const int64_t bytes = 2 * t.numel * elem;  // of gradient and parameter
   // Fused tasks hold P^T and M in fp16 (r x min(n, m), r x max(n, m)) instead, and
-  // the tiled P.
-  const int64_t fused = t.fused ? layout.rank * 2 * (t.n + t.m) +
-                                      2 * tiled_halves(layout.rank, std::min(t.n, t.m))
-                                : 0;
+  // the tiled P unless cuBLAS takes their down GEMM.
+  const int64_t tiled = t.down_library ? 0 : 2 * tiled_halves(layout.rank, std::min(t.n, t.m));
+  const int64_t fused = t.fused ? layout.rank * 2 * (t.n + t.m) + tiled : 0;
   const int64_t update = !t.fused && layout.momentum == MomentumKind::kCompressed
                              ? t.numel * int64_t(sizeof(float))
                              : 0;
@@ -434,19 +434,19 @@ void plan_grids(const std::vector<Item>& items, const GroupArgs& args, const Tun
 }
 
 // Bytes of temporaries the fused momentum work of item q holds while its group runs:
-// the two r x r products; on resample steps also the next P^T and tiled P, the change
+// the two r x r products; on resample steps also the next P^T and tiled P (fused_down's
+// only, not for the library down GEMM of task t), the change
 // of basis and M in the next basis; projection="orthogonal" adds W (fp16), Gram' on
 // resample steps, W P in fp32 and W's float64 scratch. (The limit of a round; the region itself
 // is sized by fused_temp_floats.)
-int64_t fused_temp_bytes(const Item& item) {
+int64_t fused_temp_bytes(const Item& item, const Task& t) {
   const ParamLayout& l = item.entry->layout;
   const StepOptions& o = item.entry->options;
   const int64_t r = l.rank, pdim = std::min(l.rows, l.cols);
   const int64_t mdim = std::max(l.rows, l.cols), once = 8 * r * r;
-  int64_t bytes = o.plans_resample()
-                      ? once + 2 * r * pdim + 2 * tiled_halves(r, pdim) + 4 * r * r +
-                            4 * r * mdim
-                      : once;
+  const int64_t next_tiled = t.down_library ? 0 : 2 * tiled_halves(r, pdim);
+  int64_t bytes = o.plans_resample() ? once + 2 * r * pdim + next_tiled + 4 * r * r + 4 * r * mdim
+                                     : once;
   if (o.projection == Projection::kOrthogonal)
     bytes += 2 * r * r + (o.plans_resample() ? 4 * r * r : 0) + 4 * r * pdim +
              4 * basis_work_floats(r, 1);
@@ -523,7 +523,7 @@ void plan_momentum(const std::vector<Item>& items, const Tuning& tuning, StepPla
             items[q].entry->options.plans_resample() != resample ||
             items[q].entry->options.projection != projection)
           continue;
-        const int64_t temps = fused_temp_bytes(items[q]);
+        const int64_t temps = fused_temp_bytes(items[q], plan.tasks[q]);
         if (!g.tasks.empty() && (group_temps + temps > limit || g.tasks.size() == 65535))
           break;
         group_temps += temps;

@@ -394,7 +394,8 @@ void prepare_call(PreparedCall& call, const at::Tensor* workspace, int64_t extra
       const WorkspacePlan& p = plan.plans[q];
       w.bufs.push_back({reinterpret_cast<uint16_t*>(ws + p.plain_t),
                         reinterpret_cast<uint16_t*>(ws + p.momentum16),
-                        reinterpret_cast<uint16_t*>(ws + p.tiled),
+                        plan.tasks[q].down_library ? nullptr
+                                                   : reinterpret_cast<uint16_t*>(ws + p.tiled),
                         call.items[q].entry->layout.left ? ws + p.row_factor : nullptr});
     }
     w.temps = ws + layout.rounds_at + g.temps_at;

@@ -47,6 +47,7 @@ struct Task {
   int64_t dtiles;        // fused: down-GEMM tiles (down_tiles)
   int32_t gcols;         // fused: up-GEMM tiles along m
   int32_t fused;
+  int32_t down_library;  // fused, 16-bit, Tuning::down_library: no tiled P (cuBLAS's down GEMM)
   int64_t n, m;          // factored: rows, cols; unfactored: 1, numel
   int64_t numel;
   int64_t tile_begin;    // first tile of this task in the batch's grid
