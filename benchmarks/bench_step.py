@@ -177,6 +177,10 @@ def optimizers(rank):
         # column sums in shared memory instead of registers
         f"flora_r{rank}_b0.9_wide_shared": (flora(rank=rank, beta1=0.9, kappa=1000),
                                             {"wide_row_regs": 0}),
+        # ... or in registers with a deeper ring than the other rows' (one 16-bit row of
+        # 11008 columns a stage; by default 2 stages: one row loading while one is summed)
+        **{f"flora_r{rank}_b0.9_wide_stages{s}": (flora(rank=rank, beta1=0.9, kappa=1000),
+                                                  {"wide_stats_stages": s}) for s in (4, 6)},
         # 16-bit tensors' down GEMM in cuBLAS (P scaled in the gradient's dtype) and a
         # momentum epilogue kernel instead of fused_down_kernel
         f"flora_r{rank}_b0.9_down_library": (flora(rank=rank, beta1=0.9, kappa=1000),

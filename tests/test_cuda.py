@@ -425,7 +425,8 @@ def test_former_variant_knobs_are_not_read(name, monkeypatch):
 
 BAD_TUNING = [("row_stats", 2), ("stats_stages", 1), ("stats_stages", 5), ("fused_momentum", 3),
               ("fused_share", 0), ("fused_min_bytes", -2), ("min_batched", 0),
-              ("stats_task_blocks", -3), ("wide_row_regs", -2), ("down_library", 2)]
+              ("stats_task_blocks", -3), ("wide_row_regs", -2), ("down_library", 2),
+              ("wide_stats_stages", 1), ("wide_stats_stages", 7)]
 
 
 def _one_tuned_step():
@@ -675,6 +676,38 @@ def test_wide_rows_column_sums_in_registers_equal_shared_memory(dtype, tuning):
     # for more of it (fp32 on an H100: 180880 bytes against 136848).
     assert len(regs_smem) == len(shared_smem) == 3
     assert all(b > a for a, b in zip(regs_smem, shared_smem)), (regs_smem, shared_smem)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_wide_rows_ring_depth_keeps_the_bits(dtype, tuning):
+    # wide_stats_stages sets the ring of the wide rows' launch only; a stage holds the same
+    # rows whatever the depth, so the sums and every update keep their bits. The launch's
+    # shared memory shows the depth taken (a stage's bytes times the stages, as far as the
+    # SM's shared memory allows: fp32 rows of 11008 columns are 43 KiB a stage).
+    shapes = [(40, 7000), (37, 11008), (64, 1024)]
+
+    def train(stages):
+        tuning(wide_stats_stages=stages)
+        gen = torch.Generator().manual_seed(4)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to("cuda", dtype))
+                  for s in shapes]
+        opt = flora_ext.Flora(params, lr=1e-2, beta1=None)
+        wide = []
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to("cuda", dtype)
+            wide += [a["shared memory"] for a in _kernel_args(opt.step, "stats_wide_kernel")]
+        narrow = [a["shared memory"] for a in _kernel_args(opt.step, "stats_kernel")]
+        return [p.detach().clone() for p in params], wide, narrow
+
+    base, base_wide, base_narrow = train(0)
+    for stages in (4, 6):
+        params, wide, narrow = train(stages)
+        for a, b in zip(params, base):
+            assert torch.equal(a, b), (stages, tuple(a.shape))
+        assert len(wide) == len(base_wide) == 3
+        assert all(w > b for w, b in zip(wide, base_wide)), (stages, wide, base_wide)
+        assert narrow == base_narrow  # the other rows' ring stays
 
 
 # sum(p^2) kept from the last CUDA step (reuse_param_norms): the same results as reading

@@ -25,7 +25,7 @@ int64_t stats_smem_limit() { return std::max<int64_t>(0, smem_optin() - 8 * 1024
 // too wide for register accumulators, the column accumulators) fit in shared memory;
 // returns the shared memory a block needs, or 0 (tile passes).
 int64_t plan_row_stats(Task& t, int64_t elem, int64_t lane_elems, int64_t smem_limit,
-                       int64_t stages, bool reads_p, bool wide_regs) {
+                       int64_t stages, bool reads_p, bool wide_regs, int64_t wide_stages) {
   const int64_t mv = t.m / lane_elems;
   if (!t.vec || t.m % lane_elems != 0 || mv < kThreads / 2 || mv > INT_MAX / 4) return 0;
   const int64_t row_bytes = t.m * elem * (reads_p ? 2 : 1);
@@ -38,7 +38,7 @@ int64_t plan_row_stats(Task& t, int64_t elem, int64_t lane_elems, int64_t smem_l
   t.stage_rows = static_cast<int32_t>(rows);
   const bool in_regs = mv <= reg_vecs * kThreads;
   if (in_regs || (wide_regs && mv <= wide_vecs * kThreads)) {
-    for (int64_t s = stages; s >= 2; --s) {
+    for (int64_t s = in_regs || wide_stages == 0 ? stages : wide_stages; s >= 2; --s) {
       if (s * stage <= smem_limit) {
         t.row_stats = in_regs ? kRowStatsRegisters : kRowStatsWideRegisters;
         t.stages = static_cast<int32_t>(s);
@@ -254,7 +254,8 @@ int64_t make_task(const Item& item, const GroupArgs& args, const Tuning& tuning,
     if (row_stats_on &&
         (layout.momentum == MomentumKind::kNone || t.fused || (dense && tuning.row_stats_dense)))
       stats_smem = plan_row_stats(t, elem, lane_elems, smem_limit, stages,
-                                  t.stats_p && t.param_sq == nullptr, tuning.wide_row_regs);
+                                  t.stats_p && t.param_sq == nullptr, tuning.wide_row_regs,
+                                  tuning.wide_stats_stages);
     t.needs_rms = !t.row_stats || dense;
     // Without a valid norm cache, sum p^2 of these comes from fused_p2_kernel or
     // tile_p2_kernel (in the apply pass's order) rather than the stats pass.

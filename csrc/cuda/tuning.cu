@@ -46,10 +46,10 @@ int64_t checked(const char* name, int64_t value, int64_t min_value, int64_t max_
 void set_tuning_op(bool reset, int64_t row_stats, int64_t stats_stages, int64_t fused_momentum,
                    int64_t fused_share, int64_t fused_min_bytes, int64_t min_batched,
                    int64_t row_stats_dense, int64_t stats_task_blocks,
-                   int64_t wide_row_regs, int64_t down_library) {
+                   int64_t wide_row_regs, int64_t down_library, int64_t wide_stats_stages) {
   set_tuning_for_testing(reset, row_stats, stats_stages, fused_momentum, fused_share,
                          fused_min_bytes, min_batched, row_stats_dense, stats_task_blocks,
-                         wide_row_regs, down_library);
+                         wide_row_regs, down_library, wide_stats_stages);
 }
 
 }  // namespace
@@ -70,7 +70,8 @@ void set_tuning_for_testing(bool reset, int64_t row_stats, int64_t stats_stages,
                             int64_t fused_momentum, int64_t fused_share,
                             int64_t fused_min_bytes, int64_t min_batched,
                             int64_t row_stats_dense, int64_t stats_task_blocks,
-                            int64_t wide_row_regs, int64_t down_library) {
+                            int64_t wide_row_regs, int64_t down_library,
+                            int64_t wide_stats_stages) {
   // Every value is checked before any is set: a bad call changes nothing.
   checked("row_stats", row_stats, 0, 1);
   TORCH_CHECK(stats_stages == -1 || stats_stages == 0 || (stats_stages >= 2 && stats_stages <= 4),
@@ -84,6 +85,10 @@ void set_tuning_for_testing(bool reset, int64_t row_stats, int64_t stats_stages,
   checked("stats_task_blocks", stats_task_blocks, 0, 1 << 20);
   checked("wide_row_regs", wide_row_regs, 0, 1);
   checked("down_library", down_library, 0, 1);
+  TORCH_CHECK(wide_stats_stages == -1 || wide_stats_stages == 0 ||
+                  (wide_stats_stages >= 2 && wide_stats_stages <= 6),
+              "flora: _set_tuning: wide_stats_stages must be -1 (unchanged), 0 (as "
+              "stats_stages) or from 2 to 6, got ", wide_stats_stages);
   std::lock_guard<std::mutex> lock(tuning_mutex);
   if (reset) fixed_tuning = Tuning{};
   if (row_stats != -1) fixed_tuning.row_stats = row_stats == 1;
@@ -96,6 +101,7 @@ void set_tuning_for_testing(bool reset, int64_t row_stats, int64_t stats_stages,
   if (stats_task_blocks != -1) fixed_tuning.stats_task_blocks = stats_task_blocks;
   if (wide_row_regs != -1) fixed_tuning.wide_row_regs = wide_row_regs == 1;
   if (down_library != -1) fixed_tuning.down_library = down_library == 1;
+  if (wide_stats_stages != -1) fixed_tuning.wide_stats_stages = wide_stats_stages;
 }
 
 }  // namespace cuda_detail
@@ -107,6 +113,6 @@ TORCH_LIBRARY_FRAGMENT(flora, m) {
   m.def("_set_tuning(bool reset=False, int row_stats=-1, int stats_stages=-1, "
         "int fused_momentum=-1, int fused_share=-1, int fused_min_bytes=-1, "
         "int min_batched=-1, int row_stats_dense=-1, int stats_task_blocks=-1, "
-        "int wide_row_regs=-1, int down_library=-1) -> ()",
+        "int wide_row_regs=-1, int down_library=-1, int wide_stats_stages=-1) -> ()",
         &flora::cuda_detail::set_tuning_op);
 }

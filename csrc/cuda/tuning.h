@@ -65,6 +65,10 @@ constexpr bool kFusedMomentum = true;
 // in registers of the wide rows' launch up to 12288 columns (off: shared memory, the
 // same sums to the bit).
 constexpr bool kWideRowRegs = true;
+// Buffers in the ring of the wide rows' launch with register accumulators (2-6; one
+// block an SM, a 16-bit row of 11008 columns a stage); 0: as kStatsStages. The stages
+// hold the same rows whatever their number, so the sums keep their bits.
+constexpr int64_t kWideStatsStages = 0;
 // On: the down GEMM of fused 16-bit tasks as a cuBLAS batched GEMM of the gradient as it
 // is with P scaled by the factors along the contraction and rounded to the gradient's
 // dtype (the unfused path's operands), a chunk of a group's tasks at a time, then a
@@ -86,6 +90,7 @@ struct Tuning {
   int64_t stats_task_blocks = kStatsTaskBlocks;
   bool wide_row_regs = kWideRowRegs;
   bool down_library = kDownLibrary;
+  int64_t wide_stats_stages = kWideStatsStages;
 };
 
 // The tuning of one call: the constants (or what set_tuning_for_testing set) and the two
@@ -99,7 +104,8 @@ void set_tuning_for_testing(bool reset, int64_t row_stats, int64_t stats_stages,
                             int64_t fused_momentum, int64_t fused_share,
                             int64_t fused_min_bytes, int64_t min_batched,
                             int64_t row_stats_dense, int64_t stats_task_blocks = -1,
-                            int64_t wide_row_regs = -1, int64_t down_library = -1);
+                            int64_t wide_row_regs = -1, int64_t down_library = -1,
+                            int64_t wide_stats_stages = -1);
 
 }  // namespace cuda_detail
 }  // namespace flora
