@@ -142,9 +142,16 @@ def optimizers(rank):
         # one call a parameter, as in FloraAccumulator's hooks (layer-by-layer stepping)
         f"flora_r{rank}_b0.9_per_param": per_param(rank=rank, beta1=0.9, kappa=1000),
         "flora_nomomentum_per_param": per_param(beta1=None),
-        # the same in calls of 256 MiB of gradients (FloraAccumulator(step_group_bytes=...))
-        f"flora_r{rank}_b0.9_grouped256m": lambda ps: GroupedSteps(
-            flora_ext.Flora(ps, lr=1e-3, rank=rank, beta1=0.9, kappa=1000), ps, 256 << 20),
+        # ... with the library down GEMM: cuBLAS splits a lone tensor's contraction, where
+        # fused_down_kernel has a block for each 128 outputs (32 for a 4096 x 4096 tensor)
+        f"flora_r{rank}_b0.9_per_param_down_library": (
+            per_param(rank=rank, beta1=0.9, kappa=1000), {"down_library": 1}),
+        # the same in calls of 256 MiB or 1 GiB of gradients
+        # (FloraAccumulator(step_group_bytes=...))
+        **{f"flora_r{rank}_b0.9_grouped{name}": (
+            lambda ps, size=size: GroupedSteps(
+                flora_ext.Flora(ps, lr=1e-3, rank=rank, beta1=0.9, kappa=1000), ps, size))
+           for name, size in (("256m", 256 << 20), ("1g", 1 << 30))},
         # the same without the row-stats blocks a tensor is given alone (the column-bytes
         # floor only: a few dozen blocks for a 4096-row bf16 tensor)
         f"flora_r{rank}_b0.9_per_param_floor": (per_param(rank=rank, beta1=0.9, kappa=1000),
