@@ -368,8 +368,9 @@ StepOptions options_from_schema(int64_t step, int64_t seed, double lr, double be
 
 void check_projection_output(const at::Tensor& out, int64_t seed, double scale) {
   TORCH_CHECK(out.defined(), "flora: out must be a defined tensor");
-  TORCH_CHECK(out.scalar_type() == at::kFloat, "flora: out must be float32, got ",
-              out.scalar_type());
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16 ||
+                  out.scalar_type() == at::kHalf,
+              "flora: out must be float32, bfloat16 or float16, got ", out.scalar_type());
   TORCH_CHECK(out.is_contiguous(), "flora: out must be contiguous");
   TORCH_CHECK(seed >= 0, "flora: seed must be >= 0, got ", seed);
   TORCH_CHECK(std::isfinite(scale), "flora: scale must be finite, got ", scale);

@@ -45,11 +45,14 @@ def cuda_compiled() -> bool:
     return torch.ops.flora.cuda_compiled()
 
 
-def projection(seed: int, rows: int, cols: int, rank: int, device="cpu") -> torch.Tensor:
-    """The float32 (rows x cols) projection of ``seed``: N(0, 1) entries / sqrt(rank).
+def projection(seed: int, rows: int, cols: int, rank: int, device="cpu",
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (rows x cols) projection of ``seed``: N(0, 1) entries / sqrt(rank).
 
     Entry e (row-major) comes from Philox4x32-10 with key ``seed`` and counter e // 4,
     through a double-precision Box-Muller, so CPU and CUDA give the same matrix.
+    ``dtype`` float32 (default), bfloat16 or float16: the float32 matrix rounded to
+    nearest, as its ``.to(dtype)`` would be, without the float32 copy.
     """
     if not isinstance(seed, int) or seed < 0 or seed >= 2**63:
         raise ValueError(f"flora: seed must be an int in [0, 2**63), got {seed!r}")
@@ -57,7 +60,10 @@ def projection(seed: int, rows: int, cols: int, rank: int, device="cpu") -> torc
         raise ValueError(f"flora: rank must be a positive int, got {rank!r}")
     if rows < 0 or cols < 0:
         raise ValueError(f"flora: projection shape must be non-negative, got ({rows}, {cols})")
-    out = torch.empty((rows, cols), dtype=torch.float32, device=device)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"flora: projection dtype must be torch.float32, torch.bfloat16 or "
+                         f"torch.float16, got {dtype!r}")
+    out = torch.empty((rows, cols), dtype=dtype, device=device)
     torch.ops.flora.fill_projection_(out, seed, 1.0 / math.sqrt(rank))
     return out
 
@@ -75,7 +81,8 @@ def _step_fake(param, grad, row_second_moment, col_second_moment, second_moment,
 
 @torch.library.register_fake("flora::fill_projection_")
 def _fill_projection_fake(out, seed, scale):
-    torch._check(out.dtype == torch.float32, lambda: "flora: out must be float32")
+    torch._check(out.dtype in (torch.float32, torch.bfloat16, torch.float16),
+                 lambda: "flora: out must be float32, bfloat16 or float16")
     return None
 
 

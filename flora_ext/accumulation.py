@@ -79,9 +79,9 @@ def _gemm_dtype(dtype):
 def _projection(shape, seed, rank, device, dtype):
     n, m = shape
     left = n < m
-    P = projection(seed, rank, n, rank, device=device) if left else \
-        projection(seed, m, rank, rank, device=device)
-    return P.to(dtype), left
+    P = projection(seed, rank, n, rank, device=device, dtype=dtype) if left else \
+        projection(seed, m, rank, rank, device=device, dtype=dtype)
+    return P, left
 
 
 # How this torch multiplies half-precision (bf16/fp16) CUDA matrices into a float32 result

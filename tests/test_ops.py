@@ -98,8 +98,22 @@ def test_next_seed_stays_in_int63_and_moves():
     assert flora_ext.next_seed(2**63 - 1) < 2**63
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 5), (256, 1000), (37, 4)])
+def test_half_projection_is_the_float32_one_rounded(device, dtype, shape):
+    # Written in 16 bits directly, as FloraAccumulator's GEMMs read it: the same bits as the
+    # float32 matrix's .to(dtype) (round to nearest even), numel of any residue mod 4 included.
+    full = flora_ext.projection(11, *shape, rank=8, device=device)
+    half = flora_ext.projection(11, *shape, rank=8, device=device, dtype=dtype)
+    assert half.dtype == dtype and half.shape == shape
+    assert torch.equal(half, full.to(dtype))
+    assert not torch.equal(half.float(), full)  # rounded: not a float32 matrix in disguise
+
+
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(seed=-1), "seed"), (dict(rank=0), "rank"), (dict(rows=-1), "shape")])
+    (dict(seed=-1), "seed"), (dict(rank=0), "rank"), (dict(rows=-1), "shape"),
+    (dict(dtype=torch.float64), "dtype")])
 def test_projection_bad_arguments(kwargs, match):
     args = dict(seed=1, rows=3, cols=4, rank=2)
     args.update(kwargs)
@@ -108,7 +122,7 @@ def test_projection_bad_arguments(kwargs, match):
 
 
 def test_fill_projection_rejects_non_float32():
-    with pytest.raises(RuntimeError, match="flora: out must be float32"):
+    with pytest.raises(RuntimeError, match="flora: out must be float32, bfloat16 or float16"):
         torch.ops.flora.fill_projection_(torch.empty(3, 3, dtype=torch.float64), 1, 1.0)
 
 

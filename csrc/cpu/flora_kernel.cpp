@@ -21,10 +21,10 @@ namespace {
 
 constexpr int64_t kChunk = 4096;  // elements per partial sum of 1-D reductions
 
-void fill_projection_cpu(const at::Tensor& out, int64_t seed, double scale) {
-  detail::check_projection_output(out, seed, scale);
-  float* data = out.data_ptr<float>();
-  const int64_t numel = out.numel();
+// P's entries in out's dtype: float32, or bfloat16 / float16 rounded to nearest (the
+// values of the float32 P's .to(dtype)).
+template <typename T>
+void fill_projection_as(T* data, int64_t numel, int64_t seed, double scale) {
   const int64_t groups = (numel + 3) / 4;
   at::parallel_for(0, groups, 256, [&](int64_t begin, int64_t end) {
     for (int64_t q = begin; q < end; ++q) {
@@ -34,9 +34,24 @@ void fill_projection_cpu(const at::Tensor& out, int64_t seed, double scale) {
       float z[4];
       box_muller(w[0], w[1], scale, &z[0], &z[1]);
       box_muller(w[2], w[3], scale, &z[2], &z[3]);
-      for (int64_t k = 0; k < 4 && 4 * q + k < numel; ++k) data[4 * q + k] = z[k];
+      for (int64_t k = 0; k < 4 && 4 * q + k < numel; ++k) data[4 * q + k] = static_cast<T>(z[k]);
     }
   });
+}
+
+void fill_projection_cpu(const at::Tensor& out, int64_t seed, double scale) {
+  detail::check_projection_output(out, seed, scale);
+  const int64_t numel = out.numel();
+  switch (out.scalar_type()) {
+    case at::kBFloat16:
+      fill_projection_as(out.data_ptr<at::BFloat16>(), numel, seed, scale);
+      break;
+    case at::kHalf:
+      fill_projection_as(out.data_ptr<at::Half>(), numel, seed, scale);
+      break;
+    default:
+      fill_projection_as(out.data_ptr<float>(), numel, seed, scale);
+  }
 }
 
 // Sum of f(e) over e in [0, numel): chunk partials in parallel, then in order.

@@ -22,15 +22,17 @@ namespace cuda_detail {
 namespace {
 
 
-__global__ void fill_projection_kernel(float* __restrict__ out, int64_t numel, uint64_t seed,
-                                       double scale) {
+// P's entries as DT: float32, or rounded to nearest (what a float32 P's .to(dtype) gives).
+template <int DT>
+__global__ void fill_projection_kernel(Storage<DT>* __restrict__ out, int64_t numel,
+                                       uint64_t seed, double scale) {
   const int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (4 * q >= numel) return;
   float z[4];
   projection_values(seed, q, scale, z);
 #pragma unroll
   for (int k = 0; k < 4; ++k)
-    if (4 * q + k < numel) out[4 * q + k] = z[k];
+    if (4 * q + k < numel) out[4 * q + k] = from_float<DT>(z[k]);
 }
 
 // The projection P (rows x cols, fp32; skipped when plain is null) and P scaled
@@ -111,10 +113,14 @@ void fill_projection_cuda(const at::Tensor& out, int64_t seed, double scale) {
   if (numel == 0) return;
   c10::cuda::CUDAGuard guard(out.device());
   const int64_t groups = ceil_div(numel, 4);
-  fill_projection_kernel<<<ceil_div(groups, kThreads), kThreads, 0,
-                           at::cuda::getCurrentCUDAStream()>>>(
-      out.data_ptr<float>(), numel, static_cast<uint64_t>(seed), scale);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const auto blocks = static_cast<unsigned>(ceil_div(groups, kThreads));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  with_dtype(dtype_code(out.scalar_type()), [&](auto dt) {
+    constexpr int DT = decltype(dt)::value;
+    fill_projection_kernel<DT><<<blocks, kThreads, 0, stream>>>(
+        static_cast<Storage<DT>*>(out.data_ptr()), numel, static_cast<uint64_t>(seed), scale);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 namespace {
@@ -214,7 +220,7 @@ void compressed_momentum(const Item& item, const Task& t, const at::Tensor& mome
   const auto fill_pair = [&](float* plain, int64_t seed, bool with_scaled) {
     const uint64_t s = static_cast<uint64_t>(seed);
     if (!with_scaled) {
-      fill_projection_kernel<<<blocks, kThreads, 0, stream>>>(plain, prow * pcol, s, scale);
+      fill_projection_kernel<kF32><<<blocks, kThreads, 0, stream>>>(plain, prow * pcol, s, scale);
     } else if (down_type == kF32) {
       projection_pair_kernel<kF32><<<blocks, kThreads, 0, stream>>>(
           plain, static_cast<float*>(scaled), prow, pcol, s, scale, left, t.row, t.scalars,
@@ -238,8 +244,8 @@ void compressed_momentum(const Item& item, const Task& t, const at::Tensor& mome
   const auto fill_basis = [&](float* plain, int64_t seed, const WSlot* slot) {
     TORCH_INTERNAL_ASSERT(slot != nullptr && slot->w.scalar_type() == at::kDouble);
     float* const raw = ws + c.p_raw;
-    fill_projection_kernel<<<blocks, kThreads, 0, stream>>>(raw, prow * pcol,
-                                                            static_cast<uint64_t>(seed), scale);
+    fill_projection_kernel<kF32><<<blocks, kThreads, 0, stream>>>(
+        raw, prow * pcol, static_cast<uint64_t>(seed), scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     double* const w = slot->w.data_ptr<double>();
     if (slot->miss) {
