@@ -18,6 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_memory import parse_tuning  # noqa: E402
 from bench_step import (MODELS, PerParamSteps, llama_shapes, make_params,  # noqa: E402
                         measured_by, measured_on, report)
 
@@ -83,12 +84,21 @@ def main():
     ap.add_argument("--configs", nargs="*", default=["none", "compressed"],
                     help="none (beta1=None), compressed (rank --rank, beta1 0.9) and/or q8 "
                          "(compressed with quantization=True)")
+    ap.add_argument("--tuning", nargs="+", type=parse_tuning, default=[], metavar="KEY=INT",
+                    help="torch.ops.flora._set_tuning(KEY=INT, ...) for every step profiled (a "
+                         "variant of the CUDA step, e.g. down_library=1)")
     args = ap.parse_args()
     import flora_ext
+
+    tuning = dict(args.tuning)
+    if tuning:
+        torch.ops.flora._set_tuning(**tuning)
 
     dtype = getattr(torch, args.dtype)
     params, grads = make_params(llama_shapes(*MODELS[args.model]), dtype)
     how = ", one call a parameter (--per-param)" if args.per_param else ""
+    if tuning:
+        how += ", " + ", ".join(f"{k}={v}" for k, v in tuning.items())
     text = (f"\n### Kernel profile, LLaMA {args.model} shapes, {args.dtype} params{how}\n\n"
             f"{measured_on()}, {measured_by()}\n")
     configs = {"none": ("no momentum", dict(beta1=None)),
