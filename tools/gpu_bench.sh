@@ -9,6 +9,10 @@
 # configuration without checkpointing and the no_step ceiling, one profiled step of each of
 # the last two; its commands took about 7 minutes in all on an H100 before the profiles),
 # tables gathered in $OUT/bench_7b.md (adamw8bit needs torchao, e.g. from .whl/).
+# `gpu_bench.sh variants`: the step variants still off by default against the default
+# (library down GEMM, the wide rows' ring depth; per-parameter steps as the hooks take
+# them, alone, grouped and with the library GEMM), their 7B kernel profiles, and the 7B
+# loops with the library GEMM beside the default; tables in $OUT/bench_variants.md.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site
 OUT=${OUT:-/tmp/flora_out}
@@ -49,7 +53,34 @@ FLORA="flora_r256_b0.9 flora_r256_b0.9_resample flora_r256_b0.9_exact flora_nomo
     cat "$T"/*.md >> "$OUT/bench_7b.md"
     rm -rf "$T"
   fi
-  if [ "$PART" != main ] && [ "$PART" != 7b ]; then
+  if [ "$PART" = variants ]; then
+    T=$(mktemp -d)
+    V="flora_r256_b0.9 flora_r256_b0.9_down_library"
+    $B --model 1.35b --dtype bfloat16 --steps 10 --rounds 2 --only adamw_fused $V \
+      --out "$OUT/bench_variants.md"
+    $B --model 7b --dtype bfloat16 --steps 10 --rounds 2 --only adamw_fused $V \
+      flora_r256_b0.9_wide_stages4 flora_r256_b0.9_wide_stages6 flora_r256_b0.9_per_param \
+      flora_r256_b0.9_per_param_down_library flora_r256_b0.9_grouped256m \
+      flora_r256_b0.9_grouped1g --out "$OUT/bench_variants.md"
+    S="python3 benchmarks/profile_step.py --model 7b --dtype bfloat16 --configs compressed --steps 2"
+    $S --per-param --out "$OUT/bench_variants.md"
+    $S --per-param --tuning down_library=1 --out "$OUT/bench_variants.md"
+    $S --tuning down_library=1 --out "$OUT/bench_variants.md"
+    L="python3 benchmarks/bench_largest.py --searches best --quiet --min-trial-s 15"
+    $L --optimizers adamw --grid 2:off --out "$T/largest_adamw.md"
+    $L --optimizers no_step --grid 4:off --out "$T/largest_no_step.md"
+    $L --optimizers flora_accum --grid 4:off --overlap-steps --out "$T/largest_accum.md"
+    $L --optimizers flora_accum flora --grid 4:off --overlap-steps --tuning down_library=1 \
+      --out "$T/largest_library.md"
+    $L --optimizers flora --grid 4:off --out "$T/largest_flora.md"
+    M="python3 benchmarks/bench_memory.py --chunked-loss --overlap-steps"
+    $M --configs flora_accum adamw --out "$T/memory.md"
+    $M --configs flora_accum --tuning down_library=1 --out "$T/memory_library.md"
+    $M --configs flora_accum --step-group-mb 256 --out "$T/memory_grouped.md"
+    cat "$T"/*.md >> "$OUT/bench_variants.md"
+    rm -rf "$T"
+  fi
+  if [ "$PART" != main ] && [ "$PART" != 7b ] && [ "$PART" != variants ]; then
     for bytes in 8388608 134217728 1073741824; do
       FLORA_BATCH_BYTES=$bytes $B --only flora_nomomentum flora_r256_b0.9 --steps 5 \
         --out "$OUT/bench_step.md"
