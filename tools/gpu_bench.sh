@@ -12,7 +12,8 @@
 # `gpu_bench.sh variants`: the step variants still off by default against the default
 # (library down GEMM, the wide rows' ring depth; per-parameter steps as the hooks take
 # them, alone, grouped and with the library GEMM), their 7B kernel profiles, and the 7B
-# loops with the library GEMM beside the default; tables in $OUT/bench_variants.md.
+# loops with the library GEMM beside the default; tables in $OUT/bench_variants.md, the
+# hooks' host time (benchmarks/probes/hook_probe.py) in $OUT/bench.log.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site
 OUT=${OUT:-/tmp/flora_out}
@@ -79,6 +80,9 @@ FLORA="flora_r256_b0.9 flora_r256_b0.9_resample flora_r256_b0.9_exact flora_nomo
     $M --configs flora_accum --step-group-mb 256 --out "$T/memory_grouped.md"
     cat "$T"/*.md >> "$OUT/bench_variants.md"
     rm -rf "$T"
+    # host time a FloraAccumulator hook adds to the backward pass (the GPU kept busy)
+    python3 benchmarks/probes/hook_probe.py --device cuda
+    python3 benchmarks/probes/hook_probe.py --device cuda --overlap-steps --modes none steps compress
   fi
   if [ "$PART" != main ] && [ "$PART" != 7b ] && [ "$PART" != variants ]; then
     for bytes in 8388608 134217728 1073741824; do
