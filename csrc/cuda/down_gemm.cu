@@ -248,6 +248,17 @@ __device__ __forceinline__ void down_tile_mma(const DownJob& job, uint8_t* smem,
 }
 #endif  // !FLORA_DOWN_WGMMA
 
+// The tile of a down-GEMM block (fused_down_kernel's and down_epilogue_kernel's grids):
+// block `local` of its task takes kUpBM outputs from o0 by kDnBN of the rank from r0.
+struct DownTileOrigin {
+  int local, o0, r0;
+};
+__device__ __forceinline__ DownTileOrigin down_tile_origin(int rank) {
+  const int rblocks = static_cast<int>(ceil_div(rank, kDnBN));
+  const int local = blockIdx.x;
+  return {local, (local / rblocks) * kUpBM, (local % rblocks) * kDnBN};
+}
+
 // The momentum epilogue of a down-GEMM tile (kUpBM outputs from o0 by kDnBN of the rank
 // from r0, block `local` of the task): <down(U), M> partials, M in fp16 for the up GEMM,
 // and the new M. read_x(row, col, idx, x) gives the tile's four results at tile row
@@ -349,9 +360,8 @@ __global__ void __launch_bounds__(kDnThreads, 1)
   extern __shared__ uint4 dn_smem[];
   uint8_t* smem = reinterpret_cast<uint8_t*>(dn_smem);
   const DownJob job = jobs[blockIdx.y];  // in registers: the epilogue's stores may alias
-  const int rblocks = static_cast<int>(ceil_div(rank, kDnBN));
-  const int local = blockIdx.x;
-  const int o0 = (local / rblocks) * kUpBM, r0 = (local % rblocks) * kDnBN;
+  const DownTileOrigin tile = down_tile_origin(rank);
+  const int local = tile.local, o0 = tile.o0, r0 = tile.r0;
   const float row_mean = job.scalars[kRowMean];
 #ifdef FLORA_DOWN_WGMMA
   down_tile_wgmma<DT, kLeft>(job, smem, n, m, rank, o0, r0, row_mean);
@@ -379,9 +389,8 @@ __global__ void __launch_bounds__(kDnThreads, 1)
                          int update) {
   __shared__ float map_s[256];
   const DownJob job = jobs[blockIdx.y];
-  const int rblocks = static_cast<int>(ceil_div(rank, kDnBN));
-  const int local = blockIdx.x;
-  const int o0 = (local / rblocks) * kUpBM, r0 = (local % rblocks) * kDnBN;
+  const DownTileOrigin tile = down_tile_origin(rank);
+  const int local = tile.local, o0 = tile.o0, r0 = tile.r0;
   const float row_mean = job.scalars[kRowMean];
   down_epilogue<kLeft>(job, map_s, n, m, rank, o0, r0, local, beta1, update,
                        [&](int row, int col, int64_t idx, float (&x)[4]) {

@@ -290,6 +290,11 @@ int64_t fused_temp_floats(const Item& first, int count, int down_chunk) {
   return group_temps(group_shape(first), count, down_chunk).floats;
 }
 
+int64_t library_down_task_bytes(const Item& first) {
+  const GroupShape s = group_shape(first);
+  return 2 * s.psize + 4 * s.msize;  // group_temps' scaled and x, a task each
+}
+
 int64_t fused_table_words(int count, bool resample) {
   return kArrays * int64_t(count) + (resample ? 2 : 1) * int64_t(count) * kJobWords;
 }

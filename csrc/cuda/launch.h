@@ -202,6 +202,9 @@ struct FusedWork {
 // Floats of workspace the group's temporaries take (Gram and S; on resample steps also
 // the next P^T and tiled P, the change of basis and M in the next basis).
 int64_t fused_temp_floats(const Item& first, int count, int down_chunk);
+// Bytes of those temporaries a task adds to a chunk of the library down GEMM (its scaled
+// P^T in the gradient's dtype and its fp32 result).
+int64_t library_down_task_bytes(const Item& first);
 // int64 words of the group's table (pointer arrays, seeds, down GEMM jobs).
 int64_t fused_table_words(int count, bool resample);
 // Writes the group's table at w.host (uploaded with the call's task table).

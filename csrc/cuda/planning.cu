@@ -460,10 +460,8 @@ int64_t fused_temp_bytes(const Item& item, const Task& t) {
 // rounds (so that a round keeps its groups on the side streams).
 int down_chunk(const Item& item, int count, int64_t limit, const Tuning& tuning) {
   if (!tuning.down_library || item.dtype == kF32) return 0;
-  const ParamLayout& l = item.entry->layout;
-  const int64_t r = l.rank, pdim = std::min(l.rows, l.cols), mdim = std::max(l.rows, l.cols);
-  const int64_t per_task = 2 * r * pdim + 4 * r * mdim;
-  return static_cast<int>(std::clamp<int64_t>(limit / per_task, 1, count));
+  return static_cast<int>(
+      std::clamp<int64_t>(limit / library_down_task_bytes(item), 1, count));
 }
 
 // The compressed-momentum work of every batch, planned with the call so that its
