@@ -231,6 +231,11 @@ def parse_tuning(text):
     return key, number
 
 
+def tuning_args(tuning):
+    """{'down_library': 1} -> ['down_library=1']: parse_tuning's inverse."""
+    return [f"{k}={v}" for k, v in tuning.items()]
+
+
 def row_flags(args, config=None):
     """The flags of a run that change what a row measures, for the table (none: '-'). The
     accumulator's flags apply to the flora_accum configurations only (config None: the run's)."""
@@ -242,7 +247,7 @@ def row_flags(args, config=None):
     if accumulates and getattr(args, "overlap_steps", False):
         flags.append("--overlap-steps")
     if getattr(args, "tuning", None) and (config is None or config.startswith("flora")):
-        flags.append("--tuning " + " ".join(f"{k}={v}" for k, v in args.tuning.items()))
+        flags.append("--tuning " + " ".join(tuning_args(args.tuning)))
     return ", ".join(flags) or "-"
 
 
@@ -685,7 +690,7 @@ def child_command(args, name, result_path):
     if getattr(args, "overlap_steps", False):
         cmd.append("--overlap-steps")
     if getattr(args, "tuning", None):
-        cmd += ["--tuning", *(f"{k}={v}" for k, v in args.tuning.items())]
+        cmd += ["--tuning", *tuning_args(args.tuning)]
     return cmd
 
 

@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_memory import parse_tuning  # noqa: E402
+from bench_memory import parse_tuning, tuning_args  # noqa: E402
 from bench_step import (MODELS, PerParamSteps, llama_shapes, make_params,  # noqa: E402
                         measured_by, measured_on, report)
 
@@ -98,7 +98,7 @@ def main():
     params, grads = make_params(llama_shapes(*MODELS[args.model]), dtype)
     how = ", one call a parameter (--per-param)" if args.per_param else ""
     if tuning:
-        how += ", " + ", ".join(f"{k}={v}" for k, v in tuning.items())
+        how += ", " + ", ".join(tuning_args(tuning))
     text = (f"\n### Kernel profile, LLaMA {args.model} shapes, {args.dtype} params{how}\n\n"
             f"{measured_on()}, {measured_by()}\n")
     configs = {"none": ("no momentum", dict(beta1=None)),

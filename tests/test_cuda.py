@@ -648,25 +648,34 @@ def _kernel_args(step, name):
             if e.get("cat") == "kernel" and name in e.get("name", "")]
 
 
+# Rows past the stats pass's register accumulators (6144 columns) and one narrow tensor:
+# 7000 bf16 columns put two rows in a stage (the partial of a stage is a sum of two); 11008
+# one.
+WIDE_ROW_SHAPES = [(40, 7000), (37, 11008), (64, 1024)]
+
+
+def _train_wide_rows(dtype, seed):
+    """Three steps of Flora without momentum on WIDE_ROW_SHAPES; the parameters, the
+    optimizer, and the shared memory of each step's wide rows' stats launch."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to("cuda", dtype))
+              for s in WIDE_ROW_SHAPES]
+    opt = flora_ext.Flora(params, lr=1e-2, beta1=None)
+    smem = []
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to("cuda", dtype)
+        smem += [a["shared memory"] for a in _kernel_args(opt.step, "stats_wide_kernel")]
+    return params, opt, smem
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_wide_rows_column_sums_in_registers_equal_shared_memory(dtype, tuning):
     # wide_row_regs=0 keeps every wide row's column sums in shared memory: the register
-    # accumulators add the same per-stage partials in the same order. 7000 bf16 columns
-    # put two rows in a stage (the partial of a stage is a sum of two); 11008 one.
-    shapes = [(40, 7000), (37, 11008), (64, 1024)]
-
+    # accumulators add the same per-stage partials in the same order.
     def train(regs):
         tuning(wide_row_regs=regs)
-        gen = torch.Generator().manual_seed(3)
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to("cuda", dtype))
-                  for s in shapes]
-        opt = flora_ext.Flora(params, lr=1e-2, beta1=None)
-        smem = []
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen).to("cuda", dtype)
-            smem += [a["shared memory"] for a in _kernel_args(opt.step, "stats_wide_kernel")]
-        return params, opt, smem
+        return _train_wide_rows(dtype, seed=3)
 
     (regs, opt, regs_smem), (shared, _, shared_smem) = train(1), train(0)
     for a, b in zip(regs, shared):
@@ -684,19 +693,9 @@ def test_wide_rows_ring_depth_keeps_the_bits(dtype, tuning):
     # rows whatever the depth, so the sums and every update keep their bits. The launch's
     # shared memory shows the depth taken (a stage's bytes times the stages, as far as the
     # SM's shared memory allows: fp32 rows of 11008 columns are 43 KiB a stage).
-    shapes = [(40, 7000), (37, 11008), (64, 1024)]
-
     def train(stages):
         tuning(wide_stats_stages=stages)
-        gen = torch.Generator().manual_seed(4)
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to("cuda", dtype))
-                  for s in shapes]
-        opt = flora_ext.Flora(params, lr=1e-2, beta1=None)
-        wide = []
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen).to("cuda", dtype)
-            wide += [a["shared memory"] for a in _kernel_args(opt.step, "stats_wide_kernel")]
+        params, opt, wide = _train_wide_rows(dtype, seed=4)
         narrow = [a["shared memory"] for a in _kernel_args(opt.step, "stats_kernel")]
         return [p.detach().clone() for p in params], wide, narrow
 
